@@ -1,0 +1,34 @@
+"""pylm: clusters of microservers over ZeroMQ.
+
+Servers are classes whose public methods take and return bytes; see
+:mod:`pylm.standalone` for request/reply servers and their clients.
+"""
+
+from pylm.errors import (
+    PayloadTooLarge,
+    ProtocolError,
+    PylmError,
+    RegistryError,
+    RegistryUnavailable,
+    RemoteError,
+    RequestTimeout,
+    ServerCrashed,
+    UnknownFunction,
+    UnknownServer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "PylmError",
+    "ProtocolError",
+    "RemoteError",
+    "UnknownFunction",
+    "UnknownServer",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "ServerCrashed",
+    "RegistryError",
+    "RegistryUnavailable",
+]

@@ -1,0 +1,334 @@
+"""What every pylm server shares: name, logger, lifecycle and dispatch.
+
+A server's serving loop runs in one thread, which owns the server's sockets.
+:meth:`BaseServer.start` runs that loop in the calling thread (the 2016
+behaviour: it blocks) or, with ``background=True``, in a thread the server
+owns; :meth:`BaseServer.stop` ends it from any thread.
+
+Only the public methods that the user's own classes define can be called
+remotely: nothing starting with ``_``, nothing the framework classes define,
+nothing inherited from ``object``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, ClassVar
+
+import zmq
+
+from pylm import protocol
+from pylm.errors import (
+    PayloadTooLarge,
+    PylmError,
+    RemoteError,
+    ServerCrashed,
+    UnknownFunction,
+    UnknownServer,
+)
+from pylm.logs import PushLogHandler, RateLimiter, server_logger
+from pylm.transport import default_context
+
+__all__ = ["BaseServer", "DEFAULT_MAX_PAYLOAD", "exposed_functions"]
+
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+
+Function = Callable[[bytes], Any]
+
+
+def exposed_functions(cls: type) -> list[str]:
+    """Names of the functions a server class exposes, sorted.
+
+    A framework class marks itself with ``_pylm_framework = True`` in its own
+    body; everything those classes define is off limits, and so is every name
+    starting with ``_``.
+    """
+    reserved: set[str] = set(dir(object))
+    user_classes = []
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        if klass.__dict__.get("_pylm_framework", False):
+            reserved.update(klass.__dict__)
+        else:
+            user_classes.append(klass)
+    names = set()
+    for klass in user_classes:
+        for name, value in klass.__dict__.items():
+            if name.startswith("_") or name in reserved:
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            if callable(value) and not isinstance(value, type):
+                names.add(name)
+    return sorted(names)
+
+
+class BaseServer:
+    """Base of every server pattern. Subclasses implement :meth:`_open`,
+    :meth:`_serve` and :meth:`_close`, all called in the serving thread."""
+
+    _pylm_framework = True
+    kind: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        log_level: int = logging.INFO,
+        log_stdout: bool = True,
+        log_address: str | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise ValueError(f"server name must be a non-empty str without surrounding blanks, got {name!r}")
+        if not isinstance(max_payload, int) or max_payload <= 0:
+            raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
+        self.name = name
+        self.max_payload = max_payload
+        self.context = default_context(context)
+        self.logger = server_logger(name, log_level, log_stdout)
+        self._log_handler: PushLogHandler | None = None
+        if log_address is not None:
+            self._log_handler = PushLogHandler(log_address, self.context)
+            self.logger.addHandler(self._log_handler)
+
+        self.functions: tuple[str, ...] = tuple(exposed_functions(type(self)))
+        prefix = name.encode("utf-8") + b"."
+        self._table: dict[bytes, Function] = {
+            prefix + fn.encode("utf-8"): getattr(self, fn) for fn in self.functions
+        }
+        self._malformed = RateLimiter()
+
+        # Lifecycle. The control address and token let stop() wake the
+        # serving loop from another thread without sharing a socket.
+        self._control_address = f"inproc://pylm-control-{uuid.uuid4().hex}"
+        self._control_token = b"\x00pylm-stop-" + os.urandom(16)
+        self._lock = threading.Lock()
+        self._started = False
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._done.set()
+        self._settled = threading.Event()  # set once ready, or once done
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, *, background: bool = False, timeout: float = 10.0) -> None:
+        """Serve. Blocks until :meth:`stop` (or the ``messages`` limit) unless
+        ``background`` is true; then it returns once the server is ready,
+        raising whatever kept it from getting ready within ``timeout``."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError(f"server {self.name!r} was already started; create a new one")
+            self._started = True
+            self._done.clear()
+        if not background:
+            self._run()
+            return
+        self._thread = threading.Thread(
+            target=self._run, name=f"pylm-server-{self.name}", daemon=True
+        )
+        self._thread.start()
+        if not self._wait_ready_or_done(timeout):
+            self.stop()
+            raise TimeoutError(f"server {self.name!r} not ready after {timeout} s")
+        if self._failure is not None:
+            raise self._failure
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the sockets; callable from any thread.
+
+        Raises :class:`ServerCrashed` when the serving thread had died of an
+        unexpected exception.
+        """
+        with self._lock:
+            started = self._started
+            self._stopping = True
+        if started and not self._done.is_set():
+            self._wake()
+            if threading.current_thread() is not self._thread:
+                if not self._done.wait(timeout):
+                    raise TimeoutError(f"server {self.name!r} did not stop within {timeout} s")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if self._log_handler is not None:
+            self.logger.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        failure = self._failure
+        if failure is not None and self._thread is not None:
+            self._failure = None
+            raise ServerCrashed(f"server {self.name!r} crashed: {failure!r}") from failure
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the server has bound its sockets; False on timeout."""
+        return self._ready.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._ready.is_set() and not self._done.is_set()
+
+    def __enter__(self) -> BaseServer:
+        self.start(background=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_ready_or_done(self, timeout: float) -> bool:
+        return self._settled.wait(timeout)
+
+    def _run(self) -> None:
+        try:
+            self._open()
+            self._ready.set()
+            self._settled.set()
+            if not self._stopping:
+                self._serve()
+        except BaseException as exc:
+            if self._thread is not None:
+                self._failure = exc
+                if not isinstance(exc, PylmError) or not self._ready.is_set():
+                    self.logger.exception("server %s stopped by an unexpected error", self.name)
+            else:
+                raise
+        finally:
+            try:
+                self._close()
+            finally:
+                self._done.set()
+                self._settled.set()
+
+    def _wake(self) -> None:
+        socket = self.context.socket(zmq.DEALER)
+        try:
+            socket.setsockopt(zmq.ROUTING_ID, self._control_token)
+            socket.setsockopt(zmq.LINGER, 1000)
+            socket.connect(self._control_address)
+            socket.send(b"STOP", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the loop is gone already; nothing to wake
+        finally:
+            socket.close()
+
+    def _is_control(self, frames: list[bytes]) -> bool:
+        return len(frames) == 2 and frames[0] == self._control_token and frames[1] == b"STOP"
+
+    # Subclass hooks, called in the serving thread.
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _call(self, target: bytes, payload: bytes) -> bytes:
+        """Run the function ``target`` names on ``payload``; raise a
+        :class:`PylmError` subclass that describes any failure."""
+        function = self._table.get(target)
+        if function is None:
+            raise self._dispatch_error(target)
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
+                f" is larger than server {self.name!r}'s limit of {self.max_payload} bytes",
+                size=len(payload),
+                limit=self.max_payload,
+            )
+        try:
+            result = function(payload)
+        except Exception as exc:
+            raise self._remote_error(target, exc) from None
+        if type(result) is bytes:
+            return result
+        if isinstance(result, (bytearray, memoryview)):
+            return bytes(result)
+        _, function_name = protocol.split_target(target)
+        raise RemoteError(
+            f"function {function_name!r} on server {self.name!r} returned"
+            f" {type(result).__name__}, expected bytes",
+            remote_type="TypeError",
+            remote_message=f"returned {type(result).__name__}, expected bytes",
+            server=self.name,
+            function=function_name,
+        )
+
+    def _dispatch_error(self, target: bytes) -> PylmError:
+        server, function = protocol.split_target(target)  # ProtocolError if malformed
+        if server != self.name:
+            return UnknownServer(
+                f"request for server {server!r} (function {function!r}) reached server {self.name!r}",
+                server=server,
+                function=function,
+            )
+        return UnknownFunction(
+            f"unknown function {function!r} on server {self.name!r};"
+            f" it has {', '.join(self.functions) or 'no functions'}",
+            server=self.name,
+            function=function,
+        )
+
+    def _remote_error(self, target: bytes, exc: Exception) -> RemoteError:
+        _, function = protocol.split_target(target)
+        # Skip the framework's own frame: the caller wants the user's code.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        self.logger.error("function %r raised %s: %s", function, type(exc).__name__, exc)
+        return RemoteError(
+            f"function {function!r} on server {self.name!r} raised {type(exc).__name__}: {exc}",
+            remote_type=type(exc).__name__,
+            remote_message=str(exc),
+            remote_traceback=text,
+            server=self.name,
+            function=function,
+        )
+
+    def _pong(self) -> bytes:
+        from pylm import __version__
+
+        info = {
+            "name": self.name,
+            "kind": self.kind,
+            "functions": list(self.functions),
+            "pid": os.getpid(),
+            "version": __version__,
+        }
+        return json.dumps(info).encode("utf-8")
+
+    def _drop(self, reason: str, frames: list[bytes]) -> None:
+        """Log a message that is dropped, at most once a second."""
+        if self._malformed.allow():
+            held = self._malformed.take_suppressed()
+            extra = f" ({held} more dropped since the last report)" if held else ""
+            first = bytes(frames[-1][:40]) if frames else b""
+            self.logger.warning(
+                "dropped a malformed message of %d frame(s): %s; last frame starts %r%s",
+                len(frames),
+                reason,
+                first,
+                extra,
+            )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} functions={list(self.functions)}>"
+

@@ -1,0 +1,79 @@
+"""Client-side call bookkeeping shared by the blocking and asyncio clients:
+checking arguments, numbering calls, building requests and reading answers.
+No sockets here, so both clients use exactly the same protocol code."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any
+
+from pylm import protocol
+from pylm.errors import ProtocolError
+
+__all__ = ["Calls", "DEFAULT_TIMEOUT", "check_timeout", "read_answer", "pong_info"]
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def check_timeout(timeout: object) -> float:
+    """A timeout in seconds: a positive int or float."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+class Calls:
+    """Requests to one server, numbered from 1, and the answers to them."""
+
+    def __init__(self, server_name: str, max_payload: int) -> None:
+        if not isinstance(server_name, str) or not server_name:
+            raise ValueError(f"server_name must be a non-empty str, got {server_name!r}")
+        self.server_name = server_name
+        self.max_payload = max_payload
+        self._prefix = server_name.encode("utf-8") + b"."
+        self._ids = itertools.count(1)
+        self._targets: dict[str, bytes] = {}
+
+    def request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
+        """A new message id and the frames of the request."""
+        target = self._targets.get(function)
+        if target is None:
+            target = self._target(function)
+        protocol.check_payload(payload, self.max_payload)
+        msg_id = next(self._ids)
+        head = protocol.request_head(msg_id, target, time.time() + timeout)
+        return msg_id, [head, payload]
+
+    def ping(self, timeout: float) -> tuple[int, list[bytes]]:
+        msg_id = next(self._ids)
+        return msg_id, [protocol.request_head(msg_id, b"", time.time() + timeout, protocol.PING)]
+
+    def _target(self, function: object) -> bytes:
+        if not isinstance(function, str):
+            raise TypeError(f"function name must be a str, got {type(function).__name__}")
+        if not function or "." in function:
+            raise ValueError(f"function name must be non-empty and without dots, got {function!r}")
+        target = self._prefix + function.encode("utf-8")
+        if len(self._targets) < 1024:  # bounded: names come from the caller
+            self._targets[function] = target
+        return target
+
+
+def read_answer(frames: list[bytes]) -> tuple[int, int, list[bytes]]:
+    """``(msg_id, kind, rest)`` of an answer; ProtocolError if malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    head = protocol.decode_head(frames[0])
+    return head.msg_id, head.kind, frames[1:]
+
+
+def pong_info(payload: bytes) -> dict[str, Any]:
+    try:
+        info = json.loads(payload)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed PONG {payload[:200]!r}: {exc}") from None
+    if not isinstance(info, dict):
+        raise ProtocolError(f"malformed PONG {payload[:200]!r}: not a JSON object")
+    return info

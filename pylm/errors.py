@@ -1,0 +1,105 @@
+"""The exception hierarchy of pylm: one root, :class:`PylmError`.
+
+Errors raised by a server while handling a request travel back to the caller
+as data (see :mod:`pylm.protocol`) and are rebuilt there as the matching class
+below, so ``except pylm.UnknownFunction`` works the same on either side of the
+wire.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PylmError",
+    "ProtocolError",
+    "RemoteError",
+    "UnknownFunction",
+    "UnknownServer",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "ServerCrashed",
+    "RegistryError",
+    "RegistryUnavailable",
+]
+
+
+class PylmError(Exception):
+    """Root of every exception pylm raises on purpose."""
+
+
+class ProtocolError(PylmError):
+    """A message does not follow the wire protocol (bad magic, version, frames)."""
+
+
+class RemoteError(PylmError):
+    """The remote function raised, or returned something that is not bytes.
+
+    ``remote_type`` is the exception's class name on the server,
+    ``remote_message`` its ``str()`` and ``remote_traceback`` the formatted
+    traceback text of the user function.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        remote_type: str = "",
+        remote_message: str = "",
+        remote_traceback: str = "",
+        server: str = "",
+        function: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        self.server = server
+        self.function = function
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class UnknownFunction(PylmError, LookupError):
+    """The server has no public function of that name."""
+
+    def __init__(self, message: str, *, server: str = "", function: str = "") -> None:
+        super().__init__(message)
+        self.server = server
+        self.function = function
+
+
+class UnknownServer(PylmError, LookupError):
+    """The request named a server other than the one that received it."""
+
+    def __init__(self, message: str, *, server: str = "", function: str = "") -> None:
+        super().__init__(message)
+        self.server = server
+        self.function = function
+
+
+class PayloadTooLarge(PylmError, ValueError):
+    """A payload is larger than the configured limit (``max_payload``)."""
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
+class RequestTimeout(PylmError, TimeoutError):
+    """No reply arrived within the call's timeout."""
+
+
+class ServerCrashed(PylmError):
+    """A server's serving thread died of an unexpected exception (the ``__cause__``)."""
+
+
+class RegistryError(PylmError):
+    """The service registry (etcd) refused or could not answer a request."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The service registry cannot be reached."""

@@ -1,0 +1,101 @@
+"""Loggers of servers: named after the server, printed in the 2016 format.
+
+The library never touches the root logger. A server's logger is
+``logging.getLogger(server_name)``; by default it gets one stdout handler
+with :data:`LOG_FORMAT` (``log_stdout=False`` leaves it alone, for
+applications that configure logging themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import zmq
+
+__all__ = ["LOG_FORMAT", "server_logger", "PushLogHandler", "RateLimiter"]
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+
+_install_lock = threading.Lock()
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The default handler; its own class so it is installed once per logger."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Follow sys.stdout when it is replaced after the server started
+        # (pytest's capture, a user redirecting output).
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+class PushLogHandler(logging.Handler):
+    """Sends each formatted record as one frame on a PUSH socket (the 2016
+    ``log_address``), for a collector that PULLs log lines from many servers."""
+
+    def __init__(self, address: str, context: zmq.Context) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._socket = context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.setsockopt(zmq.SNDHWM, 10_000)
+        self._socket.connect(address)
+        self.address = address
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            # Handler.handle holds self.lock around emit, which keeps this
+            # socket to one thread at a time.
+            self._socket.send(self.format(record).encode("utf-8", "replace"), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # collector gone or slow: drop the line rather than block the server
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._socket.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def server_logger(name: str, level: int, stdout: bool) -> logging.Logger:
+    """The logger of the server ``name``, with the default handler if asked."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    if stdout:
+        with _install_lock:
+            if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+                logger.addHandler(_StdoutHandler())
+    return logger
+
+
+class RateLimiter:
+    """Lets an event through at most once per ``interval`` seconds and counts
+    the ones it held back, so a flood of garbage cannot flood the log."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.interval
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self.suppressed = self.suppressed, 0
+        return count

@@ -1,0 +1,7 @@
+"""Standalone request/reply servers and their clients."""
+
+from pylm.standalone.aio import AsyncClient
+from pylm.standalone.client import Client
+from pylm.standalone.servers import Server
+
+__all__ = ["Server", "Client", "AsyncClient"]

@@ -1,0 +1,59 @@
+"""ZeroMQ helpers shared by servers and clients: context, addresses, sockets."""
+
+from __future__ import annotations
+
+import re
+
+import zmq
+
+from pylm.errors import PylmError
+
+__all__ = ["default_context", "check_address", "bind", "close_socket", "AddressError"]
+
+
+class AddressError(PylmError, ValueError):
+    """An endpoint address is malformed or cannot be bound."""
+
+
+_ADDRESS = re.compile(r"^(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci|udp)://.+$")
+
+
+def default_context(context: zmq.Context | None = None) -> zmq.Context:
+    """The context to use: the one given, or the process-wide shared one."""
+    return context if context is not None else zmq.Context.instance()
+
+
+def check_address(address: object, what: str = "address") -> str:
+    """Return ``address`` if it looks like a ZeroMQ endpoint, else raise."""
+    if not isinstance(address, str):
+        raise TypeError(f"{what} must be a str such as 'tcp://127.0.0.1:5555', got {type(address).__name__}")
+    if not _ADDRESS.match(address):
+        raise AddressError(
+            f"{what} {address!r} is not a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'"
+        )
+    return address
+
+
+def bind(socket: zmq.Socket, address: str) -> str:
+    """Bind ``socket`` and return the address it really listens on.
+
+    A TCP port of ``0`` or ``*`` asks the OS for a free port; the returned
+    address names the chosen one.
+    """
+    check_address(address)
+    if address.startswith("tcp://"):
+        host, _, port = address[len("tcp://") :].rpartition(":")
+        if port == "0":
+            address = f"tcp://{host}:*"
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as exc:
+        raise AddressError(f"cannot bind {address!r}: {exc}") from exc
+    endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    return endpoint or address
+
+
+def close_socket(socket: zmq.Socket | None) -> None:
+    """Close without waiting for unsent messages (``linger=0``)."""
+    if socket is not None and not socket.closed:
+        socket.close(linger=0)
