@@ -143,8 +143,9 @@ class BaseServer:
         if not self._wait_ready_or_done(timeout):
             self.stop()
             raise TimeoutError(f"server {self.name!r} not ready after {timeout} s")
-        if self._failure is not None:
-            raise self._failure
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and release the sockets; callable from any thread.
@@ -204,7 +205,7 @@ class BaseServer:
         except BaseException as exc:
             if self._thread is not None:
                 self._failure = exc
-                if not isinstance(exc, PylmError) or not self._ready.is_set():
+                if self._ready.is_set():  # else start() raises it to its caller
                     self.logger.exception("server %s stopped by an unexpected error", self.name)
             else:
                 raise
@@ -251,7 +252,7 @@ class BaseServer:
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
-                f" is larger than server {self.name!r}'s limit of {self.max_payload} bytes",
+                f" is larger than the limit of server {self.name!r}, {self.max_payload} bytes",
                 size=len(payload),
                 limit=self.max_payload,
             )

@@ -129,14 +129,15 @@ class AsyncClient:
                         frames = drain(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-        except (asyncio.CancelledError, zmq.ZMQError) as exc:
-            error = RuntimeError(f"client of {self.server_name!r} closed: {exc!r}")
-            for future in list(pending.values()):
-                if not future.done():
-                    future.set_exception(error)
-            pending.clear()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except zmq.ZMQError as exc:
+            self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed: {exc!r}"))
+
+    def _fail_pending(self, error: Exception) -> None:
+        futures = list(self._pending.values())
+        self._pending.clear()  # in place: the reader holds this dict
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
 
     async def close(self) -> None:
         """Stop reading, fail the calls still in flight, close the socket."""
@@ -148,6 +149,7 @@ class AsyncClient:
                 await reader
             except asyncio.CancelledError:
                 pass
+        self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed"))
         close_socket(self._async)
         self._async = None
         self._socket = None

@@ -1,0 +1,380 @@
+"""The standalone server and its blocking client, over real sockets."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zmq
+
+import pylm
+import pylm.standalone.client
+import pylm.standalone.servers
+from pylm import protocol
+from pylm.errors import (
+    PayloadTooLarge,
+    RemoteError,
+    RequestTimeout,
+    ServerCrashed,
+    UnknownFunction,
+    UnknownServer,
+)
+from pylm.standalone import Client, Server
+from pylm.transport import AddressError
+
+Serve = Callable[[Any], Any]
+
+
+class MyServer(Server):
+    def foo(self, message: bytes) -> bytes:
+        self.logger.warning("Got a message")
+        return b"you sent me " + message
+
+    def fail(self, message: bytes) -> bytes:
+        raise ValueError(f"cannot handle {message!r}")
+
+    def number(self, message: bytes) -> int:
+        return 42
+
+    def nothing(self, message: bytes) -> None:
+        return None
+
+    def buffer(self, message: bytes) -> bytearray:
+        return bytearray(message.upper())
+
+    def _private(self, message: bytes) -> bytes:
+        return b"secret"
+
+
+def quiet(cls: type[Server] = MyServer, name: str = "my_server", **kwargs: Any) -> Any:
+    return cls(name, "tcp://127.0.0.1:0", log_stdout=False, **kwargs)
+
+
+def test_seed_example(serve: Serve) -> None:
+    server = serve(MyServer("my_server", "tcp://127.0.0.1:0"))
+    client = Client(server.address, "my_server")
+    assert client.job("foo", b"a message") == b"you sent me a message"
+    client.close()
+
+
+def test_import_paths() -> None:
+    assert pylm.standalone.servers.Server is Server
+    assert pylm.standalone.client.Client is Client
+    assert set(pylm.standalone.__all__) == {"Server", "Client", "AsyncClient"}
+
+
+def test_log_line_format(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    server = serve(MyServer("my_server", "tcp://127.0.0.1:0"))
+    with Client(server.address, "my_server") as client:
+        client.job("foo", b"x")
+    out = capsys.readouterr().out
+    pattern = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} - my_server - WARNING - Got a message$"
+    assert re.search(pattern, out, re.M), out
+
+
+def test_stdout_handler_can_be_turned_off(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    root_handlers = list(logging.getLogger().handlers)
+    server = serve(quiet(name="silent_server"))
+    with Client(server.address, "silent_server") as client:
+        client.job("foo", b"x")
+    assert "Got a message" not in capsys.readouterr().out
+    assert logging.getLogger().handlers == root_handlers  # root logger untouched
+    assert server.logger is logging.getLogger("silent_server")
+
+
+def test_default_handler_installed_once_per_logger() -> None:
+    first = MyServer("twice", "tcp://127.0.0.1:0")
+    MyServer("twice", "tcp://127.0.0.1:0")
+    assert len(first.logger.handlers) == 1
+
+
+def test_non_bytes_payload_raises_type_error_before_sending(raw_socket: Callable[[int], zmq.Socket]) -> None:
+    listener = raw_socket(zmq.ROUTER)
+    port = listener.bind_to_random_port("tcp://127.0.0.1")
+    with Client(f"tcp://127.0.0.1:{port}", "my_server") as client:
+        with pytest.raises(TypeError, match="payload must be bytes, got int"):
+            client.job("foo", 1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="function name must be a str, got bytes"):
+            client.job(b"foo", b"x")  # type: ignore[arg-type]
+    assert listener.poll(100) == 0  # nothing was sent
+
+
+def test_positional_2016_signature_and_messages_limit() -> None:
+    server = MyServer("my_server", "tcp://127.0.0.1:0", None, None, None, logging.CRITICAL, 3)
+    assert server.messages == 3
+    thread = threading.Thread(target=server.start)
+    thread.start()
+    assert server.wait_ready(5)
+    with Client(server.address, "my_server") as client:
+        for _ in range(3):
+            client.job("foo", b"x")
+    thread.join(5)
+    assert not thread.is_alive()  # start() returned after three requests
+    assert server.served == 3
+
+
+def test_deprecated_2016_addresses_warn() -> None:
+    with pytest.warns(DeprecationWarning, match="perf_address"):
+        MyServer("my_server", "tcp://127.0.0.1:0", None, "tcp://127.0.0.1:1", log_stdout=False)
+
+
+def test_stop_from_another_thread_ends_blocking_start() -> None:
+    server = quiet()
+    thread = threading.Thread(target=server.start)
+    thread.start()
+    assert server.wait_ready(5)
+    assert server.running
+    server.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not server.running
+
+
+def test_context_manager_and_restart_refused() -> None:
+    with quiet() as server:
+        with Client(server.address, "my_server") as client:
+            assert client.job("foo", b"1") == b"you sent me 1"
+    assert not server.running
+    with pytest.raises(RuntimeError, match="already started"):
+        server.start(background=True)
+
+
+def test_stop_before_start_and_twice_is_harmless() -> None:
+    server = quiet()
+    server.stop()
+    with server:
+        pass
+    server.stop()
+
+
+def test_several_servers_in_one_process(serve: Serve) -> None:
+    class Other(Server):
+        def foo(self, message: bytes) -> bytes:
+            return b"other " + message
+
+    servers = [serve(quiet(name=f"s{i}")) for i in range(4)]
+    servers.append(serve(quiet(Other, "s_other")))
+    for server in servers:
+        with Client(server.address, server.name) as client:
+            expected = b"other x" if server.name == "s_other" else b"you sent me x"
+            assert client.job("foo", b"x") == expected
+
+
+def test_only_public_user_methods_are_callable(serve: Serve) -> None:
+    server = serve(quiet())
+    assert server.functions == ("buffer", "fail", "foo", "nothing", "number")
+    with Client(server.address, "my_server") as client:
+        for name in ("_private", "start", "stop", "logger", "__init__", "__class__", "_call", "ping"):
+            with pytest.raises(UnknownFunction) as info:
+                client.job(name, b"x")
+            assert info.value.function == name and info.value.server == "my_server"
+        assert client.job("foo", b"still") == b"you sent me still"
+
+
+def test_client_started_before_server(ipc_address: str) -> None:
+    results: list[bytes] = []
+    calling = threading.Event()
+
+    def call() -> None:
+        with Client(ipc_address, "my_server", timeout=20) as client:
+            calling.set()
+            results.append(client.job("foo", b"early"))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert calling.wait(5)
+    with MyServer("my_server", ipc_address, log_stdout=False):
+        thread.join(20)
+    assert results == [b"you sent me early"]
+
+
+def test_client_before_server_over_tcp(free_tcp_address: str) -> None:
+    client = Client(free_tcp_address, "my_server", timeout=20)
+    with MyServer("my_server", free_tcp_address, log_stdout=False):
+        assert client.job("foo", b"late") == b"you sent me late"
+    client.close()
+
+
+def test_unknown_function_and_server_name_both(serve: Serve) -> None:
+    server = serve(quiet())
+    with Client(server.address, "my_server") as client:
+        with pytest.raises(UnknownFunction, match=r"unknown function 'bar' on server 'my_server'"):
+            client.job("bar", b"x")
+        assert client.job("foo", b"x") == b"you sent me x"
+    with Client(server.address, "wrong_name") as client:
+        with pytest.raises(UnknownServer, match=r"'wrong_name' \(function 'foo'\) reached server 'my_server'"):
+            client.job("foo", b"x")
+    with Client(server.address, "my_server") as client:
+        assert client.job("foo", b"y") == b"you sent me y"
+
+
+def test_remote_exception_carries_type_message_traceback(serve: Serve) -> None:
+    server = serve(quiet())
+    with Client(server.address, "my_server") as client:
+        with pytest.raises(RemoteError) as info:
+            client.job("fail", b"abc")
+        error = info.value
+        assert error.remote_type == "ValueError"
+        assert error.remote_message == "cannot handle b'abc'"
+        assert "in fail" in error.remote_traceback and "ValueError" in error.remote_traceback
+        assert (error.server, error.function) == ("my_server", "fail")
+        assert client.job("foo", b"x") == b"you sent me x"
+
+
+@pytest.mark.parametrize(("function", "type_name"), [("number", "int"), ("nothing", "NoneType")])
+def test_non_bytes_return_is_a_clear_error(serve: Serve, function: str, type_name: str) -> None:
+    server = serve(quiet())
+    with Client(server.address, "my_server") as client:
+        with pytest.raises(RemoteError, match=f"'{function}' on server 'my_server' returned {type_name}, expected bytes"):
+            client.job(function, b"x")
+        assert client.job("buffer", b"ok") == b"OK"  # bytes-like results are fine
+
+
+def test_timeout_leaves_client_usable(serve: Serve) -> None:
+    release = threading.Event()
+
+    class Slow(Server):
+        def wait(self, message: bytes) -> bytes:
+            release.wait(10)
+            return b"late " + message
+
+        def fast(self, message: bytes) -> bytes:
+            return b"fast " + message
+
+    server = serve(quiet(Slow, "slow"))
+    with Client(server.address, "slow", timeout=5) as client:
+        with pytest.raises(RequestTimeout, match=r"server 'slow' at .* to 'wait' within 0.2 s"):
+            client.job("wait", b"1", timeout=0.2)
+        release.set()
+        # The stale answer to the first call arrives first and is dropped.
+        assert client.job("fast", b"2") == b"fast 2"
+        assert client.dropped == 1
+        assert isinstance(RequestTimeout("x"), TimeoutError)
+
+
+def test_timeout_without_server(free_tcp_address: str) -> None:
+    with Client(free_tcp_address, "nobody", timeout=0.2) as client:
+        with pytest.raises(RequestTimeout):
+            client.job("foo", b"x")
+        with pytest.raises(RequestTimeout):
+            client.ping(timeout=0.1)
+
+
+def test_payload_limits(serve: Serve) -> None:
+    server = serve(quiet(max_payload=1000))
+    with Client(server.address, "my_server", max_payload=100) as client:
+        with pytest.raises(PayloadTooLarge, match="101 bytes is larger than the limit of 100"):
+            client.job("foo", b"x" * 101)
+    with Client(server.address, "my_server") as client:
+        with pytest.raises(PayloadTooLarge, match="1001 bytes .* limit of server 'my_server', 1000 bytes") as info:
+            client.job("foo", b"x" * 1001)
+        assert (info.value.size, info.value.limit) == (1001, 1000)
+        assert client.job("foo", b"x" * 1000) == b"you sent me " + b"x" * 1000
+
+
+def test_ping(serve: Serve) -> None:
+    server = serve(quiet())
+    with Client(server.address, "my_server") as client:
+        info = client.ping()
+    assert info["name"] == "my_server"
+    assert info["kind"] == "standalone"
+    assert info["functions"] == list(server.functions)
+    assert info["version"] == pylm.__version__
+
+
+def test_garbage_is_dropped_and_server_keeps_serving(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+    server = serve(quiet())
+    vandal = raw_socket(zmq.DEALER)
+    vandal.connect(server.address)
+    garbage: list[list[bytes]] = [
+        [b""],
+        [b"random bytes \x00\xff"],
+        [b"x" * 5000, b"y"],
+        [protocol.request_head(1, b"my_server.foo")],  # no payload frame
+        [protocol.reply_head(2), b"a reply is not a request"],
+        [protocol.request_head(3, b"no-dot-target"), b"x"],
+        [protocol.request_head(4, b"\xff\xfe.foo"), b"x"],
+    ]
+    for frames in garbage:
+        vandal.send_multipart(frames)
+    with Client(server.address, "my_server") as client:
+        assert client.job("foo", b"fine") == b"you sent me fine"
+    # Messages with a readable id get a protocol error back; the rest none.
+    answers = {}
+    while vandal.poll(500):
+        frames = vandal.recv_multipart()
+        head = protocol.decode_head(frames[0])
+        answers[head.msg_id] = frames[1]
+    assert answers == {1: b"protocol", 2: b"protocol", 3: b"protocol", 4: b"protocol"}
+
+
+def test_other_protocol_version_gets_protocol_error(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+    server = serve(quiet())
+    sock = raw_socket(zmq.DEALER)
+    sock.connect(server.address)
+    head = bytearray(protocol.request_head(77, b"my_server.foo"))
+    head[2] = 9
+    sock.send_multipart([bytes(head), b"x"])
+    frames = sock.recv_multipart()
+    assert protocol.decode_head(frames[0]).msg_id == 77
+    with pytest.raises(pylm.ProtocolError, match="unsupported protocol version 9"):
+        protocol.result_of(protocol.ERROR, frames[1:])
+
+
+def test_plain_req_socket_can_call(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+    server = serve(quiet())
+    req = raw_socket(zmq.REQ)
+    req.connect(server.address)
+    req.send_multipart([protocol.request_head(5, b"my_server.foo"), b"req"])
+    head, payload = req.recv_multipart()
+    assert protocol.decode_head(head).msg_id == 5
+    assert payload == b"you sent me req"
+
+
+def test_bind_conflict_raises_in_caller(serve: Serve) -> None:
+    first = serve(quiet())
+    second = MyServer("my_server", first.address, log_stdout=False)
+    with pytest.raises(AddressError, match="cannot bind"):
+        second.start(background=True)
+    second.stop()
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError, match="server name"):
+        MyServer("", "tcp://127.0.0.1:0")
+    with pytest.raises(AddressError, match="'localhost:5555' is not a ZeroMQ endpoint"):
+        MyServer("s", "localhost:5555")
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        Client("tcp://127.0.0.1:1", "s", timeout=0)
+
+
+def test_crash_of_serving_thread_is_reported_by_stop(serve: Serve) -> None:
+    class Fatal(BaseException):
+        pass
+
+    class Doomed(Server):
+        def die(self, message: bytes) -> bytes:
+            raise Fatal("the end")
+
+    server = quiet(Doomed, "doomed")
+    server.start(background=True)
+    with Client(server.address, "doomed", timeout=0.5) as client:
+        with pytest.raises(RequestTimeout):
+            client.job("die", b"x")
+    with pytest.raises(ServerCrashed, match="server 'doomed' crashed") as info:
+        server.stop()
+    assert isinstance(info.value.__cause__, Fatal)
+
+
+def test_log_address_pushes_log_lines(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+    collector = raw_socket(zmq.PULL)
+    port = collector.bind_to_random_port("tcp://127.0.0.1")
+    server = serve(MyServer("my_server", "tcp://127.0.0.1:0", f"tcp://127.0.0.1:{port}", log_stdout=False))
+    with Client(server.address, "my_server") as client:
+        client.job("foo", b"x")
+    line = collector.recv().decode()
+    assert line.endswith(" - my_server - WARNING - Got a message")
