@@ -20,15 +20,15 @@ from pylm.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
-    "PylmError",
-    "ProtocolError",
-    "RemoteError",
-    "UnknownFunction",
-    "UnknownServer",
     "PayloadTooLarge",
-    "RequestTimeout",
-    "ServerCrashed",
+    "ProtocolError",
+    "PylmError",
     "RegistryError",
     "RegistryUnavailable",
+    "RemoteError",
+    "RequestTimeout",
+    "ServerCrashed",
+    "UnknownFunction",
+    "UnknownServer",
+    "__version__",
 ]

@@ -36,7 +36,7 @@ from pylm.errors import (
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
 from pylm.transport import default_context
 
-__all__ = ["BaseServer", "DEFAULT_MAX_PAYLOAD", "exposed_functions"]
+__all__ = ["DEFAULT_MAX_PAYLOAD", "BaseServer", "exposed_functions"]
 
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 
@@ -89,7 +89,9 @@ class BaseServer:
         context: zmq.Context | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or name != name.strip():
-            raise ValueError(f"server name must be a non-empty str without surrounding blanks, got {name!r}")
+            raise ValueError(
+                f"server name must be a non-empty str without surrounding blanks, got {name!r}"
+            )
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
         self.name = name
@@ -278,7 +280,8 @@ class BaseServer:
         server, function = protocol.split_target(target)  # ProtocolError if malformed
         if server != self.name:
             return UnknownServer(
-                f"request for server {server!r} (function {function!r}) reached server {self.name!r}",
+                f"request for server {server!r} (function {function!r})"
+                f" reached server {self.name!r}",
                 server=server,
                 function=function,
             )
@@ -332,4 +335,3 @@ class BaseServer:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} functions={list(self.functions)}>"
-

@@ -12,7 +12,7 @@ from typing import Any
 from pylm import protocol
 from pylm.errors import ProtocolError
 
-__all__ = ["Calls", "DEFAULT_TIMEOUT", "check_timeout", "read_answer", "pong_info"]
+__all__ = ["DEFAULT_TIMEOUT", "Calls", "check_timeout", "pong_info", "read_answer"]
 
 DEFAULT_TIMEOUT = 10.0
 

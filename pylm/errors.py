@@ -9,16 +9,16 @@ wire.
 from __future__ import annotations
 
 __all__ = [
-    "PylmError",
-    "ProtocolError",
-    "RemoteError",
-    "UnknownFunction",
-    "UnknownServer",
     "PayloadTooLarge",
-    "RequestTimeout",
-    "ServerCrashed",
+    "ProtocolError",
+    "PylmError",
     "RegistryError",
     "RegistryUnavailable",
+    "RemoteError",
+    "RequestTimeout",
+    "ServerCrashed",
+    "UnknownFunction",
+    "UnknownServer",
 ]
 
 

@@ -15,14 +15,14 @@ import time
 
 import zmq
 
-__all__ = ["LOG_FORMAT", "server_logger", "PushLogHandler", "RateLimiter"]
+__all__ = ["LOG_FORMAT", "PushLogHandler", "RateLimiter", "server_logger"]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
 _install_lock = threading.Lock()
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdoutHandler(logging.StreamHandler):
     """The default handler; its own class so it is installed once per logger."""
 
     def __init__(self) -> None:

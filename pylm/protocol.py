@@ -69,24 +69,24 @@ from pylm.errors import (
 )
 
 __all__ = [
-    "MAGIC",
-    "VERSION",
-    "REQUEST",
-    "REPLY",
     "ERROR",
+    "HEAD_SIZE",
+    "MAGIC",
     "PING",
     "PONG",
-    "HEAD_SIZE",
+    "REPLY",
+    "REQUEST",
+    "VERSION",
     "Head",
-    "request_head",
-    "reply_head",
-    "decode_head",
-    "split_target",
     "check_payload",
-    "encode_error",
     "decode_error",
+    "decode_head",
+    "encode_error",
+    "reply_head",
+    "request_head",
     "result_of",
     "salvage_msg_id",
+    "split_target",
 ]
 
 MAGIC = b"PL"

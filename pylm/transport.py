@@ -8,7 +8,7 @@ import zmq
 
 from pylm.errors import PylmError
 
-__all__ = ["default_context", "check_address", "bind", "close_socket", "AddressError"]
+__all__ = ["AddressError", "bind", "check_address", "close_socket", "default_context"]
 
 
 class AddressError(PylmError, ValueError):
@@ -26,7 +26,9 @@ def default_context(context: zmq.Context | None = None) -> zmq.Context:
 def check_address(address: object, what: str = "address") -> str:
     """Return ``address`` if it looks like a ZeroMQ endpoint, else raise."""
     if not isinstance(address, str):
-        raise TypeError(f"{what} must be a str such as 'tcp://127.0.0.1:5555', got {type(address).__name__}")
+        raise TypeError(
+            f"{what} must be a str such as 'tcp://127.0.0.1:5555', got {type(address).__name__}"
+        )
     if not _ADDRESS.match(address):
         raise AddressError(
             f"{what} {address!r} is not a ZeroMQ endpoint such as 'tcp://127.0.0.1:5555'"

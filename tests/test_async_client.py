@@ -92,7 +92,7 @@ def test_timeout_then_usable(serve: Serve) -> None:
 
     async def main() -> None:
         async with AsyncClient(server.address, "slow") as client:
-            with pytest.raises(RequestTimeout, match="to 'wait' within 0.2 s"):
+            with pytest.raises(RequestTimeout, match=r"to 'wait' within 0\.2 s"):
                 await client.job("wait", b"1", timeout=0.2)
             release.set()
             assert await client.job("wait", b"2") == b"2"

@@ -92,7 +92,9 @@ def test_default_handler_installed_once_per_logger() -> None:
     assert len(first.logger.handlers) == 1
 
 
-def test_non_bytes_payload_raises_type_error_before_sending(raw_socket: Callable[[int], zmq.Socket]) -> None:
+def test_non_bytes_payload_raises_type_error_before_sending(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
     listener = raw_socket(zmq.ROUTER)
     port = listener.bind_to_random_port("tcp://127.0.0.1")
     with Client(f"tcp://127.0.0.1:{port}", "my_server") as client:
@@ -168,7 +170,16 @@ def test_only_public_user_methods_are_callable(serve: Serve) -> None:
     server = serve(quiet())
     assert server.functions == ("buffer", "fail", "foo", "nothing", "number")
     with Client(server.address, "my_server") as client:
-        for name in ("_private", "start", "stop", "logger", "__init__", "__class__", "_call", "ping"):
+        for name in (
+            "_private",
+            "start",
+            "stop",
+            "logger",
+            "__init__",
+            "__class__",
+            "_call",
+            "ping",
+        ):
             with pytest.raises(UnknownFunction) as info:
                 client.job(name, b"x")
             assert info.value.function == name and info.value.server == "my_server"
@@ -206,7 +217,9 @@ def test_unknown_function_and_server_name_both(serve: Serve) -> None:
             client.job("bar", b"x")
         assert client.job("foo", b"x") == b"you sent me x"
     with Client(server.address, "wrong_name") as client:
-        with pytest.raises(UnknownServer, match=r"'wrong_name' \(function 'foo'\) reached server 'my_server'"):
+        with pytest.raises(
+            UnknownServer, match=r"'wrong_name' \(function 'foo'\) reached server 'my_server'"
+        ):
             client.job("foo", b"x")
     with Client(server.address, "my_server") as client:
         assert client.job("foo", b"y") == b"you sent me y"
@@ -229,7 +242,10 @@ def test_remote_exception_carries_type_message_traceback(serve: Serve) -> None:
 def test_non_bytes_return_is_a_clear_error(serve: Serve, function: str, type_name: str) -> None:
     server = serve(quiet())
     with Client(server.address, "my_server") as client:
-        with pytest.raises(RemoteError, match=f"'{function}' on server 'my_server' returned {type_name}, expected bytes"):
+        with pytest.raises(
+            RemoteError,
+            match=f"'{function}' on server 'my_server' returned {type_name}, expected bytes",
+        ):
             client.job(function, b"x")
         assert client.job("buffer", b"ok") == b"OK"  # bytes-like results are fine
 
@@ -270,7 +286,9 @@ def test_payload_limits(serve: Serve) -> None:
         with pytest.raises(PayloadTooLarge, match="101 bytes is larger than the limit of 100"):
             client.job("foo", b"x" * 101)
     with Client(server.address, "my_server") as client:
-        with pytest.raises(PayloadTooLarge, match="1001 bytes .* limit of server 'my_server', 1000 bytes") as info:
+        with pytest.raises(
+            PayloadTooLarge, match=r"1001 bytes .* limit of server 'my_server', 1000 bytes"
+        ) as info:
             client.job("foo", b"x" * 1001)
         assert (info.value.size, info.value.limit) == (1001, 1000)
         assert client.job("foo", b"x" * 1000) == b"you sent me " + b"x" * 1000
@@ -286,7 +304,9 @@ def test_ping(serve: Serve) -> None:
     assert info["version"] == pylm.__version__
 
 
-def test_garbage_is_dropped_and_server_keeps_serving(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+def test_garbage_is_dropped_and_server_keeps_serving(
+    serve: Serve, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
     server = serve(quiet())
     vandal = raw_socket(zmq.DEALER)
     vandal.connect(server.address)
@@ -312,7 +332,9 @@ def test_garbage_is_dropped_and_server_keeps_serving(serve: Serve, raw_socket: C
     assert answers == {1: b"protocol", 2: b"protocol", 3: b"protocol", 4: b"protocol"}
 
 
-def test_other_protocol_version_gets_protocol_error(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+def test_other_protocol_version_gets_protocol_error(
+    serve: Serve, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
     server = serve(quiet())
     sock = raw_socket(zmq.DEALER)
     sock.connect(server.address)
@@ -370,10 +392,14 @@ def test_crash_of_serving_thread_is_reported_by_stop(serve: Serve) -> None:
     assert isinstance(info.value.__cause__, Fatal)
 
 
-def test_log_address_pushes_log_lines(serve: Serve, raw_socket: Callable[[int], zmq.Socket]) -> None:
+def test_log_address_pushes_log_lines(
+    serve: Serve, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
     collector = raw_socket(zmq.PULL)
     port = collector.bind_to_random_port("tcp://127.0.0.1")
-    server = serve(MyServer("my_server", "tcp://127.0.0.1:0", f"tcp://127.0.0.1:{port}", log_stdout=False))
+    server = serve(
+        MyServer("my_server", "tcp://127.0.0.1:0", f"tcp://127.0.0.1:{port}", log_stdout=False)
+    )
     with Client(server.address, "my_server") as client:
         client.job("foo", b"x")
     line = collector.recv().decode()

@@ -4,4 +4,4 @@ from pylm.standalone.aio import AsyncClient
 from pylm.standalone.client import Client
 from pylm.standalone.servers import Server
 
-__all__ = ["Server", "Client", "AsyncClient"]
+__all__ = ["AsyncClient", "Client", "Server"]

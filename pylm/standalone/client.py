@@ -77,7 +77,9 @@ class Client:
             try:
                 socket.send_multipart(frames)
             except zmq.Again:
-                raise self._timeout(what, timeout, "could not even send: the queue is full") from None
+                raise self._timeout(
+                    what, timeout, "could not even send: the queue is full"
+                ) from None
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -103,7 +105,10 @@ class Client:
             self._socket_timeout = millis
 
     def _timeout(self, what: str, timeout: float, why: str = "") -> RequestTimeout:
-        text = f"no answer from server {self.server_name!r} at {self.connection} to {what!r} within {timeout:g} s"
+        text = (
+            f"no answer from server {self.server_name!r} at {self.connection}"
+            f" to {what!r} within {timeout:g} s"
+        )
         if why:
             text += f" ({why})"
         return RequestTimeout(text)

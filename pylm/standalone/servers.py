@@ -123,7 +123,9 @@ class Server(BaseServer):
                         msg_id = unpack_id(head, 5)[0]
                         served += 1
                         try:
-                            send([frames[0], reply_head(msg_id), call(head[_HEAD_SIZE:], frames[2])])
+                            send(
+                                [frames[0], reply_head(msg_id), call(head[_HEAD_SIZE:], frames[2])]
+                            )
                         except PylmError as error:
                             send([frames[0], *encode_error(msg_id, error)])
                         continue
@@ -152,28 +154,23 @@ class Server(BaseServer):
             return 0
         if head.kind == protocol.PING:
             self._socket.send_multipart(
-                envelope + [protocol.reply_head(head.msg_id, protocol.PONG), self._pong()]
+                [*envelope, protocol.reply_head(head.msg_id, protocol.PONG), self._pong()]
             )
             return 0
-        if head.kind != protocol.REQUEST:
-            error = ProtocolError(
+        if head.kind == protocol.REQUEST and len(body) >= 2:
+            try:
+                answer = [protocol.reply_head(head.msg_id), self._call(head.target, body[1])]
+            except PylmError as failure:
+                answer = protocol.encode_error(head.msg_id, failure)
+            self._socket.send_multipart(envelope + answer)
+            return 1
+        if head.kind == protocol.REQUEST:
+            problem = ProtocolError("REQUEST without a payload frame")
+        else:
+            problem = ProtocolError(
                 f"server {self.name!r} accepts REQUEST and PING, not"
                 f" {protocol.KIND_NAMES[head.kind]}"
             )
-        elif len(body) < 2:
-            error = ProtocolError("REQUEST without a payload frame")
-        else:
-            try:
-                result = self._call(head.target, body[1])
-            except PylmError as exc:
-                error = exc
-            else:
-                self._socket.send_multipart(
-                    envelope + [protocol.reply_head(head.msg_id), result]
-                )
-                return 1
-            self._socket.send_multipart(envelope + protocol.encode_error(head.msg_id, error))
-            return 1
-        self._drop(str(error), frames)
-        self._socket.send_multipart(envelope + protocol.encode_error(head.msg_id, error))
+        self._drop(str(problem), frames)
+        self._socket.send_multipart(envelope + protocol.encode_error(head.msg_id, problem))
         return 0

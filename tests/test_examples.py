@@ -1,0 +1,32 @@
+"""The examples and the console script run as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pylm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_standalone_example_end_to_end() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "standalone_single" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "Client got:  b'you sent me a message'" in lines
+    assert sum(line.startswith("Client got:  b'you sent me message ") for line in lines) == 10
+    assert any(line.endswith(" - my_server - WARNING - Got a message") for line in lines)
+
+
+def test_console_script_version() -> None:
+    for command in (["pylm", "--version"], [sys.executable, "-m", "pylm.cli", "--version"]):
+        run = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == f"pylm {pylm.__version__}"
