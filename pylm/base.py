@@ -113,7 +113,7 @@ class BaseServer:
         # Lifecycle. The control address and token let stop() wake the
         # serving loop from another thread without sharing a socket.
         self._control_address = f"inproc://pylm-control-{uuid.uuid4().hex}"
-        self._control_token = b"\x00pylm-stop-" + os.urandom(16)
+        self._control_token = b"pylm-stop-" + os.urandom(16)
         self._lock = threading.Lock()
         self._started = False
         self._ready = threading.Event()
@@ -221,17 +221,17 @@ class BaseServer:
     def _wake(self) -> None:
         socket = self.context.socket(zmq.DEALER)
         try:
-            socket.setsockopt(zmq.ROUTING_ID, self._control_token)
             socket.setsockopt(zmq.LINGER, 1000)
             socket.connect(self._control_address)
-            socket.send(b"STOP", zmq.NOBLOCK)
+            # The empty delimiter lets REP and ROUTER receivers alike read it.
+            socket.send_multipart([b"", self._control_token], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the loop is gone already; nothing to wake
         finally:
             socket.close()
 
-    def _is_control(self, frames: list[bytes]) -> bool:
-        return len(frames) == 2 and frames[0] == self._control_token and frames[1] == b"STOP"
+    def _is_control(self, body: bytes) -> bool:
+        return body == self._control_token
 
     # Subclass hooks, called in the serving thread.
     def _open(self) -> None:

@@ -16,6 +16,8 @@ __all__ = ["DEFAULT_TIMEOUT", "Calls", "check_timeout", "pong_info", "read_answe
 
 DEFAULT_TIMEOUT = 10.0
 
+_pack_id_deadline = protocol.pack_id_deadline
+
 
 def check_timeout(timeout: object) -> float:
     """A timeout in seconds: a positive int or float."""
@@ -34,39 +36,47 @@ class Calls:
         self.max_payload = max_payload
         self._prefix = server_name.encode("utf-8") + b"."
         self._ids = itertools.count(1)
-        self._targets: dict[str, bytes] = {}
+        # function name -> (request prefix, target), for the hot path
+        self._targets: dict[str, tuple[bytes, bytes]] = {}
+        self._inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)
 
     def request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
         """A new message id and the frames of the request."""
-        target = self._targets.get(function)
-        if target is None:
-            target = self._target(function)
-        protocol.check_payload(payload, self.max_payload)
+        entry = self._targets.get(function)
+        if entry is None:
+            entry = self._target(function)
         msg_id = next(self._ids)
-        head = protocol.request_head(msg_id, target, time.time() + timeout)
-        return msg_id, [head, payload]
+        if type(payload) is bytes and len(payload) <= self._inline_limit:
+            prefix, target = entry
+            deadline = time.time() + timeout
+            return msg_id, [prefix + _pack_id_deadline(msg_id, deadline) + target + payload]
+        protocol.check_payload(payload, self.max_payload)
+        return msg_id, protocol.encode(
+            protocol.REQUEST, msg_id, payload, entry[1], deadline=time.time() + timeout
+        )
 
     def ping(self, timeout: float) -> tuple[int, list[bytes]]:
         msg_id = next(self._ids)
-        return msg_id, [protocol.request_head(msg_id, b"", time.time() + timeout, protocol.PING)]
+        return msg_id, protocol.encode(protocol.PING, msg_id, deadline=time.time() + timeout)
 
-    def _target(self, function: object) -> bytes:
+    def _target(self, function: object) -> tuple[bytes, bytes]:
         if not isinstance(function, str):
             raise TypeError(f"function name must be a str, got {type(function).__name__}")
         if not function or "." in function:
             raise ValueError(f"function name must be non-empty and without dots, got {function!r}")
         target = self._prefix + function.encode("utf-8")
+        entry = (protocol.request_prefix(target), target)
         if len(self._targets) < 1024:  # bounded: names come from the caller
-            self._targets[function] = target
-        return target
+            self._targets[function] = entry
+        return entry
 
 
-def read_answer(frames: list[bytes]) -> tuple[int, int, list[bytes]]:
-    """``(msg_id, kind, rest)`` of an answer; ProtocolError if malformed."""
-    if not frames:
-        raise ProtocolError("empty message")
-    head = protocol.decode_head(frames[0])
-    return head.msg_id, head.kind, frames[1:]
+def read_answer(frames: list[bytes]) -> protocol.Message | None:
+    """The answer the frames carry, or None when they are malformed."""
+    try:
+        return protocol.decode(frames)
+    except ProtocolError:
+        return None
 
 
 def pong_info(payload: bytes) -> dict[str, Any]:

@@ -1,56 +1,62 @@
 """The pylm wire protocol, version 1.
 
-Every pylm message is a ZeroMQ multipart message. Transport envelopes come
-first and are not part of pylm: the routing id a ROUTER socket prepends, and
-the empty delimiter frame a REQ socket adds. The first pylm frame is the
-*head*; the frames after it depend on the head's kind.
+A pylm message is one ZeroMQ frame, the *body*; only a large payload travels
+in a second frame. Transport envelopes come before the body and are not part
+of pylm: the routing id a ROUTER socket prepends, and the empty delimiter
+frame a REQ socket adds.
 
-Head frame: 21 fixed bytes, then a variable target. Integers are big-endian::
+Body: a 25-byte head, then target, route and payload. Integers are
+big-endian (``struct`` format ``>2sBBBHHQd``)::
 
     offset  size  field
-    0       2     magic       b"PL"
-    2       1     version     1
-    3       1     kind        1 REQUEST, 2 REPLY, 3 ERROR, 4 PING, 5 PONG
-    4       1     flags       0 in version 1; receivers ignore bits they do not know
-    5       8     message id  uint64 chosen by the sender of a REQUEST or PING and
-                              echoed in the REPLY, ERROR or PONG that answers it
-    13      8     deadline    IEEE-754 float64: seconds since the Unix epoch after
-                              which the sender stops waiting; 0.0 means none
-    21      n     target      REQUEST: UTF-8 ``<server>.<function>``, split at the
-                              last dot; empty for every other kind
+    0       2     magic        b"PL"
+    2       1     version      1
+    3       1     kind         1 REQUEST, 2 REPLY, 3 ERROR, 4 PING, 5 PONG
+    4       1     flags        bit 0 (0x01) PAYLOAD_FRAME: the payload is the
+                               next frame, not the rest of this one. Other bits
+                               are 0 in version 1; receivers ignore them.
+    5       2     target size  t, bytes of the target
+    7       2     route size   r, bytes of the route
+    9       8     message id   uint64 chosen by the sender of a REQUEST or PING
+                               and echoed in the REPLY, ERROR or PONG answering it
+    17      8     deadline     IEEE-754 float64: seconds since the Unix epoch after
+                               which the sender stops waiting; 0.0 means none
+    25      t     target       REQUEST: UTF-8 ``<server>.<function>``, split at
+                               the last dot; empty for the other kinds
+    25+t    r     route        where the answer goes when it is not the socket
+                               the request came from (pipelines); empty for a
+                               standalone server, which ignores it
+    25+t+r  rest  payload      the bytes the function receives or returns; for
+                               ERROR and PONG a UTF-8 JSON object
 
-Messages, as the frames after any envelope::
+Kinds and payloads::
 
-    REQUEST  [head, payload, *route]  payload: the argument, raw bytes. Route
-                                      frames are reserved for the routing of
-                                      later patterns (chained, parallel); a
-                                      standalone server ignores them.
-    REPLY    [head, payload]          payload: the function's result, raw bytes
-    ERROR    [head, code, detail]     code: ASCII error code (table below);
-                                      detail: UTF-8 JSON object with at least
-                                      "message"
-    PING     [head]
-    PONG     [head, info]             info: UTF-8 JSON object describing the
-                                      server ("name", "kind", "functions",
-                                      "pid", "version")
+    REQUEST  the argument of the function
+    REPLY    the function's result
+    ERROR    {"code": ..., "message": ..., ...} (codes below)
+    PING     empty
+    PONG     {"name", "kind", "functions", "pid", "version"}
 
 Error codes and the exception the caller raises::
 
-    unknown_function  UnknownFunction   detail: server, function
-    unknown_server    UnknownServer     detail: server (asked), function
-    remote            RemoteError       detail: server, function, type, traceback
-    too_large         PayloadTooLarge   detail: size, limit
-    protocol          ProtocolError     detail: message only
+    unknown_function  UnknownFunction   also: server, function
+    unknown_server    UnknownServer     also: server (asked), function
+    remote            RemoteError       also: server, function, type,
+                                        remote_message, traceback
+    too_large         PayloadTooLarge   also: size, limit
+    protocol          ProtocolError     -
 
 A receiver that gets a head with another magic or version answers ERROR
 ``protocol`` when it can read a message id from it, and otherwise drops it.
 An unknown error code is raised as :class:`~pylm.errors.PylmError`.
 
-Why this shape: the payload is always a frame of its own, so it is never
-copied to build or read a message, and everything else fits in the one head
-frame, because every frame costs a separate call from Python on both sides.
-Names of servers and functions travel as text so that any language can speak
-the protocol; nothing on the hot path is serialized beyond one ``struct``.
+Why this shape: ZeroMQ delivers a one-frame message measurably sooner than
+a multi-frame one (a second frame cost about a third of the round-trip rate
+in our measurements), and every frame is a separate call from Python on both
+sides; so small messages are one frame, decoded with one ``struct`` call and
+slices. Above :data:`SPLIT_PAYLOAD` bytes, copying the payload into the body
+would cost more than a second frame, so it travels in its own frame, never
+copied. Names travel as text, so any language can speak the protocol.
 """
 
 from __future__ import annotations
@@ -71,22 +77,30 @@ from pylm.errors import (
 __all__ = [
     "ERROR",
     "HEAD_SIZE",
+    "KIND_NAMES",
     "MAGIC",
+    "PAYLOAD_FRAME",
     "PING",
     "PONG",
     "REPLY",
+    "REPLY_PREFIX",
     "REQUEST",
+    "SPLIT_PAYLOAD",
     "VERSION",
-    "Head",
+    "Message",
     "check_payload",
+    "decode",
     "decode_error",
-    "decode_head",
+    "encode",
     "encode_error",
+    "pack_id_deadline",
     "reply_head",
-    "request_head",
+    "request_prefix",
     "result_of",
     "salvage_msg_id",
     "split_target",
+    "unpack_head",
+    "unpack_id",
 ]
 
 MAGIC = b"PL"
@@ -100,55 +114,120 @@ PONG = 5
 
 KIND_NAMES = {REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR", PING: "PING", PONG: "PONG"}
 
-_HEAD = struct.Struct(">2sBBBQd")
-HEAD_SIZE = _HEAD.size  # 21
+PAYLOAD_FRAME = 0x01
+SPLIT_PAYLOAD = 64 * 1024  # senders put larger payloads in a frame of their own
+
+_HEAD = struct.Struct(">2sBBBHHQd")
+HEAD_SIZE = _HEAD.size  # 25
+unpack_head = _HEAD.unpack_from  # for hot loops that check the fields themselves
 _PREFIX = MAGIC + bytes([VERSION])
 _MAX_ID = 2**64 - 1
+_MAX_FIELD = 2**16 - 1
 
 
-class Head(NamedTuple):
-    """A decoded head frame."""
+class Message(NamedTuple):
+    """A decoded message."""
 
     kind: int
-    flags: int
     msg_id: int
-    deadline: float
-    target: bytes
+    payload: bytes
+    target: bytes = b""
+    route: bytes = b""
+    deadline: float = 0.0
+    flags: int = 0
 
 
-def request_head(msg_id: int, target: bytes, deadline: float = 0.0, kind: int = REQUEST) -> bytes:
-    """Build the head of a REQUEST (or PING, with an empty target)."""
-    return _HEAD.pack(MAGIC, VERSION, kind, 0, msg_id & _MAX_ID, deadline) + target
-
-
-def reply_head(msg_id: int, kind: int = REPLY) -> bytes:
-    """Build the head of a REPLY, ERROR or PONG answering ``msg_id``."""
-    return _HEAD.pack(MAGIC, VERSION, kind, 0, msg_id, 0.0)
-
-
-def decode_head(frame: bytes) -> Head:
-    """Decode a head frame; raise :class:`ProtocolError` naming what is wrong."""
-    if len(frame) < HEAD_SIZE:
+def encode(
+    kind: int,
+    msg_id: int,
+    payload: bytes = b"",
+    target: bytes = b"",
+    route: bytes = b"",
+    deadline: float = 0.0,
+) -> list[bytes]:
+    """The frames of a message: one, or two when the payload is large."""
+    if len(target) > _MAX_FIELD or len(route) > _MAX_FIELD:
         raise ProtocolError(
-            f"head frame too short: {len(frame)} bytes, expected at least {HEAD_SIZE}"
-            f" (starts with {bytes(frame[:8])!r})"
+            f"target of {len(target)} and route of {len(route)} bytes:"
+            f" each must be at most {_MAX_FIELD}"
         )
-    if frame[:3] != _PREFIX:
-        if frame[:2] == MAGIC:
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    if size > SPLIT_PAYLOAD:
+        head = _HEAD.pack(
+            MAGIC, VERSION, kind, PAYLOAD_FRAME, len(target), len(route), msg_id & _MAX_ID, deadline
+        )
+        return [head + target + route, payload]
+    head = _HEAD.pack(MAGIC, VERSION, kind, 0, len(target), len(route), msg_id & _MAX_ID, deadline)
+    return [head + target + route + payload]
+
+
+# Pieces for hot paths that build or read the most common messages, a
+# one-frame REQUEST or REPLY, without going through encode() and decode().
+_ID_DEADLINE = struct.Struct(">Qd")
+pack_id_deadline = _ID_DEADLINE.pack
+unpack_id = struct.Struct(">Q").unpack_from  # the message id is at offset 9
+
+
+def request_prefix(target: bytes) -> bytes:
+    """The bytes before the id of a one-frame REQUEST for ``target``: a
+    request body is ``prefix + pack_id_deadline(id, deadline) + target + payload``."""
+    return _HEAD.pack(MAGIC, VERSION, REQUEST, 0, len(target), 0, 0, 0.0)[:9]
+
+
+REPLY_PREFIX = _HEAD.pack(MAGIC, VERSION, REPLY, 0, 0, 0, 0, 0.0)[:9]
+"""The first 9 bytes of a one-frame REPLY; its payload starts at HEAD_SIZE."""
+
+
+def reply_head(msg_id: int, kind: int = REPLY, flags: int = 0) -> bytes:
+    """The head of an answer without target or route; the payload follows
+    it in the same frame (or in the next one, with ``PAYLOAD_FRAME``)."""
+    return _HEAD.pack(MAGIC, VERSION, kind, flags, 0, 0, msg_id, 0.0)
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Decode the frames of a message (envelope removed); raise
+    :class:`ProtocolError` naming what is wrong."""
+    if not frames:
+        raise ProtocolError("no frames")
+    body = frames[0]
+    if len(body) < HEAD_SIZE:
+        raise ProtocolError(
+            f"message too short: {len(body)} bytes, a head needs {HEAD_SIZE}"
+            f" (starts with {bytes(body[:8])!r})"
+        )
+    if body[:3] != _PREFIX:
+        if body[:2] == MAGIC:
             raise ProtocolError(
-                f"unsupported protocol version {frame[2]}, this side speaks {VERSION}"
+                f"unsupported protocol version {body[2]}, this side speaks {VERSION}"
             )
-        raise ProtocolError(f"bad magic {bytes(frame[:2])!r}, expected {MAGIC!r}")
-    _, _, kind, flags, msg_id, deadline = _HEAD.unpack_from(frame)
+        raise ProtocolError(f"bad magic {bytes(body[:2])!r}, expected {MAGIC!r}")
+    _, _, kind, flags, target_size, route_size, msg_id, deadline = _HEAD.unpack_from(body)
     if kind not in KIND_NAMES:
         raise ProtocolError(f"unknown message kind {kind}")
-    return Head(kind, flags, msg_id, deadline, bytes(frame[HEAD_SIZE:]))
+    end = HEAD_SIZE + target_size + route_size
+    if end > len(body):
+        raise ProtocolError(
+            f"target ({target_size} bytes) and route ({route_size} bytes) overrun"
+            f" the {len(body)}-byte message"
+        )
+    expected = 2 if flags & PAYLOAD_FRAME else 1
+    if len(frames) < expected:
+        raise ProtocolError(f"{KIND_NAMES[kind]} without its payload frame")
+    if expected == 2:
+        if end != len(body):
+            raise ProtocolError("bytes after the route although the payload has its own frame")
+        payload = frames[1]
+    else:
+        payload = body[end:]
+    target = body[HEAD_SIZE : HEAD_SIZE + target_size]
+    route = body[HEAD_SIZE + target_size : end]
+    return Message(kind, msg_id, payload, target, route, deadline, flags)
 
 
-def salvage_msg_id(frame: bytes) -> int | None:
-    """The message id of a head that failed to decode, when one can be read."""
-    if len(frame) >= HEAD_SIZE and frame[:2] == MAGIC:
-        return int(_HEAD.unpack_from(frame)[4])
+def salvage_msg_id(frames: list[bytes]) -> int | None:
+    """The message id of a message that failed to decode, when one can be read."""
+    if frames and len(frames[0]) >= HEAD_SIZE and frames[0][:2] == MAGIC:
+        return int(_HEAD.unpack_from(frames[0])[6])
     return None
 
 
@@ -179,19 +258,21 @@ def check_payload(payload: object, limit: int) -> None:
         )
 
 
-_CODES: dict[type[PylmError], bytes] = {
-    UnknownFunction: b"unknown_function",
-    UnknownServer: b"unknown_server",
-    RemoteError: b"remote",
-    PayloadTooLarge: b"too_large",
-    ProtocolError: b"protocol",
+_CODES: dict[type[PylmError], str] = {
+    UnknownFunction: "unknown_function",
+    UnknownServer: "unknown_server",
+    RemoteError: "remote",
+    PayloadTooLarge: "too_large",
+    ProtocolError: "protocol",
 }
 
 
 def encode_error(msg_id: int, error: PylmError) -> list[bytes]:
     """The frames of an ERROR message carrying ``error`` back to the caller."""
-    code = _CODES.get(type(error), b"error")
-    detail: dict[str, Any] = {"message": PylmError.__str__(error)}
+    detail: dict[str, Any] = {
+        "code": _CODES.get(type(error), "error"),
+        "message": PylmError.__str__(error),
+    }
     for attr in ("server", "function", "size", "limit"):
         if hasattr(error, attr):
             detail[attr] = getattr(error, attr)
@@ -199,25 +280,26 @@ def encode_error(msg_id: int, error: PylmError) -> list[bytes]:
         detail["type"] = error.remote_type
         detail["remote_message"] = error.remote_message
         detail["traceback"] = error.remote_traceback
-    return [reply_head(msg_id, ERROR), code, json.dumps(detail).encode("utf-8")]
+    return encode(ERROR, msg_id, json.dumps(detail).encode("utf-8"))
 
 
-def decode_error(code: bytes, detail_frame: bytes) -> PylmError:
+def decode_error(payload: bytes) -> PylmError:
     """Rebuild the exception an ERROR message carries."""
     try:
-        detail = json.loads(detail_frame)
+        detail = json.loads(payload)
         if not isinstance(detail, dict):
-            raise ValueError("detail is not a JSON object")
+            raise ValueError("not a JSON object")
     except ValueError as exc:
-        return ProtocolError(f"malformed error detail {bytes(detail_frame[:200])!r}: {exc}")
+        return ProtocolError(f"malformed error detail {bytes(payload[:200])!r}: {exc}")
+    code = str(detail.get("code", ""))
     message = str(detail.get("message", ""))
     server = str(detail.get("server", ""))
     function = str(detail.get("function", ""))
-    if code == b"unknown_function":
+    if code == "unknown_function":
         return UnknownFunction(message, server=server, function=function)
-    if code == b"unknown_server":
+    if code == "unknown_server":
         return UnknownServer(message, server=server, function=function)
-    if code == b"remote":
+    if code == "remote":
         return RemoteError(
             message,
             remote_type=str(detail.get("type", "")),
@@ -226,24 +308,19 @@ def decode_error(code: bytes, detail_frame: bytes) -> PylmError:
             server=server,
             function=function,
         )
-    if code == b"too_large":
+    if code == "too_large":
         return PayloadTooLarge(
             message, size=int(detail.get("size", 0)), limit=int(detail.get("limit", 0))
         )
-    if code == b"protocol":
+    if code == "protocol":
         return ProtocolError(message)
-    return PylmError(f"{message} (error code {bytes(code[:40])!r})")
+    return PylmError(f"{message} (error code {code[:40]!r})")
 
 
-def result_of(kind: int, frames: list[bytes]) -> bytes:
-    """The payload of an answer, or raise the error it carries.
-
-    ``frames`` are the frames after the head.
-    """
-    if (kind == REPLY or kind == PONG) and len(frames) == 1:
-        return frames[0]
-    if kind == ERROR and len(frames) == 2:
-        raise decode_error(frames[0], frames[1])
-    raise ProtocolError(
-        f"unexpected answer: kind {KIND_NAMES.get(kind, kind)} with {len(frames)} frame(s)"
-    )
+def result_of(message: Message) -> bytes:
+    """The payload of an answer, or raise the error it carries."""
+    if message.kind == REPLY or message.kind == PONG:
+        return message.payload
+    if message.kind == ERROR:
+        raise decode_error(message.payload)
+    raise ProtocolError(f"unexpected answer of kind {KIND_NAMES[message.kind]}")

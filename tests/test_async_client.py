@@ -47,9 +47,10 @@ def test_answers_out_of_order_reach_their_calls(raw_socket: Callable[[int], zmq.
 
     def reverse_server() -> None:
         requests = [router.recv_multipart() for _ in range(count)]
-        for identity, head, payload in reversed(requests):
-            msg_id = protocol.decode_head(head).msg_id
-            router.send_multipart([identity, protocol.reply_head(msg_id), payload + b"!"])
+        for identity, delimiter, *frames in reversed(requests):
+            request = protocol.decode(frames)
+            answer = protocol.reply_head(request.msg_id) + request.payload + b"!"
+            router.send_multipart([identity, delimiter, answer])
 
     thread = threading.Thread(target=reverse_server)
     thread.start()
@@ -113,3 +114,21 @@ def test_close_fails_calls_in_flight(free_tcp_address: str) -> None:
             await client.job("f", b"x")
 
     asyncio.run(main())
+
+
+def test_more_calls_than_the_queue_holds(ipc_address: str) -> None:
+    """Calls beyond ZeroMQ's high-water mark wait for room instead of failing."""
+    count = 3000  # the DEALER queues 1000 while no server is there
+
+    async def main() -> list[bytes]:
+        async with AsyncClient(ipc_address, "echo", timeout=30) as client:
+            calls = [asyncio.ensure_future(client.job("echo", b"%d" % i)) for i in range(count)]
+            for _ in range(10_000):  # let every call send or start waiting for room
+                if len(client._pending) == count:
+                    break
+                await asyncio.sleep(0)
+            assert len(client._pending) == count
+            with Echo("echo", ipc_address, log_stdout=False):
+                return await asyncio.gather(*calls)
+
+    assert asyncio.run(main()) == [b"echo %d" % i for i in range(count)]

@@ -15,40 +15,79 @@ from pylm.errors import (
 )
 
 
-def test_request_head_round_trip() -> None:
-    head = protocol.request_head(2**64 - 1, b"my_server.foo", 1234.5)
-    assert len(head) == protocol.HEAD_SIZE + len(b"my_server.foo")
-    assert head[:4] == b"PL\x01\x01"
-    decoded = protocol.decode_head(head)
-    assert decoded == protocol.Head(protocol.REQUEST, 0, 2**64 - 1, 1234.5, b"my_server.foo")
+def test_request_round_trip_in_one_frame() -> None:
+    frames = protocol.encode(
+        protocol.REQUEST, 2**64 - 1, b"payload", b"my_server.foo", b"route", 1234.5
+    )
+    assert len(frames) == 1
+    body = frames[0]
+    assert len(body) == protocol.HEAD_SIZE + len(b"my_server.foo") + len(b"route") + len(b"payload")
+    assert body[:5] == b"PL\x01\x01\x00"
+    assert protocol.decode(frames) == protocol.Message(
+        protocol.REQUEST, 2**64 - 1, b"payload", b"my_server.foo", b"route", 1234.5, 0
+    )
 
 
-def test_reply_head_is_fixed_size() -> None:
-    head = protocol.reply_head(7, protocol.ERROR)
-    assert len(head) == protocol.HEAD_SIZE
-    assert protocol.decode_head(head).kind == protocol.ERROR
-    assert protocol.decode_head(head).msg_id == 7
+def test_documented_bytes() -> None:
+    """The example in docs/protocol.md, byte by byte."""
+    (body,) = protocol.encode(protocol.REQUEST, 1, b"a message", b"my_server.foo")
+    assert body.hex(" ") == (
+        "50 4c 01 01 00 00 0d 00 00 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00 00 "
+        + b"my_server.foo".hex(" ")
+        + " "
+        + b"a message".hex(" ")
+    )
+
+
+def test_large_payload_gets_its_own_frame() -> None:
+    payload = b"x" * (protocol.SPLIT_PAYLOAD + 1)
+    frames = protocol.encode(protocol.REPLY, 3, payload)
+    assert len(frames) == 2 and frames[1] is payload
+    message = protocol.decode(frames)
+    assert message.payload is payload and message.flags == protocol.PAYLOAD_FRAME
+    assert protocol.reply_head(3, flags=protocol.PAYLOAD_FRAME) == frames[0]
+
+
+def test_reply_head_plus_payload_is_a_reply() -> None:
+    message = protocol.decode([protocol.reply_head(7) + b"result"])
+    assert (message.kind, message.msg_id, message.payload) == (protocol.REPLY, 7, b"result")
 
 
 @pytest.mark.parametrize(
-    ("frame", "match"),
+    ("frames", "match"),
     [
-        (b"", "too short"),
-        (b"garbage that is long enough to be a head", "bad magic"),
-        (b"PL\x02" + bytes(18), "unsupported protocol version 2"),
-        (b"PL\x01\x09" + bytes(17), "unknown message kind 9"),
+        ([], "no frames"),
+        ([b""], "too short"),
+        ([b"garbage that is long enough to be a head"], "bad magic"),
+        ([b"PL\x02" + bytes(30)], "unsupported protocol version 2"),
+        ([b"PL\x01\x09" + bytes(30)], "unknown message kind 9"),
+        ([protocol.reply_head(1, flags=protocol.PAYLOAD_FRAME)], "REPLY without its payload frame"),
     ],
 )
-def test_decode_head_rejects(frame: bytes, match: str) -> None:
+def test_decode_rejects(frames: list[bytes], match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
-        protocol.decode_head(frame)
+        protocol.decode(frames)
+
+
+def test_trailing_frames_are_ignored() -> None:
+    """Room for extensions: frames after a complete message are not an error."""
+    message = protocol.decode([protocol.reply_head(1) + b"x", b"extension"])
+    assert message.payload == b"x"
+
+
+def test_decode_rejects_overrunning_sizes() -> None:
+    body = bytearray(protocol.encode(protocol.REQUEST, 1, b"", b"s.f")[0])
+    body[5:7] = (500).to_bytes(2, "big")
+    with pytest.raises(ProtocolError, match="overrun"):
+        protocol.decode([bytes(body)])
 
 
 def test_salvage_msg_id_from_other_version() -> None:
-    head = bytearray(protocol.request_head(99, b"s.f"))
-    head[2] = 7
-    assert protocol.salvage_msg_id(bytes(head)) == 99
-    assert protocol.salvage_msg_id(b"nonsense") is None
+    body = bytearray(protocol.encode(protocol.REQUEST, 99, b"x", b"s.f")[0])
+    body[2] = 7
+    assert protocol.salvage_msg_id([bytes(body)]) == 99
+    assert protocol.salvage_msg_id([b"nonsense"]) is None
+    assert protocol.salvage_msg_id([]) is None
 
 
 def test_split_target() -> None:
@@ -89,26 +128,31 @@ def test_check_payload_types_and_limit() -> None:
     ],
 )
 def test_errors_round_trip(error: PylmError) -> None:
-    head, code, detail = protocol.encode_error(5, error)
-    assert protocol.decode_head(head).msg_id == 5
+    message = protocol.decode(protocol.encode_error(5, error))
+    assert (message.kind, message.msg_id) == (protocol.ERROR, 5)
     with pytest.raises(type(error)) as info:
-        protocol.result_of(protocol.ERROR, [code, detail])
+        protocol.result_of(message)
     rebuilt = info.value
     assert type(rebuilt) is type(error)
+    assert str(rebuilt).startswith(PylmError.__str__(error))
     for attr in ("server", "function", "size", "limit", "remote_type", "remote_traceback"):
         assert getattr(rebuilt, attr, None) == getattr(error, attr, None)
 
 
 def test_unknown_error_code_and_bad_detail() -> None:
-    with pytest.raises(PylmError, match="error code b'weird'"):
-        protocol.result_of(protocol.ERROR, [b"weird", b'{"message": "m"}'])
+    weird = protocol.Message(protocol.ERROR, 1, b'{"code": "weird", "message": "m"}')
+    with pytest.raises(PylmError, match="error code 'weird'"):
+        protocol.result_of(weird)
     with pytest.raises(ProtocolError, match="malformed error detail"):
-        protocol.result_of(protocol.ERROR, [b"remote", b"not json"])
+        protocol.result_of(protocol.Message(protocol.ERROR, 1, b"not json"))
 
 
-def test_result_of_rejects_wrong_shapes() -> None:
-    assert protocol.result_of(protocol.REPLY, [b"ok"]) == b"ok"
-    with pytest.raises(ProtocolError, match="unexpected answer"):
-        protocol.result_of(protocol.REPLY, [b"a", b"b"])
-    with pytest.raises(ProtocolError, match="unexpected answer"):
-        protocol.result_of(protocol.REQUEST, [b"a"])
+def test_result_of_rejects_requests() -> None:
+    assert protocol.result_of(protocol.Message(protocol.REPLY, 1, b"ok")) == b"ok"
+    with pytest.raises(ProtocolError, match="unexpected answer of kind REQUEST"):
+        protocol.result_of(protocol.Message(protocol.REQUEST, 1, b"a"))
+
+
+def test_target_and_route_limits() -> None:
+    with pytest.raises(ProtocolError, match="at most 65535"):
+        protocol.encode(protocol.REQUEST, 1, b"", b"x" * 70000)

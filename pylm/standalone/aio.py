@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq
-import zmq.asyncio
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Calls, check_timeout, pong_info, read_answer
-from pylm.errors import ProtocolError, RequestTimeout
+from pylm.errors import RequestTimeout
 from pylm.transport import check_address, close_socket, default_context
 
 __all__ = ["AsyncClient"]
@@ -27,7 +26,8 @@ class AsyncClient:
     Any number of calls may be in flight; each answer is matched to its call
     by message id, whatever order the answers come in. Every call has a
     timeout and raises :class:`~pylm.errors.RequestTimeout` when it runs out.
-    A client belongs to the event loop of its first call.
+    A client belongs to the event loop of its first call, which must support
+    ``add_reader`` (every loop on Unix; on Windows, the selector loop).
     """
 
     def __init__(
@@ -44,10 +44,12 @@ class AsyncClient:
         self.timeout = check_timeout(timeout)
         self._calls = Calls(server_name, max_payload)
         self._context = default_context(context)
-        self._socket: zmq.Socket | None = None  # used for non-blocking sends/receives
-        self._async: zmq.asyncio.Socket | None = None  # the same socket, for awaiting
-        self._pending: dict[int, asyncio.Future[tuple[int, list[bytes]]]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        # A plain socket, driven by the event loop watching its file
+        # descriptor: no trip through the loop for each message sent or read.
+        self._socket: zmq.Socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
@@ -55,30 +57,36 @@ class AsyncClient:
         """Call ``function`` with ``message``; return its result."""
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
-        kind, rest = await self._exchange(msg_id, frames, timeout, function)
-        return protocol.result_of(kind, rest)
+        return protocol.result_of(await self._exchange(msg_id, frames, timeout, function))
 
     async def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself."""
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         msg_id, frames = self._calls.ping(timeout)
-        kind, rest = await self._exchange(msg_id, frames, timeout, "ping")
-        return pong_info(protocol.result_of(kind, rest))
+        answer = await self._exchange(msg_id, frames, timeout, "ping")
+        return pong_info(protocol.result_of(answer))
 
     async def _exchange(
         self, msg_id: int, frames: list[bytes], timeout: float, what: str
-    ) -> tuple[int, list[bytes]]:
+    ) -> protocol.Message:
         socket = self._open()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[int, list[bytes]]] = loop.create_future()
+        future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
         timer = loop.call_later(timeout, self._expire, msg_id, what, timeout)
         try:
-            try:
-                socket.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:  # queue full: wait for room, within the call's time
-                assert self._async is not None
-                await self._async.send_multipart(frames)
+            while True:
+                try:
+                    # The empty delimiter frame stands for the envelope a REQ adds.
+                    socket.send_multipart([b"", *frames], zmq.NOBLOCK, copy=len(frames) == 1)
+                    break
+                except zmq.Again:  # queue full: wait for room, within the call's time
+                    waiters: set[asyncio.Future[Any]] = {future, self._writable()}
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    if future.done():  # expired (or closed) while waiting
+                        return future.result()
+            # A send can consume the socket's "readable" edge: look now.
+            self._on_events()
             return await future
         finally:
             timer.cancel()
@@ -98,61 +106,61 @@ class AsyncClient:
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._socket is None:
-            async_socket = zmq.asyncio.Context.shadow(self._context.underlying).socket(zmq.DEALER)
-            async_socket.setsockopt(zmq.LINGER, 0)
-            async_socket.connect(self.connection)
-            self._async = async_socket
-            # A plain view of the same socket: draining and sending without
-            # awaiting saves a trip through the event loop per message.
-            self._socket = zmq.Socket.shadow(async_socket.underlying)
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            socket = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.connection)
+            self._socket = socket
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(socket.fileno(), self._on_events)
         return self._socket
 
-    async def _read(self) -> None:
-        assert self._async is not None and self._socket is not None
-        receive, drain = self._async.recv_multipart, self._socket.recv_multipart
+    def _writable(self) -> asyncio.Future[None]:
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    def _on_events(self) -> None:
+        """Read every answer waiting, and wake senders when there is room.
+
+        ZeroMQ's file descriptor signals edges, not levels: after it fires,
+        everything readable must be read before it fires again.
+        """
+        socket = self._socket
+        if socket is None:
+            return
         pending = self._pending
         try:
             while True:
-                frames = await receive()
-                while True:
-                    try:
-                        answer_id, kind, rest = read_answer(frames)
-                    except ProtocolError:
-                        answer_id, kind, rest = -1, 0, []
-                    future = pending.pop(answer_id, None)
-                    if future is None or future.done():
-                        self.dropped += 1
-                    else:
-                        future.set_result((kind, rest))
-                    try:
-                        frames = drain(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                events = cast(int, socket.getsockopt(zmq.EVENTS))
+                if self._room is not None and events & zmq.POLLOUT and not self._room.done():
+                    self._room.set_result(None)
+                if not events & zmq.POLLIN:
+                    return
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+                message = read_answer(frames[1:] if frames[0] == b"" else frames)
+                future = None if message is None else pending.pop(message.msg_id, None)
+                if future is not None and message is not None and not future.done():
+                    future.set_result(message)
+                else:
+                    self.dropped += 1  # an answer to a call that timed out, or garbage
         except zmq.ZMQError as exc:
-            self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed: {exc!r}"))
+            self._fail_pending(RuntimeError(f"client of {self.server_name!r} failed: {exc!r}"))
 
     def _fail_pending(self, error: Exception) -> None:
         futures = list(self._pending.values())
-        self._pending.clear()  # in place: the reader holds this dict
+        self._pending.clear()
         for future in futures:
             if not future.done():
                 future.set_exception(error)
 
     async def close(self) -> None:
-        """Stop reading, fail the calls still in flight, close the socket."""
+        """Fail the calls still in flight and close the socket."""
         self._closed = True
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                pass
+        socket, self._socket = self._socket, None
+        if socket is not None and self._loop is not None:
+            self._loop.remove_reader(socket.fileno())
         self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed"))
-        close_socket(self._async)
-        self._async = None
-        self._socket = None
+        close_socket(socket)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from types import TracebackType
 from typing import Any
 
@@ -11,11 +10,15 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.calls import DEFAULT_TIMEOUT, Calls, check_timeout, pong_info, read_answer
+from pylm.calls import DEFAULT_TIMEOUT, Calls, check_timeout, pong_info
 from pylm.errors import ProtocolError, RequestTimeout
 from pylm.transport import check_address, close_socket, default_context
 
 __all__ = ["Client"]
+
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_HEAD_SIZE = protocol.HEAD_SIZE
+_unpack_id = protocol.unpack_id
 
 
 class Client:
@@ -45,64 +48,67 @@ class Client:
         self.timeout = check_timeout(timeout)
         self._calls = Calls(server_name, max_payload)
         self._lock = threading.Lock()
-        self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
+        # REQ keeps the routing envelope inside libzmq (fewer calls from
+        # Python); RELAXED lets it send again after a timeout and CORRELATE
+        # drops the late answers to calls that timed out.
+        self._socket: zmq.Socket | None = default_context(context).socket(zmq.REQ)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.REQ_RELAXED, 1)
+        self._socket.setsockopt(zmq.REQ_CORRELATE, 1)
         self._socket.connect(self.connection)
         self._socket_timeout = -1
-        self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
-        kind, rest = self._exchange(msg_id, frames, timeout, function)
-        return protocol.result_of(kind, rest)
+        answer = self._exchange(frames, timeout, function)
+        # Fast path: a one-frame REPLY to this very call.
+        body = answer[0]
+        if body[:9] == _REPLY_PREFIX and _unpack_id(body, 9)[0] == msg_id:
+            return body[_HEAD_SIZE:]
+        return protocol.result_of(self._check(protocol.decode(answer), msg_id))
 
     def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself
         (name, kind, functions, pid, version)."""
         timeout = self.timeout if timeout is None else check_timeout(timeout)
         msg_id, frames = self._calls.ping(timeout)
-        kind, rest = self._exchange(msg_id, frames, timeout, "ping")
-        return pong_info(protocol.result_of(kind, rest))
+        answer = protocol.decode(self._exchange(frames, timeout, "ping"))
+        return pong_info(protocol.result_of(self._check(answer, msg_id)))
 
-    def _exchange(
-        self, msg_id: int, frames: list[bytes], timeout: float, what: str
-    ) -> tuple[int, list[bytes]]:
+    def _exchange(self, frames: list[bytes], timeout: float, what: str) -> list[bytes]:
         with self._lock:
             socket = self._socket
             if socket is None:
                 raise RuntimeError("the client is closed")
-            self._set_timeout(socket, int(timeout * 1000))
+            millis = int(timeout * 1000)
+            if millis != self._socket_timeout:
+                self._set_timeout(socket, millis)
             try:
-                socket.send_multipart(frames)
+                if len(frames) == 1:
+                    socket.send(frames[0])
+                else:
+                    socket.send_multipart(frames, copy=False)
+                answer = [socket.recv()]
+                # The head says whether the payload has a frame of its own,
+                # which spares asking the socket (slow) after every frame.
+                if len(answer[0]) > 4 and answer[0][4] & protocol.PAYLOAD_FRAME:
+                    answer.append(socket.recv())
             except zmq.Again:
-                raise self._timeout(
-                    what, timeout, "could not even send: the queue is full"
-                ) from None
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    answer = socket.recv_multipart()
-                except zmq.Again:
-                    raise self._timeout(what, timeout) from None
-                try:
-                    answer_id, kind, rest = read_answer(answer)
-                except ProtocolError:
-                    answer_id, kind, rest = -1, 0, []
-                if answer_id == msg_id:
-                    return kind, rest
-                self.dropped += 1  # an answer to a call that timed out, or garbage
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._timeout(what, timeout)
-                self._set_timeout(socket, max(1, int(left * 1000)))
+                raise self._timeout(what, timeout) from None
+        return answer
+
+    @staticmethod
+    def _check(message: protocol.Message, msg_id: int) -> protocol.Message:
+        if message.msg_id != msg_id:  # REQ_CORRELATE makes this the server's fault
+            raise ProtocolError(f"answer to message {message.msg_id} for call {msg_id}")
+        return message
 
     def _set_timeout(self, socket: zmq.Socket, millis: int) -> None:
-        if millis != self._socket_timeout:
-            socket.setsockopt(zmq.RCVTIMEO, millis)
-            socket.setsockopt(zmq.SNDTIMEO, millis)
-            self._socket_timeout = millis
+        socket.setsockopt(zmq.RCVTIMEO, millis)
+        socket.setsockopt(zmq.SNDTIMEO, millis)
+        self._socket_timeout = millis
 
     def _timeout(self, what: str, timeout: float, why: str = "") -> RequestTimeout:
         text = (

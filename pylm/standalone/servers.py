@@ -1,9 +1,10 @@
-"""The standalone request/reply server: one ROUTER socket, one serving loop.
+"""The standalone request/reply server: one REP socket, one serving loop.
 
-Clients (:class:`pylm.standalone.client.Client`, its asyncio sibling, or a
-plain ZeroMQ REQ/DEALER socket speaking :mod:`pylm.protocol`) send REQUEST
-messages; the server runs the named function and answers each with a REPLY
-or an ERROR. Requests are served one at a time, in arrival order.
+Clients (:class:`pylm.standalone.client.Client`, its asyncio sibling, or any
+ZeroMQ REQ socket, or DEALER socket sending an empty delimiter frame first,
+speaking :mod:`pylm.protocol`) send REQUEST messages; the server runs the
+named function and answers every message, with a REPLY or an ERROR. Requests
+are served one at a time, fairly queued from all clients.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from pylm.transport import bind, check_address, close_socket
 
 __all__ = ["Server"]
 
-_REQUEST_PREFIX = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST])
-_MSG_ID = struct.Struct(">Q")
+# A request the fast path takes: version 1, REQUEST, no flags.
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
 _HEAD_SIZE = protocol.HEAD_SIZE
+_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_NO_DEADLINE = bytes(8)
+_SPLIT = protocol.SPLIT_PAYLOAD
 # Frames other than the payload are small; this slack bounds them.
 _FRAME_SLACK = 64 * 1024
 
@@ -90,7 +95,9 @@ class Server(BaseServer):
         self._socket: zmq.Socket | None = None
 
     def _open(self) -> None:
-        socket = self.context.socket(zmq.ROUTER)
+        # REP, not ROUTER: routing envelopes stay inside libzmq, so each
+        # request costs one receive and one send from Python.
+        socket = self.context.socket(zmq.REP)
         self._socket = socket
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -105,72 +112,82 @@ class Server(BaseServer):
     def _serve(self) -> None:
         socket = self._socket
         assert socket is not None
-        recv = socket.recv_multipart
-        send = socket.send_multipart
+        recv, send = socket.recv, socket.send
         call = self._call
-        reply_head = protocol.reply_head
-        encode_error = protocol.encode_error
-        unpack_id = _MSG_ID.unpack_from
+        unpack_sizes = _SIZES.unpack_from
         limit = self.messages
         served = self.served
         try:
             while served < limit:
-                frames = recv()
-                # Fast path: [routing id, REQUEST head, payload] from a DEALER.
-                if len(frames) == 3:
-                    head = frames[1]
-                    if head[:4] == _REQUEST_PREFIX and len(head) > _HEAD_SIZE:
-                        msg_id = unpack_id(head, 5)[0]
+                body = recv()
+                if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
+                    # Fast path: a one-frame REQUEST. The reply reuses the
+                    # request's id bytes as they are.
+                    target_size, route_size = unpack_sizes(body, 5)
+                    start = _HEAD_SIZE + target_size
+                    if start + route_size <= len(body):
                         served += 1
                         try:
-                            send(
-                                [frames[0], reply_head(msg_id), call(head[_HEAD_SIZE:], frames[2])]
-                            )
+                            result = call(body[_HEAD_SIZE:start], body[start + route_size :])
                         except PylmError as error:
-                            send([frames[0], *encode_error(msg_id, error)])
+                            msg_id = protocol.unpack_id(body, 9)[0]
+                            self._answer(protocol.encode_error(msg_id, error))
+                            continue
+                        if len(result) <= _SPLIT:
+                            try:
+                                send(_REPLY_PREFIX + body[9:17] + _NO_DEADLINE + result)
+                                continue
+                            except zmq.ZMQError:
+                                pass  # frames follow the request: _answer skips them
+                        msg_id = protocol.unpack_id(body, 9)[0]
+                        self._answer(protocol.encode(protocol.REPLY, msg_id, result))
                         continue
-                if self._is_control(frames):
+                if self._is_control(body):
                     return
-                served += self._handle_other(frames)
+                served += self._handle_other(body)
         finally:
             self.served = served
 
-    def _handle_other(self, frames: list[bytes]) -> int:
-        """Everything off the fast path; returns how many requests it served."""
+    def _answer(self, frames: list[bytes]) -> None:
+        """Send an answer; a REP socket takes it only once every frame of the
+        request was read, so read (and ignore) any trailing frames first."""
         assert self._socket is not None
-        # A REQ socket puts an empty delimiter between routing id and message.
-        envelope = frames[:2] if len(frames) > 2 and frames[1] == b"" else frames[:1]
-        body = frames[len(envelope) :]
-        if not body:
-            self._drop("no frames after the routing id", frames)
-            return 0
+        self._rest()
+        self._socket.send_multipart(frames, copy=len(frames) == 1)
+
+    def _rest(self) -> list[bytes]:
+        """The frames of the current request not read yet."""
+        assert self._socket is not None
+        frames = []
+        while self._socket.getsockopt(zmq.RCVMORE):
+            frames.append(self._socket.recv())
+        return frames
+
+    def _handle_other(self, body: bytes) -> int:
+        """Everything off the fast path; returns how many requests it served."""
+        frames = [body, *self._rest()]
         try:
-            head = protocol.decode_head(body[0])
+            message = protocol.decode(frames)
         except ProtocolError as error:
-            msg_id = protocol.salvage_msg_id(body[0])
             self._drop(str(error), frames)
-            if msg_id is not None:
-                self._socket.send_multipart(envelope + protocol.encode_error(msg_id, error))
+            self._answer(protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error))
             return 0
-        if head.kind == protocol.PING:
-            self._socket.send_multipart(
-                [*envelope, protocol.reply_head(head.msg_id, protocol.PONG), self._pong()]
-            )
+        if message.kind == protocol.PING:
+            self._answer(protocol.encode(protocol.PONG, message.msg_id, self._pong()))
             return 0
-        if head.kind == protocol.REQUEST and len(body) >= 2:
-            try:
-                answer = [protocol.reply_head(head.msg_id), self._call(head.target, body[1])]
-            except PylmError as failure:
-                answer = protocol.encode_error(head.msg_id, failure)
-            self._socket.send_multipart(envelope + answer)
-            return 1
-        if head.kind == protocol.REQUEST:
-            problem = ProtocolError("REQUEST without a payload frame")
-        else:
+        if message.kind != protocol.REQUEST:
             problem = ProtocolError(
                 f"server {self.name!r} accepts REQUEST and PING, not"
-                f" {protocol.KIND_NAMES[head.kind]}"
+                f" {protocol.KIND_NAMES[message.kind]}"
             )
-        self._drop(str(problem), frames)
-        self._socket.send_multipart(envelope + protocol.encode_error(head.msg_id, problem))
-        return 0
+            self._drop(str(problem), frames)
+            self._answer(protocol.encode_error(message.msg_id, problem))
+            return 0
+        try:
+            answer = protocol.encode(
+                protocol.REPLY, message.msg_id, self._call(message.target, message.payload)
+            )
+        except PylmError as failure:
+            answer = protocol.encode_error(message.msg_id, failure)
+        self._answer(answer)
+        return 1
