@@ -16,6 +16,10 @@ from pylm.transport import check_address, close_socket, default_context
 
 __all__ = ["AsyncClient"]
 
+_SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_unpack_id = protocol.unpack_id
+
 
 class AsyncClient:
     """Calls functions of one server from asyncio code::
@@ -50,6 +54,7 @@ class AsyncClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
+        self._look_scheduled = False
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
@@ -77,16 +82,26 @@ class AsyncClient:
         try:
             while True:
                 try:
-                    # The empty delimiter frame stands for the envelope a REQ adds.
-                    socket.send_multipart([b"", *frames], zmq.NOBLOCK, copy=len(frames) == 1)
+                    # The empty delimiter frame stands for the envelope a REQ
+                    # adds. ZeroMQ takes or refuses a message whole at its
+                    # first frame, so only the first send can raise Again.
+                    socket.send(b"", _SEND_FIRST)
                     break
                 except zmq.Again:  # queue full: wait for room, within the call's time
                     waiters: set[asyncio.Future[Any]] = {future, self._writable()}
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waiters, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
                     if future.done():  # expired (or closed) while waiting
                         return future.result()
-            # A send can consume the socket's "readable" edge: look now.
-            self._on_events()
+            if len(frames) == 1:
+                socket.send(frames[0])
+            else:
+                socket.send(frames[0], zmq.SNDMORE)
+                socket.send(frames[1], copy=False)
+            # A send can consume the socket's "readable" edge: look soon,
+            # once for all the calls sent in this turn of the loop.
+            if not self._look_scheduled:
+                self._look_scheduled = True
+                loop.call_soon(self._on_events)
             return await future
         finally:
             timer.cancel()
@@ -123,26 +138,42 @@ class AsyncClient:
         """Read every answer waiting, and wake senders when there is room.
 
         ZeroMQ's file descriptor signals edges, not levels: after it fires,
-        everything readable must be read before it fires again.
+        the socket must be read until it has nothing more before it fires
+        again.
         """
+        self._look_scheduled = False
         socket = self._socket
         if socket is None:
             return
-        pending = self._pending
+        recv, pending = socket.recv, self._pending
         try:
             while True:
-                events = cast(int, socket.getsockopt(zmq.EVENTS))
-                if self._room is not None and events & zmq.POLLOUT and not self._room.done():
-                    self._room.set_result(None)
-                if not events & zmq.POLLIN:
-                    return
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-                message = read_answer(frames[1:] if frames[0] == b"" else frames)
+                try:
+                    first = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if first != b"":  # not [delimiter, body]: skip the whole message
+                    self.dropped += 1
+                    while socket.getsockopt(zmq.RCVMORE):
+                        recv()
+                    continue
+                body = recv()
+                message: protocol.Message | None
+                if body[:9] == _REPLY_PREFIX:  # fast path: a one-frame REPLY
+                    message = protocol.Message(protocol.REPLY, _unpack_id(body, 9)[0], body[25:])
+                elif len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
+                    message = read_answer([body, recv()])
+                else:
+                    message = read_answer([body])
                 future = None if message is None else pending.pop(message.msg_id, None)
                 if future is not None and message is not None and not future.done():
                     future.set_result(message)
                 else:
                     self.dropped += 1  # an answer to a call that timed out, or garbage
+            room = self._room
+            if room is not None and not room.done():
+                if cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
+                    room.set_result(None)
         except zmq.ZMQError as exc:
             self._fail_pending(RuntimeError(f"client of {self.server_name!r} failed: {exc!r}"))
 
