@@ -10,9 +10,10 @@ import time
 from typing import Any
 
 from pylm import protocol
-from pylm.errors import ProtocolError
+from pylm.errors import ProtocolError, RequestTimeout
+from pylm.transport import check_address
 
-__all__ = ["DEFAULT_TIMEOUT", "Calls", "check_timeout", "pong_info", "read_answer"]
+__all__ = ["DEFAULT_TIMEOUT", "Caller", "Calls", "check_timeout", "pong_info", "read_answer"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -69,6 +70,29 @@ class Calls:
         if len(self._targets) < 1024:  # bounded: names come from the caller
             self._targets[function] = entry
         return entry
+
+
+class Caller:
+    """What every client shares: the server it calls, where, and how long it
+    waits by default."""
+
+    def __init__(self, connection: str, server_name: str, timeout: float, max_payload: int) -> None:
+        self.connection = check_address(connection, "connection")
+        self.server_name = server_name
+        self.timeout = check_timeout(timeout)
+        self._calls = Calls(server_name, max_payload)
+
+    def _timeout_of(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else check_timeout(timeout)
+
+    def _timeout_error(self, what: str, timeout: float) -> RequestTimeout:
+        return RequestTimeout(
+            f"no answer from server {self.server_name!r} at {self.connection}"
+            f" to {what!r} within {timeout:g} s"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.server_name!r} at {self.connection}>"
 
 
 def read_answer(frames: list[bytes]) -> protocol.Message | None:

@@ -2,8 +2,9 @@
 
 A pylm message is one ZeroMQ frame, the *body*; only a large payload travels
 in a second frame. Transport envelopes come before the body and are not part
-of pylm: the routing id a ROUTER socket prepends, and the empty delimiter
-frame a REQ socket adds.
+of pylm: a standalone server binds a REP socket and its clients use REQ (or
+DEALER, sending the empty delimiter frame a REQ would add). Frames after a
+complete message are ignored, which leaves room for extensions.
 
 Body: a 25-byte head, then target, route and payload. Integers are
 big-endian (``struct`` format ``>2sBBBHHQd``)::

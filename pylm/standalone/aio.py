@@ -10,9 +10,8 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.calls import DEFAULT_TIMEOUT, Calls, check_timeout, pong_info, read_answer
-from pylm.errors import RequestTimeout
-from pylm.transport import check_address, close_socket, default_context
+from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.transport import close_socket, default_context
 
 __all__ = ["AsyncClient"]
 
@@ -21,7 +20,7 @@ _REPLY_PREFIX = protocol.REPLY_PREFIX
 _unpack_id = protocol.unpack_id
 
 
-class AsyncClient:
+class AsyncClient(Caller):
     """Calls functions of one server from asyncio code::
 
         async with AsyncClient('tcp://127.0.0.1:5555', 'my_server') as client:
@@ -43,10 +42,7 @@ class AsyncClient:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
     ) -> None:
-        self.connection = check_address(connection, "connection")
-        self.server_name = server_name
-        self.timeout = check_timeout(timeout)
-        self._calls = Calls(server_name, max_payload)
+        super().__init__(connection, server_name, timeout, max_payload)
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
@@ -60,13 +56,13 @@ class AsyncClient:
 
     async def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
-        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
         return protocol.result_of(await self._exchange(msg_id, frames, timeout, function))
 
     async def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself."""
-        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.ping(timeout)
         answer = await self._exchange(msg_id, frames, timeout, "ping")
         return pong_info(protocol.result_of(answer))
@@ -110,12 +106,7 @@ class AsyncClient:
     def _expire(self, msg_id: int, what: str, timeout: float) -> None:
         future = self._pending.pop(msg_id, None)
         if future is not None and not future.done():
-            future.set_exception(
-                RequestTimeout(
-                    f"no answer from server {self.server_name!r} at {self.connection}"
-                    f" to {what!r} within {timeout:g} s"
-                )
-            )
+            future.set_exception(self._timeout_error(what, timeout))
 
     def _open(self) -> zmq.Socket:
         if self._closed:
@@ -203,6 +194,3 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"<AsyncClient {self.server_name!r} at {self.connection}>"

@@ -10,9 +10,9 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.calls import DEFAULT_TIMEOUT, Calls, check_timeout, pong_info
-from pylm.errors import ProtocolError, RequestTimeout
-from pylm.transport import check_address, close_socket, default_context
+from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
+from pylm.errors import ProtocolError
+from pylm.transport import close_socket, default_context
 
 __all__ = ["Client"]
 
@@ -21,7 +21,7 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 _unpack_id = protocol.unpack_id
 
 
-class Client:
+class Client(Caller):
     """Calls functions of one server and waits for each answer::
 
         client = Client('tcp://127.0.0.1:5555', 'my_server')
@@ -43,10 +43,7 @@ class Client:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
     ) -> None:
-        self.connection = check_address(connection, "connection")
-        self.server_name = server_name
-        self.timeout = check_timeout(timeout)
-        self._calls = Calls(server_name, max_payload)
+        super().__init__(connection, server_name, timeout, max_payload)
         self._lock = threading.Lock()
         # REQ keeps the routing envelope inside libzmq (fewer calls from
         # Python); RELAXED lets it send again after a timeout and CORRELATE
@@ -60,7 +57,7 @@ class Client:
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
-        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
         answer = self._exchange(frames, timeout, function)
         # Fast path: a one-frame REPLY to this very call.
@@ -72,7 +69,7 @@ class Client:
     def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself
         (name, kind, functions, pid, version)."""
-        timeout = self.timeout if timeout is None else check_timeout(timeout)
+        timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.ping(timeout)
         answer = protocol.decode(self._exchange(frames, timeout, "ping"))
         return pong_info(protocol.result_of(self._check(answer, msg_id)))
@@ -96,7 +93,7 @@ class Client:
                 if len(answer[0]) > 4 and answer[0][4] & protocol.PAYLOAD_FRAME:
                     answer.append(socket.recv())
             except zmq.Again:
-                raise self._timeout(what, timeout) from None
+                raise self._timeout_error(what, timeout) from None
         return answer
 
     @staticmethod
@@ -109,15 +106,6 @@ class Client:
         socket.setsockopt(zmq.RCVTIMEO, millis)
         socket.setsockopt(zmq.SNDTIMEO, millis)
         self._socket_timeout = millis
-
-    def _timeout(self, what: str, timeout: float, why: str = "") -> RequestTimeout:
-        text = (
-            f"no answer from server {self.server_name!r} at {self.connection}"
-            f" to {what!r} within {timeout:g} s"
-        )
-        if why:
-            text += f" ({why})"
-        return RequestTimeout(text)
 
     def close(self) -> None:
         with self._lock:
@@ -134,6 +122,3 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<Client {self.server_name!r} at {self.connection}>"
