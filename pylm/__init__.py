@@ -14,6 +14,7 @@ from pylm.errors import (
     RequestTimeout,
     ServerCrashed,
     UnknownFunction,
+    UnknownKey,
     UnknownServer,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "RequestTimeout",
     "ServerCrashed",
     "UnknownFunction",
+    "UnknownKey",
     "UnknownServer",
     "__version__",
 ]

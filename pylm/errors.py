@@ -18,6 +18,7 @@ __all__ = [
     "RequestTimeout",
     "ServerCrashed",
     "UnknownFunction",
+    "UnknownKey",
     "UnknownServer",
 ]
 
@@ -87,6 +88,18 @@ class PayloadTooLarge(PylmError, ValueError):
         super().__init__(message)
         self.size = size
         self.limit = limit
+
+
+class UnknownKey(PylmError, KeyError):
+    """The server's cache holds no value under that key."""
+
+    def __init__(self, message: str, *, server: str = "", key: str = "") -> None:
+        super().__init__(message)
+        self.server = server
+        self.key = key
+
+    def __str__(self) -> str:  # KeyError would show the message's repr
+        return PylmError.__str__(self)
 
 
 class RequestTimeout(PylmError, TimeoutError):

@@ -46,6 +46,7 @@ Error codes and the exception the caller raises::
                                         remote_message, traceback
     too_large         PayloadTooLarge   also: size, limit
     protocol          ProtocolError     -
+    unknown_key       UnknownKey        also: server, key (cache requests)
 
 A receiver that gets a head with another magic or version answers ERROR
 ``protocol`` when it can read a message id from it, and otherwise drops it.
@@ -72,6 +73,7 @@ from pylm.errors import (
     PylmError,
     RemoteError,
     UnknownFunction,
+    UnknownKey,
     UnknownServer,
 )
 
@@ -265,23 +267,25 @@ _CODES: dict[type[PylmError], str] = {
     RemoteError: "remote",
     PayloadTooLarge: "too_large",
     ProtocolError: "protocol",
+    UnknownKey: "unknown_key",
 }
 
 
-def encode_error(msg_id: int, error: PylmError) -> list[bytes]:
-    """The frames of an ERROR message carrying ``error`` back to the caller."""
+def encode_error(msg_id: int, error: PylmError, route: bytes = b"") -> list[bytes]:
+    """The frames of an ERROR message carrying ``error`` back to the caller
+    (through ``route``, in a pipeline)."""
     detail: dict[str, Any] = {
         "code": _CODES.get(type(error), "error"),
         "message": PylmError.__str__(error),
     }
-    for attr in ("server", "function", "size", "limit"):
+    for attr in ("server", "function", "size", "limit", "key"):
         if hasattr(error, attr):
             detail[attr] = getattr(error, attr)
     if isinstance(error, RemoteError):
         detail["type"] = error.remote_type
         detail["remote_message"] = error.remote_message
         detail["traceback"] = error.remote_traceback
-    return encode(ERROR, msg_id, json.dumps(detail).encode("utf-8"))
+    return encode(ERROR, msg_id, json.dumps(detail).encode("utf-8"), route=route)
 
 
 def decode_error(payload: bytes) -> PylmError:
@@ -315,6 +319,8 @@ def decode_error(payload: bytes) -> PylmError:
         )
     if code == "protocol":
         return ProtocolError(message)
+    if code == "unknown_key":
+        return UnknownKey(message, server=server, key=str(detail.get("key", "")))
     return PylmError(f"{message} (error code {code[:40]!r})")
 
 

@@ -1,0 +1,151 @@
+"""The cache every chained server keeps, and the calls that reach it.
+
+A server's cache is a dict of bytes values under text keys. The server's own
+functions use it directly as ``self.cache``; other processes reach it through
+the server's ``db_address``, a REP socket speaking :mod:`pylm.protocol` with
+three functions of the server's name:
+
+    set     payload: 2-byte big-endian key size, the key (UTF-8; empty: the
+            server makes one), then the value. Answers the key.
+    get     payload: the key. Answers the value, or ERROR ``unknown_key``.
+    delete  payload: the key. Answers an empty payload, or ERROR ``unknown_key``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from types import TracebackType
+
+import zmq
+
+from pylm import protocol
+from pylm.calls import DEFAULT_TIMEOUT
+from pylm.errors import ProtocolError, PylmError, UnknownFunction, UnknownKey, UnknownServer
+from pylm.standalone.client import Client
+
+__all__ = ["Cache", "CacheClient", "encode_set"]
+
+_KEY_SIZE = struct.Struct(">H")
+
+
+def encode_set(value: bytes, key: str | None = None) -> bytes:
+    """The payload of a ``set`` call."""
+    raw = b"" if key is None else _key_bytes(key)
+    return _KEY_SIZE.pack(len(raw)) + raw + value
+
+
+def _key_bytes(key: object) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"cache key must be a str, got {type(key).__name__}")
+    raw = key.encode("utf-8")
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"cache key of {len(raw)} bytes is longer than 65535")
+    return raw
+
+
+class Cache(dict[str, bytes]):
+    """A server's cache: a dict that also answers cache requests."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__()
+        self.server = server
+        self._prefix = server.encode("utf-8") + b"."
+
+    def answer(self, frames: list[bytes]) -> list[bytes]:
+        """The answer to one request that reached the ``db_address``."""
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            return protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error)
+        if message.kind == protocol.PING:
+            info = json.dumps({"name": self.server, "kind": "cache"}).encode("utf-8")
+            return protocol.encode(protocol.PONG, message.msg_id, info)
+        try:
+            if message.kind != protocol.REQUEST:
+                raise ProtocolError(f"the cache of {self.server!r} takes REQUEST and PING")
+            result = self._run(message.target, message.payload)
+        except PylmError as error:
+            return protocol.encode_error(message.msg_id, error)
+        return protocol.encode(protocol.REPLY, message.msg_id, result)
+
+    def _run(self, target: bytes, payload: bytes) -> bytes:
+        server, function = protocol.split_target(target)
+        if server != self.server:
+            raise UnknownServer(
+                f"cache request for server {server!r} reached the cache of {self.server!r}",
+                server=server,
+                function=function,
+            )
+        if function == "set":
+            if len(payload) < 2:
+                raise ProtocolError("cache set without a key size")
+            (size,) = _KEY_SIZE.unpack_from(payload)
+            key = self._key(payload[2 : 2 + size]) if size else uuid.uuid4().hex
+            self[key] = payload[2 + size :]
+            return key.encode("utf-8")
+        if function in ("get", "delete"):
+            key = self._key(payload)
+            if key not in self:
+                raise UnknownKey(
+                    f"no key {key!r} in the cache of server {self.server!r}",
+                    server=self.server,
+                    key=key,
+                )
+            if function == "get":
+                return self[key]
+            del self[key]
+            return b""
+        raise UnknownFunction(
+            f"unknown cache function {function!r} on server {self.server!r}; it has set, get, delete",
+            server=self.server,
+            function=function,
+        )
+
+    def _key(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(f"cache key is not UTF-8: {raw[:80]!r}") from None
+
+
+class CacheClient:
+    """Reaches the cache of server ``server_name`` at ``db_address``."""
+
+    def __init__(
+        self,
+        db_address: str,
+        server_name: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self._client = Client(db_address, server_name, timeout=timeout, context=context)
+
+    def set(self, value: bytes, key: str | None = None) -> str:
+        """Store ``value`` (under ``key``, or a new key); return the key."""
+        protocol.check_payload(value, self._client._calls.max_payload)
+        return self._client.job("set", encode_set(bytes(value), key)).decode("utf-8")
+
+    def get(self, key: str) -> bytes:
+        """The value under ``key``; :class:`~pylm.errors.UnknownKey` if none."""
+        return self._client.job("get", _key_bytes(key))
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``; :class:`~pylm.errors.UnknownKey` if it is not there."""
+        self._client.job("delete", _key_bytes(key))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

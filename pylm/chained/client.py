@@ -1,0 +1,287 @@
+"""The client of a pipeline: sends jobs to its first stage, receives the
+results from its last stage."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import NamedTuple
+
+import zmq
+
+from pylm import protocol
+from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.cache import CacheClient
+from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
+from pylm.errors import PylmError, RequestTimeout
+from pylm.transport import check_address, close_socket, default_context
+
+__all__ = ["JobResult", "LoopClient"]
+
+DEFAULT_IN_FLIGHT = 1000
+
+
+class JobResult(NamedTuple):
+    """The outcome of one job of :meth:`LoopClient.results`: ``index`` is the
+    payload's position in the iterable; exactly one of ``value`` and ``error``
+    is set."""
+
+    index: int
+    value: bytes | None
+    error: PylmError | None
+
+
+class LoopClient(Caller):
+    """Sends jobs to the first stage of a pipeline and receives their results
+    from the last stage::
+
+        client = LoopClient('tcp://127.0.0.1:5561',   # the last stage's push_address
+                            'tcp://127.0.0.1:5555',   # the first stage's pull_address
+                            'tcp://127.0.0.1:5556',   # the first stage's db_address
+                            'step1')
+        for result in client.job('foo', [b'a message', b'another']):
+            print(result)
+
+    Results come back to the client that sent the jobs, whatever other
+    clients use the pipeline. At most ``max_in_flight`` jobs are out at once;
+    beyond that, and whenever the pipeline is full, sending waits for results.
+    A LoopClient is for one thread at a time.
+    """
+
+    def __init__(
+        self,
+        pull_address: str | Sequence[str],
+        push_address: str,
+        db_address: str,
+        server_name: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        announce: bool = True,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(push_address, server_name, timeout, max_payload)
+        pulls = [pull_address] if isinstance(pull_address, str) else list(pull_address)
+        self.pull_addresses = [check_address(address, "pull_address") for address in pulls]
+        if not self.pull_addresses:
+            raise ValueError("pull_address needs at least one address")
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        self.db_address = check_address(db_address, "db_address")
+        self.max_in_flight = max_in_flight
+        # The route: the results sockets' routing id, which every job carries
+        # so that the last stage knows where its result goes.
+        self.route = b"pylm-" + os.urandom(12)
+        context = default_context(context)
+        self._context = context
+        self._results: list[zmq.Socket] = []
+        for address in self.pull_addresses:
+            socket = context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.ROUTING_ID, self.route)
+            socket.connect(address)
+            self._results.append(socket)
+        self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
+        self._jobs.setsockopt(zmq.LINGER, 0)
+        self._jobs.connect(self.connection)
+        self._cache: CacheClient | None = None
+        self._greeted = False
+        self._running = False
+        self._ids = itertools.count(1)
+        self.dropped = 0  # results that belong to no job in flight (late, or garbage)
+        if announce:
+            print("Client with the following connections:")
+            for address in self.pull_addresses:
+                print(f" *Listening to input from {address}")
+            print(f" *Sending jobs to {self.connection}")
+
+    # ------------------------------------------------------------------ jobs
+
+    def job(
+        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Send a job per payload and yield the results as they arrive, in
+        any order. A failed job raises its typed error (and ends the
+        iteration); jobs without a result within ``timeout`` of being sent
+        raise :class:`~pylm.errors.RequestTimeout`."""
+        for outcome in self.results(function, payloads, timeout=timeout):
+            if outcome.error is not None:
+                raise outcome.error
+            assert outcome.value is not None
+            yield outcome.value
+
+    def results(
+        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+    ) -> Iterator[JobResult]:
+        """Like :meth:`job`, but yield a :class:`JobResult` for every job,
+        failed or not, and for jobs that time out; never raise for one job."""
+        timeout = self._timeout_of(timeout)
+        if self._running:
+            raise RuntimeError("this LoopClient is already running jobs; use one per thread")
+        self._running = True
+        try:
+            yield from self._run(function, iter(payloads), timeout)
+        finally:
+            self._running = False
+
+    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[JobResult]:
+        jobs = self._jobs
+        if jobs is None:
+            raise RuntimeError("the client is closed")
+        self._greet(timeout)
+        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, sent
+        poller = zmq.Poller()
+        for socket in self._results:
+            poller.register(socket, zmq.POLLIN)
+        waiting: tuple[int, list[bytes]] | None = None  # a job the pipeline had no room for
+        indexes = itertools.count()
+        exhausted = False
+        while True:
+            # Send while there is room.
+            while not exhausted and len(in_flight) < self.max_in_flight:
+                if waiting is None:
+                    payload = next(payloads, None)
+                    if payload is None:
+                        exhausted = True
+                        break
+                    msg_id, frames = self._request(function, payload, timeout)
+                    waiting = (msg_id, frames)
+                try:
+                    jobs.send_multipart(waiting[1], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                in_flight[waiting[0]] = (next(indexes), time.monotonic() + timeout)
+                waiting = None
+            if exhausted and not in_flight:
+                return
+            # Wait for results (or room to send), up to the oldest deadline.
+            now = time.monotonic()
+            oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
+            if oldest <= now:
+                yield from self._expire(in_flight, now, function, timeout)
+                continue
+            if waiting is not None:
+                poller.register(jobs, zmq.POLLOUT)
+            ready = dict(poller.poll(max(1, int((oldest - now) * 1000))))
+            if waiting is not None:
+                poller.unregister(jobs)
+            for socket in self._results:
+                if socket in ready:
+                    yield from self._collect(socket, in_flight)
+
+    def _request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
+        target = self._calls._target(function)[1]
+        protocol.check_payload(payload, self._calls.max_payload)
+        msg_id = next(self._ids)
+        frames = protocol.encode(
+            protocol.REQUEST, msg_id, bytes(payload), target, self.route, time.time() + timeout
+        )
+        return msg_id, frames
+
+    def _collect(
+        self, socket: zmq.Socket, in_flight: OrderedDict[int, tuple[int, float]]
+    ) -> Iterator[JobResult]:
+        while True:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message = read_answer(frames)
+            entry = None if message is None else in_flight.pop(message.msg_id, None)
+            if entry is None or message is None:
+                self.dropped += 1
+                continue
+            try:
+                yield JobResult(entry[0], protocol.result_of(message), None)
+            except PylmError as error:
+                yield JobResult(entry[0], None, error)
+
+    def _expire(
+        self,
+        in_flight: OrderedDict[int, tuple[int, float]],
+        now: float,
+        function: str,
+        timeout: float,
+    ) -> Iterator[JobResult]:
+        expired = [msg_id for msg_id, (_, deadline) in in_flight.items() if deadline <= now]
+        for msg_id in expired:
+            index, _ = in_flight.pop(msg_id)
+            yield JobResult(
+                index,
+                None,
+                RequestTimeout(
+                    f"no result for job {index} ({function!r} on {self.server_name!r} via"
+                    f" {self.connection}) within {timeout:g} s;"
+                    f" {len(expired)} job(s) timed out together"
+                ),
+            )
+
+    def _greet(self, timeout: float) -> None:
+        """Make sure every last stage knows this client before jobs go out:
+        a ROUTER drops messages for a client it has not heard from."""
+        if self._greeted:
+            return
+        deadline = time.monotonic() + timeout
+        for socket, address in zip(self._results, self.pull_addresses):
+            msg_id = next(self._ids)
+            socket.send_multipart(protocol.encode(protocol.PING, msg_id))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not socket.poll(max(1, int(left * 1000))):
+                    raise RequestTimeout(
+                        f"the last stage at {address} did not answer within {timeout:g} s"
+                    )
+                message = read_answer(socket.recv_multipart())
+                if message is not None and message.msg_id == msg_id:
+                    break
+                self.dropped += 1
+        self._greeted = True
+
+    # ------------------------------------------------------------------ cache
+
+    def _cache_client(self) -> CacheClient:
+        if self._cache is None:
+            self._cache = CacheClient(
+                self.db_address, self.server_name, timeout=self.timeout, context=self._context
+            )
+        return self._cache
+
+    def set(self, value: bytes, key: str | None = None) -> str:
+        """Store ``value`` in the first stage's cache; return its key."""
+        return self._cache_client().set(value, key)
+
+    def get(self, key: str) -> bytes:
+        """The value under ``key`` in the first stage's cache."""
+        return self._cache_client().get(key)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` from the first stage's cache."""
+        self._cache_client().delete(key)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        for socket in self._results:
+            close_socket(socket)
+        self._results = []
+        close_socket(self._jobs)
+        self._jobs = None
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+    def __enter__(self) -> LoopClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,421 @@
+"""Chained servers: pipelines in which each stage's result is the payload of
+the next stage's function, and the last stage answers the client.
+
+A job enters the first stage's PULL socket as a REQUEST whose *route* is the
+routing id of the client that sent it. Each :class:`Server` runs the named
+function and PUSHes a REQUEST for its ``next_call`` (``'step2.bar'``) with
+the result as payload, keeping message id, route and deadline. The
+:class:`LastServer` sends the REPLY through its ROUTER socket to the client
+the route names. An error anywhere (unknown function, user exception,
+non-bytes result) travels on down the chain as an ERROR with the same route,
+so it reaches the client that sent the job while the pipeline keeps flowing.
+
+Every stage also serves its cache (``set/get/delete``, see
+:mod:`pylm.cache`) on ``db_address``. Sockets have high-water marks: a slow
+stage makes the stages before it wait, and in the end the client, instead
+of letting queues grow.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+import zmq
+
+from pylm import protocol
+from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.cache import Cache
+from pylm.errors import ProtocolError, PylmError
+from pylm.transport import bind, check_address, close_socket
+
+__all__ = ["LastServer", "Server"]
+
+DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
+_BATCH = 256  # messages read in a row before the loop looks at its other sockets
+_FRAME_SLACK = 64 * 1024
+
+
+class _Stopping(Exception):
+    """Raised inside the loop when stop() asked it to end."""
+
+
+def _addresses(value: str | Sequence[str], what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError(f"{what} needs at least one address")
+    return [check_address(item, what) for item in items]
+
+
+class _Stage(BaseServer):
+    """What every stage shares: a PULL input, a cache, one serving loop."""
+
+    _pylm_framework = True
+
+    def __init__(
+        self,
+        name: str,
+        pull_address: str,
+        db_address: str,
+        log_address: str | None,
+        perf_address: str | None,
+        ping_address: str | None,
+        log_level: int,
+        messages: int,
+        *,
+        log_stdout: bool,
+        max_payload: int,
+        hwm: int,
+        context: zmq.Context | None,
+    ) -> None:
+        super().__init__(
+            name,
+            log_level=log_level,
+            log_stdout=log_stdout,
+            log_address=log_address,
+            max_payload=max_payload,
+            context=context,
+        )
+        for option, value in (("perf_address", perf_address), ("ping_address", ping_address)):
+            if value is not None:
+                warnings.warn(
+                    f"{option}={value!r} is ignored: pylm servers export metrics to Prometheus"
+                    " and answer pings on their db_address",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
+        if not isinstance(messages, int) or messages < 0:
+            raise ValueError(f"messages must be a non-negative int, got {messages!r}")
+        self.pull_address = check_address(pull_address, "pull_address")
+        self.db_address = check_address(db_address, "db_address")
+        self.messages = messages
+        self.hwm = hwm
+        self.served = 0
+        self.cache = Cache(name)
+        self.address: str | None = None  # where the PULL socket listens
+        self.db: str | None = None  # where the cache listens
+        self._pull: zmq.Socket | None = None
+        self._db_socket: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+
+    # ------------------------------------------------------------------ sockets
+
+    def _open(self) -> None:
+        pull = self.context.socket(zmq.PULL)
+        self._pull = pull
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, self.hwm)
+        pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        self.address = bind(pull, self.pull_address)
+        db = self.context.socket(zmq.REP)
+        self._db_socket = db
+        db.setsockopt(zmq.LINGER, 0)
+        db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        db.bind(self._control_address)  # stop() wakes the loop through it
+        self.db = bind(db, self.db_address)
+        self._open_output()
+        self._poller.register(pull, zmq.POLLIN)
+        self._poller.register(db, zmq.POLLIN)
+
+    def _close(self) -> None:
+        for socket in (self._pull, self._db_socket, *self._outputs()):
+            close_socket(socket)
+        self._pull = self._db_socket = None
+
+    def _open_output(self) -> None:
+        raise NotImplementedError
+
+    def _outputs(self) -> list[zmq.Socket | None]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve(self) -> None:
+        pull, poll = self._pull, self._poller.poll
+        assert pull is not None
+        debug = self.logger.isEnabledFor(logging.DEBUG)
+        try:
+            while self.served < self.messages:
+                if debug:
+                    self.logger.debug("%s Waiting for a message", self.name)
+                for socket, _ in poll():
+                    if socket is pull:
+                        self._drain(pull, debug)
+                    else:
+                        self._serve_other(socket)
+        except _Stopping:
+            return
+
+    def _drain(self, pull: zmq.Socket, debug: bool) -> None:
+        for _ in range(min(_BATCH, self.messages - self.served)):
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if debug:
+                self.logger.debug("%s Got a message", self.name)
+            self._handle(frames)
+
+    def _serve_other(self, socket: zmq.Socket) -> None:
+        """Serve a socket other than the input: here the cache (and stop)."""
+        if socket is self._db_socket:
+            self._serve_db()
+
+    def _serve_db(self) -> None:
+        db = self._db_socket
+        assert db is not None
+        frames = db.recv_multipart()
+        if self._is_control(frames[0]):
+            raise _Stopping
+        db.send_multipart(self.cache.answer(frames))
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            self._drop(f"{error} (no route back: dropped)", frames)
+            return
+        if not message.route:
+            self._drop("a message without a route cannot be answered", frames)
+            return
+        if message.kind == protocol.ERROR:
+            self._pass_on(message, frames)  # an earlier stage failed: on to the client
+            return
+        if message.kind != protocol.REQUEST:
+            error = ProtocolError(
+                f"stage {self.name!r} takes REQUEST and ERROR, not"
+                f" {protocol.KIND_NAMES[message.kind]}"
+            )
+            self._fail(message, error)
+            return
+        self.served += 1
+        if self.logger.isEnabledFor(logging.DEBUG):
+            _, function = protocol.split_target(message.target)
+            self.logger.debug("Looking for %s", function)
+        try:
+            result = self._call(message.target, message.payload)
+        except PylmError as error:
+            self._fail(message, error)
+            return
+        self._succeed(message, result)
+
+    # Subclass hooks: where results and errors go.
+    def _succeed(self, message: protocol.Message, result: bytes) -> None:
+        raise NotImplementedError
+
+    def _fail(self, message: protocol.Message, error: PylmError) -> None:
+        raise NotImplementedError
+
+    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _send(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
+        """Send, waiting while the receiver is full (serving the cache and
+        watching for stop meanwhile); False if the receiver is unknown."""
+        while True:
+            try:
+                socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                return True
+            except zmq.Again:
+                db = self._db_socket
+                assert db is not None
+                if db.poll(10, zmq.POLLIN):
+                    self._serve_db()
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    return False
+                raise
+
+
+class Server(_Stage):
+    """A stage of a pipeline: runs the function a job names, then sends the
+    result on as the payload of ``next_call`` (``'step2.bar'``) to the stage
+    at ``next_address``::
+
+        class Step1(Server):
+            def foo(self, message):
+                return b'you sent me ' + message
+
+        Step1('step1', 'tcp://127.0.0.1:5555', 'tcp://127.0.0.1:5557',
+              'step2.bar', 'tcp://127.0.0.1:5556').start()
+
+    ``next_address`` may be a list: jobs are then spread over those stage
+    instances, round-robin.
+    """
+
+    _pylm_framework = True
+    kind = "chained"
+
+    def __init__(
+        self,
+        name: str,
+        pull_address: str,
+        next_address: str | Sequence[str],
+        next_call: str,
+        db_address: str,
+        log_address: str | None = None,
+        perf_address: str | None = None,
+        ping_address: str | None = None,
+        log_level: int = logging.INFO,
+        messages: int = sys.maxsize,
+        *,
+        log_stdout: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        hwm: int = DEFAULT_HWM,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            pull_address,
+            db_address,
+            log_address,
+            perf_address,
+            ping_address,
+            log_level,
+            messages,
+            log_stdout=log_stdout,
+            max_payload=max_payload,
+            hwm=hwm,
+            context=context,
+        )
+        self.next_addresses = _addresses(next_address, "next_address")
+        if not isinstance(next_call, str):
+            raise TypeError(
+                f"next_call must be a str like 'step2.bar', got {type(next_call).__name__}"
+            )
+        protocol.split_target(next_call.encode("utf-8"))  # ProtocolError if not server.function
+        self.next_call = next_call
+        self._next_target = next_call.encode("utf-8")
+        self._push: zmq.Socket | None = None
+
+    def _open_output(self) -> None:
+        push = self.context.socket(zmq.PUSH)
+        self._push = push
+        push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, self.hwm)
+        for address in self.next_addresses:
+            push.connect(address)
+
+    def _outputs(self) -> list[zmq.Socket | None]:
+        push, self._push = self._push, None
+        return [push]
+
+    def _succeed(self, message: protocol.Message, result: bytes) -> None:
+        assert self._push is not None
+        frames = protocol.encode(
+            protocol.REQUEST,
+            message.msg_id,
+            result,
+            self._next_target,
+            message.route,
+            message.deadline,
+        )
+        self._send(self._push, frames)
+
+    def _fail(self, message: protocol.Message, error: PylmError) -> None:
+        assert self._push is not None
+        self._send(self._push, protocol.encode_error(message.msg_id, error, message.route))
+
+    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
+        assert self._push is not None
+        self._send(self._push, frames)
+
+
+class LastServer(_Stage):
+    """The last stage of a pipeline: runs the function a job names and sends
+    the result back to the client that sent the job, through a ROUTER socket
+    bound at ``push_address`` to which clients connect."""
+
+    _pylm_framework = True
+    kind = "chained-last"
+
+    def __init__(
+        self,
+        name: str,
+        pull_address: str,
+        push_address: str,
+        db_address: str,
+        log_address: str | None = None,
+        perf_address: str | None = None,
+        ping_address: str | None = None,
+        log_level: int = logging.INFO,
+        messages: int = sys.maxsize,
+        *,
+        log_stdout: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        hwm: int = DEFAULT_HWM,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            pull_address,
+            db_address,
+            log_address,
+            perf_address,
+            ping_address,
+            log_level,
+            messages,
+            log_stdout=log_stdout,
+            max_payload=max_payload,
+            hwm=hwm,
+            context=context,
+        )
+        self.push_address = check_address(push_address, "push_address")
+        self.push: str | None = None  # where clients connect for results
+        self._router: zmq.Socket | None = None
+
+    def _open_output(self) -> None:
+        router = self.context.socket(zmq.ROUTER)
+        self._router = router
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, self.hwm)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown client: an error, not silence
+        router.setsockopt(zmq.MAXMSGSIZE, _FRAME_SLACK)  # clients only say hello
+        self.push = bind(router, self.push_address)
+        self._poller.register(router, zmq.POLLIN)
+
+    def _outputs(self) -> list[zmq.Socket | None]:
+        router, self._router = self._router, None
+        return [router]
+
+    def _serve_other(self, socket: zmq.Socket) -> None:
+        if socket is self._router:
+            self._greet()
+        else:
+            super()._serve_other(socket)
+
+    def _greet(self) -> None:
+        """Answer a client's hello (a PING on the results socket): once it has
+        the answer, the client knows its results have a way back."""
+        assert self._router is not None
+        frames = self._router.recv_multipart()
+        try:
+            message = protocol.decode(frames[1:])
+        except ProtocolError as error:
+            self._drop(str(error), frames)
+            return
+        if message.kind == protocol.PING:
+            pong = protocol.encode(protocol.PONG, message.msg_id, self._pong())
+            self._send(self._router, [frames[0], *pong])
+        else:
+            self._drop("clients only send PING on the results socket", frames)
+
+    def _to_client(self, route: bytes, frames: list[bytes]) -> None:
+        assert self._router is not None
+        if not self._send(self._router, [route, *frames]):
+            self.logger.warning(
+                "%s: result for client %s dropped: it is not connected", self.name, route.hex()
+            )
+
+    def _succeed(self, message: protocol.Message, result: bytes) -> None:
+        self._to_client(message.route, protocol.encode(protocol.REPLY, message.msg_id, result))
+
+    def _fail(self, message: protocol.Message, error: PylmError) -> None:
+        self._to_client(message.route, protocol.encode_error(message.msg_id, error))
+
+    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
+        self._to_client(
+            message.route, protocol.encode(protocol.ERROR, message.msg_id, message.payload)
+        )
