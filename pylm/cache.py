@@ -98,7 +98,8 @@ class Cache(dict[str, bytes]):
             del self[key]
             return b""
         raise UnknownFunction(
-            f"unknown cache function {function!r} on server {self.server!r}; it has set, get, delete",
+            f"unknown cache function {function!r} on server {self.server!r};"
+            " it has set, get, delete",
             server=self.server,
             function=function,
         )

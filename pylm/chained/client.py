@@ -8,8 +8,8 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import NamedTuple
 
 import zmq
 
@@ -25,7 +25,8 @@ __all__ = ["JobResult", "LoopClient"]
 DEFAULT_IN_FLIGHT = 1000
 
 
-class JobResult(NamedTuple):
+@dataclass(frozen=True)
+class JobResult:
     """The outcome of one job of :meth:`LoopClient.results`: ``index`` is the
     payload's position in the iterable; exactly one of ``value`` and ``error``
     is set."""
@@ -227,7 +228,7 @@ class LoopClient(Caller):
         if self._greeted:
             return
         deadline = time.monotonic() + timeout
-        for socket, address in zip(self._results, self.pull_addresses):
+        for socket, address in zip(self._results, self.pull_addresses, strict=True):
             msg_id = next(self._ids)
             socket.send_multipart(protocol.encode(protocol.PING, msg_id))
             while True:

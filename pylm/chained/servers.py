@@ -184,11 +184,11 @@ class _Stage(BaseServer):
             self._pass_on(message, frames)  # an earlier stage failed: on to the client
             return
         if message.kind != protocol.REQUEST:
-            error = ProtocolError(
+            problem = ProtocolError(
                 f"stage {self.name!r} takes REQUEST and ERROR, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
-            self._fail(message, error)
+            self._fail(message, problem)
             return
         self.served += 1
         if self.logger.isEnabledFor(logging.DEBUG):
