@@ -25,6 +25,21 @@ def test_standalone_example_end_to_end() -> None:
     assert any(line.endswith(" - my_server - WARNING - Got a message") for line in lines)
 
 
+def test_chained_example_end_to_end() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "chained_single" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "Client with the following connections:"
+    assert lines[1].startswith(" *Listening to input from ipc://")
+    assert lines[2].startswith(" *Sending jobs to ipc://")
+    assert "Client got:  b'ACK: got it too, after you sent me a message'" in lines
+
+
 def test_console_script_version() -> None:
     for command in (["pylm", "--version"], [sys.executable, "-m", "pylm.cli", "--version"]):
         run = subprocess.run(command, capture_output=True, text=True, timeout=30)

@@ -49,7 +49,8 @@ class LoopClient(Caller):
 
     Results come back to the client that sent the jobs, whatever other
     clients use the pipeline. At most ``max_in_flight`` jobs are out at once;
-    beyond that, and whenever the pipeline is full, sending waits for results.
+    beyond that, and whenever the pipeline is full (``hwm``: messages the
+    sending socket queues), sending waits for results.
     A LoopClient is for one thread at a time.
     """
 
@@ -63,6 +64,7 @@ class LoopClient(Caller):
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
+        hwm: int = 1000,
         announce: bool = True,
         context: zmq.Context | None = None,
     ) -> None:
@@ -89,6 +91,7 @@ class LoopClient(Caller):
             self._results.append(socket)
         self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
         self._jobs.setsockopt(zmq.LINGER, 0)
+        self._jobs.setsockopt(zmq.SNDHWM, hwm)
         self._jobs.connect(self.connection)
         self._cache: CacheClient | None = None
         self._greeted = False

@@ -214,14 +214,18 @@ class _Stage(BaseServer):
     def _send(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
         """Send, waiting while the receiver is full (serving the cache and
         watching for stop meanwhile); False if the receiver is unknown."""
+        poller: zmq.Poller | None = None
         while True:
             try:
                 socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
                 return True
             except zmq.Again:
-                db = self._db_socket
-                assert db is not None
-                if db.poll(10, zmq.POLLIN):
+                if poller is None:
+                    poller = zmq.Poller()
+                    poller.register(socket, zmq.POLLOUT)
+                    poller.register(self._db_socket, zmq.POLLIN)
+                # The timeout only guards against a missed wake-up.
+                if self._db_socket in dict(poller.poll(100)):
                     self._serve_db()
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:

@@ -1,0 +1,369 @@
+"""Chained servers and LoopClient, over real sockets."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+import pylm.chained.client
+import pylm.chained.servers
+from pylm import protocol
+from pylm.cache import CacheClient
+from pylm.chained import JobResult, LastServer, LoopClient, Server
+from pylm.errors import RemoteError, RequestTimeout, UnknownFunction, UnknownKey, UnknownServer
+from pylm.standalone import Client
+
+Serve = Callable[[Any], Any]
+ANY = "tcp://127.0.0.1:0"
+
+
+class Step1(Server):
+    def foo(self, message: bytes) -> bytes:
+        return b"you sent me " + message
+
+    def prefixed(self, message: bytes) -> bytes:
+        return self.cache.get("prefix", b"") + message
+
+
+class Step2(Server):
+    def bar(self, message: bytes) -> bytes:
+        if b"fail" in message:
+            raise ValueError("step2 refuses " + message.decode())
+        return b"got it too, after " + message
+
+
+class Last(LastServer):
+    def baz(self, message: bytes) -> bytes:
+        if message.endswith(b"int"):
+            return 42  # type: ignore[return-value]
+        return b"ACK: " + message
+
+
+class Pipeline:
+    """step1 -> step2 (one or more instances) -> last, all started here."""
+
+    def __init__(self, serve: Serve, step2_instances: int = 1, **kwargs: Any) -> None:
+        options = {"log_stdout": False, **kwargs}
+        self.last = serve(Last("last", ANY, ANY, ANY, **options))
+        self.step2 = [
+            serve(Tagged("step2", ANY, self.last.address, "last.baz", ANY, tag=i, **options))
+            if step2_instances > 1
+            else serve(Step2("step2", ANY, self.last.address, "last.baz", ANY, **options))
+            for i in range(step2_instances)
+        ]
+        nexts = [stage.address for stage in self.step2]
+        self.step1 = serve(Step1("step1", ANY, nexts, "step2.bar", ANY, **options))
+
+    def client(self, **kwargs: Any) -> LoopClient:
+        kwargs.setdefault("announce", False)
+        return LoopClient(self.last.push, self.step1.address, self.step1.db, "step1", **kwargs)
+
+
+class Tagged(Step2):
+    def __init__(self, *args: Any, tag: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tag = tag
+
+    def bar(self, message: bytes) -> bytes:
+        return b"%d:" % self.tag + message
+
+
+@pytest.fixture
+def pipeline(serve: Serve) -> Pipeline:
+    return Pipeline(serve)
+
+
+def test_seed_example(pipeline: Pipeline) -> None:
+    with pipeline.client() as client:
+        assert list(client.job("foo", [b"a message"])) == [
+            b"ACK: got it too, after you sent me a message"
+        ]
+
+
+def test_import_paths() -> None:
+    assert pylm.chained.servers.Server is Server
+    assert pylm.chained.servers.LastServer is LastServer
+    assert pylm.chained.client.LoopClient is LoopClient
+
+
+def test_client_announces_its_connections(
+    pipeline: Pipeline, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = LoopClient(pipeline.last.push, pipeline.step1.address, pipeline.step1.db, "step1")
+    client.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "Client with the following connections:",
+        f" *Listening to input from {pipeline.last.push}",
+        f" *Sending jobs to {pipeline.step1.address}",
+    ]
+
+
+def test_positional_2016_signatures(serve: Serve) -> None:
+    last = serve(Last("last", ANY, ANY, ANY, None, None, None, logging.CRITICAL, 5))
+    step1 = serve(Step1("step1", ANY, last.address, "last.baz", ANY, None, None, None, 30))
+    with LoopClient(last.push, step1.address, step1.db, "step1", announce=False) as client:
+        assert list(client.job("foo", [b"x"])) == [b"ACK: you sent me x"]
+    assert last.messages == 5 and step1.logger.level == 30
+
+
+def test_generator_of_many_jobs(pipeline: Pipeline) -> None:
+    def payloads() -> Iterator[bytes]:
+        for i in range(3000):
+            yield b"%d" % i
+
+    with pipeline.client() as client:
+        results = list(client.job("foo", payloads()))
+    assert sorted(results) == sorted(
+        b"ACK: got it too, after you sent me %d" % i for i in range(3000)
+    )
+
+
+def test_many_clients_in_threads_get_exactly_their_own(pipeline: Pipeline) -> None:
+    clients, jobs = 6, 500
+    outcomes: dict[int, list[bytes]] = {}
+
+    def run(number: int) -> None:
+        with pipeline.client() as client:
+            outcomes[number] = list(
+                client.job("foo", (b"c%d-%d" % (number, i) for i in range(jobs)))
+            )
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for number in range(clients):
+        expected = {b"ACK: got it too, after you sent me c%d-%d" % (number, i) for i in range(jobs)}
+        assert len(outcomes[number]) == jobs
+        assert set(outcomes[number]) == expected
+
+
+def _client_process(addresses: tuple[str, str, str], number: int, jobs: int, out: Any) -> None:
+    push, pull, db = addresses
+    with LoopClient(push, pull, db, "step1", announce=False) as client:
+        out.put((number, sorted(client.job("foo", (b"p%d-%d" % (number, i) for i in range(jobs))))))
+
+
+def test_many_clients_in_processes(pipeline: Pipeline) -> None:
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    addresses = (pipeline.last.push, pipeline.step1.address, pipeline.step1.db)
+    processes = [
+        context.Process(target=_client_process, args=(addresses, n, 300, out)) for n in range(3)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        got = dict(out.get(timeout=60) for _ in processes)
+    finally:
+        for process in processes:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    for number in range(3):
+        assert got[number] == sorted(
+            b"ACK: got it too, after you sent me p%d-%d" % (number, i) for i in range(300)
+        )
+
+
+def test_several_instances_of_a_stage_share_the_load(serve: Serve) -> None:
+    pipeline = Pipeline(serve, step2_instances=2)
+    with pipeline.client() as client:
+        results = list(client.job("foo", (b"%d" % i for i in range(400))))
+    assert len(results) == 400
+    by_instance = {tag: [r for r in results if r.startswith(b"ACK: %d:" % tag)] for tag in (0, 1)}
+    assert len(by_instance[0]) > 50 and len(by_instance[1]) > 50
+    assert {r.split(b"you sent me ")[1] for r in results} == {b"%d" % i for i in range(400)}
+
+
+def test_errors_anywhere_reach_the_job_that_caused_them(pipeline: Pipeline) -> None:
+    payloads = [b"ok1", b"fail here", b"ok2", b"make it int"]
+    with pipeline.client() as client:
+        outcomes = sorted(client.results("foo", payloads), key=lambda r: r.index)
+        assert [o.index for o in outcomes] == [0, 1, 2, 3]
+        assert outcomes[0].value == b"ACK: got it too, after you sent me ok1"
+        assert isinstance(outcomes[1].error, RemoteError)
+        assert outcomes[1].error.remote_type == "ValueError"
+        assert outcomes[1].error.server == "step2" and "step2 refuses" in str(outcomes[1].error)
+        assert outcomes[2].value == b"ACK: got it too, after you sent me ok2"
+        assert isinstance(outcomes[3].error, RemoteError)
+        assert "returned int, expected bytes" in str(outcomes[3].error)
+        (unknown,) = client.results("nope", [b"x"])
+        assert isinstance(unknown.error, UnknownFunction)
+        assert unknown.error.server == "step1" and unknown.error.function == "nope"
+        with pytest.raises(RemoteError, match="step2 refuses"):
+            list(client.job("foo", [b"fail"]))
+        # The pipeline keeps flowing, for this client too.
+        assert list(client.job("foo", [b"after"])) == [b"ACK: got it too, after you sent me after"]
+
+
+def test_job_timeout_then_client_usable(serve: Serve) -> None:
+    release = threading.Event()
+
+    class Slow(LastServer):
+        def baz(self, message: bytes) -> bytes:
+            if message == b"slow":
+                release.wait(10)
+            return message
+
+    last = serve(Slow("last", ANY, ANY, ANY, log_stdout=False))
+    step1 = serve(Step1("step1", ANY, last.address, "last.baz", ANY, log_stdout=False))
+    with LoopClient(last.push, step1.address, step1.db, "step1", announce=False) as client:
+        (outcome,) = client.results("prefixed", [b"slow"], timeout=0.3)
+        assert isinstance(outcome.error, RequestTimeout)
+        assert "no result for job 0" in str(outcome.error)
+        with pytest.raises(RequestTimeout):
+            list(client.job("prefixed", [b"slow"], timeout=0.3))
+        release.set()
+        assert list(client.job("prefixed", [b"fast"])) == [b"fast"]
+        assert client.dropped <= 2  # the late results of the jobs that timed out
+
+
+def test_cache_set_get_delete(pipeline: Pipeline) -> None:
+    with pipeline.client() as client:
+        key = client.set(b"value")
+        assert isinstance(key, str) and client.get(key) == b"value"
+        assert client.set(b">> ", "prefix") == "prefix"
+        # The server's functions see the same cache.
+        assert list(client.job("prefixed", [b"x"])) == [b"ACK: got it too, after >> x"]
+        client.delete(key)
+        with pytest.raises(UnknownKey, match=r"no key '.*' in the cache of server 'step1'") as info:
+            client.get(key)
+        assert isinstance(info.value, KeyError) and info.value.key == key
+        with pytest.raises(UnknownKey):
+            client.delete(key)
+        assert client.get("prefix") == b">> "  # still serving
+
+
+def test_bad_input_on_the_pipe_is_dropped(
+    pipeline: Pipeline, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    vandal = raw_socket(zmq.PUSH)
+    vandal.connect(pipeline.step1.address)
+    vandal.send(b"garbage")
+    vandal.send_multipart(protocol.encode(protocol.REQUEST, 1, b"x", b"step1.foo"))  # no route
+    vandal.send_multipart(protocol.encode(protocol.REPLY, 2, b"x", route=b"nobody"))
+    with pipeline.client() as client:
+        assert list(client.job("foo", [b"fine"])) == [b"ACK: got it too, after you sent me fine"]
+
+
+def test_slow_stage_bounds_what_the_producer_sends(serve: Serve) -> None:
+    """A blocked last stage stops the pipeline filling: the client pulls only
+    as many payloads as the sockets' high-water marks (and kernel buffers)
+    hold, then waits."""
+    release, entered = threading.Event(), threading.Event()
+
+    class Blocked(LastServer):
+        def baz(self, message: bytes) -> bytes:
+            entered.set()
+            release.wait(30)
+            return b"ok"
+
+    last = serve(Blocked("last", ANY, ANY, ANY, log_stdout=False, hwm=4))
+    step1 = serve(Step1("step1", ANY, last.address, "last.baz", ANY, log_stdout=False, hwm=4))
+    total, pulled = 2000, [0]
+    big = b"x" * 65536
+
+    def payloads() -> Iterator[bytes]:
+        for _ in range(total):
+            pulled[0] += 1
+            yield big
+
+    results: list[bytes] = []
+    client = LoopClient(
+        last.push,
+        step1.address,
+        step1.db,
+        "step1",
+        announce=False,
+        timeout=60,
+        max_in_flight=total,
+        hwm=4,
+    )
+    thread = threading.Thread(target=lambda: results.extend(client.job("foo", payloads())))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        seen, steady_since = -1, time.monotonic()
+        while time.monotonic() - steady_since < 0.5:  # until the producer stops advancing
+            if pulled[0] != seen:
+                seen, steady_since = pulled[0], time.monotonic()
+            assert time.monotonic() < steady_since + 10
+            thread.join(0.05)
+        assert pulled[0] < total // 2, pulled[0]
+    finally:
+        release.set()
+        thread.join(60)
+        client.close()
+    assert len(results) == total
+
+
+def test_result_for_unknown_client_is_dropped_not_fatal(
+    pipeline: Pipeline, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    pusher = raw_socket(zmq.PUSH)
+    pusher.connect(pipeline.step1.address)
+    pusher.send_multipart(protocol.encode(protocol.REQUEST, 9, b"x", b"step1.foo", b"gone"))
+    with pipeline.client() as client:
+        assert list(client.job("foo", [b"y"])) == [b"ACK: got it too, after you sent me y"]
+
+
+def test_job_result_fields() -> None:
+    result = JobResult(3, b"v", None)
+    assert (result.index, result.value, result.error) == (3, b"v", None)
+
+
+def test_debug_log_lines(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+    step1 = serve(Step1("debug_step1", ANY, last.address, "last.baz", ANY, log_level=logging.DEBUG))
+    with LoopClient(last.push, step1.address, step1.db, "debug_step1", announce=False) as client:
+        assert list(client.job("foo", [b"x"])) == [b"ACK: you sent me x"]
+    step1.stop()
+    lines = [line.split(" - ", 3)[-1] for line in capsys.readouterr().out.splitlines()]
+    assert "debug_step1 Waiting for a message" in lines
+    assert "debug_step1 Got a message" in lines
+    assert "Looking for foo" in lines
+
+
+def test_stop_while_downstream_is_full(serve: Serve, free_tcp_address: str) -> None:
+    """Nobody reads the next stage's address: the stage waits to send, and
+    still stops at once when asked."""
+    stage = Step1("step1", ANY, free_tcp_address, "step2.bar", ANY, log_stdout=False, hwm=2)
+    stage.start(background=True)
+    pusher = zmq.Context.instance().socket(zmq.PUSH)
+    pusher.setsockopt(zmq.LINGER, 0)
+    pusher.connect(stage.address)
+    for i in range(20):
+        pusher.send_multipart(protocol.encode(protocol.REQUEST, i, b"x", b"step1.foo", b"r"))
+    pusher.close()
+    # The cache still answers while the stage waits for room downstream.
+    with CacheClient(stage.db, "step1", timeout=5) as cache:
+        assert cache.set(b"v", "k") == "k"
+    started = time.monotonic()
+    stage.stop(timeout=5)
+    assert time.monotonic() - started < 5
+    assert not stage.running
+
+
+def test_cache_client_and_ping(pipeline: Pipeline) -> None:
+    with CacheClient(pipeline.last.db, "last") as cache:
+        key = cache.set(b"\x00binary\xff")
+        assert cache.get(key) == b"\x00binary\xff"
+        with pytest.raises(TypeError, match="cache key must be a str"):
+            cache.get(b"bytes key")  # type: ignore[arg-type]
+    with Client(pipeline.last.db, "last") as client:
+        assert client.ping()["name"] == "last"
+        with pytest.raises(UnknownFunction, match="unknown cache function 'foo'"):
+            client.job("foo", b"x")
+    with Client(pipeline.last.db, "other") as client:
+        with pytest.raises(UnknownServer):
+            client.job("get", b"k")
