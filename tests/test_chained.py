@@ -367,3 +367,15 @@ def test_cache_client_and_ping(pipeline: Pipeline) -> None:
     with Client(pipeline.last.db, "other") as client:
         with pytest.raises(UnknownServer):
             client.job("get", b"k")
+
+
+def test_several_last_stages(serve: Serve) -> None:
+    lasts = [serve(Last("last", ANY, ANY, ANY, log_stdout=False)) for _ in range(2)]
+    step1 = serve(
+        Step1("step1", ANY, [last.address for last in lasts], "last.baz", ANY, log_stdout=False)
+    )
+    pushes = [last.push for last in lasts]
+    with LoopClient(pushes, step1.address, step1.db, "step1", announce=False) as client:
+        results = list(client.job("foo", (b"%d" % i for i in range(200))))
+    assert sorted(results) == sorted(b"ACK: you sent me %d" % i for i in range(200))
+    assert all(last.served > 20 for last in lasts)
