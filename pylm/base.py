@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar
@@ -87,14 +89,31 @@ class BaseServer:
         log_address: str | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
+        messages: int = sys.maxsize,
+        ignored: dict[str, str | None] | None = None,
     ) -> None:
+        """``messages``: serve that many requests, then stop. ``ignored``:
+        options of the 2016 pylm that are accepted and ignored, with a
+        DeprecationWarning for each one given."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(
                 f"server name must be a non-empty str without surrounding blanks, got {name!r}"
             )
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
+        if not isinstance(messages, int) or messages < 0:
+            raise ValueError(f"messages must be a non-negative int, got {messages!r}")
+        for option, value in (ignored or {}).items():
+            if value is not None:
+                warnings.warn(
+                    f"{option}={value!r} is ignored: pylm servers answer pings in the protocol"
+                    " (Client.ping) and export metrics to Prometheus",
+                    DeprecationWarning,
+                    stacklevel=3,
+                )
         self.name = name
+        self.messages = messages
+        self.served = 0
         self.max_payload = max_payload
         self.context = default_context(context)
         self.logger = server_logger(name, log_level, log_stdout)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 
 import zmq
@@ -77,22 +76,12 @@ class _Stage(BaseServer):
             log_address=log_address,
             max_payload=max_payload,
             context=context,
+            messages=messages,
+            ignored={"perf_address": perf_address, "ping_address": ping_address},
         )
-        for option, value in (("perf_address", perf_address), ("ping_address", ping_address)):
-            if value is not None:
-                warnings.warn(
-                    f"{option}={value!r} is ignored: pylm servers export metrics to Prometheus"
-                    " and answer pings on their db_address",
-                    DeprecationWarning,
-                    stacklevel=3,
-                )
-        if not isinstance(messages, int) or messages < 0:
-            raise ValueError(f"messages must be a non-negative int, got {messages!r}")
         self.pull_address = check_address(pull_address, "pull_address")
         self.db_address = check_address(db_address, "db_address")
-        self.messages = messages
         self.hwm = hwm
-        self.served = 0
         self.cache = Cache(name)
         self.address: str | None = None  # where the PULL socket listens
         self.db: str | None = None  # where the cache listens

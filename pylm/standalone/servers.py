@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import struct
 import sys
-import warnings
 
 import zmq
 
@@ -77,21 +76,11 @@ class Server(BaseServer):
             log_address=log_address,
             max_payload=max_payload,
             context=context,
+            messages=messages,
+            ignored={"perf_address": perf_address, "ping_address": ping_address},
         )
-        for option, value in (("perf_address", perf_address), ("ping_address", ping_address)):
-            if value is not None:
-                warnings.warn(
-                    f"{option}={value!r} is ignored: pylm servers answer pings on their own"
-                    " address (Client.ping) and export metrics to Prometheus",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-        if not isinstance(messages, int) or messages < 0:
-            raise ValueError(f"messages must be a non-negative int, got {messages!r}")
         self.rep_address = check_address(rep_address, "rep_address")
-        self.messages = messages
         self.address: str | None = None
-        self.served = 0
         self._socket: zmq.Socket | None = None
 
     def _open(self) -> None:
