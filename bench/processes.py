@@ -15,6 +15,9 @@ Client process: connects, then obeys the parent:
 * ``("stop",)`` or the parent gone: close and exit.
 
 Any failure is answered with ``("error", traceback_text)``.
+
+:func:`serve` and :func:`drive` are those two processes' bodies for any
+server and client; :mod:`bench.chains` uses them for pipeline stages.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from bench.systems import SYSTEMS, Driver
 
-__all__ = ["client_main", "server_main"]
+__all__ = ["client_main", "drive", "serve", "server_main"]
 
 
 def _ignore_sigint() -> None:
@@ -45,14 +50,20 @@ def _exit_on_stop(conn: Connection) -> None:
     os._exit(0)
 
 
-def server_main(system_id: str, conn: Connection) -> None:
-    """Serve ``system_id``'s echo service until told to stop."""
+def serve(server: Callable[[Callable[[Any], None]], None], conn: Connection) -> None:
+    """Run ``server``, which reports where it listens through the function it
+    is given (sent as ``("ready", where)``), until told to stop."""
     _ignore_sigint()
     threading.Thread(target=_exit_on_stop, args=(conn,), daemon=True).start()
     try:
-        SYSTEMS[system_id].serve(lambda address: conn.send(("ready", address)))
+        server(lambda where: conn.send(("ready", where)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
+
+
+def server_main(system_id: str, conn: Connection) -> None:
+    """Serve ``system_id``'s echo service until told to stop."""
+    serve(SYSTEMS[system_id].serve, conn)
 
 
 def _check_echo(system_id: str, payload: bytes, reply: object) -> None:
@@ -87,11 +98,14 @@ def _obey(system_id: str, driver: Driver, conn: Connection) -> None:
                 raise ValueError(f"unknown command {command!r}")
 
 
-def client_main(system_id: str, address: str, conn: Connection) -> None:
-    """Call ``system_id``'s echo service at ``address`` as the parent says."""
+def drive(system_id: str, connect: Callable[[], Driver | None], conn: Connection) -> None:
+    """Get a driver from ``connect`` (None: the parent said stop meanwhile)
+    and call ``system_id``'s service with it as the parent says."""
     _ignore_sigint()
     try:
-        driver = SYSTEMS[system_id].connect(address)
+        driver = connect()
+        if driver is None:
+            return
         try:
             _obey(system_id, driver, conn)
         finally:
@@ -101,3 +115,8 @@ def client_main(system_id: str, address: str, conn: Connection) -> None:
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass  # the parent is gone
+
+
+def client_main(system_id: str, address: str, conn: Connection) -> None:
+    """Call ``system_id``'s echo service at ``address`` as the parent says."""
+    drive(system_id, lambda: SYSTEMS[system_id].connect(address), conn)

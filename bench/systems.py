@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import zmq
 
-__all__ = ["PIPELINE_DEPTH", "SYSTEMS", "Driver", "System"]
+__all__ = ["HOST", "PIPELINE_DEPTH", "SYSTEMS", "Driver", "System", "bind_random", "wait_until"]
 
 HOST = "127.0.0.1"
 SERVER_NAME = "bench"
@@ -152,7 +152,7 @@ class AsyncPylmDriver:
 # --------------------------------------------------------------------- raw pyzmq
 
 
-def _bind_random(socket_type: int) -> tuple[zmq.Socket[bytes], str]:
+def bind_random(socket_type: int) -> tuple[zmq.Socket[bytes], str]:
     import zmq
 
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(socket_type)
@@ -163,7 +163,7 @@ def _bind_random(socket_type: int) -> tuple[zmq.Socket[bytes], str]:
 def serve_raw_rep(ready: Ready) -> None:
     import zmq
 
-    socket, address = _bind_random(zmq.REP)
+    socket, address = bind_random(zmq.REP)
     ready(address)
     recv, send = socket.recv, socket.send
     while True:
@@ -173,7 +173,7 @@ def serve_raw_rep(ready: Ready) -> None:
 def serve_raw_router(ready: Ready) -> None:
     import zmq
 
-    socket, address = _bind_random(zmq.ROUTER)
+    socket, address = bind_random(zmq.ROUTER)
     ready(address)
     recv, send = socket.recv_multipart, socket.send_multipart
     while True:

@@ -29,3 +29,20 @@ def test_rpc_benchmark_smoke_run(tmp_path: Path) -> None:
     systems = {result["system"] for result in results}
     assert systems == {"raw-req", "pylm", "raw-dealer", "pylm-async"}
     assert all(result["median_per_s"] > 0 for result in results)
+
+
+@pytest.mark.timeout(120)
+def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| 100 B |" in run.stdout
+    results = json.loads(out.read_text())["results"]
+    assert all(result["median_per_s"] > 0 for result in results)
+    assert len(results) == 4

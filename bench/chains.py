@@ -1,0 +1,261 @@
+"""The pipelines under test: three stages and a client, each in a process.
+
+Every stage does the same work in both systems: it hands the payload on
+unchanged (so a client can check that a result is the payload it sent).
+
+* raw pyzmq: the client PUSHes jobs to stage 1's PULL socket (bound by the
+  stage); each stage receives, then PUSHes to the next stage's PULL; stage 3
+  PUSHes to a PULL socket that the client binds. Stages are started last
+  first, so the client binds before any stage exists.
+* pylm: ``Step1`` (a :class:`pylm.chained.Server`, function ``foo``) sends
+  on to ``step2.bar``, which sends on to ``last.baz`` on a
+  :class:`pylm.chained.LastServer`; a :class:`pylm.chained.LoopClient` sends
+  the jobs to step 1 and gets the results from the last stage.
+
+Both clients keep up to :data:`IN_FLIGHT` jobs out and take their payloads
+from the same kind of generator, which stops at the end of the measurement
+window; results that arrive after the window's end are not counted.
+
+The child processes speak :mod:`bench.processes`' protocol. A stage process
+sends ``("ready", StageAddresses)``. A client process first binds what it
+must, sends ``("bound", address)`` (``""`` if it binds nothing), waits for
+``("connect", first_stage, last_stage)``, then obeys ``cell``/``go``/``stop``
+like an RPC client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from bench.processes import drive, serve
+from bench.systems import HOST, Driver, bind_random, wait_until
+
+if TYPE_CHECKING:
+    import zmq
+
+    from pylm.chained import LoopClient
+
+__all__ = ["CHAINS", "IN_FLIGHT", "STAGES", "Chain", "StageAddresses", "client_main", "stage_main"]
+
+STAGES = 3
+IN_FLIGHT = 1000  # jobs a client keeps out at most, in both systems
+JOB_TIMEOUT = 30.0  # s: pylm's per-job deadline; a job this late is a failure anyway
+PYLM_NAMES = {1: ("step1", "foo"), 2: ("step2", "bar"), 3: ("last", "baz")}  # server, function
+
+
+@dataclass(frozen=True)
+class StageAddresses:
+    """Where a stage listens; the cache and results addresses are pylm's."""
+
+    input: str  # where the stage takes its jobs
+    db: str = ""  # the stage's cache (pylm)
+    results: str = ""  # where clients get results from the last stage (pylm)
+
+
+Ready = Callable[[StageAddresses], None]
+# Connects a client to the first and the last stage and returns its driver.
+Connect = Callable[[StageAddresses, StageAddresses], Driver]
+
+
+class PipelineDriver:
+    """A client that sends jobs and receives their results concurrently;
+    subclasses say how, in :meth:`jobs`."""
+
+    def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        """Send a job per payload, never more than :data:`IN_FLIGHT` out at
+        once; yield the results as they arrive, until every job is back."""
+        raise NotImplementedError
+
+    def probe(self, payload: bytes) -> object:
+        (result,) = self.jobs([payload])
+        return result
+
+    def run(self, payload: bytes, start: float, end: float) -> int:
+        clock = time.monotonic
+
+        def until_end() -> Iterator[bytes]:
+            while clock() < end:
+                yield payload
+
+        done = 0
+        wait_until(start)
+        for _ in self.jobs(until_end()):
+            if clock() <= end:  # arrived after the window: not counted
+                done += 1
+        return done
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------- raw pyzmq
+
+
+class PushPullDriver(PipelineDriver):
+    """Raw pyzmq: one PUSH socket out to stage 1, one PULL socket back from
+    stage 3; once the window is full, a job leaves each time a result arrives."""
+
+    def __init__(self, jobs: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
+        self._jobs = jobs
+        self._results = results
+
+    def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        send, recv = self._jobs.send, self._results.recv
+        in_flight = 0
+        for payload in payloads:
+            if in_flight == IN_FLIGHT:
+                yield recv()
+                in_flight -= 1
+            send(payload)
+            in_flight += 1
+        for _ in range(in_flight):
+            yield recv()
+
+    def close(self) -> None:
+        self._jobs.close(linger=0)
+        self._results.close(linger=0)
+
+
+def raw_stage(stage: int, downstream: str, ready: Ready) -> None:
+    import zmq
+
+    jobs, address = bind_random(zmq.PULL)
+    out: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+    out.connect(downstream)
+    ready(StageAddresses(address))
+    recv, send = jobs.recv, out.send
+    while True:
+        send(recv())
+
+
+def raw_client() -> tuple[str, Connect]:
+    import zmq
+
+    results, address = bind_random(zmq.PULL)
+
+    def connect(first: StageAddresses, last: StageAddresses) -> Driver:
+        jobs: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+        jobs.setsockopt(zmq.LINGER, 0)
+        jobs.connect(first.input)
+        return PushPullDriver(jobs, results)
+
+    return address, connect
+
+
+# --------------------------------------------------------------------------- pylm
+
+
+class LoopDriver(PipelineDriver):
+    """pylm's :class:`~pylm.chained.LoopClient`, ``max_in_flight=IN_FLIGHT``."""
+
+    def __init__(self, first: StageAddresses, last: StageAddresses) -> None:
+        from pylm.chained import LoopClient
+
+        name, self._function = PYLM_NAMES[1]
+        self._client: LoopClient = LoopClient(
+            last.results,
+            first.input,
+            first.db,
+            name,
+            announce=False,
+            max_in_flight=IN_FLIGHT,
+            timeout=JOB_TIMEOUT,
+        )
+
+    def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        return self._client.job(self._function, payloads)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def pylm_stage(stage: int, downstream: str, ready: Ready) -> None:
+    import threading
+
+    from pylm.chained import LastServer, Server
+
+    class Step1(Server):
+        def foo(self, message: bytes) -> bytes:
+            return message
+
+    class Step2(Server):
+        def bar(self, message: bytes) -> bytes:
+            return message
+
+    class Last(LastServer):
+        def baz(self, message: bytes) -> bytes:
+            return message
+
+    anywhere = f"tcp://{HOST}:0"
+    name, _ = PYLM_NAMES[stage]
+    server: Server | LastServer
+    if stage == STAGES:
+        server = Last(name, anywhere, anywhere, anywhere, log_stdout=False)
+    else:
+        following = ".".join(PYLM_NAMES[stage + 1])
+        step = Step1 if stage == 1 else Step2
+        server = step(name, anywhere, downstream, following, anywhere, log_stdout=False)
+    server.start(background=True)
+    assert server.address is not None and server.db is not None
+    results = server.push if isinstance(server, LastServer) else None
+    ready(StageAddresses(server.address, server.db, results or ""))
+    threading.Event().wait()  # serve until the process is ended
+
+
+def pylm_client() -> tuple[str, Connect]:
+    return "", LoopDriver  # the client binds nothing: it connects to the last stage
+
+
+# -------------------------------------------------------------------------- table
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One side of the comparison: how to run a stage and the client."""
+
+    id: str
+    family: str  # the table column: raw or pylm
+    label: str
+    stage: Callable[[int, str, Ready], None]  # stage number (from 1), its downstream, ready
+    client: Callable[[], tuple[str, Connect]]  # binds; returns its address ("" if none)
+
+
+CHAINS: dict[str, Chain] = {
+    chain.id: chain
+    for chain in (
+        Chain("raw-chain", "raw", "raw pyzmq PUSH/PULL chain", raw_stage, raw_client),
+        Chain("pylm-chain", "pylm", "pylm chained servers, LoopClient", pylm_stage, pylm_client),
+    )
+}
+
+
+# ----------------------------------------------------------------- child processes
+
+
+def stage_main(chain_id: str, stage: str, downstream: str, conn: Connection) -> None:
+    """Run stage ``stage`` (1 is the first) of ``chain_id``, sending its
+    results to ``downstream``, until told to stop."""
+    serve(partial(CHAINS[chain_id].stage, int(stage), downstream), conn)
+
+
+def client_main(chain_id: str, conn: Connection) -> None:
+    """Bind, report, connect to the stages the parent names, then run jobs
+    as the parent says."""
+
+    def connect() -> Driver | None:
+        address, connect_to = CHAINS[chain_id].client()
+        conn.send(("bound", address))
+        match conn.recv():
+            case ("connect", StageAddresses() as first, StageAddresses() as last):
+                return connect_to(first, last)
+            case ("stop",):
+                return None
+            case command:
+                raise ValueError(f"unknown command {command!r}")
+
+    drive(chain_id, connect, conn)
