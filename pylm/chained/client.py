@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +24,14 @@ from pylm.transport import check_address, close_socket, default_context
 __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
+
+_Outcome = tuple[int, "bytes | None", "PylmError | None"]  # index, value, error
+_FAST_REQUEST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_pack_sizes = struct.Struct(">HH").pack
+_pack_id_deadline = protocol.pack_id_deadline
+_unpack_id = protocol.unpack_id
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_HEAD_SIZE = protocol.HEAD_SIZE
 
 
 @dataclass(frozen=True)
@@ -113,17 +122,23 @@ class LoopClient(Caller):
         any order. A failed job raises its typed error (and ends the
         iteration); jobs without a result within ``timeout`` of being sent
         raise :class:`~pylm.errors.RequestTimeout`."""
-        for outcome in self.results(function, payloads, timeout=timeout):
-            if outcome.error is not None:
-                raise outcome.error
-            assert outcome.value is not None
-            yield outcome.value
+        for _, value, error in self._outcomes(function, payloads, timeout):
+            if error is not None:
+                raise error
+            assert value is not None
+            yield value
 
     def results(
         self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
     ) -> Iterator[JobResult]:
         """Like :meth:`job`, but yield a :class:`JobResult` for every job,
         failed or not, and for jobs that time out; never raise for one job."""
+        for index, value, error in self._outcomes(function, payloads, timeout):
+            yield JobResult(index, value, error)
+
+    def _outcomes(
+        self, function: str, payloads: Iterable[bytes], timeout: float | None
+    ) -> Iterator[_Outcome]:
         timeout = self._timeout_of(timeout)
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
@@ -133,17 +148,23 @@ class LoopClient(Caller):
         finally:
             self._running = False
 
-    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[JobResult]:
+    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
         jobs = self._jobs
         if jobs is None:
             raise RuntimeError("the client is closed")
         self._greet(timeout)
-        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, sent
+        target = self._calls._target(function)[1]
+        # Every job's body is prefix + id and deadline + tail + payload.
+        prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
+        tail = target + self.route
+        inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
+        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
         poller = zmq.Poller()
         for socket in self._results:
             poller.register(socket, zmq.POLLIN)
         waiting: tuple[int, list[bytes]] | None = None  # a job the pipeline had no room for
-        indexes = itertools.count()
+        ids, clock, wall = self._ids, time.monotonic, time.time
+        index = 0
         exhausted = False
         while True:
             # Send while there is room.
@@ -153,18 +174,35 @@ class LoopClient(Caller):
                     if payload is None:
                         exhausted = True
                         break
-                    msg_id, frames = self._request(function, payload, timeout)
+                    msg_id = next(ids)
+                    if type(payload) is bytes and len(payload) <= inline_limit:
+                        stamp = _pack_id_deadline(msg_id, wall() + timeout)
+                        frames = [b"".join((prefix, stamp, tail, payload))]
+                    else:
+                        protocol.check_payload(payload, self._calls.max_payload)
+                        frames = protocol.encode(
+                            protocol.REQUEST,
+                            msg_id,
+                            bytes(payload),
+                            target,
+                            self.route,
+                            wall() + timeout,
+                        )
                     waiting = (msg_id, frames)
                 try:
-                    jobs.send_multipart(waiting[1], zmq.NOBLOCK)
+                    if len(waiting[1]) == 1:
+                        jobs.send(waiting[1][0], zmq.NOBLOCK)
+                    else:
+                        jobs.send_multipart(waiting[1], zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                in_flight[waiting[0]] = (next(indexes), time.monotonic() + timeout)
+                in_flight[waiting[0]] = (index, clock() + timeout)
+                index += 1
                 waiting = None
             if exhausted and not in_flight:
                 return
             # Wait for results (or room to send), up to the oldest deadline.
-            now = time.monotonic()
+            now = clock()
             oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
             if oldest <= now:
                 yield from self._expire(in_flight, now, function, timeout)
@@ -178,32 +216,36 @@ class LoopClient(Caller):
                 if socket in ready:
                     yield from self._collect(socket, in_flight)
 
-    def _request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
-        target = self._calls._target(function)[1]
-        protocol.check_payload(payload, self._calls.max_payload)
-        msg_id = next(self._ids)
-        frames = protocol.encode(
-            protocol.REQUEST, msg_id, bytes(payload), target, self.route, time.time() + timeout
-        )
-        return msg_id, frames
-
     def _collect(
         self, socket: zmq.Socket, in_flight: OrderedDict[int, tuple[int, float]]
-    ) -> Iterator[JobResult]:
+    ) -> list[_Outcome]:
+        """Every result waiting on ``socket``."""
+        outcomes: list[_Outcome] = []
+        recv, pop = socket.recv, in_flight.pop
         while True:
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                body = recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return outcomes
+            if body[:9] == _REPLY_PREFIX:  # fast path: a one-frame REPLY
+                entry = pop(_unpack_id(body, 9)[0], None)
+                if entry is None:
+                    self.dropped += 1
+                else:
+                    outcomes.append((entry[0], body[_HEAD_SIZE:], None))
+                continue
+            frames = [body]
+            if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
+                frames.append(recv())  # the parts of a message arrive together
             message = read_answer(frames)
-            entry = None if message is None else in_flight.pop(message.msg_id, None)
+            entry = None if message is None else pop(message.msg_id, None)
             if entry is None or message is None:
                 self.dropped += 1
                 continue
             try:
-                yield JobResult(entry[0], protocol.result_of(message), None)
+                outcomes.append((entry[0], protocol.result_of(message), None))
             except PylmError as error:
-                yield JobResult(entry[0], None, error)
+                outcomes.append((entry[0], None, error))
 
     def _expire(
         self,
@@ -211,19 +253,18 @@ class LoopClient(Caller):
         now: float,
         function: str,
         timeout: float,
-    ) -> Iterator[JobResult]:
+    ) -> list[_Outcome]:
         expired = [msg_id for msg_id, (_, deadline) in in_flight.items() if deadline <= now]
+        outcomes: list[_Outcome] = []
         for msg_id in expired:
             index, _ = in_flight.pop(msg_id)
-            yield JobResult(
-                index,
-                None,
-                RequestTimeout(
-                    f"no result for job {index} ({function!r} on {self.server_name!r} via"
-                    f" {self.connection}) within {timeout:g} s;"
-                    f" {len(expired)} job(s) timed out together"
-                ),
+            error = RequestTimeout(
+                f"no result for job {index} ({function!r} on {self.server_name!r} via"
+                f" {self.connection}) within {timeout:g} s;"
+                f" {len(expired)} job(s) timed out together"
             )
+            outcomes.append((index, None, error))
+        return outcomes
 
     def _greet(self, timeout: float) -> None:
         """Make sure every last stage knows this client before jobs go out:

@@ -19,6 +19,7 @@ of letting queues grow.
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,14 @@ __all__ = ["LastServer", "Server"]
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _FRAME_SLACK = 64 * 1024
+_HEAD_SIZE = protocol.HEAD_SIZE
+_SPLIT = protocol.SPLIT_PAYLOAD
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
+_unpack_sizes = _SIZES.unpack_from
+_pack_sizes = _SIZES.pack
+_NO_DEADLINE = bytes(8)
+_FIRST = zmq.SNDMORE | zmq.NOBLOCK
 
 
 class _Stopping(Exception):
@@ -138,13 +147,35 @@ class _Stage(BaseServer):
             return
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
+        recv, call = pull.recv, self._call
         for _ in range(min(_BATCH, self.messages - self.served)):
             try:
-                frames = pull.recv_multipart(zmq.NOBLOCK)
+                # One recv per message: the head tells whether a payload
+                # frame follows (asking the socket costs more than the rest).
+                body = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if debug:
                 self.logger.debug("%s Got a message", self.name)
+            if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
+                # Fast path: a one-frame REQUEST with a route.
+                target_size, route_size = _unpack_sizes(body, 5)
+                start = _HEAD_SIZE + target_size
+                end = start + route_size
+                if route_size and end <= len(body):
+                    self.served += 1
+                    if debug:
+                        self._looking_for(body[_HEAD_SIZE:start])
+                    try:
+                        result = call(body[_HEAD_SIZE:start], body[end:])
+                    except PylmError as error:
+                        self._fail(protocol.decode([body]), error)
+                        continue
+                    self._emit(body, start, end, result)
+                    continue
+            frames = [body]
+            if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
+                frames.append(recv())  # the parts of a message arrive together
             self._handle(frames)
 
     def _serve_other(self, socket: zmq.Socket) -> None:
@@ -181,8 +212,7 @@ class _Stage(BaseServer):
             return
         self.served += 1
         if self.logger.isEnabledFor(logging.DEBUG):
-            _, function = protocol.split_target(message.target)
-            self.logger.debug("Looking for %s", function)
+            self._looking_for(message.target)
         try:
             result = self._call(message.target, message.payload)
         except PylmError as error:
@@ -190,7 +220,16 @@ class _Stage(BaseServer):
             return
         self._succeed(message, result)
 
+    def _looking_for(self, target: bytes) -> None:
+        function = target.rpartition(b".")[2].decode("utf-8", "replace")
+        self.logger.debug("Looking for %s", function)
+
     # Subclass hooks: where results and errors go.
+    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        """Send on the result of the fast path's request ``body``, whose
+        route is ``body[start:end]``."""
+        raise NotImplementedError
+
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
         raise NotImplementedError
 
@@ -294,6 +333,20 @@ class Server(_Stage):
     def _outputs(self) -> list[zmq.Socket | None]:
         push, self._push = self._push, None
         return [push]
+
+    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        push = self._push
+        assert push is not None
+        if len(result) > _SPLIT:
+            self._succeed(protocol.decode([body]), result)
+            return
+        # The id and deadline bytes (9 to 25) go on as they came.
+        sizes = _pack_sizes(len(self._next_target), end - start)
+        out = b"".join((_FAST, sizes, body[9:25], self._next_target, body[start:end], result))
+        try:
+            push.send(out, zmq.NOBLOCK)
+        except zmq.Again:
+            self._send(push, [out])
 
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
         assert self._push is not None
@@ -401,6 +454,21 @@ class LastServer(_Stage):
             self.logger.warning(
                 "%s: result for client %s dropped: it is not connected", self.name, route.hex()
             )
+
+    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        router = self._router
+        assert router is not None
+        if len(result) > _SPLIT:
+            self._succeed(protocol.decode([body]), result)
+            return
+        route = body[start:end]
+        reply = b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
+        try:
+            router.send(route, _FIRST)  # the whole message goes, or none of it
+        except zmq.ZMQError:  # full, or an unknown client: the careful way
+            self._to_client(route, [reply])
+            return
+        router.send(reply)
 
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
         self._to_client(message.route, protocol.encode(protocol.REPLY, message.msg_id, result))
