@@ -379,3 +379,13 @@ def test_several_last_stages(serve: Serve) -> None:
         results = list(client.job("foo", (b"%d" % i for i in range(200))))
     assert sorted(results) == sorted(b"ACK: you sent me %d" % i for i in range(200))
     assert all(last.served > 20 for last in lasts)
+
+
+def test_one_run_at_a_time_per_client(pipeline: Pipeline) -> None:
+    with pipeline.client() as client:
+        first = client.job("foo", [b"a", b"b"])
+        next(first)
+        with pytest.raises(RuntimeError, match="already running jobs"):
+            list(client.job("foo", [b"x"]))
+        assert len(list(first)) == 1
+        assert list(client.job("foo", [b"c"])) == [b"ACK: got it too, after you sent me c"]

@@ -122,7 +122,7 @@ class LoopClient(Caller):
         any order. A failed job raises its typed error (and ends the
         iteration); jobs without a result within ``timeout`` of being sent
         raise :class:`~pylm.errors.RequestTimeout`."""
-        for _, value, error in self._outcomes(function, payloads, timeout):
+        for _, value, error in self._run(function, iter(payloads), self._timeout_of(timeout)):
             if error is not None:
                 raise error
             assert value is not None
@@ -133,88 +133,82 @@ class LoopClient(Caller):
     ) -> Iterator[JobResult]:
         """Like :meth:`job`, but yield a :class:`JobResult` for every job,
         failed or not, and for jobs that time out; never raise for one job."""
-        for index, value, error in self._outcomes(function, payloads, timeout):
+        for index, value, error in self._run(function, iter(payloads), self._timeout_of(timeout)):
             yield JobResult(index, value, error)
 
-    def _outcomes(
-        self, function: str, payloads: Iterable[bytes], timeout: float | None
-    ) -> Iterator[_Outcome]:
-        timeout = self._timeout_of(timeout)
+    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
         self._running = True
         try:
-            yield from self._run(function, iter(payloads), timeout)
+            jobs = self._jobs
+            if jobs is None:
+                raise RuntimeError("the client is closed")
+            self._greet(timeout)
+            target = self._calls._target(function)[1]
+            # Every job's body is prefix + id and deadline + tail + payload.
+            prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
+            tail = target + self.route
+            inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
+            in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
+            poller = zmq.Poller()
+            for socket in self._results:
+                poller.register(socket, zmq.POLLIN)
+            waiting: tuple[int, list[bytes]] | None = None  # a job the pipeline had no room for
+            ids, clock, wall = self._ids, time.monotonic, time.time
+            index = 0
+            exhausted = False
+            while True:
+                # Send while there is room.
+                while not exhausted and len(in_flight) < self.max_in_flight:
+                    if waiting is None:
+                        payload = next(payloads, None)
+                        if payload is None:
+                            exhausted = True
+                            break
+                        msg_id = next(ids)
+                        if type(payload) is bytes and len(payload) <= inline_limit:
+                            stamp = _pack_id_deadline(msg_id, wall() + timeout)
+                            frames = [b"".join((prefix, stamp, tail, payload))]
+                        else:
+                            protocol.check_payload(payload, self._calls.max_payload)
+                            frames = protocol.encode(
+                                protocol.REQUEST,
+                                msg_id,
+                                bytes(payload),
+                                target,
+                                self.route,
+                                wall() + timeout,
+                            )
+                        waiting = (msg_id, frames)
+                    try:
+                        if len(waiting[1]) == 1:
+                            jobs.send(waiting[1][0], zmq.NOBLOCK)
+                        else:
+                            jobs.send_multipart(waiting[1], zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    in_flight[waiting[0]] = (index, clock() + timeout)
+                    index += 1
+                    waiting = None
+                if exhausted and not in_flight:
+                    return
+                # Wait for results (or room to send), up to the oldest deadline.
+                now = clock()
+                oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
+                if oldest <= now:
+                    yield from self._expire(in_flight, now, function, timeout)
+                    continue
+                if waiting is not None:
+                    poller.register(jobs, zmq.POLLOUT)
+                ready = dict(poller.poll(max(1, int((oldest - now) * 1000))))
+                if waiting is not None:
+                    poller.unregister(jobs)
+                for socket in self._results:
+                    if socket in ready:
+                        yield from self._collect(socket, in_flight)
         finally:
             self._running = False
-
-    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
-        jobs = self._jobs
-        if jobs is None:
-            raise RuntimeError("the client is closed")
-        self._greet(timeout)
-        target = self._calls._target(function)[1]
-        # Every job's body is prefix + id and deadline + tail + payload.
-        prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
-        tail = target + self.route
-        inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
-        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
-        poller = zmq.Poller()
-        for socket in self._results:
-            poller.register(socket, zmq.POLLIN)
-        waiting: tuple[int, list[bytes]] | None = None  # a job the pipeline had no room for
-        ids, clock, wall = self._ids, time.monotonic, time.time
-        index = 0
-        exhausted = False
-        while True:
-            # Send while there is room.
-            while not exhausted and len(in_flight) < self.max_in_flight:
-                if waiting is None:
-                    payload = next(payloads, None)
-                    if payload is None:
-                        exhausted = True
-                        break
-                    msg_id = next(ids)
-                    if type(payload) is bytes and len(payload) <= inline_limit:
-                        stamp = _pack_id_deadline(msg_id, wall() + timeout)
-                        frames = [b"".join((prefix, stamp, tail, payload))]
-                    else:
-                        protocol.check_payload(payload, self._calls.max_payload)
-                        frames = protocol.encode(
-                            protocol.REQUEST,
-                            msg_id,
-                            bytes(payload),
-                            target,
-                            self.route,
-                            wall() + timeout,
-                        )
-                    waiting = (msg_id, frames)
-                try:
-                    if len(waiting[1]) == 1:
-                        jobs.send(waiting[1][0], zmq.NOBLOCK)
-                    else:
-                        jobs.send_multipart(waiting[1], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                in_flight[waiting[0]] = (index, clock() + timeout)
-                index += 1
-                waiting = None
-            if exhausted and not in_flight:
-                return
-            # Wait for results (or room to send), up to the oldest deadline.
-            now = clock()
-            oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
-            if oldest <= now:
-                yield from self._expire(in_flight, now, function, timeout)
-                continue
-            if waiting is not None:
-                poller.register(jobs, zmq.POLLOUT)
-            ready = dict(poller.poll(max(1, int((oldest - now) * 1000))))
-            if waiting is not None:
-                poller.unregister(jobs)
-            for socket in self._results:
-                if socket in ready:
-                    yield from self._collect(socket, in_flight)
 
     def _collect(
         self, socket: zmq.Socket, in_flight: OrderedDict[int, tuple[int, float]]
