@@ -1,0 +1,15 @@
+"""The service registry (etcd): records of running servers and their wiring."""
+
+from pylm.registry.client import DEFAULT_TTL, Registration, Registry
+from pylm.registry.config import RegistryConfig
+from pylm.registry.local import LocalEtcd
+from pylm.registry.records import InstanceRecord
+
+__all__ = [
+    "DEFAULT_TTL",
+    "InstanceRecord",
+    "LocalEtcd",
+    "Registration",
+    "Registry",
+    "RegistryConfig",
+]

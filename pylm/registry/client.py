@@ -1,0 +1,252 @@
+"""The registry client: etcd (through aetcd) on an asyncio loop in a thread
+the client owns, behind a blocking API that servers and tools call.
+
+A registration lives under a lease, refreshed every third of its TTL. When
+etcd cannot be reached the client keeps trying, without end, and puts the
+record back (under a new lease if the old one expired) as soon as it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aetcd
+
+from pylm.errors import RegistryError, RegistryUnavailable
+from pylm.registry.config import RegistryConfig
+from pylm.registry.records import InstanceRecord, config_key, instance_key, instances_prefix
+
+__all__ = ["DEFAULT_TTL", "Registration", "Registry"]
+
+DEFAULT_TTL = 10.0
+log = logging.getLogger("pylm.registry")
+T = TypeVar("T")
+
+
+class Registry:
+    """A connection to the registry of one cluster::
+
+    with Registry() as registry:                 # PYLM_REGISTRY, PYLM_CLUSTER
+        registration = registry.register(record, ttl=10)
+        registry.instances('step2')
+        registration.close()
+    """
+
+    def __init__(
+        self, config: RegistryConfig | str | None = None, *, cluster: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:  # fmt: skip
+        if config is None:
+            config = RegistryConfig.from_env(cluster)
+        elif isinstance(config, str):
+            config = RegistryConfig.parse(config, cluster)
+        self.config = config
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="pylm-registry", daemon=True
+        )
+        self._thread.start()
+        self._client: aetcd.Client | None = None
+        self._endpoint = 0
+        self._registrations: list[Registration] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coroutine.close()
+            raise RegistryError("the registry client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(self.timeout if timeout is None else timeout)
+        except TimeoutError:
+            future.cancel()
+            raise RegistryUnavailable(
+                f"etcd at {self.config.url} did not answer within {self.timeout:g} s"
+            ) from None
+
+    async def _etcd(self, operation: Any) -> Any:
+        """Run ``operation(client)``, trying each endpoint in turn once."""
+        errors = []
+        for _ in range(len(self.config.endpoints)):
+            try:
+                if self._client is None:
+                    host, port = self.config.endpoints[self._endpoint]
+                    client = aetcd.Client(
+                        host=host,
+                        port=port,
+                        username=self.config.username,
+                        password=self.config.password,
+                        timeout=int(max(1, self.timeout)),
+                    )
+                    await client.connect()
+                    self._client = client
+                return await operation(self._client)
+            except aetcd.exceptions.ClientError as exc:
+                host, port = self.config.endpoints[self._endpoint]
+                errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+                await self._drop_client()
+                self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
+        raise RegistryUnavailable(
+            f"etcd at {self.config.url} cannot be reached ({'; '.join(errors)}); start a local"
+            " one with `pylm etcd`, or set PYLM_REGISTRY"
+        )
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ queries
+
+    def instances(self, name: str | None = None) -> list[InstanceRecord]:
+        """The registered instances of server ``name`` (of every server if
+        None). Malformed records are skipped with a log line."""
+        prefix = instances_prefix(self.config.prefix, name).encode()
+        rows = self._call(self._etcd(lambda client: client.get_prefix(prefix)))
+        records = []
+        for row in rows:
+            try:
+                records.append(InstanceRecord.from_json(row.value))
+            except ValueError as exc:
+                log.warning(
+                    "skipping malformed registry record %s: %s",
+                    row.key.decode(errors="replace"),
+                    exc,
+                )
+        return sorted(records, key=lambda record: (record.name, record.started))
+
+    def set_config(self, name: str, **fields: Any) -> None:
+        """Store the desired wiring of server ``name`` (e.g. ``next='step2.bar'``)."""
+        key = config_key(self.config.prefix, name).encode()
+        value = json.dumps(fields, sort_keys=True).encode()
+        self._call(self._etcd(lambda client: client.put(key, value)))
+
+    def get_config(self, name: str) -> dict[str, Any] | None:
+        key = config_key(self.config.prefix, name).encode()
+        row = self._call(self._etcd(lambda client: client.get(key)))
+        if row is None:
+            return None
+        try:
+            data = json.loads(row.value)
+        except ValueError as exc:
+            raise RegistryError(f"config of {name!r} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RegistryError(f"config of {name!r} is not a JSON object: {row.value[:120]!r}")
+        return data
+
+    # ------------------------------------------------------------------ registration
+
+    def register(self, record: InstanceRecord, ttl: float = DEFAULT_TTL) -> Registration:
+        """Register ``record`` under a lease of ``ttl`` seconds, kept alive
+        until :meth:`Registration.close`. Raises :class:`RegistryUnavailable`
+        if etcd cannot be reached now; once registered, outages are survived."""
+        registration = Registration(self, record, ttl)
+        self._call(registration._put())
+        registration._task = asyncio.run_coroutine_threadsafe(
+            registration._keep_alive(), self._loop
+        )
+        self._registrations.append(registration)
+        return registration
+
+    def close(self) -> None:
+        """Remove every registration this client made, then disconnect."""
+        if self._closed:
+            return
+        for registration in list(self._registrations):
+            try:
+                registration.close()
+            except RegistryError as exc:
+                log.warning("could not remove %s: %s", registration.key, exc)
+        self._call(self._drop_client())
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(self.timeout)
+        self._loop.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Registration:
+    """A record kept registered under a lease by its :class:`Registry`."""
+
+    def __init__(self, registry: Registry, record: InstanceRecord, ttl: float) -> None:
+        if ttl < 1:
+            raise ValueError(
+                f"ttl must be at least 1 s (etcd leases count whole seconds), got {ttl!r}"
+            )
+        self.registry = registry
+        self.record = record
+        self.ttl = ttl
+        self.key = instance_key(registry.config.prefix, record.name, record.instance)
+        self.registered = False  # whether etcd holds the record right now, as far as we know
+        self.failures = 0  # keep-alive rounds that could not reach etcd
+        self._lease: Any = None
+        self._task: concurrent.futures.Future[None] | None = None
+
+    async def _put(self) -> None:
+        async def put(client: aetcd.Client) -> None:
+            self._lease = await client.lease(round(self.ttl))
+            await client.put(self.key.encode(), self.record.to_json(), lease=self._lease)
+
+        await self.registry._etcd(put)
+        self.registered = True
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                if self.registered:
+                    response = await self.registry._etcd(lambda client: self._lease.refresh())
+                    if response.TTL <= 0:
+                        self.registered = False  # the lease expired meanwhile: register again
+                if not self.registered:
+                    await self._put()
+                    log.info("%s registered again", self.key)
+            except RegistryUnavailable as exc:
+                self.failures += 1
+                if self.registered:
+                    log.warning("registry unreachable, %s may expire: %s", self.key, exc)
+                self.registered = False
+
+    def close(self) -> None:
+        """Stop keeping the record alive and remove it; raises
+        :class:`RegistryUnavailable` if etcd cannot be reached (the record
+        then disappears when its lease expires)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if self in self.registry._registrations:
+            self.registry._registrations.remove(self)
+
+        async def remove(client: aetcd.Client) -> None:
+            await client.delete(self.key.encode())
+            if self._lease is not None:
+                try:
+                    await client.revoke_lease(self._lease.id)
+                except aetcd.exceptions.ClientError as exc:  # expired already: nothing to revoke
+                    log.debug("lease of %s not revoked: %s", self.key, exc)
+
+        self.registered = False
+        self.registry._call(self.registry._etcd(remove))

@@ -1,0 +1,50 @@
+"""pytest fixtures for testing pylm servers against a real etcd.
+
+Installed as a pytest plugin (entry point ``pytest11``), so any project with
+pylm installed can use them:
+
+- ``etcd_server``: one local etcd for the whole session (the ``etcd`` binary
+  from PATH, free loopback ports, a temporary data folder);
+- ``cluster``: a cluster name unique to the test, so tests sharing the etcd
+  never see each other's keys;
+- ``registry``: a :class:`pylm.registry.Registry` of that cluster, closed
+  after the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from pylm.registry import LocalEtcd, Registry
+
+__all__ = ["cluster", "etcd_server", "registry"]
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[LocalEtcd]:
+    """A running local etcd, stopped and removed after the session."""
+    server = LocalEtcd()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def cluster() -> str:
+    """A cluster namespace of this test's own."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def registry(etcd_server: LocalEtcd, cluster: str) -> Iterator[Registry]:
+    """A registry client of the test's cluster; closed (its records removed) after it."""
+    client = Registry(etcd_server.url, cluster=cluster)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,153 @@
+"""The registry client against a real etcd (started by pylm.testing's fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import aetcd
+import pytest
+
+from pylm.errors import RegistryError, RegistryUnavailable
+from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
+from pylm.registry.local import free_port
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until ``condition()`` holds, checking a few times a second."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s")
+        time.sleep(0.1)
+
+
+def record(name: str = "step1", **fields: object) -> InstanceRecord:
+    return InstanceRecord(name, "chained", {"pull": "tcp://127.0.0.1:5555"}, **fields)  # type: ignore[arg-type]
+
+
+def test_config_parsing_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = RegistryConfig.parse("etcd://me:s%40cret@10.0.0.1:2379,[::1]:2380", "prod")
+    assert config.endpoints == (("10.0.0.1", 2379), ("::1", 2380))
+    assert (config.username, config.password, config.cluster) == ("me", "s@cret", "prod")
+    assert config.prefix == "/pylm/prod/" and "s@cret" not in config.url
+    for bad, words in [
+        ("http://h:1", "must look like etcd://"),
+        ("etcd://nohost", "must be host:port"),
+        ("etcd://h:0", "must be host:port"),
+    ]:
+        with pytest.raises(RegistryError, match=words):
+            RegistryConfig.parse(bad)
+    with pytest.raises(RegistryError, match="cluster name 'a/b'"):
+        RegistryConfig.parse("etcd://h:1", "a/b")
+    monkeypatch.delenv("PYLM_REGISTRY", raising=False)
+    with pytest.raises(
+        RegistryError, match="no registry configured: start a local one with `pylm etcd`"
+    ):
+        Registry()
+    monkeypatch.setenv("PYLM_REGISTRY", "etcd://127.0.0.1:2379")
+    monkeypatch.setenv("PYLM_CLUSTER", "blue")
+    assert RegistryConfig.from_env().cluster == "blue"
+
+
+def test_record_json_round_trip_and_garbage() -> None:
+    original = record(next="step2.bar", functions=["foo"])
+    assert InstanceRecord.from_json(original.to_json()) == original
+    for garbage in (b"not json", b"[1, 2]", b'{"name": "x"}', b'{"nope": 1}'):
+        with pytest.raises(ValueError):
+            InstanceRecord.from_json(garbage)
+
+
+def test_register_query_remove(registry: Registry) -> None:
+    registration = registry.register(record(next="step2.bar", functions=["foo"]), ttl=5)
+    (found,) = registry.instances("step1")
+    assert found == registration.record and found.next == "step2.bar"
+    assert registry.instances("other") == []
+    assert registration.key == f"{registry.config.prefix}instances/step1/{found.instance}"
+    registration.close()
+    assert registry.instances() == []
+
+
+def test_records_outlive_their_ttl_while_kept_alive(registry: Registry) -> None:
+    registration = registry.register(record(), ttl=1)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:  # well past the TTL: the keep-alive holds it
+        assert len(registry.instances("step1")) == 1
+        time.sleep(0.25)
+    assert registration.failures == 0
+
+
+def test_clusters_are_isolated(etcd_server: LocalEtcd, registry: Registry) -> None:
+    registry.register(record())
+    with Registry(etcd_server.url, cluster=registry.config.cluster + "-other") as other:
+        assert other.instances() == []
+        other.register(record("step9"))
+        assert [r.name for r in registry.instances()] == ["step1"]
+
+
+def test_wiring_config(registry: Registry) -> None:
+    assert registry.get_config("step1") is None
+    registry.set_config("step1", next="step2.bar")
+    assert registry.get_config("step1") == {"next": "step2.bar"}
+
+
+def test_malformed_records_are_skipped(
+    etcd_server: LocalEtcd, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry.register(record())
+
+    async def put_garbage() -> None:
+        async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
+            await client.put(f"{registry.config.prefix}instances/bad/1".encode(), b"{garbage")
+
+    asyncio.run(put_garbage())
+    assert [r.name for r in registry.instances()] == ["step1"]
+    assert "skipping malformed registry record" in caplog.text
+
+
+def _register_and_hang(url: str, cluster: str, ready: multiprocessing.synchronize.Event) -> None:
+    registry = Registry(url, cluster=cluster)
+    registry.register(record("doomed"), ttl=1)
+    ready.set()
+    time.sleep(60)  # until killed
+
+
+def test_killed_server_disappears_when_its_lease_expires(
+    etcd_server: LocalEtcd, registry: Registry
+) -> None:
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    child = context.Process(
+        target=_register_and_hang, args=(etcd_server.url, registry.config.cluster, ready)
+    )
+    child.start()
+    try:
+        assert ready.wait(20)
+        assert [r.name for r in registry.instances()] == ["doomed"]
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    finally:
+        child.join(10)
+    wait_for(lambda: registry.instances() == [], 5, "the killed server's record expiring")
+
+
+def test_unreachable_registry_is_a_clear_error() -> None:
+    port = free_port()
+    with Registry(f"etcd://127.0.0.1:{port}", timeout=2) as registry:
+        with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{port}"):
+            registry.instances()
+        with pytest.raises(RegistryUnavailable, match="pylm etcd"):
+            registry.register(record())
+
+
+def test_registration_survives_an_etcd_outage(tmp_path: object) -> None:
+    with LocalEtcd() as etcd, Registry(etcd.url, cluster="outage", timeout=2) as registry:
+        registration = registry.register(record(), ttl=1)
+        etcd.stop()
+        wait_for(lambda: registration.failures > 0, 10, "the keep-alive noticing the outage")
+        etcd.start()
+        wait_for(lambda: registration.registered, 10, "registering again")
+        assert [r.instance for r in registry.instances()] == [registration.record.instance]
