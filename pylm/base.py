@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import traceback
@@ -22,7 +23,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import zmq
 
@@ -30,6 +31,7 @@ from pylm import protocol
 from pylm.errors import (
     PayloadTooLarge,
     PylmError,
+    RegistryError,
     RemoteError,
     ServerCrashed,
     UnknownFunction,
@@ -37,6 +39,9 @@ from pylm.errors import (
 )
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
 from pylm.transport import default_context
+
+if TYPE_CHECKING:
+    from pylm.registry import Registration, Registry
 
 __all__ = ["DEFAULT_MAX_PAYLOAD", "BaseServer", "exposed_functions"]
 
@@ -91,10 +96,17 @@ class BaseServer:
         context: zmq.Context | None = None,
         messages: int = sys.maxsize,
         ignored: dict[str, str | None] | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
     ) -> None:
         """``messages``: serve that many requests, then stop. ``ignored``:
         options of the 2016 pylm that are accepted and ignored, with a
-        DeprecationWarning for each one given."""
+        DeprecationWarning for each one given. ``registry`` (a
+        :class:`~pylm.registry.Registry` or an ``etcd://`` address; default
+        ``PYLM_REGISTRY``), ``host`` (the interface name-only servers bind;
+        default ``PYLM_HOST`` or 127.0.0.1) and ``ttl`` (the lease of the
+        registration) matter to servers that register themselves."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(
                 f"server name must be a non-empty str without surrounding blanks, got {name!r}"
@@ -112,6 +124,12 @@ class BaseServer:
                     stacklevel=3,
                 )
         self.name = name
+        self.host = host or os.environ.get("PYLM_HOST", "127.0.0.1")
+        self.registry_option = registry
+        self.ttl = ttl
+        self.registry: Registry | None = None  # set while registered
+        self.registration: Registration | None = None
+        self._owns_registry = False
         self.messages = messages
         self.served = 0
         self.max_payload = max_payload
@@ -232,6 +250,7 @@ class BaseServer:
                 raise
         finally:
             try:
+                self._deregister()  # first, so that clients stop picking this instance
                 self._close()
             finally:
                 self._done.set()
@@ -251,6 +270,69 @@ class BaseServer:
 
     def _is_control(self, body: bytes) -> bool:
         return body == self._control_token
+
+    # ------------------------------------------------------------------ registry
+
+    def _register(self, endpoints: dict[str, str], required: bool, next: str | None = None) -> None:
+        """Register this instance, in the serving thread once bound. A server
+        started with only a name needs the registry (``required``) and fails
+        at once without it; one with explicit addresses registers only when
+        given a ``registry``."""
+        from pylm import __version__
+        from pylm.registry import DEFAULT_TTL, InstanceRecord, Registry
+
+        option = self.registry_option
+        if option is None and not required:
+            return
+        try:
+            if isinstance(option, Registry):
+                registry = option
+            else:
+                registry = Registry(option)
+                self._owns_registry = True
+            self.registry = registry
+            record = InstanceRecord(
+                self.name,
+                self.kind,
+                {role: self._advertised(address) for role, address in endpoints.items()},
+                next=next,
+                functions=list(self.functions),
+                version=__version__,
+            )
+            self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
+        except RegistryError as exc:
+            raise RegistryError(
+                f"server {self.name!r} cannot register: {exc}"
+                + (
+                    " (it was started with only a name, so it needs the registry)"
+                    if required
+                    else ""
+                )
+            ) from exc
+        self.logger.debug("%s registered as %s", self.name, self.registration.key)
+
+    def _advertised(self, address: str) -> str:
+        """The address others reach a bound ``address`` at: a wildcard host
+        is replaced by this host's name."""
+        for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+            if address.startswith(wildcard):
+                return f"tcp://{socket.gethostname()}:{address[len(wildcard) :]}"
+        return address
+
+    def _deregister(self) -> None:
+        registration, self.registration = self.registration, None
+        registry, self.registry = self.registry, None
+        try:
+            if registration is not None:
+                registration.close()
+        except RegistryError as exc:
+            self.logger.warning(
+                "%s: record not removed (it expires with its lease): %s", self.name, exc
+            )
+        finally:
+            if registry is not None and self._owns_registry:
+                registry.close()
+                self._owns_registry = False
 
     # Subclass hooks, called in the serving thread.
     def _open(self) -> None:

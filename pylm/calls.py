@@ -7,11 +7,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pylm import protocol
-from pylm.errors import ProtocolError, RequestTimeout
+from pylm.errors import ProtocolError, RegistryError, RequestTimeout
 from pylm.transport import check_address
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
 
 __all__ = ["DEFAULT_TIMEOUT", "Caller", "Calls", "check_timeout", "pong_info", "read_answer"]
 
@@ -74,13 +77,55 @@ class Calls:
 
 class Caller:
     """What every client shares: the server it calls, where, and how long it
-    waits by default."""
+    waits by default.
 
-    def __init__(self, connection: str, server_name: str, timeout: float, max_payload: int) -> None:
-        self.connection = check_address(connection, "connection")
-        self.server_name = server_name
+    ``connection`` is an address (then ``server_name`` names the server), or,
+    with ``server_name`` None, only the server's name: its instances' addresses
+    then come from the registry (``registry``, default ``PYLM_REGISTRY``),
+    waiting up to ``timeout`` for one to register.
+    """
+
+    endpoint_role = "rep"  # which of a record's endpoints this client calls
+
+    def __init__(
+        self,
+        connection: str,
+        server_name: str | None,
+        timeout: float,
+        max_payload: int,
+        registry: Registry | str | None = None,
+    ) -> None:
         self.timeout = check_timeout(timeout)
+        if server_name is None:
+            if not isinstance(connection, str) or "://" in connection:
+                raise ValueError(
+                    f"connection {connection!r} is an address: give the server_name too"
+                )
+            server_name = connection
+            self.endpoints = self._resolve(server_name, registry)
+        else:
+            self.endpoints = [check_address(connection, "connection")]
+        self.connection = ",".join(self.endpoints)
+        self.server_name = server_name
         self._calls = Calls(server_name, max_payload)
+
+    def _resolve(self, name: str, registry: Registry | str | None) -> list[str]:
+        from pylm.registry import Registry
+
+        client = registry if isinstance(registry, Registry) else Registry(registry)
+        try:
+            records = client.wait_for_instances(name, self.timeout)
+        finally:
+            if client is not registry:
+                client.close()
+        role = self.endpoint_role
+        endpoints = [record.endpoints[role] for record in records if role in record.endpoints]
+        if not endpoints:
+            raise RegistryError(
+                f"the instances of {name!r} have no {self.endpoint_role!r} endpoint:"
+                f" is it a {type(self).__name__}'s kind of server?"
+            )
+        return endpoints
 
     def _timeout_of(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else check_timeout(timeout)

@@ -45,3 +45,32 @@ def test_console_script_version() -> None:
         run = subprocess.run(command, capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == f"pylm {pylm.__version__}"
+
+
+def test_pylm_etcd_runs_a_local_registry(tmp_path: Path) -> None:
+    import signal
+
+    from pylm.registry import InstanceRecord, Registry
+
+    process = subprocess.Popen(
+        ["pylm", "etcd", "--port", "0", "--data-dir", str(tmp_path / "etcd")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("etcd is running; data in ")
+        line = process.stdout.readline().strip()
+        assert line.startswith("export PYLM_REGISTRY=etcd://127.0.0.1:")
+        with Registry(line.split("=", 1)[1], cluster="cli") as registry:
+            registry.register(InstanceRecord("probe", "standalone", {"rep": "tcp://h:1"}))
+            assert [r.name for r in registry.instances()] == ["probe"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

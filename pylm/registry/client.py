@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
@@ -127,6 +128,22 @@ class Registry:
                     exc,
                 )
         return sorted(records, key=lambda record: (record.name, record.started))
+
+    def wait_for_instances(self, name: str, timeout: float) -> list[InstanceRecord]:
+        """The instances of ``name``, waiting up to ``timeout`` seconds for
+        the first to register (start order does not matter)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.instances(name)
+            if found or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if not found:
+            raise RegistryError(
+                f"no instance of server {name!r} is registered in cluster"
+                f" {self.config.cluster!r} at {self.config.url} (waited {timeout:g} s)"
+            )
+        return found
 
     def set_config(self, name: str, **fields: Any) -> None:
         """Store the desired wiring of server ``name`` (e.g. ``next='step2.bar'``)."""

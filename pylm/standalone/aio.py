@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
@@ -12,6 +12,9 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.transport import close_socket, default_context
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
 
 __all__ = ["AsyncClient"]
 
@@ -36,13 +39,14 @@ class AsyncClient(Caller):
     def __init__(
         self,
         connection: str,
-        server_name: str,
+        server_name: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
     ) -> None:
-        super().__init__(connection, server_name, timeout, max_payload)
+        super().__init__(connection, server_name, timeout, max_payload, registry)
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
@@ -114,7 +118,8 @@ class AsyncClient(Caller):
         if self._socket is None:
             socket = self._context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self.connection)
+            for endpoint in self.endpoints:
+                socket.connect(endpoint)
             self._socket = socket
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(socket.fileno(), self._on_events)

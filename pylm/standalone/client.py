@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -13,6 +13,9 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.errors import ProtocolError
 from pylm.transport import close_socket, default_context
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
 
 __all__ = ["Client"]
 
@@ -37,13 +40,14 @@ class Client(Caller):
     def __init__(
         self,
         connection: str,
-        server_name: str,
+        server_name: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
     ) -> None:
-        super().__init__(connection, server_name, timeout, max_payload)
+        super().__init__(connection, server_name, timeout, max_payload, registry)
         self._lock = threading.Lock()
         # REQ keeps the routing envelope inside libzmq (fewer calls from
         # Python); RELAXED lets it send again after a timeout and CORRELATE
@@ -52,7 +56,8 @@ class Client(Caller):
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.REQ_RELAXED, 1)
         self._socket.setsockopt(zmq.REQ_CORRELATE, 1)
-        self._socket.connect(self.connection)
+        for endpoint in self.endpoints:  # several instances: REQ takes turns among them
+            self._socket.connect(endpoint)
         self._socket_timeout = -1
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -19,6 +20,9 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
 from pylm.errors import ProtocolError, PylmError
 from pylm.transport import bind, check_address, close_socket
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
 
 __all__ = ["Server"]
 
@@ -42,6 +46,7 @@ class Server(BaseServer):
                 return b'you sent me ' + message
 
         MyServer('my_server', 'tcp://127.0.0.1:5555').start()
+        MyServer('my_server').start()   # only a name: a free port, registered in etcd
 
     ``rep_address`` may use port 0 (``tcp://127.0.0.1:0``) to let the OS pick
     a free port; :attr:`address` then tells which one. ``messages``: serve that
@@ -58,7 +63,7 @@ class Server(BaseServer):
     def __init__(
         self,
         name: str,
-        rep_address: str,
+        rep_address: str | None = None,
         log_address: str | None = None,
         perf_address: str | None = None,
         ping_address: str | None = None,
@@ -68,6 +73,9 @@ class Server(BaseServer):
         log_stdout: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -78,8 +86,13 @@ class Server(BaseServer):
             context=context,
             messages=messages,
             ignored={"perf_address": perf_address, "ping_address": ping_address},
+            registry=registry,
+            host=host,
+            ttl=ttl,
         )
-        self.rep_address = check_address(rep_address, "rep_address")
+        self.rep_address = (
+            None if rep_address is None else check_address(rep_address, "rep_address")
+        )
         self.address: str | None = None
         self._socket: zmq.Socket | None = None
 
@@ -91,8 +104,9 @@ class Server(BaseServer):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         socket.bind(self._control_address)
-        self.address = bind(socket, self.rep_address)
+        self.address = bind(socket, self.rep_address or f"tcp://{self.host}:0")
         self.logger.debug("%s listening on %s", self.name, self.address)
+        self._register({"rep": self.address}, required=self.rep_address is None)
 
     def _close(self) -> None:
         close_socket(self._socket)

@@ -1,0 +1,119 @@
+"""Standalone servers started with only a name, and clients that find them
+through the registry (a real etcd, from pylm.testing's fixtures)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import pylm
+from pylm.errors import RegistryError
+from pylm.registry import LocalEtcd, Registry
+from pylm.registry.local import free_port
+from pylm.standalone import AsyncClient, Client, Server
+
+Serve = Callable[[Any], Any]
+
+
+class Echo(Server):
+    def echo(self, message: bytes) -> bytes:
+        return b"echo " + message
+
+
+def test_name_only_server_and_client_through_the_environment(
+    serve: Serve, etcd_server: LocalEtcd, cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYLM_REGISTRY", etcd_server.url)
+    monkeypatch.setenv("PYLM_CLUSTER", cluster)
+    server = serve(Echo("echo_server", log_stdout=False))
+    with Client("echo_server") as client:
+        assert client.job("echo", b"x") == b"echo x"
+        assert client.endpoints == [server.address]
+
+
+def test_record_contents_and_clean_removal(registry: Registry) -> None:
+    server = Echo("echo_server", log_stdout=False, registry=registry)
+    with server:
+        (record,) = registry.instances("echo_server")
+        assert record.kind == "standalone"
+        assert record.endpoints == {"rep": server.address}
+        assert record.functions == ["echo"]
+        assert record.pid == os.getpid() and record.version == pylm.__version__
+        assert server.address.startswith("tcp://127.0.0.1:")
+    assert registry.instances("echo_server") == []
+
+
+def test_client_waits_for_a_server_not_started_yet(registry: Registry) -> None:
+    results: list[bytes] = []
+    resolving = threading.Event()
+
+    def call() -> None:
+        resolving.set()
+        with Client("late_server", registry=registry, timeout=20) as client:
+            results.append(client.job("echo", b"early"))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert resolving.wait(5)
+    with Echo("late_server", log_stdout=False, registry=registry):
+        thread.join(20)
+    assert results == [b"echo early"]
+
+
+def test_clients_spread_over_every_instance(registry: Registry) -> None:
+    servers = [Echo("svc", log_stdout=False, registry=registry) for _ in range(2)]
+    with servers[0], servers[1], Client("svc", registry=registry) as client:
+        assert sorted(client.endpoints) == sorted(s.address for s in servers)
+        for _ in range(40):
+            assert client.job("echo", b"x") == b"echo x"
+    assert all(server.served > 0 for server in servers)  # counted once stopped
+
+
+def test_async_client_by_name(serve: Serve, registry: Registry) -> None:
+    import asyncio
+
+    serve(Echo("async_svc", log_stdout=False, registry=registry))
+
+    async def main() -> list[bytes]:
+        async with AsyncClient("async_svc", registry=registry) as client:
+            return await asyncio.gather(*(client.job("echo", b"%d" % i) for i in range(20)))
+
+    assert asyncio.run(main()) == [b"echo %d" % i for i in range(20)]
+
+
+def test_explicit_address_registers_only_when_given_a_registry(
+    serve: Serve, registry: Registry
+) -> None:
+    serve(Echo("plain", "tcp://127.0.0.1:0", log_stdout=False))
+    assert registry.instances("plain") == []
+    listed = serve(Echo("listed", "tcp://127.0.0.1:0", log_stdout=False, registry=registry))
+    assert registry.instances("listed")[0].endpoints == {"rep": listed.address}
+
+
+def test_name_only_without_registry_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYLM_REGISTRY", raising=False)
+    server = Echo("lonely", log_stdout=False)
+    with pytest.raises(RegistryError, match=r"server 'lonely' cannot register.*pylm etcd"):
+        server.start(background=True)
+    server.stop()
+    with pytest.raises(RegistryError, match="no registry configured"):
+        Client("lonely")
+
+
+def test_name_only_with_registry_down_fails_fast() -> None:
+    address = f"etcd://127.0.0.1:{free_port()}"
+    server = Echo("lonely", log_stdout=False, registry=address)
+    with pytest.raises(RegistryError, match=f"cannot register.*{address[7:]}"):
+        server.start(background=True)
+    server.stop()
+
+
+def test_no_instance_registered_is_a_clear_error(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match=r"no instance of server 'ghost' is registered"):
+        Client("ghost", registry=registry, timeout=0.3)
+    with pytest.raises(ValueError, match="give the server_name too"):
+        Client("tcp://127.0.0.1:5555")
