@@ -279,18 +279,12 @@ class BaseServer:
         at once without it; one with explicit addresses registers only when
         given a ``registry``."""
         from pylm import __version__
-        from pylm.registry import DEFAULT_TTL, InstanceRecord, Registry
+        from pylm.registry import DEFAULT_TTL, InstanceRecord
 
-        option = self.registry_option
-        if option is None and not required:
+        if self.registry_option is None and not required:
             return
         try:
-            if isinstance(option, Registry):
-                registry = option
-            else:
-                registry = Registry(option)
-                self._owns_registry = True
-            self.registry = registry
+            registry = self._registry_client()
             record = InstanceRecord(
                 self.name,
                 self.kind,
@@ -310,6 +304,20 @@ class BaseServer:
                 )
             ) from exc
         self.logger.debug("%s registered as %s", self.name, self.registration.key)
+
+    def _registry_client(self) -> Registry:
+        """The registry this server uses: the one it was given, or one it
+        opens (from ``PYLM_REGISTRY``) and closes when it stops."""
+        from pylm.registry import Registry
+
+        if self.registry is None:
+            option = self.registry_option
+            if isinstance(option, Registry):
+                self.registry = option
+            else:
+                self.registry = Registry(option)
+                self._owns_registry = True
+        return self.registry
 
     def _advertised(self, address: str) -> str:
         """The address others reach a bound ``address`` at: a wildcard host

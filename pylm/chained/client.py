@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -18,8 +19,11 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
-from pylm.errors import PylmError, RequestTimeout
+from pylm.errors import PylmError, RegistryError, RequestTimeout
 from pylm.transport import check_address, close_socket, default_context
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
 
 __all__ = ["JobResult", "LoopClient"]
 
@@ -32,6 +36,43 @@ _pack_id_deadline = protocol.pack_id_deadline
 _unpack_id = protocol.unpack_id
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _HEAD_SIZE = protocol.HEAD_SIZE
+
+
+def _resolve_pipeline(
+    first: str, registry: Registry | str | None, timeout: float
+) -> tuple[list[str], str, list[str]]:
+    """From the registry: the first stage's input addresses, its cache
+    address, and the result addresses of the last stage, found by following
+    each stage's ``next``."""
+    from pylm.registry import Registry
+
+    client = registry if isinstance(registry, Registry) else Registry(registry)
+    try:
+        records = client.wait_for_instances(first, timeout)
+        jobs_to = [record.endpoints["pull"] for record in records if "pull" in record.endpoints]
+        db = next((record.endpoints["db"] for record in records if "db" in record.endpoints), None)
+        if not jobs_to or db is None:
+            raise RegistryError(
+                f"{first!r} is not a chained stage: it has no pull and db endpoints"
+            )
+        seen = {first}
+        while True:
+            if all(record.kind == "chained-last" for record in records):
+                results = [r.endpoints["push"] for r in records if "push" in r.endpoints]
+                return jobs_to, db, results
+            following = next((record.next for record in records if record.next), None)
+            if not following:
+                raise RegistryError(
+                    f"stage {records[0].name!r} has no next stage and is not a last stage"
+                )
+            name = following.rpartition(".")[0]
+            if name in seen:
+                raise RegistryError(f"the pipeline from {first!r} loops back to {name!r}")
+            seen.add(name)
+            records = client.wait_for_instances(name, timeout)
+    finally:
+        if client is not registry:
+            client.close()
 
 
 @dataclass(frozen=True)
@@ -66,9 +107,9 @@ class LoopClient(Caller):
     def __init__(
         self,
         pull_address: str | Sequence[str],
-        push_address: str,
-        db_address: str,
-        server_name: str,
+        push_address: str | None = None,
+        db_address: str | None = None,
+        server_name: str | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
@@ -76,8 +117,25 @@ class LoopClient(Caller):
         hwm: int = 1000,
         announce: bool = True,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
     ) -> None:
+        jobs_to: list[str] | None = None
+        if push_address is None and db_address is None and server_name is None:
+            # Only the first stage's name: the rest comes from the registry.
+            if not isinstance(pull_address, str) or "://" in pull_address:
+                raise ValueError(
+                    "give LoopClient the first stage's name alone, or all four of"
+                    " pull_address, push_address, db_address and server_name"
+                )
+            server_name = pull_address
+            jobs_to, db_address, pull_address = _resolve_pipeline(server_name, registry, timeout)
+            push_address = jobs_to[0]
+        if push_address is None or db_address is None or server_name is None:
+            raise ValueError("push_address, db_address and server_name go together")
         super().__init__(push_address, server_name, timeout, max_payload)
+        if jobs_to is not None:
+            self.endpoints = jobs_to
+            self.connection = ",".join(jobs_to)
         pulls = [pull_address] if isinstance(pull_address, str) else list(pull_address)
         self.pull_addresses = [check_address(address, "pull_address") for address in pulls]
         if not self.pull_addresses:
@@ -101,7 +159,8 @@ class LoopClient(Caller):
         self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
-        self._jobs.connect(self.connection)
+        for endpoint in self.endpoints:  # several first-stage instances: round-robin
+            self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None
         self._greeted = False
         self._running = False

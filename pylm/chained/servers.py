@@ -18,22 +18,32 @@ of letting queues grow.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import struct
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
 from pylm.cache import Cache
-from pylm.errors import ProtocolError, PylmError
+from pylm.errors import ProtocolError, PylmError, RegistryError
 from pylm.transport import bind, check_address, close_socket
+
+if TYPE_CHECKING:
+    from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["LastServer", "Server"]
 
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
+_REWIRE_MS = 200  # how often a stage following the registry looks for changes
+_DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
+_DRAIN_MAX = 5.0  # s a leaving stage serves at most
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _FRAME_SLACK = 64 * 1024
 _HEAD_SIZE = protocol.HEAD_SIZE
@@ -65,8 +75,8 @@ class _Stage(BaseServer):
     def __init__(
         self,
         name: str,
-        pull_address: str,
-        db_address: str,
+        pull_address: str | None,
+        db_address: str | None,
         log_address: str | None,
         perf_address: str | None,
         ping_address: str | None,
@@ -77,6 +87,9 @@ class _Stage(BaseServer):
         max_payload: int,
         hwm: int,
         context: zmq.Context | None,
+        registry: Registry | str | None,
+        host: str | None,
+        ttl: float | None,
     ) -> None:
         super().__init__(
             name,
@@ -87,9 +100,12 @@ class _Stage(BaseServer):
             context=context,
             messages=messages,
             ignored={"perf_address": perf_address, "ping_address": ping_address},
+            registry=registry,
+            host=host,
+            ttl=ttl,
         )
-        self.pull_address = check_address(pull_address, "pull_address")
-        self.db_address = check_address(db_address, "db_address")
+        self.pull_address = pull_address and check_address(pull_address, "pull_address")
+        self.db_address = db_address and check_address(db_address, "db_address")
         self.hwm = hwm
         self.cache = Cache(name)
         self.address: str | None = None  # where the PULL socket listens
@@ -97,6 +113,8 @@ class _Stage(BaseServer):
         self._pull: zmq.Socket | None = None
         self._db_socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
+        self._following: concurrent.futures.Future[None] | None = None
+        self._poll_timeout: int | None = None  # ms; set when rewiring is possible
 
     # ------------------------------------------------------------------ sockets
 
@@ -106,18 +124,35 @@ class _Stage(BaseServer):
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, self.hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
-        self.address = bind(pull, self.pull_address)
+        self.address = bind(pull, self.pull_address or self._any_port())
         db = self.context.socket(zmq.REP)
         self._db_socket = db
         db.setsockopt(zmq.LINGER, 0)
         db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         db.bind(self._control_address)  # stop() wakes the loop through it
-        self.db = bind(db, self.db_address)
+        self.db = bind(db, self.db_address or self._any_port())
         self._open_output()
         self._poller.register(pull, zmq.POLLIN)
         self._poller.register(db, zmq.POLLIN)
+        self._register(self._endpoints(), required=self._name_only(), next=self._next())
+
+    def _any_port(self) -> str:
+        return f"tcp://{self.host}:0"
+
+    def _endpoints(self) -> dict[str, str]:
+        assert self.address is not None and self.db is not None
+        return {"pull": self.address, "db": self.db}
+
+    def _name_only(self) -> bool:
+        return self.pull_address is None or self.db_address is None
+
+    def _next(self) -> str | None:
+        return None
 
     def _close(self) -> None:
+        following, self._following = self._following, None
+        if following is not None:
+            following.cancel()
         for socket in (self._pull, self._db_socket, *self._outputs()):
             close_socket(socket)
         self._pull = self._db_socket = None
@@ -138,13 +173,32 @@ class _Stage(BaseServer):
             while self.served < self.messages:
                 if debug:
                     self.logger.debug("%s Waiting for a message", self.name)
-                for socket, _ in poll():
+                for socket, _ in poll(self._poll_timeout):
                     if socket is pull:
                         self._drain(pull, debug)
                     else:
                         self._serve_other(socket)
+                self._rewire()
         except _Stopping:
-            return
+            if self.registration is not None:
+                self._drain_before_leaving(pull, debug)
+
+    def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
+        """A registered stage leaves cleanly: it deregisters, so that the
+        stages before it stop sending to it, and serves what still arrives
+        until its input has been quiet for a moment."""
+        self._deregister()
+        quiet_since = time.monotonic()
+        give_up = quiet_since + _DRAIN_MAX
+        while time.monotonic() - quiet_since < _DRAIN_QUIET and time.monotonic() < give_up:
+            if pull.poll(50, zmq.POLLIN):
+                self._drain(pull, debug)
+                quiet_since = time.monotonic()
+            self._rewire()
+
+    def _rewire(self) -> None:
+        """Apply changes the registry reported (in the serving thread, which
+        owns the sockets); nothing to do for a stage with fixed addresses."""
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
         recv, call = pull.recv, self._call
@@ -252,9 +306,9 @@ class _Stage(BaseServer):
                     poller = zmq.Poller()
                     poller.register(socket, zmq.POLLOUT)
                     poller.register(self._db_socket, zmq.POLLIN)
-                # The timeout only guards against a missed wake-up.
-                if self._db_socket in dict(poller.poll(100)):
+                if self._db_socket in dict(poller.poll(_REWIRE_MS)):
                     self._serve_db()
+                self._rewire()  # the instance to send to may be joining right now
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     return False
@@ -283,10 +337,10 @@ class Server(_Stage):
     def __init__(
         self,
         name: str,
-        pull_address: str,
-        next_address: str | Sequence[str],
-        next_call: str,
-        db_address: str,
+        pull_address: str | None = None,
+        next_address: str | Sequence[str] | None = None,
+        next_call: str | None = None,
+        db_address: str | None = None,
         log_address: str | None = None,
         perf_address: str | None = None,
         ping_address: str | None = None,
@@ -297,6 +351,9 @@ class Server(_Stage):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -311,8 +368,23 @@ class Server(_Stage):
             max_payload=max_payload,
             hwm=hwm,
             context=context,
+            registry=registry,
+            host=host,
+            ttl=ttl,
         )
-        self.next_addresses = _addresses(next_address, "next_address")
+        self.next_addresses = (
+            [] if next_address is None else _addresses(next_address, "next_address")
+        )
+        self.next_call: str | None = None
+        self._next_target = b""
+        if next_call is not None:
+            self._set_next_call(next_call)
+        self._push: zmq.Socket | None = None
+        self._wanted: set[str] | None = None  # next stage's instances, from the registry
+        self._connected: set[str] = set()
+        self._wanted_lock = threading.Lock()
+
+    def _set_next_call(self, next_call: object) -> None:
         if not isinstance(next_call, str):
             raise TypeError(
                 f"next_call must be a str like 'step2.bar', got {type(next_call).__name__}"
@@ -320,15 +392,64 @@ class Server(_Stage):
         protocol.split_target(next_call.encode("utf-8"))  # ProtocolError if not server.function
         self.next_call = next_call
         self._next_target = next_call.encode("utf-8")
-        self._push: zmq.Socket | None = None
+
+    def _name_only(self) -> bool:
+        return super()._name_only() or not self.next_addresses or self.next_call is None
+
+    def _next(self) -> str | None:
+        return self.next_call
 
     def _open_output(self) -> None:
         push = self.context.socket(zmq.PUSH)
         self._push = push
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, self.hwm)
+        if self.next_call is None:
+            self._set_next_call(self._configured_next())
         for address in self.next_addresses:
             push.connect(address)
+        if not self.next_addresses:
+            # Follow the next stage's instances in the registry: connect to
+            # each that registers, disconnect from each that leaves.
+            assert self.next_call is not None
+            next_server = self.next_call.rpartition(".")[0]
+            self._poll_timeout = _REWIRE_MS
+            self._following = self._registry_client().follow(next_server, self._instances_changed)
+
+    def _configured_next(self) -> str:
+        try:
+            config = self._registry_client().get_config(self.name) or {}
+        except RegistryError as exc:
+            raise RegistryError(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
+        next_call = config.get("next")
+        if not next_call:
+            raise RegistryError(
+                f"stage {self.name!r} has no next stage: pass next_call='step2.bar', or set it"
+                f" with `pylm topology set {self.name} --next step2.bar`"
+            )
+        return str(next_call)
+
+    def _instances_changed(self, records: list[InstanceRecord]) -> None:
+        """From the registry's thread: remember, the serving loop applies."""
+        wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
+        with self._wanted_lock:
+            self._wanted = wanted
+
+    def _rewire(self) -> None:
+        with self._wanted_lock:
+            wanted, self._wanted = self._wanted, None
+        if wanted is None or self._push is None:
+            return
+        for address in wanted - self._connected:
+            self._push.connect(address)
+            self.logger.info("%s: next stage instance %s joined", self.name, address)
+        for address in self._connected - wanted:
+            try:
+                self._push.disconnect(address)
+            except zmq.ZMQError:
+                pass  # never connected in libzmq's eyes: nothing to undo
+            self.logger.info("%s: next stage instance %s left", self.name, address)
+        self._connected = wanted
 
     def _outputs(self) -> list[zmq.Socket | None]:
         push, self._push = self._push, None
@@ -380,9 +501,9 @@ class LastServer(_Stage):
     def __init__(
         self,
         name: str,
-        pull_address: str,
-        push_address: str,
-        db_address: str,
+        pull_address: str | None = None,
+        push_address: str | None = None,
+        db_address: str | None = None,
         log_address: str | None = None,
         perf_address: str | None = None,
         ping_address: str | None = None,
@@ -393,6 +514,9 @@ class LastServer(_Stage):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -407,8 +531,11 @@ class LastServer(_Stage):
             max_payload=max_payload,
             hwm=hwm,
             context=context,
+            registry=registry,
+            host=host,
+            ttl=ttl,
         )
-        self.push_address = check_address(push_address, "push_address")
+        self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results
         self._router: zmq.Socket | None = None
 
@@ -419,8 +546,15 @@ class LastServer(_Stage):
         router.setsockopt(zmq.SNDHWM, self.hwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown client: an error, not silence
         router.setsockopt(zmq.MAXMSGSIZE, _FRAME_SLACK)  # clients only say hello
-        self.push = bind(router, self.push_address)
+        self.push = bind(router, self.push_address or self._any_port())
         self._poller.register(router, zmq.POLLIN)
+
+    def _endpoints(self) -> dict[str, str]:
+        assert self.push is not None
+        return {**super()._endpoints(), "push": self.push}
+
+    def _name_only(self) -> bool:
+        return super()._name_only() or self.push_address is None
 
     def _outputs(self) -> list[zmq.Socket | None]:
         router, self._router = self._router, None

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -144,6 +144,41 @@ class Registry:
                 f" {self.config.cluster!r} at {self.config.url} (waited {timeout:g} s)"
             )
         return found
+
+    def follow(
+        self, name: str, callback: Callable[[list[InstanceRecord]], None], retry: float = 0.5
+    ) -> concurrent.futures.Future[None]:
+        """Call ``callback(instances of name)`` now and after every change,
+        from the registry's thread, until the returned future is cancelled.
+        While etcd is unreachable the last known instances stand; following
+        resumes by itself when it returns."""
+        prefix = instances_prefix(self.config.prefix, name).encode()
+
+        async def listing() -> list[InstanceRecord]:
+            rows = await self._etcd(lambda client: client.get_prefix(prefix))
+            records = []
+            for row in rows:
+                try:
+                    records.append(InstanceRecord.from_json(row.value))
+                except ValueError as exc:
+                    log.warning("skipping malformed registry record: %s", exc)
+            return records
+
+        async def run() -> None:
+            while True:
+                try:
+                    callback(await listing())
+                    watch = await self._etcd(lambda client: client.watch_prefix(prefix))
+                    async for _ in watch:
+                        callback(await listing())  # a fresh listing: no event bookkeeping
+                except (RegistryError, aetcd.exceptions.ClientError) as exc:
+                    log.debug("following %s paused: %s", name, exc)
+                    await self._drop_client()
+                except Exception:  # a failing callback must not end the following
+                    log.exception("following %s: callback failed", name)
+                await asyncio.sleep(retry)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     def set_config(self, name: str, **fields: Any) -> None:
         """Store the desired wiring of server ``name`` (e.g. ``next='step2.bar'``)."""

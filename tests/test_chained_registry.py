@@ -1,0 +1,104 @@
+"""Pipelines whose stages start with only a name and find each other through
+the registry (a real etcd, from pylm.testing's fixtures)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pylm.chained import LastServer, LoopClient, Server
+from pylm.errors import RegistryError
+from pylm.registry import Registry
+
+
+class Step1(Server):
+    def foo(self, message: bytes) -> bytes:
+        return b"you sent me " + message
+
+
+class Step2(Server):
+    def bar(self, message: bytes) -> bytes:
+        return b"got it too, after " + message
+
+
+class Last(LastServer):
+    def baz(self, message: bytes) -> bytes:
+        return b"ACK: " + message
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["step1", "step2", "last"])))
+def test_name_only_pipeline_in_any_start_order(registry: Registry, order: tuple[str, ...]) -> None:
+    registry.set_config("step1", next="step2.bar")  # wiring from the registry ...
+    makers = {
+        "step1": lambda: Step1("step1", registry=registry, log_stdout=False),
+        "step2": lambda: Step2("step2", next_call="last.baz", registry=registry, log_stdout=False),
+        "last": lambda: Last("last", registry=registry, log_stdout=False),
+    }  # ... or given by the stage itself (step2)
+    stages = [makers[name]() for name in order]
+    for stage in stages:
+        stage.start(background=True)
+    try:
+        with LoopClient("step1", registry=registry, announce=False) as client:
+            assert list(client.job("foo", [b"a message"])) == [
+                b"ACK: got it too, after you sent me a message"
+            ]
+        (record,) = registry.instances("step1")
+        assert record.next == "step2.bar" and set(record.endpoints) == {"pull", "db"}
+        assert set(registry.instances("last")[0].endpoints) == {"pull", "db", "push"}
+    finally:
+        for stage in stages:
+            stage.stop()
+
+
+def test_stage_without_next_stage_says_how_to_set_one(registry: Registry) -> None:
+    stage = Step1("step1", registry=registry, log_stdout=False)
+    with pytest.raises(RegistryError, match=r"pylm topology set step1 --next step2.bar"):
+        stage.start(background=True)
+    stage.stop()
+
+
+def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) -> None:
+    last = Last("last", registry=registry, log_stdout=False)
+    first_step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
+    step1 = Step1("step1", next_call="step2.bar", registry=registry, log_stdout=False)
+    second_step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
+    for stage in (last, first_step2, step1):
+        stage.start(background=True)
+    produced = threading.Event()
+    total = 3000
+
+    def payloads() -> Iterator[bytes]:
+        for i in range(total):
+            if i == total // 3:
+                produced.set()
+            yield b"%d" % i
+
+    results: list[bytes] = []
+    client = LoopClient("step1", registry=registry, announce=False, max_in_flight=50)
+    thread = threading.Thread(target=lambda: results.extend(client.job("foo", payloads())))
+    try:
+        thread.start()
+        assert produced.wait(20)
+        second_step2.start(background=True)  # joins mid-stream ...
+        wait_for(lambda: second_step2.address in step1._connected, 5, "step1 connecting to it")
+        first_step2.stop()  # ... and the first one leaves
+        thread.join(60)
+    finally:
+        client.close()
+        for stage in (step1, second_step2, last):
+            stage.stop()
+    assert sorted(results) == sorted(
+        b"ACK: got it too, after you sent me %d" % i for i in range(total)
+    )
