@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import json
+import os
 import signal
 import sys
 import threading
+import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pylm import __version__
 from pylm.errors import PylmError
+
+if TYPE_CHECKING:
+    from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["main"]
 
@@ -19,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pylm", description="pylm: clusters of microservers over ZeroMQ"
     )
     parser.add_argument("--version", action="version", version=f"pylm {__version__}")
+    parser.add_argument("--registry", help="etcd://host:port[,...] (default: $PYLM_REGISTRY)")
+    parser.add_argument("--cluster", help="cluster namespace (default: $PYLM_CLUSTER or default)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     etcd = commands.add_parser(
         "etcd",
         help="run a local etcd for development and print the PYLM_REGISTRY to use",
@@ -30,7 +43,149 @@ def build_parser() -> argparse.ArgumentParser:
     etcd.add_argument(
         "--data-dir", default=".pylm/etcd", help="where etcd keeps its data (.pylm/etcd)"
     )
+
+    for name in ("ls", "topology"):
+        show = commands.add_parser(
+            name, help="the registered servers as a graph: stages, instances, next stage"
+        )
+        show.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "topology":
+            actions = show.add_subparsers(dest="action", metavar="ACTION")
+            wire = actions.add_parser("set", help="set the next stage of a server")
+            wire.add_argument("name")
+            wire.add_argument("--next", required=True, metavar="SERVER.FUNCTION")
+            apply = actions.add_parser(
+                "apply", help="set the wiring of a pipeline from a TOML file"
+            )
+            apply.add_argument("file", type=Path)
+
+    call = commands.add_parser("call", help="call a function of a registered server")
+    call.add_argument("name")
+    call.add_argument("function")
+    call.add_argument("payload", help="sent as UTF-8 bytes")
+    call.add_argument("--timeout", type=float, default=10.0)
+
+    run = commands.add_parser("run", help="start a server with only a name (Ctrl-C stops it)")
+    run.add_argument("target", help="path/to/file.py:Class or package.module:Class")
+    run.add_argument("--name", required=True)
     return parser
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    from pylm.registry import Registry
+
+    return Registry(args.registry, cluster=args.cluster)
+
+
+def show_topology(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        records = registry.instances()
+        stages: dict[str, list[InstanceRecord]] = {}
+        for record in records:
+            stages.setdefault(record.name, []).append(record)
+        if args.json:
+            data = {
+                "cluster": registry.config.cluster,
+                "servers": {
+                    name: {
+                        "kind": group[0].kind,
+                        "next": group[0].next,
+                        "instances": [asdict(record) for record in group],
+                    }
+                    for name, group in stages.items()
+                },
+            }
+            print(json.dumps(data, indent=2, sort_keys=True))
+            return 0
+        print(f"cluster {registry.config.cluster!r} at {registry.config.url}")
+        if not stages:
+            print("  (no servers registered)")
+        now = time.time()
+        for name, group in stages.items():
+            arrow = f" -> {group[0].next}" if group[0].next else ""
+            print(f"{name} [{group[0].kind}]{arrow}  {len(group)} instance(s)")
+            for record in group:
+                where = ", ".join(
+                    f"{role} {address}" for role, address in sorted(record.endpoints.items())
+                )
+                age = now - record.started
+                print(
+                    f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s  {where}"
+                )
+    return 0
+
+
+def set_topology(args: argparse.Namespace) -> int:
+    import tomllib
+
+    if args.action == "set":
+        wiring = {args.name: args.next}
+    else:
+        try:
+            data = tomllib.loads(args.file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PylmError(f"cannot read topology file {str(args.file)!r}: {exc}") from None
+        stages = data.get("stages")
+        if not isinstance(stages, dict):
+            raise PylmError(f"{str(args.file)!r} has no [stages.NAME] tables")
+        wiring = {}
+        for name, stage in stages.items():
+            if isinstance(stage, dict) and isinstance(stage.get("next"), str):
+                wiring[name] = stage["next"]
+    with _registry(args) as registry:
+        for name, next_call in wiring.items():
+            if "." not in next_call:
+                raise PylmError(
+                    f"next stage of {name!r} must be SERVER.FUNCTION, got {next_call!r}"
+                )
+            registry.set_config(name, next=next_call)
+            print(f"{name} -> {next_call}")
+    return 0
+
+
+def call_server(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        records = registry.wait_for_instances(args.name, args.timeout)
+        payload = args.payload.encode("utf-8")
+        if records[0].kind.startswith("chained"):
+            from pylm.chained import LoopClient
+
+            with LoopClient(
+                args.name, registry=registry, timeout=args.timeout, announce=False
+            ) as loop:
+                results = list(loop.job(args.function, [payload]))
+        else:
+            from pylm.standalone import Client
+
+            with Client(args.name, registry=registry, timeout=args.timeout) as client:
+                results = [client.job(args.function, payload)]
+    for result in results:
+        print(result.decode("utf-8", "replace"))
+    return 0
+
+
+def run_server(args: argparse.Namespace) -> int:
+    target, colon, class_name = args.target.rpartition(":")
+    if not colon or not target or not class_name:
+        raise PylmError(f"server {args.target!r} must be path/to/file.py:Class or module:Class")
+    if target.endswith(".py") or "/" in target:
+        spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+        if spec is None or spec.loader is None:
+            raise PylmError(f"cannot load {target!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    server_class = getattr(module, class_name, None)
+    if server_class is None:
+        raise PylmError(f"{target!r} has no class {class_name!r}")
+    server = server_class(args.name, registry=args.registry)
+    try:
+        server.start()
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def run_etcd(args: argparse.Namespace) -> int:
@@ -58,9 +213,19 @@ def run_etcd(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cluster:
+        os.environ["PYLM_CLUSTER"] = args.cluster  # servers started by `pylm run` too
+    handlers = {
+        "etcd": run_etcd,
+        "ls": show_topology,
+        "call": call_server,
+        "run": run_server,
+    }
     try:
-        if args.command == "etcd":
-            return run_etcd(args)
+        if args.command == "topology":
+            return set_topology(args) if args.action else show_topology(args)
+        if args.command in handlers:
+            return handlers[args.command](args)
     except PylmError as exc:
         print(f"pylm: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -47,7 +48,7 @@ class Registry:
         if config is None:
             config = RegistryConfig.from_env(cluster)
         elif isinstance(config, str):
-            config = RegistryConfig.parse(config, cluster)
+            config = RegistryConfig.parse(config, cluster or os.environ.get("PYLM_CLUSTER"))
         self.config = config
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()

@@ -1,0 +1,96 @@
+"""The pylm console script against a real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pylm.registry import LocalEtcd, Registry
+
+SERVER_MODULE = """
+from pylm.standalone import Server
+
+class Greeter(Server):
+    def hello(self, message):
+        return b"hello " + message
+"""
+
+
+def pylm(
+    etcd: LocalEtcd, cluster: str, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pylm.cli", "--registry", etcd.url, "--cluster", cluster, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_topology_set_apply_and_show(etcd_server: LocalEtcd, cluster: str, tmp_path: Path) -> None:
+    done = pylm(etcd_server, cluster, "topology", "set", "step1", "--next", "step2.bar")
+    assert done.returncode == 0 and done.stdout.strip() == "step1 -> step2.bar"
+    wiring = tmp_path / "pipeline.toml"
+    wiring.write_text('[stages.step2]\nnext = "last.baz"\n[stages.step1]\nnext = "step2.qux"\n')
+    done = pylm(etcd_server, cluster, "topology", "apply", str(wiring))
+    assert done.returncode == 0, done.stderr
+    with Registry(etcd_server.url, cluster=cluster) as registry:
+        assert registry.get_config("step1") == {"next": "step2.qux"}
+        assert registry.get_config("step2") == {"next": "last.baz"}
+    bad = pylm(etcd_server, cluster, "topology", "set", "x", "--next", "nodot")
+    assert bad.returncode == 2 and "must be SERVER.FUNCTION" in bad.stderr
+
+
+def test_run_ls_call(etcd_server: LocalEtcd, cluster: str, tmp_path: Path) -> None:
+    module = tmp_path / "greeter.py"
+    module.write_text(SERVER_MODULE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+         "run", f"{module}:Greeter", "--name", "greeter"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        called = pylm(etcd_server, cluster, "call", "greeter", "hello", "world")
+        assert called.returncode == 0, called.stderr
+        assert called.stdout.strip() == "hello world"
+        shown = pylm(etcd_server, cluster, "ls", "--json")
+        data = json.loads(shown.stdout)
+        (instance,) = data["servers"]["greeter"]["instances"]
+        assert data["servers"]["greeter"]["kind"] == "standalone"
+        assert instance["pid"] == server.pid and instance["functions"] == ["hello"]
+        text = pylm(etcd_server, cluster, "topology").stdout
+        assert "greeter [standalone]  1 instance(s)" in text and "rep tcp://127.0.0.1:" in text
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+    empty = pylm(etcd_server, cluster, "ls")
+    assert "(no servers registered)" in empty.stdout
+
+
+def test_errors_are_one_clear_line(etcd_server: LocalEtcd, cluster: str) -> None:
+    missing = pylm(etcd_server, cluster, "call", "ghost", "f", "x", "--timeout", "0.3")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("pylm: no instance of server 'ghost' is registered")
+    env = {k: v for k, v in os.environ.items() if k != "PYLM_REGISTRY"}
+    unset = subprocess.run(
+        [sys.executable, "-m", "pylm.cli", "ls"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert unset.returncode == 2 and "pylm etcd" in unset.stderr
+
+
+@pytest.mark.parametrize("target", ["nocolon", "missing.module:Thing"])
+def test_run_with_a_bad_target(etcd_server: LocalEtcd, cluster: str, target: str) -> None:
+    done = pylm(etcd_server, cluster, "run", target, "--name", "x")
+    assert done.returncode != 0
