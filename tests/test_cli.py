@@ -94,3 +94,10 @@ def test_errors_are_one_clear_line(etcd_server: LocalEtcd, cluster: str) -> None
 def test_run_with_a_bad_target(etcd_server: LocalEtcd, cluster: str, target: str) -> None:
     done = pylm(etcd_server, cluster, "run", target, "--name", "x")
     assert done.returncode != 0
+
+
+def test_shipped_topology_file_applies(etcd_server: LocalEtcd, cluster: str) -> None:
+    shipped = Path(__file__).resolve().parent.parent / "registry" / "pipeline.toml"
+    done = pylm(etcd_server, cluster, "topology", "apply", str(shipped))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["step1 -> step2.bar", "step2 -> last.baz"]

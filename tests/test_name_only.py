@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -117,3 +118,26 @@ def test_no_instance_registered_is_a_clear_error(registry: Registry) -> None:
         Client("ghost", registry=registry, timeout=0.3)
     with pytest.raises(ValueError, match="give the server_name too"):
         Client("tcp://127.0.0.1:5555")
+
+
+def test_serving_goes_on_while_etcd_is_down() -> None:
+    with LocalEtcd() as etcd, Registry(etcd.url, cluster="outage", timeout=2) as registry:
+        server = Echo("steady", log_stdout=False, registry=registry, ttl=1)
+        with server, Client("steady", registry=registry) as client:
+            etcd.stop()
+            for _ in range(20):  # the established topology keeps working
+                assert client.job("echo", b"x") == b"echo x"
+            registration = server.registration
+            assert registration is not None
+            deadline = time.monotonic() + 10
+            while registration.failures == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert registration.failures > 0  # it noticed ...
+            etcd.start()
+            while not registration.registered and time.monotonic() < deadline + 10:
+                time.sleep(0.05)
+            assert registration.registered  # ... and registered again by itself
+            assert [r.instance for r in registry.instances("steady")] == [
+                registration.record.instance
+            ]
+            assert client.job("echo", b"y") == b"echo y"
