@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("payload", help="sent as UTF-8 bytes")
     call.add_argument("--timeout", type=float, default=10.0)
 
+    commands.add_parser(
+        "demo", help="run a registry-backed pipeline end to end on a local etcd it starts"
+    )
+
     run = commands.add_parser("run", help="start a server with only a name (Ctrl-C stops it)")
     run.add_argument("target", help="path/to/file.py:Class or package.module:Class")
     run.add_argument("--name", required=True)
@@ -164,6 +168,12 @@ def call_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from pylm.demo import run_demo
+
+    return run_demo()
+
+
 def run_server(args: argparse.Namespace) -> int:
     target, colon, class_name = args.target.rpartition(":")
     if not colon or not target or not class_name:
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         os.environ["PYLM_CLUSTER"] = args.cluster  # servers started by `pylm run` too
     handlers = {
+        "demo": run_demo,
         "etcd": run_etcd,
         "ls": show_topology,
         "call": call_server,

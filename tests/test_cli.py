@@ -101,3 +101,15 @@ def test_shipped_topology_file_applies(etcd_server: LocalEtcd, cluster: str) -> 
     done = pylm(etcd_server, cluster, "topology", "apply", str(shipped))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["step1 -> step2.bar", "step2 -> last.baz"]
+
+
+def test_pylm_demo_runs_a_registry_backed_pipeline() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pylm.cli", "demo"], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "Client got:  b'ACK: got it too, after you sent me a message'" in lines
+    assert "Client got:  b'ACK: got it too, after you sent me another one'" in lines
+    assert any(line.startswith("step1 [chained] -> step2.bar  1 instance(s)") for line in lines)
+    assert "Traceback" not in done.stderr

@@ -149,10 +149,17 @@ class _Stage(BaseServer):
     def _next(self) -> str | None:
         return None
 
-    def _close(self) -> None:
+    def _deregister(self) -> None:
+        self._stop_following()  # before the registry it runs on may close
+        super()._deregister()
+
+    def _stop_following(self) -> None:
         following, self._following = self._following, None
         if following is not None:
             following.cancel()
+
+    def _close(self) -> None:
+        self._stop_following()
         for socket in (self._pull, self._db_socket, *self._outputs()):
             close_socket(socket)
         self._pull = self._db_socket = None

@@ -103,6 +103,14 @@ class Registry:
             " one with `pylm etcd`, or set PYLM_REGISTRY"
         )
 
+    async def _shutdown(self) -> None:
+        """End keep-alives and followings still running, then disconnect."""
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._drop_client()
+
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -223,7 +231,7 @@ class Registry:
                 registration.close()
             except RegistryError as exc:
                 log.warning("could not remove %s: %s", registration.key, exc)
-        self._call(self._drop_client())
+        self._call(self._shutdown())
         self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.timeout)
