@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help="the registered servers as a graph: stages, instances, next stage"
         )
         show.add_argument("--json", action="store_true", help="machine-readable output")
+        show.add_argument("--watch", action="store_true", help="print again on every change")
         if name == "topology":
             actions = show.add_subparsers(dest="action", metavar="ACTION")
             wire = actions.add_parser("set", help="set the next stage of a server")
@@ -83,40 +84,68 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 def show_topology(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
-        records = registry.instances()
-        stages: dict[str, list[InstanceRecord]] = {}
-        for record in records:
-            stages.setdefault(record.name, []).append(record)
-        if args.json:
-            data = {
-                "cluster": registry.config.cluster,
-                "servers": {
-                    name: {
-                        "kind": group[0].kind,
-                        "next": group[0].next,
-                        "instances": [asdict(record) for record in group],
-                    }
-                    for name, group in stages.items()
-                },
-            }
-            print(json.dumps(data, indent=2, sort_keys=True))
+        if not getattr(args, "watch", False):
+            _print_topology(registry, registry.instances(), args.json)
             return 0
-        print(f"cluster {registry.config.cluster!r} at {registry.config.url}")
-        if not stages:
-            print("  (no servers registered)")
-        now = time.time()
-        for name, group in stages.items():
-            arrow = f" -> {group[0].next}" if group[0].next else ""
-            print(f"{name} [{group[0].kind}]{arrow}  {len(group)} instance(s)")
-            for record in group:
-                where = ", ".join(
-                    f"{role} {address}" for role, address in sorted(record.endpoints.items())
-                )
-                age = now - record.started
-                print(
-                    f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s  {where}"
-                )
+        changed = threading.Event()
+        latest: list[list[InstanceRecord]] = []
+
+        def on_change(records: list[InstanceRecord]) -> None:
+            latest.append(records)
+            changed.set()
+
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        following = registry.follow(None, on_change)
+        try:
+            while not stop.is_set():
+                if changed.wait(0.2):
+                    changed.clear()
+                    _print_topology(registry, latest[-1], args.json)
+                    del latest[:-1]
+        finally:
+            following.cancel()
     return 0
+
+
+def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: bool) -> None:
+    stages: dict[str, list[InstanceRecord]] = {}
+    for record in sorted(records, key=lambda r: (r.name, r.started)):
+        stages.setdefault(record.name, []).append(record)
+    leases = registry.leases_left()
+    if as_json:
+        data = {
+            "cluster": registry.config.cluster,
+            "servers": {
+                name: {
+                    "kind": group[0].kind,
+                    "next": group[0].next,
+                    "instances": [
+                        {**asdict(record), "lease_left": leases.get(record.instance)}
+                        for record in group
+                    ],
+                }
+                for name, group in stages.items()
+            },
+        }
+        print(json.dumps(data, indent=2, sort_keys=True), flush=True)
+        return
+    print(f"cluster {registry.config.cluster!r} at {registry.config.url}")
+    if not stages:
+        print("  (no servers registered)")
+    now = time.time()
+    for name, group in stages.items():
+        arrow = f" -> {group[0].next}" if group[0].next else ""
+        print(f"{name} [{group[0].kind}]{arrow}  {len(group)} instance(s)")
+        for record in group:
+            lease = leases.get(record.instance)
+            left = f"  lease {lease:.0f} s left" if lease is not None else ""
+            age = now - record.started
+            print(f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s{left}")
+            for role, address in sorted(record.endpoints.items()):
+                print(f"    {role:5} {address}")
+    print(flush=True)
 
 
 def set_topology(args: argparse.Namespace) -> int:

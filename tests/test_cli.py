@@ -67,7 +67,8 @@ def test_run_ls_call(etcd_server: LocalEtcd, cluster: str, tmp_path: Path) -> No
         assert data["servers"]["greeter"]["kind"] == "standalone"
         assert instance["pid"] == server.pid and instance["functions"] == ["hello"]
         text = pylm(etcd_server, cluster, "topology").stdout
-        assert "greeter [standalone]  1 instance(s)" in text and "rep tcp://127.0.0.1:" in text
+        assert "greeter [standalone]  1 instance(s)" in text and "rep   tcp://127.0.0.1:" in text
+        assert "s left" in text
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
@@ -113,3 +114,37 @@ def test_pylm_demo_runs_a_registry_backed_pipeline() -> None:
     assert "Client got:  b'ACK: got it too, after you sent me another one'" in lines
     assert any(line.startswith("step1 [chained] -> step2.bar  1 instance(s)") for line in lines)
     assert "Traceback" not in done.stderr
+
+
+def test_topology_watch_prints_changes(etcd_server: LocalEtcd, cluster: str) -> None:
+    import queue
+    import threading
+
+    from pylm.registry import InstanceRecord
+
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+         "topology", "--watch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert watcher.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout])  # type: ignore[union-attr]
+    reader.start()
+
+    def wait_line(text: str) -> None:
+        while text not in lines.get(timeout=20):
+            pass
+
+    try:
+        wait_line("(no servers registered)")
+        with Registry(etcd_server.url, cluster=cluster) as registry:
+            registry.register(InstanceRecord("newcomer", "standalone", {"rep": "tcp://h:1"}))
+            wait_line("newcomer [standalone]  1 instance(s)")
+        wait_line("(no servers registered)")  # gone again once it closed
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(15) == 0
+        reader.join(5)

@@ -138,6 +138,21 @@ class Registry:
                 )
         return sorted(records, key=lambda record: (record.name, record.started))
 
+    def leases_left(self, name: str | None = None) -> dict[str, float]:
+        """Seconds left on the lease of each instance of ``name`` (of every
+        server if None), by instance id."""
+        prefix = instances_prefix(self.config.prefix, name).encode()
+
+        async def query(client: aetcd.Client) -> dict[str, float]:
+            left = {}
+            for row in await client.get_prefix(prefix):
+                if row.lease:
+                    info = await client.get_lease_info(row.lease, keys=False)
+                    left[row.key.decode(errors="replace").rpartition("/")[2]] = float(info.TTL)
+            return left
+
+        return self._call(self._etcd(query))
+
     def wait_for_instances(self, name: str, timeout: float) -> list[InstanceRecord]:
         """The instances of ``name``, waiting up to ``timeout`` seconds for
         the first to register (start order does not matter)."""
@@ -155,9 +170,13 @@ class Registry:
         return found
 
     def follow(
-        self, name: str, callback: Callable[[list[InstanceRecord]], None], retry: float = 0.5
+        self,
+        name: str | None,
+        callback: Callable[[list[InstanceRecord]], None],
+        retry: float = 0.5,
     ) -> concurrent.futures.Future[None]:
-        """Call ``callback(instances of name)`` now and after every change,
+        """Call ``callback(instances of name)`` (of every server if None) now
+        and after every change,
         from the registry's thread, until the returned future is cancelled.
         While etcd is unreachable the last known instances stand; following
         resumes by itself when it returns."""
