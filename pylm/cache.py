@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from types import TracebackType
 
 import zmq
 
 from pylm import protocol
 from pylm.calls import DEFAULT_TIMEOUT
 from pylm.errors import ProtocolError, PylmError, UnknownFunction, UnknownKey, UnknownServer
+from pylm.lifecycle import Closing
 from pylm.standalone.client import Client
 
 __all__ = ["Cache", "CacheClient", "encode_set"]
@@ -111,7 +111,7 @@ class Cache(dict[str, bytes]):
             raise ProtocolError(f"cache key is not UTF-8: {raw[:80]!r}") from None
 
 
-class CacheClient:
+class CacheClient(Closing):
     """Reaches the cache of server ``server_name`` at ``db_address``."""
 
     def __init__(
@@ -139,14 +139,3 @@ class CacheClient:
 
     def close(self) -> None:
         self._client.close()
-
-    def __enter__(self) -> CacheClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

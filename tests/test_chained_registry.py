@@ -10,24 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pylm.chained import LastServer, LoopClient, Server
+from pylm.chained import LoopClient
+from pylm.demo import Last, Step1, Step2
 from pylm.errors import RegistryError
 from pylm.registry import Registry
-
-
-class Step1(Server):
-    def foo(self, message: bytes) -> bytes:
-        return b"you sent me " + message
-
-
-class Step2(Server):
-    def bar(self, message: bytes) -> bytes:
-        return b"got it too, after " + message
-
-
-class Last(LastServer):
-    def baz(self, message: bytes) -> bytes:
-        return b"ACK: " + message
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -10,7 +10,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import zmq
@@ -20,6 +19,7 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
 from pylm.errors import PylmError, RegistryError, RequestTimeout
+from pylm.lifecycle import Closing
 from pylm.transport import check_address, close_socket, default_context
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class JobResult:
     error: PylmError | None
 
 
-class LoopClient(Caller):
+class LoopClient(Caller, Closing):
     """Sends jobs to the first stage of a pipeline and receives their results
     from the last stage::
 
@@ -372,14 +372,3 @@ class LoopClient(Caller):
         if self._cache is not None:
             self._cache.close()
             self._cache = None
-
-    def __enter__(self) -> LoopClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -16,12 +16,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from types import TracebackType
 from typing import Any, TypeVar
 
 import aetcd
 
 from pylm.errors import RegistryError, RegistryUnavailable
+from pylm.lifecycle import Closing
 from pylm.registry.config import RegistryConfig
 from pylm.registry.records import InstanceRecord, config_key, instance_key, instances_prefix
 
@@ -32,7 +32,7 @@ log = logging.getLogger("pylm.registry")
 T = TypeVar("T")
 
 
-class Registry:
+class Registry(Closing):
     """A connection to the registry of one cluster::
 
     with Registry() as registry:                 # PYLM_REGISTRY, PYLM_CLUSTER
@@ -255,17 +255,6 @@ class Registry:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.timeout)
         self._loop.close()
-
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Registration:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -12,6 +11,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.errors import ProtocolError
+from pylm.lifecycle import Closing
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 _unpack_id = protocol.unpack_id
 
 
-class Client(Caller):
+class Client(Caller, Closing):
     """Calls functions of one server and waits for each answer::
 
         client = Client('tcp://127.0.0.1:5555', 'my_server')
@@ -116,14 +116,3 @@ class Client(Caller):
         with self._lock:
             close_socket(self._socket)
             self._socket = None
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
