@@ -46,3 +46,18 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     results = json.loads(out.read_text())["results"]
     assert all(result["median_per_s"] > 0 for result in results)
     assert len(results) == 4
+
+
+@pytest.mark.timeout(170)
+def test_registry_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "registry.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.registry", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=160,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| measurement | result |" in run.stdout
+    assert out.exists()

@@ -203,9 +203,11 @@ class _Stage(BaseServer):
                 quiet_since = time.monotonic()
             self._rewire()
 
-    def _rewire(self) -> None:
+    def _rewire(self) -> bool:
         """Apply changes the registry reported (in the serving thread, which
-        owns the sockets); nothing to do for a stage with fixed addresses."""
+        owns the sockets); True if it connected to a new instance. Nothing to
+        do for a stage with fixed addresses."""
+        return False
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
         recv, call = pull.recv, self._call
@@ -309,13 +311,14 @@ class _Stage(BaseServer):
                 socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
                 return True
             except zmq.Again:
+                if self._rewire():
+                    continue  # the instance to send to has just joined: try again now
                 if poller is None:
                     poller = zmq.Poller()
                     poller.register(socket, zmq.POLLOUT)
                     poller.register(self._db_socket, zmq.POLLIN)
                 if self._db_socket in dict(poller.poll(_REWIRE_MS)):
                     self._serve_db()
-                self._rewire()  # the instance to send to may be joining right now
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
                     return False
@@ -421,7 +424,12 @@ class Server(_Stage):
             assert self.next_call is not None
             next_server = self.next_call.rpartition(".")[0]
             self._poll_timeout = _REWIRE_MS
-            self._following = self._registry_client().follow(next_server, self._instances_changed)
+            registry = self._registry_client()
+            self._instances_changed(registry.instances(next_server))  # connect at once ...
+            self._rewire()
+            self._following = registry.follow(
+                next_server, self._instances_changed
+            )  # ... and follow
 
     def _configured_next(self) -> str:
         try:
@@ -442,12 +450,13 @@ class Server(_Stage):
         with self._wanted_lock:
             self._wanted = wanted
 
-    def _rewire(self) -> None:
+    def _rewire(self) -> bool:
         with self._wanted_lock:
             wanted, self._wanted = self._wanted, None
         if wanted is None or self._push is None:
-            return
-        for address in wanted - self._connected:
+            return False
+        joined = wanted - self._connected
+        for address in joined:
             self._push.connect(address)
             self.logger.info("%s: next stage instance %s joined", self.name, address)
         for address in self._connected - wanted:
@@ -457,6 +466,7 @@ class Server(_Stage):
                 pass  # never connected in libzmq's eyes: nothing to undo
             self.logger.info("%s: next stage instance %s left", self.name, address)
         self._connected = wanted
+        return bool(joined)
 
     def _outputs(self) -> list[zmq.Socket | None]:
         push, self._push = self._push, None

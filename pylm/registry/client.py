@@ -144,12 +144,14 @@ class Registry(Closing):
         prefix = instances_prefix(self.config.prefix, name).encode()
 
         async def query(client: aetcd.Client) -> dict[str, float]:
-            left = {}
-            for row in await client.get_prefix(prefix):
-                if row.lease:
-                    info = await client.get_lease_info(row.lease, keys=False)
-                    left[row.key.decode(errors="replace").rpartition("/")[2]] = float(info.TTL)
-            return left
+            leased = [row for row in await client.get_prefix(prefix) if row.lease]
+            infos = await asyncio.gather(  # all at once: one round trip, not one per record
+                *(client.get_lease_info(row.lease, keys=False) for row in leased)
+            )
+            return {
+                row.key.decode(errors="replace").rpartition("/")[2]: float(info.TTL)
+                for row, info in zip(leased, infos, strict=True)
+            }
 
         return self._call(self._etcd(query))
 
@@ -182,7 +184,7 @@ class Registry(Closing):
         resumes by itself when it returns."""
         prefix = instances_prefix(self.config.prefix, name).encode()
 
-        async def listing() -> list[InstanceRecord]:
+        async def listing() -> tuple[list[InstanceRecord], int]:
             rows = await self._etcd(lambda client: client.get_prefix(prefix))
             records = []
             for row in rows:
@@ -190,15 +192,22 @@ class Registry(Closing):
                     records.append(InstanceRecord.from_json(row.value))
                 except ValueError as exc:
                     log.warning("skipping malformed registry record: %s", exc)
-            return records
+            return records, int(rows.header.revision)
 
         async def run() -> None:
             while True:
                 try:
-                    callback(await listing())
-                    watch = await self._etcd(lambda client: client.watch_prefix(prefix))
+                    records, revision = await listing()
+                    callback(records)
+                    # Watch from just after the listing: a change between the
+                    # two is reported, never lost.
+                    watch = await self._etcd(
+                        lambda client, start=revision + 1: client.watch_prefix(
+                            prefix, start_revision=start
+                        )
+                    )
                     async for _ in watch:
-                        callback(await listing())  # a fresh listing: no event bookkeeping
+                        callback((await listing())[0])  # a fresh listing: no event bookkeeping
                 except (RegistryError, aetcd.exceptions.ClientError) as exc:
                     log.debug("following %s paused: %s", name, exc)
                     await self._drop_client()
