@@ -115,6 +115,7 @@ class _Stage(BaseServer):
         self._poller = zmq.Poller()
         self._following: concurrent.futures.Future[None] | None = None
         self._poll_timeout: int | None = None  # ms; set when rewiring is possible
+        self._send_deadline: float | None = None  # set while leaving
 
     # ------------------------------------------------------------------ sockets
 
@@ -197,6 +198,7 @@ class _Stage(BaseServer):
         self._deregister()
         quiet_since = time.monotonic()
         give_up = quiet_since + _DRAIN_MAX
+        self._send_deadline = give_up  # nor may a full next stage hold the stop up
         while time.monotonic() - quiet_since < _DRAIN_QUIET and time.monotonic() < give_up:
             if pull.poll(50, zmq.POLLIN):
                 self._drain(pull, debug)
@@ -313,6 +315,12 @@ class _Stage(BaseServer):
             except zmq.Again:
                 if self._rewire():
                     continue  # the instance to send to has just joined: try again now
+                if self._send_deadline is not None and time.monotonic() > self._send_deadline:
+                    self.logger.warning(
+                        "%s: leaving with the next stage still full: a message is dropped",
+                        self.name,
+                    )
+                    return False
                 if poller is None:
                     poller = zmq.Poller()
                     poller.register(socket, zmq.POLLOUT)
