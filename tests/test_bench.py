@@ -12,19 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(120)
-def test_rpc_benchmark_smoke_run(tmp_path: Path) -> None:
-    out = tmp_path / "rpc.json"
-    command = [sys.executable, "-m", "bench.rpc", "--quick", "--only", "pylm,raw"]
+def smoke_run(module: str, out: Path, *options: str, timeout: float = 110) -> str:
+    """Run ``python -m bench.<module> --quick`` writing ``out``; its stdout."""
     run = subprocess.run(
-        [*command, "--clients", "1", "--json", str(out)],
+        [sys.executable, "-m", f"bench.{module}", "--quick", *options, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "| 100 B, 1 client |" in run.stdout
+    return run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_rpc_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "rpc.json"
+    stdout = smoke_run("rpc", out, "--only", "pylm,raw", "--clients", "1")
+    assert "| 100 B, 1 client |" in stdout
     results = json.loads(out.read_text())["results"]
     systems = {result["system"] for result in results}
     assert systems == {"raw-req", "pylm", "raw-dealer", "pylm-async"}
@@ -34,15 +39,7 @@ def test_rpc_benchmark_smoke_run(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.pipeline", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "| 100 B |" in run.stdout
+    assert "| 100 B |" in smoke_run("pipeline", out)
     results = json.loads(out.read_text())["results"]
     assert all(result["median_per_s"] > 0 for result in results)
     assert len(results) == 4
@@ -51,13 +48,5 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
 @pytest.mark.timeout(170)
 def test_registry_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "registry.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "bench.registry", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=160,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "| measurement | result |" in run.stdout
+    assert "| measurement | result |" in smoke_run("registry", out, timeout=160)
     assert out.exists()

@@ -11,29 +11,27 @@ import pylm
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_standalone_example_end_to_end() -> None:
+def demo_lines(example: str) -> list[str]:
+    """The output lines of ``examples/<example>/demo.py``, which must succeed."""
     run = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "standalone_single" / "demo.py")],
+        [sys.executable, str(ROOT / "examples" / example / "demo.py")],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    return run.stdout.splitlines()
+
+
+def test_standalone_example_end_to_end() -> None:
+    lines = demo_lines("standalone_single")
     assert "Client got:  b'you sent me a message'" in lines
     assert sum(line.startswith("Client got:  b'you sent me message ") for line in lines) == 10
     assert any(line.endswith(" - my_server - WARNING - Got a message") for line in lines)
 
 
 def test_chained_example_end_to_end() -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "chained_single" / "demo.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    lines = demo_lines("chained_single")
     assert lines[0] == "Client with the following connections:"
     assert lines[1].startswith(" *Listening to input from ipc://")
     assert lines[2].startswith(" *Sending jobs to ipc://")
