@@ -295,7 +295,7 @@ class BaseServer:
             )
             self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
         except RegistryError as exc:
-            raise RegistryError(
+            raise type(exc)(  # the same kind of error: unavailable, access denied...
                 f"server {self.name!r} cannot register: {exc}"
                 + (
                     " (it was started with only a name, so it needs the registry)"

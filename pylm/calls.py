@@ -9,7 +9,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 from pylm import protocol
+from pylm.discovery import Peers
 from pylm.errors import ProtocolError, RegistryError, RequestTimeout
 from pylm.transport import check_address
 
@@ -82,7 +85,9 @@ class Caller:
     ``connection`` is an address (then ``server_name`` names the server), or,
     with ``server_name`` None, only the server's name: its instances' addresses
     then come from the registry (``registry``, default ``PYLM_REGISTRY``),
-    waiting up to ``timeout`` for one to register.
+    waiting up to ``timeout`` for one to register, and the client follows the
+    registry from then on (instances joining or leaving, see
+    :mod:`pylm.discovery`) until it is closed.
     """
 
     endpoint_role = "rep"  # which of a record's endpoints this client calls
@@ -96,36 +101,61 @@ class Caller:
         registry: Registry | str | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
+        self._registry: Registry | None = None  # while following, the one this client opened
+        self._peers: Peers | None = None
         if server_name is None:
             if not isinstance(connection, str) or "://" in connection:
                 raise ValueError(
                     f"connection {connection!r} is an address: give the server_name too"
                 )
             server_name = connection
-            self.endpoints = self._resolve(server_name, registry)
+            self._peers = self._resolve(server_name, registry)
+            self.endpoints = self._peers.endpoints
         else:
             self.endpoints = [check_address(connection, "connection")]
         self.connection = ",".join(self.endpoints)
         self.server_name = server_name
         self._calls = Calls(server_name, max_payload)
 
-    def _resolve(self, name: str, registry: Registry | str | None) -> list[str]:
+    def _open_registry(self, registry: Registry | str | None) -> Registry:
+        """The registry to resolve with: the one given, or one this client
+        opens and closes with :meth:`_stop_following`."""
         from pylm.registry import Registry
 
-        client = registry if isinstance(registry, Registry) else Registry(registry)
+        if isinstance(registry, Registry):
+            return registry
+        self._registry = Registry(registry)
+        return self._registry
+
+    def _resolve(self, name: str, registry: Registry | str | None) -> Peers:
+        client = self._open_registry(registry)
         try:
             records = client.wait_for_instances(name, self.timeout)
-        finally:
-            if client is not registry:
-                client.close()
-        role = self.endpoint_role
-        endpoints = [record.endpoints[role] for record in records if role in record.endpoints]
-        if not endpoints:
-            raise RegistryError(
-                f"the instances of {name!r} have no {self.endpoint_role!r} endpoint:"
-                f" is it a {type(self).__name__}'s kind of server?"
-            )
-        return endpoints
+            if not any(self.endpoint_role in record.endpoints for record in records):
+                raise RegistryError(
+                    f"the instances of {name!r} have no {self.endpoint_role!r} endpoint:"
+                    f" is it a {type(self).__name__}'s kind of server?"
+                )
+        except BaseException:
+            self._stop_following()
+            raise
+        return Peers(client, name, self.endpoint_role, records)
+
+    def _rewire(self, socket: zmq.Socket) -> None:
+        """Apply the instances the registry lists now to ``socket`` (the
+        caller checked ``self._peers.changed``)."""
+        assert self._peers is not None
+        self._peers.apply(socket)
+        self.endpoints = self._peers.endpoints
+        self.connection = ",".join(self.endpoints)
+
+    def _stop_following(self) -> None:
+        peers, self._peers = self._peers, None
+        if peers is not None:
+            peers.close()
+        registry, self._registry = self._registry, None
+        if registry is not None:
+            registry.close()
 
     def _timeout_of(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else check_timeout(timeout)

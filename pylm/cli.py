@@ -21,7 +21,7 @@ from pylm.errors import PylmError
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["main"]
+__all__ = ["main", "read_topology"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,23 +148,58 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
     print(flush=True)
 
 
-def set_topology(args: argparse.Namespace) -> int:
-    import tomllib
+def read_topology(path: Path) -> dict[str, str]:
+    """The wiring in a topology file: ``{stage: "server.function"}``.
 
+    TOML (``[stages.NAME]`` tables with ``next = "server.function"``) or, for
+    a ``.yaml``/``.yml`` file, the same shape in YAML (needs PyYAML:
+    ``pip install 'pylm[yaml]'``). Stages without ``next`` (last stages) are
+    listed for the reader and skipped.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PylmError(f"cannot read topology file {str(path)!r}: {exc.strerror}") from None
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise PylmError(
+                f"reading the YAML file {str(path)!r} needs PyYAML: pip install 'pylm[yaml]'"
+                " (or write the topology in TOML)"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PylmError(f"topology file {str(path)!r} is not valid YAML: {exc}") from None
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PylmError(f"topology file {str(path)!r} is not valid TOML: {exc}") from None
+    stages = data.get("stages") if isinstance(data, dict) else None
+    if not isinstance(stages, dict):
+        raise PylmError(f"{str(path)!r} has no stages (a [stages.NAME] table per stage)")
+    wiring = {}
+    for name, stage in stages.items():
+        if stage is None or (isinstance(stage, dict) and stage.get("next") is None):
+            continue  # a last stage: nothing to wire
+        if not isinstance(stage, dict) or not isinstance(stage["next"], str):
+            raise PylmError(
+                f"stage {name!r} in {str(path)!r}: next must be a string such as"
+                f" 'step2.bar', got {stage!r}"
+            )
+        wiring[str(name)] = stage["next"]
+    return wiring
+
+
+def set_topology(args: argparse.Namespace) -> int:
     if args.action == "set":
         wiring = {args.name: args.next}
     else:
-        try:
-            data = tomllib.loads(args.file.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise PylmError(f"cannot read topology file {str(args.file)!r}: {exc}") from None
-        stages = data.get("stages")
-        if not isinstance(stages, dict):
-            raise PylmError(f"{str(args.file)!r} has no [stages.NAME] tables")
-        wiring = {}
-        for name, stage in stages.items():
-            if isinstance(stage, dict) and isinstance(stage.get("next"), str):
-                wiring[name] = stage["next"]
+        wiring = read_topology(args.file)
     with _registry(args) as registry:
         for name, next_call in wiring.items():
             if "." not in next_call:

@@ -12,6 +12,7 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
+    "RegistryAccessDenied",
     "RegistryError",
     "RegistryUnavailable",
     "RemoteError",
@@ -116,3 +117,8 @@ class RegistryError(PylmError):
 
 class RegistryUnavailable(RegistryError):
     """The service registry cannot be reached."""
+
+
+class RegistryAccessDenied(RegistryError):
+    """etcd refused the credentials given (user, password, certificate), or
+    the user may not touch pylm's keys."""

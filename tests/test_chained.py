@@ -389,3 +389,28 @@ def test_one_run_at_a_time_per_client(pipeline: Pipeline) -> None:
             list(client.job("foo", [b"x"]))
         assert len(list(first)) == 1
         assert list(client.job("foo", [b"c"])) == [b"ACK: got it too, after you sent me c"]
+
+
+def test_last_stage_keeps_results_for_a_client_connecting_late(serve: Serve) -> None:
+    """A job reaches the last stage before its client is connected there (a
+    client that found a new instance in the registry a moment later): the
+    result waits, and goes out once the client says hello."""
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+    context = zmq.Context.instance()
+    route = b"pylm-late-client"
+    with context.socket(zmq.PUSH) as jobs, context.socket(zmq.DEALER) as results:
+        jobs.connect(last.address)
+        jobs.send_multipart(protocol.encode(protocol.REQUEST, 7, b"x", b"last.baz", route))
+        deadline = time.monotonic() + 10
+        while last.served < 1:  # the job was run; its result has nowhere to go yet
+            assert time.monotonic() < deadline, "the last stage never ran the job"
+            time.sleep(0.01)
+        results.setsockopt(zmq.ROUTING_ID, route)
+        results.connect(last.push)
+        results.send_multipart(protocol.encode(protocol.PING, 8))
+        answers = []
+        for _ in range(2):
+            assert results.poll(10_000), "no answer from the last stage"
+            answers.append(protocol.decode(results.recv_multipart()))
+    assert [(a.kind, a.msg_id) for a in answers] == [(protocol.PONG, 8), (protocol.REPLY, 7)]
+    assert answers[1].payload == b"ACK: x"

@@ -88,3 +88,30 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) ->
     assert sorted(results) == sorted(
         b"ACK: got it too, after you sent me %d" % i for i in range(total)
     )
+
+
+def test_loop_client_follows_last_stage_instances(registry: Registry) -> None:
+    """A last stage instance joining after the client started sends its
+    results to that client too; when the first one leaves, nothing is lost."""
+    old_last = Last("last", registry=registry, log_stdout=False)
+    new_last = Last("last", registry=registry, log_stdout=False)
+    step1 = Step1("step1", next_call="step2.bar", registry=registry, log_stdout=False)
+    step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
+    for stage in (old_last, step2, step1):
+        stage.start(background=True)
+    client = LoopClient("step1", registry=registry, announce=False, max_in_flight=50)
+    try:
+        assert list(client.job("foo", [b"0"])) == [b"ACK: got it too, after you sent me 0"]
+        new_last.start(background=True)
+        wait_for(lambda: new_last.address in step2._connected, 5, "step2 connecting to it")
+        old_last.stop()
+        total = 500
+        results = list(client.job("foo", (b"%d" % i for i in range(total)), timeout=20))
+        assert sorted(results) == sorted(
+            b"ACK: got it too, after you sent me %d" % i for i in range(total)
+        )
+        assert client.pull_addresses == [new_last.push]
+    finally:
+        client.close()
+        for stage in (step1, step2, new_last, old_last):
+            stage.stop()

@@ -97,11 +97,31 @@ def test_run_with_a_bad_target(etcd_server: LocalEtcd, cluster: str, target: str
     assert done.returncode != 0
 
 
-def test_shipped_topology_file_applies(etcd_server: LocalEtcd, cluster: str) -> None:
-    shipped = Path(__file__).resolve().parent.parent / "registry" / "pipeline.toml"
+@pytest.mark.parametrize("filename", ["pipeline.toml", "pipeline.yaml"])
+def test_shipped_topology_files_apply(etcd_server: LocalEtcd, cluster: str, filename: str) -> None:
+    shipped = Path(__file__).resolve().parent.parent / "registry" / filename
     done = pylm(etcd_server, cluster, "topology", "apply", str(shipped))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["step1 -> step2.bar", "step2 -> last.baz"]
+
+
+def test_topology_files_with_mistakes_are_named(tmp_path: Path) -> None:
+    from pylm.cli import read_topology
+    from pylm.errors import PylmError
+
+    cases = {
+        "bad.toml": ("[stages.a\nnext=1", "is not valid TOML"),
+        "bad.yaml": ("stages: [a, : b", "is not valid YAML"),
+        "empty.yaml": ("", "has no stages"),
+        "typed.yml": ("stages:\n  step1:\n    next: 3\n", "stage 'step1' .* next must be"),
+    }
+    for filename, (text, words) in cases.items():
+        path = tmp_path / filename
+        path.write_text(text)
+        with pytest.raises(PylmError, match=words):
+            read_topology(path)
+    with pytest.raises(PylmError, match="cannot read topology file"):
+        read_topology(tmp_path / "missing.toml")
 
 
 def test_pylm_demo_runs_a_registry_backed_pipeline() -> None:

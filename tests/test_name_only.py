@@ -141,3 +141,60 @@ def test_serving_goes_on_while_etcd_is_down() -> None:
                 registration.record.instance
             ]
             assert client.job("echo", b"y") == b"echo y"
+
+
+class Named(Server):
+    """Says which instance answered."""
+
+    def who(self, message: bytes) -> bytes:
+        assert self.address is not None
+        return self.address.encode()
+
+
+def test_client_follows_instances_joining_and_leaving(registry: Registry) -> None:
+    first = Named("named", log_stdout=False, registry=registry)
+    second = Named("named", log_stdout=False, registry=registry)
+    with first, Client("named", registry=registry, timeout=5) as client:
+        assert client.job("who", b"") == first.address.encode()
+        second.start(background=True)
+        try:
+            answered: set[bytes] = set()
+            deadline = time.monotonic() + 10
+            while second.address.encode() not in answered:  # the joining instance gets calls
+                assert time.monotonic() < deadline, "the client never called the new instance"
+                answered.add(client.job("who", b""))
+            assert sorted(client.endpoints) == sorted([first.address, second.address])
+        finally:
+            second.stop()
+        # The instance left: every call goes to the one still there, none fails.
+        assert {client.job("who", b"") for _ in range(50)} == {first.address.encode()}
+        deadline = time.monotonic() + 10
+        while client.endpoints != [first.address]:
+            assert time.monotonic() < deadline, "the client never dropped the old instance"
+            client.job("who", b"")
+    assert registry.instances("named") == []
+
+
+def test_async_client_follows_a_joining_instance(registry: Registry) -> None:
+    import asyncio
+
+    first = Named("anamed", log_stdout=False, registry=registry)
+    second = Named("anamed", log_stdout=False, registry=registry)
+
+    async def main() -> set[bytes]:
+        async with AsyncClient("anamed", registry=registry, timeout=5) as client:
+            answered = {await client.job("who", b"")}
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: second.start(background=True)
+            )
+            deadline = time.monotonic() + 10
+            while len(answered) < 2 and time.monotonic() < deadline:
+                answered.update(await asyncio.gather(*(client.job("who", b"") for _ in range(4))))
+            return answered
+
+    with first:
+        try:
+            answered = asyncio.run(main())
+        finally:
+            second.stop()
+    assert answered == {first.address.encode(), second.address.encode()}

@@ -18,12 +18,13 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
+from pylm.discovery import Peers
 from pylm.errors import PylmError, RegistryError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.transport import check_address, close_socket, default_context
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["JobResult", "LoopClient"]
 
@@ -39,40 +40,30 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 
 
 def _resolve_pipeline(
-    first: str, registry: Registry | str | None, timeout: float
-) -> tuple[list[str], str, list[str]]:
-    """From the registry: the first stage's input addresses, its cache
-    address, and the result addresses of the last stage, found by following
-    each stage's ``next``."""
-    from pylm.registry import Registry
-
-    client = registry if isinstance(registry, Registry) else Registry(registry)
-    try:
-        records = client.wait_for_instances(first, timeout)
-        jobs_to = [record.endpoints["pull"] for record in records if "pull" in record.endpoints]
-        db = next((record.endpoints["db"] for record in records if "db" in record.endpoints), None)
-        if not jobs_to or db is None:
+    registry: Registry, first: str, timeout: float
+) -> tuple[list[InstanceRecord], str, str, list[InstanceRecord]]:
+    """From the registry: the first stage's instances, its cache address,
+    and the last stage's name and instances, found by following each
+    stage's ``next``."""
+    records = registry.wait_for_instances(first, timeout)
+    firsts = records
+    db = next((record.endpoints["db"] for record in records if "db" in record.endpoints), None)
+    if not any("pull" in record.endpoints for record in records) or db is None:
+        raise RegistryError(f"{first!r} is not a chained stage: it has no pull and db endpoints")
+    seen = {first}
+    while True:
+        if all(record.kind == "chained-last" for record in records):
+            return firsts, db, records[0].name, records
+        following = next((record.next for record in records if record.next), None)
+        if not following:
             raise RegistryError(
-                f"{first!r} is not a chained stage: it has no pull and db endpoints"
+                f"stage {records[0].name!r} has no next stage and is not a last stage"
             )
-        seen = {first}
-        while True:
-            if all(record.kind == "chained-last" for record in records):
-                results = [r.endpoints["push"] for r in records if "push" in r.endpoints]
-                return jobs_to, db, results
-            following = next((record.next for record in records if record.next), None)
-            if not following:
-                raise RegistryError(
-                    f"stage {records[0].name!r} has no next stage and is not a last stage"
-                )
-            name = following.rpartition(".")[0]
-            if name in seen:
-                raise RegistryError(f"the pipeline from {first!r} loops back to {name!r}")
-            seen.add(name)
-            records = client.wait_for_instances(name, timeout)
-    finally:
-        if client is not registry:
-            client.close()
+        name = following.rpartition(".")[0]
+        if name in seen:
+            raise RegistryError(f"the pipeline from {first!r} loops back to {name!r}")
+        seen.add(name)
+        records = registry.wait_for_instances(name, timeout)
 
 
 @dataclass(frozen=True)
@@ -119,23 +110,30 @@ class LoopClient(Caller, Closing):
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
     ) -> None:
-        jobs_to: list[str] | None = None
+        firsts: Peers | None = None
+        self._last: Peers | None = None  # the last stage's instances, when followed
+        owned: Registry | None = None
         if push_address is None and db_address is None and server_name is None:
-            # Only the first stage's name: the rest comes from the registry.
+            # Only the first stage's name: the rest comes from the registry,
+            # followed from then on (stages' instances joining or leaving).
             if not isinstance(pull_address, str) or "://" in pull_address:
                 raise ValueError(
                     "give LoopClient the first stage's name alone, or all four of"
                     " pull_address, push_address, db_address and server_name"
                 )
             server_name = pull_address
-            jobs_to, db_address, pull_address = _resolve_pipeline(server_name, registry, timeout)
-            push_address = jobs_to[0]
+            firsts, db_address, self._last, owned = self._follow_pipeline(
+                server_name, registry, timeout
+            )
+            pull_address = self._last.endpoints
+            push_address = firsts.endpoints[0]
         if push_address is None or db_address is None or server_name is None:
             raise ValueError("push_address, db_address and server_name go together")
         super().__init__(push_address, server_name, timeout, max_payload)
-        if jobs_to is not None:
-            self.endpoints = jobs_to
-            self.connection = ",".join(jobs_to)
+        if firsts is not None:
+            self._peers, self._registry = firsts, owned
+            self.endpoints = firsts.endpoints
+            self.connection = ",".join(firsts.endpoints)
         pulls = [pull_address] if isinstance(pull_address, str) else list(pull_address)
         self.pull_addresses = [check_address(address, "pull_address") for address in pulls]
         if not self.pull_addresses:
@@ -149,13 +147,7 @@ class LoopClient(Caller, Closing):
         self.route = b"pylm-" + os.urandom(12)
         context = default_context(context)
         self._context = context
-        self._results: list[zmq.Socket] = []
-        for address in self.pull_addresses:
-            socket = context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.setsockopt(zmq.ROUTING_ID, self.route)
-            socket.connect(address)
-            self._results.append(socket)
+        self._results = [self._result_socket(address) for address in self.pull_addresses]
         self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
@@ -171,6 +163,53 @@ class LoopClient(Caller, Closing):
             for address in self.pull_addresses:
                 print(f" *Listening to input from {address}")
             print(f" *Sending jobs to {self.connection}")
+
+    @staticmethod
+    def _follow_pipeline(
+        first: str, registry: Registry | str | None, timeout: float
+    ) -> tuple[Peers, str, Peers, Registry | None]:
+        from pylm.registry import Registry
+
+        client = registry if isinstance(registry, Registry) else Registry(registry)
+        try:
+            firsts, db, last, lasts = _resolve_pipeline(client, first, timeout)
+            if not any("push" in record.endpoints for record in lasts):
+                raise RegistryError(f"the last stage {last!r} has no push endpoint")
+        except BaseException:
+            if client is not registry:
+                client.close()
+            raise
+        return (
+            Peers(client, first, "pull", firsts),
+            db,
+            Peers(client, last, "push", lasts),
+            None if client is registry else client,
+        )
+
+    def _follow(self, poller: zmq.Poller | None, timeout: float) -> None:
+        """Apply what the registry says of the first and last stages now:
+        jobs go to the first stage's instances, results come from every last
+        stage instance (a new one is greeted before going on)."""
+        if self._peers is not None and self._peers.changed and self._jobs is not None:
+            self._rewire(self._jobs)
+        if self._last is None or not self._last.changed:
+            return
+        joined, left = self._last.take()
+        for address in left:
+            index = self.pull_addresses.index(address)
+            socket = self._results.pop(index)
+            self.pull_addresses.pop(index)
+            if poller is not None:
+                poller.unregister(socket)
+            close_socket(socket)
+        deadline = time.monotonic() + timeout
+        for address in joined:
+            socket = self._result_socket(address)
+            self._results.append(socket)
+            self.pull_addresses.append(address)
+            self._greet_one(socket, address, deadline, timeout)
+            if poller is not None:
+                poller.register(socket, zmq.POLLIN)
 
     # ------------------------------------------------------------------ jobs
 
@@ -203,6 +242,7 @@ class LoopClient(Caller, Closing):
             jobs = self._jobs
             if jobs is None:
                 raise RuntimeError("the client is closed")
+            self._follow(None, timeout)
             self._greet(timeout)
             target = self._calls._target(function)[1]
             # Every job's body is prefix + id and deadline + tail + payload.
@@ -218,6 +258,10 @@ class LoopClient(Caller, Closing):
             index = 0
             exhausted = False
             while True:
+                if (self._last is not None and self._last.changed) or (
+                    self._peers is not None and self._peers.changed
+                ):
+                    self._follow(poller, timeout)
                 # Send while there is room.
                 while not exhausted and len(in_flight) < self.max_in_flight:
                     if waiting is None:
@@ -319,6 +363,14 @@ class LoopClient(Caller, Closing):
             outcomes.append((index, None, error))
         return outcomes
 
+    def _result_socket(self, address: str) -> zmq.Socket:
+        """A socket receiving results from the last stage instance at ``address``."""
+        socket: zmq.Socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self.route)
+        socket.connect(address)
+        return socket
+
     def _greet(self, timeout: float) -> None:
         """Make sure every last stage knows this client before jobs go out:
         a ROUTER drops messages for a client it has not heard from."""
@@ -326,19 +378,22 @@ class LoopClient(Caller, Closing):
             return
         deadline = time.monotonic() + timeout
         for socket, address in zip(self._results, self.pull_addresses, strict=True):
-            msg_id = next(self._ids)
-            socket.send_multipart(protocol.encode(protocol.PING, msg_id))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not socket.poll(max(1, int(left * 1000))):
-                    raise RequestTimeout(
-                        f"the last stage at {address} did not answer within {timeout:g} s"
-                    )
-                message = read_answer(socket.recv_multipart())
-                if message is not None and message.msg_id == msg_id:
-                    break
-                self.dropped += 1
+            self._greet_one(socket, address, deadline, timeout)
         self._greeted = True
+
+    def _greet_one(self, socket: zmq.Socket, address: str, deadline: float, timeout: float) -> None:
+        msg_id = next(self._ids)
+        socket.send_multipart(protocol.encode(protocol.PING, msg_id))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not socket.poll(max(1, int(left * 1000))):
+                raise RequestTimeout(
+                    f"the last stage at {address} did not answer within {timeout:g} s"
+                )
+            message = read_answer(socket.recv_multipart())
+            if message is not None and message.msg_id == msg_id:
+                return
+            self.dropped += 1
 
     # ------------------------------------------------------------------ cache
 
@@ -364,6 +419,10 @@ class LoopClient(Caller, Closing):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            last.close()
+        self._stop_following()
         for socket in self._results:
             close_socket(socket)
         self._results = []

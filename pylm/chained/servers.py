@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["LastServer", "Server"]
 
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
+# A last stage keeps results for a client not connected yet (one that found
+# the stage in the registry after its jobs got there) this long, this many.
+PARK_SECONDS = 10.0
+PARK_LIMIT = 10_000
 _REWIRE_MS = 200  # how often a stage following the registry looks for changes
 _DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
@@ -563,6 +567,10 @@ class LastServer(_Stage):
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results
         self._router: zmq.Socket | None = None
+        # Results for clients not connected (yet): a client that found this
+        # instance in the registry after its jobs got here greets it soon.
+        self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
+        self._parked_count = 0
 
     def _open_output(self) -> None:
         router = self.context.socket(zmq.ROUTER)
@@ -583,6 +591,14 @@ class LastServer(_Stage):
 
     def _outputs(self) -> list[zmq.Socket | None]:
         router, self._router = self._router, None
+        if self._parked_count:
+            self.logger.warning(
+                "%s: %d results dropped on stop: their clients never connected",
+                self.name,
+                self._parked_count,
+            )
+            self._parked.clear()
+            self._parked_count = 0
         return [router]
 
     def _serve_other(self, socket: zmq.Socket) -> None:
@@ -603,15 +619,58 @@ class LastServer(_Stage):
             return
         if message.kind == protocol.PING:
             pong = protocol.encode(protocol.PONG, message.msg_id, self._pong())
-            self._send(self._router, [frames[0], *pong])
+            if self._send(self._router, [frames[0], *pong]):
+                self._release(frames[0])
         else:
             self._drop("clients only send PING on the results socket", frames)
 
     def _to_client(self, route: bytes, frames: list[bytes]) -> None:
         assert self._router is not None
         if not self._send(self._router, [route, *frames]):
+            self._park(route, frames)
+
+    def _park(self, route: bytes, frames: list[bytes]) -> None:
+        """Keep a result for a client not connected yet, for a while."""
+        now = time.monotonic()
+        self._expire_parked(now)
+        if self._parked_count >= PARK_LIMIT:
             self.logger.warning(
-                "%s: result for client %s dropped: it is not connected", self.name, route.hex()
+                "%s: result for client %s dropped: it is not connected (and %d results"
+                " already wait for clients)",
+                self.name,
+                route.hex(),
+                self._parked_count,
+            )
+            return
+        self._parked.setdefault(route, []).append((now + PARK_SECONDS, frames))
+        self._parked_count += 1
+
+    def _release(self, route: bytes) -> None:
+        """The client ``route`` is connected: send it what waited for it."""
+        assert self._router is not None
+        waiting = self._parked.pop(route, [])
+        self._parked_count -= len(waiting)
+        for _, frames in waiting:
+            if not self._send(self._router, [route, *frames]):
+                self.logger.warning("%s: client %s left again", self.name, route.hex())
+        self._expire_parked(time.monotonic())
+
+    def _expire_parked(self, now: float) -> None:
+        for route in [route for route, parked in self._parked.items() if parked[0][0] < now]:
+            waiting = self._parked[route]
+            kept = [entry for entry in waiting if entry[0] >= now]
+            dropped = len(waiting) - len(kept)
+            self._parked_count -= dropped
+            if kept:
+                self._parked[route] = kept
+            else:
+                del self._parked[route]
+            self.logger.warning(
+                "%s: %d results for client %s dropped: it did not connect within %g s",
+                self.name,
+                dropped,
+                route.hex(),
+                PARK_SECONDS,
             )
 
     def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 import aetcd
 
-from pylm.errors import RegistryError, RegistryUnavailable
+from pylm.errors import RegistryAccessDenied, RegistryError, RegistryUnavailable
 from pylm.lifecycle import Closing
 from pylm.registry.config import RegistryConfig
+from pylm.registry.etcd import open_client
 from pylm.registry.records import InstanceRecord, config_key, instance_key, instances_prefix
 
 __all__ = ["DEFAULT_TTL", "Registration", "Registry"]
@@ -30,6 +31,24 @@ __all__ = ["DEFAULT_TTL", "Registration", "Registry"]
 DEFAULT_TTL = 10.0
 log = logging.getLogger("pylm.registry")
 T = TypeVar("T")
+
+
+# What etcd answers a request it will not take from this user (aetcd turns
+# most of them into InvalidArgumentError, some into a bare ClientError).
+_REFUSALS = (
+    "user name is empty",
+    "authentication failed",
+    "permission denied",
+    "invalid auth token",
+    "user name not found",
+)
+
+
+def _refused(exc: Exception) -> bool:
+    if isinstance(exc, aetcd.exceptions.UnauthenticatedError):
+        return True
+    text = str(exc)
+    return any(refusal in text for refusal in _REFUSALS)
 
 
 class Registry(Closing):
@@ -79,28 +98,44 @@ class Registry(Closing):
     async def _etcd(self, operation: Any) -> Any:
         """Run ``operation(client)``, trying each endpoint in turn once."""
         errors = []
-        for _ in range(len(self.config.endpoints)):
+        attempts = len(self.config.endpoints)
+        reauthenticated = False
+        while attempts > 0:
+            attempts -= 1
+            fresh = self._client is None
             try:
                 if self._client is None:
                     host, port = self.config.endpoints[self._endpoint]
-                    client = aetcd.Client(
-                        host=host,
-                        port=port,
-                        username=self.config.username,
-                        password=self.config.password,
-                        timeout=int(max(1, self.timeout)),
-                    )
+                    client = open_client(self.config, host, port, self.timeout)
                     await client.connect()
                     self._client = client
                 return await operation(self._client)
             except aetcd.exceptions.ClientError as exc:
+                await self._drop_client()
+                if _refused(exc):
+                    if not fresh and not reauthenticated:
+                        # etcd's auth tokens expire (5 min by default): log in again, once
+                        reauthenticated = True
+                        attempts += 1
+                        continue
+                    raise self._denied(exc) from None
                 host, port = self.config.endpoints[self._endpoint]
                 errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
-                await self._drop_client()
                 self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
         raise RegistryUnavailable(
             f"etcd at {self.config.url} cannot be reached ({'; '.join(errors)}); start a local"
             " one with `pylm etcd`, or set PYLM_REGISTRY"
+        )
+
+    def _denied(self, exc: Exception) -> RegistryAccessDenied:
+        who = (
+            f"user {self.config.username!r}"
+            if self.config.username
+            else "a client without user:password"
+        )
+        return RegistryAccessDenied(
+            f"etcd at {self.config.url} refused {who}: {exc}; give the registry address as"
+            " etcd://user:password@host:port, or a client certificate (cert=, key=) etcd accepts"
         )
 
     async def _shutdown(self) -> None:
@@ -302,10 +337,10 @@ class Registration:
                 if not self.registered:
                     await self._put()
                     log.info("%s registered again", self.key)
-            except RegistryUnavailable as exc:
+            except RegistryError as exc:  # unreachable or refusing: keep trying, never give up
                 self.failures += 1
                 if self.registered:
-                    log.warning("registry unreachable, %s may expire: %s", self.key, exc)
+                    log.warning("registry unavailable, %s may expire: %s", self.key, exc)
                 self.registered = False
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """A local etcd server for development and tests: the ``etcd`` binary from
 PATH (Debian's ``etcd-server`` package), on free loopback ports, with its
-data in a folder of its own."""
+data in a folder of its own; optionally speaking TLS and requiring users."""
 
 from __future__ import annotations
 
@@ -11,12 +11,27 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from pylm.errors import RegistryError
 
-__all__ = ["LocalEtcd", "free_port"]
+__all__ = ["EtcdTLS", "LocalEtcd", "free_port"]
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """The PEM files etcd serves TLS with: the CA it trusts for client
+    certificates (and that clients trust), its certificate and key; with
+    ``client_cert_auth`` it accepts only clients holding a certificate
+    signed by that CA."""
+
+    cacert: str
+    cert: str
+    key: str
+    client_cert_auth: bool = False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,8 +45,9 @@ class LocalEtcd:
     """Starts a single-member etcd and stops it; a context manager.
 
     ``url`` is the ``PYLM_REGISTRY`` value that reaches it, such as
-    ``etcd://127.0.0.1:40123``. The data folder is removed on stop unless it
-    was given (``data_dir``).
+    ``etcd://127.0.0.1:40123`` (``etcds://...?cacert=...`` with ``tls``).
+    The data folder is removed on stop unless it was given (``data_dir``).
+    :meth:`enable_auth` turns on etcd's users and roles.
     """
 
     def __init__(
@@ -41,20 +57,32 @@ class LocalEtcd:
         data_dir: str | Path | None = None,
         binary: str = "etcd",
         election_ms: int = 100,
+        tls: EtcdTLS | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.host = host
+        self.tls = tls
+        self.extra_args = list(extra_args)
         self.binary = binary
         self.election_ms = election_ms
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.client_port = 0
         self.peer_port = 0
+        self.metrics_port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"etcds://{self.host}:{self.client_port}?cacert={self.tls.cacert}"
         return f"etcd://{self.host}:{self.client_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """etcd's own ``/metrics`` and ``/health``, over plain HTTP."""
+        return f"http://{self.host}:{self.metrics_port}"
 
     @property
     def running(self) -> bool:
@@ -72,7 +100,9 @@ class LocalEtcd:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.client_port:
             self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
-        client = f"http://{self.host}:{self.client_port}"
+            self.metrics_port = free_port(self.host)
+        scheme = "http" if self.tls is None else "https"
+        client = f"{scheme}://{self.host}:{self.client_port}"
         peer = f"http://{self.host}:{self.peer_port}"
         self._log = self.data_dir / "etcd.log"
         command = [
@@ -86,7 +116,17 @@ class LocalEtcd:
             "--initial-cluster", f"pylm={peer}",
             "--heartbeat-interval", str(max(10, self.election_ms // 5)),
             "--election-timeout", str(self.election_ms),
+            "--listen-metrics-urls", self.metrics_url,
         ]  # fmt: skip
+        if self.tls is not None:
+            command += [
+                "--cert-file", self.tls.cert,
+                "--key-file", self.tls.key,
+                "--trusted-ca-file", self.tls.cacert,
+            ]  # fmt: skip
+            if self.tls.client_cert_auth:
+                command.append("--client-cert-auth")
+        command += self.extra_args
         with open(self._log, "ab") as log:
             self._process = subprocess.Popen(
                 command,
@@ -94,8 +134,36 @@ class LocalEtcd:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._wait_healthy(client, timeout)
+        self._wait_healthy(self.metrics_url, timeout)
         return self
+
+    def enable_auth(self, password: str, timeout: float = 10.0) -> None:
+        """Create the ``root`` user with ``password`` and turn authentication
+        on: from then on every client needs ``user:password@`` (or, with
+        ``client_cert_auth``, a certificate whose common name is a user)."""
+        import asyncio
+
+        from aetcd import rpc
+
+        from pylm.registry.config import RegistryConfig
+        from pylm.registry.etcd import open_client
+
+        async def enable() -> None:
+            config = RegistryConfig.parse(self.url)
+            if self.tls is not None and self.tls.client_cert_auth:
+                config = RegistryConfig.parse(f"{self.url}&cert={self.tls.cert}&key={self.tls.key}")
+            client = open_client(config, self.host, self.client_port, timeout)
+            await client.connect()
+            try:
+                auth = rpc.AuthStub(client.channel)
+                await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=password))
+                await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
+                await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+                await auth.AuthEnable(rpc.AuthEnableRequest())
+            finally:
+                await client.close()
+
+        asyncio.run(asyncio.wait_for(enable(), timeout))
 
     def _wait_healthy(self, client: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -75,6 +75,9 @@ class AsyncClient(Caller):
         self, msg_id: int, frames: list[bytes], timeout: float, what: str
     ) -> protocol.Message:
         socket = self._open()
+        peers = self._peers
+        if peers is not None and peers.changed:
+            self._rewire(socket)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
@@ -188,6 +191,8 @@ class AsyncClient(Caller):
             self._loop.remove_reader(socket.fileno())
         self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed"))
         close_socket(socket)
+        if self._peers is not None:  # closing the registry client waits for its thread
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_following)
 
     async def __aenter__(self) -> AsyncClient:
         return self

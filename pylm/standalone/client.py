@@ -84,6 +84,9 @@ class Client(Caller, Closing):
             socket = self._socket
             if socket is None:
                 raise RuntimeError("the client is closed")
+            peers = self._peers
+            if peers is not None and peers.changed:
+                self._rewire(socket)
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
@@ -116,3 +119,4 @@ class Client(Caller, Closing):
         with self._lock:
             close_socket(self._socket)
             self._socket = None
+        self._stop_following()

@@ -1,0 +1,103 @@
+"""Following a server's instances in the registry, for clients.
+
+A client started with only a server's name connects to the instances
+registered now, then keeps following the registry: instances that join are
+connected, instances that leave are disconnected. ZeroMQ sockets belong to
+one thread, so the registry's thread only notes the new address list; the
+socket's owner applies it (:meth:`Peers.apply`) at a moment of its choosing,
+typically before its next call (one attribute check per call).
+
+An empty listing (every instance gone, or records expired during an etcd
+outage) leaves the connections as they are: the instances may well be alive
+and registering again, and a call then fails by its timeout as it would have.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import zmq
+
+if TYPE_CHECKING:
+    from pylm.registry import InstanceRecord, Registry
+
+__all__ = ["Peers"]
+
+log = logging.getLogger("pylm.discovery")
+
+
+class Peers:
+    """The ``role`` endpoints (``"rep"``, ``"pull"``, ``"push"``) of the
+    instances of server ``name``, starting from ``records``; with ``follow``
+    kept current from ``registry``."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        name: str,
+        role: str,
+        records: list[InstanceRecord],
+        *,
+        follow: bool = True,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.endpoints = self._endpoints_of(records)
+        self._latest = self.endpoints
+        self._news: list[str] | None = None
+        self._lock = threading.Lock()
+        self._following: concurrent.futures.Future[None] | None = None
+        if follow:
+            self._following = registry.follow(name, self._on_instances)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the registry lists other instances than those connected."""
+        return self._news is not None
+
+    def _endpoints_of(self, records: list[InstanceRecord]) -> list[str]:
+        return [record.endpoints[self.role] for record in records if self.role in record.endpoints]
+
+    def _on_instances(self, records: list[InstanceRecord]) -> None:
+        """From the registry's thread: note the new address list."""
+        endpoints = self._endpoints_of(records)
+        with self._lock:
+            if endpoints and endpoints != self._latest:
+                self._latest = endpoints
+                self._news = endpoints
+
+    def take(self) -> tuple[list[str], list[str]]:
+        """The endpoints that joined and those that left since the last
+        call; :attr:`endpoints` becomes the registry's list."""
+        with self._lock:
+            news, self._news = self._news, None
+        if news is None:
+            return [], []
+        joined = [endpoint for endpoint in news if endpoint not in self.endpoints]
+        left = [endpoint for endpoint in self.endpoints if endpoint not in news]
+        self.endpoints = news
+        if joined or left:
+            log.info("%s instances: +%s -%s", self.name, joined, left)
+        return joined, left
+
+    def apply(self, socket: zmq.Socket) -> tuple[list[str], list[str]]:
+        """Connect ``socket`` to the instances that joined and disconnect it
+        from those that left; returns (joined, left)."""
+        joined, left = self.take()
+        for endpoint in left:
+            try:
+                socket.disconnect(endpoint)
+            except zmq.ZMQError as exc:  # never connected (it failed): nothing to undo
+                log.debug("disconnecting %s from %s: %s", self.name, endpoint, exc)
+        for endpoint in joined:
+            socket.connect(endpoint)
+        return joined, left
+
+    def close(self) -> None:
+        """Stop following (the registry client itself is the caller's)."""
+        following, self._following = self._following, None
+        if following is not None:
+            following.cancel()
