@@ -373,6 +373,11 @@ class BaseServer:
             raise self._remote_error(target, exc) from None
         if type(result) is bytes:
             return result
+        return self._result_bytes(target, result)
+
+    def _result_bytes(self, target: bytes, result: object) -> bytes:
+        """A function's result that is not ``bytes``: as bytes if it is
+        bytes-like, else the error to send back."""
         if isinstance(result, (bytearray, memoryview)):
             return bytes(result)
         _, function_name = protocol.split_target(target)

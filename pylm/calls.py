@@ -42,18 +42,19 @@ class Calls:
         self.server_name = server_name
         self.max_payload = max_payload
         self._prefix = server_name.encode("utf-8") + b"."
-        self._ids = itertools.count(1)
-        # function name -> (request prefix, target), for the hot path
-        self._targets: dict[str, tuple[bytes, bytes]] = {}
-        self._inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)
+        self.ids = itertools.count(1)
+        # function name -> (request prefix, target) of the functions called
+        # so far, for the clients' fast paths
+        self.targets: dict[str, tuple[bytes, bytes]] = {}
+        self.inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)  # one-frame payloads
 
     def request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
         """A new message id and the frames of the request."""
-        entry = self._targets.get(function)
+        entry = self.targets.get(function)
         if entry is None:
             entry = self._target(function)
-        msg_id = next(self._ids)
-        if type(payload) is bytes and len(payload) <= self._inline_limit:
+        msg_id = next(self.ids)
+        if type(payload) is bytes and len(payload) <= self.inline_limit:
             prefix, target = entry
             deadline = time.time() + timeout
             return msg_id, [prefix + _pack_id_deadline(msg_id, deadline) + target + payload]
@@ -63,7 +64,7 @@ class Calls:
         )
 
     def ping(self, timeout: float) -> tuple[int, list[bytes]]:
-        msg_id = next(self._ids)
+        msg_id = next(self.ids)
         return msg_id, protocol.encode(protocol.PING, msg_id, deadline=time.time() + timeout)
 
     def _target(self, function: object) -> tuple[bytes, bytes]:
@@ -73,8 +74,8 @@ class Calls:
             raise ValueError(f"function name must be non-empty and without dots, got {function!r}")
         target = self._prefix + function.encode("utf-8")
         entry = (protocol.request_prefix(target), target)
-        if len(self._targets) < 1024:  # bounded: names come from the caller
-            self._targets[function] = entry
+        if len(self.targets) < 1024:  # bounded: names come from the caller
+            self.targets[function] = entry
         return entry
 
 

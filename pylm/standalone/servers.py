@@ -116,8 +116,9 @@ class Server(BaseServer):
         socket = self._socket
         assert socket is not None
         recv, send = socket.recv, socket.send
-        call = self._call
+        call, table, max_payload = self._call, self._table, self.max_payload
         unpack_sizes = _SIZES.unpack_from
+        join = b"".join
         limit = self.messages
         served = self.served
         try:
@@ -130,15 +131,26 @@ class Server(BaseServer):
                     start = _HEAD_SIZE + target_size
                     if start + route_size <= len(body):
                         served += 1
+                        target = body[_HEAD_SIZE:start]
+                        payload = body[start + route_size :]
+                        function = table.get(target)
                         try:
-                            result = call(body[_HEAD_SIZE:start], body[start + route_size :])
+                            if function is None or len(payload) > max_payload:
+                                result = call(target, payload)  # raises the error to send
+                            else:  # what _call does, inline
+                                try:
+                                    result = function(payload)
+                                except Exception as exc:
+                                    raise self._remote_error(target, exc) from None
+                                if type(result) is not bytes:
+                                    result = self._result_bytes(target, result)
                         except PylmError as error:
                             msg_id = protocol.unpack_id(body, 9)[0]
                             self._answer(protocol.encode_error(msg_id, error))
                             continue
                         if len(result) <= _SPLIT:
                             try:
-                                send(_REPLY_PREFIX + body[9:17] + _NO_DEADLINE + result)
+                                send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
                                 continue
                             except zmq.ZMQError:
                                 pass  # frames follow the request: _answer skips them
