@@ -197,6 +197,24 @@ def test_user_and_password(auth_etcd: LocalEtcd, monkeypatch: pytest.MonkeyPatch
             Echo("echo", registry=url, log_stdout=False).start(background=True)
 
 
+def test_a_user_limited_to_pylm_keys(auth_etcd: LocalEtcd) -> None:
+    """What registry/README.md tells operators to grant is enough, and a
+    user without it is refused by name."""
+    auth_etcd.add_user("pylm", "pw")
+    auth_etcd.add_user("other", "pw", prefix="/elsewhere/")
+    url = auth_etcd.url.replace("etcd://", "etcd://pylm:pw@")
+    with Registry(url, cluster="limited") as registry:
+        registry.set_config("step1", next="step2.bar")
+        with Echo("echo", registry=registry, log_stdout=False) as server:
+            (found,) = registry.instances("echo")
+            assert found.endpoints == {"rep": server.address}
+            assert set(registry.leases_left("echo")) == {found.instance}
+    stranger = auth_etcd.url.replace("etcd://", "etcd://other:pw@")
+    with pytest.raises(RegistryAccessDenied, match=r"refused user 'other'.*permission denied"):
+        with Registry(stranger, cluster="limited", timeout=3) as registry:
+            registry.instances()
+
+
 def test_expired_auth_tokens_are_renewed(auth_etcd: LocalEtcd) -> None:
     """Tokens live 1 s here (etcd extends them on each use): a client idle
     for longer logs in again by itself, and its registration survives."""

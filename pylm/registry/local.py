@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import quote
 
 from pylm.errors import RegistryError
 
@@ -71,6 +73,7 @@ class LocalEtcd:
         self.peer_port = 0
         self.metrics_port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._root_password: str | None = None
         self._log: Path | None = None
 
     @property
@@ -141,6 +144,49 @@ class LocalEtcd:
         """Create the ``root`` user with ``password`` and turn authentication
         on: from then on every client needs ``user:password@`` (or, with
         ``client_cert_auth``, a certificate whose common name is a user)."""
+
+        async def enable(auth: Any, metadata: Any) -> None:
+            await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=password))
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
+            await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+            await auth.AuthEnable(rpc.AuthEnableRequest())
+
+        from aetcd import rpc
+
+        self._administer(enable, None, timeout)
+        self._root_password = password
+
+    def add_user(
+        self, name: str, password: str, prefix: str = "/pylm/", timeout: float = 10.0
+    ) -> None:
+        """Add a user (after :meth:`enable_auth`) who may read and write the
+        keys under ``prefix`` and nothing else, through a role of its name."""
+        from aetcd import rpc
+
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+        async def add(auth: Any, metadata: Any) -> None:
+            await auth.UserAdd(
+                rpc.AuthUserAddRequest(name=name, password=password), metadata=metadata
+            )
+            await auth.RoleAdd(rpc.AuthRoleAddRequest(name=name), metadata=metadata)
+            permission = rpc.Permission(
+                permType=rpc.Permission.READWRITE, key=prefix.encode(), range_end=end.encode()
+            )
+            await auth.RoleGrantPermission(
+                rpc.AuthRoleGrantPermissionRequest(name=name, perm=permission), metadata=metadata
+            )
+            await auth.UserGrantRole(
+                rpc.AuthUserGrantRoleRequest(user=name, role=name), metadata=metadata
+            )
+
+        if self._root_password is None:
+            raise RegistryError("add_user needs enable_auth first")
+        self._administer(add, self._root_password, timeout)
+
+    def _administer(self, steps: Any, root_password: str | None, timeout: float) -> None:
+        """Run ``steps(auth stub, metadata)`` against this etcd, as root when
+        given root's password."""
         import asyncio
 
         from aetcd import rpc
@@ -148,22 +194,22 @@ class LocalEtcd:
         from pylm.registry.config import RegistryConfig
         from pylm.registry.etcd import open_client
 
-        async def enable() -> None:
-            config = RegistryConfig.parse(self.url)
-            if self.tls is not None and self.tls.client_cert_auth:
-                config = RegistryConfig.parse(f"{self.url}&cert={self.tls.cert}&key={self.tls.key}")
+        url = self.url
+        if self.tls is not None and self.tls.client_cert_auth:
+            url = f"{url}&cert={self.tls.cert}&key={self.tls.key}"
+        if root_password is not None:
+            url = url.replace("://", f"://root:{quote(root_password, safe='')}@", 1)
+        config = RegistryConfig.parse(url)
+
+        async def run() -> None:
             client = open_client(config, self.host, self.client_port, timeout)
             await client.connect()
             try:
-                auth = rpc.AuthStub(client.channel)
-                await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=password))
-                await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
-                await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
-                await auth.AuthEnable(rpc.AuthEnableRequest())
+                await steps(rpc.AuthStub(client.channel), client.metadata)
             finally:
                 await client.close()
 
-        asyncio.run(asyncio.wait_for(enable(), timeout))
+        asyncio.run(asyncio.wait_for(run(), timeout))
 
     def _wait_healthy(self, client: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
