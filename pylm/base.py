@@ -22,6 +22,7 @@ import traceback
 import uuid
 import warnings
 from collections.abc import Callable
+from time import perf_counter as _perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,7 +38,9 @@ from pylm.errors import (
     UnknownFunction,
     UnknownServer,
 )
+from pylm.exporter import exporter
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
+from pylm.metrics import UNKNOWN_FUNCTION, FunctionStats, ServerStats, metrics_enabled
 from pylm.transport import default_context
 
 if TYPE_CHECKING:
@@ -84,6 +87,7 @@ class BaseServer:
 
     _pylm_framework = True
     kind: ClassVar[str] = "base"
+    sends_to: ClassVar[str] = "client"  # where results go: "client", or "next" (stage)
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class BaseServer:
         registry: Registry | str | None = None,
         host: str | None = None,
         ttl: float | None = None,
+        metrics: bool | None = None,
     ) -> None:
         """``messages``: serve that many requests, then stop. ``ignored``:
         options of the 2016 pylm that are accepted and ignored, with a
@@ -106,7 +111,9 @@ class BaseServer:
         :class:`~pylm.registry.Registry` or an ``etcd://`` address; default
         ``PYLM_REGISTRY``), ``host`` (the interface name-only servers bind;
         default ``PYLM_HOST`` or 127.0.0.1) and ``ttl`` (the lease of the
-        registration) matter to servers that register themselves."""
+        registration) matter to servers that register themselves. ``metrics``
+        (default: on unless ``PYLM_METRICS=0``): count what the server does
+        and serve it, with the process's other servers, at ``/metrics``."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(
                 f"server name must be a non-empty str without surrounding blanks, got {name!r}"
@@ -146,6 +153,17 @@ class BaseServer:
             prefix + fn.encode("utf-8"): getattr(self, fn) for fn in self.functions
         }
         self._malformed = RateLimiter()
+        # Metrics: plain counters written by the serving thread (pylm.metrics).
+        self.stats: ServerStats | None = None
+        self._stats_table: dict[bytes, FunctionStats] = {}
+        self.metrics_url: str | None = None  # where this process serves /metrics, once started
+        if metrics_enabled(metrics):
+            from pylm import __version__
+
+            self.stats = ServerStats(name, self.kind, self.functions, __version__, self.sends_to)
+            self._stats_table = {
+                prefix + fn.encode("utf-8"): self.stats.functions[fn] for fn in self.functions
+            }
 
         # Lifecycle. The control address and token let stop() wake the
         # serving loop from another thread without sharing a socket.
@@ -235,8 +253,14 @@ class BaseServer:
         return self._settled.wait(timeout)
 
     def _run(self) -> None:
+        endpoint = None
         try:
+            if self.stats is not None:
+                endpoint = exporter(self.host)
+                self.metrics_url = self._advertised_url(endpoint.acquire())
             self._open()
+            if self.stats is not None:
+                self.stats.ready = True
             self._ready.set()
             self._settled.set()
             if not self._stopping:
@@ -249,10 +273,14 @@ class BaseServer:
             else:
                 raise
         finally:
+            if self.stats is not None:
+                self.stats.ready = False
             try:
                 self._deregister()  # first, so that clients stop picking this instance
                 self._close()
             finally:
+                if endpoint is not None:
+                    endpoint.release()
                 self._done.set()
                 self._settled.set()
 
@@ -291,9 +319,14 @@ class BaseServer:
                 {role: self._advertised(address) for role, address in endpoints.items()},
                 next=next,
                 functions=list(self.functions),
+                metrics=self.metrics_url,
                 version=__version__,
             )
             self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
+            if self.stats is not None:
+                self.stats.instance = record.instance
+                self.stats.registration = self.registration
+                self.stats.registry = registry
         except RegistryError as exc:
             raise type(exc)(  # the same kind of error: unavailable, access denied...
                 f"server {self.name!r} cannot register: {exc}"
@@ -318,6 +351,13 @@ class BaseServer:
                 self.registry = Registry(option)
                 self._owns_registry = True
         return self.registry
+
+    def _advertised_url(self, url: str) -> str:
+        """An HTTP URL others reach: a wildcard host replaced by this host's name."""
+        for wildcard in ("http://0.0.0.0:", "http://[::]:"):
+            if url.startswith(wildcard):
+                return f"http://{socket.gethostname()}:{url[len(wildcard) :]}"
+        return url
 
     def _advertised(self, address: str) -> str:
         """The address others reach a bound ``address`` at: a wildcard host
@@ -358,22 +398,37 @@ class BaseServer:
         """Run the function ``target`` names on ``payload``; raise a
         :class:`PylmError` subclass that describes any failure."""
         function = self._table.get(target)
+        stats = self._stats_table.get(target)
         if function is None:
+            if self.stats is not None:
+                self.stats.functions[UNKNOWN_FUNCTION].failed(0.0, len(payload))
             raise self._dispatch_error(target)
         if len(payload) > self.max_payload:
+            if stats is not None:
+                stats.failed(0.0, len(payload))
             raise PayloadTooLarge(
                 f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
                 f" is larger than the limit of server {self.name!r}, {self.max_payload} bytes",
                 size=len(payload),
                 limit=self.max_payload,
             )
+        start = _perf_counter()
         try:
             result = function(payload)
         except Exception as exc:
+            if stats is not None:
+                stats.failed(_perf_counter() - start, len(payload))
             raise self._remote_error(target, exc) from None
-        if type(result) is bytes:
-            return result
-        return self._result_bytes(target, result)
+        if type(result) is not bytes:
+            try:
+                result = self._result_bytes(target, result)
+            except PylmError:
+                if stats is not None:
+                    stats.failed(_perf_counter() - start, len(payload))
+                raise
+        if stats is not None:
+            stats.done(_perf_counter() - start, len(payload), len(result))
+        return result
 
     def _result_bytes(self, target: bytes, result: object) -> bytes:
         """A function's result that is not ``bytes``: as bytes if it is
@@ -435,6 +490,8 @@ class BaseServer:
 
     def _drop(self, reason: str, frames: list[bytes]) -> None:
         """Log a message that is dropped, at most once a second."""
+        if self.stats is not None:
+            self.stats.malformed += 1
         if self._malformed.allow():
             held = self._malformed.take_suppressed()
             extra = f" ({held} more dropped since the last report)" if held else ""

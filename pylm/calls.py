@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -14,6 +15,7 @@ import zmq
 from pylm import protocol
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, RegistryError, RequestTimeout
+from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
 from pylm.transport import check_address
 
 if TYPE_CHECKING:
@@ -45,8 +47,24 @@ class Calls:
         self.ids = itertools.count(1)
         # function name -> (request prefix, target) of the functions called
         # so far, for the clients' fast paths
-        self.targets: dict[str, tuple[bytes, bytes]] = {}
+        self.targets: dict[str, tuple[bytes, bytes, FunctionStats | None]] = {}
         self.inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)  # one-frame payloads
+        # What the calls took and how they ended (pylm.metrics), unless metrics are off.
+        self.stats = ClientStats(server_name) if metrics_enabled() else None
+
+    def finished(self, function: str, began: float, size_in: int, size_out: int | None) -> None:
+        """Count a call that got an answer: a result (``size_out``) or an
+        error (None)."""
+        if self.stats is not None:
+            numbers = self.stats.function(function)
+            if size_out is None:
+                numbers.failed(perf_counter() - began, size_in)
+            else:
+                numbers.done(perf_counter() - began, size_in, size_out)
+
+    def timed_out(self, function: str) -> None:
+        if self.stats is not None:
+            self.stats.timed_out(function)
 
     def request(self, function: str, payload: bytes, timeout: float) -> tuple[int, list[bytes]]:
         """A new message id and the frames of the request."""
@@ -55,7 +73,7 @@ class Calls:
             entry = self._target(function)
         msg_id = next(self.ids)
         if type(payload) is bytes and len(payload) <= self.inline_limit:
-            prefix, target = entry
+            prefix, target, _ = entry
             deadline = time.time() + timeout
             return msg_id, [prefix + _pack_id_deadline(msg_id, deadline) + target + payload]
         protocol.check_payload(payload, self.max_payload)
@@ -67,13 +85,14 @@ class Calls:
         msg_id = next(self.ids)
         return msg_id, protocol.encode(protocol.PING, msg_id, deadline=time.time() + timeout)
 
-    def _target(self, function: object) -> tuple[bytes, bytes]:
+    def _target(self, function: object) -> tuple[bytes, bytes, FunctionStats | None]:
         if not isinstance(function, str):
             raise TypeError(f"function name must be a str, got {type(function).__name__}")
         if not function or "." in function:
             raise ValueError(f"function name must be non-empty and without dots, got {function!r}")
         target = self._prefix + function.encode("utf-8")
-        entry = (protocol.request_prefix(target), target)
+        numbers = None if self.stats is None else self.stats.function(function)
+        entry = (protocol.request_prefix(target), target, numbers)
         if len(self.targets) < 1024:  # bounded: names come from the caller
             self.targets[function] = entry
         return entry

@@ -21,6 +21,7 @@ from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
 from pylm.discovery import Peers
 from pylm.errors import PylmError, RegistryError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.metrics import FunctionStats
 from pylm.transport import check_address, close_socket, default_context
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ class LoopClient(Caller, Closing):
                 raise RuntimeError("the client is closed")
             self._follow(None, timeout)
             self._greet(timeout)
-            target = self._calls._target(function)[1]
+            _, target, numbers = self._calls._target(function)
             # Every job's body is prefix + id and deadline + tail + payload.
             prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
             tail = target + self.route
@@ -309,14 +310,19 @@ class LoopClient(Caller, Closing):
                     poller.unregister(jobs)
                 for socket in self._results:
                     if socket in ready:
-                        yield from self._collect(socket, in_flight)
+                        yield from self._collect(socket, in_flight, numbers, timeout)
         finally:
             self._running = False
 
     def _collect(
-        self, socket: zmq.Socket, in_flight: OrderedDict[int, tuple[int, float]]
+        self,
+        socket: zmq.Socket,
+        in_flight: OrderedDict[int, tuple[int, float]],
+        numbers: FunctionStats | None,
+        timeout: float,
     ) -> list[_Outcome]:
-        """Every result waiting on ``socket``."""
+        """Every result waiting on ``socket``; counted in ``numbers`` (a job's
+        time: now less its deadline less the timeout)."""
         outcomes: list[_Outcome] = []
         recv, pop = socket.recv, in_flight.pop
         while True:
@@ -330,6 +336,9 @@ class LoopClient(Caller, Closing):
                     self.dropped += 1
                 else:
                     outcomes.append((entry[0], body[_HEAD_SIZE:], None))
+                    if numbers is not None:
+                        took = time.monotonic() - entry[1] + timeout
+                        numbers.done(took, 0, len(body) - _HEAD_SIZE)
                 continue
             frames = [body]
             if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
@@ -339,10 +348,17 @@ class LoopClient(Caller, Closing):
             if entry is None or message is None:
                 self.dropped += 1
                 continue
+            took = time.monotonic() - entry[1] + timeout
             try:
-                outcomes.append((entry[0], protocol.result_of(message), None))
+                result = protocol.result_of(message)
             except PylmError as error:
                 outcomes.append((entry[0], None, error))
+                if numbers is not None:
+                    numbers.failed(took, 0)
+            else:
+                outcomes.append((entry[0], result, None))
+                if numbers is not None:
+                    numbers.done(took, 0, len(result))
 
     def _expire(
         self,
@@ -355,6 +371,7 @@ class LoopClient(Caller, Closing):
         outcomes: list[_Outcome] = []
         for msg_id in expired:
             index, _ = in_flight.pop(msg_id)
+            self._calls.timed_out(function)
             error = RequestTimeout(
                 f"no result for job {index} ({function!r} on {self.server_name!r} via"
                 f" {self.connection}) within {timeout:g} s;"

@@ -94,6 +94,7 @@ class _Stage(BaseServer):
         registry: Registry | str | None,
         host: str | None,
         ttl: float | None,
+        metrics: bool | None,
     ) -> None:
         super().__init__(
             name,
@@ -107,6 +108,7 @@ class _Stage(BaseServer):
             registry=registry,
             host=host,
             ttl=ttl,
+            metrics=metrics,
         )
         self.pull_address = pull_address and check_address(pull_address, "pull_address")
         self.db_address = db_address and check_address(db_address, "db_address")
@@ -216,7 +218,7 @@ class _Stage(BaseServer):
         return False
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
-        recv, call = pull.recv, self._call
+        recv, call, stats = pull.recv, self._call, self.stats
         for _ in range(min(_BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
@@ -224,6 +226,8 @@ class _Stage(BaseServer):
                 body = recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if stats is not None:
+                stats.received += 1
             if debug:
                 self.logger.debug("%s Got a message", self.name)
             if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
@@ -239,8 +243,10 @@ class _Stage(BaseServer):
                         result = call(body[_HEAD_SIZE:start], body[end:])
                     except PylmError as error:
                         self._fail(protocol.decode([body]), error)
-                        continue
-                    self._emit(body, start, end, result)
+                    else:
+                        self._emit(body, start, end, result)
+                    if stats is not None:
+                        stats.sent += 1
                     continue
             frames = [body]
             if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
@@ -271,23 +277,24 @@ class _Stage(BaseServer):
             return
         if message.kind == protocol.ERROR:
             self._pass_on(message, frames)  # an earlier stage failed: on to the client
-            return
-        if message.kind != protocol.REQUEST:
+        elif message.kind != protocol.REQUEST:
             problem = ProtocolError(
                 f"stage {self.name!r} takes REQUEST and ERROR, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
             self._fail(message, problem)
-            return
-        self.served += 1
-        if self.logger.isEnabledFor(logging.DEBUG):
-            self._looking_for(message.target)
-        try:
-            result = self._call(message.target, message.payload)
-        except PylmError as error:
-            self._fail(message, error)
-            return
-        self._succeed(message, result)
+        else:
+            self.served += 1
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self._looking_for(message.target)
+            try:
+                result = self._call(message.target, message.payload)
+            except PylmError as error:
+                self._fail(message, error)
+            else:
+                self._succeed(message, result)
+        if self.stats is not None:
+            self.stats.sent += 1
 
     def _looking_for(self, target: bytes) -> None:
         function = target.rpartition(b".")[2].decode("utf-8", "replace")
@@ -355,6 +362,7 @@ class Server(_Stage):
 
     _pylm_framework = True
     kind = "chained"
+    sends_to = "next"
 
     def __init__(
         self,
@@ -376,6 +384,7 @@ class Server(_Stage):
         registry: Registry | str | None = None,
         host: str | None = None,
         ttl: float | None = None,
+        metrics: bool | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -393,6 +402,7 @@ class Server(_Stage):
             registry=registry,
             host=host,
             ttl=ttl,
+            metrics=metrics,
         )
         self.next_addresses = (
             [] if next_address is None else _addresses(next_address, "next_address")
@@ -546,6 +556,7 @@ class LastServer(_Stage):
         registry: Registry | str | None = None,
         host: str | None = None,
         ttl: float | None = None,
+        metrics: bool | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -563,6 +574,7 @@ class LastServer(_Stage):
             registry=registry,
             host=host,
             ttl=ttl,
+            metrics=metrics,
         )
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results

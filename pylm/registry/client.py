@@ -79,6 +79,8 @@ class Registry(Closing):
         self._endpoint = 0
         self._registrations: list[Registration] = []
         self._closed = False
+        self.reachable = True  # whether etcd answered the last request (for metrics)
+        self.watch_restarts = 0  # followings that had to start again
 
     # ------------------------------------------------------------------ plumbing
 
@@ -109,7 +111,9 @@ class Registry(Closing):
                     client = open_client(self.config, host, port, self.timeout)
                     await client.connect()
                     self._client = client
-                return await operation(self._client)
+                answer = await operation(self._client)
+                self.reachable = True
+                return answer
             except aetcd.exceptions.ClientError as exc:
                 await self._drop_client()
                 if _refused(exc):
@@ -122,6 +126,7 @@ class Registry(Closing):
                 host, port = self.config.endpoints[self._endpoint]
                 errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
                 self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
+        self.reachable = False
         raise RegistryUnavailable(
             f"etcd at {self.config.url} cannot be reached ({'; '.join(errors)}); start a local"
             " one with `pylm etcd`, or set PYLM_REGISTRY"
@@ -244,6 +249,8 @@ class Registry(Closing):
                     async for _ in watch:
                         callback((await listing())[0])  # a fresh listing: no event bookkeeping
                 except (RegistryError, aetcd.exceptions.ClientError) as exc:
+                    self.watch_restarts += 1
+                    self.reachable = False
                     log.debug("following %s paused: %s", name, exc)
                     await self._drop_client()
                 except Exception:  # a failing callback must not end the following

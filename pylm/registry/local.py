@@ -101,9 +101,9 @@ class LocalEtcd:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pylm-etcd-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.client_port:
-            self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
-            self.metrics_port = free_port(self.host)
+        self.client_port = self.client_port or free_port(self.host)
+        self.peer_port = self.peer_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
         scheme = "http" if self.tls is None else "https"
         client = f"{scheme}://{self.host}:{self.client_port}"
         peer = f"http://{self.host}:{self.peer_port}"

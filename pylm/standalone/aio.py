@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -11,6 +12,7 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.errors import PylmError, RequestTimeout
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -60,9 +62,21 @@ class AsyncClient(Caller):
 
     async def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
+        began = time.perf_counter()
         timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
-        return protocol.result_of(await self._exchange(msg_id, frames, timeout, function))
+        try:
+            answer = await self._exchange(msg_id, frames, timeout, function)
+        except RequestTimeout:
+            self._calls.timed_out(function)
+            raise
+        try:
+            result = protocol.result_of(answer)
+        except PylmError:
+            self._calls.finished(function, began, len(message), None)
+            raise
+        self._calls.finished(function, began, len(message), len(result))
+        return result
 
     async def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself."""

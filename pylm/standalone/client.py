@@ -11,7 +11,7 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
-from pylm.errors import ProtocolError
+from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.transport import close_socket, default_context
 
@@ -25,6 +25,7 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 _unpack_id = protocol.unpack_id
 _pack_id_deadline = protocol.pack_id_deadline
 _time = time.time
+_perf_counter = time.perf_counter
 
 
 class Client(Caller, Closing):
@@ -69,43 +70,68 @@ class Client(Caller, Closing):
         calls = self._calls
         entry = calls.targets.get(function)
         if (
-            entry is not None
-            and timeout is None
-            and type(message) is bytes
-            and len(message) <= calls.inline_limit
-            and self._socket_timeout == self._default_millis
-            and (self._peers is None or not self._peers.changed)
+            entry is None
+            or timeout is not None
+            or type(message) is not bytes
+            or len(message) > calls.inline_limit
+            or self._socket_timeout != self._default_millis
+            or (self._peers is not None and self._peers.changed)
         ):
-            # Fast path, the common call: a function called before, a small
-            # payload, the default timeout. The same steps as below, inline.
-            msg_id = next(calls.ids)
-            stamp = _pack_id_deadline(msg_id, _time() + self.timeout)
-            body = b"".join((entry[0], stamp, entry[1], message))
-            with self._lock:
-                socket = self._socket
-                if socket is None:
-                    raise RuntimeError("the client is closed")
-                try:
-                    socket.send(body)
-                    answer = socket.recv()
-                    if answer[:9] == _REPLY_PREFIX:  # a REPLY in one frame
-                        if answer[9:17] == body[9:17]:  # to this very call
-                            return answer[_HEAD_SIZE:]
-                        received = [answer]
-                    else:
-                        received = [answer]
-                        if len(answer) > 4 and answer[4] & protocol.PAYLOAD_FRAME:
-                            received.append(socket.recv())
-                except zmq.Again:
-                    raise self._timeout_error(function, self.timeout) from None
-            return protocol.result_of(self._check(protocol.decode(received), msg_id))
+            return self._job(function, message, timeout)
+        # Fast path, the common call: a function called before, a small
+        # payload, the default timeout. The same steps as _job, inline.
+        began = _perf_counter()
+        msg_id = next(calls.ids)
+        stamp = _pack_id_deadline(msg_id, _time() + self.timeout)
+        body = b"".join((entry[0], stamp, entry[1], message))
+        with self._lock:
+            socket = self._socket
+            if socket is None:
+                raise RuntimeError("the client is closed")
+            try:
+                socket.send(body)
+                answer = socket.recv()
+                rest = None
+                if answer[:9] != _REPLY_PREFIX and len(answer) > 4:
+                    if answer[4] & protocol.PAYLOAD_FRAME:
+                        rest = socket.recv()
+            except zmq.Again:
+                calls.timed_out(function)
+                raise self._timeout_error(function, self.timeout) from None
+        if answer[:9] == _REPLY_PREFIX and answer[9:17] == body[9:17]:  # a REPLY to this call
+            numbers = entry[2]
+            if numbers is not None:
+                numbers.done(_perf_counter() - began, len(message), len(answer) - _HEAD_SIZE)
+            return answer[_HEAD_SIZE:]
+        received = [answer] if rest is None else [answer, rest]
+        return self._result(function, began, len(message), received, msg_id)
+
+    def _job(self, function: str, message: bytes, timeout: float | None) -> bytes:
+        began = _perf_counter()
         timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
-        answers = self._exchange(frames, timeout, function)
+        try:
+            answers = self._exchange(frames, timeout, function)
+        except RequestTimeout:
+            self._calls.timed_out(function)
+            raise
+        return self._result(function, began, len(message), answers, msg_id)
+
+    def _result(
+        self, function: str, began: float, size: int, answers: list[bytes], msg_id: int
+    ) -> bytes:
+        """The result the answer carries, or the error it raises; counted."""
         head = answers[0]
         if head[:9] == _REPLY_PREFIX and _unpack_id(head, 9)[0] == msg_id:
-            return head[_HEAD_SIZE:]
-        return protocol.result_of(self._check(protocol.decode(answers), msg_id))
+            result = head[_HEAD_SIZE:]
+        else:
+            try:
+                result = protocol.result_of(self._check(protocol.decode(answers), msg_id))
+            except PylmError:
+                self._calls.finished(function, began, size, None)
+                raise
+        self._calls.finished(function, began, size, len(result))
+        return result
 
     def ping(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Ask the server whether it is alive; returns what it says of itself

@@ -76,6 +76,7 @@ class Server(BaseServer):
         registry: Registry | str | None = None,
         host: str | None = None,
         ttl: float | None = None,
+        metrics: bool | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -89,6 +90,7 @@ class Server(BaseServer):
             registry=registry,
             host=host,
             ttl=ttl,
+            metrics=metrics,
         )
         self.rep_address = (
             None if rep_address is None else check_address(rep_address, "rep_address")
@@ -115,15 +117,17 @@ class Server(BaseServer):
     def _serve(self) -> None:
         socket = self._socket
         assert socket is not None
-        recv, send = socket.recv, socket.send
-        call, table, max_payload = self._call, self._table, self.max_payload
+        recv, send, call = socket.recv, socket.send, self._call
         unpack_sizes = _SIZES.unpack_from
         join = b"".join
         limit = self.messages
         served = self.served
+        stats = self.stats
         try:
             while served < limit:
                 body = recv()
+                if stats is not None:
+                    stats.received += 1
                 if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
                     # Fast path: a one-frame REQUEST. The reply reuses the
                     # request's id bytes as they are.
@@ -131,19 +135,8 @@ class Server(BaseServer):
                     start = _HEAD_SIZE + target_size
                     if start + route_size <= len(body):
                         served += 1
-                        target = body[_HEAD_SIZE:start]
-                        payload = body[start + route_size :]
-                        function = table.get(target)
                         try:
-                            if function is None or len(payload) > max_payload:
-                                result = call(target, payload)  # raises the error to send
-                            else:  # what _call does, inline
-                                try:
-                                    result = function(payload)
-                                except Exception as exc:
-                                    raise self._remote_error(target, exc) from None
-                                if type(result) is not bytes:
-                                    result = self._result_bytes(target, result)
+                            result = call(body[_HEAD_SIZE:start], body[start + route_size :])
                         except PylmError as error:
                             msg_id = protocol.unpack_id(body, 9)[0]
                             self._answer(protocol.encode_error(msg_id, error))
@@ -151,6 +144,8 @@ class Server(BaseServer):
                         if len(result) <= _SPLIT:
                             try:
                                 send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                                if stats is not None:
+                                    stats.sent += 1
                                 continue
                             except zmq.ZMQError:
                                 pass  # frames follow the request: _answer skips them
@@ -158,17 +153,22 @@ class Server(BaseServer):
                         self._answer(protocol.encode(protocol.REPLY, msg_id, result))
                         continue
                 if self._is_control(body):
+                    if stats is not None:
+                        stats.received -= 1  # stop's wake-up call is no message
                     return
                 served += self._handle_other(body)
         finally:
             self.served = served
 
-    def _answer(self, frames: list[bytes]) -> None:
+    def _answer(self, frames: list[bytes], counted: bool = True) -> None:
         """Send an answer; a REP socket takes it only once every frame of the
-        request was read, so read (and ignore) any trailing frames first."""
+        request was read, so read (and ignore) any trailing frames first.
+        ``counted``: whether it answers a message that was not malformed."""
         assert self._socket is not None
         self._rest()
         self._socket.send_multipart(frames, copy=len(frames) == 1)
+        if counted and self.stats is not None:
+            self.stats.sent += 1
 
     def _rest(self) -> list[bytes]:
         """The frames of the current request not read yet."""
@@ -185,7 +185,9 @@ class Server(BaseServer):
             message = protocol.decode(frames)
         except ProtocolError as error:
             self._drop(str(error), frames)
-            self._answer(protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error))
+            self._answer(
+                protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error), counted=False
+            )
             return 0
         if message.kind == protocol.PING:
             self._answer(protocol.encode(protocol.PONG, message.msg_id, self._pong()))
@@ -196,7 +198,7 @@ class Server(BaseServer):
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
             self._drop(str(problem), frames)
-            self._answer(protocol.encode_error(message.msg_id, problem))
+            self._answer(protocol.encode_error(message.msg_id, problem), counted=False)
             return 0
         try:
             answer = protocol.encode(

@@ -1,0 +1,147 @@
+"""The process's HTTP endpoint: ``/metrics`` for Prometheus, ``/healthz``
+for whoever asks whether the servers here are alive and ready.
+
+One endpoint per process, shared by every server in it: the first server
+that starts opens it (on its host, port ``PYLM_METRICS_PORT`` or a free
+one), every server registers its URL, and the last one to stop closes it.
+
+``/metrics`` serves prometheus-client's default registry (pylm's metrics,
+the process and platform collectors, and any metric of the user's own), in
+the OpenMetrics format when the scraper asks for it. ``/healthz`` answers
+200 with a JSON list of the servers here when all of them are serving,
+503 when one is not (starting, stopping or crashed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
+
+from pylm.errors import PylmError
+from pylm.metrics import _COLLECTOR
+
+__all__ = ["Exporter", "exporter"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "pylm"
+
+    def do_GET(self) -> None:
+        path = self.path.partition("?")[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._answer(200, content_type, encoder(REGISTRY))
+        elif path in ("/healthz", "/health"):
+            servers = [
+                {"name": stats.name, "kind": stats.kind, "instance": stats.instance,
+                 "ready": stats.ready}
+                for stats in _COLLECTOR.servers()
+            ]  # fmt: skip
+            healthy = bool(servers) and all(server["ready"] for server in servers)
+            body = json.dumps({"status": "ok" if healthy else "unavailable", "servers": servers})
+            self._answer(200 if healthy else 503, "application/json", body.encode())
+        else:
+            self._answer(404, "text/plain", b"pylm serves /metrics and /healthz\n")
+
+    def _answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood the servers' logs
+
+
+class Exporter:
+    """An HTTP server for ``/metrics`` and ``/healthz`` in a thread it owns."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self._http: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        """Where Prometheus scrapes, e.g. ``http://127.0.0.1:40123/metrics``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> Exporter:
+        try:
+            http = ThreadingHTTPServer((self.host, self.port), _Handler)
+        except OSError as exc:
+            raise PylmError(
+                f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}"
+                " (set PYLM_METRICS_PORT to a free port, or 0)"
+            ) from None
+        http.daemon_threads = True
+        self._http = http
+        self.port = int(http.server_address[1])
+        self._thread = threading.Thread(
+            target=http.serve_forever, name="pylm-metrics", kwargs={"poll_interval": 0.2}
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def acquire(self) -> str:
+        """Count one more user (a server), starting on the first; returns the URL."""
+        with self._lock:
+            if self._http is None:
+                self.start()
+            self._users += 1
+            return self.url
+
+    def release(self) -> None:
+        """One user fewer; the last one stops the endpoint."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0:
+                self.stop()
+                self.port = _configured_port()
+
+    def __enter__(self) -> Exporter:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _configured_port() -> int:
+    value = os.environ.get("PYLM_METRICS_PORT", "0")
+    if not value.isdigit() or int(value) > 65535:
+        raise PylmError(f"PYLM_METRICS_PORT must be a port number (0: any), got {value!r}")
+    return int(value)
+
+
+_EXPORTERS: dict[str, Exporter] = {}
+_EXPORTERS_LOCK = threading.Lock()
+
+
+def exporter(host: str) -> Exporter:
+    """The endpoint of this process on ``host`` (servers on one host share it)."""
+    with _EXPORTERS_LOCK:
+        found = _EXPORTERS.get(host)
+        if found is None:
+            found = _EXPORTERS[host] = Exporter(host, _configured_port())
+        return found

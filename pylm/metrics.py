@@ -1,0 +1,353 @@
+"""What pylm counts, and how Prometheus reads it.
+
+Servers and clients count in plain Python numbers (:class:`FunctionStats`,
+:class:`ServerStats`, :class:`ClientStats`), each object written by the one
+thread that owns it: no lock, no label lookup, a few additions per message.
+One collector, registered once per process in prometheus-client's default
+registry, turns every live object into metric families when Prometheus
+scrapes, adding up objects that share labels (two instances of one server in
+a process, several clients of one server). Metric names follow Prometheus'
+conventions: the ``pylm_`` prefix, base units, ``_total`` counters; labels
+are bounded (server, function, outcome, to) and never carry message ids.
+
+Counting is on unless ``PYLM_METRICS`` is ``0``/``off``/``false`` (or a
+server is created with ``metrics=False``); then nothing is counted and no
+endpoint is served.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from pylm.registry import Registration, Registry
+
+__all__ = [
+    "BUCKETS",
+    "UNKNOWN_FUNCTION",
+    "ClientStats",
+    "FunctionStats",
+    "ServerStats",
+    "metrics_enabled",
+]
+
+# Upper bounds of the duration histograms, in seconds: 50 µs to 10 s.
+BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+UNKNOWN_FUNCTION = "(unknown)"  # the label of calls to functions a server does not have
+_OFF = ("0", "off", "false", "no")
+
+
+def metrics_enabled(option: bool | None = None) -> bool:
+    """Whether to count: ``option`` if given, else ``PYLM_METRICS`` (on by default)."""
+    if option is not None:
+        return option
+    return os.environ.get("PYLM_METRICS", "1").strip().lower() not in _OFF
+
+
+class FunctionStats:
+    """Calls of one function: outcomes, durations, bytes. Written by one thread."""
+
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "ok", "seconds")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one: above every bound
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def done(self, seconds: float, size_in: int, size_out: int) -> None:
+        self.ok += 1
+        self.seconds += seconds
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.bytes_in += size_in
+        self.bytes_out += size_out
+
+    def failed(self, seconds: float, size_in: int) -> None:
+        self.errors += 1
+        self.seconds += seconds
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.bytes_in += size_in
+
+
+class ServerStats:
+    """The counters of one server instance."""
+
+    def __init__(
+        self, name: str, kind: str, functions: tuple[str, ...], version: str, sends_to: str
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.sends_to = sends_to  # "client" or "next": the label of what it sends
+        self.version = version
+        self.instance = ""  # the registry's instance id, once registered
+        self.started = time.time()
+        self.functions = {function: FunctionStats() for function in functions}
+        self.functions[UNKNOWN_FUNCTION] = FunctionStats()
+        self.received = 0  # messages read from the input, whatever they were
+        self.malformed = 0  # ... of which did not follow the protocol
+        self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
+        self.ready = False
+        self.registration: Registration | None = None
+        self.registry: Registry | None = None
+        _COLLECTOR.add_server(self)
+
+    def function(self, name: str) -> FunctionStats:
+        """The stats of ``name``; of :data:`UNKNOWN_FUNCTION` if the server has no such function."""
+        return self.functions.get(name) or self.functions[UNKNOWN_FUNCTION]
+
+    @property
+    def in_flight(self) -> int:
+        """Messages read and not yet answered or passed on."""
+        return max(0, self.received - self.malformed - self.sent)
+
+
+class ClientStats:
+    """The calls of one client to one server, by function."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.functions: dict[str, FunctionStats] = {}
+        self.timeouts: dict[str, int] = {}
+        _COLLECTOR.add_client(self)
+
+    def function(self, name: str) -> FunctionStats:
+        stats = self.functions.get(name)
+        if stats is None:
+            if len(self.functions) >= 256:  # names come from the caller: stay bounded
+                name = UNKNOWN_FUNCTION
+            stats = self.functions.setdefault(name, FunctionStats())
+        return stats
+
+    def timed_out(self, function: str) -> None:
+        self.timeouts[function] = self.timeouts.get(function, 0) + 1
+
+
+class _Collector:
+    """Turns the live stats objects of this process into metric families."""
+
+    def __init__(self) -> None:
+        self._servers: weakref.WeakSet[ServerStats] = weakref.WeakSet()
+        self._clients: weakref.WeakSet[ClientStats] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._registered = False
+
+    def add_server(self, stats: ServerStats) -> None:
+        with self._lock:
+            self._register()
+            self._servers.add(stats)
+
+    def add_client(self, stats: ClientStats) -> None:
+        with self._lock:
+            self._register()
+            self._clients.add(stats)
+
+    def _register(self) -> None:
+        if not self._registered:
+            REGISTRY.register(self)
+            self._registered = True
+
+    def servers(self) -> list[ServerStats]:
+        with self._lock:
+            return list(self._servers)
+
+    def describe(self) -> list[Metric]:
+        return []  # names known only at collection; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            servers, clients = list(self._servers), list(self._clients)
+        yield from _server_families(servers)
+        yield from _client_families(clients)
+
+
+def _histogram(
+    family: HistogramMetricFamily, labels: list[str], totals: list[int], seconds: float
+) -> None:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*BUCKETS, float("inf")), totals, strict=True):
+        cumulative += count
+        buckets.append((_bound(bound), cumulative))
+    family.add_metric(labels, buckets, seconds)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+class _Totals:
+    """FunctionStats added up over several objects sharing labels."""
+
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "ok", "seconds")
+
+    def __init__(self) -> None:
+        self.ok = self.errors = self.bytes_in = self.bytes_out = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)
+
+    def add(self, stats: FunctionStats) -> None:
+        self.ok += stats.ok
+        self.errors += stats.errors
+        self.seconds += stats.seconds
+        self.bytes_in += stats.bytes_in
+        self.bytes_out += stats.bytes_out
+        for index, count in enumerate(list(stats.buckets)):
+            self.buckets[index] += count
+
+
+def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "pylm_server_info",
+        "A running pylm server instance (value 1) and what it is",
+        labels=["server", "kind", "version", "instance_id"],
+    )
+    started = GaugeMetricFamily(
+        "pylm_server_start_time_seconds",
+        "When the server's first instance in this process started, Unix time",
+        labels=["server"],
+    )
+    ready = GaugeMetricFamily(
+        "pylm_server_ready",
+        "Instances of the server in this process that are serving",
+        labels=["server"],
+    )
+    received = CounterMetricFamily(
+        "pylm_messages_received", "Messages read from the server's input", labels=["server"]
+    )
+    malformed = CounterMetricFamily(
+        "pylm_messages_malformed",
+        "Messages dropped or refused for not following the protocol",
+        labels=["server"],
+    )
+    sent = CounterMetricFamily(
+        "pylm_messages_sent",
+        "Messages sent on: to the next stage or to clients",
+        labels=["server", "to"],
+    )
+    in_flight = GaugeMetricFamily(
+        "pylm_in_flight_messages", "Messages read and not yet answered or passed on",
+        labels=["server"],
+    )  # fmt: skip
+    calls = CounterMetricFamily(
+        "pylm_calls", "Function calls run by the server, by outcome",
+        labels=["server", "function", "outcome"],
+    )  # fmt: skip
+    duration = HistogramMetricFamily(
+        "pylm_call_duration_seconds",
+        "Time the server's function took",
+        labels=["server", "function"],
+    )
+    bytes_in = CounterMetricFamily(
+        "pylm_received_bytes", "Payload bytes received by functions", labels=["server"]
+    )
+    bytes_out = CounterMetricFamily(
+        "pylm_sent_bytes", "Payload bytes functions returned", labels=["server"]
+    )
+    registered = GaugeMetricFamily(
+        "pylm_registry_registered",
+        "Instances of the server in this process whose record etcd holds, as far as they know",
+        labels=["server"],
+    )
+    keepalive_failures = CounterMetricFamily(
+        "pylm_registry_keepalive_failures",
+        "Lease keep-alive rounds that could not reach etcd",
+        labels=["server"],
+    )
+    reachable = GaugeMetricFamily(
+        "pylm_registry_reachable",
+        "Whether etcd answered the server's last registry request (1) or not (0)",
+        labels=["server"],
+    )
+    watch_restarts = CounterMetricFamily(
+        "pylm_registry_watch_restarts",
+        "Times the server's registry watches had to start again (etcd unreachable)",
+        labels=["server"],
+    )
+    by_name: dict[str, list[ServerStats]] = {}
+    for stats in servers:
+        by_name.setdefault(stats.name, []).append(stats)
+        info.add_metric([stats.name, stats.kind, stats.version, stats.instance], 1)
+    for name, group in sorted(by_name.items()):
+        started.add_metric([name], min(stats.started for stats in group))
+        ready.add_metric([name], sum(stats.ready for stats in group))
+        received.add_metric([name], sum(stats.received for stats in group))
+        malformed.add_metric([name], sum(stats.malformed for stats in group))
+        for to in sorted({stats.sends_to for stats in group}):
+            sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
+        in_flight.add_metric([name], sum(stats.in_flight for stats in group))
+        functions: dict[str, _Totals] = {}
+        for stats in group:
+            for function, numbers in list(stats.functions.items()):
+                functions.setdefault(function, _Totals()).add(numbers)
+        for function, totals in sorted(functions.items()):
+            if function == UNKNOWN_FUNCTION and not (totals.ok or totals.errors):
+                continue  # no call to an unknown function: no series for it
+            calls.add_metric([name, function, "ok"], totals.ok)
+            calls.add_metric([name, function, "error"], totals.errors)
+            _histogram(duration, [name, function], totals.buckets, totals.seconds)
+        total_in = sum(totals.bytes_in for totals in functions.values())
+        total_out = sum(totals.bytes_out for totals in functions.values())
+        bytes_in.add_metric([name], total_in)
+        bytes_out.add_metric([name], total_out)
+        registrations = [stats.registration for stats in group if stats.registration is not None]
+        registered.add_metric([name], sum(bool(r.registered) for r in registrations))
+        keepalive_failures.add_metric([name], sum(r.failures for r in registrations))
+        registries = [stats.registry for stats in group if stats.registry is not None]
+        if registries:
+            reachable.add_metric([name], min(int(r.reachable) for r in registries))
+            watch_restarts.add_metric([name], sum(r.watch_restarts for r in registries))
+    yield from (info, started, ready, received, malformed, sent, in_flight, calls, duration)
+    yield from (bytes_in, bytes_out, registered, keepalive_failures, reachable, watch_restarts)
+
+
+def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "pylm_client_requests",
+        "Calls made by clients in this process, by server, function and outcome",
+        labels=["server", "function", "outcome"],
+    )
+    duration = HistogramMetricFamily(
+        "pylm_client_request_duration_seconds",
+        "Time from sending a call to its answer, seen by the client",
+        labels=["server", "function"],
+    )
+    timeouts = CounterMetricFamily(
+        "pylm_client_timeouts",
+        "Calls that got no answer within their timeout",
+        labels=["server", "function"],
+    )
+    merged: dict[tuple[str, str], _Totals] = {}
+    timed_out: dict[tuple[str, str], int] = {}
+    for stats in clients:
+        for function, numbers in list(stats.functions.items()):
+            merged.setdefault((stats.server, function), _Totals()).add(numbers)
+        for function, count in list(stats.timeouts.items()):
+            timed_out[stats.server, function] = timed_out.get((stats.server, function), 0) + count
+    for (server, function), totals in sorted(merged.items()):
+        requests.add_metric([server, function, "ok"], totals.ok)
+        requests.add_metric([server, function, "error"], totals.errors)
+        _histogram(duration, [server, function], totals.buckets, totals.seconds)
+    for (server, function), count in sorted(timed_out.items()):
+        timeouts.add_metric([server, function], count)
+    yield from (requests, duration, timeouts)
+
+
+_COLLECTOR = _Collector()
