@@ -40,7 +40,14 @@ from pylm.errors import (
 )
 from pylm.exporter import exporter
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
-from pylm.metrics import UNKNOWN_FUNCTION, FunctionStats, ServerStats, metrics_enabled
+from pylm.metrics import (
+    UNKNOWN_FUNCTION,
+    FunctionStats,
+    ServerStats,
+    metrics_enabled,
+    publish,
+    withdraw,
+)
 from pylm.transport import default_context
 
 if TYPE_CHECKING:
@@ -256,6 +263,7 @@ class BaseServer:
         endpoint = None
         try:
             if self.stats is not None:
+                publish(self.stats)
                 endpoint = exporter(self.host)
                 self.metrics_url = self._advertised_url(endpoint.acquire())
             self._open()
@@ -279,6 +287,8 @@ class BaseServer:
                 self._deregister()  # first, so that clients stop picking this instance
                 self._close()
             finally:
+                if self.stats is not None:
+                    withdraw(self.stats)
                 if endpoint is not None:
                     endpoint.release()
                 self._done.set()

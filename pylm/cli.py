@@ -70,9 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run a registry-backed pipeline end to end on a local etcd it starts"
     )
 
+    sd = commands.add_parser(
+        "sd",
+        help="Prometheus service discovery from the registry (http_sd, or file_sd with --file)",
+        description="Serve every registered server's metrics endpoint as Prometheus http_sd"
+        " targets at /sd (and this command's own registry metrics at /metrics) until Ctrl-C.",
+    )
+    sd.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
+    sd.add_argument("--port", type=int, default=9464, help="port (9464; 0: any free port)")
+    sd.add_argument("--file", type=Path, help="also write the targets to this file_sd JSON file")
+
     run = commands.add_parser("run", help="start a server with only a name (Ctrl-C stops it)")
     run.add_argument("target", help="path/to/file.py:Class or package.module:Class")
     run.add_argument("--name", required=True)
+    run.add_argument("--ttl", type=float, help="lease of the registration in seconds (10)")
+    run.add_argument("--host", help="interface to bind (default: $PYLM_HOST or 127.0.0.1)")
     return parser
 
 
@@ -254,7 +266,7 @@ def run_server(args: argparse.Namespace) -> int:
     server_class = getattr(module, class_name, None)
     if server_class is None:
         raise PylmError(f"{target!r} has no class {class_name!r}")
-    server = server_class(args.name, registry=args.registry)
+    server = server_class(args.name, registry=args.registry, ttl=args.ttl, host=args.host)
     try:
         server.start()
     except KeyboardInterrupt:
@@ -284,6 +296,24 @@ def run_etcd(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_sd(args: argparse.Namespace) -> int:
+    from pylm.sd import ServiceDiscovery
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with _registry(args) as registry:
+        registry.instances()  # fail now, clearly, if etcd cannot be reached
+        with ServiceDiscovery(registry, host=args.host, port=args.port, file=args.file) as sd:
+            print(f"service discovery of cluster {registry.config.cluster!r}: {sd.url}")
+            print(f"its own metrics: http://{sd.host}:{sd.port}/metrics")
+            if args.file is not None:
+                print(f"writing file_sd targets to {args.file}")
+            print("Ctrl-C stops it", flush=True)
+            stop.wait()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "ls": show_topology,
         "call": call_server,
         "run": run_server,
+        "sd": serve_sd,
     }
     try:
         if args.command == "topology":

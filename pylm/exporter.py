@@ -17,57 +17,44 @@ from __future__ import annotations
 import json
 import os
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import PylmError
-from pylm.metrics import _COLLECTOR
+from pylm.httpd import HttpService, QuietHandler
+from pylm.metrics import live_servers
 
 __all__ = ["Exporter", "exporter"]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "pylm"
-
-    def do_GET(self) -> None:
+class _Handler(QuietHandler):
+    def do_GET(self) -> None:  # http.server's naming
         path = self.path.partition("?")[0]
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._answer(200, content_type, encoder(REGISTRY))
+            self.answer(200, content_type, encoder(REGISTRY))
         elif path in ("/healthz", "/health"):
             servers = [
                 {"name": stats.name, "kind": stats.kind, "instance": stats.instance,
                  "ready": stats.ready}
-                for stats in _COLLECTOR.servers()
+                for stats in live_servers()
             ]  # fmt: skip
             healthy = bool(servers) and all(server["ready"] for server in servers)
             body = json.dumps({"status": "ok" if healthy else "unavailable", "servers": servers})
-            self._answer(200 if healthy else 503, "application/json", body.encode())
+            self.answer(200 if healthy else 503, "application/json", body.encode())
         else:
-            self._answer(404, "text/plain", b"pylm serves /metrics and /healthz\n")
-
-    def _answer(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # scrapes every few seconds would flood the servers' logs
+            self.answer(404, "text/plain", b"pylm serves /metrics and /healthz\n")
 
 
 class Exporter:
-    """An HTTP server for ``/metrics`` and ``/healthz`` in a thread it owns."""
+    """``/metrics`` and ``/healthz`` on ``host:port``, shared by users
+    counted with :meth:`acquire` and :meth:`release`."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.port = port
-        self._http: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._service: HttpService | None = None
         self._users = 0
         self._lock = threading.Lock()
 
@@ -78,36 +65,20 @@ class Exporter:
         return f"http://{host}:{self.port}/metrics"
 
     def start(self) -> Exporter:
-        try:
-            http = ThreadingHTTPServer((self.host, self.port), _Handler)
-        except OSError as exc:
-            raise PylmError(
-                f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror}"
-                " (set PYLM_METRICS_PORT to a free port, or 0)"
-            ) from None
-        http.daemon_threads = True
-        self._http = http
-        self.port = int(http.server_address[1])
-        self._thread = threading.Thread(
-            target=http.serve_forever, name="pylm-metrics", kwargs={"poll_interval": 0.2}
-        )
-        self._thread.daemon = True
-        self._thread.start()
+        service = HttpService(self.host, self.port, _Handler, "pylm-metrics")
+        service.start()
+        self._service, self.port = service, service.port
         return self
 
     def stop(self) -> None:
-        http, self._http = self._http, None
-        if http is not None:
-            http.shutdown()
-            http.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        service, self._service = self._service, None
+        if service is not None:
+            service.stop()
 
     def acquire(self) -> str:
         """Count one more user (a server), starting on the first; returns the URL."""
         with self._lock:
-            if self._http is None:
+            if self._service is None:
                 self.start()
             self._users += 1
             return self.url

@@ -42,7 +42,10 @@ __all__ = [
     "ClientStats",
     "FunctionStats",
     "ServerStats",
+    "live_servers",
     "metrics_enabled",
+    "publish",
+    "withdraw",
 ]
 
 # Upper bounds of the duration histograms, in seconds: 50 µs to 10 s.
@@ -89,7 +92,8 @@ class FunctionStats:
 
 
 class ServerStats:
-    """The counters of one server instance."""
+    """The counters of one server instance; exported while the server runs
+    (between :func:`publish` and :func:`withdraw`)."""
 
     def __init__(
         self, name: str, kind: str, functions: tuple[str, ...], version: str, sends_to: str
@@ -108,7 +112,6 @@ class ServerStats:
         self.ready = False
         self.registration: Registration | None = None
         self.registry: Registry | None = None
-        _COLLECTOR.add_server(self)
 
     def function(self, name: str) -> FunctionStats:
         """The stats of ``name``; of :data:`UNKNOWN_FUNCTION` if the server has no such function."""
@@ -141,6 +144,21 @@ class ClientStats:
         self.timeouts[function] = self.timeouts.get(function, 0) + 1
 
 
+def publish(stats: ServerStats) -> None:
+    """Export ``stats`` (a server starts)."""
+    _COLLECTOR.add_server(stats)
+
+
+def withdraw(stats: ServerStats) -> None:
+    """Stop exporting ``stats`` (a server stopped)."""
+    _COLLECTOR.remove_server(stats)
+
+
+def live_servers() -> list[ServerStats]:
+    """The stats of the servers running in this process."""
+    return _COLLECTOR.servers()
+
+
 class _Collector:
     """Turns the live stats objects of this process into metric families."""
 
@@ -154,6 +172,10 @@ class _Collector:
         with self._lock:
             self._register()
             self._servers.add(stats)
+
+    def remove_server(self, stats: ServerStats) -> None:
+        with self._lock:
+            self._servers.discard(stats)
 
     def add_client(self, stats: ClientStats) -> None:
         with self._lock:

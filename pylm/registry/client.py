@@ -259,6 +259,24 @@ class Registry(Closing):
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """The wiring stored for every server that has one, by name (entries
+        that are not JSON objects are skipped with a log line)."""
+        prefix = config_key(self.config.prefix, "").encode()
+        rows = self._call(self._etcd(lambda client: client.get_prefix(prefix)))
+        found = {}
+        for row in rows:
+            name = row.key[len(prefix) :].decode(errors="replace")
+            try:
+                data = json.loads(row.value)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                found[name] = data
+            else:
+                log.warning("skipping malformed wiring of %r: %r", name, row.value[:120])
+        return found
+
     def set_config(self, name: str, **fields: Any) -> None:
         """Store the desired wiring of server ``name`` (e.g. ``next='step2.bar'``)."""
         key = config_key(self.config.prefix, name).encode()

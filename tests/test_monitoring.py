@@ -1,0 +1,282 @@
+"""Metrics and health: what /metrics says after a known workload, /healthz,
+and service discovery from the registry (a real etcd)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from pylm.chained import LastServer, LoopClient, Server
+from pylm.errors import RemoteError, UnknownFunction
+from pylm.registry import InstanceRecord, Registry
+from pylm.sd import ServiceDiscovery, scrape_targets
+from pylm.standalone import Client
+from pylm.standalone import Server as StandaloneServer
+
+pytestmark = pytest.mark.timeout(60)
+ANY = "tcp://127.0.0.1:0"
+
+
+class Echo(StandaloneServer):
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+    def fail(self, message: bytes) -> bytes:
+        raise ValueError("no")
+
+
+class Double(Server):
+    def double(self, message: bytes) -> bytes:
+        return message * 2
+
+
+class Count(LastServer):
+    def count(self, message: bytes) -> bytes:
+        return b"%d" % len(message)
+
+
+def unique(prefix: str) -> str:
+    """Server names of this test's own: series of one name in a process add up."""
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample /metrics serves, by name and labels."""
+    status, body = get(url)
+    assert status == 200
+    found = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found[sample.name, frozenset(sample.labels.items())] = sample.value
+    return found
+
+
+def value(
+    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return found[name, frozenset(labels.items())]
+
+
+def test_metrics_count_a_known_workload_exactly() -> None:
+    name = unique("echo")
+    with Echo(name, ANY, log_stdout=False) as server:
+        assert server.metrics_url is not None and server.metrics_url.endswith("/metrics")
+        with Client(server.address, name) as client:
+            for i in range(10):
+                assert client.job("echo", b"%d" % i) == b"%d" % i
+            for _ in range(2):
+                with pytest.raises(RemoteError):
+                    client.job("fail", b"abc")
+            with pytest.raises(UnknownFunction):
+                client.job("nope", b"x")
+        with zmq.Context.instance().socket(zmq.REQ) as garbage:
+            garbage.connect(server.address)
+            garbage.send(b"not pylm at all")
+            assert garbage.poll(5000)
+            garbage.recv()
+        found = samples(server.metrics_url)
+    assert value(found, "pylm_calls_total", server=name, function="echo", outcome="ok") == 10
+    assert value(found, "pylm_calls_total", server=name, function="echo", outcome="error") == 0
+    assert value(found, "pylm_calls_total", server=name, function="fail", outcome="error") == 2
+    assert value(found, "pylm_calls_total", server=name, function="(unknown)", outcome="error") == 1
+    assert value(found, "pylm_call_duration_seconds_count", server=name, function="echo") == 10
+    assert (
+        value(found, "pylm_call_duration_seconds_bucket", server=name, function="echo", le="+Inf")
+        == 10
+    )
+    assert value(found, "pylm_messages_received_total", server=name) == 14
+    assert value(found, "pylm_messages_malformed_total", server=name) == 1
+    assert value(found, "pylm_messages_sent_total", server=name, to="client") == 13
+    assert value(found, "pylm_in_flight_messages", server=name) == 0
+    assert value(found, "pylm_received_bytes_total", server=name) == 10 + 2 * 3 + 1
+    assert value(found, "pylm_sent_bytes_total", server=name) == 10
+    assert value(found, "pylm_server_ready", server=name) == 1
+    info = [
+        labels
+        for (metric, labels) in found
+        if metric == "pylm_server_info" and ("server", name) in labels
+    ]
+    assert dict(info[0])["kind"] == "standalone"
+    # The client in this process counts its side.
+    assert (
+        value(found, "pylm_client_requests_total", server=name, function="echo", outcome="ok") == 10
+    )
+    assert (
+        value(found, "pylm_client_requests_total", server=name, function="fail", outcome="error")
+        == 2
+    )
+    assert (
+        value(found, "pylm_client_request_duration_seconds_count", server=name, function="echo")
+        == 10
+    )
+
+
+def test_client_timeouts_are_counted() -> None:
+    name = unique("nobody")
+    with Echo(unique("host"), ANY, log_stdout=False) as host:  # serves this process's /metrics
+        with Client("tcp://127.0.0.1:1", name, timeout=0.1) as client:
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    client.job("echo", b"x")
+        assert host.metrics_url is not None
+        found = samples(host.metrics_url)
+    assert value(found, "pylm_client_timeouts_total", server=name, function="echo") == 3
+
+
+def test_pipeline_stages_count_what_they_pass_on() -> None:
+    first, last = unique("double"), unique("count")
+    with Count(last, ANY, ANY, ANY, log_stdout=False) as end:
+        with Double(first, ANY, end.address, f"{last}.count", ANY, log_stdout=False) as start:
+            with LoopClient(end.push, start.address, start.db, first, announce=False) as client:
+                results = list(client.job("double", [b"ab"] * 25))
+            assert results == [b"4"] * 25
+            assert start.metrics_url == end.metrics_url  # one endpoint per process
+            assert start.metrics_url is not None
+            found = samples(start.metrics_url)
+    assert value(found, "pylm_calls_total", server=first, function="double", outcome="ok") == 25
+    assert value(found, "pylm_messages_sent_total", server=first, to="next") == 25
+    assert value(found, "pylm_calls_total", server=last, function="count", outcome="ok") == 25
+    assert value(found, "pylm_messages_sent_total", server=last, to="client") == 25
+    assert value(found, "pylm_messages_received_total", server=last) == 25
+    assert (
+        value(found, "pylm_client_requests_total", server=first, function="double", outcome="ok")
+        == 25
+    )
+
+
+def test_healthz_and_metrics_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = unique("health")
+    with Echo(name, ANY, log_stdout=False) as server:
+        assert server.metrics_url is not None
+        status, body = get(server.metrics_url.replace("/metrics", "/healthz"))
+        assert status == 200
+        answer = json.loads(body)
+        assert answer["status"] == "ok"
+        assert {"name": name, "kind": "standalone", "instance": "", "ready": True} in answer[
+            "servers"
+        ]
+        assert get(server.metrics_url.replace("/metrics", "/nothing"))[0] == 404
+    quiet = Echo(unique("quiet"), ANY, log_stdout=False, metrics=False)
+    with quiet:
+        assert quiet.metrics_url is None and quiet.stats is None
+    monkeypatch.setenv("PYLM_METRICS", "off")
+    with Echo(unique("quiet"), ANY, log_stdout=False) as off:
+        assert off.metrics_url is None and off.stats is None
+
+
+def test_metrics_url_is_registered(registry: Registry) -> None:
+    with Echo("monitored", registry=registry, log_stdout=False) as server:
+        (record,) = registry.instances("monitored")
+        assert record.metrics == server.metrics_url
+        assert server.stats is not None and server.stats.instance == record.instance
+        assert server.metrics_url is not None
+        found = samples(server.metrics_url)
+        assert value(found, "pylm_registry_registered", server="monitored") == 1
+        assert value(found, "pylm_registry_reachable", server="monitored") == 1
+        assert value(found, "pylm_registry_keepalive_failures_total", server="monitored") == 0
+        assert ("pylm_server_info", frozenset({
+            ("server", "monitored"), ("kind", "standalone"), ("version", record.version),
+            ("instance_id", record.instance)})) in found  # fmt: skip
+
+
+def test_scrape_targets_group_by_endpoint() -> None:
+    def record(name: str, metrics: str | None, pid: int) -> InstanceRecord:
+        return InstanceRecord(
+            name, "chained", {"pull": "tcp://h:1"}, metrics=metrics, pid=pid, host="h"
+        )
+
+    targets = scrape_targets(
+        [
+            record("step1", "http://10.0.0.1:9100/metrics", 7),
+            record("step2", "http://10.0.0.1:9100/metrics", 7),
+            record("last", "http://10.0.0.2:9100/metrics", 8),
+            record("dark", None, 9),
+        ],
+        "prod",
+    )
+    assert targets == [
+        {"targets": ["10.0.0.1:9100"], "labels": {"cluster": "prod", "pylm_servers": "step1,step2",
+         "pylm_kinds": "chained", "pylm_host": "h", "pylm_pid": "7"}},
+        {"targets": ["10.0.0.2:9100"], "labels": {"cluster": "prod", "pylm_servers": "last",
+         "pylm_kinds": "chained", "pylm_host": "h", "pylm_pid": "8"}},
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def discovery(registry: Registry, tmp_path: Path) -> Iterator[ServiceDiscovery]:
+    with ServiceDiscovery(registry, port=0, file=tmp_path / "targets.json") as sd:
+        yield sd
+
+
+def test_service_discovery_follows_the_registry(
+    discovery: ServiceDiscovery, registry: Registry, tmp_path: Path
+) -> None:
+    registry.set_config("wired_only", next="x.y")
+    version = discovery.wait_for_change(0, 5)
+    with Echo("sd_echo", registry=registry, log_stdout=False) as server:
+        assert server.metrics_url is not None
+        address = server.metrics_url.split("/")[2]
+        deadline = time.monotonic() + 10
+        while not discovery.targets:
+            assert time.monotonic() < deadline, "the new instance never showed up"
+            version = discovery.wait_for_change(version, 1)
+        status, body = get(discovery.url)
+        assert status == 200
+        (group,) = json.loads(body)
+        assert group["targets"] == [address]
+        assert group["labels"]["pylm_servers"] == "sd_echo"
+        assert group["labels"]["cluster"] == registry.config.cluster
+        assert json.loads((tmp_path / "targets.json").read_text()) == [group]
+        found = samples(f"http://{discovery.host}:{discovery.port}/metrics")
+        cluster = registry.config.cluster
+        assert (
+            value(
+                found,
+                "pylm_registry_instances",
+                cluster=cluster,
+                server="sd_echo",
+                kind="standalone",
+            )
+            == 1
+        )
+        assert (
+            value(
+                found,
+                "pylm_registry_instances",
+                cluster=cluster,
+                server="wired_only",
+                kind="chained",
+            )
+            == 0
+        )
+        assert value(found, "pylm_registry_up", cluster=cluster) == 1
+    deadline = time.monotonic() + 10
+    while discovery.targets:  # a clean stop deregisters: the target goes
+        assert time.monotonic() < deadline, "the stopped instance never left"
+        version = discovery.wait_for_change(version, 1)
+    assert json.loads((tmp_path / "targets.json").read_text()) == []
+
+
+def test_protocol_ping_still_answers_with_metrics_on() -> None:
+    with (
+        Echo(unique("ping"), ANY, log_stdout=False) as server,
+        Client(server.address, server.name) as client,
+    ):
+        assert client.ping()["name"] == server.name
