@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--port", type=int, default=9464, help="port (9464; 0: any free port)")
     sd.add_argument("--file", type=Path, help="also write the targets to this file_sd JSON file")
 
+    top = commands.add_parser(
+        "top", help="live view of the cluster: rates, errors, latency, read from the servers"
+    )
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between reads (2)")
+    top.add_argument("--once", action="store_true", help="print one view and exit")
+
     run = commands.add_parser("run", help="start a server with only a name (Ctrl-C stops it)")
     run.add_argument("target", help="path/to/file.py:Class or package.module:Class")
     run.add_argument("--name", required=True)
@@ -314,6 +320,33 @@ def serve_sd(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_top(args: argparse.Namespace) -> int:
+    from pylm import top
+
+    if not args.interval > 0:
+        raise PylmError(f"--interval must be positive, got {args.interval}")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with _registry(args) as registry:
+        records = registry.instances()
+        texts, _ = top.fetch(record.metrics for record in records if record.metrics)
+        before, began = top.snapshot(texts), time.monotonic()
+        while not stop.wait(args.interval):
+            records = registry.instances()
+            texts, answered = top.fetch(record.metrics for record in records if record.metrics)
+            after, now = top.snapshot(texts), time.monotonic()
+            table = top.rows(records, before, after, now - began, answered)
+            view = top.render(table, registry.config.cluster, now - began)
+            if sys.stdout.isatty() and not args.once:
+                print("\x1b[H\x1b[2J", end="")  # clear the screen
+            print(view, flush=True)
+            if args.once:
+                break
+            before, began = after, now
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -326,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "call": call_server,
         "run": run_server,
         "sd": serve_sd,
+        "top": show_top,
     }
     try:
         if args.command == "topology":

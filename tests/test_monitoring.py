@@ -280,3 +280,48 @@ def test_protocol_ping_still_answers_with_metrics_on() -> None:
         Client(server.address, server.name) as client,
     ):
         assert client.ping()["name"] == server.name
+
+
+def test_top_quantiles_follow_prometheus_interpolation() -> None:
+    from pylm.top import quantile
+
+    increase = {0.001: 50.0, 0.01: 90.0, 0.1: 100.0, float("inf"): 100.0}
+    assert quantile(0.5, increase) == pytest.approx(0.001)
+    assert quantile(0.7, increase) == pytest.approx(0.001 + 0.009 * 0.5)
+    assert quantile(0.99, increase) == pytest.approx(0.01 + 0.09 * 0.9)
+    assert quantile(0.5, {0.001: 0.0, float("inf"): 0.0}) is None
+    assert quantile(0.99, {0.001: 1.0, float("inf"): 2.0}) == 0.001  # above the last bound
+
+
+def test_pylm_top_shows_rates_from_the_servers(registry: Registry) -> None:
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    stop = threading.Event()
+    with Echo("topped", registry=registry, log_stdout=False) as server:
+
+        def load() -> None:
+            with Client(server.address, "topped") as client:
+                while not stop.is_set():
+                    client.job("echo", b"x")
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        try:
+            env = {**os.environ, "PYLM_REGISTRY": registry.config.url}
+            command = ["--cluster", registry.config.cluster, "top", "--once", "--interval", "0.5"]
+            done = subprocess.run(
+                [sys.executable, "-m", "pylm.cli", *command],
+                env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        finally:
+            stop.set()
+            worker.join(10)
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("topped "))
+    fields = line.split()
+    assert fields[1] == "standalone" and fields[2] == "1"
+    assert float(fields[3]) > 0  # calls per second (no next stage: that column is blank)
+    assert "metrics unreachable" not in line

@@ -1,0 +1,165 @@
+"""``pylm top``: the cluster at a glance, read from the servers' own
+``/metrics`` (no Prometheus needed).
+
+Every few seconds it lists the registered instances, reads the metrics
+endpoint of each process once, and shows per server: instances, next stage,
+calls per second, errors per second, latency quantiles over the interval
+(from the histogram buckets' increase) and messages in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pylm.registry import InstanceRecord
+
+__all__ = ["Row", "Snapshot", "fetch", "quantile", "render", "rows", "snapshot"]
+
+
+@dataclass
+class Snapshot:
+    """Counters of one server name, added up over the endpoints read."""
+
+    calls: float = 0.0
+    errors: float = 0.0
+    in_flight: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> cumulative count
+
+
+@dataclass
+class Row:
+    server: str
+    kind: str
+    instances: int
+    next: str
+    calls_per_second: float
+    errors_per_second: float
+    p50: float | None
+    p99: float | None
+    in_flight: float
+    reachable: int  # endpoints read / endpoints listed
+
+
+def snapshot(texts: Iterable[str]) -> dict[str, Snapshot]:
+    """Parse /metrics texts into a snapshot per server name."""
+    found: dict[str, Snapshot] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                server = sample.labels.get("server")
+                if server is None:
+                    continue
+                entry = found.setdefault(server, Snapshot())
+                if sample.name == "pylm_calls_total":
+                    entry.calls += sample.value
+                    if sample.labels.get("outcome") == "error":
+                        entry.errors += sample.value
+                elif sample.name == "pylm_in_flight_messages":
+                    entry.in_flight += sample.value
+                elif sample.name == "pylm_call_duration_seconds_bucket":
+                    bound = float(sample.labels["le"])
+                    entry.buckets[bound] = entry.buckets.get(bound, 0.0) + sample.value
+    return found
+
+
+def quantile(q: float, increase: dict[float, float]) -> float | None:
+    """The ``q`` quantile of cumulative bucket increases, interpolated within
+    a bucket as Prometheus' histogram_quantile does; None without data."""
+    bounds = sorted(increase)
+    if not bounds or increase[bounds[-1]] <= 0:
+        return None
+    rank = q * increase[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = increase[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def rows(
+    records: list[InstanceRecord],
+    before: dict[str, Snapshot],
+    after: dict[str, Snapshot],
+    seconds: float,
+    endpoints_read: dict[str, bool],
+) -> list[Row]:
+    """One row per registered server name, with rates between two snapshots."""
+    by_name: dict[str, list[InstanceRecord]] = {}
+    for record in records:
+        by_name.setdefault(record.name, []).append(record)
+    table = []
+    for name, group in sorted(by_name.items()):
+        old, new = before.get(name, Snapshot()), after.get(name, Snapshot())
+        increase = {
+            bound: max(0.0, count - old.buckets.get(bound, 0.0))
+            for bound, count in new.buckets.items()
+        }
+        urls = {record.metrics for record in group if record.metrics}
+        table.append(
+            Row(
+                server=name,
+                kind=group[0].kind,
+                instances=len(group),
+                next=next((record.next for record in group if record.next), None) or "",
+                calls_per_second=max(0.0, new.calls - old.calls) / seconds,
+                errors_per_second=max(0.0, new.errors - old.errors) / seconds,
+                p50=quantile(0.5, increase),
+                p99=quantile(0.99, increase),
+                in_flight=new.in_flight,
+                reachable=sum(endpoints_read.get(url, False) for url in urls),
+            )
+        )
+    return table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def render(table: list[Row], cluster: str, seconds: float) -> str:
+    """The rows as a text table."""
+    header = (
+        f"{'SERVER':<20} {'KIND':<13} {'INST':>4} {'NEXT':<16} {'CALLS/S':>9} {'ERR/S':>7}"
+        f" {'P50':>8} {'P99':>8} {'IN-FLIGHT':>9}"
+    )
+    lines = [f"pylm top: cluster {cluster!r}, rates over {seconds:.1f} s", "", header]
+    for row in table:
+        unread = "" if row.reachable else "  (metrics unreachable)"
+        lines.append(
+            f"{row.server:<20} {row.kind:<13} {row.instances:>4} {row.next:<16}"
+            f" {row.calls_per_second:>9.1f} {row.errors_per_second:>7.1f}"
+            f" {_duration(row.p50):>8} {_duration(row.p99):>8} {row.in_flight:>9.0f}{unread}"
+        )
+    if not table:
+        lines.append("(no server registered)")
+    return "\n".join(lines)
+
+
+def fetch(urls: Iterable[str], timeout: float = 2.0) -> tuple[list[str], dict[str, bool]]:
+    """The /metrics texts of ``urls``, and which ones answered."""
+    texts, answered = [], {}
+    for url in sorted(set(urls)):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as answer:
+                texts.append(answer.read().decode("utf-8", "replace"))
+                answered[url] = True
+        except (OSError, urllib.error.URLError, ValueError):
+            answered[url] = False
+    return texts, answered
