@@ -82,17 +82,19 @@ PIPELINE_PAYLOAD = 100
 FAMILIES = {  # --only name -> (column title, modules it needs)
     "raw": ("raw pyzmq", ("zmq",)),
     "pylm": ("pylm", ("zmq",)),
+    "pylm-quiet": ("pylm, metrics off", ("zmq",)),
     "zerorpc": ("zerorpc", ("zerorpc", "gevent", "msgpack")),
     "pyro5": ("Pyro5 (msgpack)", ("Pyro5", "msgpack")),
 }
-SYNC_SYSTEMS = ("raw-req", "pylm", "zerorpc", "pyro5")
+SYNC_SYSTEMS = ("raw-req", "pylm", "pylm-quiet", "zerorpc", "pyro5")
 PIPELINED_SYSTEMS = ("raw-dealer", "pylm-async")
 FULL = Timing(duration=1.5, warmup=0.5, rounds=3)
 QUICK = Timing(duration=0.2, warmup=0.1, rounds=1)
 REPORT = Report(
     what="Round trips per second",
     notes="raw pyzmq: REQ client / REP server; in the pipelined row, DEALER client / ROUTER"
-    " echo server. pylm: Client; in the pipelined row, AsyncClient. zerorpc and Pyro5:"
+    ' echo server. pylm: Client; in the pipelined row, AsyncClient; "metrics off": the'
+    " same with PYLM_METRICS=0 in server and clients. zerorpc and Pyro5:"
     " one blocking client per process. Every server and client in its own process;"
     " every client first checks that a reply is its payload, as bytes.",
     titles={family: title for family, (title, _) in FAMILIES.items()},

@@ -13,6 +13,7 @@ ended. A *connect* function returns a :class:`Driver` that calls that service.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,6 +226,17 @@ def connect_pylm(address: str) -> Driver:
     return BlockingDriver(partial(client.job, "echo"), client.close)
 
 
+def serve_pylm_quiet(ready: Ready) -> None:
+    """pylm's server with metrics off (``PYLM_METRICS=0``): what counting costs."""
+    os.environ["PYLM_METRICS"] = "0"
+    serve_pylm(ready)
+
+
+def connect_pylm_quiet(address: str) -> Driver:
+    os.environ["PYLM_METRICS"] = "0"
+    return connect_pylm(address)
+
+
 def connect_pylm_async(address: str) -> Driver:
     return AsyncPylmDriver(address, PIPELINE_DEPTH)
 
@@ -305,6 +317,13 @@ SYSTEMS: dict[str, System] = {
     for system in (
         System("raw-req", "raw", "raw pyzmq REQ/REP", serve_raw_rep, connect_raw_req),
         System("pylm", "pylm", "pylm Client", serve_pylm, connect_pylm),
+        System(
+            "pylm-quiet",
+            "pylm-quiet",
+            "pylm Client, metrics off",
+            serve_pylm_quiet,
+            connect_pylm_quiet,
+        ),
         System("zerorpc", "zerorpc", "zerorpc", serve_zerorpc, connect_zerorpc),
         System("pyro5", "pyro5", "Pyro5 (msgpack)", serve_pyro5, connect_pyro5),
         System(
