@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -102,7 +103,7 @@ class ServerStats:
         self.kind = kind
         self.sends_to = sends_to  # "client" or "next": the label of what it sends
         self.version = version
-        self.instance = ""  # the registry's instance id, once registered
+        self.instance = uuid.uuid4().hex[:12]  # replaced by the registry's id once registered
         self.started = time.time()
         self.functions = {function: FunctionStats() for function in functions}
         self.functions[UNKNOWN_FUNCTION] = FunctionStats()

@@ -71,9 +71,15 @@ def rule_expressions() -> list[tuple[str, str]]:
 def test_shipped_prometheus_configuration_passes_promtool() -> None:
     promtool = shutil.which("promtool")
     assert promtool is not None, "promtool comes with Debian's prometheus package"
-    for command in (["check", "config"], ["check", "rules"]):
-        target = MONITORING / "prometheus" / ("rules.yml" if command[1] == "rules" else "prometheus.yml")
-        done = subprocess.run([promtool, *command, str(target)], capture_output=True, text=True, timeout=60)
+    folder = MONITORING / "prometheus"
+    for command in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "rules.yml"],
+        ["test", "rules", "rules_test.yml"],  # each alert fires on the series it should
+    ):
+        done = subprocess.run(
+            [promtool, *command], cwd=folder, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -96,8 +102,9 @@ class Cluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, cls: str) -> None:
+        command = ["run", f"pylm.demo:{cls}", "--name", name, "--ttl", TTL]
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "pylm.cli", "run", f"pylm.demo:{cls}", "--name", name, "--ttl", TTL],
+            [sys.executable, "-m", "pylm.cli", *command],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -125,7 +132,9 @@ def value_of(samples: list[dict[str, Any]]) -> float:
     return sum(float(sample["value"][1]) for sample in samples)
 
 
-def test_prometheus_discovers_scrapes_and_alerts(pipeline: Cluster, registry: Registry, cluster: str) -> None:
+def test_prometheus_discovers_scrapes_and_alerts(
+    pipeline: Cluster, registry: Registry, cluster: str
+) -> None:
     with ServiceDiscovery(registry, port=0) as sd:
         config = f"""
 global:
@@ -142,6 +151,8 @@ scrape_configs:
       - targets: ["{sd.host}:{sd.port}"]
 """
         with LocalPrometheus(config) as prometheus:
+            # A first scrape before the work, so that rates have a start.
+            prometheus.wait_for(f'pylm_calls_total{{cluster="{cluster}", server="last"}}', 30)
             with LoopClient("step1", registry=registry, announce=False, timeout=30) as client:
                 results = list(client.job("foo", [b"%d" % i for i in range(JOBS)]))
             assert len(results) == JOBS
@@ -154,16 +165,21 @@ scrape_configs:
                 time.sleep(0.2)  # Prometheus scrapes on its own clock
             sent = prometheus.query(f'pylm_messages_sent_total{{cluster="{cluster}"}}')
             assert {(s["metric"]["server"], s["metric"]["to"]) for s in sent} == {
-                ("step1", "next"), ("step2", "next"), ("last", "client")
+                ("step1", "next"),
+                ("step2", "next"),
+                ("last", "client"),
             }
             info = prometheus.query(f'pylm_server_info{{cluster="{cluster}"}}')
             assert {s["metric"]["server"] for s in info} == {"step1", "step2", "last"}
             assert {s["metric"]["kind"] for s in info} == {"chained", "chained-last"}
-            prometheus.wait_for(f'pylm_registry_instances{{cluster="{cluster}", server="last"}} == 1', 15)
+            prometheus.wait_for(
+                f'pylm_registry_instances{{cluster="{cluster}", server="last"}} == 1', 15
+            )
             # Rates need two scrapes after the work: wait for them once, for every panel.
             prometheus.wait_for(f'rate(pylm_calls_total{{cluster="{cluster}"}}[1m]) > 0', 15)
 
             # Every panel query evaluates; every panel's main query has data.
+            assert len(panel_targets()) > 30 and len(rule_expressions()) >= 7
             empty = []
             for dashboard, title, index, expr in panel_targets():
                 result = prometheus.query(substitute(expr))  # raises if Prometheus refuses it
@@ -172,7 +188,7 @@ scrape_configs:
             assert not empty, "panels without data:\n" + "\n".join(empty)
 
             # Every alert rule evaluates (as an expression, and in Prometheus' rule manager).
-            for name, expr in rule_expressions():
+            for _, expr in rule_expressions():
                 prometheus.query(expr)
             deadline = time.monotonic() + 15
             while True:
@@ -190,7 +206,9 @@ scrape_configs:
             down = 'up{job="pylm", pylm_servers="last"} == 0'
             prometheus.wait_for(down, 10, "the instance-down expression for the killed stage")
             instance_down = dict(rule_expressions())["PylmInstanceDown"]
-            assert any(s["metric"].get("pylm_servers") == "last" for s in prometheus.query(instance_down))
+            assert any(
+                s["metric"].get("pylm_servers") == "last" for s in prometheus.query(instance_down)
+            )
             deadline = time.monotonic() + float(TTL) + 10
             while any("last" in group["labels"]["pylm_servers"] for group in sd.targets):
                 assert time.monotonic() < deadline, "the killed stage never left discovery"
