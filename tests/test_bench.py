@@ -28,11 +28,11 @@ def smoke_run(module: str, out: Path, *options: str, timeout: float = 110) -> st
 @pytest.mark.timeout(120)
 def test_rpc_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "rpc.json"
-    stdout = smoke_run("rpc", out, "--only", "pylm,raw", "--clients", "1")
+    stdout = smoke_run("rpc", out, "--only", "pylm,pylm-quiet,raw", "--clients", "1")
     assert "| 100 B, 1 client |" in stdout
     results = json.loads(out.read_text())["results"]
     systems = {result["system"] for result in results}
-    assert systems == {"raw-req", "pylm", "raw-dealer", "pylm-async"}
+    assert systems == {"raw-req", "pylm", "pylm-quiet", "raw-dealer", "pylm-async"}
     assert all(result["median_per_s"] > 0 for result in results)
 
 
@@ -50,3 +50,17 @@ def test_registry_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "registry.json"
     assert "| measurement | result |" in smoke_run("registry", out, timeout=160)
     assert out.exists()
+
+
+@pytest.mark.timeout(60)
+def test_metrics_benchmark_smoke_run() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.metrics", "--quick", "--servers", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("20 servers x 3 functions: ")
+    assert "scrape over HTTP:" in run.stdout
