@@ -163,6 +163,8 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
             print(f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s{left}")
             for role, address in sorted(record.endpoints.items()):
                 print(f"    {role:5} {address}")
+            if record.metrics:
+                print(f"    metrics {record.metrics}")
     print(flush=True)
 
 

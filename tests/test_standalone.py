@@ -274,6 +274,8 @@ def test_timeout_leaves_client_usable(serve: Serve) -> None:
         release.set()
         # The stale answer to the first call arrives first and is dropped.
         assert client.job("fast", b"2") == b"fast 2"
+        assert client.dropped == 1
+        assert client.job("fast", b"3") == b"fast 3"
         assert isinstance(RequestTimeout("x"), TimeoutError)
 
 
@@ -446,3 +448,24 @@ def test_log_address_pushes_log_lines(
         client.job("foo", b"x")
     line = collector.recv().decode()
     assert line.endswith(" - my_server - WARNING - Got a message")
+
+
+def test_a_server_that_does_not_speak_pylm_is_a_protocol_error(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    foreign = raw_socket(zmq.REP)
+    port = foreign.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_junk() -> None:
+        for junk in (b"HTTP/1.1 400 Bad Request", b"ok"):
+            foreign.recv_multipart()
+            foreign.send(junk)
+
+    thread = threading.Thread(target=answer_junk)
+    thread.start()
+    with Client(f"tcp://127.0.0.1:{port}", "my_server", timeout=5) as client:
+        with pytest.raises(pylm.ProtocolError, match=r"not pylm: b'HTTP/1.1 400"):
+            client.job("foo", b"x")  # the first call takes the careful way
+        with pytest.raises(pylm.ProtocolError, match=r"answered 'foo' with .* not pylm: b'ok'"):
+            client.job("foo", b"x")  # the fast path
+    thread.join(5)

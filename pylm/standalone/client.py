@@ -22,6 +22,7 @@ __all__ = ["Client"]
 
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _HEAD_SIZE = protocol.HEAD_SIZE
+_SNDMORE = zmq.SNDMORE
 _unpack_id = protocol.unpack_id
 _pack_id_deadline = protocol.pack_id_deadline
 _time = time.time
@@ -53,17 +54,18 @@ class Client(Caller, Closing):
     ) -> None:
         super().__init__(connection, server_name, timeout, max_payload, registry)
         self._lock = threading.Lock()
-        # REQ keeps the routing envelope inside libzmq (fewer calls from
-        # Python); RELAXED lets it send again after a timeout and CORRELATE
-        # drops the late answers to calls that timed out.
-        self._socket: zmq.Socket | None = default_context(context).socket(zmq.REQ)
+        # A DEALER that sends the empty delimiter a REQ would: the server's
+        # REP sees a REQ. No request/reply state machine to wedge after a
+        # timeout, and answers are matched to calls by their message id, late
+        # ones dropped (cheaper than a REQ with REQ_CORRELATE, whose request
+        # ids cost a frame each way).
+        self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.REQ_RELAXED, 1)
-        self._socket.setsockopt(zmq.REQ_CORRELATE, 1)
-        for endpoint in self.endpoints:  # several instances: REQ takes turns among them
+        for endpoint in self.endpoints:  # several instances: DEALER takes turns among them
             self._socket.connect(endpoint)
         self._default_millis = int(self.timeout * 1000)
         self._set_timeout(self._socket, self._default_millis)
+        self.dropped = 0  # late answers to calls that had timed out, and garbage
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
@@ -89,29 +91,45 @@ class Client(Caller, Closing):
             if socket is None:
                 raise RuntimeError("the client is closed")
             try:
+                socket.send(b"", _SNDMORE)
                 socket.send(body)
-                answer = socket.recv()
-                rest = None
-                if answer[:9] != _REPLY_PREFIX and len(answer) > 4:
-                    if answer[4] & protocol.PAYLOAD_FRAME:
-                        rest = socket.recv()
+                if socket.recv() == b"":
+                    answer = socket.recv()
+                    if answer[:9] == _REPLY_PREFIX and answer[9:17] == body[9:17]:
+                        numbers = entry[2]
+                        if numbers is not None:
+                            took = _perf_counter() - began
+                            numbers.done(took, len(message), len(answer) - _HEAD_SIZE)
+                        return answer[_HEAD_SIZE:]
+                    received = self._rest_of(socket, answer)
+                else:
+                    received = []  # not an answer to a REQ: look again, the slow way
             except zmq.Again:
                 calls.timed_out(function)
                 raise self._timeout_error(function, self.timeout) from None
-        if answer[:9] == _REPLY_PREFIX and answer[9:17] == body[9:17]:  # a REPLY to this call
-            numbers = entry[2]
-            if numbers is not None:
-                numbers.done(_perf_counter() - began, len(message), len(answer) - _HEAD_SIZE)
-            return answer[_HEAD_SIZE:]
-        received = [answer] if rest is None else [answer, rest]
-        return self._result(function, began, len(message), received, msg_id)
+            if received and _answers(received, msg_id):
+                answers = received
+            else:  # a late answer to an earlier call, or garbage: the careful way
+                if received and received[0][:2] == protocol.MAGIC:
+                    self.dropped += 1
+                elif received:
+                    raise ProtocolError(
+                        f"server {self.server_name!r} at {self.connection} answered"
+                        f" {function!r} with something that is not pylm: {received[0][:40]!r}"
+                    )
+                try:
+                    answers = self._await(socket, msg_id, began + self.timeout, function)
+                except RequestTimeout:
+                    calls.timed_out(function)
+                    raise
+        return self._result(function, began, len(message), answers, msg_id)
 
     def _job(self, function: str, message: bytes, timeout: float | None) -> bytes:
         began = _perf_counter()
         timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.request(function, message, timeout)
         try:
-            answers = self._exchange(frames, timeout, function)
+            answers = self._exchange(frames, msg_id, timeout, function)
         except RequestTimeout:
             self._calls.timed_out(function)
             raise
@@ -122,11 +140,11 @@ class Client(Caller, Closing):
     ) -> bytes:
         """The result the answer carries, or the error it raises; counted."""
         head = answers[0]
-        if head[:9] == _REPLY_PREFIX and _unpack_id(head, 9)[0] == msg_id:
+        if head[:9] == _REPLY_PREFIX:
             result = head[_HEAD_SIZE:]
         else:
             try:
-                result = protocol.result_of(self._check(protocol.decode(answers), msg_id))
+                result = protocol.result_of(protocol.decode(answers))
             except PylmError:
                 self._calls.finished(function, began, size, None)
                 raise
@@ -138,10 +156,11 @@ class Client(Caller, Closing):
         (name, kind, functions, pid, version)."""
         timeout = self._timeout_of(timeout)
         msg_id, frames = self._calls.ping(timeout)
-        answer = protocol.decode(self._exchange(frames, timeout, "ping"))
-        return pong_info(protocol.result_of(self._check(answer, msg_id)))
+        answer = protocol.decode(self._exchange(frames, msg_id, timeout, "ping"))
+        return pong_info(protocol.result_of(answer))
 
-    def _exchange(self, frames: list[bytes], timeout: float, what: str) -> list[bytes]:
+    def _exchange(self, frames: list[bytes], msg_id: int, timeout: float, what: str) -> list[bytes]:
+        """Send a request; the frames of the answer to it."""
         with self._lock:
             socket = self._socket
             if socket is None:
@@ -152,25 +171,40 @@ class Client(Caller, Closing):
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
+            deadline = _perf_counter() + timeout
             try:
-                if len(frames) == 1:
-                    socket.send(frames[0])
-                else:
-                    socket.send_multipart(frames, copy=False)
-                answer = [socket.recv()]
-                # The head says whether the payload has a frame of its own,
-                # which spares asking the socket (slow) after every frame.
-                if len(answer[0]) > 4 and answer[0][4] & protocol.PAYLOAD_FRAME:
-                    answer.append(socket.recv())
+                socket.send(b"", _SNDMORE)
+                socket.send_multipart(frames, copy=len(frames) == 1)
             except zmq.Again:
                 raise self._timeout_error(what, timeout) from None
-        return answer
+            return self._await(socket, msg_id, deadline, what)
+
+    def _await(self, socket: zmq.Socket, msg_id: int, deadline: float, what: str) -> list[bytes]:
+        """Receive until the answer to ``msg_id`` comes, dropping late answers
+        to earlier calls; RequestTimeout at ``deadline`` (perf_counter time)."""
+        while True:
+            left = deadline - _perf_counter()
+            if left <= 0 or not socket.poll(max(1, int(left * 1000))):
+                raise self._timeout_error(what, self._socket_timeout / 1000)
+            frames = socket.recv_multipart()
+            body = frames[1:] if frames[0] == b"" else frames
+            if body and _answers(body, msg_id):
+                return body
+            if not body or body[0][:2] != protocol.MAGIC or len(body[0]) < _HEAD_SIZE:
+                # A REP answers each request once: this is the answer, and no pylm one.
+                raise ProtocolError(
+                    f"server {self.server_name!r} at {self.connection} answered {what!r} with"
+                    f" something that is not pylm: {(body or frames)[0][:40]!r}"
+                )
+            self.dropped += 1  # a late answer to an earlier call
 
     @staticmethod
-    def _check(message: protocol.Message, msg_id: int) -> protocol.Message:
-        if message.msg_id != msg_id:  # REQ_CORRELATE makes this the server's fault
-            raise ProtocolError(f"answer to message {message.msg_id} for call {msg_id}")
-        return message
+    def _rest_of(socket: zmq.Socket, head: bytes) -> list[bytes]:
+        """An answer's frames after its head ``head``: the head says whether a
+        payload frame follows (asking the socket would cost more)."""
+        if len(head) > 4 and head[4] & protocol.PAYLOAD_FRAME:
+            return [head, socket.recv()]
+        return [head]
 
     def _set_timeout(self, socket: zmq.Socket, millis: int) -> None:
         socket.setsockopt(zmq.RCVTIMEO, millis)
@@ -182,3 +216,13 @@ class Client(Caller, Closing):
             close_socket(self._socket)
             self._socket = None
         self._stop_following()
+
+
+def _answers(frames: list[bytes], msg_id: int) -> bool:
+    """Whether ``frames`` are a well-formed answer to message ``msg_id``."""
+    head = frames[0]
+    return (
+        len(head) >= _HEAD_SIZE
+        and head[:2] == protocol.MAGIC
+        and protocol.unpack_id(head, 9)[0] == msg_id
+    )
