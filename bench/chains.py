@@ -25,6 +25,7 @@ like an RPC client.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -211,6 +212,17 @@ def pylm_client() -> tuple[str, Connect]:
     return "", LoopDriver  # the client binds nothing: it connects to the last stage
 
 
+def pylm_quiet_stage(stage: int, downstream: str, ready: Ready) -> None:
+    """A pylm stage with metrics off (``PYLM_METRICS=0``): what counting costs."""
+    os.environ["PYLM_METRICS"] = "0"
+    pylm_stage(stage, downstream, ready)
+
+
+def pylm_quiet_client() -> tuple[str, Connect]:
+    os.environ["PYLM_METRICS"] = "0"
+    return pylm_client()
+
+
 # -------------------------------------------------------------------------- table
 
 
@@ -230,6 +242,13 @@ CHAINS: dict[str, Chain] = {
     for chain in (
         Chain("raw-chain", "raw", "raw pyzmq PUSH/PULL chain", raw_stage, raw_client),
         Chain("pylm-chain", "pylm", "pylm chained servers, LoopClient", pylm_stage, pylm_client),
+        Chain(
+            "pylm-quiet-chain",
+            "pylm-quiet",
+            "pylm, metrics off",
+            pylm_quiet_stage,
+            pylm_quiet_client,
+        ),
     )
 }
 
