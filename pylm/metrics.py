@@ -54,6 +54,7 @@ BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+_FIRST = BUCKETS[0]
 UNKNOWN_FUNCTION = "(unknown)"  # the label of calls to functions a server does not have
 _OFF = ("0", "off", "false", "no")
 
@@ -66,22 +67,34 @@ def metrics_enabled(option: bool | None = None) -> bool:
 
 
 class FunctionStats:
-    """Calls of one function: outcomes, durations, bytes. Written by one thread."""
+    """Calls of one function: outcomes, durations, bytes. Written by one
+    thread; the hot paths may update the fields inline (see :meth:`done`).
 
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "ok", "seconds")
+    ``buckets[i]`` counts the calls that took at most ``BUCKETS[i]`` seconds
+    and more than the bound before (the last one: more than every bound);
+    the calls that succeeded are all calls less ``errors``.
+    """
+
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "seconds")
 
     def __init__(self) -> None:
-        self.ok = 0
         self.errors = 0
         self.seconds = 0.0
-        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one: above every bound
+        self.buckets = [0] * (len(BUCKETS) + 1)
         self.bytes_in = 0
         self.bytes_out = 0
 
+    @property
+    def calls(self) -> int:
+        return sum(list(self.buckets))
+
+    @property
+    def ok(self) -> int:
+        return self.calls - self.errors
+
     def done(self, seconds: float, size_in: int, size_out: int) -> None:
-        self.ok += 1
         self.seconds += seconds
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.buckets[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
         self.bytes_in += size_in
         self.bytes_out += size_out
 
@@ -227,12 +240,13 @@ class _Totals:
         self.buckets = [0] * (len(BUCKETS) + 1)
 
     def add(self, stats: FunctionStats) -> None:
-        self.ok += stats.ok
-        self.errors += stats.errors
+        errors, buckets = stats.errors, list(stats.buckets)  # one consistent reading
+        self.ok += sum(buckets) - errors
+        self.errors += errors
         self.seconds += stats.seconds
         self.bytes_in += stats.bytes_in
         self.bytes_out += stats.bytes_out
-        for index, count in enumerate(list(stats.buckets)):
+        for index, count in enumerate(buckets):
             self.buckets[index] += count
 
 
