@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import selectors
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,7 +32,9 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 class HttpService:
     """Serves ``handler`` on ``host:port`` (0: a free port) from a thread it
-    owns, between :meth:`start` and :meth:`stop`."""
+    owns, between :meth:`start` and :meth:`stop`. The thread sleeps until a
+    request or :meth:`stop` comes (no polling: nothing wakes a busy server
+    process between scrapes)."""
 
     def __init__(self, host: str, port: int, handler: type[BaseHTTPRequestHandler], name: str):
         self.host = host
@@ -39,6 +43,7 @@ class HttpService:
         self.name = name
         self._http: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
 
     @property
     def running(self) -> bool:
@@ -54,16 +59,32 @@ class HttpService:
         http.daemon_threads = True
         self._http = http
         self.port = int(http.server_address[1])
-        self._thread = threading.Thread(
-            target=http.serve_forever, name=self.name, kwargs={"poll_interval": 0.2}, daemon=True
-        )
+        self._wake = socket.socketpair()
+        self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
         self._thread.start()
+
+    def _serve(self) -> None:
+        http, wake = self._http, self._wake
+        assert http is not None and wake is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(http, selectors.EVENT_READ)
+            selector.register(wake[0], selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj is wake[0]:
+                        return
+                    http.handle_request()  # readable: accepts at once; a thread answers
 
     def stop(self) -> None:
         http, self._http = self._http, None
-        if http is not None:
-            http.shutdown()
-            http.server_close()
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake[1].send(b"x")
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(5)
+        if http is not None:
+            http.server_close()
+        if wake is not None:
+            wake[0].close()
+            wake[1].close()
