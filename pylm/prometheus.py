@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from pylm.errors import PylmError
-from pylm.registry.local import free_port
+from pylm.registry.local import end_process, free_port
 
 __all__ = ["LocalPrometheus", "PrometheusError"]
 
@@ -129,13 +129,7 @@ class LocalPrometheus:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end_process(process, timeout)
         if self._folder is not None:
             if self._config_dir is not None:
                 self._config_file.unlink(missing_ok=True)

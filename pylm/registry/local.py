@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from pylm.errors import RegistryError
 
-__all__ = ["EtcdTLS", "LocalEtcd", "free_port"]
+__all__ = ["EtcdTLS", "LocalEtcd", "end_process", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def end_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """Terminate ``process`` (if running), killing it after ``timeout`` seconds."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class LocalEtcd:
@@ -235,13 +246,7 @@ class LocalEtcd:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop etcd (the data stays until :meth:`cleanup`, for a restart)."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        end_process(process, timeout)
 
     def cleanup(self) -> None:
         self.stop()
