@@ -164,6 +164,14 @@ class AsyncClient(Caller):
                 try:
                     first = recv(zmq.NOBLOCK)
                 except zmq.Again:
+                    # Asking for EVENTS can consume the edge of an answer that
+                    # arrived just now: read on while it says there is one.
+                    events = cast(int, socket.getsockopt(zmq.EVENTS))
+                    room = self._room
+                    if room is not None and not room.done() and events & zmq.POLLOUT:
+                        room.set_result(None)
+                    if events & zmq.POLLIN:
+                        continue
                     break
                 if first != b"":  # not [delimiter, body]: skip the whole message
                     self.dropped += 1
@@ -183,10 +191,6 @@ class AsyncClient(Caller):
                     future.set_result(message)
                 else:
                     self.dropped += 1  # an answer to a call that timed out, or garbage
-            room = self._room
-            if room is not None and not room.done():
-                if cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLOUT:
-                    room.set_result(None)
         except zmq.ZMQError as exc:
             self._fail_pending(RuntimeError(f"client of {self.server_name!r} failed: {exc!r}"))
 
