@@ -218,16 +218,24 @@ class _Stage(BaseServer):
         return False
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
-        recv, call, stats = pull.recv, self._call, self.stats
+        received, passed = self._drain_batch(pull, debug)
+        if self.stats is not None:  # counted in locals, added once a batch
+            self.stats.received += received
+            self.stats.sent += passed
+
+    def _drain_batch(self, pull: zmq.Socket, debug: bool) -> tuple[int, int]:
+        """Serve the messages waiting, up to a batch; how many were read and
+        how many of them the fast path passed on."""
+        recv, call = pull.recv, self._call
+        received = passed = 0
         for _ in range(min(_BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
                 # frame follows (asking the socket costs more than the rest).
                 body = recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            if stats is not None:
-                stats.received += 1
+                break
+            received += 1
             if debug:
                 self.logger.debug("%s Got a message", self.name)
             if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
@@ -245,13 +253,13 @@ class _Stage(BaseServer):
                         self._fail(protocol.decode([body]), error)
                     else:
                         self._emit(body, start, end, result)
-                    if stats is not None:
-                        stats.sent += 1
+                    passed += 1
                     continue
             frames = [body]
             if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
                 frames.append(recv())  # the parts of a message arrive together
             self._handle(frames)
+        return received, passed
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         """Serve a socket other than the input: here the cache (and stop)."""
