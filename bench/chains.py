@@ -45,6 +45,7 @@ __all__ = ["CHAINS", "IN_FLIGHT", "STAGES", "Chain", "StageAddresses", "client_m
 
 STAGES = 3
 IN_FLIGHT = 1000  # jobs a client keeps out at most, in both systems
+BATCH = 64  # jobs per message in the batched pylm run
 JOB_TIMEOUT = 30.0  # s: pylm's per-job deadline; a job this late is a failure anyway
 PYLM_NAMES = {1: ("step1", "foo"), 2: ("step2", "bar"), 3: ("last", "baz")}  # server, function
 
@@ -154,6 +155,8 @@ def raw_client() -> tuple[str, Connect]:
 class LoopDriver(PipelineDriver):
     """pylm's :class:`~pylm.chained.LoopClient`, ``max_in_flight=IN_FLIGHT``."""
 
+    batch = 1
+
     def __init__(self, first: StageAddresses, last: StageAddresses) -> None:
         from pylm.chained import LoopClient
 
@@ -165,6 +168,7 @@ class LoopDriver(PipelineDriver):
             name,
             announce=False,
             max_in_flight=IN_FLIGHT,
+            batch=self.batch,
             timeout=JOB_TIMEOUT,
         )
 
@@ -212,6 +216,16 @@ def pylm_client() -> tuple[str, Connect]:
     return "", LoopDriver  # the client binds nothing: it connects to the last stage
 
 
+class BatchDriver(LoopDriver):
+    """The same with ``batch=BATCH``: small jobs travel that many per message."""
+
+    batch = BATCH
+
+
+def pylm_batch_client() -> tuple[str, Connect]:
+    return "", BatchDriver
+
+
 def pylm_quiet_stage(stage: int, downstream: str, ready: Ready) -> None:
     """A pylm stage with metrics off (``PYLM_METRICS=0``): what counting costs."""
     os.environ["PYLM_METRICS"] = "0"
@@ -242,6 +256,13 @@ CHAINS: dict[str, Chain] = {
     for chain in (
         Chain("raw-chain", "raw", "raw pyzmq PUSH/PULL chain", raw_stage, raw_client),
         Chain("pylm-chain", "pylm", "pylm chained servers, LoopClient", pylm_stage, pylm_client),
+        Chain(
+            "pylm-batch-chain",
+            "pylm-batch",
+            f"pylm, LoopClient(batch={BATCH})",
+            pylm_stage,
+            pylm_batch_client,
+        ),
         Chain(
             "pylm-quiet-chain",
             "pylm-quiet",

@@ -71,7 +71,7 @@ from bench.harness import (
 )
 
 PAYLOADS = (100, 10 * 1024)
-FAMILIES = ("raw", "pylm", "pylm-quiet")
+FAMILIES = ("raw", "pylm", "pylm-batch", "pylm-quiet")
 FULL = Timing(duration=5.0, warmup=1.0, rounds=3)
 QUICK = Timing(duration=0.5, warmup=0.2, rounds=1)
 REPORT = Report(
@@ -82,7 +82,12 @@ REPORT = Report(
     " every stage and the client in its own process; the client first checks that a result"
     " is its payload, as bytes, and counts only results that arrive within the window."
     ' "metrics off": pylm with PYLM_METRICS=0 in stages and client.',
-    titles={"raw": "raw pyzmq", "pylm": "pylm", "pylm-quiet": "pylm, metrics off"},
+    titles={
+        "raw": "raw pyzmq",
+        "pylm": "pylm",
+        "pylm-batch": "pylm, batch=64",
+        "pylm-quiet": "pylm, metrics off",
+    },
     packages=("pyzmq", "pylm"),
     row_label=lambda cell: cell.size,
 )

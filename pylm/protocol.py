@@ -78,6 +78,9 @@ from pylm.errors import (
 )
 
 __all__ = [
+    "BATCH",
+    "BATCH_HEAD",
+    "BATCH_PREFIX",
     "ERROR",
     "HEAD_SIZE",
     "KIND_NAMES",
@@ -96,12 +99,14 @@ __all__ = [
     "decode_error",
     "encode",
     "encode_error",
+    "pack_batch",
     "pack_id_deadline",
     "reply_head",
     "request_prefix",
     "result_of",
     "salvage_msg_id",
     "split_target",
+    "unpack_batch",
     "unpack_head",
     "unpack_id",
 ]
@@ -114,8 +119,16 @@ REPLY = 2
 ERROR = 3
 PING = 4
 PONG = 5
+BATCH = 6
 
-KIND_NAMES = {REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR", PING: "PING", PONG: "PONG"}
+KIND_NAMES = {
+    REQUEST: "REQUEST",
+    REPLY: "REPLY",
+    ERROR: "ERROR",
+    PING: "PING",
+    PONG: "PONG",
+    BATCH: "BATCH",
+}
 
 PAYLOAD_FRAME = 0x01
 SPLIT_PAYLOAD = 64 * 1024  # senders put larger payloads in a frame of their own
@@ -179,6 +192,41 @@ def request_prefix(target: bytes) -> bytes:
 
 REPLY_PREFIX = _HEAD.pack(MAGIC, VERSION, REPLY, 0, 0, 0, 0, 0.0)[:9]
 """The first 9 bytes of a one-frame REPLY; its payload starts at HEAD_SIZE."""
+
+
+BATCH_HEAD = _HEAD.pack(MAGIC, VERSION, BATCH, 0, 0, 0, 0, 0.0)
+"""The head of a BATCH: several one-frame messages in one, each preceded by
+its length (4 bytes, big-endian), as its payload."""
+BATCH_PREFIX = BATCH_HEAD[:5]  # how a hot loop tells a BATCH: magic, version, kind, flags
+_LENGTH = struct.Struct(">I")
+_pack_length = _LENGTH.pack
+
+
+def pack_batch(messages: list[bytes]) -> bytes:
+    """One BATCH carrying ``messages`` (each a one-frame message)."""
+    parts = [BATCH_HEAD]
+    for message in messages:
+        parts.append(_pack_length(len(message)))
+        parts.append(message)
+    return b"".join(parts)
+
+
+def unpack_batch(body: bytes) -> list[bytes]:
+    """The messages a BATCH carries; :class:`ProtocolError` if they overrun it."""
+    messages, offset, size = [], HEAD_SIZE, len(body)
+    unpack_length = _LENGTH.unpack_from
+    while offset < size:
+        if offset + 4 > size:
+            raise ProtocolError(f"BATCH cut inside a length, at byte {offset} of {size}")
+        (length,) = unpack_length(body, offset)
+        offset += 4
+        if offset + length > size:
+            raise ProtocolError(
+                f"BATCH message of {length} bytes at byte {offset} overruns the {size}-byte batch"
+            )
+        messages.append(body[offset : offset + length])
+        offset += length
+    return messages
 
 
 def reply_head(msg_id: int, kind: int = REPLY, flags: int = 0) -> bytes:

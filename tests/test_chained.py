@@ -414,3 +414,45 @@ def test_last_stage_keeps_results_for_a_client_connecting_late(serve: Serve) -> 
             answers.append(protocol.decode(results.recv_multipart()))
     assert [(a.kind, a.msg_id) for a in answers] == [(protocol.PONG, 8), (protocol.REPLY, 7)]
     assert answers[1].payload == b"ACK: x"
+
+
+@pytest.mark.parametrize("batch", [2, 64])
+def test_batches_of_jobs_come_back_whole_and_in_their_own_client(serve: Serve, batch: int) -> None:
+    pipeline = Pipeline(serve)
+    big = b"B" * (protocol.SPLIT_PAYLOAD + 10)  # too large for a batch: travels alone
+    payloads = [b"%d" % i for i in range(500)] + [big, b"after", b"fail", b"int"]
+    with pipeline.client(announce=False, batch=batch) as client:
+        with pipeline.client(announce=False, batch=batch) as other:
+            theirs = list(other.job("foo", [b"x"] * 100))
+        outcomes = list(client.results("foo", payloads))
+    assert theirs == [b"ACK: got it too, after you sent me x"] * 100
+    values = {o.index: o.value for o in outcomes if o.error is None}
+    errors = {o.index: o.error for o in outcomes if o.error is not None}
+    assert len(outcomes) == len(payloads)
+    done = b"ACK: got it too, after you sent me "
+    assert [values[i] for i in range(500)] == [done + b"%d" % i for i in range(500)]
+    assert values[500] == done + big and values[501] == done + b"after"
+    assert set(errors) == {502, 503}  # errors inside a batch stay with their jobs
+    assert "step2 refuses you sent me fail" in str(errors[502])  # failed in a middle stage
+    assert "returned int, expected bytes" in str(errors[503])  # failed in the last stage
+
+
+def test_a_corrupt_batch_is_dropped_and_the_stage_serves_on(serve: Serve) -> None:
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+    step1 = serve(Step1("step1", ANY, last.address, "last.baz", ANY, log_stdout=False))
+    with zmq.Context.instance().socket(zmq.PUSH) as vandal:
+        vandal.connect(step1.address)
+        vandal.send(protocol.BATCH_HEAD + b"\x00\x00\x10\x00short")  # a length past the end
+    with LoopClient(last.push, step1.address, step1.db, "step1", announce=False, batch=8) as client:
+        assert list(client.job("foo", [b"a", b"b"])) == [
+            b"ACK: you sent me a",
+            b"ACK: you sent me b",
+        ]
+
+
+def test_batch_protocol_round_trip() -> None:
+    messages = [b"one", b"", b"three" * 100]
+    assert protocol.unpack_batch(protocol.pack_batch(messages)) == messages
+    assert protocol.decode([protocol.pack_batch(messages)]).kind == protocol.BATCH
+    with pytest.raises(ValueError, match="batch must be an int from 1 to 1024"):
+        LoopClient(ANY, ANY, ANY, "x", batch=0)

@@ -57,6 +57,8 @@ _SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
 _unpack_sizes = _SIZES.unpack_from
 _pack_sizes = _SIZES.pack
 _NO_DEADLINE = bytes(8)
+_BATCH_PREFIX = protocol.BATCH_PREFIX
+_unpack_id = protocol.unpack_id
 _FIRST = zmq.SNDMORE | zmq.NOBLOCK
 
 
@@ -238,6 +240,11 @@ class _Stage(BaseServer):
             received += 1
             if debug:
                 self.logger.debug("%s Got a message", self.name)
+            if body[:5] == _BATCH_PREFIX:
+                carried, sent_on = self._serve_batch(body)
+                received += carried - 1
+                passed += sent_on
+                continue
             if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
                 # Fast path: a one-frame REQUEST with a route.
                 target_size, route_size = _unpack_sizes(body, 5)
@@ -260,6 +267,56 @@ class _Stage(BaseServer):
                 frames.append(recv())  # the parts of a message arrive together
             self._handle(frames)
         return received, passed
+
+    def _serve_batch(self, body: bytes) -> tuple[int, int]:
+        """Serve the jobs of a BATCH and send their results on together, as
+        a BATCH again; (jobs carried, results sent in the batch)."""
+        try:
+            jobs = protocol.unpack_batch(body)
+        except ProtocolError as error:
+            self._drop(f"{error} (no route back: dropped)", [body])
+            return 1, 0
+        outputs: list[tuple[bytes, bytes]] = []  # (route, message) in order
+        call = self._call
+        for job in jobs:
+            if job[:5] == _FAST and len(job) >= _HEAD_SIZE:
+                target_size, route_size = _unpack_sizes(job, 5)
+                start = _HEAD_SIZE + target_size
+                end = start + route_size
+                if route_size and end <= len(job):
+                    self.served += 1
+                    try:
+                        result = call(job[_HEAD_SIZE:start], job[end:])
+                    except PylmError as error:
+                        failure = protocol.encode_error(
+                            _unpack_id(job, 9)[0], error, self._error_route(job[start:end])
+                        )
+                        if len(failure) == 1:
+                            outputs.append((job[start:end], failure[0]))
+                        else:  # too large for a batch: on its own
+                            self._fail(protocol.decode([job]), error)
+                        continue
+                    if len(result) > _SPLIT:  # too large for a batch: on its own
+                        self._emit(job, start, end, result)
+                    else:
+                        outputs.append((job[start:end], self._output(job, start, end, result)))
+                    continue
+            self._handle([job])  # anything else: one by one, as ever
+        self._emit_batch(outputs)
+        return len(jobs), len(outputs)
+
+    # Subclass hooks for batches.
+    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
+        """The message that carries the result of the one-frame request
+        ``body`` (route ``body[start:end]``) on."""
+        raise NotImplementedError
+
+    def _error_route(self, route: bytes) -> bytes:
+        """The route an error message carries (the next stage needs it)."""
+        raise NotImplementedError
+
+    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         """Serve a socket other than the input: here the cache (and stop)."""
@@ -508,9 +565,26 @@ class Server(_Stage):
         if len(result) > _SPLIT:
             self._succeed(protocol.decode([body]), result)
             return
+        out = self._output(body, start, end, result)
+        try:
+            push.send(out, zmq.NOBLOCK)
+        except zmq.Again:
+            self._send(push, [out])
+
+    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
         # The id and deadline bytes (9 to 25) go on as they came.
         sizes = _pack_sizes(len(self._next_target), end - start)
-        out = b"".join((_FAST, sizes, body[9:25], self._next_target, body[start:end], result))
+        return b"".join((_FAST, sizes, body[9:25], self._next_target, body[start:end], result))
+
+    def _error_route(self, route: bytes) -> bytes:
+        return route
+
+    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
+        push = self._push
+        assert push is not None
+        if not outputs:
+            return
+        out = outputs[0][1] if len(outputs) == 1 else protocol.pack_batch([m for _, m in outputs])
         try:
             push.send(out, zmq.NOBLOCK)
         except zmq.Again:
@@ -700,13 +774,27 @@ class LastServer(_Stage):
             self._succeed(protocol.decode([body]), result)
             return
         route = body[start:end]
-        reply = b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
+        reply = self._output(body, start, end, result)
         try:
             router.send(route, _FIRST)  # the whole message goes, or none of it
         except zmq.ZMQError:  # full, or an unknown client: the careful way
             self._to_client(route, [reply])
             return
         router.send(reply)
+
+    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
+        return b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
+
+    def _error_route(self, route: bytes) -> bytes:
+        return b""  # the client needs no route
+
+    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
+        by_client: dict[bytes, list[bytes]] = {}
+        for route, message in outputs:
+            by_client.setdefault(route, []).append(message)
+        for route, messages in by_client.items():
+            batch = messages[0] if len(messages) == 1 else protocol.pack_batch(messages)
+            self._to_client(route, [batch])
 
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
         self._to_client(message.route, protocol.encode(protocol.REPLY, message.msg_id, result))
