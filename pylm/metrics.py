@@ -98,6 +98,16 @@ class FunctionStats:
         self.bytes_in += size_in
         self.bytes_out += size_out
 
+    def add(self, other: FunctionStats) -> None:
+        """Add ``other``'s counts (of another object with the same labels) to these."""
+        errors, buckets = other.errors, list(other.buckets)  # one consistent reading
+        self.errors += errors
+        self.seconds += other.seconds
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        for index, count in enumerate(buckets):
+            self.buckets[index] += count
+
     def failed(self, seconds: float, size_in: int) -> None:
         self.errors += 1
         self.seconds += seconds
@@ -126,10 +136,6 @@ class ServerStats:
         self.ready = False
         self.registration: Registration | None = None
         self.registry: Registry | None = None
-
-    def function(self, name: str) -> FunctionStats:
-        """The stats of ``name``; of :data:`UNKNOWN_FUNCTION` if the server has no such function."""
-        return self.functions.get(name) or self.functions[UNKNOWN_FUNCTION]
 
     @property
     def in_flight(self) -> int:
@@ -229,27 +235,6 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
-class _Totals:
-    """FunctionStats added up over several objects sharing labels."""
-
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "ok", "seconds")
-
-    def __init__(self) -> None:
-        self.ok = self.errors = self.bytes_in = self.bytes_out = 0
-        self.seconds = 0.0
-        self.buckets = [0] * (len(BUCKETS) + 1)
-
-    def add(self, stats: FunctionStats) -> None:
-        errors, buckets = stats.errors, list(stats.buckets)  # one consistent reading
-        self.ok += sum(buckets) - errors
-        self.errors += errors
-        self.seconds += stats.seconds
-        self.bytes_in += stats.bytes_in
-        self.bytes_out += stats.bytes_out
-        for index, count in enumerate(buckets):
-            self.buckets[index] += count
-
-
 def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
     info = GaugeMetricFamily(
         "pylm_server_info",
@@ -330,10 +315,10 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
         in_flight.add_metric([name], sum(stats.in_flight for stats in group))
-        functions: dict[str, _Totals] = {}
+        functions: dict[str, FunctionStats] = {}
         for stats in group:
             for function, numbers in list(stats.functions.items()):
-                functions.setdefault(function, _Totals()).add(numbers)
+                functions.setdefault(function, FunctionStats()).add(numbers)
         for function, totals in sorted(functions.items()):
             if function == UNKNOWN_FUNCTION and not (totals.ok or totals.errors):
                 continue  # no call to an unknown function: no series for it
@@ -371,11 +356,11 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
         "Calls that got no answer within their timeout",
         labels=["server", "function"],
     )
-    merged: dict[tuple[str, str], _Totals] = {}
+    merged: dict[tuple[str, str], FunctionStats] = {}
     timed_out: dict[tuple[str, str], int] = {}
     for stats in clients:
         for function, numbers in list(stats.functions.items()):
-            merged.setdefault((stats.server, function), _Totals()).add(numbers)
+            merged.setdefault((stats.server, function), FunctionStats()).add(numbers)
         for function, count in list(stats.timeouts.items()):
             timed_out[stats.server, function] = timed_out.get((stats.server, function), 0) + count
     for (server, function), totals in sorted(merged.items()):
