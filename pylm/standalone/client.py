@@ -110,13 +110,8 @@ class Client(Caller, Closing):
             if received and _answers(received, msg_id):
                 answers = received
             else:  # a late answer to an earlier call, or garbage: the careful way
-                if received and received[0][:2] == protocol.MAGIC:
-                    self.dropped += 1
-                elif received:
-                    raise ProtocolError(
-                        f"server {self.server_name!r} at {self.connection} answered"
-                        f" {function!r} with something that is not pylm: {received[0][:40]!r}"
-                    )
+                if received:
+                    self._late_or_foreign(received[0], function)
                 try:
                     answers = self._await(socket, msg_id, began + self.timeout, function)
                 except RequestTimeout:
@@ -190,13 +185,18 @@ class Client(Caller, Closing):
             body = frames[1:] if frames[0] == b"" else frames
             if body and _answers(body, msg_id):
                 return body
-            if not body or body[0][:2] != protocol.MAGIC or len(body[0]) < _HEAD_SIZE:
-                # A REP answers each request once: this is the answer, and no pylm one.
-                raise ProtocolError(
-                    f"server {self.server_name!r} at {self.connection} answered {what!r} with"
-                    f" something that is not pylm: {(body or frames)[0][:40]!r}"
-                )
-            self.dropped += 1  # a late answer to an earlier call
+            self._late_or_foreign(body[0] if body else b"", what)
+
+    def _late_or_foreign(self, head: bytes, what: str) -> None:
+        """An answer that is not to this call: a pylm one is a late answer to
+        an earlier call, dropped and counted; anything else raises, since a
+        REP answers each request once (this was the answer, and no pylm one)."""
+        if head[:2] != protocol.MAGIC or len(head) < _HEAD_SIZE:
+            raise ProtocolError(
+                f"server {self.server_name!r} at {self.connection} answered {what!r} with"
+                f" something that is not pylm: {head[:40]!r}"
+            )
+        self.dropped += 1
 
     @staticmethod
     def _rest_of(socket: zmq.Socket, head: bytes) -> list[bytes]:
