@@ -271,7 +271,7 @@ class BaseServer:
             if self.stats is not None:
                 publish(self.stats)
                 endpoint = exporter(self.host)
-                self.metrics_url = self._advertised_url(endpoint.acquire())
+                self.metrics_url = self._advertised(endpoint.acquire())
             self._open()
             if self.stats is not None:
                 self.stats.ready = True
@@ -368,19 +368,14 @@ class BaseServer:
                 self._owns_registry = True
         return self.registry
 
-    def _advertised_url(self, url: str) -> str:
-        """An HTTP URL others reach: a wildcard host replaced by this host's name."""
-        for wildcard in ("http://0.0.0.0:", "http://[::]:"):
-            if url.startswith(wildcard):
-                return f"http://{socket.gethostname()}:{url[len(wildcard) :]}"
-        return url
-
     def _advertised(self, address: str) -> str:
-        """The address others reach a bound ``address`` at: a wildcard host
-        is replaced by this host's name."""
-        for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-            if address.startswith(wildcard):
-                return f"tcp://{socket.gethostname()}:{address[len(wildcard) :]}"
+        """The address others reach a bound ``address`` (``tcp://...``, or
+        the ``http://...`` URL of the metrics) at: a wildcard host is
+        replaced by this host's name."""
+        scheme, _, rest = address.partition("://")
+        host, colon, _ = rest.partition("/")[0].rpartition(":")
+        if colon and host in ("0.0.0.0", "*", "[::]"):
+            return f"{scheme}://{socket.gethostname()}:{rest[len(host) + 1 :]}"
         return address
 
     def _deregister(self) -> None:

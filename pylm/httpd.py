@@ -45,10 +45,6 @@ class HttpService:
         self._thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._http is not None
-
     def start(self) -> None:
         try:
             http = ThreadingHTTPServer((self.host, self.port), self.handler)
