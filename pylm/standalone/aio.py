@@ -135,6 +135,10 @@ class AsyncClient(Caller):
         if self._socket is None:
             socket = self._context.socket(zmq.DEALER)
             socket.setsockopt(zmq.LINGER, 0)
+            # No limit on answers queued here: a REP server drops an answer
+            # its client's queue has no room for, and every call in flight
+            # gets exactly one answer, so the calls bound the queue anyway.
+            socket.setsockopt(zmq.RCVHWM, 0)
             for endpoint in self.endpoints:
                 socket.connect(endpoint)
             self._socket = socket
