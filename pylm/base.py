@@ -162,21 +162,22 @@ class BaseServer:
 
         self.functions: tuple[str, ...] = tuple(exposed_functions(type(self)))
         prefix = name.encode("utf-8") + b"."
-        self._table: dict[bytes, Function] = {
-            prefix + fn.encode("utf-8"): getattr(self, fn) for fn in self.functions
-        }
         self._malformed = RateLimiter()
         # Metrics: plain counters written by the serving thread (pylm.metrics).
         self.stats: ServerStats | None = None
-        self._stats_table: dict[bytes, FunctionStats] = {}
         self.metrics_url: str | None = None  # where this process serves /metrics, once started
         if metrics_enabled(metrics):
             from pylm import __version__
 
             self.stats = ServerStats(name, self.kind, self.functions, __version__, self.sends_to)
-            self._stats_table = {
-                prefix + fn.encode("utf-8"): self.stats.functions[fn] for fn in self.functions
-            }
+        # One lookup per call finds a function and where its calls are counted.
+        self._table: dict[bytes, tuple[Function, FunctionStats | None]] = {
+            prefix + fn.encode("utf-8"): (
+                getattr(self, fn),
+                None if self.stats is None else self.stats.functions[fn],
+            )
+            for fn in self.functions
+        }
 
         # Lifecycle. The control address and token let stop() wake the
         # serving loop from another thread without sharing a socket.
@@ -408,42 +409,51 @@ class BaseServer:
     def _call(self, target: bytes, payload: bytes) -> bytes:
         """Run the function ``target`` names on ``payload``; raise a
         :class:`PylmError` subclass that describes any failure."""
-        function = self._table.get(target)
-        stats = self._stats_table.get(target)
-        if function is None:
+        entry = self._table.get(target)
+        if entry is None:
             if self.stats is not None:
                 self.stats.functions[UNKNOWN_FUNCTION].failed(0.0, len(payload))
             raise self._dispatch_error(target)
+        function, stats = entry
         if len(payload) > self.max_payload:
             if stats is not None:
                 stats.failed(0.0, len(payload))
-            raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
-                f" is larger than the limit of server {self.name!r}, {self.max_payload} bytes",
-                size=len(payload),
-                limit=self.max_payload,
-            )
+            raise self._too_large(target, payload)
+        if stats is None:  # not counting: no clock either
+            try:
+                result = function(payload)
+            except Exception as exc:
+                raise self._remote_error(target, exc) from None
+            if type(result) is not bytes:
+                result = self._result_bytes(target, result)
+            return result
         start = _perf_counter()
         try:
             result = function(payload)
         except Exception as exc:
-            if stats is not None:
-                stats.failed(_perf_counter() - start, len(payload))
+            stats.failed(_perf_counter() - start, len(payload))
             raise self._remote_error(target, exc) from None
         if type(result) is not bytes:
             try:
                 result = self._result_bytes(target, result)
             except PylmError:
-                if stats is not None:
-                    stats.failed(_perf_counter() - start, len(payload))
+                stats.failed(_perf_counter() - start, len(payload))
                 raise
-        if stats is not None:  # stats.done(...), inline: this runs for every message
-            took = _perf_counter() - start
-            stats.seconds += took
-            stats.buckets[0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)] += 1
-            stats.bytes_in += len(payload)
-            stats.bytes_out += len(result)
+        # stats.done(...), inline: this runs for every message
+        took = _perf_counter() - start
+        stats.seconds += took
+        stats.buckets[0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)] += 1
+        stats.bytes_in += len(payload)
+        stats.bytes_out += len(result)
         return result
+
+    def _too_large(self, target: bytes, payload: bytes) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
+            f" is larger than the limit of server {self.name!r}, {self.max_payload} bytes",
+            size=len(payload),
+            limit=self.max_payload,
+        )
 
     def _result_bytes(self, target: bytes, result: object) -> bytes:
         """A function's result that is not ``bytes``: as bytes if it is
