@@ -12,10 +12,13 @@ big-endian (``struct`` format ``>2sBBBHHQd``)::
     offset  size  field
     0       2     magic        b"PL"
     2       1     version      1
-    3       1     kind         1 REQUEST, 2 REPLY, 3 ERROR, 4 PING, 5 PONG
+    3       1     kind         1 REQUEST, 2 REPLY, 3 ERROR, 4 PING, 5 PONG,
+                               6 BATCH, 7 END
     4       1     flags        bit 0 (0x01) PAYLOAD_FRAME: the payload is the
-                               next frame, not the rest of this one. Other bits
-                               are 0 in version 1; receivers ignore them.
+                               next frame, not the rest of this one.
+                               bit 1 (0x02) MORE, on a REPLY: one item of a
+                               streamed result; more items, and an END, follow.
+                               Other bits are 0 in version 1; receivers ignore them.
     5       2     target size  t, bytes of the target
     7       2     route size   r, bytes of the route
     9       8     message id   uint64 chosen by the sender of a REQUEST or PING
@@ -37,6 +40,8 @@ Kinds and payloads::
     ERROR    {"code": ..., "message": ..., ...} (codes below)
     PING     empty
     PONG     {"name", "kind", "functions", "pid", "version"}
+    END      empty: the job with this message id has no more results (it
+             closes a stream of REPLY items flagged MORE)
 
 Error codes and the exception the caller raises::
 
@@ -81,10 +86,12 @@ __all__ = [
     "BATCH",
     "BATCH_HEAD",
     "BATCH_PREFIX",
+    "END",
     "ERROR",
     "HEAD_SIZE",
     "KIND_NAMES",
     "MAGIC",
+    "MORE",
     "PAYLOAD_FRAME",
     "PING",
     "PONG",
@@ -120,6 +127,7 @@ ERROR = 3
 PING = 4
 PONG = 5
 BATCH = 6
+END = 7
 
 KIND_NAMES = {
     REQUEST: "REQUEST",
@@ -128,9 +136,11 @@ KIND_NAMES = {
     PING: "PING",
     PONG: "PONG",
     BATCH: "BATCH",
+    END: "END",
 }
 
 PAYLOAD_FRAME = 0x01
+MORE = 0x02
 SPLIT_PAYLOAD = 64 * 1024  # senders put larger payloads in a frame of their own
 
 _HEAD = struct.Struct(">2sBBBHHQd")
@@ -160,8 +170,10 @@ def encode(
     target: bytes = b"",
     route: bytes = b"",
     deadline: float = 0.0,
+    flags: int = 0,
 ) -> list[bytes]:
-    """The frames of a message: one, or two when the payload is large."""
+    """The frames of a message: one, or two when the payload is large.
+    ``flags``: MORE, or 0 (PAYLOAD_FRAME is set here when needed)."""
     if len(target) > _MAX_FIELD or len(route) > _MAX_FIELD:
         raise ProtocolError(
             f"target of {len(target)} and route of {len(route)} bytes:"
@@ -170,10 +182,20 @@ def encode(
     size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
     if size > SPLIT_PAYLOAD:
         head = _HEAD.pack(
-            MAGIC, VERSION, kind, PAYLOAD_FRAME, len(target), len(route), msg_id & _MAX_ID, deadline
+            MAGIC,
+            VERSION,
+            kind,
+            flags | PAYLOAD_FRAME,
+            len(target),
+            len(route),
+            msg_id & _MAX_ID,
+            deadline,
         )
         return [head + target + route, payload]
-    head = _HEAD.pack(MAGIC, VERSION, kind, 0, len(target), len(route), msg_id & _MAX_ID, deadline)
+    head = _HEAD.pack(
+        MAGIC, VERSION, kind, flags & ~PAYLOAD_FRAME, len(target), len(route), msg_id & _MAX_ID,
+        deadline,
+    )  # fmt: skip
     return [head + target + route + payload]
 
 

@@ -1,0 +1,259 @@
+"""The client of the parallel pattern: sends jobs to a :class:`Master` and
+receives their results, the items of streaming jobs as they come."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from pylm import protocol
+from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.chained.client import JobResult
+from pylm.errors import PylmError, RequestTimeout
+from pylm.lifecycle import Closing
+from pylm.transport import close_socket, default_context
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
+
+__all__ = ["Client", "JobResult"]
+
+DEFAULT_IN_FLIGHT = 1000
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_HEAD_SIZE = protocol.HEAD_SIZE
+_unpack_id = protocol.unpack_id
+
+# One outcome: (job index, value, error, whether the job is over)
+_Outcome = tuple[int, "bytes | None", "PylmError | None", bool]
+
+
+class Client(Caller, Closing):
+    """Sends jobs to a master, which gives them to its workers::
+
+        client = Client('master')                          # from the registry
+        client = Client('tcp://127.0.0.1:5555', 'master')  # the master's front_address
+        client.eval('foo', b'a message')                   # one job, its result
+        for result in client.job('foo', [b'one', b'two']):  # many jobs, results as they come
+            print(result)
+        for item in client.stream('count', b'3'):          # a generator function's items
+            print(item)
+
+    At most ``max_in_flight`` jobs are out at once. A job that yields no
+    result (nor stream item) within ``timeout`` raises
+    :class:`~pylm.errors.RequestTimeout`. A Client is for one thread at a time.
+    """
+
+    endpoint_role = "front"
+
+    def __init__(
+        self,
+        front_address: str,
+        server_name: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_in_flight: int = DEFAULT_IN_FLIGHT,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+    ) -> None:
+        super().__init__(front_address, server_name, timeout, max_payload, registry)
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        self.max_in_flight = max_in_flight
+        self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        for endpoint in self.endpoints:
+            self._socket.connect(endpoint)
+        self._running = False
+        self.dropped = 0  # answers that belong to no job in flight (late ones)
+
+    # ------------------------------------------------------------------ calls
+
+    def eval(self, function: str, payload: bytes, *, timeout: float | None = None) -> bytes:
+        """Run one job and return its result; a streaming function that
+        yields other than one item raises :class:`~pylm.errors.PylmError`
+        (use :meth:`stream` for those)."""
+        values = list(self.stream(function, payload, timeout=timeout))
+        if len(values) != 1:
+            raise PylmError(
+                f"{function!r} on {self.server_name!r} gave {len(values)} results, not one:"
+                " use Client.stream() or Client.job() for streaming functions"
+            )
+        return values[0]
+
+    def stream(
+        self, function: str, payload: bytes, *, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Run one job and yield its results: one, or a generator function's items."""
+        return self.job(function, (payload,), timeout=timeout)
+
+    def job(
+        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Send a job per payload and yield every result as it arrives, in
+        any order (a streaming job's items in their order). A failed job
+        raises its typed error and ends the iteration."""
+        for _, value, error, _ in self._run(function, iter(payloads), self._timeout_of(timeout)):
+            if error is not None:
+                raise error
+            if value is not None:
+                yield value
+
+    def results(
+        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+    ) -> Iterator[JobResult]:
+        """Like :meth:`job`, but a :class:`JobResult` per result or failure,
+        never raising for one job; ``index`` is the payload's position."""
+        for index, value, error, _ in self._run(
+            function, iter(payloads), self._timeout_of(timeout)
+        ):
+            if value is not None or error is not None:
+                yield JobResult(index, value, error)
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the master how it is: name, workers connected, jobs queued."""
+        seconds = self._timeout_of(timeout)
+        socket = self._open_socket()
+        msg_id, frames = self._calls.ping(seconds)
+        socket.send_multipart(frames)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not socket.poll(max(1, int(left * 1000))):
+                break
+            message = read_answer(socket.recv_multipart())
+            if message is not None and message.msg_id == msg_id:
+                return pong_info(protocol.result_of(message))
+            self.dropped += 1
+        raise self._timeout_error("ping", seconds)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _open_socket(self) -> zmq.Socket:
+        if self._socket is None:
+            raise RuntimeError("the client is closed")
+        if self._peers is not None and self._peers.changed:
+            self._rewire(self._socket)
+        return self._socket
+
+    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
+        if self._running:
+            raise RuntimeError("this Client is already running jobs; use one per thread")
+        self._running = True
+        try:
+            socket = self._open_socket()
+            calls = self._calls
+            # id -> [index, deadline, began]
+            in_flight: OrderedDict[int, list[Any]] = OrderedDict()
+            index = 0
+            exhausted = False
+            held: list[bytes] | None = None  # a request the socket had no room for
+            held_id = 0
+            clock = time.monotonic
+            while True:
+                while not exhausted and len(in_flight) < self.max_in_flight:
+                    if held is None:
+                        payload = next(payloads, None)
+                        if payload is None:
+                            exhausted = True
+                            break
+                        held_id, held = calls.request(function, payload, timeout)
+                    try:
+                        socket.send_multipart(held, zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    in_flight[held_id] = [index, clock() + timeout, time.perf_counter()]
+                    index += 1
+                    held = None
+                if exhausted and not in_flight:
+                    return
+                now = clock()
+                oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
+                if oldest <= now:
+                    yield from self._expire(in_flight, now, function, timeout)
+                    continue
+                events = socket.poll(
+                    max(1, int((oldest - now) * 1000)),
+                    zmq.POLLIN | (zmq.POLLOUT if held is not None else 0),
+                )
+                if events & zmq.POLLIN:
+                    yield from self._collect(socket, in_flight, function, timeout)
+        finally:
+            self._running = False
+
+    def _collect(
+        self,
+        socket: zmq.Socket,
+        in_flight: OrderedDict[int, list[Any]],
+        function: str,
+        timeout: float,
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for _ in range(1024):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            body = frames[0]
+            if body[:9] == _REPLY_PREFIX and len(frames) == 1:  # fast path: a final REPLY
+                entry = in_flight.pop(_unpack_id(body, 9)[0], None)
+                if entry is None:
+                    self.dropped += 1
+                    continue
+                value = body[_HEAD_SIZE + body[7] * 256 + body[8] :]
+                outcomes.append((entry[0], value, None, True))
+                self._calls.finished(function, entry[2], 0, len(value))
+                continue
+            message = read_answer(frames)
+            entry = None if message is None else in_flight.get(message.msg_id)
+            if message is None or entry is None:
+                self.dropped += 1
+                continue
+            if message.kind == protocol.REPLY and message.flags & protocol.MORE:
+                entry[1] = time.monotonic() + timeout  # a stream lives while it flows
+                in_flight.move_to_end(message.msg_id)
+                outcomes.append((entry[0], message.payload, None, False))
+                continue
+            del in_flight[message.msg_id]
+            if message.kind == protocol.END:
+                outcomes.append((entry[0], None, None, True))
+                self._calls.finished(function, entry[2], 0, 0)
+                continue
+            try:
+                value = protocol.result_of(message)
+            except PylmError as error:
+                outcomes.append((entry[0], None, error, True))
+                self._calls.finished(function, entry[2], 0, None)
+            else:
+                outcomes.append((entry[0], value, None, True))
+                self._calls.finished(function, entry[2], 0, len(value))
+        return outcomes
+
+    def _expire(
+        self,
+        in_flight: OrderedDict[int, list[Any]],
+        now: float,
+        function: str,
+        timeout: float,
+    ) -> list[_Outcome]:
+        expired = [msg_id for msg_id, entry in in_flight.items() if entry[1] <= now]
+        outcomes: list[_Outcome] = []
+        for msg_id in expired:
+            index = in_flight.pop(msg_id)[0]
+            self._calls.timed_out(function)
+            error = RequestTimeout(
+                f"no result for job {index} ({function!r} on {self.server_name!r} via"
+                f" {self.connection}) within {timeout:g} s;"
+                f" {len(expired)} job(s) timed out together"
+            )
+            outcomes.append((index, None, error, True))
+        return outcomes
+
+    def close(self) -> None:
+        self._stop_following()
+        close_socket(self._socket)
+        self._socket = None

@@ -1,0 +1,426 @@
+"""The worker of the parallel pattern: runs the jobs a :class:`Master` gives it.
+
+A worker binds nothing. It connects a DEALER socket (its *job socket*) to
+every instance of its master, says hello (a PING whose JSON payload gives
+its name and ``slots``), and from then on receives REQUESTs and sends one
+answer per job: a REPLY, an ERROR, or, for a generator function, a REPLY
+flagged MORE per item (numbered in the route field, 8 bytes) and an END.
+
+A thread of its own sends a heartbeat every ``heartbeat`` seconds on a
+second socket, so the master can tell a worker busy with a long job from a
+dead one. A master that does not know the heartbeat's worker (it restarted)
+says so, and the worker says hello again from its job socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import zmq
+
+from pylm import protocol
+from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.discovery import Peers
+from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
+from pylm.parallel.master import DEFAULT_HEARTBEAT, SEQ
+from pylm.transport import check_address, close_socket
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
+
+__all__ = ["Worker"]
+
+_HEAD_SIZE = protocol.HEAD_SIZE
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_SIZES = struct.Struct(">HH")
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_NO_DEADLINE = bytes(8)
+_SPLIT = protocol.SPLIT_PAYLOAD
+_FRAME_SLACK = 64 * 1024
+_QUIET = 0.3  # s of quiet input before a leaving worker says goodbye
+_LEAVE_MAX = 5.0  # s a leaving worker serves at most
+
+
+class _Stream(Exception):
+    """A function returned an iterator: its items are the results."""
+
+    def __init__(self, items: Iterator[object]) -> None:
+        super().__init__("stream")
+        self.items = items
+
+
+class _Stopping(Exception):
+    pass
+
+
+class Worker(BaseServer):
+    """Runs the jobs of the master ``master``. Subclass it and add methods
+    that take bytes and return bytes, or yield bytes (a streaming job)::
+
+        class MyWorker(Worker):
+            def foo(self, message):
+                return message.upper()
+
+        MyWorker('worker1', 'master').start()        # the master from the registry
+        MyWorker('worker1', 'master', 'tcp://127.0.0.1:5556').start()
+
+    ``slots``: jobs the master may give this worker at once. With 1, the
+    default, a worker gets a job only when it is idle; more slots hide the
+    round trip to the master for very small jobs, at the price of a slow
+    worker holding that many. Workers may join and leave at any time; a
+    worker that stops finishes the jobs it has, and the master gives a dead
+    worker's jobs to the others.
+    """
+
+    _pylm_framework = True
+    kind = "worker"
+
+    def __init__(
+        self,
+        name: str,
+        master: str,
+        workers_address: str | None = None,
+        log_address: str | None = None,
+        log_level: int = logging.INFO,
+        messages: int = sys.maxsize,
+        *,
+        slots: int = 1,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        log_stdout: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
+        metrics: bool | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            log_level=log_level,
+            log_stdout=log_stdout,
+            log_address=log_address,
+            max_payload=max_payload,
+            context=context,
+            messages=messages,
+            registry=registry,
+            host=host,
+            ttl=ttl,
+            metrics=metrics,
+        )
+        if not isinstance(master, str) or not master or "://" in master:
+            raise ValueError(f"master must be the master's name, got {master!r}")
+        if not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        if not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
+        self.master = master
+        self.workers_address = workers_address and check_address(workers_address, "workers_address")
+        self.slots = slots
+        self.heartbeat = float(heartbeat)
+        # Jobs name the master's functions: "<master>.<function>".
+        prefix = master.encode("utf-8") + b"."
+        self._table = {
+            prefix + function.encode("utf-8"): entry
+            for function, entry in zip(self.functions, self._table.values(), strict=True)
+        }
+        self.identity = b"pylm-w-" + os.urandom(8)  # the job sockets' routing id
+        self.masters: list[str] = []  # the master instances connected
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._control: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._peers: Peers | None = None
+        self._busy = False
+        self._rehello = threading.Event()
+        self._beating = threading.Event()  # set: the heartbeat thread should stop
+        self._beater: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ sockets
+
+    def _open(self) -> None:
+        control = self.context.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        control.bind(self._control_address)
+        self._control = control
+        self._poller.register(control, zmq.POLLIN)
+        if self.workers_address is not None:
+            masters = [self.workers_address]
+        else:
+            masters = self._find_masters()
+        self._register({}, required=self.workers_address is None)
+        for address in masters:
+            self._connect(address)
+        self._beater = threading.Thread(
+            target=self._beat, name=f"pylm-heartbeat-{self.name}", daemon=True
+        )
+        self._beater.start()
+
+    def _find_masters(self) -> list[str]:
+        registry = self._registry_client()
+        records = registry.wait_for_instances(self.master, 10.0)
+        if not any("workers" in record.endpoints for record in records):
+            raise RegistryError(f"{self.master!r} is not a master: it has no workers endpoint")
+        self._peers = Peers(registry, self.master, "workers", records)
+        return self._peers.endpoints
+
+    def _connect(self, address: str) -> None:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self.identity)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        socket.connect(address)
+        self._sockets[address] = socket
+        self.masters = list(self._sockets)
+        self._poller.register(socket, zmq.POLLIN)
+        self._say(socket, {})
+
+    def _disconnect(self, address: str) -> None:
+        socket = self._sockets.pop(address)
+        self.masters = list(self._sockets)
+        self._poller.unregister(socket)
+        close_socket(socket)
+
+    def _say(self, socket: zmq.Socket, extra: dict[str, object]) -> None:
+        """Send the master a PING about this worker (hello, leaving, bye)."""
+        info = {"name": self.name, "slots": self.slots, "free": self.slots, **extra}
+        socket.send_multipart(
+            protocol.encode(protocol.PING, 0, json.dumps(info).encode(), route=self.identity)
+        )
+
+    def _deregister(self) -> None:
+        peers, self._peers = self._peers, None
+        if peers is not None:
+            peers.close()
+        super()._deregister()
+
+    def _close(self) -> None:
+        self._beating.set()
+        if self._beater is not None:
+            self._beater.join(5.0)
+        for address in list(self._sockets):
+            self._disconnect(address)
+        close_socket(self._control)
+        self._control = None
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def _beat(self) -> None:
+        """The heartbeat thread: a PING to every master each ``heartbeat``
+        seconds, on sockets of its own."""
+        sockets: dict[str, zmq.Socket] = {}
+        poller = zmq.Poller()
+        try:
+            while True:
+                for address in self.masters:
+                    if address not in sockets:
+                        socket = self.context.socket(zmq.DEALER)
+                        socket.setsockopt(zmq.LINGER, 0)
+                        socket.connect(address)
+                        sockets[address] = socket
+                        poller.register(socket, zmq.POLLIN)
+                for address in [a for a in sockets if a not in self.masters]:
+                    poller.unregister(sockets[address])
+                    close_socket(sockets.pop(address))
+                free = self.slots - (1 if self._busy else 0)
+                info = json.dumps({"name": self.name, "slots": self.slots, "free": free})
+                beat = protocol.encode(protocol.PING, 0, info.encode(), route=self.identity)
+                for socket in sockets.values():
+                    try:
+                        socket.send_multipart(beat, zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass  # the master is not there now: the next beat may reach it
+                began = time.monotonic()
+                while (left := self.heartbeat - (time.monotonic() - began)) > 0:
+                    if self._beating.is_set():
+                        return
+                    for socket, _ in poller.poll(int(min(left, 0.1) * 1000) + 1):
+                        answer = socket.recv_multipart()
+                        if answer and answer[-1][:2] == protocol.MAGIC:
+                            self._rehello.set()  # the master does not know this worker
+                if self._beating.is_set():
+                    return
+        finally:
+            for socket in sockets.values():
+                close_socket(socket)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve(self) -> None:
+        timeout = max(1, int(self.heartbeat * 1000))
+        try:
+            while self.served < self.messages:
+                for socket, _ in self._poller.poll(timeout):
+                    if socket is self._control:
+                        raise _Stopping
+                    self._drain(socket)
+                self._follow()
+        except _Stopping:
+            self._leave()
+
+    def _follow(self) -> None:
+        """Connect to master instances that joined; say hello again if a
+        master forgot this worker."""
+        if self._peers is not None and self._peers.changed:
+            joined, left = self._peers.take()
+            for address in left:
+                if address in self._sockets:
+                    self._disconnect(address)
+            for address in joined:
+                self._connect(address)
+        if self._rehello.is_set():
+            self._rehello.clear()
+            for socket in self._sockets.values():
+                self._say(socket, {})
+
+    def _leave(self) -> None:
+        """Leave cleanly: no new jobs, finish those here, then goodbye."""
+        self._deregister()
+        for socket in self._sockets.values():
+            self._say(socket, {"leaving": True, "free": 0})
+        quiet_since = time.monotonic()
+        give_up = quiet_since + _LEAVE_MAX
+        while time.monotonic() - quiet_since < _QUIET and time.monotonic() < give_up:
+            for socket, _ in self._poller.poll(50):
+                if socket is not self._control:
+                    self._drain(socket)
+                    quiet_since = time.monotonic()
+                else:
+                    self._control.recv_multipart()
+        for socket in self._sockets.values():
+            self._say(socket, {"bye": True})
+
+    def _drain(self, socket: zmq.Socket) -> None:
+        recv, send, call = socket.recv, socket.send, self._call
+        for _ in range(64):
+            try:
+                body = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.stats is not None:
+                self.stats.received += 1
+            self._busy = True
+            try:
+                if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
+                    target_size, route_size = _SIZES.unpack_from(body, 5)
+                    start = _HEAD_SIZE + target_size
+                    if start + route_size <= len(body):
+                        self.served += 1
+                        try:
+                            result = call(body[_HEAD_SIZE:start], body[start + route_size :])
+                        except PylmError as error:
+                            self._answer(socket, protocol.encode_error(self._id(body), error))
+                            continue
+                        except _Stream as stream:
+                            self._stream(socket, self._id(body), body[_HEAD_SIZE:start], stream)
+                            continue
+                        if len(result) <= _SPLIT:
+                            send(b"".join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            if self.stats is not None:
+                                self.stats.sent += 1
+                        else:
+                            self._answer(
+                                socket, protocol.encode(protocol.REPLY, self._id(body), result)
+                            )
+                        continue
+                frames = [body]
+                while socket.getsockopt(zmq.RCVMORE):
+                    frames.append(recv())
+                self._other(socket, frames)
+            finally:
+                self._busy = False
+
+    @staticmethod
+    def _id(body: bytes) -> int:
+        return int(protocol.unpack_id(body, 9)[0])
+
+    def _other(self, socket: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            self._drop(str(error), frames)
+            return
+        if message.kind != protocol.REQUEST:
+            self._drop(f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames)
+            return
+        self.served += 1
+        try:
+            result = self._call(message.target, message.payload)
+        except PylmError as error:
+            self._answer(socket, protocol.encode_error(message.msg_id, error))
+        except _Stream as stream:
+            self._stream(socket, message.msg_id, message.target, stream)
+        else:
+            self._answer(socket, protocol.encode(protocol.REPLY, message.msg_id, result))
+
+    def _stream(self, socket: zmq.Socket, msg_id: int, target: bytes, stream: _Stream) -> None:
+        """Send the items of a streaming job, numbered, then END (or the
+        ERROR that stopped it)."""
+        began = time.perf_counter()
+        items = sizes = 0
+        try:
+            for item in stream.items:
+                if type(item) is not bytes:
+                    item = self._item_bytes(target, item)
+                self._answer(
+                    socket,
+                    protocol.encode(
+                        protocol.REPLY, msg_id, item, route=SEQ.pack(items), flags=protocol.MORE
+                    ),
+                )
+                items += 1
+                sizes += len(item)
+        except PylmError as error:
+            self._count(target, began, sizes, failed=True)
+            self._answer(socket, protocol.encode_error(msg_id, error))
+            return
+        except Exception as exc:
+            self._count(target, began, sizes, failed=True)
+            self._answer(socket, protocol.encode_error(msg_id, self._remote_error(target, exc)))
+            return
+        self._count(target, began, sizes, failed=False)
+        self._answer(socket, [protocol.reply_head(msg_id, protocol.END)])
+
+    def _item_bytes(self, target: bytes, item: object) -> bytes:
+        if isinstance(item, (bytearray, memoryview)):
+            return bytes(item)
+        _, function = protocol.split_target(target)
+        raise self._remote_error(
+            target, TypeError(f"{function!r} yielded {type(item).__name__}, expected bytes")
+        )
+
+    def _count(self, target: bytes, began: float, size: int, *, failed: bool) -> None:
+        entry = self._table.get(target)
+        stats = None if entry is None else entry[1]
+        if stats is not None:
+            if failed:
+                stats.failed(time.perf_counter() - began, 0)
+            else:
+                stats.done(time.perf_counter() - began, 0, size)
+
+    def _result_bytes(self, target: bytes, result: object) -> bytes:
+        if isinstance(result, Iterator):
+            raise _Stream(result)
+        return super()._result_bytes(target, result)
+
+    def _dispatch_error(self, target: bytes) -> PylmError:
+        server, function = protocol.split_target(target)
+        if server == self.master:
+            return UnknownFunction(
+                f"unknown function {function!r} on worker {self.name!r} of master"
+                f" {self.master!r}; it has {', '.join(self.functions) or 'no functions'}",
+                server=self.master,
+                function=function,
+            )
+        return super()._dispatch_error(target)
+
+    def _answer(self, socket: zmq.Socket, frames: list[bytes]) -> None:
+        socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+        if self.stats is not None:
+            self.stats.sent += 1

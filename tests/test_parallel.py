@@ -1,0 +1,289 @@
+"""Master, workers and clients of the parallel pattern, on real sockets,
+with a real etcd for the tests that start servers by name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from pylm import protocol
+from pylm.errors import PylmError, RemoteError, RequestTimeout, UnknownFunction
+from pylm.parallel import Client, Master, Worker
+from pylm.registry import LocalEtcd, Registry
+
+HERE = Path(__file__).resolve().parent
+BEAT = 0.2  # s between heartbeats: a dead worker is noticed within 0.6 s
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s")
+        time.sleep(0.02)
+
+
+class Tagger(Worker):
+    def who(self, message: bytes) -> bytes:
+        return self.name.encode() + b":" + message
+
+    def slow(self, message: bytes) -> bytes:
+        time.sleep(float(message))  # the job's work: it takes this long
+        return self.name.encode()
+
+    def count(self, message: bytes) -> Iterator[bytes]:
+        for number in range(int(message)):
+            yield str(number).encode()
+
+    def count_then_fail(self, message: bytes) -> Iterator[bytes]:
+        yield b"first"
+        raise ValueError(f"failed after one item of {message!r}")
+
+    def text(self, message: bytes) -> str:
+        return message.decode()  # not bytes: the client gets an error
+
+    def square(self, message: bytes) -> bytes:
+        return str(int(message) ** 2).encode()
+
+
+class SumOfSquares(Master):
+    """Scatter ``b"1,2,3"`` into one job per number; gather the squares
+    into their sum, given once the job's last square is in."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sums: dict[int, int] = {}
+
+    def scatter(self, message: bytes) -> Iterable[bytes]:
+        return message.split(b",") if message else []
+
+    def gather(self, message: bytes) -> Iterable[bytes]:
+        job = self.gathering.job
+        self.sums[job] = self.sums.get(job, 0) + int(message)
+        if self.gathering.last:
+            yield str(self.sums.pop(job)).encode()
+
+
+@pytest.fixture
+def master(serve: Callable[[Master], Master]) -> Master:
+    return serve(
+        Master("m", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat=BEAT, log_stdout=False)
+    )
+
+
+def tagger(master: Master, name: str, **options: object) -> Tagger:
+    assert master.back is not None
+    return Tagger(name, master.name, master.back, heartbeat=BEAT, log_stdout=False, **options)  # type: ignore[arg-type]
+
+
+def client_of(master: Master, **options: object) -> Client:
+    assert master.front is not None
+    return Client(master.front, master.name, **options)  # type: ignore[arg-type]
+
+
+def test_eval_job_and_stream(master: Master, serve: Callable[[Tagger], Tagger]) -> None:
+    serve(tagger(master, "w1"))
+    with client_of(master, timeout=10) as client:
+        assert client.eval("who", b"a") == b"w1:a"
+        results = list(client.job("who", [b"%d" % n for n in range(500)]))
+        assert sorted(results) == sorted(b"w1:%d" % n for n in range(500))
+        assert list(client.stream("count", b"5")) == [b"0", b"1", b"2", b"3", b"4"]
+        assert list(client.stream("count", b"0")) == []  # a stream may be empty
+        assert client.ping()["workers"] == 1
+
+
+def test_names_only_through_the_registry(registry: Registry, serve: Callable[..., object]) -> None:
+    master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
+    serve(Tagger("w1", "m", registry=registry, heartbeat=BEAT, log_stdout=False))
+    serve(Tagger("w2", "m", registry=registry, heartbeat=BEAT, log_stdout=False))
+    (record,) = registry.instances("m")
+    assert record.kind == "master" and set(record.endpoints) == {"front", "workers"}
+    assert {r.kind for r in registry.instances("w1") + registry.instances("w2")} == {"worker"}
+    with Client("m", registry=registry, timeout=10) as client:
+        wait_for(lambda: client.ping()["workers"] == 2, 10, "two workers")
+        by = Counter(result.split(b":")[0] for result in client.job("who", [b"x"] * 200))
+    assert sum(by.values()) == 200
+    assert master.workers == 2
+
+
+def test_errors_reach_the_client_and_the_rest_goes_on(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    serve(tagger(master, "w1"))
+    with client_of(master, timeout=10) as client:
+        with pytest.raises(UnknownFunction, match="'nope'"):
+            client.eval("nope", b"x")
+        with pytest.raises(RemoteError, match="returned str, expected bytes"):
+            client.eval("text", b"x")
+        items = []
+        with pytest.raises(RemoteError, match="failed after one item of b'z'"):
+            for item in client.stream("count_then_fail", b"z"):
+                items.append(item)
+        assert items == [b"first"]
+        with pytest.raises(PylmError, match="gave 3 results, not one"):
+            client.eval("count", b"3")
+        outcomes = list(client.results("square", [b"2", b"x", b"3"]))
+        assert sorted((o.index, o.value) for o in outcomes if o.error is None) == [
+            (0, b"4"), (2, b"9"),
+        ]  # fmt: skip
+        assert [o.index for o in outcomes if isinstance(o.error, RemoteError)] == [1]
+        assert client.eval("who", b"still") == b"w1:still"
+
+
+def test_malformed_messages_get_an_error_or_are_dropped(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    serve(tagger(master, "w1"))
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(master.front)
+    try:
+        raw.send(b"garbage")  # no head: nothing to answer to
+        bad_version = bytearray(protocol.encode(protocol.REQUEST, 7, b"x", b"m.who")[0])
+        bad_version[2] = 9
+        raw.send(bytes(bad_version))
+        assert raw.poll(5000)
+        answer = protocol.decode(raw.recv_multipart())
+        assert answer.kind == protocol.ERROR and answer.msg_id == 7
+        assert "unsupported protocol version 9" in answer.payload.decode()
+        raw.send_multipart(protocol.encode(protocol.REPLY, 8, b"x"))
+        assert raw.poll(5000)
+        assert b"takes REQUEST and PING, not REPLY" in raw.recv()
+    finally:
+        raw.close()
+    with client_of(master, timeout=10) as client:
+        assert client.eval("who", b"after") == b"w1:after"
+    assert master.stats is None or master.stats.malformed >= 3
+
+
+def test_load_goes_to_idle_workers(master: Master, serve: Callable[[Tagger], Tagger]) -> None:
+    serve(tagger(master, "slow"))
+    serve(tagger(master, "fast"))
+    with client_of(master, timeout=30) as client:
+        wait_for(lambda: client.ping()["workers"] == 2, 10, "two workers")
+        # The slow worker gets one 1 s job; meanwhile the fast one does the rest.
+        jobs = [b"1.0"] + [b"0.01"] * 40
+        by = Counter(client.job("slow", jobs))
+    assert by[b"slow"] <= 2 and by[b"fast"] >= 39 and sum(by.values()) == 41
+
+
+def test_workers_join_and_leave_mid_run(master: Master, serve: Callable[[Tagger], Tagger]) -> None:
+    first = serve(tagger(master, "w1"))
+    results: list[bytes] = []
+    with client_of(master, timeout=20, max_in_flight=50) as client:
+        jobs = iter([b"%d" % n for n in range(2000)])
+        stream = client.job("who", jobs)
+        results.extend(next(stream) for _ in range(200))
+        second = serve(tagger(master, "w2"))
+        results.extend(next(stream) for _ in range(500))
+        first.stop()  # leaves cleanly: finishes what it holds
+        results.extend(stream)
+    payloads = Counter(result.split(b":")[1] for result in results)
+    assert len(payloads) == 2000 and set(payloads.values()) == {1}
+    by = Counter(result.split(b":")[0] for result in results)
+    assert by[b"w1"] > 0 and by[b"w2"] > 0
+    assert second.running
+
+
+def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
+    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+) -> None:
+    master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    script = str(HERE / "parallel_worker.py")
+    workers = [
+        subprocess.Popen([sys.executable, script, name, "m", str(BEAT), "4"], env=env)
+        for name in ("doomed", "survivor")
+    ]
+    try:
+        results: list[bytes] = []
+        with Client("m", registry=registry, timeout=30, max_in_flight=100) as client:
+            wait_for(lambda: client.ping()["workers"] == 2, 20, "two worker processes")
+            stream = client.job("who", [b"%d" % n for n in range(1000)])
+            for result in stream:
+                results.append(result)
+                if sum(r.startswith(b"doomed:") for r in results) == 100:
+                    workers[0].send_signal(signal.SIGKILL)  # holding up to 4 jobs
+                    break
+            results.extend(stream)
+        payloads = Counter(result.split(b":")[1] for result in results)
+        assert len(results) == 1000 and len(payloads) == 1000  # all, each once
+        assert master.redispatched >= 1 and master.workers == 1
+        assert workers[0].wait(10) == -signal.SIGKILL
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait(10)
+
+
+def test_scatter_and_gather_with_several_clients(serve: Callable[..., object]) -> None:
+    master = serve(
+        SumOfSquares(
+            "m", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat=BEAT, log_stdout=False
+        )
+    )
+    serve(tagger(master, "w1"))
+    serve(tagger(master, "w2"))
+    outcomes: dict[int, list[bytes]] = {}
+
+    def run(number: int) -> None:
+        with client_of(master, timeout=20) as client:
+            jobs = [b",".join(b"%d" % n for n in range(k)) for k in range(1, 30)]
+            outcomes[number] = list(client.job("square", jobs))
+            assert list(client.stream("square", b"")) == []  # scattered into nothing
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    expected = sorted(str(sum(n * n for n in range(k))).encode() for k in range(1, 30))
+    assert len(outcomes) == 4
+    for results in outcomes.values():
+        assert sorted(results) == expected  # one sum per job, exactly
+    assert master.sums == {}
+
+
+def test_full_queue_holds_clients_within_its_bound(serve: Callable[..., object]) -> None:
+    master = serve(
+        Master(
+            "m",
+            "tcp://127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+            heartbeat=BEAT,
+            max_queued=50,
+            log_stdout=False,
+        )
+    )
+    results: list[bytes] = []
+    with client_of(master, timeout=30, max_in_flight=5000) as client:
+        done = threading.Event()
+
+        def run() -> None:
+            results.extend(client.job("who", [b"%d" % n for n in range(3000)]))
+            done.set()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: master.queued == 50, 10, "a full queue")
+        assert master.queued == 50  # no worker yet: it holds 50 and reads no more
+        serve(tagger(master, "late"))
+        assert done.wait(60)
+        thread.join(10)
+    assert len(set(results)) == 3000
+
+
+def test_a_job_nobody_runs_times_out(master: Master) -> None:
+    with client_of(master, timeout=0.3) as client:
+        with pytest.raises(RequestTimeout, match="no result for job 0"):
+            client.eval("who", b"x")
