@@ -106,6 +106,7 @@ __all__ = [
     "decode_error",
     "encode",
     "encode_error",
+    "error_detail",
     "pack_batch",
     "pack_id_deadline",
     "reply_head",
@@ -344,6 +345,11 @@ _CODES: dict[type[PylmError], str] = {
 def encode_error(msg_id: int, error: PylmError, route: bytes = b"") -> list[bytes]:
     """The frames of an ERROR message carrying ``error`` back to the caller
     (through ``route``, in a pipeline)."""
+    return encode(ERROR, msg_id, error_detail(error), route=route)
+
+
+def error_detail(error: PylmError) -> bytes:
+    """The payload of an ERROR message carrying ``error``."""
     detail: dict[str, Any] = {
         "code": _CODES.get(type(error), "error"),
         "message": PylmError.__str__(error),
@@ -355,7 +361,7 @@ def encode_error(msg_id: int, error: PylmError, route: bytes = b"") -> list[byte
         detail["type"] = error.remote_type
         detail["remote_message"] = error.remote_message
         detail["traceback"] = error.remote_traceback
-    return encode(ERROR, msg_id, json.dumps(detail).encode("utf-8"), route=route)
+    return json.dumps(detail).encode("utf-8")
 
 
 def decode_error(payload: bytes) -> PylmError:

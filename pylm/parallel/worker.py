@@ -30,7 +30,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
-from pylm.parallel.master import DEFAULT_HEARTBEAT, SEQ
+from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
 from pylm.transport import check_address, close_socket
 
 if TYPE_CHECKING:

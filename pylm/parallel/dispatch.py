@@ -1,0 +1,534 @@
+"""Handing jobs to workers and taking their results: what a
+:class:`~pylm.parallel.Master` and a :class:`~pylm.parallel.Hub` share.
+
+The books: every job waiting for a worker or held by one is in ``_jobs``
+under a number of the dispatcher's own (the message id workers see) until
+its final answer is in. Workers say hello with their *slots*; ``_free`` has
+one entry per free slot, oldest first, and a job goes only to a free slot,
+so a slow worker holds no more jobs than its slots. A worker silent for
+``heartbeat * misses`` seconds is declared dead and its jobs go back to the
+front of the queue. The first final answer of a job closes it; any later one
+is a duplicate and dropped, and so is a streamed item whose number is not
+the next one expected.
+
+Jobs come in two shapes. A *single* job (no scatter, an input that is not a
+stream item) has one answer, passed on as it is, or, for a streaming
+function, its items (flagged MORE) and an END carrying their count. A job of
+a *parent* (an input that ``scatter`` split, or the items of an input stream
+from an earlier stage) has parts; their results go through ``gather`` and on
+as items flagged MORE, and once every part is answered (and, for an input
+stream, its END has come with every item it announced) an END carrying the
+number of items closes the parent.
+
+The host (Master or Hub) owns the sockets and says how answers leave:
+:meth:`Dispatcher._deliver_fast` and :meth:`Dispatcher._deliver`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from pylm import protocol
+from pylm.errors import ProtocolError, PylmError, RemoteError
+
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_MAX_QUEUED",
+    "DEFAULT_MISSES",
+    "SEQ",
+    "Dispatcher",
+    "Gathering",
+]
+
+DEFAULT_HEARTBEAT = 1.0  # s between a worker's heartbeats
+DEFAULT_MISSES = 3  # heartbeats missed before a worker is declared dead
+DEFAULT_MAX_QUEUED = 10_000  # jobs waiting for a worker, at most
+SEQ = struct.Struct(">Q")  # an item's number (in a worker's route), an END's count (payload)
+
+_HEAD_SIZE = protocol.HEAD_SIZE
+_REPLY_PREFIX = protocol.REPLY_PREFIX
+_pack_id = struct.Struct(">Q").pack
+_unpack_id = protocol.unpack_id
+_BATCH = 256  # messages read in a row before looking at the other socket
+
+
+class Gathering:
+    """What :meth:`Dispatcher.gather` may want to know of the result it is
+    given, as ``self.gathering``: the ``job`` it belongs to (a number unique
+    in this server) and whether it is the ``last`` result of that job."""
+
+    __slots__ = ("job", "last")
+
+    def __init__(self) -> None:
+        self.job = 0
+        self.last = False
+
+
+class _Parent:
+    """An input whose parts are jobs: scattered, or a stream's items."""
+
+    __slots__ = (
+        "deadline", "expected", "failed", "inputs", "msg_id", "number", "open", "origin",
+        "outputs",
+    )  # fmt: skip
+
+    def __init__(self, origin: bytes, msg_id: int, deadline: float, number: int) -> None:
+        self.origin = origin  # where answers go: a client's routing id, or a route
+        self.msg_id = msg_id
+        self.deadline = deadline
+        self.number = number
+        self.open = 0  # parts without their final answer yet
+        self.inputs = 0  # inputs split into parts so far
+        self.expected: int | None = None  # inputs in all; known at once, or from an END
+        self.outputs = 0  # items sent on
+        self.failed = False
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0 and self.expected is not None and self.inputs >= self.expected
+
+
+class _Job:
+    """A job on the books, given to a worker or waiting for one."""
+
+    __slots__ = ("body", "deadline", "msg_id", "next_seq", "origin", "parent", "worker")
+
+    def __init__(
+        self,
+        origin: bytes,
+        msg_id: int,
+        deadline: float,
+        body: list[bytes],
+        parent: _Parent | None,
+    ) -> None:
+        self.origin = origin
+        self.msg_id = msg_id
+        self.deadline = deadline
+        self.body = body  # the frames a worker gets, with the job's number as id
+        self.parent = parent
+        self.worker: _Worker | None = None
+        self.next_seq = 0  # the number of the next streamed item to pass on
+
+
+class _Worker:
+    """A worker as the dispatcher sees it."""
+
+    __slots__ = ("address", "free", "generation", "jobs", "leaving", "name", "seen", "slots")
+
+    def __init__(self, address: bytes, name: str, slots: int, generation: int) -> None:
+        self.address = address  # routing id of the worker's job socket
+        self.name = name
+        self.slots = slots
+        self.free = 0  # slots the dispatcher may fill
+        self.jobs: set[int] = set()  # numbers of the jobs it holds
+        self.seen = time.monotonic()
+        self.leaving = False
+        self.generation = generation
+
+
+class Dispatcher:
+    """Mixed into a server that hands jobs to workers (see the module).
+
+    The host calls :meth:`_init_dispatch` in its constructor, binds
+    ``_back`` (a ROUTER for workers), feeds jobs in with :meth:`_take_fast`,
+    :meth:`_take` and :meth:`_take_end`, reads the workers' socket with
+    :meth:`_drain_workers`, and calls :meth:`_dispatch` and
+    :meth:`_check_workers` from its loop.
+    """
+
+    _pylm_framework = True
+
+    # From the host (BaseServer).
+    name: str
+    served: int
+    logger: logging.Logger
+
+    def _init_dispatch(self, heartbeat: float, misses: int, max_queued: int) -> None:
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
+            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
+        if not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
+        if not isinstance(misses, int) or misses < 1:
+            raise ValueError(f"misses must be a positive int, got {misses!r}")
+        if not isinstance(max_queued, int) or max_queued < 1:
+            raise ValueError(f"max_queued must be a positive int, got {max_queued!r}")
+        self.heartbeat = float(heartbeat)
+        self.worker_timeout = self.heartbeat * misses
+        self.max_queued = max_queued
+        self.gathering = Gathering()
+        self._back: zmq.Socket | None = None
+        self._workers: dict[bytes, _Worker] = {}
+        self._free: deque[tuple[_Worker, int]] = deque()  # one entry per free slot
+        self._queue: deque[int] = deque()  # numbers of the jobs waiting for a worker
+        self._jobs: dict[int, _Job] = {}
+        self._streams: dict[tuple[bytes, int], _Parent] = {}  # input streams under way
+        self._numbers = 0
+        self._generations = 0
+        self._splits = type(self).scatter is not Dispatcher.scatter
+        self._gathers = type(self).gather is not Dispatcher.gather
+        self.redispatched = 0  # jobs given to another worker after theirs was lost
+        self.duplicates = 0  # answers dropped because their job was answered already
+        self.undeliverable = 0  # answers whose receiver had gone
+
+    # ------------------------------------------------------------------ hooks
+
+    def scatter(self, message: bytes) -> Iterable[bytes]:
+        """One input into the payloads of the jobs workers run; by default
+        the input as it is."""
+        return (message,)
+
+    def gather(self, message: bytes) -> Iterable[bytes]:
+        """A worker's result into zero or more results to send on; by
+        default the result as it is. ``self.gathering`` tells the job the
+        result belongs to and whether it is its last."""
+        return (message,)
+
+    # Host hooks: where answers go.
+    def _deliver_fast(self, job: _Job, body: bytes) -> None:
+        """Send on the one-frame final REPLY ``body`` a worker gave ``job``."""
+        raise NotImplementedError
+
+    def _deliver(
+        self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
+    ) -> None:
+        """Send on an answer (REPLY, ERROR or END) of the input ``msg_id``."""
+        raise NotImplementedError
+
+    if TYPE_CHECKING:  # from the host (BaseServer)
+
+        def _drop(self, reason: str, frames: list[bytes]) -> None: ...
+
+        def _remote_error(self, target: bytes, exc: Exception) -> RemoteError: ...
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def workers(self) -> int:
+        """Workers connected now."""
+        return len(self._workers)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a worker."""
+        return len(self._queue)
+
+    @property
+    def running_jobs(self) -> int:
+        """Jobs a worker holds."""
+        return len(self._jobs) - len(self._queue)
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue holds ``max_queued`` jobs: take no more input."""
+        return len(self._queue) >= self.max_queued
+
+    # ------------------------------------------------------------------ jobs in
+
+    def _take_fast(self, origin: bytes, msg_id: int, deadline: float, pieces: list[bytes]) -> None:
+        """Book a single job: ``pieces`` are a REQUEST's first 9 bytes, the
+        rest of its first frame after the id, and any payload frame."""
+        self._numbers += 1
+        number = self._numbers
+        body = [pieces[0] + _pack_id(number) + pieces[1], *pieces[2:]]
+        self._jobs[number] = _Job(origin, msg_id, deadline, body, None)
+        self._queue.append(number)
+
+    def _take(self, origin: bytes, message: protocol.Message) -> None:
+        """Book a REQUEST: a single job, or the parts of a parent."""
+        stream_item = bool(message.flags & protocol.MORE)
+        if not self._splits and not stream_item:
+            body = protocol.encode(
+                protocol.REQUEST, 0, message.payload, message.target, b"", message.deadline
+            )
+            pieces = [body[0][:9], body[0][17:], *body[1:]]
+            self._take_fast(origin, message.msg_id, message.deadline, pieces)
+            return
+        if stream_item:
+            parent = self._stream(origin, message.msg_id, message.deadline)
+        else:
+            self._numbers += 1
+            parent = _Parent(origin, message.msg_id, message.deadline, self._numbers)
+            parent.expected = 1
+        parent.inputs += 1
+        if parent.failed:
+            self._close_if_done(parent)
+            return
+        try:
+            parts = [bytes(part) for part in self.scatter(message.payload)]
+        except Exception as exc:  # the user's hook failed: the client hears of it
+            self._fail(parent, self._remote_error(message.target + b"/scatter", exc))
+            self._close_if_done(parent)
+            return
+        for part in parts:
+            body = protocol.encode(protocol.REQUEST, 0, part, message.target, b"", message.deadline)
+            self._numbers += 1
+            number = self._numbers
+            first = body[0]
+            frames = [first[:9] + _pack_id(number) + first[17:], *body[1:]]
+            self._jobs[number] = _Job(origin, message.msg_id, message.deadline, frames, parent)
+            self._queue.append(number)
+            parent.open += 1
+        self._close_if_done(parent)
+
+    def _take_end(self, origin: bytes, message: protocol.Message) -> None:
+        """An input stream's END: it announced that many items."""
+        count = SEQ.unpack(message.payload)[0] if len(message.payload) == SEQ.size else 0
+        parent = self._stream(origin, message.msg_id, message.deadline)
+        parent.expected = count
+        self._close_if_done(parent)
+
+    def _stream(self, origin: bytes, msg_id: int, deadline: float) -> _Parent:
+        key = (origin, msg_id)
+        parent = self._streams.get(key)
+        if parent is None:
+            self._numbers += 1
+            parent = self._streams[key] = _Parent(origin, msg_id, deadline, self._numbers)
+        return parent
+
+    def _dispatch(self) -> None:
+        """Give waiting jobs to workers with a free slot, oldest job first."""
+        queue, free, jobs, back = self._queue, self._free, self._jobs, self._back
+        assert back is not None
+        while queue and free:
+            worker, generation = free.popleft()
+            if worker.generation != generation or worker.free <= 0:
+                continue  # a slot of a worker gone (or gone and back)
+            number = queue.popleft()
+            job = jobs.get(number)
+            if job is None or (job.parent is not None and job.parent.failed):
+                if job is not None:
+                    del jobs[number]
+                    self._part_closed(job.parent)
+                free.appendleft((worker, generation))
+                continue
+            try:
+                back.send_multipart([worker.address, *job.body], copy=len(job.body[-1]) < 65536)
+            except zmq.ZMQError:  # the worker's socket is gone: so is the worker
+                queue.appendleft(number)
+                self._lost(worker, "its socket is gone")
+                continue
+            worker.free -= 1
+            worker.jobs.add(number)
+            job.worker = worker
+
+    # ------------------------------------------------------------------ answers
+
+    def _drain_workers(self) -> None:
+        back = self._back
+        assert back is not None
+        for _ in range(_BATCH):
+            try:
+                frames = back.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            sender, body = frames[0], frames[1]
+            if body[:9] == _REPLY_PREFIX and len(frames) == 2 and len(body) >= _HEAD_SIZE:
+                # Fast path: a one-frame, final REPLY.
+                number = _unpack_id(body, 9)[0]
+                job = self._jobs.pop(number, None)
+                self._release(sender, number)
+                if job is None:
+                    self.duplicates += 1
+                elif job.parent is None and job.next_seq == 0:
+                    self.served += 1
+                    self._deliver_fast(job, body)
+                else:
+                    self._result(job, body[_HEAD_SIZE:], final=True)
+                continue
+            self._worker_message(sender, frames[1:])
+
+    def _worker_message(self, sender: bytes, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            self._drop(f"{error} (from worker {sender!r})", frames)
+            return
+        kind = message.kind
+        if kind == protocol.PING:
+            self._hello(sender, message)
+            return
+        number = message.msg_id
+        if kind == protocol.REPLY and message.flags & protocol.MORE:
+            job = self._jobs.get(number)
+            seq = SEQ.unpack(message.route)[0] if len(message.route) == SEQ.size else 0
+            if job is None or seq != job.next_seq:
+                self.duplicates += 1
+                return
+            job.next_seq += 1
+            self._result(job, message.payload, final=False)
+            return
+        if kind not in (protocol.REPLY, protocol.ERROR, protocol.END):
+            self._drop(f"a worker sent {protocol.KIND_NAMES[kind]}", frames)
+            return
+        job = self._jobs.pop(number, None)
+        self._release(sender, number)
+        if job is None:
+            self.duplicates += 1
+        elif kind == protocol.REPLY:
+            if job.parent is None and job.next_seq == 0:
+                self.served += 1
+                self._deliver(job.origin, job.msg_id, job.deadline, kind, message.payload, 0)
+            else:
+                self._result(job, message.payload, final=True)
+        elif kind == protocol.END:
+            if job.parent is None:
+                self.served += 1
+                count = SEQ.pack(job.next_seq)
+                self._deliver(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
+            else:
+                self._part_closed(job.parent)
+        elif job.parent is None:
+            self.served += 1
+            self._deliver(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
+        else:
+            self._fail(job.parent, message.payload)
+            self._part_closed(job.parent)
+
+    def _result(self, job: _Job, result: bytes, *, final: bool) -> None:
+        """A result (``final``) or a streamed item of a job that answers in
+        items: through gather() for the job's parent, then on, flagged MORE."""
+        parent = job.parent
+        if parent is None:  # a single job whose function streams
+            self._deliver(
+                job.origin, job.msg_id, job.deadline, protocol.REPLY, result, protocol.MORE
+            )
+            return
+        if not parent.failed:
+            if self._gathers:
+                self.gathering.job = parent.number
+                self.gathering.last = (
+                    final and parent.open == 1 and parent.expected == parent.inputs
+                )
+                try:
+                    outputs = [bytes(output) for output in self.gather(result)]
+                except Exception as exc:
+                    self._fail(parent, self._remote_error(f"{self.name}.gather".encode(), exc))
+                    outputs = []
+            else:
+                outputs = [result]
+            for output in outputs:
+                parent.outputs += 1
+                self._deliver(
+                    parent.origin, parent.msg_id, parent.deadline, protocol.REPLY, output,
+                    protocol.MORE,
+                )  # fmt: skip
+        if final:
+            self._part_closed(parent)
+
+    def _part_closed(self, parent: _Parent | None) -> None:
+        if parent is not None:
+            parent.open -= 1
+            self._close_if_done(parent)
+
+    def _close_if_done(self, parent: _Parent) -> None:
+        if not parent.done:
+            return
+        self._streams.pop((parent.origin, parent.msg_id), None)
+        self.served += 1
+        if not parent.failed:
+            count = SEQ.pack(parent.outputs)
+            self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
+
+    def _fail(self, parent: _Parent, error: PylmError | bytes) -> None:
+        """The first failure of a parent's part goes on; the parent's other
+        parts are dropped as they come."""
+        if parent.failed:
+            return
+        parent.failed = True
+        payload = error if isinstance(error, bytes) else protocol.error_detail(error)
+        self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.ERROR, payload, 0)
+
+    # ------------------------------------------------------------------ workers
+
+    def _release(self, sender: bytes, number: int) -> None:
+        """The worker ``sender`` answered job ``number``: its slot is free."""
+        worker = self._workers.get(sender)
+        if worker is not None and number in worker.jobs:
+            worker.jobs.discard(number)
+            worker.seen = time.monotonic()
+            if not worker.leaving:
+                worker.free += 1
+                self._free.append((worker, worker.generation))
+
+    def _hello(self, sender: bytes, message: protocol.Message) -> None:
+        """A worker's hello, leaving notice or goodbye (a PING from its job
+        socket), or its heartbeat (from another socket): the route names the
+        job socket, the payload is JSON."""
+        try:
+            info: Any = json.loads(message.payload or b"{}")
+            slots = int(info.get("slots", 1))
+            free = int(info.get("free", slots))
+        except (ValueError, TypeError, AttributeError) as exc:
+            self._drop(f"a worker's PING with bad JSON: {exc}", [message.payload])
+            return
+        address = message.route
+        worker = self._workers.get(address)
+        if sender != address:  # a heartbeat
+            if worker is None:  # of a worker not known here: ask for a hello
+                assert self._back is not None
+                try:
+                    self._back.send_multipart(
+                        [sender, *protocol.encode(protocol.PONG, 0, b'{"known": false}')]
+                    )
+                except zmq.ZMQError:
+                    pass
+                return
+        elif info.get("bye"):
+            if worker is not None:
+                self._lost(worker, "it left")
+            return
+        elif worker is None:
+            self._generations += 1
+            worker = _Worker(address, str(info.get("name", "")), max(1, slots), self._generations)
+            self._workers[address] = worker
+            self.logger.info("%s: worker %s joined (%d slots)", self.name, worker.name, slots)
+        worker.seen = time.monotonic()
+        if info.get("leaving"):
+            worker.leaving = True
+            worker.free = 0
+            return
+        if worker.leaving:
+            return
+        if not worker.jobs and worker.free < free <= worker.slots:
+            # Slots not known here (a hello, or after losing track): as the worker says.
+            for _ in range(free - worker.free):
+                self._free.append((worker, worker.generation))
+            worker.free = free
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            if now - worker.seen > self.worker_timeout:
+                self._lost(worker, f"no heartbeat for {now - worker.seen:.1f} s")
+
+    def _lost(self, worker: _Worker, why: str) -> None:
+        """Forget ``worker``; its unanswered jobs go to the front of the queue."""
+        self._workers.pop(worker.address, None)
+        worker.generation = -1  # its entries in the free list are void
+        worker.free = 0
+        pending = sorted(worker.jobs)
+        worker.jobs.clear()
+        for number in reversed(pending):
+            job = self._jobs.get(number)
+            if job is not None:
+                job.worker = None
+                self._queue.appendleft(number)
+        self.redispatched += len(pending)
+        self.logger.log(
+            logging.WARNING if pending else logging.INFO,
+            "%s: worker %s left (%s); %d job(s) go to other workers",
+            self.name,
+            worker.name,
+            why,
+            len(pending),
+        )
