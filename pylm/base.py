@@ -318,7 +318,14 @@ class BaseServer:
 
     # ------------------------------------------------------------------ registry
 
-    def _register(self, endpoints: dict[str, str], required: bool, next: str | None = None) -> None:
+    def _register(
+        self,
+        endpoints: dict[str, str],
+        required: bool,
+        next: str | None = None,
+        branches: list[str] | None = None,
+        tee: list[str] | None = None,
+    ) -> None:
         """Register this instance, in the serving thread once bound. A server
         started with only a name needs the registry (``required``) and fails
         at once without it; one with explicit addresses registers only when
@@ -335,6 +342,8 @@ class BaseServer:
                 self.kind,
                 {role: self._advertised(address) for role, address in endpoints.items()},
                 next=next,
+                branches=branches or [],
+                tee=tee or [],
                 functions=list(self.functions),
                 metrics=self.metrics_url,
                 version=__version__,

@@ -78,7 +78,7 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) ->
         thread.start()
         assert produced.wait(20)
         second_step2.start(background=True)  # joins mid-stream ...
-        wait_for(lambda: second_step2.address in step1._connected, 5, "step1 connecting to it")
+        wait_for(lambda: second_step2.address in step1.next_instances, 5, "step1 connecting to it")
         first_step2.stop()  # ... and the first one leaves
         thread.join(60)
     finally:
@@ -103,7 +103,7 @@ def test_loop_client_follows_last_stage_instances(registry: Registry) -> None:
     try:
         assert list(client.job("foo", [b"0"])) == [b"ACK: got it too, after you sent me 0"]
         new_last.start(background=True)
-        wait_for(lambda: new_last.address in step2._connected, 5, "step2 connecting to it")
+        wait_for(lambda: new_last.address in step2.next_instances, 5, "step2 connecting to it")
         old_last.stop()
         total = 500
         results = list(client.job("foo", (b"%d" % i for i in range(total)), timeout=20))

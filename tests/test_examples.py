@@ -72,3 +72,64 @@ def test_pylm_etcd_runs_a_local_registry(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_parallel_example_end_to_end() -> None:
+    lines = demo_lines("parallel")
+    assert "Master 'master' has 2 worker(s)" in lines
+    for name in ("worker1", "worker2"):
+        joined = f" - master - INFO - master: worker {name} joined (1 slots)"
+        assert any(line.endswith(joined) for line in lines)
+    results = [line for line in lines if line.startswith("Client got:  b'worker")]
+    assert len(results) == 11  # eval, then ten jobs, each result once
+    assert results[0].endswith(": 7 squared is 49'")
+    assert [line.split(": ", 2)[2] for line in results[1:]] == [
+        f"{n} squared is {n * n}'" for n in range(10)
+    ]
+    (by_worker,) = [line for line in lines if line.startswith("Jobs by worker: ")]
+    ran = dict(part.split(" ran ") for part in by_worker[len("Jobs by worker: ") :].split(", "))
+    assert set(ran) == {"worker1", "worker2"}  # both ran jobs
+    assert sum(int(count) for count in ran.values()) == 10
+    error = "Client got an error: ValueError: invalid literal for int() with base 10: b'seven'"
+    assert error in lines
+
+
+def test_parallel_example_by_name_on_a_local_etcd() -> None:
+    import shutil
+
+    import pytest
+
+    if shutil.which("etcd") is None:
+        pytest.skip("no etcd binary on PATH (Debian: apt-get install etcd-server)")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "parallel" / "demo.py"), "--registry"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("local etcd at etcd://127.0.0.1:")
+    assert "Master 'master' has 2 worker(s)" in lines
+    assert sum(line.startswith("Client got:  b'worker") for line in lines) == 11
+    assert any(line.startswith("Jobs by worker: worker1 ran ") for line in lines)
+    # What the servers registered, as `pylm ls` shows it.
+    assert "master [master]  1 instance(s)" in lines
+    assert "worker1 [worker]  1 instance(s)" in lines
+    assert "worker2 [worker]  1 instance(s)" in lines
+    assert any(line.startswith("    front tcp://127.0.0.1:") for line in lines)
+    assert any(line.startswith("    workers tcp://127.0.0.1:") for line in lines)
+
+
+def test_stream_example_end_to_end() -> None:
+    lines = demo_lines("stream")
+    items = [line.split(" after ")[0] for line in lines if line.startswith("Client got:  ")]
+    assert items == [f"Client got:  b'{item}'" for item in ("5", "4", "3", "2", "1", "liftoff")]
+    assert "The stream ended after 6 items" in lines
+
+
+def test_scatter_gather_example_end_to_end() -> None:
+    lines = demo_lines("scatter_gather")
+    assert "Counted 20 words in 4 lines; more than once:" in lines
+    start = lines.index("Counted 20 words in 4 lines; more than once:")
+    assert lines[start + 1 : start + 3] == ["  the: 6", "  master: 2"]

@@ -1,6 +1,6 @@
 """Chained servers: pipelines of servers and the client that feeds them."""
 
 from pylm.chained.client import JobResult, LoopClient
-from pylm.chained.servers import LastServer, Server
+from pylm.chained.servers import LastServer, Server, Sink
 
-__all__ = ["JobResult", "LastServer", "LoopClient", "Server"]
+__all__ = ["JobResult", "LastServer", "LoopClient", "Server", "Sink"]

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
+LAST_KINDS = ("chained-last", "sink")  # the kinds of stage that answer clients
 MAX_BATCH = 1024  # jobs per message at most
 
 _Outcome = tuple[int, "bytes | None", "PylmError | None"]  # index, value, error
@@ -39,6 +40,7 @@ _pack_sizes = struct.Struct(">HH").pack
 _pack_id_deadline = protocol.pack_id_deadline
 _FIRST_BOUND = BUCKETS[0]
 _BATCH_PREFIX = protocol.BATCH_PREFIX
+_COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
 
 
 def _bucket(seconds: float) -> int:
@@ -63,7 +65,7 @@ def _resolve_pipeline(
         raise RegistryError(f"{first!r} is not a chained stage: it has no pull and db endpoints")
     seen = {first}
     while True:
-        if all(record.kind == "chained-last" for record in records):
+        if all(record.kind in LAST_KINDS for record in records):
             return firsts, db, records[0].name, records
         following = next((record.next for record in records if record.next), None)
         if not following:
@@ -177,6 +179,7 @@ class LoopClient(Caller, Closing):
         self._running = False
         self._ids = itertools.count(1)
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
+        self._items: dict[int, tuple[int, int | None]] = {}  # job id -> items seen, announced
         if announce:
             print("Client with the following connections:")
             for address in self.pull_addresses:
@@ -400,10 +403,21 @@ class LoopClient(Caller, Closing):
             if not in_batch and len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
                 frames.append(recv())  # the parts of a message arrive together
             message = read_answer(frames)
-            entry = None if message is None else pop(message.msg_id, None)
+            entry = None if message is None else in_flight.get(message.msg_id)
             if entry is None or message is None:
                 self.dropped += 1
                 continue
+            if message.kind == protocol.REPLY and message.flags & protocol.MORE:
+                # An item of a job that gives several results (a Hub's).
+                outcomes.append((entry[0], message.payload, None))
+                self._stream_item(in_flight, message.msg_id, entry, None, timeout)
+                continue
+            if message.kind == protocol.END:
+                count = _COUNT.unpack(message.payload)[0] if len(message.payload) == 8 else 0
+                self._stream_item(in_flight, message.msg_id, entry, count, timeout)
+                continue
+            pop(message.msg_id)
+            self._items.pop(message.msg_id, None)
             took = sent_before - entry[1]
             try:
                 result = protocol.result_of(message)
@@ -416,6 +430,30 @@ class LoopClient(Caller, Closing):
                 if numbers is not None:
                     numbers.done(took, 0, len(result))
 
+    def _stream_item(
+        self,
+        in_flight: OrderedDict[int, tuple[int, float]],
+        msg_id: int,
+        entry: tuple[int, float],
+        count: int | None,
+        timeout: float,
+    ) -> None:
+        """Count an item of job ``msg_id`` (``count`` None), or its END
+        announcing ``count`` items; the job is over once both are in, in
+        whatever order they came (stage instances may reorder them)."""
+        items, announced = self._items.get(msg_id, (0, None))
+        if count is None:
+            items += 1
+        else:
+            announced = count
+        if announced is not None and items >= announced:
+            del in_flight[msg_id]
+            self._items.pop(msg_id, None)
+        else:  # a stream lives while it flows
+            self._items[msg_id] = (items, announced)
+            in_flight[msg_id] = (entry[0], time.monotonic() + timeout)
+            in_flight.move_to_end(msg_id)
+
     def _expire(
         self,
         in_flight: OrderedDict[int, tuple[int, float]],
@@ -427,6 +465,7 @@ class LoopClient(Caller, Closing):
         outcomes: list[_Outcome] = []
         for msg_id in expired:
             index, _ = in_flight.pop(msg_id)
+            self._items.pop(msg_id, None)
             self._calls.timed_out(function)
             error = RequestTimeout(
                 f"no result for job {index} ({function!r} on {self.server_name!r} via"

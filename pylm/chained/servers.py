@@ -38,7 +38,7 @@ from pylm.transport import bind, check_address, close_socket
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["LastServer", "Server"]
+__all__ = ["LastServer", "Server", "Sink"]
 
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 # A last stage keeps results for a client not connected yet (one that found
@@ -124,6 +124,7 @@ class _Stage(BaseServer):
         self._following: concurrent.futures.Future[None] | None = None
         self._poll_timeout: int | None = None  # ms; set when rewiring is possible
         self._send_deadline: float | None = None  # set while leaving
+        self._plain = True  # one output, no copies: the fast paths apply
 
     # ------------------------------------------------------------------ sockets
 
@@ -143,7 +144,13 @@ class _Stage(BaseServer):
         self._open_output()
         self._poller.register(pull, zmq.POLLIN)
         self._poller.register(db, zmq.POLLIN)
-        self._register(self._endpoints(), required=self._name_only(), next=self._next())
+        self._register(
+            self._endpoints(),
+            required=self._name_only(),
+            next=self._next(),
+            branches=self._branches(),
+            tee=self._tee_calls(),
+        )
 
     def _any_port(self) -> str:
         return f"tcp://{self.host}:0"
@@ -157,6 +164,14 @@ class _Stage(BaseServer):
 
     def _next(self) -> str | None:
         return None
+
+    def _branches(self) -> list[str]:
+        """Next calls besides the first (registry record)."""
+        return []
+
+    def _tee_calls(self) -> list[str]:
+        """Calls that get a copy of every result (registry record)."""
+        return []
 
     def _deregister(self) -> None:
         self._stop_following()  # before the registry it runs on may close
@@ -276,6 +291,10 @@ class _Stage(BaseServer):
         except ProtocolError as error:
             self._drop(f"{error} (no route back: dropped)", [body])
             return 1, 0
+        if not self._plain:  # branches or tees: the general path, job by job
+            for job in jobs:
+                self._handle([job])
+            return len(jobs), 0
         outputs: list[tuple[bytes, bytes]] = []  # (route, message) in order
         call = self._call
         for job in jobs:
@@ -337,29 +356,42 @@ class _Stage(BaseServer):
         except ProtocolError as error:
             self._drop(f"{error} (no route back: dropped)", frames)
             return
-        if not message.route:
-            self._drop("a message without a route cannot be answered", frames)
-            return
-        if message.kind == protocol.ERROR:
-            self._pass_on(message, frames)  # an earlier stage failed: on to the client
+        if message.kind in (protocol.ERROR, protocol.END):
+            if message.route:
+                self._pass_on(message, frames)  # an earlier stage failed, or a stream ended
+            elif message.kind == protocol.ERROR:
+                self._unrouted_error(protocol.decode_error(message.payload))
         elif message.kind != protocol.REQUEST:
+            if not message.route:
+                self._drop("a message without a route cannot be answered", frames)
+                return
             problem = ProtocolError(
-                f"stage {self.name!r} takes REQUEST and ERROR, not"
+                f"stage {self.name!r} takes REQUEST, ERROR and END, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
             self._fail(message, problem)
         else:
+            # A REQUEST; one without a route (a tee's copy) runs and goes on
+            # unanswered; one flagged MORE (a stream's item) stays flagged.
             self.served += 1
             if self.logger.isEnabledFor(logging.DEBUG):
                 self._looking_for(message.target)
             try:
                 result = self._call(message.target, message.payload)
             except PylmError as error:
-                self._fail(message, error)
+                if message.route:
+                    self._fail(message, error)
+                else:
+                    self._unrouted_error(error)
             else:
                 self._succeed(message, result)
         if self.stats is not None:
             self.stats.sent += 1
+
+    def _unrouted_error(self, error: PylmError) -> None:
+        """A job without a route (a tee's copy) failed: nobody to tell but the log."""
+        if self._malformed.allow():
+            self.logger.warning("%s: a job without a route failed: %s", self.name, error)
 
     def _looking_for(self, target: bytes) -> None:
         function = target.rpartition(b".")[2].decode("utf-8", "replace")
@@ -409,6 +441,88 @@ class _Stage(BaseServer):
                 raise
 
 
+class _Outlet:
+    """Where a stage sends on to one next stage: a PUSH socket connected to
+    the stage's instances, given or followed in the registry (the registry's
+    thread notes changes, the serving thread applies them)."""
+
+    def __init__(self, call: str, addresses: list[str]) -> None:
+        if not isinstance(call, str):
+            raise TypeError(
+                f"a next call must be a str like 'step2.bar', got {type(call).__name__}"
+            )
+        protocol.split_target(call.encode("utf-8"))  # ProtocolError if not server.function
+        self.call = call
+        self.target = call.encode("utf-8")
+        self.server = call.rpartition(".")[0]
+        self.addresses = addresses
+        self.socket: zmq.Socket | None = None
+        self._wanted: set[str] | None = None  # the instances the registry lists
+        self.connected: set[str] = set()  # ... connected to
+        self._lock = threading.Lock()
+        self._following: concurrent.futures.Future[None] | None = None
+
+    def open(self, context: zmq.Context, hwm: int, registry: Registry | None) -> zmq.Socket:
+        """Connect to the given addresses, or (with ``registry``) to the
+        instances registered now, and follow them."""
+        socket: zmq.Socket = context.socket(zmq.PUSH)
+        self.socket = socket
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, hwm)
+        for address in self.addresses:
+            socket.connect(address)
+        if registry is not None:
+            self._changed(registry.instances(self.server))  # connect at once ...
+            self.rewire(None)
+            self._following = registry.follow(self.server, self._changed)  # ... and follow
+        return socket
+
+    def _changed(self, records: list[InstanceRecord]) -> None:
+        wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
+        with self._lock:
+            self._wanted = wanted
+
+    def rewire(self, logger: logging.Logger | None) -> bool:
+        """Apply what the registry said; True if an instance joined."""
+        with self._lock:
+            wanted, self._wanted = self._wanted, None
+        if wanted is None or self.socket is None:
+            return False
+        joined = wanted - self.connected
+        for address in joined:
+            self.socket.connect(address)
+            if logger is not None:
+                logger.info("next stage %s: instance %s joined", self.server, address)
+        for address in self.connected - wanted:
+            try:
+                self.socket.disconnect(address)
+            except zmq.ZMQError:
+                pass  # never connected in libzmq's eyes: nothing to undo
+            if logger is not None:
+                logger.info("next stage %s: instance %s left", self.server, address)
+        self.connected = wanted
+        return bool(joined)
+
+    def stop_following(self) -> None:
+        following, self._following = self._following, None
+        if following is not None:
+            following.cancel()
+
+    def take_socket(self) -> zmq.Socket | None:
+        socket, self.socket = self.socket, None
+        return socket
+
+
+def _calls(value: str | Sequence[str] | None, what: str) -> list[str]:
+    if value is None:
+        return []
+    calls = [value] if isinstance(value, str) else list(value)
+    for call in calls:
+        if not isinstance(call, str):
+            raise TypeError(f"{what} must be str like 'step2.bar', got {type(call).__name__}")
+    return calls
+
+
 class Server(_Stage):
     """A stage of a pipeline: runs the function a job names, then sends the
     result on as the payload of ``next_call`` (``'step2.bar'``) to the stage
@@ -423,6 +537,18 @@ class Server(_Stage):
 
     ``next_address`` may be a list: jobs are then spread over those stage
     instances, round-robin.
+
+    Branches: ``next_call`` may be a list of calls; the stage's
+    ``handle_stream(message)`` then returns ``(call, payload)`` for each
+    result, choosing the branch it goes to (``call`` is one of the list, or
+    its server's name). With explicit addresses, ``next_address`` is then a
+    dict from each call to its address(es). Branches should meet again in
+    one last stage (a :class:`Sink`), which answers the client.
+
+    Tee: ``tee`` names more calls (``'audit.log'``; a dict call -> address
+    with explicit addresses) that get a copy of every result, **without** a
+    route: their stages run it and pass it on, and the last stage of a tee's
+    branch keeps the result. Only the ``next_call`` line answers the client.
     """
 
     _pylm_framework = True
@@ -433,8 +559,8 @@ class Server(_Stage):
         self,
         name: str,
         pull_address: str | None = None,
-        next_address: str | Sequence[str] | None = None,
-        next_call: str | None = None,
+        next_address: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
+        next_call: str | Sequence[str] | None = None,
         db_address: str | None = None,
         log_address: str | None = None,
         perf_address: str | None = None,
@@ -442,6 +568,7 @@ class Server(_Stage):
         log_level: int = logging.INFO,
         messages: int = sys.maxsize,
         *,
+        tee: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
         log_stdout: bool = True,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
@@ -469,54 +596,85 @@ class Server(_Stage):
             ttl=ttl,
             metrics=metrics,
         )
-        self.next_addresses = (
-            [] if next_address is None else _addresses(next_address, "next_address")
-        )
-        self.next_call: str | None = None
-        self._next_target = b""
-        if next_call is not None:
-            self._set_next_call(next_call)
-        self._push: zmq.Socket | None = None
-        self._wanted: set[str] | None = None  # next stage's instances, from the registry
-        self._connected: set[str] = set()
-        self._wanted_lock = threading.Lock()
-
-    def _set_next_call(self, next_call: object) -> None:
-        if not isinstance(next_call, str):
+        calls = _calls(next_call, "next_call")
+        if len(calls) > 1 and type(self).handle_stream is Server.handle_stream:
             raise TypeError(
-                f"next_call must be a str like 'step2.bar', got {type(next_call).__name__}"
+                f"stage {name!r} has {len(calls)} next calls: define"
+                " handle_stream(message) to choose the branch of each result"
             )
-        protocol.split_target(next_call.encode("utf-8"))  # ProtocolError if not server.function
-        self.next_call = next_call
-        self._next_target = next_call.encode("utf-8")
+        if isinstance(next_address, dict):
+            unknown = set(next_address) - set(calls)
+            if unknown or len(next_address) != len(calls):
+                raise ValueError(
+                    f"next_address must give the address(es) of each of {calls}, got"
+                    f" {sorted(next_address)}"
+                )
+            self.next_addresses: list[str] = []
+            self._outlets = [
+                _Outlet(call, _addresses(next_address[call], "next_address")) for call in calls
+            ]
+        else:
+            self.next_addresses = (
+                [] if next_address is None else _addresses(next_address, "next_address")
+            )
+            if len(calls) > 1 and self.next_addresses:
+                raise ValueError("with several next calls, next_address is a dict call -> address")
+            self._outlets = [_Outlet(call, list(self.next_addresses)) for call in calls]
+        if isinstance(tee, dict):
+            self._tees = [_Outlet(call, _addresses(tee[call], "tee")) for call in tee]
+        else:
+            self._tees = [_Outlet(call, []) for call in _calls(tee, "tee")]
+        self._by_call = {o.call: o for o in self._outlets} | {o.server: o for o in self._outlets}
+        self._plain = len(self._outlets) <= 1 and not self._tees  # the fast paths apply
+        self._push: zmq.Socket | None = None  # the first next stage's socket
+        self._set_first()
+
+    @property
+    def next_call(self) -> str | None:
+        """The (first) next stage's call."""
+        return self._outlets[0].call if self._outlets else None
+
+    @property
+    def next_instances(self) -> set[str]:
+        """The addresses of the next stage's instances this stage follows
+        in the registry and is connected to."""
+        return set(self._outlets[0].connected) if self._outlets else set()
+
+    def handle_stream(self, message: bytes) -> tuple[str, bytes]:
+        """With several next calls: the call (or server name) a result goes
+        to, and the payload it takes there."""
+        raise NotImplementedError
+
+    def _set_first(self) -> None:
+        self._next_target = self._outlets[0].target if self._outlets else b""
 
     def _name_only(self) -> bool:
-        return super()._name_only() or not self.next_addresses or self.next_call is None
+        return (
+            super()._name_only()
+            or not self._outlets
+            or any(not outlet.addresses for outlet in self._outlets + self._tees)
+        )
 
     def _next(self) -> str | None:
         return self.next_call
 
+    def _branches(self) -> list[str]:
+        return [outlet.call for outlet in self._outlets[1:]]
+
+    def _tee_calls(self) -> list[str]:
+        return [outlet.call for outlet in self._tees]
+
     def _open_output(self) -> None:
-        push = self.context.socket(zmq.PUSH)
-        self._push = push
-        push.setsockopt(zmq.LINGER, 0)
-        push.setsockopt(zmq.SNDHWM, self.hwm)
-        if self.next_call is None:
-            self._set_next_call(self._configured_next())
-        for address in self.next_addresses:
-            push.connect(address)
-        if not self.next_addresses:
-            # Follow the next stage's instances in the registry: connect to
-            # each that registers, disconnect from each that leaves.
-            assert self.next_call is not None
-            next_server = self.next_call.rpartition(".")[0]
-            self._poll_timeout = _REWIRE_MS
-            registry = self._registry_client()
-            self._instances_changed(registry.instances(next_server))  # connect at once ...
-            self._rewire()
-            self._following = registry.follow(
-                next_server, self._instances_changed
-            )  # ... and follow
+        if not self._outlets:
+            self._outlets = [_Outlet(self._configured_next(), [])]
+            self._by_call = {self._outlets[0].call: self._outlets[0]}
+            self._set_first()
+        for outlet in self._outlets + self._tees:
+            registry = None if outlet.addresses else self._registry_client()
+            if registry is not None:
+                self._poll_timeout = _REWIRE_MS
+            outlet.open(self.context, self.hwm, registry)
+        self._push = self._outlets[0].socket
 
     def _configured_next(self) -> str:
         try:
@@ -531,38 +689,25 @@ class Server(_Stage):
             )
         return str(next_call)
 
-    def _instances_changed(self, records: list[InstanceRecord]) -> None:
-        """From the registry's thread: remember, the serving loop applies."""
-        wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
-        with self._wanted_lock:
-            self._wanted = wanted
-
     def _rewire(self) -> bool:
-        with self._wanted_lock:
-            wanted, self._wanted = self._wanted, None
-        if wanted is None or self._push is None:
-            return False
-        joined = wanted - self._connected
-        for address in joined:
-            self._push.connect(address)
-            self.logger.info("%s: next stage instance %s joined", self.name, address)
-        for address in self._connected - wanted:
-            try:
-                self._push.disconnect(address)
-            except zmq.ZMQError:
-                pass  # never connected in libzmq's eyes: nothing to undo
-            self.logger.info("%s: next stage instance %s left", self.name, address)
-        self._connected = wanted
-        return bool(joined)
+        joined = False
+        for outlet in self._outlets + self._tees:
+            joined = outlet.rewire(self.logger) or joined
+        return joined
+
+    def _stop_following(self) -> None:
+        super()._stop_following()
+        for outlet in self._outlets + self._tees:
+            outlet.stop_following()
 
     def _outputs(self) -> list[zmq.Socket | None]:
-        push, self._push = self._push, None
-        return [push]
+        self._push = None
+        return [outlet.take_socket() for outlet in self._outlets + self._tees]
 
     def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
         push = self._push
         assert push is not None
-        if len(result) > _SPLIT:
+        if len(result) > _SPLIT or not self._plain:
             self._succeed(protocol.decode([body]), result)
             return
         out = self._output(body, start, end, result)
@@ -591,16 +736,44 @@ class Server(_Stage):
             self._send(push, [out])
 
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
-        assert self._push is not None
+        outlet = self._outlets[0]
+        payload = result
+        if len(self._outlets) > 1:
+            try:
+                call, payload = self.handle_stream(result)
+                chosen = self._by_call.get(call)
+                if chosen is None:
+                    raise ValueError(
+                        f"handle_stream chose {call!r}, not one of"
+                        f" {[o.call for o in self._outlets]}"
+                    )
+                if not isinstance(payload, bytes):
+                    raise TypeError(f"handle_stream gave {type(payload).__name__}, not bytes")
+            except Exception as exc:
+                error = self._remote_error(self.name.encode() + b".handle_stream", exc)
+                if message.route:
+                    self._fail(message, error)
+                else:
+                    self._unrouted_error(error)
+                return
+            outlet = chosen
+        assert outlet.socket is not None
         frames = protocol.encode(
             protocol.REQUEST,
             message.msg_id,
-            result,
-            self._next_target,
+            payload,
+            outlet.target,
             message.route,
             message.deadline,
+            message.flags & protocol.MORE,
         )
-        self._send(self._push, frames)
+        self._send(outlet.socket, frames)
+        for tee in self._tees:  # copies nobody answers: no route, no MORE
+            assert tee.socket is not None
+            copy = protocol.encode(
+                protocol.REQUEST, message.msg_id, result, tee.target, b"", message.deadline
+            )
+            self._send(tee.socket, copy)
 
     def _fail(self, message: protocol.Message, error: PylmError) -> None:
         assert self._push is not None
@@ -797,12 +970,29 @@ class LastServer(_Stage):
             self._to_client(route, [batch])
 
     def _succeed(self, message: protocol.Message, result: bytes) -> None:
-        self._to_client(message.route, protocol.encode(protocol.REPLY, message.msg_id, result))
+        if not message.route:
+            return  # a job nobody waits for (a tee's copy): its result stays here
+        flags = message.flags & protocol.MORE
+        reply = protocol.encode(protocol.REPLY, message.msg_id, result, flags=flags)
+        self._to_client(message.route, reply)
 
     def _fail(self, message: protocol.Message, error: PylmError) -> None:
         self._to_client(message.route, protocol.encode_error(message.msg_id, error))
 
     def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
+        """An ERROR or an END from an earlier stage: on to the client."""
         self._to_client(
-            message.route, protocol.encode(protocol.ERROR, message.msg_id, message.payload)
+            message.route, protocol.encode(message.kind, message.msg_id, message.payload)
         )
+
+
+class Sink(LastServer):
+    """A last stage that several stages feed (fan-in): the branches of a
+    stage with ``handle_stream``, several pipelines, the copies of a
+    ``tee``. It answers the client of every job that has a route (as a
+    :class:`LastServer` does) and keeps the results of those without one
+    (a tee's copies). Any number of stages may name it as their next call;
+    its PULL socket takes from all of them fairly."""
+
+    _pylm_framework = True
+    kind = "sink"

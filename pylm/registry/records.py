@@ -43,6 +43,8 @@ class InstanceRecord:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     next: str | None = None
+    branches: list[str] = field(default_factory=list)  # more next calls (handle_stream)
+    tee: list[str] = field(default_factory=list)  # calls that get a copy of every result
     functions: list[str] = field(default_factory=list)
     metrics: str | None = None
     version: str = ""
