@@ -209,6 +209,7 @@ class _Stage(BaseServer):
                         self._drain(pull, debug)
                     else:
                         self._serve_other(socket)
+                self._tick()
                 self._rewire()
         except _Stopping:
             if self.registration is not None:
@@ -227,6 +228,9 @@ class _Stage(BaseServer):
                 self._drain(pull, debug)
                 quiet_since = time.monotonic()
             self._rewire()
+
+    def _tick(self) -> None:
+        """Called after every round of the loop (subclasses' timers)."""
 
     def _rewire(self) -> bool:
         """Apply changes the registry reported (in the serving thread, which

@@ -264,7 +264,7 @@ class Dispatcher:
         try:
             parts = [bytes(part) for part in self.scatter(message.payload)]
         except Exception as exc:  # the user's hook failed: the client hears of it
-            self._fail(parent, self._remote_error(message.target + b"/scatter", exc))
+            self._fail_parent(parent, self._remote_error(message.target + b"/scatter", exc))
             self._close_if_done(parent)
             return
         for part in parts:
@@ -336,7 +336,7 @@ class Dispatcher:
                 # Fast path: a one-frame, final REPLY.
                 number = _unpack_id(body, 9)[0]
                 job = self._jobs.pop(number, None)
-                self._release(sender, number)
+                self._free_slot(sender, number)
                 if job is None:
                     self.duplicates += 1
                 elif job.parent is None and job.next_seq == 0:
@@ -371,7 +371,7 @@ class Dispatcher:
             self._drop(f"a worker sent {protocol.KIND_NAMES[kind]}", frames)
             return
         job = self._jobs.pop(number, None)
-        self._release(sender, number)
+        self._free_slot(sender, number)
         if job is None:
             self.duplicates += 1
         elif kind == protocol.REPLY:
@@ -391,7 +391,7 @@ class Dispatcher:
             self.served += 1
             self._deliver(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
         else:
-            self._fail(job.parent, message.payload)
+            self._fail_parent(job.parent, message.payload)
             self._part_closed(job.parent)
 
     def _result(self, job: _Job, result: bytes, *, final: bool) -> None:
@@ -412,7 +412,9 @@ class Dispatcher:
                 try:
                     outputs = [bytes(output) for output in self.gather(result)]
                 except Exception as exc:
-                    self._fail(parent, self._remote_error(f"{self.name}.gather".encode(), exc))
+                    self._fail_parent(
+                        parent, self._remote_error(f"{self.name}.gather".encode(), exc)
+                    )
                     outputs = []
             else:
                 outputs = [result]
@@ -439,7 +441,7 @@ class Dispatcher:
             count = SEQ.pack(parent.outputs)
             self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
 
-    def _fail(self, parent: _Parent, error: PylmError | bytes) -> None:
+    def _fail_parent(self, parent: _Parent, error: PylmError | bytes) -> None:
         """The first failure of a parent's part goes on; the parent's other
         parts are dropped as they come."""
         if parent.failed:
@@ -450,7 +452,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ workers
 
-    def _release(self, sender: bytes, number: int) -> None:
+    def _free_slot(self, sender: bytes, number: int) -> None:
         """The worker ``sender`` answered job ``number``: its slot is free."""
         worker = self._workers.get(sender)
         if worker is not None and number in worker.jobs:

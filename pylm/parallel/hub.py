@@ -1,0 +1,302 @@
+"""The hub: a stage of a pipeline that hands its jobs to workers.
+
+A hub takes jobs on a PULL socket like any chained stage (the stages before
+it name it as their next call, ``'hub.function'``), hands each job to an
+idle :class:`~pylm.parallel.Worker` started with the hub's name as its
+master, and sends every result on to its next stage, with the job's route,
+id and deadline, so the pipeline's last stage answers the client as usual.
+It books jobs, beats, re-dispatches and drops duplicates exactly as a
+:class:`~pylm.parallel.Master` does (:mod:`pylm.parallel.dispatch`).
+
+A job with one result goes on as one REQUEST. A job with several (a
+``scatter``, a streaming worker function) goes on as REQUESTs flagged MORE,
+one per result, and an END carrying their count; the stages after pass both
+on, and the client counts a job's results against its END. A hub after
+another one treats each incoming item as a job of its own and sends its own
+END once the earlier END and all its items are through.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import zmq
+
+from pylm import protocol
+from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.chained.servers import DEFAULT_HWM, Server
+from pylm.errors import ProtocolError
+from pylm.parallel.dispatch import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MISSES,
+    Dispatcher,
+    _Job,
+)
+from pylm.transport import bind, check_address
+
+if TYPE_CHECKING:
+    from pylm.registry import Registry
+
+__all__ = ["Hub"]
+
+_HEAD_SIZE = protocol.HEAD_SIZE
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_BATCH_PREFIX = protocol.BATCH_PREFIX
+_SIZES = struct.Struct(">HH")
+_ID_DEADLINE = struct.Struct(">Qd")
+_FRAME_SLACK = 64 * 1024
+_BATCH = 256
+_LEAVE_MAX = 10.0  # s a leaving hub waits at most for its workers' answers
+
+
+class Hub(Dispatcher, Server):
+    """A pipeline stage whose jobs run on workers::
+
+        Hub('hub', next_call='last.collect').start()         # names only, registry
+        Worker('w1', 'hub').start()                          # as many as you like
+        Step1('step1', next_call='hub.work').start()          # feeds the hub
+
+    The arguments are a chained :class:`~pylm.chained.Server`'s (including
+    ``tee`` and branches with ``handle_stream``), plus ``workers_address``
+    (where workers connect; default a free port) and the master's
+    ``heartbeat``, ``misses`` and ``max_queued``. ``scatter`` and
+    ``gather`` work as in a :class:`~pylm.parallel.Master`.
+    """
+
+    _pylm_framework = True
+    kind = "hub"
+
+    def __init__(
+        self,
+        name: str,
+        pull_address: str | None = None,
+        next_address: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
+        next_call: str | Sequence[str] | None = None,
+        db_address: str | None = None,
+        log_address: str | None = None,
+        log_level: int = logging.INFO,
+        messages: int = sys.maxsize,
+        *,
+        workers_address: str | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        misses: int = DEFAULT_MISSES,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        tee: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
+        log_stdout: bool = True,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        hwm: int = DEFAULT_HWM,
+        context: zmq.Context | None = None,
+        registry: Registry | str | None = None,
+        host: str | None = None,
+        ttl: float | None = None,
+        metrics: bool | None = None,
+    ) -> None:
+        Server.__init__(
+            self,
+            name,
+            pull_address,
+            next_address,
+            next_call,
+            db_address,
+            log_address,
+            None,
+            None,
+            log_level,
+            messages,
+            tee=tee,
+            log_stdout=log_stdout,
+            max_payload=max_payload,
+            hwm=hwm,
+            context=context,
+            registry=registry,
+            host=host,
+            ttl=ttl,
+            metrics=metrics,
+        )
+        self._init_dispatch(heartbeat, misses, max_queued)
+        self.workers_address = workers_address and check_address(workers_address, "workers_address")
+        self.back: str | None = None  # where workers connect, once bound
+        self._reading = True  # whether the input is polled (not while the queue is full)
+        self._next_check = 0.0
+
+    # ------------------------------------------------------------------ sockets
+
+    def _open_output(self) -> None:
+        back = self.context.socket(zmq.ROUTER)
+        self._back = back
+        back.setsockopt(zmq.LINGER, 0)
+        back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        back.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        self.back = bind(back, self.workers_address or self._any_port())
+        self._poller.register(back, zmq.POLLIN)
+        super()._open_output()
+        # Wake up a few times a heartbeat, to notice dead workers.
+        quarter = max(1, int(self.heartbeat * 250))
+        self._poll_timeout = min(quarter, self._poll_timeout or quarter)
+
+    def _endpoints(self) -> dict[str, str]:
+        assert self.back is not None
+        return {**super()._endpoints(), "workers": self.back}
+
+    def _name_only(self) -> bool:
+        return super()._name_only() or self.workers_address is None
+
+    def _outputs(self) -> list[zmq.Socket | None]:
+        back, self._back = self._back, None
+        return [*super()._outputs(), back]
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve_other(self, socket: zmq.Socket) -> None:
+        if socket is self._back:
+            self._drain_workers()
+        else:
+            super()._serve_other(socket)
+
+    def _tick(self) -> None:
+        self._dispatch()
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._check_workers()
+            self._next_check = now + self.heartbeat / 4
+        pull = self._pull
+        if pull is not None and self._reading == self.full:  # backpressure
+            if self._reading:
+                self._poller.unregister(pull)
+            else:
+                self._poller.register(pull, zmq.POLLIN)
+            self._reading = not self._reading
+
+    def _drain(self, pull: zmq.Socket, debug: bool) -> None:
+        """Book the jobs waiting on the input, up to a batch or a full queue."""
+        received = 0
+        for _ in range(_BATCH):
+            if self.full:
+                break
+            try:
+                body = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            received += 1
+            if body[:5] == _FAST and len(body) >= _HEAD_SIZE and not self._splits:
+                target_size, route_size = _SIZES.unpack_from(body, 5)
+                start = _HEAD_SIZE + target_size
+                if start + route_size <= len(body):
+                    msg_id, deadline = _ID_DEADLINE.unpack_from(body, 9)
+                    route = body[start : start + route_size]
+                    self._take_fast(route, msg_id, deadline, [body[:9], body[17:]])
+                    continue
+            frames = [body]
+            if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
+                frames.append(pull.recv())
+            if body[:5] == _BATCH_PREFIX:
+                self._take_batch(body)
+            else:
+                self._take_message(frames)
+        if self.stats is not None:
+            self.stats.received += received
+        self._dispatch()
+
+    def _take_batch(self, body: bytes) -> None:
+        try:
+            jobs = protocol.unpack_batch(body)
+        except ProtocolError as error:
+            self._drop(f"{error} (no route back: dropped)", [body])
+            return
+        for job in jobs:
+            self._take_message([job])
+
+    def _take_message(self, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            self._drop(f"{error} (no route back: dropped)", frames)
+            return
+        if message.kind == protocol.REQUEST:
+            if len(message.payload) > self.max_payload:
+                too_large = self._too_large(message.target, message.payload)
+                self._deliver_error(message.route, message.msg_id, protocol.error_detail(too_large))
+            else:
+                self._take(message.route, message)
+        elif message.kind == protocol.END:
+            self._take_end(message.route, message)
+        elif message.kind == protocol.ERROR:
+            parent = self._streams.get((message.route, message.msg_id))
+            if parent is not None:
+                parent.failed = True  # its later items are dropped
+            self._deliver_error(message.route, message.msg_id, message.payload)
+        else:
+            self._drop(f"a hub takes REQUEST, ERROR and END, not {message.kind}", frames)
+
+    def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
+        """Leave cleanly: deregister, take what still comes, and wait for
+        the workers' answers to the jobs on the books."""
+        super()._drain_before_leaving(pull, debug)
+        give_up = time.monotonic() + _LEAVE_MAX
+        back = self._back
+        while self._jobs and self._workers and time.monotonic() < give_up and back is not None:
+            if back.poll(50, zmq.POLLIN):
+                self._drain_workers()
+            self._tick()
+        if self._jobs:
+            self.logger.warning("%s: leaving with %d job(s) unanswered", self.name, len(self._jobs))
+
+    # ------------------------------------------------------------------ answers
+
+    def _deliver_fast(self, job: _Job, body: bytes) -> None:
+        result = body[_HEAD_SIZE:]
+        if not self._plain or not job.origin:
+            message = protocol.Message(
+                protocol.REQUEST, job.msg_id, result, b"", job.origin, job.deadline
+            )
+            self._succeed(message, result)
+            return
+        push = self._push
+        assert push is not None
+        target = self._next_target
+        out = b"".join(
+            (
+                _FAST,
+                _SIZES.pack(len(target), len(job.origin)),
+                _ID_DEADLINE.pack(job.msg_id, job.deadline),
+                target,
+                job.origin,
+                result,
+            )
+        )
+        try:
+            push.send(out, zmq.NOBLOCK)
+        except zmq.Again:
+            self._send(push, [out])
+        if self.stats is not None:
+            self.stats.sent += 1
+
+    def _deliver(
+        self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
+    ) -> None:
+        if kind == protocol.REPLY:
+            message = protocol.Message(
+                protocol.REQUEST, msg_id, payload, b"", origin, deadline, flags
+            )
+            self._succeed(message, payload)
+        elif kind == protocol.ERROR:
+            self._deliver_error(origin, msg_id, payload)
+        elif origin:  # END: towards the client, after the items
+            assert self._push is not None
+            end = protocol.encode(protocol.END, msg_id, payload, route=origin, deadline=deadline)
+            self._send(self._push, end)
+        if self.stats is not None:
+            self.stats.sent += 1
+
+    def _deliver_error(self, origin: bytes, msg_id: int, payload: bytes) -> None:
+        if not origin:
+            self._unrouted_error(protocol.decode_error(payload))
+            return
+        assert self._push is not None
+        self._send(self._push, protocol.encode(protocol.ERROR, msg_id, payload, route=origin))
