@@ -24,7 +24,7 @@ import uuid
 import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import (
@@ -136,11 +136,27 @@ class ServerStats:
         self.ready = False
         self.registration: Registration | None = None
         self.registry: Registry | None = None
+        self.dispatcher: DispatcherState | None = None  # a master's or hub's worker books
 
     @property
     def in_flight(self) -> int:
         """Messages read and not yet answered or passed on."""
         return max(0, self.received - self.malformed - self.sent)
+
+
+class DispatcherState(Protocol):
+    """What a master or hub tells of its workers and jobs (read at scrape time)."""
+
+    @property
+    def workers(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running_jobs(self) -> int: ...
+
+    redispatched: int
+    duplicates: int
+    undeliverable: int
 
 
 class ClientStats:
@@ -303,6 +319,25 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         "Times the server's registry watches had to start again (etcd unreachable)",
         labels=["server"],
     )
+    workers = GaugeMetricFamily(
+        "pylm_workers", "Workers connected to the master or hub", labels=["server"]
+    )
+    queued = GaugeMetricFamily(
+        "pylm_jobs_queued", "Jobs waiting for a free worker", labels=["server"]
+    )
+    running = GaugeMetricFamily(
+        "pylm_jobs_running", "Jobs given to a worker and not answered yet", labels=["server"]
+    )
+    redispatched = CounterMetricFamily(
+        "pylm_jobs_redispatched",
+        "Jobs given to another worker because theirs was lost (no heartbeat, or left)",
+        labels=["server"],
+    )
+    dropped = CounterMetricFamily(
+        "pylm_results_dropped",
+        "Worker answers not passed on: a duplicate of an answered job, or no receiver",
+        labels=["server", "reason"],
+    )
     by_name: dict[str, list[ServerStats]] = {}
     for stats in servers:
         by_name.setdefault(stats.name, []).append(stats)
@@ -336,8 +371,17 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         if registries:
             reachable.add_metric([name], min(int(r.reachable) for r in registries))
             watch_restarts.add_metric([name], sum(r.watch_restarts for r in registries))
+        books = [stats.dispatcher for stats in group if stats.dispatcher is not None]
+        if books:
+            workers.add_metric([name], sum(b.workers for b in books))
+            queued.add_metric([name], sum(b.queued for b in books))
+            running.add_metric([name], sum(b.running_jobs for b in books))
+            redispatched.add_metric([name], sum(b.redispatched for b in books))
+            dropped.add_metric([name, "duplicate"], sum(b.duplicates for b in books))
+            dropped.add_metric([name, "undeliverable"], sum(b.undeliverable for b in books))
     yield from (info, started, ready, received, malformed, sent, in_flight, calls, duration)
     yield from (bytes_in, bytes_out, registered, keepalive_failures, reachable, watch_restarts)
+    yield from (workers, queued, running, redispatched, dropped)
 
 
 def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:

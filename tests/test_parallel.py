@@ -287,3 +287,21 @@ def test_a_job_nobody_runs_times_out(master: Master) -> None:
     with client_of(master, timeout=0.3) as client:
         with pytest.raises(RequestTimeout, match="no result for job 0"):
             client.eval("who", b"x")
+
+
+def test_master_exports_its_workers_and_jobs(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    serve(tagger(master, "w1"))
+    serve(tagger(master, "w2"))
+    with client_of(master, timeout=10) as client:
+        wait_for(lambda: client.ping()["workers"] == 2, 10, "two workers")
+        assert len(list(client.job("who", [b"x"] * 50))) == 50
+    text = generate_latest(REGISTRY).decode()
+    assert 'pylm_workers{server="m"} 2.0' in text
+    assert 'pylm_jobs_queued{server="m"} 0.0' in text
+    assert 'pylm_jobs_redispatched_total{server="m"} 0.0' in text
+    assert 'pylm_results_dropped_total{reason="duplicate",server="m"} 0.0' in text
+    assert 'pylm_calls_total{function="who",outcome="ok",server="w1"}' in text

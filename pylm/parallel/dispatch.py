@@ -177,6 +177,9 @@ class Dispatcher:
         self.redispatched = 0  # jobs given to another worker after theirs was lost
         self.duplicates = 0  # answers dropped because their job was answered already
         self.undeliverable = 0  # answers whose receiver had gone
+        stats = getattr(self, "stats", None)
+        if stats is not None:
+            stats.dispatcher = self  # exported with the server's metrics
 
     # ------------------------------------------------------------------ hooks
 
