@@ -139,6 +139,8 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
                 name: {
                     "kind": group[0].kind,
                     "next": group[0].next,
+                    "branches": group[0].branches,
+                    "tee": group[0].tee,
                     "instances": [
                         {**asdict(record), "lease_left": leases.get(record.instance)}
                         for record in group
@@ -155,6 +157,10 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
     now = time.time()
     for name, group in stages.items():
         arrow = f" -> {group[0].next}" if group[0].next else ""
+        if group[0].branches:
+            arrow += f" | {' | '.join(group[0].branches)}"
+        if group[0].tee:
+            arrow += f"  (tee {', '.join(group[0].tee)})"
         print(f"{name} [{group[0].kind}]{arrow}  {len(group)} instance(s)")
         for record in group:
             lease = leases.get(record.instance)
