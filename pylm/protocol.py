@@ -40,8 +40,9 @@ Kinds and payloads::
     ERROR    {"code": ..., "message": ..., ...} (codes below)
     PING     empty
     PONG     {"name", "kind", "functions", "pid", "version"}
-    END      empty: the job with this message id has no more results (it
-             closes a stream of REPLY items flagged MORE)
+    END      the job with this message id has no more results: it closes the
+             items flagged MORE, and its payload is their number (8 bytes,
+             big-endian; empty means 0)
 
 Error codes and the exception the caller raises::
 

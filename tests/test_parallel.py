@@ -23,6 +23,7 @@ from pylm.registry import LocalEtcd, Registry
 
 HERE = Path(__file__).resolve().parent
 BEAT = 0.2  # s between heartbeats: a dead worker is noticed within 0.6 s
+ANY = "tcp://127.0.0.1:0"
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -51,6 +52,10 @@ class Tagger(Worker):
 
     def text(self, message: bytes) -> str:
         return message.decode()  # not bytes: the client gets an error
+
+    def kib(self, message: bytes) -> Iterator[bytes]:
+        for _ in range(int(message)):
+            yield bytes(1024)
 
     def square(self, message: bytes) -> bytes:
         return str(int(message) ** 2).encode()
@@ -305,3 +310,110 @@ def test_master_exports_its_workers_and_jobs(
     assert 'pylm_jobs_redispatched_total{server="m"} 0.0' in text
     assert 'pylm_results_dropped_total{reason="duplicate",server="m"} 0.0' in text
     assert 'pylm_calls_total{function="who",outcome="ok",server="w1"}' in text
+
+
+class StreamSums(Master):
+    """Scatter ``b"2,3"`` into parts whose worker function streams
+    (``count``: 0..n-1); gather every item into one sum per job."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sums: dict[int, int] = {}
+
+    def scatter(self, message: bytes) -> Iterable[bytes]:
+        return message.split(b",")
+
+    def gather(self, message: bytes) -> Iterable[bytes]:
+        job = self.gathering.job
+        self.sums[job] = self.sums.get(job, 0) + int(message)
+        if self.gathering.last:
+            yield b"%d" % self.sums.pop(job)
+
+
+class Shout(Master):
+    """Only gather: each result upper-cased, and an int now and then."""
+
+    def gather(self, message: bytes) -> Iterable[bytes]:
+        yield message.upper()
+
+
+class BadScatter(Master):
+    def scatter(self, message: bytes) -> Iterable[bytes]:
+        return [1, 2]  # type: ignore[list-item]
+
+
+def test_gather_knows_the_last_item_of_streaming_parts(serve: Callable[..., object]) -> None:
+    master = serve(StreamSums("m", ANY, ANY, heartbeat=BEAT, log_stdout=False))
+    serve(tagger(master, "w1"))
+    serve(tagger(master, "w2"))
+    with client_of(master, timeout=20) as client:
+        jobs = [b"%d,%d,%d" % (n, n + 1, n % 3) for n in range(1, 30)]
+        results = sorted(client.job("count", jobs))
+    sums = [sum(range(n)) + sum(range(n + 1)) + sum(range(n % 3)) for n in range(1, 30)]
+    assert results == sorted(b"%d" % total for total in sums)
+    assert master.sums == {}
+
+
+def test_gather_alone_and_hooks_that_give_no_bytes(serve: Callable[..., object]) -> None:
+    shout = serve(Shout("m", ANY, ANY, heartbeat=BEAT, log_stdout=False))
+    serve(tagger(shout, "w1"))
+    with client_of(shout, timeout=10) as client:
+        assert client.eval("who", b"x") == b"W1:X"
+    bad = serve(BadScatter("b", ANY, ANY, heartbeat=BEAT, log_stdout=False))
+    with client_of(bad, timeout=10) as client:
+        with pytest.raises(RemoteError, match="scatter gave int, expected bytes"):
+            client.eval("who", b"x")
+
+
+def test_stop_with_a_full_queue_and_no_worker(serve: Callable[..., object]) -> None:
+    master = Master("m", ANY, ANY, max_queued=5, log_stdout=False)
+    master.start(background=True)
+    try:
+        with client_of(master, timeout=2) as client:
+            outcomes = client.results("who", [b"x"] * 50)
+            thread = threading.Thread(target=lambda: list(outcomes))
+            thread.start()
+            wait_for(lambda: master.queued == 5, 10, "a full queue")
+            master.stop(timeout=5)  # stop's wake-up comes through the workers' socket
+            assert not master.running
+            thread.join(10)
+    finally:
+        master.stop()
+
+
+def test_ping_while_running_jobs_is_refused(master: Master, serve: Callable[..., object]) -> None:
+    serve(tagger(master, "w1"))
+    with client_of(master, timeout=10) as client:
+        stream = client.stream("count", b"3")
+        assert next(stream) == b"0"
+        with pytest.raises(RuntimeError, match="running jobs"):
+            client.ping()
+        assert list(stream) == [b"1", b"2"]
+
+
+def test_a_client_that_stops_reading_holds_nobody_else_up(
+    master: Master, serve: Callable[..., object]
+) -> None:
+    serve(tagger(master, "w1"))
+    serve(tagger(master, "w2"))
+    lazy = zmq.Context.instance().socket(zmq.DEALER)
+    lazy.setsockopt(zmq.LINGER, 0)
+    lazy.setsockopt(zmq.RCVHWM, 10)
+    lazy.setsockopt(zmq.RCVBUF, 4096)
+    lazy.connect(master.front)
+    try:
+        # A stream of 20,000 items of 1 KiB that nobody reads.
+        lazy.send_multipart(protocol.encode(protocol.REQUEST, 1, b"20000", b"m.kib"))
+        with client_of(master, timeout=10) as client:
+            wait_for(lambda: bool(master._backlog), 10, "answers waiting for the lazy client")
+            for n in range(20):
+                assert client.eval("who", b"%d" % n).endswith(b":%d" % n)
+        received = 0
+        while lazy.poll(2000):  # the lazy client reads at last: it gets everything
+            message = protocol.decode(lazy.recv_multipart())
+            received += 1
+            if message.kind == protocol.END:
+                break
+        assert received == 20001
+    finally:
+        lazy.close()

@@ -67,6 +67,9 @@ class Client(Caller, Closing):
         self.max_in_flight = max_in_flight
         self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # No receive limit: the jobs in flight bound what comes, and a full
+        # queue would make the master hold answers back.
+        self._socket.setsockopt(zmq.RCVHWM, 0)
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         self._running = False
@@ -117,6 +120,10 @@ class Client(Caller, Closing):
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the master how it is: name, workers connected, jobs queued."""
+        if self._running:
+            raise RuntimeError(
+                "this Client is running jobs: ping from another Client (or after the jobs)"
+            )
         seconds = self._timeout_of(timeout)
         socket = self._open_socket()
         msg_id, frames = self._calls.ping(seconds)

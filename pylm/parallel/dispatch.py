@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import time
 from collections import deque
@@ -60,6 +61,14 @@ _unpack_id = protocol.unpack_id
 _BATCH = 256  # messages read in a row before looking at the other socket
 
 
+def _as_bytes(value: object, hook: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{hook} gave {type(value).__name__}, expected bytes")
+
+
 class Gathering:
     """What :meth:`Dispatcher.gather` may want to know of the result it is
     given, as ``self.gathering``: the ``job`` it belongs to (a number unique
@@ -76,8 +85,8 @@ class _Parent:
     """An input whose parts are jobs: scattered, or a stream's items."""
 
     __slots__ = (
-        "deadline", "expected", "failed", "inputs", "msg_id", "number", "open", "origin",
-        "outputs",
+        "deadline", "expected", "failed", "held", "inputs", "msg_id", "number", "open",
+        "origin", "outputs",
     )  # fmt: skip
 
     def __init__(self, origin: bytes, msg_id: int, deadline: float, number: int) -> None:
@@ -90,6 +99,7 @@ class _Parent:
         self.expected: int | None = None  # inputs in all; known at once, or from an END
         self.outputs = 0  # items sent on
         self.failed = False
+        self.held: bytes | None = None  # the latest result, kept back for gather()
 
     @property
     def done(self) -> bool:
@@ -170,10 +180,13 @@ class Dispatcher:
         self._queue: deque[int] = deque()  # numbers of the jobs waiting for a worker
         self._jobs: dict[int, _Job] = {}
         self._streams: dict[tuple[bytes, int], _Parent] = {}  # input streams under way
-        self._numbers = 0
         self._generations = 0
         self._splits = type(self).scatter is not Dispatcher.scatter
         self._gathers = type(self).gather is not Dispatcher.gather
+        self._direct = not (self._splits or self._gathers)  # single jobs, no hooks
+        # Job numbers start anywhere: a restarted master on the same address
+        # does not take an answer to its predecessor's job for one of its own.
+        self._numbers = int.from_bytes(os.urandom(7), "big")
         self.redispatched = 0  # jobs given to another worker after theirs was lost
         self.duplicates = 0  # answers dropped because their job was answered already
         self.undeliverable = 0  # answers whose receiver had gone
@@ -211,6 +224,8 @@ class Dispatcher:
 
         def _remote_error(self, target: bytes, exc: Exception) -> RemoteError: ...
 
+        def _is_control(self, body: bytes) -> bool: ...
+
     # ------------------------------------------------------------------ state
 
     @property
@@ -247,7 +262,7 @@ class Dispatcher:
     def _take(self, origin: bytes, message: protocol.Message) -> None:
         """Book a REQUEST: a single job, or the parts of a parent."""
         stream_item = bool(message.flags & protocol.MORE)
-        if not self._splits and not stream_item:
+        if self._direct and not stream_item:
             body = protocol.encode(
                 protocol.REQUEST, 0, message.payload, message.target, b"", message.deadline
             )
@@ -265,7 +280,7 @@ class Dispatcher:
             self._close_if_done(parent)
             return
         try:
-            parts = [bytes(part) for part in self.scatter(message.payload)]
+            parts = [_as_bytes(part, "scatter") for part in self.scatter(message.payload)]
         except Exception as exc:  # the user's hook failed: the client hears of it
             self._fail_parent(parent, self._remote_error(message.target + b"/scatter", exc))
             self._close_if_done(parent)
@@ -324,17 +339,21 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ answers
 
-    def _drain_workers(self) -> None:
+    def _drain_workers(self) -> bool:
+        """Read the workers' answers, up to a batch; True if stop() asked
+        (a master's stop() wakes it through this socket)."""
         back = self._back
         assert back is not None
         for _ in range(_BATCH):
             try:
                 frames = back.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             if len(frames) < 2:
                 continue
             sender, body = frames[0], frames[1]
+            if not body and self._is_control(frames[-1]):  # stop()'s [b"", token]
+                return True
             if body[:9] == _REPLY_PREFIX and len(frames) == 2 and len(body) >= _HEAD_SIZE:
                 # Fast path: a one-frame, final REPLY.
                 number = _unpack_id(body, 9)[0]
@@ -349,6 +368,7 @@ class Dispatcher:
                     self._result(job, body[_HEAD_SIZE:], final=True)
                 continue
             self._worker_message(sender, frames[1:])
+        return False
 
     def _worker_message(self, sender: bytes, frames: list[bytes]) -> None:
         try:
@@ -399,36 +419,40 @@ class Dispatcher:
 
     def _result(self, job: _Job, result: bytes, *, final: bool) -> None:
         """A result (``final``) or a streamed item of a job that answers in
-        items: through gather() for the job's parent, then on, flagged MORE."""
+        items: on, flagged MORE, through gather() for a parent's part."""
         parent = job.parent
         if parent is None:  # a single job whose function streams
             self._deliver(
                 job.origin, job.msg_id, job.deadline, protocol.REPLY, result, protocol.MORE
             )
             return
-        if not parent.failed:
-            if self._gathers:
-                self.gathering.job = parent.number
-                self.gathering.last = (
-                    final and parent.open == 1 and parent.expected == parent.inputs
-                )
-                try:
-                    outputs = [bytes(output) for output in self.gather(result)]
-                except Exception as exc:
-                    self._fail_parent(
-                        parent, self._remote_error(f"{self.name}.gather".encode(), exc)
-                    )
-                    outputs = []
-            else:
-                outputs = [result]
-            for output in outputs:
-                parent.outputs += 1
-                self._deliver(
-                    parent.origin, parent.msg_id, parent.deadline, protocol.REPLY, output,
-                    protocol.MORE,
-                )  # fmt: skip
+        if self._gathers:
+            # The parent's latest result waits for the next one (or for the
+            # parent's end), so that gather() is told which one is the last.
+            held, parent.held = parent.held, result
+            if held is not None and not parent.failed:
+                self._gather(parent, held, last=False)
+        elif not parent.failed:
+            self._send_item(parent, result)
         if final:
             self._part_closed(parent)
+
+    def _gather(self, parent: _Parent, result: bytes, *, last: bool) -> None:
+        self.gathering.job = parent.number
+        self.gathering.last = last
+        try:
+            outputs = [_as_bytes(output, "gather") for output in self.gather(result)]
+        except Exception as exc:
+            self._fail_parent(parent, self._remote_error(f"{self.name}.gather".encode(), exc))
+            return
+        for output in outputs:
+            self._send_item(parent, output)
+
+    def _send_item(self, parent: _Parent, output: bytes) -> None:
+        parent.outputs += 1
+        self._deliver(
+            parent.origin, parent.msg_id, parent.deadline, protocol.REPLY, output, protocol.MORE
+        )
 
     def _part_closed(self, parent: _Parent | None) -> None:
         if parent is not None:
@@ -440,6 +464,9 @@ class Dispatcher:
             return
         self._streams.pop((parent.origin, parent.msg_id), None)
         self.served += 1
+        held, parent.held = parent.held, None
+        if held is not None and not parent.failed:
+            self._gather(parent, held, last=True)
         if not parent.failed:
             count = SEQ.pack(parent.outputs)
             self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)

@@ -184,7 +184,7 @@ class Hub(Dispatcher, Server):
             except zmq.Again:
                 break
             received += 1
-            if body[:5] == _FAST and len(body) >= _HEAD_SIZE and not self._splits:
+            if body[:5] == _FAST and len(body) >= _HEAD_SIZE and self._direct:
                 target_size, route_size = _SIZES.unpack_from(body, 5)
                 start = _HEAD_SIZE + target_size
                 if start + route_size <= len(body):

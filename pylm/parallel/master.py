@@ -36,6 +36,7 @@ import logging
 import struct
 import sys
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import zmq
@@ -62,6 +63,7 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 _FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
 _unpack_id_deadline = struct.Struct(">Qd").unpack_from
 _BATCH = 256
+MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
 
 
 class Master(Dispatcher, BaseServer):
@@ -123,6 +125,8 @@ class Master(Dispatcher, BaseServer):
         self.front: str | None = None  # where clients connect, once bound
         self.back: str | None = None  # where workers connect, once bound
         self._front: zmq.Socket | None = None
+        self._backlog: dict[bytes, deque[list[bytes]]] = {}  # answers clients had no room for
+        self._backlogged = 0
 
     # ------------------------------------------------------------------ sockets
 
@@ -134,7 +138,7 @@ class Master(Dispatcher, BaseServer):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
-        front.bind(self._control_address)  # stop() wakes the loop through it
+        back.bind(self._control_address)  # stop() wakes the loop through it (always read)
         self.front = bind(front, self.front_address or f"tcp://{self.host}:0")
         self.back = bind(back, self.workers_address or f"tcp://{self.host}:0")
         self._register(
@@ -160,43 +164,38 @@ class Master(Dispatcher, BaseServer):
         timeout = max(1, int(self.heartbeat * 250))  # ms: a quarter of a heartbeat
         next_check = time.monotonic() + self.heartbeat / 4
         while self.served < self.messages:
-            events = dict((full if self.full else reading).poll(timeout))
-            if back in events:
-                self._drain_workers()
-            if front in events and self._drain_clients(front):
+            wait = 10 if self._backlog else timeout  # a backlog: try again soon
+            events = dict((full if self.full else reading).poll(wait))
+            if back in events and self._drain_workers():
                 return
+            if front in events:
+                self._drain_clients(front)
             self._dispatch()
+            if self._backlog:
+                self._flush()
             if time.monotonic() >= next_check:
                 self._check_workers()
                 next_check = time.monotonic() + self.heartbeat / 4
 
-    def _drain_clients(self, front: zmq.Socket) -> bool:
-        """Read what clients sent, up to a batch; True when stop() asked."""
+    def _drain_clients(self, front: zmq.Socket) -> None:
+        """Read what clients sent, up to a batch or a full queue."""
         for _ in range(_BATCH):
             if self.full:
-                return False
+                return
             try:
                 frames = front.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return False
+                return
             if self.stats is not None:
                 self.stats.received += 1
             if len(frames) < 2:
                 continue
             client, body = frames[0], frames[1]
-            if not body and self._is_control(frames[-1]):  # stop()'s [b"", token]
-                return True
-            if (
-                not self._splits
-                and body[:5] == _FAST
-                and len(frames) == 2
-                and len(body) >= _HEAD_SIZE
-            ):
+            if self._direct and body[:5] == _FAST and len(frames) == 2 and len(body) >= _HEAD_SIZE:
                 msg_id, deadline = _unpack_id_deadline(body, 9)
                 self._take_fast(client, msg_id, deadline, [body[:9], body[17:]])
                 continue
             self._client_message(client, frames[1:])
-        return False
 
     def _client_message(self, client: bytes, frames: list[bytes]) -> None:
         try:
@@ -238,14 +237,50 @@ class Master(Dispatcher, BaseServer):
         self._to_client(origin, protocol.encode(kind, msg_id, payload, flags=flags))
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
+        """Send without waiting: a client whose queue is full (it stopped
+        reading a long stream) gets its answers later, in order, from a
+        backlog, while the master serves everyone else."""
+        backlog = self._backlog.get(client)
+        if backlog is not None:
+            if self._backlogged >= MAX_BACKLOG:
+                self._undeliverable(client, "the backlog of slow clients is full")
+                return
+            backlog.append(frames)
+            self._backlogged += 1
+            return
+        if not self._send_now(client, frames):
+            self._backlog[client] = deque([frames])
+            self._backlogged += 1
+
+    def _send_now(self, client: bytes, frames: list[bytes]) -> bool:
+        """Send to ``client``; False if its queue is full now."""
         assert self._front is not None
         try:
-            self._front.send_multipart([client, *frames], copy=len(frames[-1]) < 65536)
-        except zmq.ZMQError:  # the client is gone (or its queue is full)
-            self.undeliverable += 1
-            return
+            self._front.send_multipart([client, *frames], zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
+            self._undeliverable(client, "the client is gone")
+            return True
         if self.stats is not None:
             self.stats.sent += 1
+        return True
+
+    def _flush(self) -> None:
+        """Send what waits in the backlogs, as far as the clients take it."""
+        for client, backlog in list(self._backlog.items()):
+            while backlog and self._send_now(client, backlog[0]):
+                backlog.popleft()
+                self._backlogged -= 1
+            if not backlog:
+                del self._backlog[client]
+
+    def _undeliverable(self, client: bytes, why: str) -> None:
+        self.undeliverable += 1
+        if self._malformed.allow():
+            self.logger.warning(
+                "%s: an answer for client %s dropped: %s", self.name, client.hex(), why
+            )
 
     def _pong(self) -> bytes:
         info = json.loads(super()._pong())
