@@ -77,11 +77,16 @@ def dashboard_expressions(path: Path, problems: list[str]) -> Iterator[tuple[str
         selector, label = found.groups()
         yield f"{name} variable {variable['name']}", f"count by ({label}) ({selector})", False
     ids = set()
-    for panel in board["panels"]:
+    panels = list(board["panels"])
+    for panel in list(panels):
+        panels.extend(panel.get("panels", []))  # a collapsed row keeps its panels
+    for panel in panels:
         where = f"{name} panel {panel.get('id')} {panel.get('title')!r}"
         if panel.get("id") in ids:
             problems.append(f"{where}: id used twice")
         ids.add(panel.get("id"))
+        if panel.get("type") == "row":  # a section header: no query
+            continue
         if panel.get("datasource") != DATASOURCE:
             problems.append(f"{where}: panel data source is not ${{datasource}}")
         targets = panel.get("targets") or []
