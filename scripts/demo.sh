@@ -10,6 +10,8 @@ echo "== standalone: one server, a blocking and an asyncio client"
 "$PYTHON" examples/standalone_single/demo.py
 echo "== chained: step1 -> step2 -> last, and a LoopClient"
 "$PYTHON" examples/chained_single/demo.py
+echo "== parallel: a master, two workers and a client"
+"$PYTHON" examples/parallel/demo.py
 echo "== registry: the same pipeline, every stage started with only a name, on a local etcd"
 if ! command -v etcd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
