@@ -417,3 +417,19 @@ def test_a_client_that_stops_reading_holds_nobody_else_up(
         assert received == 20001
     finally:
         lazy.close()
+
+
+def test_workers_come_back_to_a_restarted_master(serve: Callable[..., object]) -> None:
+    first = Master("m", ANY, ANY, heartbeat=BEAT, log_stdout=False)
+    first.start(background=True)
+    front, back = first.front, first.back
+    assert front is not None and back is not None
+    serve(Tagger("w1", "m", back, heartbeat=BEAT, log_stdout=False))
+    with Client(front, "m", timeout=10) as client:
+        assert client.eval("who", b"before") == b"w1:before"
+    first.stop()
+    second = serve(Master("m", front, back, heartbeat=BEAT, log_stdout=False))
+    # The worker's heartbeat reaches a master that does not know it: it says hello again.
+    wait_for(lambda: second.workers == 1, 10, "the worker back")
+    with Client(front, "m", timeout=10) as client:
+        assert client.eval("who", b"after") == b"w1:after"
