@@ -25,7 +25,7 @@ from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
 from time import perf_counter as _perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import zmq
 
@@ -59,11 +59,23 @@ if TYPE_CHECKING:
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "BaseServer", "exposed_functions"]
+__all__ = ["DEFAULT_MAX_PAYLOAD", "BaseServer", "ServerOptions", "exposed_functions"]
 
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 
 Function = Callable[[bytes], Any]
+
+
+class ServerOptions(TypedDict, total=False):
+    """The keyword options every server takes (see :class:`BaseServer`)."""
+
+    log_stdout: bool
+    max_payload: int
+    context: zmq.Context | None
+    registry: Registry | str | None
+    host: str | None
+    ttl: float | None
+    metrics: bool | None
 
 
 def exposed_functions(cls: type) -> list[str]:

@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError, RegistryError
 from pylm.transport import bind, check_address, close_socket
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["LastServer", "Server", "Sink"]
@@ -89,28 +91,16 @@ class _Stage(BaseServer):
         log_level: int,
         messages: int,
         *,
-        log_stdout: bool,
-        max_payload: int,
         hwm: int,
-        context: zmq.Context | None,
-        registry: Registry | str | None,
-        host: str | None,
-        ttl: float | None,
-        metrics: bool | None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         super().__init__(
             name,
             log_level=log_level,
-            log_stdout=log_stdout,
             log_address=log_address,
-            max_payload=max_payload,
-            context=context,
             messages=messages,
             ignored={"perf_address": perf_address, "ping_address": ping_address},
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         self.pull_address = pull_address and check_address(pull_address, "pull_address")
         self.db_address = db_address and check_address(db_address, "db_address")
@@ -573,14 +563,8 @@ class Server(_Stage):
         messages: int = sys.maxsize,
         *,
         tee: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         super().__init__(
             name,
@@ -591,14 +575,8 @@ class Server(_Stage):
             ping_address,
             log_level,
             messages,
-            log_stdout=log_stdout,
-            max_payload=max_payload,
             hwm=hwm,
-            context=context,
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         calls = _calls(next_call, "next_call")
         if len(calls) > 1 and type(self).handle_stream is Server.handle_stream:
@@ -808,14 +786,8 @@ class LastServer(_Stage):
         log_level: int = logging.INFO,
         messages: int = sys.maxsize,
         *,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         super().__init__(
             name,
@@ -826,14 +798,8 @@ class LastServer(_Stage):
             ping_address,
             log_level,
             messages,
-            log_stdout=log_stdout,
-            max_payload=max_payload,
             hwm=hwm,
-            context=context,
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.base import ServerOptions
 from pylm.chained.servers import DEFAULT_HWM, Server
 from pylm.errors import ProtocolError
 from pylm.parallel.dispatch import (
@@ -41,7 +41,8 @@ from pylm.parallel.dispatch import (
 from pylm.transport import bind, check_address
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from typing_extensions import Unpack
+
 
 __all__ = ["Hub"]
 
@@ -88,14 +89,8 @@ class Hub(Dispatcher, Server):
         misses: int = DEFAULT_MISSES,
         max_queued: int = DEFAULT_MAX_QUEUED,
         tee: str | Sequence[str] | dict[str, str | Sequence[str]] | None = None,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
         hwm: int = DEFAULT_HWM,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         Server.__init__(
             self,
@@ -110,14 +105,8 @@ class Hub(Dispatcher, Server):
             log_level,
             messages,
             tee=tee,
-            log_stdout=log_stdout,
-            max_payload=max_payload,
             hwm=hwm,
-            context=context,
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         self._init_dispatch(heartbeat, misses, max_queued)
         self.workers_address = workers_address and check_address(workers_address, "workers_address")

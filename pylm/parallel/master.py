@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError
 from pylm.parallel.dispatch import (
     DEFAULT_HEARTBEAT,
@@ -54,7 +54,8 @@ from pylm.parallel.dispatch import (
 from pylm.transport import bind, check_address, close_socket
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from typing_extensions import Unpack
+
 
 __all__ = ["Master"]
 
@@ -97,27 +98,15 @@ class Master(Dispatcher, BaseServer):
         heartbeat: float = DEFAULT_HEARTBEAT,
         misses: int = DEFAULT_MISSES,
         max_queued: int = DEFAULT_MAX_QUEUED,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         BaseServer.__init__(
             self,
             name,
             log_level=log_level,
-            log_stdout=log_stdout,
             log_address=log_address,
-            max_payload=max_payload,
-            context=context,
             messages=messages,
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         self._init_dispatch(heartbeat, misses, max_queued)
         self.front_address = front_address and check_address(front_address, "front_address")

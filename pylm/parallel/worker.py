@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.base import BaseServer, ServerOptions
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
 from pylm.transport import check_address, close_socket
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from typing_extensions import Unpack
+
 
 __all__ = ["Worker"]
 
@@ -94,26 +95,14 @@ class Worker(BaseServer):
         *,
         slots: int = 1,
         heartbeat: float = DEFAULT_HEARTBEAT,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         super().__init__(
             name,
             log_level=log_level,
-            log_stdout=log_stdout,
             log_address=log_address,
-            max_payload=max_payload,
-            context=context,
             messages=messages,
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         if not isinstance(master, str) or not master or "://" in master:
             raise ValueError(f"master must be the master's name, got {master!r}")

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD, BaseServer
+from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
 from pylm.transport import bind, check_address, close_socket
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from typing_extensions import Unpack
+
 
 __all__ = ["Server"]
 
@@ -69,28 +70,15 @@ class Server(BaseServer):
         ping_address: str | None = None,
         log_level: int = logging.INFO,
         messages: int = sys.maxsize,
-        *,
-        log_stdout: bool = True,
-        max_payload: int = DEFAULT_MAX_PAYLOAD,
-        context: zmq.Context | None = None,
-        registry: Registry | str | None = None,
-        host: str | None = None,
-        ttl: float | None = None,
-        metrics: bool | None = None,
+        **options: Unpack[ServerOptions],
     ) -> None:
         super().__init__(
             name,
             log_level=log_level,
-            log_stdout=log_stdout,
             log_address=log_address,
-            max_payload=max_payload,
-            context=context,
             messages=messages,
             ignored={"perf_address": perf_address, "ping_address": ping_address},
-            registry=registry,
-            host=host,
-            ttl=ttl,
-            metrics=metrics,
+            **options,
         )
         self.rep_address = (
             None if rep_address is None else check_address(rep_address, "rep_address")
