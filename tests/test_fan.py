@@ -261,3 +261,46 @@ def test_hub_by_name_in_a_registry_pipeline(
         results = list(client.job("tag", [b"%d" % n for n in range(300)], timeout=20))
     assert sorted(r.split(b">")[0] for r in results) == sorted(b"%d" % n for n in range(300))
     assert hub.workers == 2
+
+
+def test_a_stream_through_a_hub_with_two_instances(serve: Callable[..., object]) -> None:
+    """The first hub's workers stream; each job's items and its END go to one
+    instance of the second hub, which sees the whole stream and ends it."""
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+    second = [
+        serve(
+            Hub(
+                "hub2",
+                ANY,
+                last.address,
+                "last.done",
+                ANY,
+                workers_address=ANY,
+                heartbeat=BEAT,
+                log_stdout=False,
+            )  # fmt: skip
+        )
+        for _ in range(2)
+    ]
+    for hub in second:
+        workers(serve, hub, 1)
+    first = serve(
+        Hub(
+            "hub1",
+            ANY,
+            [hub.address for hub in second],
+            "hub2.work",
+            ANY,
+            workers_address=ANY,
+            heartbeat=BEAT,
+            log_stdout=False,
+        )  # fmt: skip
+    )
+    workers(serve, first, 2)
+    with client_of(first, last, timeout=20) as client:
+        results = list(client.job("split", [b"%d" % n for n in range(60)]))
+    assert len(results) == sum(n % 4 for n in range(60))
+    assert all(r.endswith(b">done") for r in results)
+    assert {r.split(b">")[0].split(b":")[1] for r in results} <= {b"0", b"1", b"2"}
+    assert all(not hub._streams for hub in second)  # every stream ended
+    assert all(hub.served > 0 for hub in second)  # both instances took streams

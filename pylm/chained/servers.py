@@ -24,6 +24,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,7 @@ _pack_sizes = _SIZES.pack
 _NO_DEADLINE = bytes(8)
 _BATCH_PREFIX = protocol.BATCH_PREFIX
 _unpack_id = protocol.unpack_id
+_pack_id = struct.Struct(">Q").pack
 _FIRST = zmq.SNDMORE | zmq.NOBLOCK
 
 
@@ -455,14 +457,18 @@ class _Outlet:
         self.connected: set[str] = set()  # ... connected to
         self._lock = threading.Lock()
         self._following: concurrent.futures.Future[None] | None = None
+        # One socket per instance for streams (see for_stream), made when needed.
+        self._sticky: dict[str, zmq.Socket] = {}
+        self._instances = sorted(addresses)
+        self._context: zmq.Context | None = None
+        self._hwm = 0
 
     def open(self, context: zmq.Context, hwm: int, registry: Registry | None) -> zmq.Socket:
         """Connect to the given addresses, or (with ``registry``) to the
         instances registered now, and follow them."""
-        socket: zmq.Socket = context.socket(zmq.PUSH)
+        self._context, self._hwm = context, hwm
+        socket = self._push_socket()
         self.socket = socket
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, hwm)
         for address in self.addresses:
             socket.connect(address)
         if registry is not None:
@@ -495,16 +501,43 @@ class _Outlet:
             if logger is not None:
                 logger.info("next stage %s: instance %s left", self.server, address)
         self.connected = wanted
+        self._instances = sorted(wanted | set(self.addresses))
+        for address in [a for a in self._sticky if a not in wanted]:
+            close_socket(self._sticky.pop(address))
         return bool(joined)
+
+    def _push_socket(self) -> zmq.Socket:
+        assert self._context is not None
+        socket: zmq.Socket = self._context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, self._hwm)
+        return socket
+
+    def for_stream(self, route: bytes, msg_id: int) -> zmq.Socket:
+        """The socket for a job's stream items, its END and ERROR: all of
+        them go to one instance of the next stage, chosen from the job, so
+        that a hub there sees the whole stream (the others, round-robin)."""
+        assert self.socket is not None
+        instances = self._instances
+        if len(instances) <= 1:
+            return self.socket
+        address = instances[zlib.crc32(route + _pack_id(msg_id)) % len(instances)]
+        socket = self._sticky.get(address)
+        if socket is None:
+            socket = self._sticky[address] = self._push_socket()
+            socket.connect(address)
+        return socket
 
     def stop_following(self) -> None:
         following, self._following = self._following, None
         if following is not None:
             following.cancel()
 
-    def take_socket(self) -> zmq.Socket | None:
-        socket, self.socket = self.socket, None
-        return socket
+    def take_sockets(self) -> list[zmq.Socket | None]:
+        sockets: list[zmq.Socket | None] = [self.socket, *self._sticky.values()]
+        self.socket = None
+        self._sticky.clear()
+        return sockets
 
 
 def _calls(value: str | Sequence[str] | None, what: str) -> list[str]:
@@ -684,7 +717,7 @@ class Server(_Stage):
 
     def _outputs(self) -> list[zmq.Socket | None]:
         self._push = None
-        return [outlet.take_socket() for outlet in self._outlets + self._tees]
+        return [socket for outlet in self._outlets + self._tees for socket in outlet.take_sockets()]
 
     def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
         push = self._push
@@ -740,6 +773,7 @@ class Server(_Stage):
                 return
             outlet = chosen
         assert outlet.socket is not None
+        more = message.flags & protocol.MORE
         frames = protocol.encode(
             protocol.REQUEST,
             message.msg_id,
@@ -747,9 +781,10 @@ class Server(_Stage):
             outlet.target,
             message.route,
             message.deadline,
-            message.flags & protocol.MORE,
+            more,
         )
-        self._send(outlet.socket, frames)
+        socket = outlet.for_stream(message.route, message.msg_id) if more else outlet.socket
+        self._send(socket, frames)
         for tee in self._tees:  # copies nobody answers: no route, no MORE
             assert tee.socket is not None
             copy = protocol.encode(
@@ -758,12 +793,12 @@ class Server(_Stage):
             self._send(tee.socket, copy)
 
     def _fail(self, message: protocol.Message, error: PylmError) -> None:
-        assert self._push is not None
-        self._send(self._push, protocol.encode_error(message.msg_id, error, message.route))
+        socket = self._outlets[0].for_stream(message.route, message.msg_id)
+        self._send(socket, protocol.encode_error(message.msg_id, error, message.route))
 
     def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
-        assert self._push is not None
-        self._send(self._push, frames)
+        """An ERROR or an END: after the stream items of its job, if any."""
+        self._send(self._outlets[0].for_stream(message.route, message.msg_id), frames)
 
 
 class LastServer(_Stage):

@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MISSES",
     "SEQ",
+    "STREAM_IDLE",
     "Dispatcher",
     "Gathering",
 ]
@@ -52,6 +53,7 @@ __all__ = [
 DEFAULT_HEARTBEAT = 1.0  # s between a worker's heartbeats
 DEFAULT_MISSES = 3  # heartbeats missed before a worker is declared dead
 DEFAULT_MAX_QUEUED = 10_000  # jobs waiting for a worker, at most
+STREAM_IDLE = 600.0  # s an input stream may go without news before it is dropped
 SEQ = struct.Struct(">Q")  # an item's number (in a worker's route), an END's count (payload)
 
 _HEAD_SIZE = protocol.HEAD_SIZE
@@ -86,7 +88,7 @@ class _Parent:
 
     __slots__ = (
         "deadline", "expected", "failed", "held", "inputs", "msg_id", "number", "open",
-        "origin", "outputs",
+        "origin", "outputs", "touched",
     )  # fmt: skip
 
     def __init__(self, origin: bytes, msg_id: int, deadline: float, number: int) -> None:
@@ -100,6 +102,7 @@ class _Parent:
         self.outputs = 0  # items sent on
         self.failed = False
         self.held: bytes | None = None  # the latest result, kept back for gather()
+        self.touched = 0.0  # when an input stream last gave something
 
     @property
     def done(self) -> bool:
@@ -260,8 +263,10 @@ class Dispatcher:
         self._queue.append(number)
 
     def _take(self, origin: bytes, message: protocol.Message) -> None:
-        """Book a REQUEST: a single job, or the parts of a parent."""
-        stream_item = bool(message.flags & protocol.MORE)
+        """Book a REQUEST: a single job, or the parts of a parent. An item
+        of a stream without a route (a tee's copy) is a job of its own:
+        nobody counts its stream."""
+        stream_item = bool(message.flags & protocol.MORE) and bool(origin)
         if self._direct and not stream_item:
             body = protocol.encode(
                 protocol.REQUEST, 0, message.payload, message.target, b"", message.deadline
@@ -298,6 +303,8 @@ class Dispatcher:
 
     def _take_end(self, origin: bytes, message: protocol.Message) -> None:
         """An input stream's END: it announced that many items."""
+        if not origin:
+            return  # a tee's copy: nobody waits for its end
         count = SEQ.unpack(message.payload)[0] if len(message.payload) == SEQ.size else 0
         parent = self._stream(origin, message.msg_id, message.deadline)
         parent.expected = count
@@ -309,7 +316,29 @@ class Dispatcher:
         if parent is None:
             self._numbers += 1
             parent = self._streams[key] = _Parent(origin, msg_id, deadline, self._numbers)
+        parent.touched = time.monotonic()
         return parent
+
+    def _stream_failed(self, origin: bytes, msg_id: int) -> None:
+        """An ERROR for an input stream: it ends there (later items are dropped)."""
+        parent = self._streams.pop((origin, msg_id), None)
+        if parent is not None:
+            parent.failed = True
+
+    def _expire_streams(self, now: float) -> None:
+        """Forget input streams idle for STREAM_IDLE seconds (their END or
+        items never came: the client has given up long since)."""
+        for key, parent in list(self._streams.items()):
+            if now - parent.touched > STREAM_IDLE:
+                del self._streams[key]
+                parent.failed = True
+                self.logger.warning(
+                    "%s: a stream idle for %g s dropped (%d of %s items in)",
+                    self.name,
+                    STREAM_IDLE,
+                    parent.inputs,
+                    parent.expected,
+                )
 
     def _dispatch(self) -> None:
         """Give waiting jobs to workers with a free slot, oldest job first."""
@@ -539,6 +568,8 @@ class Dispatcher:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
+        if self._streams:
+            self._expire_streams(now)
         for worker in list(self._workers.values()):
             if now - worker.seen > self.worker_timeout:
                 self._lost(worker, f"no heartbeat for {now - worker.seen:.1f} s")

@@ -216,9 +216,7 @@ class Hub(Dispatcher, Server):
         elif message.kind == protocol.END:
             self._take_end(message.route, message)
         elif message.kind == protocol.ERROR:
-            parent = self._streams.get((message.route, message.msg_id))
-            if parent is not None:
-                parent.failed = True  # its later items are dropped
+            self._stream_failed(message.route, message.msg_id)
             self._deliver_error(message.route, message.msg_id, message.payload)
         else:
             self._drop(f"a hub takes REQUEST, ERROR and END, not {message.kind}", frames)
@@ -276,10 +274,9 @@ class Hub(Dispatcher, Server):
             self._succeed(message, payload)
         elif kind == protocol.ERROR:
             self._deliver_error(origin, msg_id, payload)
-        elif origin:  # END: towards the client, after the items
-            assert self._push is not None
+        elif origin:  # END: towards the client, on the path its items took
             end = protocol.encode(protocol.END, msg_id, payload, route=origin, deadline=deadline)
-            self._send(self._push, end)
+            self._send(self._outlets[0].for_stream(origin, msg_id), end)
         if self.stats is not None:
             self.stats.sent += 1
 
@@ -287,5 +284,5 @@ class Hub(Dispatcher, Server):
         if not origin:
             self._unrouted_error(protocol.decode_error(payload))
             return
-        assert self._push is not None
-        self._send(self._push, protocol.encode(protocol.ERROR, msg_id, payload, route=origin))
+        error = protocol.encode(protocol.ERROR, msg_id, payload, route=origin)
+        self._send(self._outlets[0].for_stream(origin, msg_id), error)
