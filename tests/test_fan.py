@@ -278,7 +278,7 @@ def test_a_stream_through_a_hub_with_two_instances(serve: Callable[..., object])
                 workers_address=ANY,
                 heartbeat=BEAT,
                 log_stdout=False,
-            )  # fmt: skip
+            )
         )
         for _ in range(2)
     ]
@@ -294,7 +294,7 @@ def test_a_stream_through_a_hub_with_two_instances(serve: Callable[..., object])
             workers_address=ANY,
             heartbeat=BEAT,
             log_stdout=False,
-        )  # fmt: skip
+        )
     )
     workers(serve, first, 2)
     with client_of(first, last, timeout=20) as client:
