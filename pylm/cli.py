@@ -241,7 +241,12 @@ def call_server(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         records = registry.wait_for_instances(args.name, args.timeout)
         payload = args.payload.encode("utf-8")
-        if records[0].kind.startswith("chained"):
+        if records[0].kind == "master":
+            from pylm.parallel import Client as ParallelClient
+
+            with ParallelClient(args.name, registry=registry, timeout=args.timeout) as master:
+                results = list(master.stream(args.function, payload))
+        elif records[0].kind.startswith("chained") or records[0].kind in ("hub", "sink"):
             from pylm.chained import LoopClient
 
             with LoopClient(

@@ -64,3 +64,27 @@ def test_metrics_benchmark_smoke_run() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("20 servers x 3 functions: ")
     assert "scrape over HTTP:" in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_parallel_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "parallel.json"
+    stdout = smoke_run("parallel", out)
+    assert "| speedup 1 -> 2 workers |" in stdout
+    assert "CPU-bound speedup from 1 to 2 workers: pylm " in stdout
+    assert "| 2 workers, 4 slots |" in stdout
+    results = json.loads(out.read_text())["results"]
+    cells = {
+        (result["system"], result["job"], result["workers"], result["slots"]) for result in results
+    }
+    assert cells == {
+        *((f"{kind}-cpu-{n}w", "cpu", n, 1) for kind in ("pylm", "pool") for n in (1, 2)),
+        *(
+            (f"{kind}-echo-{n}w-{slots}s", "echo", n, slots)
+            for kind in ("pylm", "raw")
+            for n in (1, 2)
+            for slots in (1, 4)
+        ),
+    }
+    assert all(result["median_per_s"] > 0 for result in results)
+    assert all(result["speedup_over_1_worker"] > 0 for result in results if result["workers"] == 2)

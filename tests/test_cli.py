@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,42 @@ def test_topology_watch_prints_changes(etcd_server: LocalEtcd, cluster: str) -> 
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(15) == 0
         reader.join(5)
+
+
+def test_call_a_master_and_show_branches_and_tees(
+    etcd_server: LocalEtcd, cluster: str, registry: Registry
+) -> None:
+    from pylm.chained import LastServer, Server
+    from pylm.parallel import Master, Worker
+
+    class Counter(Worker):
+        def count(self, message: bytes) -> Iterator[bytes]:
+            for number in range(int(message)):
+                yield b"%d" % number
+
+    class Step(Server):
+        def f(self, message: bytes) -> bytes:
+            return message
+
+    class Last(LastServer):
+        def g(self, message: bytes) -> bytes:
+            return message
+
+    servers = [
+        Master("m", registry=registry, log_stdout=False),
+        Counter("w", "m", registry=registry, log_stdout=False),
+        Last("last", registry=registry, log_stdout=False),
+        Step("step", next_call="last.g", tee="last.g", registry=registry, log_stdout=False),
+    ]
+    for server in servers:
+        server.start(background=True)
+    try:
+        called = pylm(etcd_server, cluster, "call", "m", "count", "3")
+        assert called.returncode == 0, called.stderr
+        assert called.stdout.splitlines() == ["0", "1", "2"]
+        text = pylm(etcd_server, cluster, "topology").stdout
+        assert "step [chained] -> last.g  (tee last.g)  1 instance(s)" in text
+        assert "m [master]  1 instance(s)" in text and "w [worker]  1 instance(s)" in text
+    finally:
+        for server in reversed(servers):
+            server.stop()
