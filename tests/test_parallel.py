@@ -206,9 +206,10 @@ def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
     master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
     env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
     script = str(HERE / "parallel_worker.py")
+    # The doomed worker takes 10 ms a job and holds 4: when killed, it holds jobs.
     workers = [
-        subprocess.Popen([sys.executable, script, name, "m", str(BEAT), "4"], env=env)
-        for name in ("doomed", "survivor")
+        subprocess.Popen([sys.executable, script, name, "m", str(BEAT), "4", pause], env=env)
+        for name, pause in (("doomed", "0.01"), ("survivor", "0"))
     ]
     try:
         results: list[bytes] = []
@@ -217,7 +218,7 @@ def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
             stream = client.job("who", [b"%d" % n for n in range(1000)])
             for result in stream:
                 results.append(result)
-                if sum(r.startswith(b"doomed:") for r in results) == 100:
+                if sum(r.startswith(b"doomed:") for r in results) == 20:
                     workers[0].send_signal(signal.SIGKILL)  # holding up to 4 jobs
                     break
             results.extend(stream)
@@ -433,3 +434,21 @@ def test_workers_come_back_to_a_restarted_master(serve: Callable[..., object]) -
     wait_for(lambda: second.workers == 1, 10, "the worker back")
     with Client(front, "m", timeout=10) as client:
         assert client.eval("who", b"after") == b"w1:after"
+
+
+def test_a_worker_that_ends_by_its_messages_limit_says_goodbye(
+    serve: Callable[..., object],
+) -> None:
+    master = serve(Master("m", ANY, ANY, heartbeat=30, log_stdout=False))
+    assert master.back is not None
+    brief = Tagger("brief", "m", master.back, messages=5, heartbeat=30, log_stdout=False)
+    brief.start(background=True)
+    try:
+        with client_of(master, timeout=20, max_in_flight=1) as client:
+            assert len(list(client.job("who", [b"x"] * 5))) == 5
+            # Its goodbye, not 90 s of missed heartbeats, tells the master it left.
+            wait_for(lambda: master.workers == 0, 5, "the worker gone")
+            serve(Tagger("next", "m", master.back, heartbeat=30, log_stdout=False))
+            assert client.eval("who", b"y") == b"next:y"
+    finally:
+        brief.stop()

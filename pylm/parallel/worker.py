@@ -48,6 +48,7 @@ _SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
 _QUIET = 0.3  # s of quiet input before a leaving worker says goodbye
 _LEAVE_MAX = 5.0  # s a leaving worker serves at most
+_BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
 
 
 class _Stream(Exception):
@@ -127,6 +128,7 @@ class Worker(BaseServer):
         self._poller = zmq.Poller()
         self._peers: Peers | None = None
         self._busy = False
+        self._gone = False  # said goodbye
         self._rehello = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat thread should stop
         self._beater: threading.Thread | None = None
@@ -170,18 +172,20 @@ class Worker(BaseServer):
         self._poller.register(socket, zmq.POLLIN)
         self._say(socket, {})
 
-    def _disconnect(self, address: str) -> None:
+    def _disconnect(self, address: str, linger: int = 0) -> None:
         socket = self._sockets.pop(address)
         self.masters = list(self._sockets)
         self._poller.unregister(socket)
-        close_socket(socket)
+        socket.close(linger=linger)
 
     def _say(self, socket: zmq.Socket, extra: dict[str, object]) -> None:
         """Send the master a PING about this worker (hello, leaving, bye)."""
         info = {"name": self.name, "slots": self.slots, "free": self.slots, **extra}
-        socket.send_multipart(
-            protocol.encode(protocol.PING, 0, json.dumps(info).encode(), route=self.identity)
-        )
+        ping = protocol.encode(protocol.PING, 0, json.dumps(info).encode(), route=self.identity)
+        try:
+            socket.send_multipart(ping, zmq.NOBLOCK)
+        except zmq.Again:  # the master reads nothing: its heartbeat checks will tell it
+            self.logger.warning("%s: a master is not reading; %s not sent", self.name, info)
 
     def _deregister(self) -> None:
         peers, self._peers = self._peers, None
@@ -194,7 +198,9 @@ class Worker(BaseServer):
         if self._beater is not None:
             self._beater.join(5.0)
         for address in list(self._sockets):
-            self._disconnect(address)
+            if not self._gone:  # stopped otherwise than by stop(): say goodbye now
+                self._say(self._sockets[address], {"bye": True})
+            self._disconnect(address, _BYE_LINGER)  # the goodbye goes out first
         close_socket(self._control)
         self._control = None
 
@@ -284,6 +290,7 @@ class Worker(BaseServer):
                     self._control.recv_multipart()
         for socket in self._sockets.values():
             self._say(socket, {"bye": True})
+        self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
         recv, send, call = socket.recv, socket.send, self._call
