@@ -128,3 +128,47 @@ def test_tee_example_end_to_end() -> None:
         "  audited 3 apples: 1.50",
         "  audited 4 pears: 3.00",
     ]
+
+
+def test_scatter_example_end_to_end() -> None:
+    from collections import Counter
+
+    lines = demo_lines("scatter")
+    for name in ("w1", "w2"):
+        joined = f" - master - INFO - master: worker {name} joined (1 slots)"
+        assert any(line.endswith(joined) for line in lines)
+    # No gather: each line's result reached the client as it came, once, in any order.
+    got = [line.split(" after ")[0] for line in lines if line.startswith("Client got:  ")]
+    pattern = re.compile(r"""Client got:  b'(w1|w2) measured line (\d): (.*)'""")
+    matches = [pattern.fullmatch(line) for line in got]
+    assert all(matches), got
+    parts = sorted((int(m[2]), m[3]) for m in matches if m)
+    assert parts == [
+        (1, '5 words, longest "master"'),
+        (2, '4 words, longest "line"'),
+        (3, '6 words, longest "worker"'),
+        (4, '6 words, longest "result"'),
+        (5, '6 words, longest "ready"'),
+    ]
+    assert "5 results for 5 lines" in lines
+    (by_worker,) = [line for line in lines if line.startswith("Lines by worker: ")]
+    ran = dict(part.split(" ran ") for part in by_worker[len("Lines by worker: ") :].split(", "))
+    # Both workers were there before the job: both ran lines, as the results say.
+    assert {w: int(n) for w, n in ran.items()} == Counter(m[1] for m in matches if m)
+    assert set(ran) == {"w1", "w2"}
+
+
+def test_gather_example_end_to_end() -> None:
+    lines = demo_lines("gather")
+    joined = " - master - INFO - master: worker worker1 joined (1 slots)"
+    assert any(line.endswith(joined) for line in lines)
+    got = [line.split(" after ")[0] for line in lines if line.startswith("Client got:  ")]
+    assert got == [
+        # eval(): the fridge's one output, its summary.
+        "Client got:  b'fridge: 6 readings, mean 4.2, max 5.0'",
+        # stream(): the boiler's alerts, as it went over 90 twice, then its summary.
+        "Client got:  b'alert: boiler reading 4 is 93.0, over 90'",
+        "Client got:  b'alert: boiler reading 9 is 92.0, over 90'",
+        "Client got:  b'boiler: 10 readings, mean 86.0, max 97.0'",
+    ]
+    assert lines[-1] == "The boiler's stream ended after 3 items"
