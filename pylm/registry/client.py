@@ -109,11 +109,17 @@ class Registry(Closing):
                 if self._client is None:
                     host, port = self.config.endpoints[self._endpoint]
                     client = open_client(self.config, host, port, self.timeout)
-                    await client.connect()
+                    await asyncio.wait_for(client.connect(), self.timeout + 1)
                     self._client = client
-                answer = await operation(self._client)
+                # Bounded even if a call of the client library forgets its timeout.
+                answer = await asyncio.wait_for(operation(self._client), self.timeout + 1)
                 self.reachable = True
                 return answer
+            except (TimeoutError, OSError) as exc:  # no answer: as unreachable
+                await self._drop_client()
+                host, port = self.config.endpoints[self._endpoint]
+                errors.append(f"{host}:{port}: no answer within {self.timeout + 1:g} s ({exc!r})")
+                self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
             except aetcd.exceptions.ClientError as exc:
                 await self._drop_client()
                 if _refused(exc):
@@ -366,6 +372,10 @@ class Registration:
                 self.failures += 1
                 if self.registered:
                     log.warning("registry unavailable, %s may expire: %s", self.key, exc)
+                self.registered = False
+            except Exception as exc:  # anything else must not end the keep-alive either
+                self.failures += 1
+                log.warning("%s: keep-alive failed: %r", self.key, exc)
                 self.registered = False
 
     def close(self) -> None:
