@@ -8,7 +8,14 @@ import zmq
 
 from pylm.errors import PylmError
 
-__all__ = ["AddressError", "bind", "check_address", "close_socket", "default_context"]
+__all__ = [
+    "AddressError",
+    "bind",
+    "check_address",
+    "close_socket",
+    "default_context",
+    "rest_of",
+]
 
 
 class AddressError(PylmError, ValueError):
@@ -59,3 +66,14 @@ def close_socket(socket: zmq.Socket | None) -> None:
     """Close without waiting for unsent messages (``linger=0``)."""
     if socket is not None and not socket.closed:
         socket.close(linger=0)
+
+
+def rest_of(socket: zmq.Socket) -> list[bytes]:
+    """The frames of the message being read that are still to come (none
+    for a one-frame message). Read this way, never by a plain ``recv()``,
+    a message that claims a payload frame it lacks cannot block the reader,
+    and frames past the end of a message are not taken for messages."""
+    frames = []
+    while socket.getsockopt(zmq.RCVMORE):
+        frames.append(socket.recv())
+    return frames

@@ -161,6 +161,12 @@ def test_malformed_messages_get_an_error_or_are_dropped(
         answer = protocol.decode(raw.recv_multipart())
         assert answer.kind == protocol.ERROR and answer.msg_id == 7
         assert "unsupported protocol version 9" in answer.payload.decode()
+        # Target and route sizes past the end: refused, not passed to a worker.
+        raw.send(b"PL\x01\x01\x00\x00\x06\x00\x06" + bytes(7) + b"\x09" + bytes(8))
+        assert raw.poll(5000)
+        answer = protocol.decode(raw.recv_multipart())
+        assert answer.kind == protocol.ERROR and answer.msg_id == 9
+        assert "overrun" in answer.payload.decode()
         raw.send_multipart(protocol.encode(protocol.REPLY, 8, b"x"))
         assert raw.poll(5000)
         assert b"takes REQUEST and PING, not REPLY" in raw.recv()

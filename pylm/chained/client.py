@@ -23,7 +23,7 @@ from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, FunctionStats
-from pylm.transport import check_address, close_socket, default_context
+from pylm.transport import check_address, close_socket, default_context, rest_of
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -399,9 +399,7 @@ class LoopClient(Caller, Closing):
                         numbers.buckets[0 if took <= _FIRST_BOUND else _bucket(took)] += 1
                         numbers.bytes_out += len(body) - _HEAD_SIZE
                 continue
-            frames = [body]
-            if not in_batch and len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
-                frames.append(recv())  # the parts of a message arrive together
+            frames = [body] if in_batch else [body, *rest_of(socket)]
             message = read_answer(frames)
             entry = None if message is None else in_flight.get(message.msg_id)
             if entry is None or message is None:

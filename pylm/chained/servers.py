@@ -34,7 +34,7 @@ from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError, RegistryError
-from pylm.transport import bind, check_address, close_socket
+from pylm.transport import bind, check_address, close_socket, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -273,10 +273,7 @@ class _Stage(BaseServer):
                         self._emit(body, start, end, result)
                     passed += 1
                     continue
-            frames = [body]
-            if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
-                frames.append(recv())  # the parts of a message arrive together
-            self._handle(frames)
+            self._handle([body, *rest_of(pull)])
         return received, passed
 
     def _serve_batch(self, body: bytes) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import bind, check_address
+from pylm.transport import bind, check_address, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -181,9 +181,7 @@ class Hub(Dispatcher, Server):
                     route = body[start : start + route_size]
                     self._take_fast(route, msg_id, deadline, [body[:9], body[17:]])
                     continue
-            frames = [body]
-            if len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
-                frames.append(pull.recv())
+            frames = [body, *rest_of(pull)]
             if body[:5] == _BATCH_PREFIX:
                 self._take_batch(body)
             else:

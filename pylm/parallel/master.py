@@ -180,7 +180,13 @@ class Master(Dispatcher, BaseServer):
             if len(frames) < 2:
                 continue
             client, body = frames[0], frames[1]
-            if self._direct and body[:5] == _FAST and len(frames) == 2 and len(body) >= _HEAD_SIZE:
+            if (
+                self._direct
+                and body[:5] == _FAST
+                and len(frames) == 2
+                and len(body) >= _HEAD_SIZE
+                and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8] <= len(body)
+            ):  # a one-frame REQUEST whose target and route fit in it
                 msg_id, deadline = _unpack_id_deadline(body, 9)
                 self._take_fast(client, msg_id, deadline, [body[:9], body[17:]])
                 continue

@@ -31,7 +31,7 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
-from pylm.transport import check_address, close_socket
+from pylm.transport import check_address, close_socket, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -325,10 +325,7 @@ class Worker(BaseServer):
                                 socket, protocol.encode(protocol.REPLY, self._id(body), result)
                             )
                         continue
-                frames = [body]
-                while socket.getsockopt(zmq.RCVMORE):
-                    frames.append(recv())
-                self._other(socket, frames)
+                self._other(socket, [body, *rest_of(socket)])
             finally:
                 self._busy = False
 
@@ -341,6 +338,9 @@ class Worker(BaseServer):
             message = protocol.decode(frames)
         except ProtocolError as error:
             self._drop(str(error), frames)
+            msg_id = protocol.salvage_msg_id(frames)
+            if msg_id is not None:  # answered, so that the master frees the slot
+                self._answer(socket, protocol.encode_error(msg_id, error))
             return
         if message.kind != protocol.REQUEST:
             self._drop(f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames)

@@ -19,7 +19,7 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
-from pylm.transport import bind, check_address, close_socket
+from pylm.transport import bind, check_address, close_socket, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -161,10 +161,7 @@ class Server(BaseServer):
     def _rest(self) -> list[bytes]:
         """The frames of the current request not read yet."""
         assert self._socket is not None
-        frames = []
-        while self._socket.getsockopt(zmq.RCVMORE):
-            frames.append(self._socket.recv())
-        return frames
+        return rest_of(self._socket)
 
     def _handle_other(self, body: bytes) -> int:
         """Everything off the fast path; returns how many requests it served."""
