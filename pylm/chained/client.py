@@ -172,6 +172,9 @@ class LoopClient(Caller, Closing):
         self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
+        # Queue jobs only for instances connected now: none for one that died
+        # (its address stays in the registry until its lease expires).
+        self._jobs.setsockopt(zmq.IMMEDIATE, 1)
         for endpoint in self.endpoints:  # several first-stage instances: round-robin
             self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None

@@ -508,6 +508,7 @@ class _Outlet:
         socket: zmq.Socket = self._context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self._hwm)
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for an instance not connected
         return socket
 
     def for_stream(self, route: bytes, msg_id: int) -> zmq.Socket:

@@ -1,0 +1,65 @@
+"""Faults on real processes: a killed pipeline stage; every job accounted for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pylm.chained import LastServer, LoopClient, Server
+from pylm.errors import RequestTimeout
+from pylm.registry import LocalEtcd, Registry
+
+HERE = Path(__file__).resolve().parent
+
+
+class Step(Server):
+    def tag(self, message: bytes) -> bytes:
+        return message + b">step"
+
+
+class Last(LastServer):
+    def done(self, message: bytes) -> bytes:
+        return message + b">done"
+
+
+@pytest.mark.timeout(120)
+def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
+    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+) -> None:
+    serve(Last("last", registry=registry, log_stdout=False))
+    serve(Step("step", next_call="last.done", registry=registry, ttl=1, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    doomed = subprocess.Popen(
+        [sys.executable, str(HERE / "chained_stage.py"), "step", "last.done"], env=env
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(registry.instances("step")) < 2:
+            assert time.monotonic() < deadline, "the second stage instance never registered"
+            time.sleep(0.05)
+        total = 10_000
+        outcomes = []
+        with LoopClient("step", registry=registry, announce=False, timeout=3) as client:
+            for outcome in client.results("tag", (b"%d" % n for n in range(total))):
+                outcomes.append(outcome)
+                if len(outcomes) == 2_000:
+                    doomed.send_signal(signal.SIGKILL)  # holding jobs in its queues
+        indexes = Counter(outcome.index for outcome in outcomes)
+        assert len(outcomes) == total and set(indexes) == set(range(total))  # each once
+        failed = [o for o in outcomes if o.error is not None]
+        assert all(isinstance(o.error, RequestTimeout) for o in failed)  # typed, not silent
+        for outcome in outcomes:
+            if outcome.error is None:
+                assert outcome.value == b"%d>step>done" % outcome.index
+        assert doomed.wait(10) == -signal.SIGKILL
+    finally:
+        doomed.kill()
+        doomed.wait(10)
