@@ -2,8 +2,8 @@
 for whoever asks whether the servers here are alive and ready.
 
 One endpoint per process, shared by every server in it: the first server
-that starts opens it (on its host, port ``PYLM_METRICS_PORT`` or a free
-one), every server registers its URL, and the last one to stop closes it.
+that starts opens it (on its host, or ``PYLM_METRICS_HOST``; port
+``PYLM_METRICS_PORT`` or a free one), every server registers its URL, and the last one to stop closes it.
 
 ``/metrics`` serves prometheus-client's default registry (pylm's metrics,
 the process and platform collectors, and any metric of the user's own), in
@@ -110,7 +110,10 @@ _EXPORTERS_LOCK = threading.Lock()
 
 
 def exporter(host: str) -> Exporter:
-    """The endpoint of this process on ``host`` (servers on one host share it)."""
+    """The endpoint of this process on ``host`` (servers on one host share
+    it), or on ``PYLM_METRICS_HOST`` when set: e.g. 127.0.0.1 to keep the
+    metrics on the machine while the servers listen on a public interface."""
+    host = os.environ.get("PYLM_METRICS_HOST") or host
     with _EXPORTERS_LOCK:
         found = _EXPORTERS.get(host)
         if found is None:

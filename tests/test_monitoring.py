@@ -330,3 +330,12 @@ def test_pylm_top_shows_rates_from_the_servers(registry: Registry) -> None:
     assert fields[1] == "standalone" and fields[2] == "1"
     assert float(fields[3]) > 0  # calls per second (no next stage: that column is blank)
     assert "metrics unreachable" not in line
+
+
+def test_metrics_bind_their_own_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYLM_METRICS_HOST", "127.0.0.2")  # the servers listen on 127.0.0.1
+    with Echo(unique("apart"), ANY, log_stdout=False) as server:
+        assert server.address is not None and server.address.startswith("tcp://127.0.0.1:")
+        assert server.metrics_url is not None
+        assert server.metrics_url.startswith("http://127.0.0.2:")
+        assert get(server.metrics_url.replace("/metrics", "/healthz"))[0] == 200
