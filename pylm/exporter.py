@@ -3,7 +3,8 @@ for whoever asks whether the servers here are alive and ready.
 
 One endpoint per process, shared by every server in it: the first server
 that starts opens it (on its host, or ``PYLM_METRICS_HOST``; port
-``PYLM_METRICS_PORT`` or a free one), every server registers its URL, and the last one to stop closes it.
+``PYLM_METRICS_PORT`` or a free one), every server registers its URL, and
+the last one to stop closes it.
 
 ``/metrics`` serves prometheus-client's default registry (pylm's metrics,
 the process and platform collectors, and any metric of the user's own), in
