@@ -52,6 +52,7 @@ from pylm.metrics import (
     publish,
     withdraw,
 )
+from pylm.security import Curve
 from pylm.transport import default_context
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class ServerOptions(TypedDict, total=False):
     host: str | None
     ttl: float | None
     metrics: bool | None
+    curve: Curve | None
 
 
 def exposed_functions(cls: type) -> list[str]:
@@ -129,6 +131,7 @@ class BaseServer:
         host: str | None = None,
         ttl: float | None = None,
         metrics: bool | None = None,
+        curve: Curve | None = None,
     ) -> None:
         """``messages``: serve that many requests, then stop. ``ignored``:
         options of the 2016 pylm that are accepted and ignored, with a
@@ -156,6 +159,8 @@ class BaseServer:
                     stacklevel=3,
                 )
         self.name = name
+        # CURVE (pylm.security): given, or from PYLM_CURVE_KEYS; None: plain TCP.
+        self.curve = curve if curve is not None else Curve.from_env()
         self.host = host or os.environ.get("PYLM_HOST", "127.0.0.1")
         self.registry_option = registry
         self.ttl = ttl
@@ -317,6 +322,8 @@ class BaseServer:
         socket = self.context.socket(zmq.DEALER)
         try:
             socket.setsockopt(zmq.LINGER, 1000)
+            if self.curve is not None:  # the loop's socket takes CURVE clients only
+                self.curve.connect(socket, self.curve.keys.public)
             socket.connect(self._control_address)
             # The empty delimiter lets REP and ROUTER receivers alike read it.
             socket.send_multipart([b"", self._control_token], zmq.NOBLOCK)
@@ -358,6 +365,7 @@ class BaseServer:
                 tee=tee or [],
                 functions=list(self.functions),
                 metrics=self.metrics_url,
+                curve=None if self.curve is None else self.curve.public_key,
                 version=__version__,
             )
             self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
@@ -399,6 +407,12 @@ class BaseServer:
         if colon and host in ("0.0.0.0", "*", "[::]"):
             return f"{scheme}://{socket.gethostname()}:{rest[len(host) + 1 :]}"
         return address
+
+    def _secure(self, socket: zmq.Socket) -> zmq.Socket:
+        """Make ``socket`` (about to bind) a CURVE server, when CURVE is on."""
+        if self.curve is not None:
+            self.curve.serve(socket)
+        return socket
 
     def _deregister(self) -> None:
         registration, self.registration = self.registration, None

@@ -23,6 +23,7 @@ from pylm import protocol
 from pylm.calls import DEFAULT_TIMEOUT
 from pylm.errors import ProtocolError, PylmError, UnknownFunction, UnknownKey, UnknownServer
 from pylm.lifecycle import Closing
+from pylm.security import Curve
 from pylm.standalone.client import Client
 
 __all__ = ["Cache", "CacheClient", "encode_set"]
@@ -121,8 +122,11 @@ class CacheClient(Closing):
         *,
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        self._client = Client(db_address, server_name, timeout=timeout, context=context)
+        self._client = Client(
+            db_address, server_name, timeout=timeout, context=context, curve=curve
+        )
 
     def set(self, value: bytes, key: str | None = None) -> str:
         """Store ``value`` (under ``key``, or a new key); return the key."""

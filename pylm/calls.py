@@ -14,14 +14,23 @@ import zmq
 
 from pylm import protocol
 from pylm.discovery import Peers
-from pylm.errors import ProtocolError, RegistryError, RequestTimeout
+from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
+from pylm.security import Curve
 from pylm.transport import check_address
 
 if TYPE_CHECKING:
-    from pylm.registry import Registry
+    from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["DEFAULT_TIMEOUT", "Caller", "Calls", "check_timeout", "pong_info", "read_answer"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Caller",
+    "Calls",
+    "check_timeout",
+    "curve_key",
+    "pong_info",
+    "read_answer",
+]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -119,10 +128,15 @@ class Caller:
         timeout: float,
         max_payload: int,
         registry: Registry | str | None = None,
+        curve: Curve | None = None,
     ) -> None:
         self.timeout = check_timeout(timeout)
         self._registry: Registry | None = None  # while following, the one this client opened
         self._peers: Peers | None = None
+        # CURVE (pylm.security): given, or from PYLM_CURVE_KEYS; the server's
+        # key from its registry record, or from the settings.
+        self.curve = curve if curve is not None else Curve.from_env()
+        self.server_key = None if self.curve is None else self.curve.server_key
         if server_name is None:
             if not isinstance(connection, str) or "://" in connection:
                 raise ValueError(
@@ -151,6 +165,7 @@ class Caller:
         client = self._open_registry(registry)
         try:
             records = client.wait_for_instances(name, self.timeout)
+            self.server_key = curve_key(name, records, self.curve) or self.server_key
             if not any(self.endpoint_role in record.endpoints for record in records):
                 raise RegistryError(
                     f"the instances of {name!r} have no {self.endpoint_role!r} endpoint:"
@@ -160,6 +175,12 @@ class Caller:
             self._stop_following()
             raise
         return Peers(client, name, self.endpoint_role, records)
+
+    def _secure(self, socket: zmq.Socket) -> zmq.Socket:
+        """Make ``socket`` (about to connect) a CURVE client, when CURVE is on."""
+        if self.curve is not None:
+            self.curve.connect(socket, self.server_key)
+        return socket
 
     def _rewire(self, socket: zmq.Socket) -> None:
         """Apply the instances the registry lists now to ``socket`` (the
@@ -188,6 +209,19 @@ class Caller:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_name!r} at {self.connection}>"
+
+
+def curve_key(name: str, records: list[InstanceRecord], curve: Curve | None) -> bytes | None:
+    """The CURVE public key the records of server ``name`` give, if any;
+    :class:`~pylm.errors.PylmError` if the server requires CURVE and this
+    side has no keys (its calls would time out, unexplained)."""
+    key = next((record.curve for record in records if record.curve), None)
+    if key is not None and curve is None:
+        raise PylmError(
+            f"server {name!r} requires CURVE: give this client keys (PYLM_CURVE_KEYS, or"
+            " curve=Curve(...); `pylm keys` makes them)"
+        )
+    return None if key is None else key.encode("ascii")
 
 
 def read_answer(frames: list[bytes]) -> protocol.Message | None:

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run a registry-backed pipeline end to end on a local etcd it starts"
     )
 
+    keys = commands.add_parser(
+        "keys",
+        help="make a CURVE key pair: FOLDER/NAME.key (public) and FOLDER/NAME.key_secret",
+    )
+    keys.add_argument("name")
+    keys.add_argument("folder", type=Path)
+
     sd = commands.add_parser(
         "sd",
         help="Prometheus service discovery from the registry (http_sd, or file_sd with --file)",
@@ -263,6 +270,15 @@ def call_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_keys(args: argparse.Namespace) -> int:
+    from pylm.security import generate_keys
+
+    public, secret = generate_keys(args.name, args.folder)
+    print(f"public key: {public}  (give it to the other side: PYLM_CURVE_ALLOW, PYLM_CURVE_SERVER)")
+    print(f"secret key: {secret}  (keep it here: PYLM_CURVE_KEYS)")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from pylm.demo import run_demo
 
@@ -370,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "etcd": run_etcd,
         "ls": show_topology,
         "call": call_server,
+        "keys": make_keys,
         "run": run_server,
         "sd": serve_sd,
         "top": show_top,

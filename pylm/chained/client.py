@@ -18,11 +18,12 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
-from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
+from pylm.calls import DEFAULT_TIMEOUT, Caller, curve_key, read_answer
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, FunctionStats
+from pylm.security import Curve
 from pylm.transport import check_address, close_socket, default_context, rest_of
 
 if TYPE_CHECKING:
@@ -127,8 +128,11 @@ class LoopClient(Caller, Closing):
         announce: bool = True,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
+        curve: Curve | None = None,
     ) -> None:
         firsts: Peers | None = None
+        curve = curve if curve is not None else Curve.from_env()
+        keys: tuple[bytes | None, bytes | None] = (None, None)  # CURVE: first and last stage
         self._last: Peers | None = None  # the last stage's instances, when followed
         owned: Registry | None = None
         if push_address is None and db_address is None and server_name is None:
@@ -140,14 +144,16 @@ class LoopClient(Caller, Closing):
                     " pull_address, push_address, db_address and server_name"
                 )
             server_name = pull_address
-            firsts, db_address, self._last, owned = self._follow_pipeline(
-                server_name, registry, timeout
+            firsts, db_address, self._last, owned, keys = self._follow_pipeline(
+                server_name, registry, timeout, curve
             )
             pull_address = self._last.endpoints
             push_address = firsts.endpoints[0]
         if push_address is None or db_address is None or server_name is None:
             raise ValueError("push_address, db_address and server_name go together")
-        super().__init__(push_address, server_name, timeout, max_payload)
+        super().__init__(push_address, server_name, timeout, max_payload, curve=curve)
+        self.server_key = keys[0] or self.server_key  # the first stage's
+        self._last_key = keys[1] or self.server_key  # the last stage's
         if firsts is not None:
             self._peers, self._registry = firsts, owned
             self.endpoints = firsts.endpoints
@@ -169,7 +175,7 @@ class LoopClient(Caller, Closing):
         context = default_context(context)
         self._context = context
         self._results = [self._result_socket(address) for address in self.pull_addresses]
-        self._jobs: zmq.Socket | None = context.socket(zmq.PUSH)
+        self._jobs: zmq.Socket | None = self._secure(context.socket(zmq.PUSH))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
         # Queue jobs only for instances connected now: none for one that died
@@ -191,8 +197,8 @@ class LoopClient(Caller, Closing):
 
     @staticmethod
     def _follow_pipeline(
-        first: str, registry: Registry | str | None, timeout: float
-    ) -> tuple[Peers, str, Peers, Registry | None]:
+        first: str, registry: Registry | str | None, timeout: float, curve: Curve | None
+    ) -> tuple[Peers, str, Peers, Registry | None, tuple[bytes | None, bytes | None]]:
         from pylm.registry import Registry
 
         client = registry if isinstance(registry, Registry) else Registry(registry)
@@ -200,6 +206,7 @@ class LoopClient(Caller, Closing):
             firsts, db, last, lasts = _resolve_pipeline(client, first, timeout)
             if not any("push" in record.endpoints for record in lasts):
                 raise RegistryError(f"the last stage {last!r} has no push endpoint")
+            keys = curve_key(first, firsts, curve), curve_key(last, lasts, curve)
         except BaseException:
             if client is not registry:
                 client.close()
@@ -209,6 +216,7 @@ class LoopClient(Caller, Closing):
             db,
             Peers(client, last, "push", lasts),
             None if client is registry else client,
+            keys,
         )
 
     def _follow(self, poller: zmq.Poller | None, timeout: float) -> None:
@@ -479,6 +487,8 @@ class LoopClient(Caller, Closing):
     def _result_socket(self, address: str) -> zmq.Socket:
         """A socket receiving results from the last stage instance at ``address``."""
         socket: zmq.Socket = self._context.socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve.connect(socket, self._last_key)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.route)
         socket.connect(address)
@@ -513,7 +523,11 @@ class LoopClient(Caller, Closing):
     def _cache_client(self) -> CacheClient:
         if self._cache is None:
             self._cache = CacheClient(
-                self.db_address, self.server_name, timeout=self.timeout, context=self._context
+                self.db_address,
+                self.server_name,
+                timeout=self.timeout,
+                context=self._context,
+                curve=self.curve and Curve(self.curve.keys, server_key=self.server_key),
             )
         return self._cache
 

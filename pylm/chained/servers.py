@@ -33,7 +33,9 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
+from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
+from pylm.security import Curve
 from pylm.transport import bind, check_address, close_socket, rest_of
 
 if TYPE_CHECKING:
@@ -121,13 +123,13 @@ class _Stage(BaseServer):
     # ------------------------------------------------------------------ sockets
 
     def _open(self) -> None:
-        pull = self.context.socket(zmq.PULL)
+        pull = self._secure(self.context.socket(zmq.PULL))
         self._pull = pull
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, self.hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         self.address = bind(pull, self.pull_address or self._any_port())
-        db = self.context.socket(zmq.REP)
+        db = self._secure(self.context.socket(zmq.REP))
         self._db_socket = db
         db.setsockopt(zmq.LINGER, 0)
         db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -440,6 +442,8 @@ class _Outlet:
     thread notes changes, the serving thread applies them)."""
 
     def __init__(self, call: str, addresses: list[str]) -> None:
+        self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
+        self._key: bytes | None = None  # the next stage's CURVE key, from its records
         if not isinstance(call, str):
             raise TypeError(
                 f"a next call must be a str like 'step2.bar', got {type(call).__name__}"
@@ -464,6 +468,8 @@ class _Outlet:
         """Connect to the given addresses, or (with ``registry``) to the
         instances registered now, and follow them."""
         self._context, self._hwm = context, hwm
+        if registry is not None:
+            self._key = curve_key(self.server, registry.instances(self.server), self.curve)
         socket = self._push_socket()
         self.socket = socket
         for address in self.addresses:
@@ -476,8 +482,10 @@ class _Outlet:
 
     def _changed(self, records: list[InstanceRecord]) -> None:
         wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
+        key = next((record.curve.encode() for record in records if record.curve), None)
         with self._lock:
             self._wanted = wanted
+            self._key = key or self._key
 
     def rewire(self, logger: logging.Logger | None) -> bool:
         """Apply what the registry said; True if an instance joined."""
@@ -486,6 +494,8 @@ class _Outlet:
         if wanted is None or self.socket is None:
             return False
         joined = wanted - self.connected
+        if joined:
+            self._secure(self.socket)  # the key may have come with these instances
         for address in joined:
             self.socket.connect(address)
             if logger is not None:
@@ -509,7 +519,13 @@ class _Outlet:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self._hwm)
         socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for an instance not connected
+        self._secure(socket)
         return socket
+
+    def _secure(self, socket: zmq.Socket) -> None:
+        """CURVE, with the next stage's key (given, or from its records), once known."""
+        if self.curve is not None and (self._key or self.curve.server_key):
+            self.curve.connect(socket, self._key)
 
     def for_stream(self, route: bytes, msg_id: int) -> zmq.Socket:
         """The socket for a job's stream items, its END and ERROR: all of
@@ -686,6 +702,7 @@ class Server(_Stage):
             registry = None if outlet.addresses else self._registry_client()
             if registry is not None:
                 self._poll_timeout = _REWIRE_MS
+            outlet.curve = self.curve
             outlet.open(self.context, self.hwm, registry)
         self._push = self._outlets[0].socket
 
@@ -843,7 +860,7 @@ class LastServer(_Stage):
         self._parked_count = 0
 
     def _open_output(self) -> None:
-        router = self.context.socket(zmq.ROUTER)
+        router = self._secure(self.context.socket(zmq.ROUTER))
         self._router = router
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.SNDHWM, self.hwm)

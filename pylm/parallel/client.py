@@ -16,6 +16,7 @@ from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.chained.client import JobResult
 from pylm.errors import PylmError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.security import Curve
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -60,12 +61,13 @@ class Client(Caller, Closing):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        super().__init__(front_address, server_name, timeout, max_payload, registry)
+        super().__init__(front_address, server_name, timeout, max_payload, registry, curve)
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         self.max_in_flight = max_in_flight
-        self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
+        self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
         self._socket.setsockopt(zmq.LINGER, 0)
         # No receive limit: the jobs in flight bound what comes, and a full
         # queue would make the master hold answers back.

@@ -117,7 +117,7 @@ class Hub(Dispatcher, Server):
     # ------------------------------------------------------------------ sockets
 
     def _open_output(self) -> None:
-        back = self.context.socket(zmq.ROUTER)
+        back = self._secure(self.context.socket(zmq.ROUTER))
         self._back = back
         back.setsockopt(zmq.LINGER, 0)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)

@@ -120,8 +120,8 @@ class Master(Dispatcher, BaseServer):
     # ------------------------------------------------------------------ sockets
 
     def _open(self) -> None:
-        front = self.context.socket(zmq.ROUTER)
-        back = self.context.socket(zmq.ROUTER)
+        front = self._secure(self.context.socket(zmq.ROUTER))
+        back = self._secure(self.context.socket(zmq.ROUTER))
         self._front, self._back = front, back
         for socket in (front, back):
             socket.setsockopt(zmq.LINGER, 0)

@@ -28,6 +28,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
+from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
@@ -122,6 +123,7 @@ class Worker(BaseServer):
             for function, entry in zip(self.functions, self._table.values(), strict=True)
         }
         self.identity = b"pylm-w-" + os.urandom(8)  # the job sockets' routing id
+        self._master_key = None if self.curve is None else self.curve.server_key
         self.masters: list[str] = []  # the master instances connected
         self._sockets: dict[str, zmq.Socket] = {}
         self._control: zmq.Socket | None = None
@@ -136,7 +138,7 @@ class Worker(BaseServer):
     # ------------------------------------------------------------------ sockets
 
     def _open(self) -> None:
-        control = self.context.socket(zmq.ROUTER)
+        control = self._secure(self.context.socket(zmq.ROUTER))
         control.setsockopt(zmq.LINGER, 0)
         control.bind(self._control_address)
         self._control = control
@@ -156,13 +158,14 @@ class Worker(BaseServer):
     def _find_masters(self) -> list[str]:
         registry = self._registry_client()
         records = registry.wait_for_instances(self.master, 10.0)
+        self._master_key = curve_key(self.master, records, self.curve) or self._master_key
         if not any("workers" in record.endpoints for record in records):
             raise RegistryError(f"{self.master!r} is not a master: it has no workers endpoint")
         self._peers = Peers(registry, self.master, "workers", records)
         return self._peers.endpoints
 
     def _connect(self, address: str) -> None:
-        socket = self.context.socket(zmq.DEALER)
+        socket = self._to_master(self.context.socket(zmq.DEALER))
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.identity)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -171,6 +174,12 @@ class Worker(BaseServer):
         self.masters = list(self._sockets)
         self._poller.register(socket, zmq.POLLIN)
         self._say(socket, {})
+
+    def _to_master(self, socket: zmq.Socket) -> zmq.Socket:
+        """Make ``socket`` (about to connect to a master) a CURVE client, when CURVE is on."""
+        if self.curve is not None:
+            self.curve.connect(socket, self._master_key)
+        return socket
 
     def _disconnect(self, address: str, linger: int = 0) -> None:
         socket = self._sockets.pop(address)
@@ -215,7 +224,7 @@ class Worker(BaseServer):
             while True:
                 for address in self.masters:
                     if address not in sockets:
-                        socket = self.context.socket(zmq.DEALER)
+                        socket = self._to_master(self.context.socket(zmq.DEALER))
                         socket.setsockopt(zmq.LINGER, 0)
                         socket.connect(address)
                         sockets[address] = socket

@@ -47,6 +47,7 @@ class InstanceRecord:
     tee: list[str] = field(default_factory=list)  # calls that get a copy of every result
     functions: list[str] = field(default_factory=list)
     metrics: str | None = None
+    curve: str | None = None  # the server's CURVE public key (Z85), when it requires CURVE
     version: str = ""
     started: float = field(default_factory=time.time)
 

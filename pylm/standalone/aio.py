@@ -13,6 +13,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.errors import PylmError, RequestTimeout
+from pylm.security import Curve
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -47,8 +48,9 @@ class AsyncClient(Caller):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        super().__init__(connection, server_name, timeout, max_payload, registry)
+        super().__init__(connection, server_name, timeout, max_payload, registry, curve)
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
@@ -133,7 +135,7 @@ class AsyncClient(Caller):
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._socket is None:
-            socket = self._context.socket(zmq.DEALER)
+            socket = self._secure(self._context.socket(zmq.DEALER))
             socket.setsockopt(zmq.LINGER, 0)
             # No limit on answers queued here: a REP server drops an answer
             # its client's queue has no room for, and every call in flight

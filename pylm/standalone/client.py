@@ -13,6 +13,7 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.security import Curve
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -51,15 +52,16 @@ class Client(Caller, Closing):
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        super().__init__(connection, server_name, timeout, max_payload, registry)
+        super().__init__(connection, server_name, timeout, max_payload, registry, curve)
         self._lock = threading.Lock()
         # A DEALER that sends the empty delimiter a REQ would: the server's
         # REP sees a REQ. No request/reply state machine to wedge after a
         # timeout, and answers are matched to calls by their message id, late
         # ones dropped (cheaper than a REQ with REQ_CORRELATE, whose request
         # ids cost a frame each way).
-        self._socket: zmq.Socket | None = default_context(context).socket(zmq.DEALER)
+        self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
         self._socket.setsockopt(zmq.LINGER, 0)
         for endpoint in self.endpoints:  # several instances: DEALER takes turns among them
             self._socket.connect(endpoint)

@@ -89,7 +89,7 @@ class Server(BaseServer):
     def _open(self) -> None:
         # REP, not ROUTER: routing envelopes stay inside libzmq, so each
         # request costs one receive and one send from Python.
-        socket = self.context.socket(zmq.REP)
+        socket = self._secure(self.context.socket(zmq.REP))
         self._socket = socket
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)

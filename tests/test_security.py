@@ -1,0 +1,141 @@
+"""CURVE: servers that require it let in only the clients whose keys they
+allow; keys from files (``pylm keys``) and the environment, or objects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pylm.chained import LastServer, LoopClient, Server
+from pylm.errors import PylmError, RequestTimeout
+from pylm.parallel import Client as ParallelClient
+from pylm.parallel import Master, Worker
+from pylm.registry import Registry
+from pylm.security import Curve, Keys, generate_keys
+from pylm.standalone import Client
+from pylm.standalone import Server as RepServer
+
+ANY = "tcp://127.0.0.1:0"
+
+
+class Counted(RepServer):
+    calls = 0
+
+    def echo(self, message: bytes) -> bytes:
+        type(self).calls += 1
+        return message
+
+
+class Step(Server):
+    def tag(self, message: bytes) -> bytes:
+        return message + b">step"
+
+
+class Last(LastServer):
+    def done(self, message: bytes) -> bytes:
+        return message + b">done"
+
+
+class Doer(Worker):
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, Path]:
+    """Secret key files of a server identity, an allowed client and a stranger;
+    the public keys of the allowed ones (server and client) in ``allowed/``."""
+    made = {}
+    for name in ("cluster", "client", "stranger"):
+        _, made[name] = generate_keys(name, tmp_path / "keys")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    for name in ("cluster", "client"):
+        (allowed / f"{name}.key").write_bytes((tmp_path / "keys" / f"{name}.key").read_bytes())
+    made["allowed"] = allowed
+    return made
+
+
+def test_only_allowed_keys_get_in(keys: dict[str, Path], serve: Callable[..., object]) -> None:
+    identity = Keys.load(keys["cluster"])
+    server = serve(
+        Counted(
+            "echo", ANY, log_stdout=False, curve=Curve(identity, [Keys.load(keys["client"]).public])
+        )
+    )
+    allowed = Curve(Keys.load(keys["client"]), server_key=identity.public)
+    with Client(server.address, "echo", curve=allowed, timeout=5) as client:
+        assert client.job("echo", b"in") == b"in"
+    Counted.calls = 0
+    stranger = Curve(Keys.load(keys["stranger"]), server_key=identity.public)
+    for curve in (stranger, None):  # a wrong key, or none: nothing gets through
+        with Client(server.address, "echo", curve=curve, timeout=0.5) as client:
+            with pytest.raises(RequestTimeout):
+                client.job("echo", b"let me in")
+    assert Counted.calls == 0
+    with Client(server.address, "echo", curve=allowed, timeout=5) as client:
+        assert client.job("echo", b"still in") == b"still in"  # and the server serves on
+
+
+def test_keys_from_the_environment_and_the_registry(
+    keys: dict[str, Path],
+    registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
+    monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
+    serve(Counted("echo", registry=registry, log_stdout=False))
+    (record,) = registry.instances("echo")
+    assert record.curve == Keys.load(keys["cluster"]).public.decode()
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))  # the clients' own pair
+    with Client("echo", registry=registry, timeout=5) as client:  # the server key: from the record
+        assert client.job("echo", b"by name") == b"by name"
+    monkeypatch.delenv("PYLM_CURVE_KEYS")
+    with pytest.raises(PylmError, match="requires CURVE"):
+        Client("echo", registry=registry, timeout=5)
+
+
+def test_a_pipeline_and_a_master_with_curve_by_name(
+    keys: dict[str, Path],
+    registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Servers share one identity and let in that identity (stages call
+    # stages, workers call masters) and the client's key.
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
+    monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
+    serve(Last("last", registry=registry, log_stdout=False))
+    serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
+    serve(Master("m", registry=registry, log_stdout=False))
+    serve(Doer("w", "m", registry=registry, log_stdout=False))
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
+    with LoopClient("step", registry=registry, announce=False, timeout=10) as loop:
+        assert sorted(loop.job("tag", [b"1", b"2"])) == [b"1>step>done", b"2>step>done"]
+        assert loop.get(loop.set(b"cached")) == b"cached"  # the stage's cache, through CURVE
+    with ParallelClient("m", registry=registry, timeout=10) as client:
+        assert client.eval("echo", b"parallel") == b"parallel"
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["stranger"]))
+    with ParallelClient("m", registry=registry, timeout=0.5) as client:
+        with pytest.raises(RequestTimeout):
+            client.eval("echo", b"let me in")
+
+
+def test_pylm_keys_makes_a_key_pair(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pylm.cli", "keys", "node1", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    pair = Keys.load(tmp_path / "node1.key_secret")
+    assert pair.secret is not None and Keys.load(tmp_path / "node1.key").public == pair.public
+    assert (tmp_path / "node1.key_secret").stat().st_mode & 0o077 == 0
+    with pytest.raises(ValueError, match="secret key"):
+        Curve(Keys.load(tmp_path / "node1.key"))
