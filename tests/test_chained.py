@@ -456,3 +456,49 @@ def test_batch_protocol_round_trip() -> None:
     assert protocol.decode([protocol.pack_batch(messages)]).kind == protocol.BATCH
     with pytest.raises(ValueError, match="batch must be an int from 1 to 1024"):
         LoopClient(ANY, ANY, ANY, "x", batch=0)
+
+
+def test_a_client_that_stops_reading_holds_no_other_client_up() -> None:
+    import zmq as _zmq
+
+    from pylm import protocol as _protocol
+
+    class Echo(LastServer):
+        def echo(self, message: bytes) -> bytes:
+            return message
+
+    with Echo("last", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0",
+              log_stdout=False) as last:  # fmt: skip
+        assert last.address is not None and last.push is not None and last.db is not None
+        route = b"lazy-client"
+        lazy = _zmq.Context.instance().socket(_zmq.DEALER)
+        lazy.setsockopt(_zmq.ROUTING_ID, route)
+        lazy.setsockopt(_zmq.RCVHWM, 10)
+        lazy.setsockopt(_zmq.RCVBUF, 4096)
+        lazy.setsockopt(_zmq.LINGER, 0)
+        lazy.connect(last.push)
+        jobs = _zmq.Context.instance().socket(_zmq.PUSH)
+        jobs.setsockopt(_zmq.LINGER, 0)
+        jobs.connect(last.address)
+        try:
+            lazy.send_multipart(_protocol.encode(_protocol.PING, 1))
+            assert lazy.poll(5000)
+            lazy.recv_multipart()  # greeted: results have a way back
+            for n in range(20_000):  # 1 KiB results it does not read
+                jobs.send_multipart(
+                    _protocol.encode(_protocol.REQUEST, n + 2, bytes(1024), b"last.echo", route)
+                )
+            with LoopClient(last.push, last.address, last.db, "last", announce=False,
+                            timeout=10) as client:  # fmt: skip
+                for n in range(20):
+                    assert list(client.job("echo", [b"%d" % n])) == [b"%d" % n]
+            received = 0
+            while lazy.poll(3000):  # the lazy client reads at last: everything is there
+                lazy.recv_multipart()
+                received += 1
+                if received == 20_000:
+                    break
+            assert received == 20_000
+        finally:
+            lazy.close()
+            jobs.close()

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,8 @@ DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 # the stage in the registry after its jobs got there) this long, this many.
 PARK_SECONDS = 10.0
 PARK_LIMIT = 10_000
+MAX_BACKLOG = 100_000  # results a last stage keeps for clients not reading, in all
+_ROUTER_RETRY_MS = 10  # how soon a last stage tries again to send to a full client
 _REWIRE_MS = 200  # how often a stage following the registry looks for changes
 _DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
@@ -426,9 +429,11 @@ class _Stage(BaseServer):
                     return False
                 if poller is None:
                     poller = zmq.Poller()
-                    poller.register(socket, zmq.POLLOUT)
+                    if socket.type != zmq.ROUTER:  # a ROUTER is writable while any peer has room
+                        poller.register(socket, zmq.POLLOUT)
                     poller.register(self._db_socket, zmq.POLLIN)
-                if self._db_socket in dict(poller.poll(_REWIRE_MS)):
+                wait = _REWIRE_MS if socket.type != zmq.ROUTER else _ROUTER_RETRY_MS
+                if self._db_socket in dict(poller.poll(wait)):
                     self._serve_db()
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:
@@ -858,6 +863,10 @@ class LastServer(_Stage):
         # instance in the registry after its jobs got here greets it soon.
         self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
         self._parked_count = 0
+        # Results for clients that are not reading, sent when they have room.
+        self._backlog: dict[bytes, deque[list[bytes]]] = {}
+        self._backlogged = 0
+        self._idle_timeout: int | None = None
 
     def _open_output(self) -> None:
         router = self._secure(self.context.socket(zmq.ROUTER))
@@ -868,6 +877,7 @@ class LastServer(_Stage):
         router.setsockopt(zmq.MAXMSGSIZE, _FRAME_SLACK)  # clients only say hello
         self.push = bind(router, self.push_address or self._any_port())
         self._poller.register(router, zmq.POLLIN)
+        self._idle_timeout = self._poll_timeout
 
     def _endpoints(self) -> dict[str, str]:
         assert self.push is not None
@@ -912,9 +922,56 @@ class LastServer(_Stage):
             self._drop("clients only send PING on the results socket", frames)
 
     def _to_client(self, route: bytes, frames: list[bytes]) -> None:
-        assert self._router is not None
-        if not self._send(self._router, [route, *frames]):
-            self._park(route, frames)
+        """Send to a client without waiting: a client whose queue is full (it
+        is not reading) gets its results later from a backlog, while the
+        other clients are served. Past MAX_BACKLOG results waiting in all,
+        the stage waits for room instead (and so does the pipeline)."""
+        router = self._router
+        assert router is not None
+        backlog = self._backlog.get(route)
+        if backlog is None:
+            try:
+                router.send_multipart([route, *frames], zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                return
+            except zmq.Again:
+                backlog = self._backlog[route] = deque()
+                self._poll_timeout = _ROUTER_RETRY_MS  # wake up to send it
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                self._park(route, frames)  # not connected (yet)
+                return
+        if self._backlogged >= MAX_BACKLOG:
+            if not self._send(router, [route, *frames]):
+                self._park(route, frames)
+            return
+        backlog.append(frames)
+        self._backlogged += 1
+
+    def _tick(self) -> None:
+        if self._backlog:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send what waits in the backlogs, as far as the clients take it."""
+        router = self._router
+        assert router is not None
+        for route, backlog in list(self._backlog.items()):
+            while backlog:
+                try:
+                    router.send_multipart([route, *backlog[0]], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self._park(route, backlog[0])  # the client left: as for one not here yet
+                backlog.popleft()
+                self._backlogged -= 1
+            if not backlog:
+                del self._backlog[route]
+        if not self._backlog:
+            self._poll_timeout = self._idle_timeout
 
     def _park(self, route: bytes, frames: list[bytes]) -> None:
         """Keep a result for a client not connected yet, for a while."""
@@ -968,6 +1025,9 @@ class LastServer(_Stage):
             return
         route = body[start:end]
         reply = self._output(body, start, end, result)
+        if self._backlog and route in self._backlog:
+            self._to_client(route, [reply])  # after what waits for that client
+            return
         try:
             router.send(route, _FIRST)  # the whole message goes, or none of it
         except zmq.ZMQError:  # full, or an unknown client: the careful way
