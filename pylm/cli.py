@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", required=True)
     run.add_argument("--ttl", type=float, help="lease of the registration in seconds (10)")
     run.add_argument("--host", help="interface to bind (default: $PYLM_HOST or 127.0.0.1)")
+    run.add_argument("--master", help="for a Worker: the name of its master (or hub)")
     return parser
 
 
@@ -301,11 +302,25 @@ def run_server(args: argparse.Namespace) -> int:
     server_class = getattr(module, class_name, None)
     if server_class is None:
         raise PylmError(f"{target!r} has no class {class_name!r}")
-    server = server_class(args.name, registry=args.registry, ttl=args.ttl, host=args.host)
-    try:
-        server.start()
-    except KeyboardInterrupt:
-        pass
+    from pylm.parallel import Worker
+
+    options = {"registry": args.registry, "ttl": args.ttl, "host": args.host}
+    if isinstance(server_class, type) and issubclass(server_class, Worker):
+        if not args.master:
+            raise PylmError(f"{class_name} is a worker: give its master with --master NAME")
+        server = server_class(args.name, args.master, **options)
+    else:
+        server = server_class(args.name, **options)
+    # SIGTERM (systemd, Docker, Kubernetes) and Ctrl-C stop it cleanly: it
+    # deregisters, then serves what is still on its way, then closes.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start(background=True)
+    while not stop.wait(0.5):
+        if not server.running:
+            break  # it ended by itself (its messages limit, or a crash: stop() raises)
+    server.stop()
     return 0
 
 

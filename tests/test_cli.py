@@ -208,3 +208,44 @@ def test_call_a_master_and_show_branches_and_tees(
     finally:
         for server in reversed(servers):
             server.stop()
+
+
+WORKER_MODULE = """
+from pylm.parallel import Worker
+
+class Upper(Worker):
+    def upper(self, message):
+        return message.upper()
+"""
+
+
+def test_run_a_worker_and_stop_it_with_sigterm(
+    etcd_server: LocalEtcd, cluster: str, registry: Registry, tmp_path: Path
+) -> None:
+    from pylm.parallel import Client as ParallelClient
+    from pylm.parallel import Master
+
+    module = tmp_path / "upper.py"
+    module.write_text(WORKER_MODULE)
+    master = Master("m", registry=registry, log_stdout=False)
+    master.start(background=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+         "run", f"{module}:Upper", "--name", "upper", "--master", "m", "--ttl", "30"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        with ParallelClient("m", registry=registry, timeout=20) as client:
+            assert client.eval("upper", b"shout") == b"SHOUT"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.stderr.read() if worker.stderr else ""
+        # It deregistered on its way out: its record did not wait for the 30 s lease.
+        assert registry.instances("upper") == []
+        missing = pylm(etcd_server, cluster, "run", f"{module}:Upper", "--name", "x")
+        assert missing.returncode == 2 and "--master" in missing.stderr
+    finally:
+        worker.kill()
+        worker.wait(10)
+        master.stop()
