@@ -487,6 +487,11 @@ class _Outlet:
 
     def _changed(self, records: list[InstanceRecord]) -> None:
         wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
+        if not wanted:
+            # Every record gone (instances stopping, or leases expired while
+            # etcd was out of reach): keep the connections, as clients do
+            # (pylm.discovery); instances that did stop are not sent to anyway.
+            return
         key = next((record.curve.encode() for record in records if record.curve), None)
         with self._lock:
             self._wanted = wanted
@@ -714,8 +719,8 @@ class Server(_Stage):
     def _configured_next(self) -> str:
         try:
             config = self._registry_client().get_config(self.name) or {}
-        except RegistryError as exc:
-            raise RegistryError(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
+        except RegistryError as exc:  # the same kind: unavailable, access denied...
+            raise type(exc)(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
         next_call = config.get("next")
         if not next_call:
             raise RegistryError(

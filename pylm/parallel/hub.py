@@ -217,7 +217,8 @@ class Hub(Dispatcher, Server):
             self._stream_failed(message.route, message.msg_id)
             self._deliver_error(message.route, message.msg_id, message.payload)
         else:
-            self._drop(f"a hub takes REQUEST, ERROR and END, not {message.kind}", frames)
+            kind = protocol.KIND_NAMES[message.kind]
+            self._drop(f"a hub takes REQUEST, ERROR and END, not {kind}", frames)
 
     def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
         """Leave cleanly: deregister, take what still comes, and wait for
