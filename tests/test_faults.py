@@ -63,3 +63,39 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
     finally:
         doomed.kill()
         doomed.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
+    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+) -> None:
+    from pylm.parallel import Client, Master
+
+    master = serve(Master("m", registry=registry, heartbeat=0.2, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    script = str(HERE / "parallel_worker.py")
+    workers = [
+        subprocess.Popen([sys.executable, script, name, "m", "0.2", "4", pause], env=env)
+        for name, pause in (("doomed", "0.001"), ("survivor", "0"))
+    ]
+    try:
+        results: list[bytes] = []
+        with Client("m", registry=registry, timeout=30, max_in_flight=200) as client:
+            deadline = time.monotonic() + 20
+            while client.ping()["workers"] < 2:
+                assert time.monotonic() < deadline, "the workers never joined"
+                time.sleep(0.05)
+            stream = client.job("who", [b"%d" % n for n in range(10_000)])
+            for result in stream:
+                results.append(result)
+                if sum(r.startswith(b"doomed:") for r in results[-1:]) and len(results) > 2_000:
+                    workers[0].send_signal(signal.SIGKILL)
+                    break
+            results.extend(stream)
+        payloads = Counter(result.split(b":")[1] for result in results)
+        assert len(results) == 10_000 and len(payloads) == 10_000  # 0 lost, 0 twice
+        assert master.redispatched >= 1
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait(10)
