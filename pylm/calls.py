@@ -165,7 +165,9 @@ class Caller:
         client = self._open_registry(registry)
         try:
             records = client.wait_for_instances(name, self.timeout)
-            self.server_key = curve_key(name, records, self.curve) or self.server_key
+            self.server_key = curve_key(name, records, self.curve)
+            if self.server_key is None:
+                self.curve = None  # the server takes plain connections: so does this client
             if not any(self.endpoint_role in record.endpoints for record in records):
                 raise RegistryError(
                     f"the instances of {name!r} have no {self.endpoint_role!r} endpoint:"

@@ -274,7 +274,10 @@ def call_server(args: argparse.Namespace) -> int:
 def make_keys(args: argparse.Namespace) -> int:
     from pylm.security import generate_keys
 
-    public, secret = generate_keys(args.name, args.folder)
+    try:
+        public, secret = generate_keys(args.name, args.folder)
+    except OSError as exc:
+        raise PylmError(str(exc)) from exc
     print(f"public key: {public}  (give it to the other side: PYLM_CURVE_ALLOW, PYLM_CURVE_SERVER)")
     print(f"secret key: {secret}  (keep it here: PYLM_CURVE_KEYS)")
     return 0

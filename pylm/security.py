@@ -62,9 +62,17 @@ class Keys:
 
 def generate_keys(name: str, folder: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write a new key pair as ``folder/name.key`` and ``folder/name.key_secret``."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(os.fspath(folder), name)
-    os.chmod(secret, 0o600)
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    for path in (target / f"{name}.key", target / f"{name}.key_secret"):
+        if path.exists():
+            raise FileExistsError(f"{path} exists: remove it first, or choose another name")
+    old_mask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        public, secret = zmq.auth.create_certificates(os.fspath(folder), name)
+    finally:
+        os.umask(old_mask)
+    os.chmod(public, 0o644)
     return Path(public), Path(secret)
 
 

@@ -139,3 +139,18 @@ def test_pylm_keys_makes_a_key_pair(tmp_path: Path) -> None:
     assert (tmp_path / "node1.key_secret").stat().st_mode & 0o077 == 0
     with pytest.raises(ValueError, match="secret key"):
         Curve(Keys.load(tmp_path / "node1.key"))
+
+
+def test_keys_for_servers_that_do_not_require_curve(
+    keys: dict[str, Path],
+    registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    serve(Counted("plain", registry=registry, log_stdout=False))  # no CURVE
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
+    with Client("plain", registry=registry, timeout=5) as client:  # the record says: plain
+        assert client.job("echo", b"plain") == b"plain"
+    with pytest.raises(FileExistsError, match="exists"):
+        generate_keys("client", tmp_path / "keys")  # never overwrites a pair

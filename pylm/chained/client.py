@@ -154,6 +154,8 @@ class LoopClient(Caller, Closing):
         super().__init__(push_address, server_name, timeout, max_payload, curve=curve)
         self.server_key = keys[0] or self.server_key  # the first stage's
         self._last_key = keys[1] or self.server_key  # the last stage's
+        if firsts is not None and keys == (None, None):
+            self.curve = None  # the pipeline takes plain connections: so does this client
         if firsts is not None:
             self._peers, self._registry = firsts, owned
             self.endpoints = firsts.endpoints

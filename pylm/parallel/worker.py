@@ -177,8 +177,8 @@ class Worker(BaseServer):
 
     def _to_master(self, socket: zmq.Socket) -> zmq.Socket:
         """Make ``socket`` (about to connect to a master) a CURVE client, when CURVE is on."""
-        if self.curve is not None:
-            self.curve.connect(socket, self._master_key)
+        if self.curve is not None and (self._master_key or self.curve.server_key):
+            self.curve.connect(socket, self._master_key)  # else the master takes plain ones
         return socket
 
     def _disconnect(self, address: str, linger: int = 0) -> None:
