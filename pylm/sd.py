@@ -146,13 +146,13 @@ class ServiceDiscovery:
     def _update(self, records: list[InstanceRecord]) -> None:
         """From the registry's thread: the instances changed."""
         targets = scrape_targets(records, self.registry.config.cluster)
+        if self.file is not None:  # first: whoever sees the new version finds the file too
+            self._write(targets)
         with self._changed:
             self._records = records
             self._targets = targets
             self._version += 1
             self._changed.notify_all()
-        if self.file is not None:
-            self._write(targets)
 
     def _write(self, targets: list[dict[str, Any]]) -> None:
         assert self.file is not None

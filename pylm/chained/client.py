@@ -180,9 +180,10 @@ class LoopClient(Caller, Closing):
         self._jobs: zmq.Socket | None = self._secure(context.socket(zmq.PUSH))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
-        # Queue jobs only for instances connected now: none for one that died
-        # (its address stays in the registry until its lease expires).
-        self._jobs.setsockopt(zmq.IMMEDIATE, 1)
+        # Not IMMEDIATE: with it, jobs queued for a first-stage instance that
+        # leaves cleanly were lost (measured), while without it they reach the
+        # instance, which serves them before it closes. The price: a killed
+        # instance gets its share of jobs until its record expires.
         for endpoint in self.endpoints:  # several first-stage instances: round-robin
             self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None

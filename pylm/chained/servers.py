@@ -528,7 +528,6 @@ class _Outlet:
         socket: zmq.Socket = self._context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self._hwm)
-        socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing queued for an instance not connected
         self._secure(socket)
         return socket
 
