@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -15,7 +16,9 @@ import pytest
 
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.errors import RequestTimeout
-from pylm.registry import LocalEtcd, Registry
+from pylm.registry import LocalEtcd, LocalEtcdCluster, Registry
+from pylm.standalone import Client
+from pylm.standalone import Server as RepServer
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,3 +102,50 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
         for process in workers:
             process.kill()
             process.wait(10)
+
+
+class Echo(RepServer):
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.mark.timeout(120)
+def test_a_three_member_etcd_cluster_loses_a_member_then_its_leader() -> None:
+    with LocalEtcdCluster(3) as etcd, Registry(etcd.url, cluster="trio", timeout=2) as registry:
+        server_ttl = 2.0
+        server = Echo("steady", log_stdout=False, registry=registry, ttl=server_ttl)
+        failures: list[BaseException] = []
+        calls = [0]
+        done = threading.Event()
+        with server, Client("steady", registry=registry, timeout=5) as client:
+
+            def load() -> None:  # calls all along: none may fail
+                while not done.is_set():
+                    try:
+                        assert client.job("echo", b"x") == b"x"
+                        calls[0] += 1
+                    except BaseException as exc:
+                        failures.append(exc)
+
+            caller = threading.Thread(target=load)
+            caller.start()
+            try:
+                registration = server.registration
+                assert registration is not None
+                follower = next(m for m in etcd.members if m is not etcd.leader())
+                follower.stop()  # one member down: no impact
+                failures_before = registration.failures
+                renewed = threading.Event()
+                renewed.wait(2 * server_ttl)  # two leases' worth of keep-alives
+                assert registration.registered and registration.failures == failures_before
+                follower.start()
+                etcd.leader().stop()  # the leader down: a brief pause while two elect one
+                etcd.leader()
+                deadline = time.monotonic() + 10
+                while not (registration.registered and registry.instances("steady")):
+                    assert time.monotonic() < deadline, "never registered again"
+                    time.sleep(0.05)
+            finally:
+                done.set()
+                caller.join(10)
+        assert failures == [] and calls[0] > 0

@@ -2,13 +2,14 @@
 
 from pylm.registry.client import DEFAULT_TTL, Registration, Registry
 from pylm.registry.config import RegistryConfig
-from pylm.registry.local import LocalEtcd
+from pylm.registry.local import LocalEtcd, LocalEtcdCluster
 from pylm.registry.records import InstanceRecord
 
 __all__ = [
     "DEFAULT_TTL",
     "InstanceRecord",
     "LocalEtcd",
+    "LocalEtcdCluster",
     "Registration",
     "Registry",
     "RegistryConfig",

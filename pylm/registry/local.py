@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from pylm.errors import RegistryError
 
-__all__ = ["EtcdTLS", "LocalEtcd", "end_process", "free_port"]
+__all__ = ["EtcdTLS", "LocalEtcd", "LocalEtcdCluster", "end_process", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,11 @@ class LocalEtcd:
         election_ms: int = 100,
         tls: EtcdTLS | None = None,
         extra_args: Sequence[str] = (),
+        name: str = "pylm",
     ) -> None:
         self.host = host
+        self.name = name
+        self.initial_cluster: str | None = None  # the members, for one of a LocalEtcdCluster
         self.tls = tls
         self.extra_args = list(extra_args)
         self.binary = binary
@@ -102,7 +105,9 @@ class LocalEtcd:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def start(self, timeout: float = 20.0) -> LocalEtcd:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> LocalEtcd:
+        """Start etcd; with ``wait``, return once it is healthy (a member of
+        a cluster is healthy only once a majority runs: start them all first)."""
         path = shutil.which(self.binary)
         if path is None:
             raise RegistryError(
@@ -121,13 +126,13 @@ class LocalEtcd:
         self._log = self.data_dir / "etcd.log"
         command = [
             path,
-            "--name", "pylm",
+            "--name", self.name,
             "--data-dir", str(self.data_dir / "data"),
             "--listen-client-urls", client,
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"pylm={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--heartbeat-interval", str(max(10, self.election_ms // 5)),
             "--election-timeout", str(self.election_ms),
             "--listen-metrics-urls", self.metrics_url,
@@ -148,8 +153,18 @@ class LocalEtcd:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self._wait_healthy(self.metrics_url, timeout)
+        if wait:
+            self._wait_healthy(self.metrics_url, timeout)
         return self
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this member leads its cluster now (from its /metrics)."""
+        try:
+            with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=2) as answer:
+                return b"\netcd_server_is_leader 1" in answer.read()
+        except (OSError, urllib.error.URLError):
+            return False
 
     def enable_auth(self, password: str, timeout: float = 10.0) -> None:
         """Create the ``root`` user with ``password`` and turn authentication
@@ -254,6 +269,68 @@ class LocalEtcd:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalEtcd:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class LocalEtcdCluster:
+    """Starts a local etcd cluster of ``size`` members (loopback, free
+    ports, temporary folders) and stops it; a context manager. ``url`` names
+    every member, so a :class:`~pylm.registry.Registry` tries them in turn."""
+
+    def __init__(self, size: int = 3, *, host: str = "127.0.0.1", election_ms: int = 100) -> None:
+        if size < 1:
+            raise ValueError(f"a cluster needs at least one member, got {size}")
+        self.host = host
+        self.members = [
+            LocalEtcd(host=host, name=f"pylm{index}", election_ms=election_ms)
+            for index in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return "etcd://" + ",".join(f"{self.host}:{m.client_port}" for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> LocalEtcdCluster:
+        for member in self.members:
+            member.client_port = free_port(self.host)
+            member.peer_port = free_port(self.host)
+            member.metrics_port = free_port(self.host)
+        members = ",".join(f"{m.name}=http://{self.host}:{m.peer_port}" for m in self.members)
+        try:
+            for member in self.members:
+                member.initial_cluster = members
+                member.start(timeout, wait=False)
+            for member in self.members:
+                member._wait_healthy(member.metrics_url, timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def leader(self, timeout: float = 10.0) -> LocalEtcd:
+        """The member leading now (waiting up to ``timeout`` for an election)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for member in self.members:
+                if member.running and member.is_leader:
+                    return member
+            if time.monotonic() > deadline:
+                raise RegistryError(f"no etcd leader within {timeout:g} s")
+            time.sleep(0.05)  # polling processes we own no event for
+
+    def cleanup(self) -> None:
+        for member in self.members:
+            member.cleanup()
+
+    def __enter__(self) -> LocalEtcdCluster:
         return self.start()
 
     def __exit__(
