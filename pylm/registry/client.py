@@ -362,7 +362,12 @@ class Registration:
             await asyncio.sleep(self.ttl / 3)
             try:
                 if self.registered:
-                    response = await self.registry._etcd(lambda client: self._lease.refresh())
+                    # With the client _etcd gives (the endpoint that answers now), not
+                    # the one the lease was made with (Lease.refresh): that one may be
+                    # a member that is down, or a client closed since.
+                    response = await self.registry._etcd(
+                        lambda client: client.refresh_lease(self._lease.id)
+                    )
                     if response.TTL <= 0:
                         self.registered = False  # the lease expired meanwhile: register again
                 if not self.registered:
