@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import deque
+from collections.abc import Callable
 
 import zmq
 
@@ -10,6 +12,7 @@ from pylm.errors import PylmError
 
 __all__ = [
     "AddressError",
+    "Backlog",
     "bind",
     "check_address",
     "close_socket",
@@ -77,3 +80,61 @@ def rest_of(socket: zmq.Socket) -> list[bytes]:
     while socket.getsockopt(zmq.RCVMORE):
         frames.append(socket.recv())
     return frames
+
+
+class Backlog:
+    """Messages a ROUTER socket had no room for yet, per peer and in order
+    (the peer is not reading), sent as the peer takes them, while the other
+    peers are served; at most ``limit`` in all. ``gone(peer, frames)`` is
+    told of each message whose peer is not connected; ``sent`` counts the
+    messages sent."""
+
+    def __init__(self, limit: int, gone: Callable[[bytes, list[bytes]], None]) -> None:
+        self.socket: zmq.Socket | None = None  # the ROUTER, once its owner opened it
+        self.limit = limit
+        self.size = 0
+        self.sent = 0
+        self._gone = gone
+        self._held: dict[bytes, deque[list[bytes]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def holds(self, peer: bytes) -> bool:
+        """Whether messages wait for ``peer`` (a new one goes behind them)."""
+        return peer in self._held
+
+    def offer(self, peer: bytes, frames: list[bytes]) -> bool:
+        """Send now, or keep for later behind what waits for ``peer``; False
+        only when the peer has no room and the backlog is full."""
+        if peer not in self._held and self._try(peer, frames):
+            return True
+        if self.size >= self.limit:
+            return False
+        self._held.setdefault(peer, deque()).append(frames)
+        self.size += 1
+        return True
+
+    def flush(self) -> None:
+        """Send what waits, as far as the peers take it."""
+        for peer, held in list(self._held.items()):
+            while held and self._try(peer, held[0]):
+                held.popleft()
+                self.size -= 1
+            if not held:
+                del self._held[peer]
+
+    def _try(self, peer: bytes, frames: list[bytes]) -> bool:
+        """Send without waiting; False if the peer has no room now."""
+        assert self.socket is not None
+        try:
+            self.socket.send_multipart([peer, *frames], zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._gone(peer, frames)  # not connected (any more, or yet)
+            return True
+        self.sent += 1
+        return True

@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ from pylm.cache import Cache
 from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
 from pylm.security import Curve
-from pylm.transport import bind, check_address, close_socket, rest_of
+from pylm.transport import Backlog, bind, check_address, close_socket, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -867,9 +866,9 @@ class LastServer(_Stage):
         # instance in the registry after its jobs got here greets it soon.
         self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
         self._parked_count = 0
-        # Results for clients that are not reading, sent when they have room.
-        self._backlog: dict[bytes, deque[list[bytes]]] = {}
-        self._backlogged = 0
+        # Results for clients that are not reading, sent when they have room
+        # (one that left meanwhile: as for one not here yet).
+        self._backlog = Backlog(MAX_BACKLOG, self._park)
         self._idle_timeout: int | None = None
 
     def _open_output(self) -> None:
@@ -879,6 +878,7 @@ class LastServer(_Stage):
         router.setsockopt(zmq.SNDHWM, self.hwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown client: an error, not silence
         router.setsockopt(zmq.MAXMSGSIZE, _FRAME_SLACK)  # clients only say hello
+        self._backlog.socket = router
         self.push = bind(router, self.push_address or self._any_port())
         self._poller.register(router, zmq.POLLIN)
         self._idle_timeout = self._poll_timeout
@@ -932,50 +932,17 @@ class LastServer(_Stage):
         the stage waits for room instead (and so does the pipeline)."""
         router = self._router
         assert router is not None
-        backlog = self._backlog.get(route)
-        if backlog is None:
-            try:
-                router.send_multipart([route, *frames], zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
-                return
-            except zmq.Again:
-                backlog = self._backlog[route] = deque()
-                self._poll_timeout = _ROUTER_RETRY_MS  # wake up to send it
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                self._park(route, frames)  # not connected (yet)
-                return
-        if self._backlogged >= MAX_BACKLOG:
+        if not self._backlog.offer(route, frames):
             if not self._send(router, [route, *frames]):
                 self._park(route, frames)
-            return
-        backlog.append(frames)
-        self._backlogged += 1
+        if self._backlog:
+            self._poll_timeout = _ROUTER_RETRY_MS  # wake up to send what waits
 
     def _tick(self) -> None:
         if self._backlog:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Send what waits in the backlogs, as far as the clients take it."""
-        router = self._router
-        assert router is not None
-        for route, backlog in list(self._backlog.items()):
-            while backlog:
-                try:
-                    router.send_multipart([route, *backlog[0]], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno != zmq.EHOSTUNREACH:
-                        raise
-                    self._park(route, backlog[0])  # the client left: as for one not here yet
-                backlog.popleft()
-                self._backlogged -= 1
-            if not backlog:
-                del self._backlog[route]
-        if not self._backlog:
-            self._poll_timeout = self._idle_timeout
+            self._backlog.flush()
+            if not self._backlog:
+                self._poll_timeout = self._idle_timeout
 
     def _park(self, route: bytes, frames: list[bytes]) -> None:
         """Keep a result for a client not connected yet, for a while."""
@@ -1029,7 +996,7 @@ class LastServer(_Stage):
             return
         route = body[start:end]
         reply = self._output(body, start, end, result)
-        if self._backlog and route in self._backlog:
+        if self._backlog.holds(route):
             self._to_client(route, [reply])  # after what waits for that client
             return
         try:

@@ -36,7 +36,6 @@ import logging
 import struct
 import sys
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 import zmq
@@ -51,7 +50,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import bind, check_address, close_socket
+from pylm.transport import Backlog, bind, check_address, close_socket
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -114,8 +113,10 @@ class Master(Dispatcher, BaseServer):
         self.front: str | None = None  # where clients connect, once bound
         self.back: str | None = None  # where workers connect, once bound
         self._front: zmq.Socket | None = None
-        self._backlog: dict[bytes, deque[list[bytes]]] = {}  # answers clients had no room for
-        self._backlogged = 0
+        # Answers for clients that are not reading, sent as they read.
+        self._backlog = Backlog(
+            MAX_BACKLOG, lambda client, _: self._undeliverable(client, "the client is gone")
+        )
 
     # ------------------------------------------------------------------ sockets
 
@@ -123,6 +124,7 @@ class Master(Dispatcher, BaseServer):
         front = self._secure(self.context.socket(zmq.ROUTER))
         back = self._secure(self.context.socket(zmq.ROUTER))
         self._front, self._back = front, back
+        self._backlog.socket = front
         for socket in (front, back):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -161,7 +163,8 @@ class Master(Dispatcher, BaseServer):
                 self._drain_clients(front)
             self._dispatch()
             if self._backlog:
-                self._flush()
+                self._backlog.flush()
+                self._count_sent()
             if time.monotonic() >= next_check:
                 self._check_workers()
                 next_check = time.monotonic() + self.heartbeat / 4
@@ -235,40 +238,13 @@ class Master(Dispatcher, BaseServer):
         """Send without waiting: a client whose queue is full (it stopped
         reading a long stream) gets its answers later, in order, from a
         backlog, while the master serves everyone else."""
-        backlog = self._backlog.get(client)
-        if backlog is not None:
-            if self._backlogged >= MAX_BACKLOG:
-                self._undeliverable(client, "the backlog of slow clients is full")
-                return
-            backlog.append(frames)
-            self._backlogged += 1
-            return
-        if not self._send_now(client, frames):
-            self._backlog[client] = deque([frames])
-            self._backlogged += 1
+        if not self._backlog.offer(client, frames):
+            self._undeliverable(client, "the backlog of slow clients is full")
+        self._count_sent()
 
-    def _send_now(self, client: bytes, frames: list[bytes]) -> bool:
-        """Send to ``client``; False if its queue is full now."""
-        assert self._front is not None
-        try:
-            self._front.send_multipart([client, *frames], zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError:  # EHOSTUNREACH: the client is gone
-            self._undeliverable(client, "the client is gone")
-            return True
+    def _count_sent(self) -> None:
         if self.stats is not None:
-            self.stats.sent += 1
-        return True
-
-    def _flush(self) -> None:
-        """Send what waits in the backlogs, as far as the clients take it."""
-        for client, backlog in list(self._backlog.items()):
-            while backlog and self._send_now(client, backlog[0]):
-                backlog.popleft()
-                self._backlogged -= 1
-            if not backlog:
-                del self._backlog[client]
+            self.stats.sent = self._backlog.sent
 
     def _undeliverable(self, client: bytes, why: str) -> None:
         self.undeliverable += 1
