@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,33 @@ class Caller:
         registry, self._registry = self._registry, None
         if registry is not None:
             registry.close()
+
+    def _expired_jobs(
+        self,
+        in_flight: MutableMapping[int, Any],
+        now: float,
+        function: str,
+        timeout: float,
+    ) -> list[tuple[int, int, RequestTimeout]]:
+        """Take the jobs whose deadline has passed out of ``in_flight`` (id ->
+        entry whose items 0 and 1 are the job's index and deadline), count
+        them, and give (id, index, error) for each."""
+        expired = [(msg_id, entry[0]) for msg_id, entry in in_flight.items() if entry[1] <= now]
+        for msg_id, _ in expired:
+            del in_flight[msg_id]
+            self._calls.timed_out(function)
+        return [
+            (
+                msg_id,
+                index,
+                RequestTimeout(
+                    f"no result for job {index} ({function!r} on {self.server_name!r} via"
+                    f" {self.connection}) within {timeout:g} s;"
+                    f" {len(expired)} job(s) timed out together"
+                ),
+            )
+            for msg_id, index in expired
+        ]
 
     def _timeout_of(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else check_timeout(timeout)

@@ -473,17 +473,9 @@ class LoopClient(Caller, Closing):
         function: str,
         timeout: float,
     ) -> list[_Outcome]:
-        expired = [msg_id for msg_id, (_, deadline) in in_flight.items() if deadline <= now]
         outcomes: list[_Outcome] = []
-        for msg_id in expired:
-            index, _ = in_flight.pop(msg_id)
+        for msg_id, index, error in self._expired_jobs(in_flight, now, function, timeout):
             self._items.pop(msg_id, None)
-            self._calls.timed_out(function)
-            error = RequestTimeout(
-                f"no result for job {index} ({function!r} on {self.server_name!r} via"
-                f" {self.connection}) within {timeout:g} s;"
-                f" {len(expired)} job(s) timed out together"
-            )
             outcomes.append((index, None, error))
         return outcomes
 

@@ -14,7 +14,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.chained.client import JobResult
-from pylm.errors import PylmError, RequestTimeout
+from pylm.errors import PylmError
 from pylm.lifecycle import Closing
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
@@ -249,18 +249,8 @@ class Client(Caller, Closing):
         function: str,
         timeout: float,
     ) -> list[_Outcome]:
-        expired = [msg_id for msg_id, entry in in_flight.items() if entry[1] <= now]
-        outcomes: list[_Outcome] = []
-        for msg_id in expired:
-            index = in_flight.pop(msg_id)[0]
-            self._calls.timed_out(function)
-            error = RequestTimeout(
-                f"no result for job {index} ({function!r} on {self.server_name!r} via"
-                f" {self.connection}) within {timeout:g} s;"
-                f" {len(expired)} job(s) timed out together"
-            )
-            outcomes.append((index, None, error, True))
-        return outcomes
+        expired = self._expired_jobs(in_flight, now, function, timeout)
+        return [(index, None, error, True) for _, index, error in expired]
 
     def close(self) -> None:
         self._stop_following()

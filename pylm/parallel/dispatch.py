@@ -112,7 +112,7 @@ class _Parent:
 class _Job:
     """A job on the books, given to a worker or waiting for one."""
 
-    __slots__ = ("body", "deadline", "msg_id", "next_seq", "origin", "parent", "worker")
+    __slots__ = ("body", "deadline", "msg_id", "next_seq", "origin", "parent")
 
     def __init__(
         self,
@@ -127,7 +127,6 @@ class _Job:
         self.deadline = deadline
         self.body = body  # the frames a worker gets, with the job's number as id
         self.parent = parent
-        self.worker: _Worker | None = None
         self.next_seq = 0  # the number of the next streamed item to pass on
 
 
@@ -364,7 +363,6 @@ class Dispatcher:
                 continue
             worker.free -= 1
             worker.jobs.add(number)
-            job.worker = worker
 
     # ------------------------------------------------------------------ answers
 
@@ -582,9 +580,7 @@ class Dispatcher:
         pending = sorted(worker.jobs)
         worker.jobs.clear()
         for number in reversed(pending):
-            job = self._jobs.get(number)
-            if job is not None:
-                job.worker = None
+            if number in self._jobs:
                 self._queue.appendleft(number)
         self.redispatched += len(pending)
         self.logger.log(
