@@ -8,19 +8,22 @@ pylm installed can use them:
 - ``cluster``: a cluster name unique to the test, so tests sharing the etcd
   never see each other's keys;
 - ``registry``: a :class:`pylm.registry.Registry` of that cluster, closed
-  after the test.
+  after the test;
+
+and :func:`wait_for`, to wait for a state another thread or process owns.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from pylm.registry import LocalEtcd, Registry
 
-__all__ = ["cluster", "etcd_server", "registry"]
+__all__ = ["cluster", "etcd_server", "registry", "wait_for"]
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +51,14 @@ def registry(etcd_server: LocalEtcd, cluster: str) -> Iterator[Registry]:
         yield client
     finally:
         client.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait until ``condition()`` holds, checking 50 times a second (for a
+    state owned by another thread or process, with no event to wait on);
+    fail the test, naming ``what``, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s")
+        time.sleep(0.02)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,14 +13,7 @@ from pylm.chained import LoopClient
 from pylm.demo import Last, Step1, Step2
 from pylm.errors import RegistryError
 from pylm.registry import Registry
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s")
-        time.sleep(0.05)
+from pylm.testing import wait_for
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["step1", "step2", "last"])))

@@ -20,18 +20,11 @@ from pylm import protocol
 from pylm.errors import PylmError, RemoteError, RequestTimeout, UnknownFunction
 from pylm.parallel import Client, Master, Worker
 from pylm.registry import LocalEtcd, Registry
+from pylm.testing import wait_for
 
 HERE = Path(__file__).resolve().parent
 BEAT = 0.2  # s between heartbeats: a dead worker is noticed within 0.6 s
 ANY = "tcp://127.0.0.1:0"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s")
-        time.sleep(0.02)
 
 
 class Tagger(Worker):

@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable
 
 import aetcd
 import pytest
@@ -15,15 +14,7 @@ import pytest
 from pylm.errors import RegistryError, RegistryUnavailable
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
 from pylm.registry.local import free_port
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Wait until ``condition()`` holds, checking a few times a second."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s")
-        time.sleep(0.1)
+from pylm.testing import wait_for
 
 
 def record(name: str = "step1", **fields: object) -> InstanceRecord:
