@@ -94,6 +94,16 @@ class Echo(Worker):
         return message
 
 
+def hub_to(
+    next_address: str | list[str] | None, next_call: str, name: str = "hub", cls: type[Hub] = Hub
+) -> Hub:
+    """A hub on free ports, before the stage at ``next_address``."""
+    return cls(
+        name, ANY, next_address, next_call, ANY,
+        workers_address=ANY, heartbeat=BEAT, log_stdout=False,
+    )  # fmt: skip
+
+
 def client_of(first: Server, last: LastServer, **options: object) -> LoopClient:
     assert last.push and first.address and first.db
     return LoopClient(last.push, first.address, first.db, first.name, announce=False, **options)  # type: ignore[arg-type]
@@ -109,18 +119,7 @@ def workers(
 
 def test_hub_spreads_a_stage_over_workers(serve: Callable[..., object]) -> None:
     last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
-    hub = serve(
-        Hub(
-            "hub",
-            ANY,
-            last.address,
-            "last.done",
-            ANY,
-            workers_address=ANY,
-            heartbeat=BEAT,
-            log_stdout=False,
-        )
-    )
+    hub = serve(hub_to(last.address, "last.done", "hub"))
     workers(serve, hub, 2)
     step = serve(Step("step", ANY, hub.address, "hub.work", ANY, log_stdout=False))
     results: dict[int, list[bytes]] = {}
@@ -147,18 +146,7 @@ def test_hub_spreads_a_stage_over_workers(serve: Callable[..., object]) -> None:
 def test_hub_streams_and_errors_reach_the_client(serve: Callable[..., object]) -> None:
     last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
     for function in ("split", "fail"):
-        hub = serve(
-            Hub(
-                "hub",
-                ANY,
-                last.address,
-                "last.done",
-                ANY,
-                workers_address=ANY,
-                heartbeat=BEAT,
-                log_stdout=False,
-            )
-        )
+        hub = serve(hub_to(last.address, "last.done", "hub"))
         workers(serve, hub, 2)
         step = serve(
             Step(f"s{function}", ANY, hub.address, f"hub.{function}", ANY, log_stdout=False)
@@ -178,18 +166,7 @@ def test_hub_streams_and_errors_reach_the_client(serve: Callable[..., object]) -
 
 def test_hub_scatter_gather_counts_are_exact(serve: Callable[..., object]) -> None:
     last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
-    hub = serve(
-        Squares(
-            "hub",
-            ANY,
-            last.address,
-            "last.done",
-            ANY,
-            workers_address=ANY,
-            heartbeat=BEAT,
-            log_stdout=False,
-        )
-    )
+    hub = serve(hub_to(last.address, "last.done", "hub", cls=Squares))
     workers(serve, hub, 2, Echo)
     with client_of(hub, last, timeout=20) as client:
         results = list(client.job("work", [b"%d" % n for n in range(1, 40)]))
@@ -267,35 +244,10 @@ def test_a_stream_through_a_hub_with_two_instances(serve: Callable[..., object])
     """The first hub's workers stream; each job's items and its END go to one
     instance of the second hub, which sees the whole stream and ends it."""
     last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
-    second = [
-        serve(
-            Hub(
-                "hub2",
-                ANY,
-                last.address,
-                "last.done",
-                ANY,
-                workers_address=ANY,
-                heartbeat=BEAT,
-                log_stdout=False,
-            )
-        )
-        for _ in range(2)
-    ]
+    second = [serve(hub_to(last.address, "last.done", "hub2")) for _ in range(2)]
     for hub in second:
         workers(serve, hub, 1)
-    first = serve(
-        Hub(
-            "hub1",
-            ANY,
-            [hub.address for hub in second],
-            "hub2.work",
-            ANY,
-            workers_address=ANY,
-            heartbeat=BEAT,
-            log_stdout=False,
-        )
-    )
+    first = serve(hub_to([hub.address for hub in second], "hub2.work", "hub1"))
     workers(serve, first, 2)
     with client_of(first, last, timeout=20) as client:
         results = list(client.job("split", [b"%d" % n for n in range(60)]))
