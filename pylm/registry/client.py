@@ -29,6 +29,7 @@ from pylm.registry.records import InstanceRecord, config_key, instance_key, inst
 __all__ = ["DEFAULT_TTL", "Registration", "Registry"]
 
 DEFAULT_TTL = 10.0
+RETRY = 0.5  # seconds between attempts to register again while etcd is unreachable
 log = logging.getLogger("pylm.registry")
 T = TypeVar("T")
 
@@ -49,6 +50,13 @@ def _refused(exc: Exception) -> bool:
         return True
     text = str(exc)
     return any(refusal in text for refusal in _REFUSALS)
+
+
+def _closed_under_us() -> bool:
+    """Whether a ``CancelledError`` just caught comes from grpc (a call whose
+    channel another task closed), not from cancelling the current task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 class Registry(Closing):
@@ -101,27 +109,37 @@ class Registry(Closing):
         """Run ``operation(client)``, trying each endpoint in turn once."""
         errors = []
         attempts = len(self.config.endpoints)
-        reauthenticated = False
+        reauthenticated = reopened = False
         while attempts > 0:
             attempts -= 1
-            fresh = self._client is None
+            client = self._client
+            fresh = client is None
             try:
-                if self._client is None:
+                if client is None:
                     host, port = self.config.endpoints[self._endpoint]
                     client = open_client(self.config, host, port, self.timeout)
                     await asyncio.wait_for(client.connect(), self.timeout + 1)
                     self._client = client
                 # Bounded even if a call of the client library forgets its timeout.
-                answer = await asyncio.wait_for(operation(self._client), self.timeout + 1)
+                answer = await asyncio.wait_for(operation(client), self.timeout + 1)
                 self.reachable = True
                 return answer
             except (TimeoutError, OSError) as exc:  # no answer: as unreachable
-                await self._drop_client()
+                await self._drop_client(client)
                 host, port = self.config.endpoints[self._endpoint]
                 errors.append(f"{host}:{port}: no answer within {self.timeout + 1:g} s ({exc!r})")
                 self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
+            except asyncio.CancelledError:
+                if not _closed_under_us():
+                    raise
+                # Another task closed the shared connection while this call ran:
+                # worth one more try, on a new connection.
+                errors.append(f"{self.config.url}: connection closed during the call")
+                if not reopened:
+                    reopened = True
+                    attempts += 1
             except aetcd.exceptions.ClientError as exc:
-                await self._drop_client()
+                await self._drop_client(client)
                 if _refused(exc):
                     if not fresh and not reauthenticated:
                         # etcd's auth tokens expire (5 min by default): log in again, once
@@ -155,15 +173,19 @@ class Registry(Closing):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._drop_client()
+        await self._drop_client(self._client)
 
-    async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:
-                pass
+    async def _drop_client(self, client: aetcd.Client | None) -> None:
+        """Close ``client`` after it failed, unless another task replaced it
+        already (closing the replacement would cancel its calls in flight)."""
+        if client is None or client is not self._client:
+            return
+        self._client = None
+        closing: aetcd.Client = client
+        try:
+            await closing.close()
+        except Exception as exc:
+            log.debug("closing the etcd client: %r", exc)
 
     # ------------------------------------------------------------------ queries
 
@@ -240,25 +262,33 @@ class Registry(Closing):
                     log.warning("skipping malformed registry record: %s", exc)
             return records, int(rows.header.revision)
 
+        watching: list[aetcd.Client] = []  # the connection of the current watch
+
+        async def watch_from(client: aetcd.Client, start: int) -> Any:
+            watching[:] = [client]
+            return await client.watch_prefix(prefix, start_revision=start)
+
         async def run() -> None:
             while True:
+                watching.clear()
                 try:
                     records, revision = await listing()
                     callback(records)
                     # Watch from just after the listing: a change between the
                     # two is reported, never lost.
                     watch = await self._etcd(
-                        lambda client, start=revision + 1: client.watch_prefix(
-                            prefix, start_revision=start
-                        )
+                        lambda client, start=revision + 1: watch_from(client, start)
                     )
                     async for _ in watch:
                         callback((await listing())[0])  # a fresh listing: no event bookkeeping
-                except (RegistryError, aetcd.exceptions.ClientError) as exc:
+                except (RegistryError, aetcd.exceptions.ClientError, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and not _closed_under_us():
+                        raise
                     self.watch_restarts += 1
                     self.reachable = False
-                    log.debug("following %s paused: %s", name, exc)
-                    await self._drop_client()
+                    log.debug("following %s paused: %r", name, exc)
+                    if watching:  # the watch broke: its connection is suspect
+                        await self._drop_client(watching[0])
                 except Exception:  # a failing callback must not end the following
                     log.exception("following %s: callback failed", name)
                 await asyncio.sleep(retry)
@@ -359,7 +389,8 @@ class Registration:
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / 3)
+            # Once unregistered, try again often: back within RETRY of etcd's return.
+            await asyncio.sleep(self.ttl / 3 if self.registered else min(self.ttl / 3, RETRY))
             try:
                 if self.registered:
                     # With the client _etcd gives (the endpoint that answers now), not
@@ -378,7 +409,9 @@ class Registration:
                 if self.registered:
                     log.warning("registry unavailable, %s may expire: %s", self.key, exc)
                 self.registered = False
-            except Exception as exc:  # anything else must not end the keep-alive either
+            except (Exception, asyncio.CancelledError) as exc:  # nothing else ends it either
+                if isinstance(exc, asyncio.CancelledError) and not _closed_under_us():
+                    raise  # closed: the only way out
                 self.failures += 1
                 log.warning("%s: keep-alive failed: %r", self.key, exc)
                 self.registered = False
