@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import traceback
@@ -53,7 +52,7 @@ from pylm.metrics import (
     withdraw,
 )
 from pylm.security import Curve
-from pylm.transport import default_context
+from pylm.transport import default_context, public_host
 
 if TYPE_CHECKING:
     from pylm.registry import Registration, Registry
@@ -163,6 +162,7 @@ class BaseServer:
         self.curve = curve if curve is not None else Curve.from_env()
         self.host = host or os.environ.get("PYLM_HOST", "127.0.0.1")
         self.registry_option = registry
+        self._public_host: str | None = None  # what a wildcard bind is advertised as
         self.ttl = ttl
         self.registry: Registry | None = None  # set while registered
         self.registration: Registration | None = None
@@ -405,8 +405,24 @@ class BaseServer:
         scheme, _, rest = address.partition("://")
         host, colon, _ = rest.partition("/")[0].rpartition(":")
         if colon and host in ("0.0.0.0", "*", "[::]"):
-            return f"{scheme}://{socket.gethostname()}:{rest[len(host) + 1 :]}"
+            if self._public_host is None:
+                self._public_host = public_host(self._registry_endpoints())
+            return f"{scheme}://{self._public_host}:{rest[len(host) + 1 :]}"
         return address
+
+    def _registry_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """The etcd endpoints this server registers at, none if it has no registry."""
+        from pylm.registry import Registry, RegistryConfig
+
+        option = self.registry if self.registry is not None else self.registry_option
+        try:
+            if isinstance(option, Registry):
+                return option.config.endpoints
+            if option is None:
+                return RegistryConfig.from_env().endpoints
+            return RegistryConfig.parse(option).endpoints
+        except (RegistryError, ValueError):
+            return ()
 
     def _secure(self, socket: zmq.Socket) -> zmq.Socket:
         """Make ``socket`` (about to bind) a CURVE server, when CURVE is on."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket as sockets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_address",
     "close_socket",
     "default_context",
+    "public_host",
     "rest_of",
 ]
 
@@ -63,6 +65,30 @@ def bind(socket: zmq.Socket, address: str) -> str:
         raise AddressError(f"cannot bind {address!r}: {exc}") from exc
     endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
     return endpoint or address
+
+
+def public_host(peers: Iterable[tuple[str, int]]) -> str:
+    """The address of this host that other hosts reach it at, for a server
+    bound to a wildcard: the address of the interface that routes to the
+    first reachable of ``peers`` (the registry's endpoints; no packet is
+    sent), or the host name when there is none or it is a loopback address
+    (a registry on this host tells nothing about the network)."""
+    for host, port in peers:
+        try:
+            found = sockets.getaddrinfo(host, port, type=sockets.SOCK_DGRAM)
+        except OSError:
+            continue
+        for family, kind, _, _, address in found:
+            with sockets.socket(family, kind) as probe:
+                try:
+                    probe.connect(address)
+                except OSError:  # no route
+                    continue
+                local = str(probe.getsockname()[0])
+            if local.startswith("127.") or local == "::1":
+                return sockets.gethostname()
+            return f"[{local}]" if ":" in local else local
+    return sockets.gethostname()
 
 
 def close_socket(socket: zmq.Socket | None) -> None:

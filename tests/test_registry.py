@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import socket
 import time
 
 import aetcd
@@ -15,6 +16,7 @@ from pylm.errors import RegistryError, RegistryUnavailable
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
 from pylm.registry.local import free_port
 from pylm.testing import wait_for
+from pylm.transport import public_host
 
 
 def record(name: str = "step1", **fields: object) -> InstanceRecord:
@@ -142,3 +144,11 @@ def test_registration_survives_an_etcd_outage(tmp_path: object) -> None:
         etcd.start()
         wait_for(lambda: registration.registered, 10, "registering again")
         assert [r.instance for r in registry.instances()] == [registration.record.instance]
+
+
+def test_wildcard_binds_advertise_the_address_facing_the_registry() -> None:
+    # A registry on this host says nothing about the network: the host name.
+    assert public_host([("127.0.0.1", 2379)]) == socket.gethostname()
+    assert public_host([]) == socket.gethostname()
+    assert public_host([("no-such-host.invalid", 2379)]) == socket.gethostname()
+    # (tests/test_multihost.py checks the routed address across namespaces)

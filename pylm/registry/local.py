@@ -237,6 +237,10 @@ class LocalEtcd:
 
         asyncio.run(asyncio.wait_for(run(), timeout))
 
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Return once this member answers healthy (raises after ``timeout``)."""
+        self._wait_healthy(self.metrics_url, timeout)
+
     def _wait_healthy(self, client: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -309,7 +313,7 @@ class LocalEtcdCluster:
                 member.initial_cluster = members
                 member.start(timeout, wait=False)
             for member in self.members:
-                member._wait_healthy(member.metrics_url, timeout)
+                member.wait_healthy(timeout)
         except BaseException:
             self.cleanup()
             raise

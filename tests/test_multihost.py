@@ -1,0 +1,128 @@
+"""Several hosts: etcd members, servers, a client and Prometheus each in
+their own network namespace, on a bridge with addresses the test picks.
+
+Proves that what servers bound to 0.0.0.0 register is reachable from the
+other hosts (calls on all three patterns, Prometheus scraping the metrics),
+that a 3-member etcd spread over hosts serves them, and that a partitioned
+host's instances leave routing once their lease expires, then come back
+when the partition heals. Needs root and iproute2; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from netns import Host, Network, available
+
+ROLES = "multihost_roles"
+TTL = 2.0  # the servers' lease, as in multihost_roles
+CLUSTER = "multihost"
+
+unavailable = available()
+pytestmark = pytest.mark.skipif(unavailable is not None, reason=unavailable or "")
+
+
+def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``check`` on the hosts (another process: no event to wait on)
+    until it returns a true value; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s (last: {value!r})")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    with Network() as network:
+        yield network
+
+
+def start_etcd(hosts: list[Host]) -> str:
+    """A 3-member etcd, one member per host; the registry URL naming them all."""
+    names = [f"e{i}" for i in range(len(hosts))]
+    pairs = zip(names, hosts, strict=True)
+    ports = [host.call("etcd_member", name, host.address) for name, host in pairs]
+    initial = ",".join(
+        f"{name}=http://{host.address}:{port['peer']}"
+        for name, host, port in zip(names, hosts, ports, strict=True)
+    )
+    for host in hosts:
+        host.call("etcd_start", initial)
+    for host in hosts:
+        host.call("etcd_wait_healthy", 30)
+    clients = [f"{host.address}:{port['client']}" for host, port in zip(hosts, ports, strict=True)]
+    return "etcd://" + ",".join(clients)
+
+
+@pytest.mark.timeout(240)
+def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network) -> None:
+    members = [network.host(f"etcd{i}", ROLES) for i in range(3)]
+    one, two = network.host("one", ROLES), network.host("two", ROLES)
+    client, monitor = network.host("client", ROLES), network.host("monitor", ROLES)
+    url = start_etcd(members)
+
+    # Servers bound to 0.0.0.0 register the address that routes to etcd.
+    on_two = two.call("serve", url, CLUSTER, "two", ["echo", "step", "last", "master", "worker"])
+    on_one = one.call("serve", url, CLUSTER, "one", ["echo", "step", "worker"])
+    for host, records in ((one, on_one), (two, on_two)):
+        for record in records.values():
+            for address in [*record["endpoints"].values(), record["metrics"]]:
+                assert f"//{host.address}:" in address, (host.name, record)
+
+    # From the client's host: every pattern, through instances on both hosts.
+    client.call("clients", url, CLUSTER)
+    until(lambda: len(client.call("instances", "echo")) == 2, 10, "both echo instances listed")
+    until(lambda: len(client.call("instances", "step")) == 2, 10, "both step instances listed")
+    assert set(client.call("call_echo", 40, True)) == {"one", "two"}
+    assert set(client.call("call_chain", 200, True)) == {"one", "two"}
+    assert client.call("call_parallel", 100) == 100
+
+    # Prometheus, on its own host, discovers and scrapes every server.
+    monitor.call("prometheus", url, CLUSTER, monitor.address)
+    scraped = {
+        r["metrics"].split("//")[1].split("/")[0] for r in [*on_one.values(), *on_two.values()]
+    }
+    until(
+        lambda: (
+            (up := monitor.call("targets_up")) and scraped <= {a for a, v in up.items() if v == 1}
+        ),
+        30,
+        "every server scraped up",
+    )
+
+    # Host one is cut off: its instances leave routing when their lease expires.
+    network.partition(one)
+    cut = time.monotonic()
+    until(
+        lambda: all(
+            one.address not in a for n in ("echo", "step") for a in client.call("instances", n)
+        ),
+        TTL + 10,
+        "host one's instances leaving the registry",
+    )
+    assert time.monotonic() - cut >= TTL / 2  # it went by its lease, not by a clean stop
+    assert client.call("call_echo", 40, True) == {"two": 40}
+    assert client.call("call_chain", 200, True) == {"two": 200}
+    assert client.call("call_parallel", 100) == 100  # the master re-dispatches host one's jobs
+    until(
+        lambda: all(one.address not in a for a in monitor.call("targets_up")),
+        30,
+        "Prometheus dropping host one's targets",
+    )
+
+    # Healed: host one registers again and serves again.
+    network.heal(one)
+    until(lambda: one.call("registered"), 10, "host one registered again")
+    until(lambda: len(client.call("instances", "echo")) == 2, 10, "host one's echo listed again")
+    until(
+        lambda: "one" in client.call("call_echo", 20, False),
+        20,
+        "host one answering again",
+    )
