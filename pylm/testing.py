@@ -10,11 +10,14 @@ pylm installed can use them:
 - ``registry``: a :class:`pylm.registry.Registry` of that cluster, closed
   after the test;
 
-and :func:`wait_for`, to wait for a state another thread or process owns.
+and :func:`wait_for`, to wait for a state another thread or process owns,
+and :data:`SOAK`, the factor (``PYLM_SOAK``, default 1) by which fault,
+outage and fuzz tests lengthen their runs in soak mode (``scripts/soak.sh``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +26,9 @@ import pytest
 
 from pylm.registry import LocalEtcd, Registry
 
-__all__ = ["cluster", "etcd_server", "registry", "wait_for"]
+__all__ = ["SOAK", "cluster", "etcd_server", "registry", "wait_for"]
+
+SOAK = float(os.environ.get("PYLM_SOAK") or 1)
 
 
 @pytest.fixture(scope="session")

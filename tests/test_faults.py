@@ -19,8 +19,10 @@ from pylm.errors import RequestTimeout
 from pylm.registry import LocalEtcd, LocalEtcdCluster, Registry
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
+from pylm.testing import SOAK
 
 HERE = Path(__file__).resolve().parent
+JOBS = int(10_000 * SOAK)  # 10,000 jobs; more in soak mode
 
 
 class Step(Server):
@@ -33,7 +35,7 @@ class Last(LastServer):
         return message + b">done"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
     etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
 ) -> None:
@@ -48,7 +50,7 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
         while len(registry.instances("step")) < 2:
             assert time.monotonic() < deadline, "the second stage instance never registered"
             time.sleep(0.05)
-        total = 10_000
+        total = JOBS
         outcomes = []
         with LoopClient("step", registry=registry, announce=False, timeout=3) as client:
             for outcome in client.results("tag", (b"%d" % n for n in range(total))):
@@ -68,7 +70,7 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
         doomed.wait(10)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
     etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
 ) -> None:
@@ -88,7 +90,7 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
             while client.ping()["workers"] < 2:
                 assert time.monotonic() < deadline, "the workers never joined"
                 time.sleep(0.05)
-            stream = client.job("who", [b"%d" % n for n in range(10_000)])
+            stream = client.job("who", [b"%d" % n for n in range(JOBS)])
             for result in stream:
                 results.append(result)
                 if sum(r.startswith(b"doomed:") for r in results[-1:]) and len(results) > 2_000:
@@ -96,7 +98,7 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
                     break
             results.extend(stream)
         payloads = Counter(result.split(b":")[1] for result in results)
-        assert len(results) == 10_000 and len(payloads) == 10_000  # 0 lost, 0 twice
+        assert len(results) == JOBS and len(payloads) == JOBS  # 0 lost, 0 twice
         assert master.redispatched >= 1
     finally:
         for process in workers:
@@ -109,7 +111,7 @@ class Echo(RepServer):
         return message
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_a_three_member_etcd_cluster_loses_a_member_then_its_leader() -> None:
     with LocalEtcdCluster(3) as etcd:
         # The registry tries the members in this order: it talks to a follower first.

@@ -23,8 +23,9 @@ from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
+from pylm.testing import SOAK
 
-EXAMPLES = int(os.environ.get("PYLM_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("PYLM_FUZZ_EXAMPLES") or 200 * SOAK)
 ANY = "tcp://127.0.0.1:0"
 HEAD = struct.Struct(">2sBBBHHQd")
 
@@ -122,7 +123,7 @@ def drain(socket: zmq.Socket) -> None:
         socket.recv_multipart()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * SOAK)
 def test_fuzz_a_standalone_server(
     serve: Callable[..., object], raw: Callable[..., zmq.Socket]
 ) -> None:
@@ -145,7 +146,7 @@ def check_echo(answer: bytes) -> None:
     assert answer == b"still here"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * SOAK)
 def test_fuzz_a_pipeline(serve: Callable[..., object], raw: Callable[..., zmq.Socket]) -> None:
     last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
     step = serve(Step("step", ANY, last.address, "last.echo", ANY, log_stdout=False))
@@ -170,7 +171,7 @@ def test_fuzz_a_pipeline(serve: Callable[..., object], raw: Callable[..., zmq.So
     assert rss_bytes() - before < 100 * 2**20
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 * SOAK)
 def test_fuzz_a_master_from_clients_and_workers(
     serve: Callable[..., object], raw: Callable[..., zmq.Socket]
 ) -> None:

@@ -2,7 +2,7 @@
 
 Three topologies run at once (a standalone server, a two-stage chain, a
 master with a worker) while callers call them without a pause. etcd is
-stopped for ``PYLM_OUTAGE_SECONDS`` (60 s by default; longer in soak runs)
+stopped for ``PYLM_OUTAGE_SECONDS`` (60 s by default; times PYLM_SOAK in soak runs)
 and started again: no call may fail meanwhile, and every server must be
 registered again within 2 s of etcd's return.
 """
@@ -24,9 +24,9 @@ from pylm.parallel import Master, Worker
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
-from pylm.testing import wait_for
+from pylm.testing import SOAK, wait_for
 
-OUTAGE = float(os.environ.get("PYLM_OUTAGE_SECONDS", "60"))
+OUTAGE = float(os.environ.get("PYLM_OUTAGE_SECONDS") or 60 * SOAK)
 BACK_WITHIN = 2.0  # seconds from etcd's return to every server registered again
 TTL = 3.0
 
