@@ -83,6 +83,17 @@ class Series:
     cell: Cell
     rates: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    latencies: list[dict[str, float]] = field(default_factory=list)  # per round, µs
+
+    @property
+    def latency(self) -> dict[str, float] | None:
+        """Each percentile's median over the rounds (µs), if calls were timed."""
+        if not self.latencies:
+            return None
+        return {
+            key: statistics.median(round_[key] for round_ in self.latencies)
+            for key in self.latencies[0]
+        }
 
     @property
     def median(self) -> float | None:
@@ -90,6 +101,15 @@ class Series:
 
 
 Results = dict[tuple[str, Cell], Series]
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """The latency percentiles of ``samples`` (seconds), in microseconds."""
+    ordered = sorted(samples)
+    last = len(ordered) - 1
+    return {f"p{q:g}": ordered[min(last, round(q / 100 * last))] * 1e6 for q in PERCENTILES}
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,7 @@ class Settings:
     rounds: int
     clients: tuple[int, ...]
     families: tuple[str, ...]
+    payloads: tuple[int, ...] = (100, 10 * 1024)  # bytes, where a benchmark lets one choose
 
 
 # ---------------------------------------------------------------- child processes
@@ -178,9 +199,16 @@ def expect(child: Child, kind: str, timeout: float) -> tuple[Any, ...]:
     return tuple(message[1:])
 
 
-def measure(clients: Sequence[Child], cell: Cell, settings: Settings, log: Log) -> float:
+def measure(
+    clients: Sequence[Child],
+    cell: Cell,
+    settings: Settings,
+    log: Log,
+    latencies: list[float] | None = None,
+) -> float:
     """Warm up ``cell.clients`` clients, run them in one common window;
-    return the calls per second they completed together."""
+    return the calls per second they completed together. Clients that time
+    each call add those times (seconds) to ``latencies``."""
     active = clients[: cell.clients]
     for child in active:
         send(child, ("cell", cell.payload, settings.warmup))
@@ -192,9 +220,11 @@ def measure(clients: Sequence[Child], cell: Cell, settings: Settings, log: Log) 
         send(child, ("go", start, end))
     calls, late = 0, 0.0
     for child in active:
-        count, lateness = expect(child, "done", GO_MARGIN + settings.duration + SLACK)
+        count, lateness, *samples = expect(child, "done", GO_MARGIN + settings.duration + SLACK)
         calls += int(count)
         late = max(late, float(lateness))
+        if latencies is not None and samples:
+            latencies.extend(samples[0])
     if late > 0:
         log(f"  warning: a client got its start order {late * 1000:.1f} ms late")
     return calls / settings.duration
@@ -230,8 +260,11 @@ def run_rounds(
                 try:
                     with session(children, system, cells) as clients:
                         for cell in cells:
-                            rate = measure(clients, cell, settings, log)
+                            samples: list[float] = []
+                            rate = measure(clients, cell, settings, log, samples)
                             results[system.id, cell].rates.append(rate)
+                            if samples:
+                                results[system.id, cell].latencies.append(percentiles(samples))
                             measured += 1
                             log(f"{tag} | {cell.label}: {rate:,.0f} {unit}")
                 except BenchError as error:
@@ -390,6 +423,7 @@ def to_json(
             "rounds": settings.rounds,
             "clients": list(settings.clients),
             "systems": list(settings.families),
+            "payloads": list(settings.payloads),
         },
         "elapsed_s": elapsed,
         "results": [
@@ -402,6 +436,8 @@ def to_json(
                 "rounds_per_s": series.rates,
                 "median_per_s": series.median,
                 "ratio_to_raw": ratio_to_raw(series, results),
+                "latency_us": series.latency,
+                "latency_us_per_round": series.latencies,
                 "errors": series.errors,
             }
             for series in results.values()

@@ -10,7 +10,9 @@ Client process: connects, then obeys the parent:
   for ``warmup`` seconds, answer ``("ready",)``;
 * ``("go", start, end)``: call from ``start`` to ``end`` (``time.monotonic``
   instants, the same clock in every process on one machine), answer
-  ``("done", calls, late)`` where ``late`` is how long after ``start`` the
+  ``("done", calls, late, latencies)`` where ``latencies`` are the seconds
+  each counted call took (empty if the driver does not time its calls) and
+  ``late`` is how long after ``start`` the
   order arrived (negative: in time);
 * ``("stop",)`` or the parent gone: close and exit.
 
@@ -91,7 +93,8 @@ def _obey(system_id: str, driver: Driver, conn: Connection) -> None:
                 conn.send(("ready",))
             case ("go", float(start), float(end)):
                 late = time.monotonic() - start
-                conn.send(("done", driver.run(payload, start, end), late))
+                calls = driver.run(payload, start, end)
+                conn.send(("done", calls, late, getattr(driver, "latencies", [])))
             case ("stop",):
                 return
             case _:

@@ -121,7 +121,7 @@ def session(children: Children, system: System, cells: list[Cell]) -> Iterator[l
 
 def plan(settings: Settings) -> list[tuple[System, list[Cell]]]:
     """Each selected system with the cells it is measured in."""
-    sync = [Cell(payload, clients) for payload in PAYLOADS for clients in settings.clients]
+    sync = [Cell(payload, clients) for payload in settings.payloads for clients in settings.clients]
     pipelined = [Cell(PIPELINE_PAYLOAD, 1, PIPELINE_DEPTH)]
     chosen = [(SYSTEMS[name], sync) for name in SYNC_SYSTEMS]
     chosen += [(SYSTEMS[name], pipelined) for name in PIPELINED_SYSTEMS]
@@ -154,6 +154,16 @@ def clients_list(text: str) -> tuple[int, ...]:
     return counts
 
 
+def sizes_list(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 100,10240, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError("payload sizes must be at least 1 byte")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.rpc",
@@ -164,6 +174,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
         "--clients", type=clients_list, help="client process counts (1,8; --quick: 1,2)"
     )
     parser.add_argument("--only", type=families_list, default=tuple(FAMILIES), help="e.g. pylm,raw")
+    parser.add_argument(
+        "--payloads",
+        type=sizes_list,
+        default=PAYLOADS,
+        help="payload sizes in bytes of the synchronous rows (100,10240)",
+    )
     add_output_options(parser, QUICK)
     args = parser.parse_args(argv)
     chosen = timing(args, FULL, QUICK)
@@ -173,6 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
         rounds=chosen.rounds,
         clients=args.clients or (QUICK_CLIENTS if args.quick else CLIENTS),
         families=args.only,
+        payloads=args.payloads,
     )
     return settings, args.json
 

@@ -60,19 +60,25 @@ class BlockingDriver:
     def __init__(self, call: Callable[[bytes], object], close: Callable[[], object]) -> None:
         self._call = call
         self._close = close
+        self.latencies: list[float] = []  # seconds, of each call the last run counted
 
     def probe(self, payload: bytes) -> object:
         return self._call(payload)
 
     def run(self, payload: bytes, start: float, end: float) -> int:
         call, clock = self._call, time.monotonic
-        done = 0
+        latencies: list[float] = []
+        keep = latencies.append
         wait_until(start)
+        before = clock()
         while True:
             call(payload)
-            if clock() > end:  # finished after the window: not counted
-                return done
-            done += 1
+            after = clock()
+            if after > end:  # finished after the window: not counted
+                self.latencies = latencies
+                return len(latencies)
+            keep(after - before)
+            before = after
 
     def close(self) -> None:
         self._close()

@@ -1,0 +1,446 @@
+"""The whole benchmark suite in one command, written into docs/benchmarks.md.
+
+Run from the repository root (after ``pip install -e '.[bench]'``; the
+registry and scale parts need the ``etcd`` and ``prometheus`` binaries)::
+
+    python -m bench.report                 # every part, about 15 minutes
+    python -m bench.report --quick         # a smoke run of every part
+    python -m bench.report --only rpc,parallel --out /tmp/report.md
+
+Each part is a benchmark module run as its own process with ``--json``
+(``rpc``, ``pipeline``, ``parallel``, ``registry``, ``metrics``, ``scale``);
+pylm runs side by side with raw pyzmq and the peers in the same run, so the
+ratios compare like with like. The report holds, per part, the table the
+benchmark printed, then a check of every target against the measured ratios,
+then PNG figures (matplotlib; skipped with a note if it is missing):
+throughput against payload size, latency percentiles, throughput against
+client processes, speedup with workers, and the scale run. Each figure names
+the machine it ran on.
+
+The report replaces what lies between the two marker lines in ``--out``
+(``<!-- bench.report: begin -->`` and ``<!-- bench.report: end -->``), so
+the hand-written analysis around it stays; without markers, the whole file
+is the report. The raw JSON of each part goes to ``--keep`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- bench.report: begin -->"
+END = "<!-- bench.report: end -->"
+RPC_PAYLOADS = "100,1024,10240,102400"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    args: tuple[str, ...]  # for the full run
+    quick: tuple[str, ...]  # for --quick
+    json: bool = True  # whether the module writes --json
+    timeout: float = 1800.0
+
+
+PARTS = (
+    Part("rpc", ("--payloads", RPC_PAYLOADS), ("--quick", "--payloads", "100,10240")),
+    Part("pipeline", (), ("--quick",)),
+    Part("parallel", (), ("--quick",)),
+    Part("registry", (), ("--quick",)),
+    Part("metrics", (), ("--quick",), json=False),
+    Part("scale", (), ("--quick",)),
+)
+
+Data = dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    part: Part
+    text: str  # what the benchmark printed (its report)
+    data: Data | None  # its --json, if it wrote one
+    seconds: float
+    failure: str | None
+
+
+def run_part(part: Part, quick: bool, folder: Path) -> Outcome:
+    """Run one benchmark module in a process of its own."""
+    json_path = folder / f"{part.name}.json"
+    command = [sys.executable, "-m", f"bench.{part.name}", *(part.quick if quick else part.args)]
+    if part.json:
+        command += ["--json", str(json_path)]
+    began = time.monotonic()
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=part.timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return Outcome(part, "", None, time.monotonic() - began, f"over {part.timeout:g} s")
+    seconds = time.monotonic() - began
+    data = json.loads(json_path.read_text()) if part.json and json_path.exists() else None
+    failure = None
+    if done.returncode != 0:
+        failure = f"exit status {done.returncode}: {done.stderr.strip()[-1500:]}"
+    return Outcome(part, done.stdout.strip(), data, seconds, failure)
+
+
+# --------------------------------------------------------------------- targets
+
+
+def _results(data: Data | None) -> list[Data]:
+    return list(data["results"]) if data else []
+
+
+def _median(data: Data | None, system: str, payload: int, clients: int = 1) -> float | None:
+    for result in _results(data):
+        if (result["system"], result["payload_bytes"], result["clients"]) == (
+            system,
+            payload,
+            clients,
+        ):
+            value = result["median_per_s"]
+            return float(value) if value is not None else None
+    return None
+
+
+def _over(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top is not None and bottom else None
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    goal: float  # the ratio to reach (at least), or the most lost (overhead)
+    measure: Callable[[dict[str, Data | None]], float | None]
+    overhead: bool = False  # goal is a loss not to exceed (1 - ratio)
+
+
+def _most_clients(data: Data | None) -> int:
+    return max((int(r["clients"]) for r in _results(data)), default=1)
+
+
+def _speedup(data: Data | None) -> float | None:
+    for result in _results(data):
+        if result.get("job") == "cpu" and result.get("workers") == 2 and "pylm" in result["system"]:
+            value = result.get("speedup_over_1_worker")
+            return float(value) if value is not None else None
+    return None
+
+
+def _metrics_loss(data: Data | None, on: str, off: str, payload: int, clients: int) -> float | None:
+    ratio = _over(_median(data, on, payload, clients), _median(data, off, payload, clients))
+    return None if ratio is None else 1 - ratio
+
+
+TARGETS = (
+    Target(
+        "sync RPC, 100 B, 1 client: pylm / raw REQ-REP",
+        0.85,
+        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "raw-req", 100)),
+    ),
+    Target(
+        "pipelined RPC, 32 in flight: pylm AsyncClient / raw DEALER-ROUTER",
+        0.5,
+        lambda d: _over(_median(d["rpc"], "pylm-async", 100), _median(d["rpc"], "raw-dealer", 100)),
+    ),
+    Target(
+        "3-stage chain, 100 B: pylm / raw 3-hop PUSH-PULL",
+        0.5,
+        lambda d: next(
+            (
+                float(r["ratio_to_raw"])
+                for r in _results(d["pipeline"])
+                if r["payload_bytes"] == 100
+                and r["ratio_to_raw"] is not None
+                and r["system"] == "pylm-chain"
+            ),
+            None,
+        ),
+    ),
+    Target(
+        "10 KiB payloads, sync RPC, 1 client: pylm / raw (MB/s)",
+        0.7,
+        lambda d: _over(_median(d["rpc"], "pylm", 10240), _median(d["rpc"], "raw-req", 10240)),
+    ),
+    Target(
+        "pylm / zerorpc, 100 B, 1 client",
+        3.0,
+        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "zerorpc", 100)),
+    ),
+    Target(
+        "pylm / Pyro5, 100 B, 1 client",
+        1.0,
+        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "pyro5", 100)),
+    ),
+    Target(
+        "pylm / Pyro5, 100 B, most clients",
+        2.0,
+        lambda d: _over(
+            _median(d["rpc"], "pylm", 100, _most_clients(d["rpc"])),
+            _median(d["rpc"], "pyro5", 100, _most_clients(d["rpc"])),
+        ),
+    ),
+    Target(
+        "metrics cost, sync RPC 100 B, 1 client (loss, on vs off)",
+        0.05,
+        lambda d: _metrics_loss(d["rpc"], "pylm", "pylm-quiet", 100, 1),
+        overhead=True,
+    ),
+    Target(
+        "metrics cost, 3-stage chain 100 B (loss, on vs off)",
+        0.05,
+        lambda d: _metrics_loss(d["pipeline"], "pylm-chain", "pylm-quiet-chain", 100, 1),
+        overhead=True,
+    ),
+    Target("CPU-bound jobs: 2 workers / 1 worker", 1.8, lambda d: _speedup(d["parallel"])),
+)
+
+
+def targets_table(data: dict[str, Data | None]) -> str:
+    lines = ["| target | goal | measured | met |", "|---|---:|---:|:---:|"]
+    for target in TARGETS:
+        try:
+            value = target.measure(data)
+        except (KeyError, TypeError, ValueError):
+            value = None
+        if value is None:
+            lines.append(f"| {target.what} | | not measured | |")
+            continue
+        if target.overhead:
+            goal, shown, met = f"≤ {target.goal:.0%}", f"{value:.1%}", value <= target.goal
+        else:
+            goal, shown, met = f"≥ {target.goal:g}x", f"{value:.2f}x", value >= target.goal
+        lines.append(f"| {target.what} | {goal} | {shown} | {'yes' if met else '**no**'} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- figures
+
+
+def machine_line(data: dict[str, Data | None]) -> str:
+    for found in data.values():
+        if found and "machine" in found:
+            info = found["machine"]
+            keys = ("cpus", "cpu model", "os", "python", "libzmq", "pyzmq")
+            picked = [f"{k}: {info[k]}" for k in keys if k in info]
+            return "; ".join(picked or [f"{k}: {v}" for k, v in list(info.items())[:5]])
+    return "machine unknown"
+
+
+def figures(data: dict[str, Data | None], folder: Path) -> tuple[list[tuple[str, str]], str]:
+    """Draw what the data allows; the (file, caption) pairs, and a note."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "Figures skipped: matplotlib is not installed (pip install -e '.[bench]')."
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = machine_line(data)
+    drawn: list[tuple[str, str]] = []
+
+    def save(figure: Any, name: str, caption: str) -> None:
+        figure.text(0.01, 0.005, machine, fontsize=6, color="gray")
+        figure.tight_layout(rect=(0, 0.03, 1, 1))
+        figure.savefig(folder / name, dpi=100)
+        plt.close(figure)
+        drawn.append((name, caption))
+
+    rpc = _results(data.get("rpc"))
+    sync = [r for r in rpc if r["clients"] == 1 and r["in_flight_per_client"] == 1]
+    if sync:
+        figure, (calls, bandwidth) = plt.subplots(1, 2, figsize=(10, 4))
+        for system in sorted({r["system"] for r in sync}):
+            points = sorted(
+                (r["payload_bytes"], r["median_per_s"])
+                for r in sync
+                if r["system"] == system and r["median_per_s"]
+            )
+            if not points:
+                continue
+            sizes = [p for p, _ in points]
+            calls.plot(sizes, [v for _, v in points], marker="o", label=system)
+            bandwidth.plot(sizes, [p * v / 1e6 for p, v in points], marker="o", label=system)
+        for axes, unit in ((calls, "round trips/s"), (bandwidth, "MB/s each way")):
+            axes.set_xscale("log")
+            axes.set_xlabel("payload (bytes)")
+            axes.set_ylabel(unit)
+            axes.grid(alpha=0.3)
+        calls.legend(fontsize=8)
+        calls.set_title("Sync RPC, 1 client: throughput vs payload")
+        bandwidth.set_title("... as bandwidth")
+        save(figure, "rpc-payload.png", "Sync RPC throughput against payload size (1 client)")
+
+    timed = [r for r in sync if r.get("latency_us") and r["payload_bytes"] == 100]
+    if timed:
+        figure, axes = plt.subplots(figsize=(8, 4))
+        keys = list(timed[0]["latency_us"])
+        width = 0.8 / len(timed)
+        for index, result in enumerate(sorted(timed, key=lambda r: r["system"])):
+            xs = [k + index * width for k in range(len(keys))]
+            axes.bar(xs, [result["latency_us"][k] for k in keys], width, label=result["system"])
+        axes.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
+        axes.set_yscale("log")
+        axes.set_ylabel("µs per call")
+        axes.set_title("Sync RPC latency percentiles, 100 B, 1 client")
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3, axis="y")
+        save(figure, "rpc-latency.png", "Latency percentiles of a synchronous call (100 B)")
+
+    many = [r for r in rpc if r["payload_bytes"] == 100 and r["in_flight_per_client"] == 1]
+    if len({r["clients"] for r in many}) > 1:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for system in sorted({r["system"] for r in many}):
+            points = sorted(
+                (r["clients"], r["median_per_s"])
+                for r in many
+                if r["system"] == system and r["median_per_s"]
+            )
+            axes.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
+        axes.set_xlabel("client processes")
+        axes.set_ylabel("round trips/s, all clients")
+        axes.set_title("Sync RPC, 100 B: throughput vs clients")
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+        save(figure, "rpc-clients.png", "Sync RPC throughput against client processes (100 B)")
+
+    cpu = [r for r in _results(data.get("parallel")) if r.get("job") == "cpu"]
+    if cpu:
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for family in sorted({r["system"].rsplit("-", 2)[0] for r in cpu}):
+            points = sorted(
+                (r["workers"], r.get("speedup_over_1_worker") or 1.0)
+                for r in cpu
+                if r["system"].startswith(family + "-")
+            )
+            axes.plot([w for w, _ in points], [s for _, s in points], marker="o", label=family)
+        top = max(r["workers"] for r in cpu)
+        axes.plot([1, top], [1, top], linestyle=":", color="gray", label="ideal")
+        axes.set_xlabel("workers")
+        axes.set_ylabel("speedup over 1 worker")
+        axes.set_title("CPU-bound jobs: scaling with workers")
+        axes.legend(fontsize=8)
+        axes.grid(alpha=0.3)
+        save(figure, "parallel-workers.png", "Speedup of CPU-bound jobs with workers")
+
+    scale = data.get("scale")
+    steps = scale.get("steps") if scale else None
+    if steps:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        counts = [s["servers"] for s in steps]
+        left.plot(counts, [s["registered_s"] for s in steps], marker="o", label="all registered")
+        left.set_xlabel("servers")
+        left.set_ylabel("seconds")
+        left.set_title("Registration time vs instance count")
+        left.grid(alpha=0.3)
+        right.plot(counts, [s["keepalive_per_s"] for s in steps], marker="o")
+        right.set_xlabel("servers")
+        right.set_ylabel("etcd keep-alives/s")
+        right.set_title("Registry load vs instance count")
+        right.grid(alpha=0.3)
+        save(figure, "scale-instances.png", "Registration time and etcd load against servers")
+    return drawn, ""
+
+
+# ---------------------------------------------------------------------- report
+
+
+def render(
+    outcomes: Sequence[Outcome], drawn: list[tuple[str, str]], note: str, figures_ref: str
+) -> str:
+    data = {o.part.name: o.data for o in outcomes}
+    lines = [
+        BEGIN,
+        f"## Report of {time.strftime('%Y-%m-%d')}",
+        "",
+        "Written by `python -m bench.report` (do not edit by hand between the markers).",
+        f"Machine: {machine_line(data)}.",
+        "",
+        "### Targets",
+        "",
+        targets_table(data),
+        "",
+    ]
+    for outcome in outcomes:
+        lines += [f"### {outcome.part.name} ({outcome.seconds:.0f} s)", ""]
+        if outcome.failure:
+            lines += [f"**Failed**: {outcome.failure}", ""]
+        if outcome.text:
+            lines += [outcome.text, ""]
+    if drawn or note:
+        lines += ["### Figures", ""]
+        lines += [f"![{caption}]({figures_ref}/{name})" for name, caption in drawn]
+        if note:
+            lines.append(note)
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write(out: Path, section: str) -> None:
+    """Put ``section`` between the markers of ``out`` (or make it the file)."""
+    text = out.read_text() if out.exists() else ""
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + section + tail
+    else:
+        text = section + "\n"
+    out.write_text(text)
+
+
+def parts_list(text: str) -> tuple[Part, ...]:
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - {part.name for part in PARTS}
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(p.name for p in PARTS)}")
+    return tuple(part for part in PARTS if part.name in names)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
+    parser.add_argument("--only", type=parts_list, default=PARTS, help="e.g. rpc,parallel")
+    parser.add_argument("--out", default="docs/benchmarks.md", help="the markdown file")
+    parser.add_argument(
+        "--figures", default=None, help="folder of the PNGs (default: figures/ beside --out)"
+    )
+    parser.add_argument("--keep", default=None, help="a folder to keep each part's JSON in")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    figures_dir = Path(args.figures) if args.figures else out.parent / "figures"
+    folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pylm-report-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    for part in args.only:
+        print(f"running bench.{part.name}...", file=sys.stderr, flush=True)
+        outcome = run_part(part, args.quick, folder)
+        print(
+            f"  {outcome.seconds:.0f} s"
+            + (f", FAILED: {outcome.failure}" if outcome.failure else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        outcomes.append(outcome)
+    data = {o.part.name: o.data for o in outcomes}
+    drawn, note = figures(data, figures_dir)
+    reference = os.path.relpath(figures_dir, out.parent)
+    write(out, render(outcomes, drawn, note, reference))
+    print(f"wrote {out} and {len(drawn)} figure(s) in {figures_dir}", file=sys.stderr)
+    return 1 if any(o.failure for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
