@@ -8,7 +8,8 @@ registry and scale parts need the ``etcd`` and ``prometheus`` binaries)::
     python -m bench.report --only rpc,parallel --out /tmp/report.md
 
 Each part is a benchmark module run as its own process with ``--json``
-(``rpc``, ``pipeline``, ``parallel``, ``registry``, ``metrics``, ``scale``);
+(``rpc``, ``pipeline``, ``parallel``, ``registry``, ``metrics``, ``scale``,
+``profile``: py-spy's view of where a call's time goes);
 pylm runs side by side with raw pyzmq and the peers in the same run, so the
 ratios compare like with like. The report holds, per part, the table the
 benchmark printed, then a check of every target against the measured ratios,
@@ -58,6 +59,7 @@ PARTS = (
     Part("registry", (), ("--quick",)),
     Part("metrics", (), ("--quick",), json=False),
     Part("scale", (), ("--quick",)),
+    Part("profile", (), ("--quick",)),
 )
 
 Data = dict[str, Any]

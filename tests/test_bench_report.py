@@ -39,3 +39,26 @@ def test_report_replaces_its_section_and_keeps_the_rest(tmp_path: Path) -> None:
         for name in ("rpc-payload.png", "rpc-latency.png", "rpc-clients.png"):
             assert (tmp_path / "figures" / name).stat().st_size > 1000
             assert f"](figures/{name})" in text
+
+
+def test_profile_summary_groups_samples_by_innermost_frame(tmp_path: Path) -> None:
+    from bench.profile import summarise
+
+    serving = tmp_path / "pylm" / "serving.py"
+    serving.parent.mkdir()
+    serving.write_text("def serve(recv):\n    body = recv()\n")
+    raw = "\n".join(
+        [
+            f"<module> (x.py:1);serve ({serving}:2) 80",
+            "<module> (x.py:1);Socket.send (zmq/sugar/socket.py:713) 10",
+            "<module> (x.py:1);BaseServer._call (pylm/base.py:1) 6",
+            "<module> (x.py:1);FunctionStats.done (pylm/metrics.py:1) 4",
+            "garbage line",
+        ]
+    )
+    summary = summarise(raw, top=2)
+    assert summary["samples"] == 100
+    # `body = recv()`: a socket call without a frame of its own
+    assert summary["groups"] == {"socket calls": 0.9, "pylm": 0.06, "metrics": 0.04}
+    (frame, code, share), _ = summary["top"]
+    assert frame.startswith("serve (") and code == "body = recv()" and share == 0.8
