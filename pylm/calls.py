@@ -15,9 +15,9 @@ import zmq
 
 from pylm import protocol
 from pylm.discovery import Peers
-from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
+from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
-from pylm.security import Curve
+from pylm.security import Curve, Handshakes
 from pylm.transport import check_address
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ class Caller:
         # key from its registry record, or from the settings.
         self.curve = curve if curve is not None else Curve.from_env()
         self.server_key = None if self.curve is None else self.curve.server_key
+        self._handshakes = Handshakes()  # a CURVE server refusing this client
         if server_name is None:
             if not isinstance(connection, str) or "://" in connection:
                 raise ValueError(
@@ -183,6 +184,7 @@ class Caller:
         """Make ``socket`` (about to connect) a CURVE client, when CURVE is on."""
         if self.curve is not None:
             self.curve.connect(socket, self.server_key)
+            self._handshakes.watch(socket)
         return socket
 
     def _rewire(self, socket: zmq.Socket) -> None:
@@ -194,6 +196,8 @@ class Caller:
         self.connection = ",".join(self.endpoints)
 
     def _stop_following(self) -> None:
+        """Stop following the registry (and watching handshakes): the client closes."""
+        self._handshakes.close()
         peers, self._peers = self._peers, None
         if peers is not None:
             peers.close()
@@ -215,14 +219,16 @@ class Caller:
         for msg_id, _ in expired:
             del in_flight[msg_id]
             self._calls.timed_out(function)
+        refused = self._handshakes.refusal()
+        kind, why = (RequestTimeout, "") if refused is None else (CurveRefused, f"; {refused}")
         return [
             (
                 msg_id,
                 index,
-                RequestTimeout(
+                kind(
                     f"no result for job {index} ({function!r} on {self.server_name!r} via"
                     f" {self.connection}) within {timeout:g} s;"
-                    f" {len(expired)} job(s) timed out together"
+                    f" {len(expired)} job(s) timed out together{why}"
                 ),
             )
             for msg_id, index in expired
@@ -232,10 +238,14 @@ class Caller:
         return self.timeout if timeout is None else check_timeout(timeout)
 
     def _timeout_error(self, what: str, timeout: float) -> RequestTimeout:
-        return RequestTimeout(
+        text = (
             f"no answer from server {self.server_name!r} at {self.connection}"
             f" to {what!r} within {timeout:g} s"
         )
+        refused = self._handshakes.refusal()
+        if refused is not None:
+            return CurveRefused(f"{text}: {refused}")
+        return RequestTimeout(text)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.server_name!r} at {self.connection}>"

@@ -9,6 +9,7 @@ wire.
 from __future__ import annotations
 
 __all__ = [
+    "CurveRefused",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
@@ -105,6 +106,13 @@ class UnknownKey(PylmError, KeyError):
 
 class RequestTimeout(PylmError, TimeoutError):
     """No reply arrived within the call's timeout."""
+
+
+class CurveRefused(RequestTimeout):
+    """No reply arrived, and the server refused this client's CURVE
+    handshake meanwhile: its public key is not on the server's allow-list,
+    or the server's key it was given is wrong. (A :class:`RequestTimeout`
+    too, as the call itself only ran out of time.)"""
 
 
 class ServerCrashed(PylmError):

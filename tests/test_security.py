@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pylm.chained import LastServer, LoopClient, Server
-from pylm.errors import PylmError, RequestTimeout
+from pylm.errors import CurveRefused, PylmError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import Registry
@@ -76,6 +76,16 @@ def test_only_allowed_keys_get_in(keys: dict[str, Path], serve: Callable[..., ob
         with Client(server.address, "echo", curve=curve, timeout=0.5) as client:
             with pytest.raises(RequestTimeout):
                 client.job("echo", b"let me in")
+    # A client with keys learns why: the server refused its key.
+    with Client(server.address, "echo", curve=stranger, timeout=0.5) as client:
+        with pytest.raises(CurveRefused, match=f"server at {server.address} refused"):
+            client.job("echo", b"let me in")
+    # The wrong server key: the handshake fails (the parallel client, for its job path).
+    wrong_server = Curve(Keys.load(keys["client"]), server_key=Keys.load(keys["stranger"]).public)
+    with ParallelClient(server.address, "echo", curve=wrong_server, timeout=0.5) as jobs:
+        (outcome,) = jobs.results("echo", [b"let me in"])
+        assert isinstance(outcome.error, CurveRefused), outcome
+        assert "handshake" in str(outcome.error)
     assert Counted.calls == 0
     with Client(server.address, "echo", curve=allowed, timeout=5) as client:
         assert client.job("echo", b"still in") == b"still in"  # and the server serves on
