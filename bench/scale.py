@@ -71,7 +71,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from bench.harness import (
@@ -120,6 +119,7 @@ JOB_TIMEOUT = 10.0  # s a traffic job gets before it counts as an error
 PROMETHEUS_LIMIT = 60.0  # s Prometheus gets to scrape every server once they are registered
 PROMETHEUS_POLL = 0.2  # s between two queries while waiting for Prometheus
 SD_REFRESH = 1  # s, Prometheus' http_sd refresh interval
+CPU = "process_cpu_seconds_total"  # etcd's and Prometheus' CPU time, in their /metrics
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class Options:
     kill: int  # servers SIGKILLed at the end, whole processes
     ttl: float  # s, every server's lease
     rate: float  # jobs a second per kind of target (0: unpaced)
+    idle: float  # s over which the CPU of the servers without traffic is measured
     window: float  # s over which the keep-alive load is measured
     settle: float  # s the fleet runs before the window, so that keep-alives spread out
     scrape_interval: int  # s, Prometheus'
@@ -156,8 +157,8 @@ def split(total: int, size: int) -> list[int]:
     return [size] * full + ([rest] if rest else [])
 
 
-FULL = Options(300, 25, 30, 3.0, 100.0, 10.0, 3.0, 2, 20, 3)
-QUICK = Options(30, 10, 5, 3.0, 100.0, 2.0, 0.0, 1, 5, 1)
+FULL = Options(300, 25, 30, 3.0, 100.0, 5.0, 10.0, 3.0, 2, 20, 3)
+QUICK = Options(30, 10, 5, 3.0, 100.0, 1.0, 2.0, 0.0, 1, 5, 1)
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,26 @@ def still_running(started: dict[int, str]) -> list[int]:
 # ------------------------------------------------------------------------ the run
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What etcd counted over a window, and the CPU each part of the run used."""
+
+    window: float  # s
+    etcd_before: Samples
+    etcd_after: Samples
+    cores: dict[str, float]  # part -> CPU seconds a second
+
+    def rate(self, name: str, *labels: str) -> float:
+        """How fast etcd's counter ``name`` (the series with ``labels``) grew."""
+        grown = metric(self.etcd_after, name, *labels) - metric(self.etcd_before, name, *labels)
+        return grown / self.window
+
+    def text(self, *leave_out: str) -> str:
+        return "; ".join(
+            f"{part} {used:.2f}" for part, used in self.cores.items() if part not in leave_out
+        )
+
+
 @dataclass
 class Traffic:
     """The traffic client and its snapshots."""
@@ -332,6 +353,7 @@ class Scale:
             for phase in (
                 self.launch,
                 self.wait_scraped,
+                self.measure_idle,
                 self.start_traffic,
                 self.measure_keepalive,
                 self.measure_queries,
@@ -463,46 +485,56 @@ class Scale:
 
     # ---------------------------------------------------------------- steady state
 
-    def measure_keepalive(self, services: Services) -> None:
-        """etcd's keep-alive load over the window, and who used the CPU."""
-        etcd, prometheus = services.etcd, services.prometheus
-        total, ttl = self.options.servers, self.options.ttl
-        assert self.traffic is not None and self.traffic.child.process.pid is not None
-        time.sleep(self.options.settle)
-        processes = {
-            "servers": self.pids(),
-            "client": [self.traffic.child.process.pid],
-            "this process (pylm sd)": [os.getpid()],
-        }
+    def usage(self, services: Services, seconds: float) -> Usage:
+        """Sleep ``seconds``; what etcd counted and who used the CPU meanwhile."""
+        processes = {"servers": self.pids()}
+        if self.traffic is not None and self.traffic.child.process.pid is not None:
+            processes["client"] = [self.traffic.child.process.pid]
+        processes["this process (pylm sd)"] = [os.getpid()]
 
         def cpu() -> dict[str, float]:
             return {name: sum(map(cpu_seconds, pids)) for name, pids in processes.items()}
 
-        etcd_before, prometheus_before, cpu_before = (
-            scrape(etcd.metrics_port),
-            scrape(prometheus.port),
-            cpu(),
-        )
+        etcd, prometheus = services.etcd.metrics_port, services.prometheus.port
+        etcd_before, prometheus_before, cpu_before = scrape(etcd), scrape(prometheus), cpu()
         began = time.monotonic()
-        time.sleep(self.options.window)
-        etcd_after, prometheus_after, cpu_after = (
-            scrape(etcd.metrics_port),
-            scrape(prometheus.port),
-            cpu(),
-        )
+        time.sleep(seconds)
+        etcd_after, prometheus_after, cpu_after = scrape(etcd), scrape(prometheus), cpu()
         window = time.monotonic() - began
-
-        def rate(before: Samples, after: Samples, name: str, *labels: str) -> float:
-            return (metric(after, name, *labels) - metric(before, name, *labels)) / window
-
-        etcd_rate = partial(rate, etcd_before, etcd_after)
-        keep_alives = etcd_rate("grpc_server_msg_received_total", 'grpc_method="LeaseKeepAlive"')
-        calls = etcd_rate("grpc_server_started_total")
         cores = {
-            "etcd": etcd_rate("process_cpu_seconds_total"),
-            "Prometheus": rate(prometheus_before, prometheus_after, "process_cpu_seconds_total"),
+            "etcd": (metric(etcd_after, CPU) - metric(etcd_before, CPU)) / window,
+            "Prometheus": (metric(prometheus_after, CPU) - metric(prometheus_before, CPU)) / window,
             **{name: (cpu_after[name] - cpu_before[name]) / window for name in processes},
         }
+        return Usage(window, etcd_before, etcd_after, cores)
+
+    def measure_idle(self, services: Services) -> None:
+        """The CPU the cluster uses with no traffic: keep-alives, heartbeats,
+        scrapes, the following of the registry."""
+        total = self.options.servers
+        used = self.usage(services, self.options.idle)
+        servers = used.cores["servers"]
+        self.rows.append(
+            Row(
+                "idle-cpu",
+                f"CPU used by the {total} servers with no traffic",
+                f"{servers:.2f} cores",
+                f"{servers / total * 1000:.1f} ms of CPU a second per server, over"
+                f" {used.window:.1f} s (keep-alives, workers' heartbeats, stages' and clients'"
+                f" registry following, scrapes); meanwhile {used.text('servers')}",
+                servers,
+                "cores",
+                {"cores": used.cores, "window_s": used.window},
+            )
+        )
+
+    def measure_keepalive(self, services: Services) -> None:
+        """etcd's keep-alive load over the window, and who used the CPU."""
+        total, ttl = self.options.servers, self.options.ttl
+        time.sleep(self.options.settle)
+        used = self.usage(services, self.options.window)
+        keep_alives = used.rate("grpc_server_msg_received_total", 'grpc_method="LeaseKeepAlive"')
+        calls = used.rate("grpc_server_started_total")
         expected = total / (ttl / 3)
         self.log(f"keep-alives: {keep_alives:,.0f}/s (expected {expected:,.0f}/s)")
         self.rows.append(
@@ -510,23 +542,24 @@ class Scale:
                 "keepalive",
                 f"etcd keep-alive load, {total} leases of {ttl:g} s",
                 f"{keep_alives:,.0f} req/s",
-                f"expected {total} / ({ttl:g} s / 3) = {expected:,.0f}/s; over {window:.1f} s"
-                f" from etcd's /metrics (gRPC LeaseKeepAlive messages received; all gRPC calls"
-                f" {calls:,.0f}/s), with the traffic running",
+                f"expected {total} / ({ttl:g} s / 3) = {expected:,.0f}/s; over"
+                f" {used.window:.1f} s from etcd's /metrics (gRPC LeaseKeepAlive messages"
+                f" received; all gRPC calls {calls:,.0f}/s), with the traffic running",
                 keep_alives,
                 "req/s",
-                {"expected_per_s": expected, "grpc_calls_per_s": calls, "window_s": window},
+                {"expected_per_s": expected, "grpc_calls_per_s": calls, "window_s": used.window},
             )
         )
+        busy = sum(used.cores.values())
         self.rows.append(
             Row(
                 "cpu",
                 "CPU used meanwhile (cores)",
-                f"{sum(cores.values()):.2f} of {os.cpu_count()}",
-                "; ".join(f"{name} {used:.2f}" for name, used in cores.items()),
-                sum(cores.values()),
+                f"{busy:.2f} of {os.cpu_count()}",
+                used.text(),
+                busy,
                 "cores",
-                {"cores": cores},
+                {"cores": used.cores},
             )
         )
 

@@ -199,11 +199,21 @@ class Handshakes:
                 self._refused = f"the server at {endpoint} {how}"
         return self._refused
 
+    def forget(self, socket: zmq.Socket) -> None:
+        """Stop watching ``socket`` (before it closes)."""
+        for pair in [pair for pair in self._monitors if pair[0] is socket]:
+            self._monitors.remove(pair)
+            self._end(*pair)
+
     def close(self) -> None:
-        for socket, monitor in self._monitors:
-            try:
-                socket.disable_monitor()
-            except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
-                pass
-            monitor.close(linger=0)
+        for pair in self._monitors:
+            self._end(*pair)
         self._monitors.clear()
+
+    @staticmethod
+    def _end(socket: zmq.Socket, monitor: zmq.Socket) -> None:
+        try:
+            socket.disable_monitor()
+        except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
+            pass
+        monitor.close(linger=0)

@@ -132,8 +132,11 @@ def test_a_pipeline_and_a_master_with_curve_by_name(
         assert client.eval("echo", b"parallel") == b"parallel"
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["stranger"]))
     with ParallelClient("m", registry=registry, timeout=0.5) as client:
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(CurveRefused, match="refused this client's key"):
             client.eval("echo", b"let me in")
+    with LoopClient("step", registry=registry, announce=False, timeout=0.5) as loop:
+        with pytest.raises(CurveRefused, match=r"the last stage .* refused this client's key"):
+            list(loop.job("tag", [b"let me in"]))
 
 
 def test_pylm_keys_makes_a_key_pair(tmp_path: Path) -> None:

@@ -20,7 +20,13 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, curve_key, read_answer
 from pylm.discovery import Peers
-from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
+from pylm.errors import (
+    CurveRefused,
+    ProtocolError,
+    PylmError,
+    RegistryError,
+    RequestTimeout,
+)
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, FunctionStats
 from pylm.security import Curve
@@ -237,6 +243,7 @@ class LoopClient(Caller, Closing):
             self.pull_addresses.pop(index)
             if poller is not None:
                 poller.unregister(socket)
+            self._handshakes.forget(socket)
             close_socket(socket)
         deadline = time.monotonic() + timeout
         for address in joined:
@@ -484,6 +491,7 @@ class LoopClient(Caller, Closing):
         socket: zmq.Socket = self._context.socket(zmq.DEALER)
         if self.curve is not None:
             self.curve.connect(socket, self._last_key)
+            self._handshakes.watch(socket)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.route)
         socket.connect(address)
@@ -505,9 +513,11 @@ class LoopClient(Caller, Closing):
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not socket.poll(max(1, int(left * 1000))):
-                raise RequestTimeout(
-                    f"the last stage at {address} did not answer within {timeout:g} s"
-                )
+                text = f"the last stage at {address} did not answer within {timeout:g} s"
+                refused = self._handshakes.refusal()
+                if refused is not None:
+                    raise CurveRefused(f"{text}: {refused}")
+                raise RequestTimeout(text)
             message = read_answer(socket.recv_multipart())
             if message is not None and message.msg_id == msg_id:
                 return
