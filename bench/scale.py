@@ -3,7 +3,7 @@
 Run from the repository root (needs the ``etcd`` and ``prometheus`` binaries
 on PATH)::
 
-    python -m bench.scale                  # the full run: 300 servers, about 2 minutes
+    python -m bench.scale                  # the full run: 300 servers, about a minute
     python -m bench.scale --quick          # a smoke run: 30 servers, under 40 s
     python -m bench.scale --servers 500 --per-process 50 --json results.json
 
@@ -28,6 +28,7 @@ What is measured
     * launch → every server listed by ``Registry.instances()``, then →
       Prometheus scraping every process and seeing every server
       (``pylm_server_info``);
+    * the CPU the servers use with no traffic (``--idle`` seconds);
     * the keep-alive load on etcd over ``--window`` seconds, from etcd's
       ``/metrics`` (gRPC LeaseKeepAlive messages received; expected:
       servers / (ttl / 3) a second), with the CPU every part of the run
@@ -119,6 +120,10 @@ JOB_TIMEOUT = 10.0  # s a traffic job gets before it counts as an error
 PROMETHEUS_LIMIT = 60.0  # s Prometheus gets to scrape every server once they are registered
 PROMETHEUS_POLL = 0.2  # s between two queries while waiting for Prometheus
 SD_REFRESH = 1  # s, Prometheus' http_sd refresh interval
+DISCOVERY = (
+    f"through pylm sd (http_sd, refreshed every {SD_REFRESH} s; Prometheus hands what it"
+    " discovers to its scrapers at most every 5 s)"
+)
 CPU = "process_cpu_seconds_total"  # etcd's and Prometheus' CPU time, in their /metrics
 
 
@@ -349,6 +354,7 @@ class Scale:
             config = prometheus_config(sd, self.options.scrape_interval)
             prometheus = stack.enter_context(LocalPrometheus(config))
             services = Services(etcd, registry, sd, prometheus)
+            self.note_processes()
             self.log(f"etcd at {etcd.url}, pylm sd at {sd.url}, Prometheus at {prometheus.url}")
             for phase in (
                 self.launch,
@@ -406,7 +412,7 @@ class Scale:
                 f"{total} servers ({shape}): launch → all listed by instances()",
                 f"{listed:.2f} s",
                 ", ".join(f"{count} {role}" for role, count in mix.items())
-                + f"; the first server registered after {first:.2f} s (Python and pylm"
+                + f"; the first servers registered after {first:.2f} s (Python and pylm"
                 f" starting), the last of each process after {done[len(done) // 2]:.2f} s"
                 f" (median process) and {done[-1]:.2f} s (slowest)"
                 + (f"; UNEXPECTED: {self.registered} listed" if self.registered != total else ""),
@@ -442,9 +448,8 @@ class Scale:
                 "scraped",
                 f"launch → Prometheus scrapes all {targets} processes and sees all {total} servers",
                 f"{took:.2f} s",
-                f"through pylm sd (http_sd, refreshed every {SD_REFRESH} s), scrape interval"
-                f" {self.options.scrape_interval} s; every server counted by its"
-                " pylm_server_info series",
+                f"{DISCOVERY}, scrape interval {self.options.scrape_interval} s; every server"
+                " counted by its pylm_server_info series",
                 took,
                 "s",
             )
@@ -466,11 +471,11 @@ class Scale:
             rate,
             f"{JOB_TIMEOUT:g}",
         )
+        self.roles[child.process.pid or 0] = "client"
+        self.note_processes()
         expect(child, "ready", 2 * SLACK)
         self.traffic = Traffic(child, groups)
-        self.roles[child.process.pid or 0] = "client"
         self.traffic.first = self.traffic_counts()
-        self.note_processes()
         self.log(f"traffic on {len(groups)} targets")
 
     def traffic_counts(self) -> dict[str, Any]:
@@ -520,8 +525,8 @@ class Scale:
                 f"CPU used by the {total} servers with no traffic",
                 f"{servers:.2f} cores",
                 f"{servers / total * 1000:.1f} ms of CPU a second per server, over"
-                f" {used.window:.1f} s (keep-alives, workers' heartbeats, stages' and clients'"
-                f" registry following, scrapes); meanwhile {used.text('servers')}",
+                f" {used.window:.1f} s (keep-alives, workers' heartbeats, the serving loops'"
+                f" timers, scrapes); meanwhile {used.text('servers')}",
                 servers,
                 "cores",
                 {"cores": used.cores, "window_s": used.window},
@@ -585,17 +590,23 @@ class Scale:
             ("topology", ["topology"], listed_by_topology),
         ]
         for key, args, listed in commands:
+            label = f"`pylm {' '.join(args)}` with {total} records"
             samples, found = [], []
-            for _ in range(self.options.runs):
-                took, output = pylm_command(url, CLUSTER, *args)
-                samples.append(took)
-                found.append(listed(output))
-            empty = [pylm_command(url, "empty", *args)[0] for _ in range(self.options.runs)]
+            try:
+                for _ in range(self.options.runs):
+                    took, output = pylm_command(url, CLUSTER, *args)
+                    samples.append(took)
+                    found.append(listed(output))
+                empty = [pylm_command(url, "empty", *args)[0] for _ in range(self.options.runs)]
+            except BenchError as error:  # the other measurements still run
+                self.log(f"pylm {' '.join(args)} FAILED: {error}")
+                self.rows.append(Row(key, label, "failed", str(error)[:300], failed=True))
+                continue
             self.log(f"pylm {' '.join(args)}: {spread(samples)}")
             self.rows.append(
                 Row(
                     key,
-                    f"`pylm {' '.join(args)}` with {total} records",
+                    label,
                     spread(samples),
                     f"the whole command, Python's start-up included (on an empty cluster:"
                     f" {spread(empty)}); {len(samples)} run(s); it listed {sorted(set(found))}"
@@ -742,8 +753,7 @@ class Scale:
             (
                 "kill-prometheus",
                 "Prometheus' active targets drop them",
-                f"http_sd refreshed every {SD_REFRESH} s (Prometheus hands discovered targets"
-                " to its scrapers at most every 5 s); "
+                f"{DISCOVERY}; "
                 + (
                     f"a scrape had found them down after {down:.2f} s"
                     if down is not None
@@ -878,6 +888,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
         help=f"traffic jobs/s per kind of target, 0: unpaced ({FULL.rate:g})",
     )
     parser.add_argument(
+        "--idle", type=positive(float), help=f"s of CPU measured without traffic ({FULL.idle:g})"
+    )
+    parser.add_argument(
         "--window", type=positive(float), help=f"s of keep-alives measured ({FULL.window:g})"
     )
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
@@ -900,6 +913,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, str | None]:
         kill=args.kill or (chosen.kill if chosen.kill < servers else max(1, servers // 10)),
         ttl=args.ttl or chosen.ttl,
         rate=chosen.rate if args.rate is None else args.rate,
+        idle=args.idle or chosen.idle,
         window=args.window or chosen.window,
     )
     if options.kill >= servers:

@@ -38,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,10 @@ from bench.systems import wait_until
 
 if TYPE_CHECKING:
     from pylm.base import BaseServer
+    from pylm.chained import LoopClient
+    from pylm.parallel import Client as MasterClient
     from pylm.registry import Registry
+    from pylm.standalone import Client
 
 __all__ = [
     "CHAIN",
@@ -225,6 +229,18 @@ class _Tally:
 Call = Callable[[bytes], bytes]
 
 
+def _through_pipeline(client: LoopClient, payload: bytes) -> bytes:
+    return next(iter(client.job("step", [payload])))
+
+
+def _through_master(client: MasterClient, payload: bytes) -> bytes:
+    return client.eval("work", payload)
+
+
+def _to_server(client: Client, payload: bytes) -> bytes:
+    return client.job("echo", payload)
+
+
 def _callers(groups: list[Group], registry: Registry, timeout: float) -> list[Call]:
     """A function per group that runs one job through it; the clients stay
     open until the process ends."""
@@ -235,14 +251,14 @@ def _callers(groups: list[Group], registry: Registry, timeout: float) -> list[Ca
     calls: list[Call] = []
     for group in groups:
         if group.kind == "chain":
-            loop = LoopClient(group.entry, registry=registry, announce=False, timeout=timeout)
-            calls.append(lambda payload, loop=loop: next(iter(loop.job("step", [payload]))))
+            pipeline = LoopClient(group.entry, registry=registry, announce=False, timeout=timeout)
+            calls.append(partial(_through_pipeline, pipeline))
         elif group.kind == "pool":
             master = MasterClient(group.entry, registry=registry, timeout=timeout)
-            calls.append(lambda payload, master=master: master.eval("work", payload))
+            calls.append(partial(_through_master, master))
         else:
-            solo = Client(group.entry, registry=registry, timeout=timeout)
-            calls.append(lambda payload, solo=solo: solo.job("echo", payload))
+            server = Client(group.entry, registry=registry, timeout=timeout)
+            calls.append(partial(_to_server, server))
     return calls
 
 

@@ -88,3 +88,31 @@ def test_parallel_benchmark_smoke_run(tmp_path: Path) -> None:
     }
     assert all(result["median_per_s"] > 0 for result in results)
     assert all(result["speedup_over_1_worker"] > 0 for result in results if result["workers"] == 2)
+
+
+@pytest.mark.timeout(100)
+def test_scale_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    assert "| measurement | result |" in smoke_run("scale", out, timeout=90)
+    data = json.loads(out.read_text())
+    assert data["registered"] == data["servers"] == 30
+    rows = {row["key"]: row for row in data["results"]}
+    measured = {
+        "register", "scraped", "idle-cpu", "keepalive", "cpu", "instances", "ls", "topology",
+        "scrape", "targets", "memory", "kill-registry", "kill-sd", "kill-prometheus",
+        "kill-traffic", "traffic-chain", "traffic-pool", "traffic-solo",
+    }  # fmt: skip
+    assert measured <= set(rows), sorted(measured - set(rows))
+    assert not [key for key, row in rows.items() if row["failed"]]
+    assert all(rows[key]["value"] > 0 for key in measured - {"kill-traffic"})
+    assert rows["kill-traffic"]["value"] == 0  # no job failed while servers died
+    started = data["processes"]["started"]
+    roles = {process["role"] for process in started}
+    assert {"etcd", "prometheus", "client"} <= roles and len(started) >= 6
+    assert data["processes"]["left_running"] == []
+    for process in started:  # nor after the run ended
+        try:
+            command = Path(f"/proc/{process['pid']}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert command.replace(b"\0", b" ").decode().strip() != process["command"], process

@@ -3,6 +3,7 @@ allow; keys from files (``pylm keys``) and the environment, or objects."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -167,3 +168,21 @@ def test_keys_for_servers_that_do_not_require_curve(
         assert client.job("echo", b"plain") == b"plain"
     with pytest.raises(FileExistsError, match="exists"):
         generate_keys("client", tmp_path / "keys")  # never overwrites a pair
+
+
+def test_a_curve_stage_warns_when_its_next_stage_is_plain(
+    keys: dict[str, Path],
+    registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    serve(Last("last", registry=registry, log_stdout=False))  # no CURVE
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
+    monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
+    with caplog.at_level(logging.WARNING):
+        serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
+        monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
+        with LoopClient("step", registry=registry, announce=False, timeout=10) as loop:
+            assert list(loop.job("tag", [b"1"])) == [b"1>step>done"]  # delivered, in plain
+    assert "next stage last registered no CURVE key" in caplog.text

@@ -158,9 +158,14 @@ class LoopClient(Caller, Closing):
         if push_address is None or db_address is None or server_name is None:
             raise ValueError("push_address, db_address and server_name go together")
         super().__init__(push_address, server_name, timeout, max_payload, curve=curve)
-        self.server_key = keys[0] or self.server_key  # the first stage's
-        self._last_key = keys[1] or self.server_key  # the last stage's
-        if firsts is not None and keys == (None, None):
+        # CURVE keys of the first and the last stage: by name, from their records
+        # (None: that stage takes plain connections); by address, from the settings.
+        self._by_name = firsts is not None
+        if self._by_name:
+            self.server_key, self._last_key = keys
+        else:
+            self._last_key = self.server_key
+        if self._by_name and keys == (None, None):
             self.curve = None  # the pipeline takes plain connections: so does this client
         if firsts is not None:
             self._peers, self._registry = firsts, owned
@@ -486,10 +491,15 @@ class LoopClient(Caller, Closing):
             outcomes.append((index, None, error))
         return outcomes
 
+    def _secure(self, socket: zmq.Socket) -> zmq.Socket:
+        if self._by_name and self.server_key is None:
+            return socket  # the first stage, found by name, registered no CURVE key
+        return super()._secure(socket)
+
     def _result_socket(self, address: str) -> zmq.Socket:
         """A socket receiving results from the last stage instance at ``address``."""
         socket: zmq.Socket = self._context.socket(zmq.DEALER)
-        if self.curve is not None:
+        if self.curve is not None and (self._last_key is not None or not self._by_name):
             self.curve.connect(socket, self._last_key)
             self._handshakes.watch(socket)
         socket.setsockopt(zmq.LINGER, 0)

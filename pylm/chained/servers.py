@@ -448,6 +448,7 @@ class _Outlet:
     def __init__(self, call: str, addresses: list[str]) -> None:
         self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
         self._key: bytes | None = None  # the next stage's CURVE key, from its records
+        self._warned_plain = False  # logged that CURVE is on but the next stage has no key
         if not isinstance(call, str):
             raise TypeError(
                 f"a next call must be a str like 'step2.bar', got {type(call).__name__}"
@@ -468,7 +469,13 @@ class _Outlet:
         self._context: zmq.Context | None = None
         self._hwm = 0
 
-    def open(self, context: zmq.Context, hwm: int, registry: Registry | None) -> zmq.Socket:
+    def open(
+        self,
+        context: zmq.Context,
+        hwm: int,
+        registry: Registry | None,
+        logger: logging.Logger | None = None,
+    ) -> zmq.Socket:
         """Connect to the given addresses, or (with ``registry``) to the
         instances registered now, and follow them."""
         self._context, self._hwm = context, hwm
@@ -480,7 +487,7 @@ class _Outlet:
             socket.connect(address)
         if registry is not None:
             self._changed(registry.instances(self.server))  # connect at once ...
-            self.rewire(None)
+            self.rewire(logger)
             self._following = registry.follow(self.server, self._changed)  # ... and follow
         return socket
 
@@ -505,6 +512,14 @@ class _Outlet:
         joined = wanted - self.connected
         if joined:
             self._secure(self.socket)  # the key may have come with these instances
+            if self.curve is not None and not (self._key or self.curve.server_key):
+                if logger is not None and not self._warned_plain:
+                    logger.warning(
+                        "next stage %s registered no CURVE key: this stage, with CURVE,"
+                        " sends to it in plain text",
+                        self.server,
+                    )
+                self._warned_plain = True
         for address in joined:
             self.socket.connect(address)
             if logger is not None:
@@ -711,7 +726,7 @@ class Server(_Stage):
             if registry is not None:
                 self._poll_timeout = _REWIRE_MS
             outlet.curve = self.curve
-            outlet.open(self.context, self.hwm, registry)
+            outlet.open(self.context, self.hwm, registry, self.logger)
         self._push = self._outlets[0].socket
 
     def _configured_next(self) -> str:
