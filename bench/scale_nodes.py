@@ -151,11 +151,9 @@ def _start_group(group: Group, registry: Registry, ttl: float) -> list[BaseServe
         ]
     else:
         servers.append(Echo(group.entry, **options))
-    started: list[BaseServer] = []
     for server in servers:
         server.start(background=True)
-        started.append(server)
-    return started
+    return servers
 
 
 def mixed_main(url: str, cluster: str, prefix: str, count: str, ttl: str, conn: Connection) -> None:
