@@ -74,10 +74,11 @@ class Outcome:
     failure: str | None
 
 
-def run_part(part: Part, quick: bool, folder: Path) -> Outcome:
-    """Run one benchmark module in a process of its own."""
+def run_part(part: Part, quick: bool, folder: Path, module: str | None = None) -> Outcome:
+    """Run one benchmark module (``part.name``, or ``module``) in a process of its own."""
     json_path = folder / f"{part.name}.json"
-    command = [sys.executable, "-m", f"bench.{part.name}", *(part.quick if quick else part.args)]
+    module = module or part.name
+    command = [sys.executable, "-m", f"bench.{module}", *(part.quick if quick else part.args)]
     if part.json:
         command += ["--json", str(json_path)]
     began = time.monotonic()
@@ -93,6 +94,63 @@ def run_part(part: Part, quick: bool, folder: Path) -> Outcome:
     if done.returncode != 0:
         failure = f"exit status {done.returncode}: {done.stderr.strip()[-1500:]}"
     return Outcome(part, done.stdout.strip(), data, seconds, failure)
+
+
+# ---------------------------------------------------------------- scale steps
+
+STEPS = (60, 150)  # servers, besides the scale part's own run (300)
+QUICK_STEPS = (20,)
+STEP_ROWS = {  # row of bench.scale -> what the steps table and figure call it
+    "register": "launch to all registered (s)",
+    "keepalive": "etcd keep-alives (req/s)",
+    "instances": "Registry.instances() (ms)",
+    "memory": "memory per server (KiB)",
+    "scrape": "Prometheus scrape of a process (ms)",
+    "idle-cpu": "CPU of the idle servers (cores)",
+}
+
+
+def scale_steps(quick: bool, folder: Path, scale: Data | None) -> list[Data]:
+    """bench.scale at a few smaller sizes; with the scale part's own run,
+    the measurements against the number of servers."""
+    runs = [scale] if scale else []
+    for servers in QUICK_STEPS if quick else STEPS:
+        args = ("--quick",) if quick else ()
+        part = Part(f"scale-{servers}", (*args, "--servers", str(servers)), ())
+        outcome = run_part(part, False, folder, "scale")
+        if outcome.data is not None and outcome.failure is None:
+            runs.append(outcome.data)
+        else:
+            print(f"  bench.scale --servers {servers} failed: {outcome.failure}", file=sys.stderr)
+    steps = []
+    for run in sorted(runs, key=lambda data: int(data["servers"])):
+        values = {row["key"]: row["value"] for row in run["results"] if not row.get("failed")}
+        steps.append({"servers": int(run["servers"]), **{k: values.get(k) for k in STEP_ROWS}})
+    return steps
+
+
+def number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.2f}" if value < 10 else f"{value:,.0f}"
+
+
+def steps_table(steps: list[Data]) -> str:
+    lines = [
+        "| servers | " + " | ".join(STEP_ROWS.values()) + " |",
+        "|---:|" + "---:|" * len(STEP_ROWS),
+    ]
+    for step in steps:
+        cells = [
+            "-"
+            if step[key] is None
+            else f"{step[key]:,.2f}"
+            if step[key] < 10
+            else f"{step[key]:,.0f}"
+            for key in STEP_ROWS
+        ]
+        lines.append(f"| {step['servers']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------- targets
@@ -238,7 +296,9 @@ def machine_line(data: dict[str, Data | None]) -> str:
     return "machine unknown"
 
 
-def figures(data: dict[str, Data | None], folder: Path) -> tuple[list[tuple[str, str]], str]:
+def figures(
+    data: dict[str, Data | None], steps: list[Data], folder: Path
+) -> tuple[list[tuple[str, str]], str]:
     """Draw what the data allows; the (file, caption) pairs, and a note."""
     try:
         import matplotlib
@@ -335,22 +395,19 @@ def figures(data: dict[str, Data | None], folder: Path) -> tuple[list[tuple[str,
         axes.grid(alpha=0.3)
         save(figure, "parallel-workers.png", "Speedup of CPU-bound jobs with workers")
 
-    scale = data.get("scale")
-    steps = scale.get("steps") if scale else None
-    if steps:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        counts = [s["servers"] for s in steps]
-        left.plot(counts, [s["registered_s"] for s in steps], marker="o", label="all registered")
-        left.set_xlabel("servers")
-        left.set_ylabel("seconds")
-        left.set_title("Registration time vs instance count")
-        left.grid(alpha=0.3)
-        right.plot(counts, [s["keepalive_per_s"] for s in steps], marker="o")
-        right.set_xlabel("servers")
-        right.set_ylabel("etcd keep-alives/s")
-        right.set_title("Registry load vs instance count")
-        right.grid(alpha=0.3)
-        save(figure, "scale-instances.png", "Registration time and etcd load against servers")
+    if len(steps) > 1:
+        figure, panels = plt.subplots(2, 2, figsize=(10, 7))
+        counts = [step["servers"] for step in steps]
+        for axes, key in zip(
+            panels.flat, ("register", "keepalive", "instances", "memory"), strict=True
+        ):
+            points = [(c, step[key]) for c, step in zip(counts, steps, strict=True) if step[key]]
+            axes.plot([c for c, _ in points], [v for _, v in points], marker="o")
+            axes.set_xlabel("servers")
+            axes.set_title(STEP_ROWS[key], fontsize=10)
+            axes.set_ylim(bottom=0)
+            axes.grid(alpha=0.3)
+        save(figure, "scale-instances.png", "Registry and memory against the number of servers")
     return drawn, ""
 
 
@@ -358,7 +415,11 @@ def figures(data: dict[str, Data | None], folder: Path) -> tuple[list[tuple[str,
 
 
 def render(
-    outcomes: Sequence[Outcome], drawn: list[tuple[str, str]], note: str, figures_ref: str
+    outcomes: Sequence[Outcome],
+    steps: list[Data],
+    drawn: list[tuple[str, str]],
+    note: str,
+    figures_ref: str,
 ) -> str:
     data = {o.part.name: o.data for o in outcomes}
     lines = [
@@ -379,6 +440,9 @@ def render(
             lines += [f"**Failed**: {outcome.failure}", ""]
         if outcome.text:
             lines += [outcome.text, ""]
+        if outcome.part.name == "scale" and len(steps) > 1:
+            lines += ["Against the number of servers (one run of bench.scale each):", ""]
+            lines += [steps_table(steps), ""]
     if drawn or note:
         lines += ["### Figures", ""]
         lines += [f"![{caption}]({figures_ref}/{name})" for name, caption in drawn]
@@ -437,9 +501,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         outcomes.append(outcome)
     data = {o.part.name: o.data for o in outcomes}
-    drawn, note = figures(data, figures_dir)
+    steps = []
+    if any(part.name == "scale" for part in args.only):
+        print("running bench.scale at other sizes...", file=sys.stderr, flush=True)
+        steps = scale_steps(args.quick, folder, data.get("scale"))
+    drawn, note = figures(data, steps, figures_dir)
     reference = os.path.relpath(figures_dir, out.parent)
-    write(out, render(outcomes, drawn, note, reference))
+    write(out, render(outcomes, steps, drawn, note, reference))
     print(f"wrote {out} and {len(drawn)} figure(s) in {figures_dir}", file=sys.stderr)
     return 1 if any(o.failure for o in outcomes) else 0
 
