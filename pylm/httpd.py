@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import selectors
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -11,6 +13,22 @@ from typing import Any
 from pylm.errors import PylmError
 
 __all__ = ["HttpService", "QuietHandler"]
+
+log = logging.getLogger("pylm.httpd")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that hung up (its timeout ran out) is routine: a debug
+        line; anything else a warning on the ``pylm.httpd`` logger (the
+        standard library would print a traceback to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.debug("%s:%s hung up: %r", *client_address[:2], error)
+        else:
+            log.warning("answering %s failed", client_address, exc_info=True)
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -47,12 +65,11 @@ class HttpService:
 
     def start(self) -> None:
         try:
-            http = ThreadingHTTPServer((self.host, self.port), self.handler)
+            http = _Server((self.host, self.port), self.handler)
         except OSError as exc:
             raise PylmError(
                 f"{self.name} cannot listen on {self.host}:{self.port}: {exc.strerror}"
             ) from None
-        http.daemon_threads = True
         self._http = http
         self.port = int(http.server_address[1])
         self._wake = socket.socketpair()

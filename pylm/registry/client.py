@@ -388,9 +388,16 @@ class Registration:
         self.registered = True
 
     async def _keep_alive(self) -> None:
+        clock = asyncio.get_running_loop().time
+        due = clock()
         while True:
-            # Once unregistered, try again often: back within RETRY of etcd's return.
-            await asyncio.sleep(self.ttl / 3 if self.registered else min(self.ttl / 3, RETRY))
+            # Every ttl/3 from the last round's start, not from its end (a slow
+            # round must not stretch the period); once unregistered, try again
+            # often: back within RETRY of etcd's return.
+            due = max(
+                due + (self.ttl / 3 if self.registered else min(self.ttl / 3, RETRY)), clock()
+            )
+            await asyncio.sleep(due - clock())
             try:
                 if self.registered:
                     # With the client _etcd gives (the endpoint that answers now), not
