@@ -37,9 +37,9 @@ What is measured (each part on a fresh local etcd that the run starts and stops)
        ``start(background=True)``, their leases of ``--ttl`` seconds. Measured:
        the launch to all of them listed by ``Registry.instances()``; the
        keep-alive load on etcd over ``--window`` seconds, from etcd's
-       ``/metrics`` (gRPC LeaseKeepAlive messages received; expected: servers /
-       (ttl / 3) a second, since each registration refreshes its own lease
-       every third of its TTL), with etcd's and the server processes' CPU
+       ``/metrics`` (gRPC LeaseKeepAlive messages received; expected:
+       processes / (ttl / 3) a second, since the servers of a process share
+       one lease, refreshed every third of its TTL), with etcd's and the server processes' CPU
        time over the same window; the time of ``Registry.instances()`` and of
        the command ``pylm ls --json`` (a whole process, so also on an empty
        cluster for comparison) with every record; the resident memory of the
@@ -674,13 +674,13 @@ def measure_scale(options: Options, children: Children, rows: list[Row], log: Lo
         requests = rate("grpc_server_started_total")
         etcd_cpu = rate("process_cpu_seconds_total")
         fleet_cpu = (sum(cpu_after) - sum(cpu_before)) / window
-        expected = total / (ttl / 3)
+        expected = len(fleet) / (ttl / 3)  # the servers of a process share one lease
         rows.append(
             Row(
                 "scale-keepalive",
-                f"etcd keep-alive load, {total} leases of {ttl:g} s",
+                f"etcd keep-alive load, {total} servers in {len(fleet)} leases of {ttl:g} s",
                 f"{keep_alives:,.0f} req/s",
-                f"expected {total} / ({ttl:g} s / 3) = {expected:,.0f}/s; measured over"
+                f"expected {len(fleet)} / ({ttl:g} s / 3) = {expected:,.0f}/s; measured over"
                 f" {window:.1f} s from etcd's /metrics (gRPC LeaseKeepAlive messages; leases"
                 f" renewed {renewed:,.0f}/s; all gRPC calls {requests:,.0f}/s); CPU meanwhile:"
                 f" etcd {etcd_cpu:.0%} of a core, the server processes {fleet_cpu:.0%}"

@@ -31,7 +31,8 @@ What is measured
     * the CPU the servers use with no traffic (``--idle`` seconds);
     * the keep-alive load on etcd over ``--window`` seconds, from etcd's
       ``/metrics`` (gRPC LeaseKeepAlive messages received; expected:
-      servers / (ttl / 3) a second), with the CPU every part of the run
+      processes / (ttl / 3) a second, as the servers of a process share one
+      lease), with the CPU every part of the run
       used meanwhile (etcd, the server processes, the client, Prometheus,
       and this process, which runs the service discovery);
     * ``Registry.instances()`` with every record, and the commands ``pylm ls
@@ -540,14 +541,16 @@ class Scale:
         used = self.usage(services, self.options.window)
         keep_alives = used.rate("grpc_server_msg_received_total", 'grpc_method="LeaseKeepAlive"')
         calls = used.rate("grpc_server_started_total")
-        expected = total / (ttl / 3)
+        leases = len(self.fleet)  # one per process: its servers share their Registry's lease
+        expected = leases / (ttl / 3)
         self.log(f"keep-alives: {keep_alives:,.0f}/s (expected {expected:,.0f}/s)")
         self.rows.append(
             Row(
                 "keepalive",
-                f"etcd keep-alive load, {total} leases of {ttl:g} s",
+                f"etcd keep-alive load, {total} servers in {leases} leases of {ttl:g} s",
                 f"{keep_alives:,.0f} req/s",
-                f"expected {total} / ({ttl:g} s / 3) = {expected:,.0f}/s; over"
+                f"expected {leases} / ({ttl:g} s / 3) = {expected:,.0f}/s (the servers of a"
+                f" process share one lease: {total / (ttl / 3):,.0f}/s if each had its own); over"
                 f" {used.window:.1f} s from etcd's /metrics (gRPC LeaseKeepAlive messages"
                 f" received; all gRPC calls {calls:,.0f}/s), with the traffic running",
                 keep_alives,

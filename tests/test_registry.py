@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 
 import aetcd
@@ -152,3 +153,21 @@ def test_wildcard_binds_advertise_the_address_facing_the_registry() -> None:
     assert public_host([]) == socket.gethostname()
     assert public_host([("no-such-host.invalid", 2379)]) == socket.gethostname()
     # (tests/test_multihost.py checks the routed address across namespaces)
+
+
+def test_records_of_one_registry_and_ttl_share_one_lease(registry: Registry) -> None:
+    first, second = (registry.register(record(f"s{n}"), ttl=2) for n in range(2))
+    other = registry.register(record("s2"), ttl=3)  # another TTL: a lease of its own
+
+    prefix = f"{registry.config.prefix}instances/".encode()
+    rows = registry._call(registry._etcd(lambda client: client.get_prefix(prefix)))
+    found = {row.key.decode().split("/")[-2]: row.lease for row in rows}
+    assert found["s0"] == found["s1"] != found["s2"]
+    first.close()  # the others' lease lives on
+    assert {r.name for r in registry.instances()} == {"s1", "s2"}
+    threading.Event().wait(3)  # an observation window past the TTL: still kept alive
+    assert {r.name for r in registry.instances()} == {"s1", "s2"}
+    assert second.registered and second.failures == 0 and other.registered
+    second.close()
+    other.close()
+    assert registry.instances() == [] and registry._leases == {}

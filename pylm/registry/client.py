@@ -24,12 +24,12 @@ from pylm.errors import RegistryAccessDenied, RegistryError, RegistryUnavailable
 from pylm.lifecycle import Closing
 from pylm.registry.config import RegistryConfig
 from pylm.registry.etcd import open_client
+from pylm.registry.lease import SharedLease, closed_under_us
 from pylm.registry.records import InstanceRecord, config_key, instance_key, instances_prefix
 
 __all__ = ["DEFAULT_TTL", "Registration", "Registry"]
 
 DEFAULT_TTL = 10.0
-RETRY = 0.5  # seconds between attempts to register again while etcd is unreachable
 log = logging.getLogger("pylm.registry")
 T = TypeVar("T")
 
@@ -50,13 +50,6 @@ def _refused(exc: Exception) -> bool:
         return True
     text = str(exc)
     return any(refusal in text for refusal in _REFUSALS)
-
-
-def _closed_under_us() -> bool:
-    """Whether a ``CancelledError`` just caught comes from grpc (a call whose
-    channel another task closed), not from cancelling the current task."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
 
 
 class Registry(Closing):
@@ -86,6 +79,7 @@ class Registry(Closing):
         self._client: aetcd.Client | None = None
         self._endpoint = 0
         self._registrations: list[Registration] = []
+        self._leases: dict[float, SharedLease] = {}  # by TTL, on the loop's thread only
         self._closed = False
         self.reachable = True  # whether etcd answered the last request (for metrics)
         self.watch_restarts = 0  # followings that had to start again
@@ -130,7 +124,7 @@ class Registry(Closing):
                 errors.append(f"{host}:{port}: no answer within {self.timeout + 1:g} s ({exc!r})")
                 self._endpoint = (self._endpoint + 1) % len(self.config.endpoints)
             except asyncio.CancelledError:
-                if not _closed_under_us():
+                if not closed_under_us():
                     raise
                 # Another task closed the shared connection while this call ran:
                 # worth one more try, on a new connection.
@@ -213,12 +207,14 @@ class Registry(Closing):
 
         async def query(client: aetcd.Client) -> dict[str, float]:
             leased = [row for row in await client.get_prefix(prefix) if row.lease]
-            infos = await asyncio.gather(  # all at once: one round trip, not one per record
-                *(client.get_lease_info(row.lease, keys=False) for row in leased)
+            leases = sorted({row.lease for row in leased})  # records of a process share one
+            infos = await asyncio.gather(  # all at once: one round trip, not one per lease
+                *(client.get_lease_info(lease, keys=False) for lease in leases)
             )
+            left = {lease: float(info.TTL) for lease, info in zip(leases, infos, strict=True)}
             return {
-                row.key.decode(errors="replace").rpartition("/")[2]: float(info.TTL)
-                for row, info in zip(leased, infos, strict=True)
+                row.key.decode(errors="replace").rpartition("/")[2]: left[row.lease]
+                for row in leased
             }
 
         return self._call(self._etcd(query))
@@ -282,7 +278,7 @@ class Registry(Closing):
                     async for _ in watch:
                         callback((await listing())[0])  # a fresh listing: no event bookkeeping
                 except (RegistryError, aetcd.exceptions.ClientError, asyncio.CancelledError) as exc:
-                    if isinstance(exc, asyncio.CancelledError) and not _closed_under_us():
+                    if isinstance(exc, asyncio.CancelledError) and not closed_under_us():
                         raise
                     self.watch_restarts += 1
                     self.reachable = False
@@ -339,10 +335,15 @@ class Registry(Closing):
         until :meth:`Registration.close`. Raises :class:`RegistryUnavailable`
         if etcd cannot be reached now; once registered, outages are survived."""
         registration = Registration(self, record, ttl)
-        self._call(registration._put())
-        registration._task = asyncio.run_coroutine_threadsafe(
-            registration._keep_alive(), self._loop
-        )
+
+        async def join() -> None:
+            lease = self._leases.get(ttl)
+            if lease is None:
+                lease = self._leases[ttl] = SharedLease(self, ttl)
+            registration._lease = lease
+            await lease.join(registration)
+
+        self._call(join())
         self._registrations.append(registration)
         return registration
 
@@ -363,7 +364,9 @@ class Registry(Closing):
 
 
 class Registration:
-    """A record kept registered under a lease by its :class:`Registry`."""
+    """A record kept registered by its :class:`Registry`, under the lease it
+    shares with the other records of that registry with the same TTL
+    (:mod:`pylm.registry.lease`)."""
 
     def __init__(self, registry: Registry, record: InstanceRecord, ttl: float) -> None:
         if ttl < 1:
@@ -376,70 +379,15 @@ class Registration:
         self.key = instance_key(registry.config.prefix, record.name, record.instance)
         self.registered = False  # whether etcd holds the record right now, as far as we know
         self.failures = 0  # keep-alive rounds that could not reach etcd
-        self._lease: Any = None
-        self._task: concurrent.futures.Future[None] | None = None
-
-    async def _put(self) -> None:
-        async def put(client: aetcd.Client) -> None:
-            self._lease = await client.lease(round(self.ttl))
-            await client.put(self.key.encode(), self.record.to_json(), lease=self._lease)
-
-        await self.registry._etcd(put)
-        self.registered = True
-
-    async def _keep_alive(self) -> None:
-        clock = asyncio.get_running_loop().time
-        due = clock()
-        while True:
-            # Every ttl/3 from the last round's start, not from its end (a slow
-            # round must not stretch the period); once unregistered, try again
-            # often: back within RETRY of etcd's return.
-            due = max(
-                due + (self.ttl / 3 if self.registered else min(self.ttl / 3, RETRY)), clock()
-            )
-            await asyncio.sleep(due - clock())
-            try:
-                if self.registered:
-                    # With the client _etcd gives (the endpoint that answers now), not
-                    # the one the lease was made with (Lease.refresh): that one may be
-                    # a member that is down, or a client closed since.
-                    response = await self.registry._etcd(
-                        lambda client: client.refresh_lease(self._lease.id)
-                    )
-                    if response.TTL <= 0:
-                        self.registered = False  # the lease expired meanwhile: register again
-                if not self.registered:
-                    await self._put()
-                    log.info("%s registered again", self.key)
-            except RegistryError as exc:  # unreachable or refusing: keep trying, never give up
-                self.failures += 1
-                if self.registered:
-                    log.warning("registry unavailable, %s may expire: %s", self.key, exc)
-                self.registered = False
-            except (Exception, asyncio.CancelledError) as exc:  # nothing else ends it either
-                if isinstance(exc, asyncio.CancelledError) and not _closed_under_us():
-                    raise  # closed: the only way out
-                self.failures += 1
-                log.warning("%s: keep-alive failed: %r", self.key, exc)
-                self.registered = False
+        self._lease: SharedLease | None = None
 
     def close(self) -> None:
         """Stop keeping the record alive and remove it; raises
         :class:`RegistryUnavailable` if etcd cannot be reached (the record
         then disappears when its lease expires)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
         if self in self.registry._registrations:
             self.registry._registrations.remove(self)
-
-        async def remove(client: aetcd.Client) -> None:
-            await client.delete(self.key.encode())
-            if self._lease is not None:
-                try:
-                    await client.revoke_lease(self._lease.id)
-                except aetcd.exceptions.ClientError as exc:  # expired already: nothing to revoke
-                    log.debug("lease of %s not revoked: %s", self.key, exc)
-
+        lease, self._lease = self._lease, None
         self.registered = False
-        self.registry._call(self.registry._etcd(remove))
+        if lease is not None:
+            self.registry._call(lease.leave(self))
