@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pylm {__version__}")
     parser.add_argument("--registry", help="etcd://host:port[,...] (default: $PYLM_REGISTRY)")
     parser.add_argument("--cluster", help="cluster namespace (default: $PYLM_CLUSTER or default)")
+    parser.add_argument(
+        "--registry-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long each etcd request may take (5)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     etcd = commands.add_parser(
@@ -105,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _registry(args: argparse.Namespace) -> Registry:
     from pylm.registry import Registry
 
-    return Registry(args.registry, cluster=args.cluster)
+    if args.registry_timeout <= 0:
+        raise PylmError(f"--registry-timeout must be positive, got {args.registry_timeout:g}")
+    return Registry(args.registry, cluster=args.cluster, timeout=args.registry_timeout)
 
 
 def show_topology(args: argparse.Namespace) -> int:

@@ -90,6 +90,9 @@ def test_errors_are_one_clear_line(etcd_server: LocalEtcd, cluster: str) -> None
         timeout=30,
     )
     assert unset.returncode == 2 and "pylm etcd" in unset.stderr
+    bad = pylm(etcd_server, cluster, "--registry-timeout", "0", "ls")
+    assert bad.returncode == 2 and "--registry-timeout must be positive, got 0" in bad.stderr
+    assert pylm(etcd_server, cluster, "--registry-timeout", "20", "ls").returncode == 0
 
 
 @pytest.mark.parametrize("target", ["nocolon", "missing.module:Thing"])
