@@ -176,11 +176,14 @@ def _over(top: float | None, bottom: float | None) -> float | None:
     return top / bottom if top is not None and bottom else None
 
 
+Measure = Callable[[dict[str, Data | None]], float | None]
+
+
 @dataclass(frozen=True)
 class Target:
     what: str
     goal: float  # the ratio to reach (at least), or the most lost (overhead)
-    measure: Callable[[dict[str, Data | None]], float | None]
+    measure: Measure
     overhead: bool = False  # goal is a loss not to exceed (1 - ratio)
 
 
@@ -201,16 +204,23 @@ def _metrics_loss(data: Data | None, on: str, off: str, payload: int, clients: i
     return None if ratio is None else 1 - ratio
 
 
+def _rpc(
+    top: str, bottom: str, payload: int = 100
+) -> Callable[[dict[str, Data | None]], float | None]:
+    """The ratio of two systems' sync RPC medians, 1 client."""
+    return lambda d: _over(_median(d["rpc"], top, payload), _median(d["rpc"], bottom, payload))
+
+
 TARGETS = (
     Target(
         "sync RPC, 100 B, 1 client: pylm / raw REQ-REP",
         0.85,
-        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "raw-req", 100)),
+        _rpc("pylm", "raw-req"),
     ),
     Target(
         "pipelined RPC, 32 in flight: pylm AsyncClient / raw DEALER-ROUTER",
         0.5,
-        lambda d: _over(_median(d["rpc"], "pylm-async", 100), _median(d["rpc"], "raw-dealer", 100)),
+        _rpc("pylm-async", "raw-dealer"),
     ),
     Target(
         "3-stage chain, 100 B: pylm / raw 3-hop PUSH-PULL",
@@ -229,17 +239,17 @@ TARGETS = (
     Target(
         "10 KiB payloads, sync RPC, 1 client: pylm / raw (MB/s)",
         0.7,
-        lambda d: _over(_median(d["rpc"], "pylm", 10240), _median(d["rpc"], "raw-req", 10240)),
+        _rpc("pylm", "raw-req", 10240),
     ),
     Target(
         "pylm / zerorpc, 100 B, 1 client",
         3.0,
-        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "zerorpc", 100)),
+        _rpc("pylm", "zerorpc"),
     ),
     Target(
         "pylm / Pyro5, 100 B, 1 client",
         1.0,
-        lambda d: _over(_median(d["rpc"], "pylm", 100), _median(d["rpc"], "pyro5", 100)),
+        _rpc("pylm", "pyro5"),
     ),
     Target(
         "pylm / Pyro5, 100 B, most clients",

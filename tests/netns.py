@@ -23,8 +23,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from pylm.lifecycle import Closing
 
 HERE = Path(__file__).resolve().parent
 
@@ -118,7 +119,7 @@ class Host:
             agent.stdout.close()
 
 
-class Network:
+class Network(Closing):
     """Hosts on one bridge, on a random 10.x.y.0/24; a context manager."""
 
     def __init__(self) -> None:
@@ -163,14 +164,3 @@ class Network:
             except (RuntimeError, OSError):
                 pass
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    def __enter__(self) -> Network:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
