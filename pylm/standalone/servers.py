@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import zmq
@@ -36,6 +37,8 @@ _NO_DEADLINE = bytes(8)
 _SPLIT = protocol.SPLIT_PAYLOAD
 # Frames other than the payload are small; this slack bounds them.
 _FRAME_SLACK = 64 * 1024
+_DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
+_DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
 
 
 class Server(BaseServer):
@@ -111,8 +114,12 @@ class Server(BaseServer):
         limit = self.messages
         served = self.served
         stats = self.stats
+        draining = False  # stopping: deregistered, serving what clients still send
+        quiet_ms, give_up = round(_DRAIN_QUIET * 1000), 0.0
         try:
             while served < limit:
+                if draining and (not socket.poll(quiet_ms) or time.monotonic() > give_up):
+                    return
                 body = recv()
                 if stats is not None:
                     stats.received += 1
@@ -143,7 +150,15 @@ class Server(BaseServer):
                 if self._is_control(body):
                     if stats is not None:
                         stats.received -= 1  # stop's wake-up call is no message
-                    return
+                    if draining or self.registration is None:
+                        return
+                    # Found by name: clients may still pick this instance until
+                    # they see it leave the registry. Leave it first, then
+                    # serve until they stop sending.
+                    send(b"")  # REP: answer the wake-up, to receive again
+                    self._deregister()
+                    draining, give_up = True, time.monotonic() + _DRAIN_MAX
+                    continue
                 served += self._handle_other(body)
         finally:
             self.served = served
