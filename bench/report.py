@@ -306,6 +306,32 @@ def machine_line(data: dict[str, Data | None]) -> str:
     return "machine unknown"
 
 
+def series(
+    rows: list[Data], x: str, y: str, group: Callable[[Data], str] = lambda row: row["system"]
+) -> dict[str, list[tuple[float, float]]]:
+    """The (x, y) points of each group of ``rows`` (a system, by default),
+    sorted by x; rows without a ``y`` are left out."""
+    found: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get(y):
+            found.setdefault(group(row), []).append((row[x], row[y]))
+    return {name: sorted(points) for name, points in sorted(found.items())}
+
+
+def family_of(row: Data) -> str:
+    """``pylm`` of a parallel system id like ``pylm-cpu-2w``."""
+    return str(row["system"]).rsplit("-", 2)[0]
+
+
+def label(axes: Any, x: str, y: str, title: str, *, legend: bool = True) -> None:
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.set_title(title)
+    if legend:
+        axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+
+
 def figures(
     data: dict[str, Data | None], steps: list[Data], folder: Path
 ) -> tuple[list[tuple[str, str]], str]:
@@ -332,25 +358,16 @@ def figures(
     sync = [r for r in rpc if r["clients"] == 1 and r["in_flight_per_client"] == 1]
     if sync:
         figure, (calls, bandwidth) = plt.subplots(1, 2, figsize=(10, 4))
-        for system in sorted({r["system"] for r in sync}):
-            points = sorted(
-                (r["payload_bytes"], r["median_per_s"])
-                for r in sync
-                if r["system"] == system and r["median_per_s"]
-            )
-            if not points:
-                continue
+        for system, points in series(sync, "payload_bytes", "median_per_s").items():
             sizes = [p for p, _ in points]
             calls.plot(sizes, [v for _, v in points], marker="o", label=system)
             bandwidth.plot(sizes, [p * v / 1e6 for p, v in points], marker="o", label=system)
-        for axes, unit in ((calls, "round trips/s"), (bandwidth, "MB/s each way")):
+        label(
+            calls, "payload (bytes)", "round trips/s", "Sync RPC, 1 client: throughput vs payload"
+        )
+        label(bandwidth, "payload (bytes)", "MB/s each way", "... as bandwidth", legend=False)
+        for axes in (calls, bandwidth):
             axes.set_xscale("log")
-            axes.set_xlabel("payload (bytes)")
-            axes.set_ylabel(unit)
-            axes.grid(alpha=0.3)
-        calls.legend(fontsize=8)
-        calls.set_title("Sync RPC, 1 client: throughput vs payload")
-        bandwidth.set_title("... as bandwidth")
         save(figure, "rpc-payload.png", "Sync RPC throughput against payload size (1 client)")
 
     timed = [r for r in sync if r.get("latency_us") and r["payload_bytes"] == 100]
@@ -372,37 +389,28 @@ def figures(
     many = [r for r in rpc if r["payload_bytes"] == 100 and r["in_flight_per_client"] == 1]
     if len({r["clients"] for r in many}) > 1:
         figure, axes = plt.subplots(figsize=(7, 4))
-        for system in sorted({r["system"] for r in many}):
-            points = sorted(
-                (r["clients"], r["median_per_s"])
-                for r in many
-                if r["system"] == system and r["median_per_s"]
-            )
+        for system, points in series(many, "clients", "median_per_s").items():
             axes.plot([c for c, _ in points], [v for _, v in points], marker="o", label=system)
-        axes.set_xlabel("client processes")
-        axes.set_ylabel("round trips/s, all clients")
-        axes.set_title("Sync RPC, 100 B: throughput vs clients")
-        axes.legend(fontsize=8)
-        axes.grid(alpha=0.3)
+        label(
+            axes,
+            "client processes",
+            "round trips/s, all clients",
+            "Sync RPC, 100 B: throughput vs clients",
+        )
         save(figure, "rpc-clients.png", "Sync RPC throughput against client processes (100 B)")
 
-    cpu = [r for r in _results(data.get("parallel")) if r.get("job") == "cpu"]
+    cpu = [  # 1 worker: the baseline, a speedup of 1
+        {**r, "speedup": r.get("speedup_over_1_worker") or 1.0}
+        for r in _results(data.get("parallel"))
+        if r.get("job") == "cpu"
+    ]
     if cpu:
         figure, axes = plt.subplots(figsize=(7, 4))
-        for family in sorted({r["system"].rsplit("-", 2)[0] for r in cpu}):
-            points = sorted(
-                (r["workers"], r.get("speedup_over_1_worker") or 1.0)
-                for r in cpu
-                if r["system"].startswith(family + "-")
-            )
-            axes.plot([w for w, _ in points], [s for _, s in points], marker="o", label=family)
+        for family, points in series(cpu, "workers", "speedup", family_of).items():
+            axes.plot([w for w, _ in points], [v for _, v in points], marker="o", label=family)
         top = max(r["workers"] for r in cpu)
         axes.plot([1, top], [1, top], linestyle=":", color="gray", label="ideal")
-        axes.set_xlabel("workers")
-        axes.set_ylabel("speedup over 1 worker")
-        axes.set_title("CPU-bound jobs: scaling with workers")
-        axes.legend(fontsize=8)
-        axes.grid(alpha=0.3)
+        label(axes, "workers", "speedup over 1 worker", "CPU-bound jobs: scaling with workers")
         save(figure, "parallel-workers.png", "Speedup of CPU-bound jobs with workers")
 
     if len(steps) > 1:

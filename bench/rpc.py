@@ -51,7 +51,7 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from bench.harness import (
@@ -144,24 +144,24 @@ def families_list(text: str) -> tuple[str, ...]:
     return tuple(name for name in FAMILIES if name in names)  # the table's order
 
 
-def clients_list(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(sorted({int(part) for part in text.split(",")}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1,8, got {text!r}") from None
-    if not counts or counts[0] < 1:
-        raise argparse.ArgumentTypeError("client counts must be at least 1")
-    return counts
+def positive_list(example: str, too_small: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type for a comma-separated list of positive numbers,
+    sorted and without repeats; ``example`` and ``too_small`` word its errors."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            numbers = tuple(sorted({int(part) for part in text.split(",")}))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {example}, got {text!r}") from None
+        if not numbers or numbers[0] < 1:
+            raise argparse.ArgumentTypeError(too_small)
+        return numbers
+
+    return parse
 
 
-def sizes_list(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(sorted({int(part) for part in text.split(",")}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 100,10240, got {text!r}") from None
-    if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError("payload sizes must be at least 1 byte")
-    return sizes
+clients_list = positive_list("numbers like 1,8", "client counts must be at least 1")
+sizes_list = positive_list("sizes like 100,10240", "payload sizes must be at least 1 byte")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:

@@ -11,13 +11,12 @@ when the partition heals. Needs root and iproute2; skipped otherwise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from netns import Host, Network, available
 
-from pylm.testing import SOAK
+from pylm.testing import SOAK, wait_for
 
 ROLES = "multihost_roles"
 TTL = 2.0  # the servers' lease, as in multihost_roles
@@ -25,19 +24,6 @@ CLUSTER = "multihost"
 
 unavailable = available()
 pytestmark = pytest.mark.skipif(unavailable is not None, reason=unavailable or "")
-
-
-def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` on the hosts (another process: no event to wait on)
-    until it returns a true value; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s (last: {value!r})")
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -80,8 +66,8 @@ def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network)
 
     # From the client's host: every pattern, through instances on both hosts.
     client.call("clients", url, CLUSTER)
-    until(lambda: len(client.call("instances", "echo")) == 2, 10, "both echo instances listed")
-    until(lambda: len(client.call("instances", "step")) == 2, 10, "both step instances listed")
+    wait_for(lambda: len(client.call("instances", "echo")) == 2, 10, "both echo instances listed")
+    wait_for(lambda: len(client.call("instances", "step")) == 2, 10, "both step instances listed")
     assert set(client.call("call_echo", 40, True)) == {"one", "two"}
     assert set(client.call("call_chain", 200, True)) == {"one", "two"}
     assert client.call("call_parallel", 100) == 100
@@ -91,7 +77,7 @@ def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network)
     scraped = {
         r["metrics"].split("//")[1].split("/")[0] for r in [*on_one.values(), *on_two.values()]
     }
-    until(
+    wait_for(
         lambda: (
             (up := monitor.call("targets_up")) and scraped <= {a for a, v in up.items() if v == 1}
         ),
@@ -103,7 +89,7 @@ def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network)
         # Host one is cut off: its instances leave routing when their lease expires.
         network.partition(one)
         cut = time.monotonic()
-        until(
+        wait_for(
             lambda: all(
                 one.address not in a for n in ("echo", "step") for a in client.call("instances", n)
             ),
@@ -114,7 +100,7 @@ def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network)
         assert client.call("call_echo", 40, True) == {"two": 40}
         assert client.call("call_chain", 200, True) == {"two": 200}
         assert client.call("call_parallel", 100) == 100  # the master re-dispatches host one's jobs
-        until(
+        wait_for(
             lambda: all(one.address not in a for a in monitor.call("targets_up")),
             30,
             "Prometheus dropping host one's targets",
@@ -122,15 +108,15 @@ def test_servers_clients_etcd_and_prometheus_on_separate_hosts(network: Network)
 
         # Healed: host one registers again and serves again.
         network.heal(one)
-        until(lambda: one.call("registered"), 10, "host one registered again")
+        wait_for(lambda: one.call("registered"), 10, "host one registered again")
         listed = "host one's echo listed again"
-        until(lambda: len(client.call("instances", "echo")) == 2, 10, listed)
-        until(
+        wait_for(lambda: len(client.call("instances", "echo")) == 2, 10, listed)
+        wait_for(
             lambda: "one" in client.call("call_echo", 20, False),
             20,
             "host one answering again",
         )
-        until(
+        wait_for(
             lambda: set(client.call("call_chain", 50, False)) >= {"one", "two"},
             20,
             "host one's step serving again",
