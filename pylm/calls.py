@@ -180,10 +180,12 @@ class Caller:
             raise
         return Peers(client, name, self.endpoint_role, records)
 
-    def _secure(self, socket: zmq.Socket) -> zmq.Socket:
-        """Make ``socket`` (about to connect) a CURVE client, when CURVE is on."""
+    def _secure(self, socket: zmq.Socket, server_key: bytes | None = None) -> zmq.Socket:
+        """Make ``socket`` (about to connect) a CURVE client of the server
+        whose key is ``server_key`` (default: :attr:`server_key`), when
+        CURVE is on, and watch its handshakes."""
         if self.curve is not None:
-            self.curve.connect(socket, self.server_key)
+            self.curve.connect(socket, server_key or self.server_key)
             self._handshakes.watch(socket)
         return socket
 

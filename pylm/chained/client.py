@@ -491,17 +491,19 @@ class LoopClient(Caller, Closing):
             outcomes.append((index, None, error))
         return outcomes
 
-    def _secure(self, socket: zmq.Socket) -> zmq.Socket:
-        if self._by_name and self.server_key is None:
-            return socket  # the first stage, found by name, registered no CURVE key
-        return super()._secure(socket)
+    def _secure(self, socket: zmq.Socket, server_key: bytes | None = None) -> zmq.Socket:
+        return self._secure_stage(socket, server_key or self.server_key)  # the first stage
+
+    def _secure_stage(self, socket: zmq.Socket, key: bytes | None) -> zmq.Socket:
+        """CURVE to the stage whose key is ``key``; plain to a stage found
+        by name that registered none."""
+        if self._by_name and key is None:
+            return socket
+        return super()._secure(socket, key)
 
     def _result_socket(self, address: str) -> zmq.Socket:
         """A socket receiving results from the last stage instance at ``address``."""
-        socket: zmq.Socket = self._context.socket(zmq.DEALER)
-        if self.curve is not None and (self._last_key is not None or not self._by_name):
-            self.curve.connect(socket, self._last_key)
-            self._handshakes.watch(socket)
+        socket: zmq.Socket = self._secure_stage(self._context.socket(zmq.DEALER), self._last_key)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.route)
         socket.connect(address)

@@ -77,8 +77,9 @@ class SharedLease:
                 if task is not None:
                     task.cancel()
             key = registration.key.encode()
-            lease = self.lease if last and self.alive else None
-            self.alive = self.alive and not last
+            lease = None  # to revoke: the last one out takes the lease with it
+            if last:
+                lease, self.alive = (self.lease if self.alive else None), False
 
             async def remove(client: aetcd.Client) -> None:
                 await client.delete(key)
