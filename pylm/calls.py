@@ -221,16 +221,15 @@ class Caller:
         for msg_id, _ in expired:
             del in_flight[msg_id]
             self._calls.timed_out(function)
-        refused = self._handshakes.refusal()
-        kind, why = (RequestTimeout, "") if refused is None else (CurveRefused, f"; {refused}")
         return [
             (
                 msg_id,
                 index,
-                kind(
+                self._no_answer(
                     f"no result for job {index} ({function!r} on {self.server_name!r} via"
                     f" {self.connection}) within {timeout:g} s;"
-                    f" {len(expired)} job(s) timed out together{why}"
+                    f" {len(expired)} job(s) timed out together",
+                    "; ",
                 ),
             )
             for msg_id, index in expired
@@ -240,13 +239,17 @@ class Caller:
         return self.timeout if timeout is None else check_timeout(timeout)
 
     def _timeout_error(self, what: str, timeout: float) -> RequestTimeout:
-        text = (
+        return self._no_answer(
             f"no answer from server {self.server_name!r} at {self.connection}"
             f" to {what!r} within {timeout:g} s"
         )
+
+    def _no_answer(self, text: str, separator: str = ": ") -> RequestTimeout:
+        """The error for a call that got no answer: :class:`CurveRefused`,
+        saying why, if a server refused this client's handshake."""
         refused = self._handshakes.refusal()
         if refused is not None:
-            return CurveRefused(f"{text}: {refused}")
+            return CurveRefused(f"{text}{separator}{refused}")
         return RequestTimeout(text)
 
     def __repr__(self) -> str:

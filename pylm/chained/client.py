@@ -21,11 +21,9 @@ from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, curve_key, read_answer
 from pylm.discovery import Peers
 from pylm.errors import (
-    CurveRefused,
     ProtocolError,
     PylmError,
     RegistryError,
-    RequestTimeout,
 )
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, FunctionStats
@@ -525,11 +523,9 @@ class LoopClient(Caller, Closing):
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not socket.poll(max(1, int(left * 1000))):
-                text = f"the last stage at {address} did not answer within {timeout:g} s"
-                refused = self._handshakes.refusal()
-                if refused is not None:
-                    raise CurveRefused(f"{text}: {refused}")
-                raise RequestTimeout(text)
+                raise self._no_answer(
+                    f"the last stage at {address} did not answer within {timeout:g} s"
+                )
             message = read_answer(socket.recv_multipart())
             if message is not None and message.msg_id == msg_id:
                 return
