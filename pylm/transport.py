@@ -20,12 +20,19 @@ __all__ = [
     "default_context",
     "public_host",
     "rest_of",
+    "send_frame",
 ]
 
 
 class AddressError(PylmError, ValueError):
     """An endpoint address is malformed or cannot be bound."""
 
+
+# pyzmq's Socket.send is a Python method that looks at DRAFT routing ids and
+# groups before it calls the compiled send of its base class; the hot paths
+# call that one directly: ``send_frame(socket, data, flags)``, about 0.3 us
+# less per frame. Blocking sockets only (an asyncio socket's send is its own).
+send_frame: Callable[..., None] = getattr(zmq.backend, "Socket", zmq.Socket).send
 
 _ADDRESS = re.compile(r"^(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci|udp)://.+$")
 

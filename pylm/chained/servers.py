@@ -36,7 +36,7 @@ from pylm.cache import Cache
 from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
 from pylm.security import Curve
-from pylm.transport import Backlog, bind, check_address, close_socket, rest_of
+from pylm.transport import Backlog, bind, check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -765,7 +765,7 @@ class Server(_Stage):
             return
         out = self._output(body, start, end, result)
         try:
-            push.send(out, zmq.NOBLOCK)
+            send_frame(push, out, zmq.NOBLOCK)
         except zmq.Again:
             self._send(push, [out])
 
@@ -784,7 +784,7 @@ class Server(_Stage):
             return
         out = outputs[0][1] if len(outputs) == 1 else protocol.pack_batch([m for _, m in outputs])
         try:
-            push.send(out, zmq.NOBLOCK)
+            send_frame(push, out, zmq.NOBLOCK)
         except zmq.Again:
             self._send(push, [out])
 

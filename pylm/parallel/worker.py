@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import zmq
@@ -32,7 +33,7 @@ from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
-from pylm.transport import check_address, close_socket, rest_of
+from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -302,7 +303,7 @@ class Worker(BaseServer):
         self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
-        recv, send, call = socket.recv, socket.send, self._call
+        recv, send, call = socket.recv, partial(send_frame, socket), self._call
         for _ in range(64):
             try:
                 body = recv(zmq.NOBLOCK)

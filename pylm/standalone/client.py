@@ -16,7 +16,7 @@ from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS as _BUCKETS
 from pylm.security import Curve
-from pylm.transport import close_socket, default_context
+from pylm.transport import close_socket, default_context, send_frame
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -30,6 +30,7 @@ _unpack_id = protocol.unpack_id
 _pack_id_deadline = protocol.pack_id_deadline
 _time = time.time
 _perf_counter = time.perf_counter
+_send_frame = send_frame
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
 
@@ -102,8 +103,8 @@ class Client(Caller, Closing):
             if socket is None:
                 raise RuntimeError("the client is closed")
             try:
-                socket.send(b"", _SNDMORE)
-                socket.send(body)
+                _send_frame(socket, b"", _SNDMORE)
+                _send_frame(socket, body)
                 if socket.recv() == b"":
                     answer = socket.recv()
                     if answer[:9] == _REPLY_PREFIX and answer[9:17] == stamp[:8]:

@@ -13,6 +13,7 @@ import logging
 import struct
 import sys
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 import zmq
@@ -20,7 +21,7 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
-from pylm.transport import bind, check_address, close_socket, rest_of
+from pylm.transport import bind, check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -108,7 +109,7 @@ class Server(BaseServer):
     def _serve(self) -> None:
         socket = self._socket
         assert socket is not None
-        recv, send, call = socket.recv, socket.send, self._call
+        recv, send, call = socket.recv, partial(send_frame, socket), self._call
         unpack_sizes = _SIZES.unpack_from
         join = b"".join
         limit = self.messages
