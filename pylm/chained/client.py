@@ -28,7 +28,7 @@ from pylm.errors import (
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, FunctionStats
 from pylm.security import Curve
-from pylm.transport import check_address, close_socket, default_context, rest_of
+from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -350,7 +350,7 @@ class LoopClient(Caller, Closing):
                             waiting = (group, [message])
                     try:
                         if len(waiting[1]) == 1:
-                            jobs.send(waiting[1][0], zmq.NOBLOCK)
+                            send_frame(jobs, waiting[1][0], zmq.NOBLOCK)
                         else:
                             jobs.send_multipart(waiting[1], zmq.NOBLOCK)
                     except zmq.Again:

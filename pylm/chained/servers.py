@@ -1015,11 +1015,11 @@ class LastServer(_Stage):
             self._to_client(route, [reply])  # after what waits for that client
             return
         try:
-            router.send(route, _FIRST)  # the whole message goes, or none of it
+            send_frame(router, route, _FIRST)  # the whole message goes, or none of it
         except zmq.ZMQError:  # full, or an unknown client: the careful way
             self._to_client(route, [reply])
             return
-        router.send(reply)
+        send_frame(router, reply)
 
     def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
         return b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
