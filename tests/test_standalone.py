@@ -24,7 +24,7 @@ from pylm.errors import (
     UnknownServer,
 )
 from pylm.standalone import Client, Server
-from pylm.transport import AddressError
+from pylm.transport import AddressError, send_frame
 
 Serve = Callable[[Any], Any]
 
@@ -469,3 +469,19 @@ def test_a_server_that_does_not_speak_pylm_is_a_protocol_error(
         with pytest.raises(pylm.ProtocolError, match=r"answered 'foo' with .* not pylm: b'ok'"):
             client.job("foo", b"x")  # the fast path
     thread.join(5)
+
+
+def test_send_frame_sends_like_socket_send(raw_socket: Callable[[int], zmq.Socket]) -> None:
+    # The hot paths' send (pyzmq's compiled send, without its Python wrapper)
+    # keeps Socket.send's meaning: frames, SNDMORE, and zmq.Again for NOBLOCK.
+    pull = raw_socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = raw_socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    send_frame(push, b"one", zmq.SNDMORE)
+    send_frame(push, b"two")
+    assert pull.poll(5000)
+    assert pull.recv_multipart() == [b"one", b"two"]
+    lonely = raw_socket(zmq.PUSH)  # no peer: nowhere to queue the frame
+    with pytest.raises(zmq.Again):
+        send_frame(lonely, b"x", zmq.NOBLOCK)
