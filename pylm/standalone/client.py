@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left as _bisect_left
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -14,7 +13,6 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
-from pylm.metrics import BUCKETS as _BUCKETS
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context, send_frame
 
@@ -30,8 +28,6 @@ _unpack_id = protocol.unpack_id
 _pack_id_deadline = protocol.pack_id_deadline
 _time = time.time
 _perf_counter = time.perf_counter
-_send_frame = send_frame
-_FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
 
 class Client(Caller, Closing):
@@ -72,18 +68,17 @@ class Client(Caller, Closing):
         self._default_millis = int(self.timeout * 1000)
         self._set_timeout(self._socket, self._default_millis)
         self.dropped = 0  # late answers to calls that had timed out, and garbage
-        self._ids = self._calls.ids
-        self._inline_limit = self._calls.inline_limit
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
-        entry = self._calls.targets.get(function)
+        calls = self._calls
+        entry = calls.targets.get(function)
         peers = self._peers
         if (
             entry is None
             or timeout is not None
             or type(message) is not bytes
-            or len(message) > self._inline_limit
+            or len(message) > calls.inline_limit
             or self._socket_timeout != self._default_millis
             or (peers is not None and peers.changed)
         ):
@@ -91,9 +86,8 @@ class Client(Caller, Closing):
         # Fast path, the common call: a function called before, a small
         # payload, the default timeout. The same steps as _job, inline: every
         # line here costs a few per cent of the round-trip rate.
-        numbers = entry[2]
-        began = _perf_counter() if numbers is not None else 0.0
-        msg_id = next(self._ids)
+        began = _perf_counter()
+        msg_id = next(calls.ids)
         stamp = _pack_id_deadline(msg_id, _time() + self.timeout)
         body = b"".join((entry[0], stamp, entry[1], message))
         lock = self._lock
@@ -103,25 +97,21 @@ class Client(Caller, Closing):
             if socket is None:
                 raise RuntimeError("the client is closed")
             try:
-                _send_frame(socket, b"", _SNDMORE)
-                _send_frame(socket, body)
+                send_frame(socket, b"", _SNDMORE)
+                send_frame(socket, body)
                 if socket.recv() == b"":
                     answer = socket.recv()
                     if answer[:9] == _REPLY_PREFIX and answer[9:17] == stamp[:8]:
-                        if numbers is not None:  # numbers.done(...), inline
+                        numbers = entry[2]
+                        if numbers is not None:
                             took = _perf_counter() - began
-                            numbers.seconds += took
-                            numbers.buckets[
-                                0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)
-                            ] += 1
-                            numbers.bytes_in += len(message)
-                            numbers.bytes_out += len(answer) - _HEAD_SIZE
+                            numbers.done(took, len(message), len(answer) - _HEAD_SIZE)
                         return answer[_HEAD_SIZE:]
                     received = self._rest_of(socket, answer)
                 else:
                     received = []  # not an answer to a REQ: look again, the slow way
             except zmq.Again:
-                self._calls.timed_out(function)
+                calls.timed_out(function)
                 raise self._timeout_error(function, self.timeout) from None
             if received and _answers(received, msg_id):
                 answers = received
@@ -129,9 +119,9 @@ class Client(Caller, Closing):
                 if received:
                     self._late_or_foreign(received[0], function)
                 try:
-                    answers = self._await(socket, msg_id, _perf_counter() + self.timeout, function)
+                    answers = self._await(socket, msg_id, began + self.timeout, function)
                 except RequestTimeout:
-                    self._calls.timed_out(function)
+                    calls.timed_out(function)
                     raise
         finally:
             lock.release()
