@@ -206,10 +206,12 @@ def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
     master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
     env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
     script = str(HERE / "parallel_worker.py")
-    # The doomed worker takes 10 ms a job and holds 4: when killed, it holds jobs.
+    # The doomed worker takes 10 ms a job and holds 4: when killed, it holds jobs. The
+    # survivor takes 2 ms a job, so jobs are still waiting then (at full speed it
+    # could finish all the others before the doomed worker had given 20 results).
     workers = [
         subprocess.Popen([sys.executable, script, name, "m", str(BEAT), "4", pause], env=env)
-        for name, pause in (("doomed", "0.01"), ("survivor", "0"))
+        for name, pause in (("doomed", "0.01"), ("survivor", "0.002"))
     ]
     try:
         results: list[bytes] = []
