@@ -457,44 +457,58 @@ class BaseServer:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _call(self, target: bytes, payload: bytes) -> bytes:
+    def _call(self, target: bytes, payload: bytes, timed: bool = True) -> bytes:
         """Run the function ``target`` names on ``payload``; raise a
-        :class:`PylmError` subclass that describes any failure."""
+        :class:`PylmError` subclass that describes any failure. The call is
+        counted (when the server counts); ``timed=False``: without reading
+        its duration (the clock is most of the counting's cost)."""
         entry = self._table.get(target)
         if entry is None:
             if self.stats is not None:
                 self.stats.functions[UNKNOWN_FUNCTION].failed(0.0, len(payload))
             raise self._dispatch_error(target)
         function, stats = entry
-        if len(payload) > self.max_payload:
+        size = len(payload)
+        if size > self.max_payload:
             if stats is not None:
-                stats.failed(0.0, len(payload))
+                stats.failed(0.0, size)
             raise self._too_large(target, payload)
-        if stats is None:  # not counting: no clock either
+        if stats is None or not timed:  # no clock: not counting, or counting only
             try:
                 result = function(payload)
             except Exception as exc:
+                if stats is not None:
+                    stats.failed(None, size)
                 raise self._remote_error(target, exc) from None
             if type(result) is not bytes:
-                result = self._result_bytes(target, result)
+                try:
+                    result = self._result_bytes(target, result)
+                except PylmError:
+                    if stats is not None:
+                        stats.failed(None, size)
+                    raise
+            if stats is not None:
+                stats.untimed += 1
+                stats.bytes_in += size
+                stats.bytes_out += len(result)
             return result
         start = _perf_counter()
         try:
             result = function(payload)
         except Exception as exc:
-            stats.failed(_perf_counter() - start, len(payload))
+            stats.failed(_perf_counter() - start, size)
             raise self._remote_error(target, exc) from None
         if type(result) is not bytes:
             try:
                 result = self._result_bytes(target, result)
             except PylmError:
-                stats.failed(_perf_counter() - start, len(payload))
+                stats.failed(_perf_counter() - start, size)
                 raise
         # stats.done(...), inline: this runs for every message
         took = _perf_counter() - start
         stats.seconds += took
         stats.buckets[0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)] += 1
-        stats.bytes_in += len(payload)
+        stats.bytes_in += size
         stats.bytes_out += len(result)
         return result
 

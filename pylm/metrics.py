@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS",
+    "SAMPLE_EVERY",
     "UNKNOWN_FUNCTION",
     "ClientStats",
     "FunctionStats",
@@ -55,6 +56,11 @@ BUCKETS = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _FIRST = BUCKETS[0]
+# Loops that drain many messages at a time (chained stages, LoopClient) time
+# the first of each run they drain and every SAMPLE_EVERY-th after it (a power
+# of two); they count the others as ``untimed``, without reading the clock,
+# which is most of what counting costs. A loop that keeps up times everything.
+SAMPLE_EVERY = 16
 UNKNOWN_FUNCTION = "(unknown)"  # the label of calls to functions a server does not have
 _OFF = ("0", "off", "false", "no")
 
@@ -70,23 +76,26 @@ class FunctionStats:
     """Calls of one function: outcomes, durations, bytes. Written by one
     thread; the hot paths may update the fields inline (see :meth:`done`).
 
-    ``buckets[i]`` counts the calls that took at most ``BUCKETS[i]`` seconds
-    and more than the bound before (the last one: more than every bound);
-    the calls that succeeded are all calls less ``errors``.
+    ``buckets[i]`` counts the timed calls that took at most ``BUCKETS[i]``
+    seconds and more than the bound before (the last one: more than every
+    bound); ``untimed`` counts the calls whose duration was not read (a busy
+    chained stage times a sample of its calls). The calls that succeeded are
+    all calls less ``errors``.
     """
 
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "seconds")
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "errors", "seconds", "untimed")
 
     def __init__(self) -> None:
         self.errors = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(BUCKETS) + 1)
+        self.untimed = 0
         self.bytes_in = 0
         self.bytes_out = 0
 
     @property
     def calls(self) -> int:
-        return sum(list(self.buckets))
+        return sum(list(self.buckets)) + self.untimed
 
     @property
     def ok(self) -> int:
@@ -102,16 +111,21 @@ class FunctionStats:
         """Add ``other``'s counts (of another object with the same labels) to these."""
         errors, buckets = other.errors, list(other.buckets)  # one consistent reading
         self.errors += errors
+        self.untimed += other.untimed
         self.seconds += other.seconds
         self.bytes_in += other.bytes_in
         self.bytes_out += other.bytes_out
         for index, count in enumerate(buckets):
             self.buckets[index] += count
 
-    def failed(self, seconds: float, size_in: int) -> None:
+    def failed(self, seconds: float | None, size_in: int) -> None:
+        """One more failed call; ``seconds`` None if it was not timed."""
         self.errors += 1
-        self.seconds += seconds
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        if seconds is None:
+            self.untimed += 1
+        else:
+            self.seconds += seconds
+            self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.bytes_in += size_in
 
 

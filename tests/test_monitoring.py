@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.errors import RemoteError, UnknownFunction
 from pylm.httpd import HttpService, QuietHandler
+from pylm.metrics import SAMPLE_EVERY, FunctionStats
 from pylm.registry import InstanceRecord, Registry
 from pylm.sd import ServiceDiscovery, scrape_targets
 from pylm.standalone import Client
@@ -161,6 +162,54 @@ def test_pipeline_stages_count_what_they_pass_on() -> None:
         value(found, "pylm_client_requests_total", server=first, function="double", outcome="ok")
         == 25
     )
+
+
+def test_busy_stages_time_a_sample_and_count_every_call() -> None:
+    """64 jobs in one BATCH: every stage and the client count all 64 and time
+    the first and every SAMPLE_EVERY-th (pylm.metrics)."""
+    first, last = unique("double"), unique("count")
+    timed = 64 // SAMPLE_EVERY
+    with Count(last, ANY, ANY, ANY, log_stdout=False) as end:
+        with Double(first, ANY, end.address, f"{last}.count", ANY, log_stdout=False) as start:
+            with LoopClient(
+                end.push, start.address, start.db, first, announce=False, batch=64
+            ) as client:
+                results = list(client.job("double", [b"ab"] * 64))
+            assert results == [b"4"] * 64
+            assert start.metrics_url is not None
+            found = samples(start.metrics_url)
+    for server, function in ((first, "double"), (last, "count")):
+        assert (
+            value(found, "pylm_calls_total", server=server, function=function, outcome="ok") == 64
+        )
+        assert (
+            value(found, "pylm_call_duration_seconds_count", server=server, function=function)
+            == timed
+        )
+    assert value(found, "pylm_received_bytes_total", server=first) == 64 * 2
+    assert value(found, "pylm_sent_bytes_total", server=first) == 64 * 4
+    assert (
+        value(found, "pylm_client_requests_total", server=first, function="double", outcome="ok")
+        == 64
+    )
+    assert (
+        value(found, "pylm_client_request_duration_seconds_count", server=first, function="double")
+        == timed
+    )
+
+
+def test_metrics_counters_add_untimed_calls() -> None:
+    numbers = FunctionStats()
+    numbers.done(0.001, 3, 4)
+    numbers.untimed += 2
+    numbers.failed(None, 5)
+    numbers.failed(0.5, 6)
+    assert (numbers.calls, numbers.errors, numbers.ok, numbers.untimed) == (5, 2, 3, 3)
+    assert sum(numbers.buckets) == 2 and numbers.bytes_in == 3 + 5 + 6
+    total = FunctionStats()
+    total.add(numbers)
+    total.add(numbers)
+    assert (total.calls, total.untimed, sum(total.buckets)) == (10, 6, 4)
 
 
 def test_healthz_and_metrics_off(monkeypatch: pytest.MonkeyPatch) -> None:

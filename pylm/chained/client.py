@@ -26,7 +26,7 @@ from pylm.errors import (
     RegistryError,
 )
 from pylm.lifecycle import Closing
-from pylm.metrics import BUCKETS, FunctionStats
+from pylm.metrics import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.security import Curve
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
 
@@ -44,6 +44,7 @@ _FAST_REQUEST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
 _pack_sizes = struct.Struct(">HH").pack
 _pack_id_deadline = protocol.pack_id_deadline
 _FIRST_BOUND = BUCKETS[0]
+_UNTIMED_MASK = SAMPLE_EVERY - 1
 _BATCH_PREFIX = protocol.BATCH_PREFIX
 _COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
 
@@ -417,11 +418,16 @@ class LoopClient(Caller, Closing):
                     self.dropped += 1
                 else:
                     outcomes.append((entry[0], body[_HEAD_SIZE:], None))
-                    if numbers is not None:  # numbers.done(...), inline
+                    if numbers is None:
+                        continue
+                    # numbers.done(...), inline, timing a sample (pylm.metrics.SAMPLE_EVERY)
+                    if len(outcomes) & _UNTIMED_MASK == 1:
                         took = sent_before - entry[1]
                         numbers.seconds += took
                         numbers.buckets[0 if took <= _FIRST_BOUND else _bucket(took)] += 1
-                        numbers.bytes_out += len(body) - _HEAD_SIZE
+                    else:
+                        numbers.untimed += 1
+                    numbers.bytes_out += len(body) - _HEAD_SIZE
                 continue
             frames = [body] if in_batch else [body, *rest_of(socket)]
             message = read_answer(frames)

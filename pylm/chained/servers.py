@@ -35,6 +35,7 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
+from pylm.metrics import SAMPLE_EVERY
 from pylm.security import Curve
 from pylm.transport import Backlog, bind, check_address, close_socket, rest_of, send_frame
 
@@ -56,6 +57,7 @@ _REWIRE_MS = 200  # how often a stage following the registry looks for changes
 _DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
+_UNTIMED_MASK = SAMPLE_EVERY - 1  # index & mask: a call not timed (pylm.metrics)
 _FRAME_SLACK = 64 * 1024
 _HEAD_SIZE = protocol.HEAD_SIZE
 _SPLIT = protocol.SPLIT_PAYLOAD
@@ -245,7 +247,7 @@ class _Stage(BaseServer):
         how many of them the fast path passed on."""
         recv, call = pull.recv, self._call
         received = passed = 0
-        for _ in range(min(_BATCH, self.messages - self.served)):
+        for index in range(min(_BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
                 # frame follows (asking the socket costs more than the rest).
@@ -270,7 +272,7 @@ class _Stage(BaseServer):
                     if debug:
                         self._looking_for(body[_HEAD_SIZE:start])
                     try:
-                        result = call(body[_HEAD_SIZE:start], body[end:])
+                        result = call(body[_HEAD_SIZE:start], body[end:], not index & _UNTIMED_MASK)
                     except PylmError as error:
                         self._fail(protocol.decode([body]), error)
                     else:
@@ -294,7 +296,7 @@ class _Stage(BaseServer):
             return len(jobs), 0
         outputs: list[tuple[bytes, bytes]] = []  # (route, message) in order
         call = self._call
-        for job in jobs:
+        for index, job in enumerate(jobs):
             if job[:5] == _FAST and len(job) >= _HEAD_SIZE:
                 target_size, route_size = _unpack_sizes(job, 5)
                 start = _HEAD_SIZE + target_size
@@ -302,7 +304,7 @@ class _Stage(BaseServer):
                 if route_size and end <= len(job):
                     self.served += 1
                     try:
-                        result = call(job[_HEAD_SIZE:start], job[end:])
+                        result = call(job[_HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
                     except PylmError as error:
                         failure = protocol.encode_error(
                             _unpack_id(job, 9)[0], error, self._error_route(job[start:end])
