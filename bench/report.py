@@ -8,7 +8,7 @@ registry and scale parts need the ``etcd`` and ``prometheus`` binaries)::
     python -m bench.report --only rpc,parallel --out /tmp/report.md
 
 Each part is a benchmark module run as its own process with ``--json``
-(``rpc``, ``pipeline``, ``parallel``, ``registry``, ``metrics``, ``scale``,
+(``rpc``, ``pipeline``, ``stage``, ``parallel``, ``registry``, ``metrics``, ``scale``,
 ``profile``: py-spy's view of where a call's time goes);
 pylm runs side by side with raw pyzmq and the peers in the same run, so the
 ratios compare like with like. The report holds, per part, the table the
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,7 @@ class Part:
 PARTS = (
     Part("rpc", ("--payloads", RPC_PAYLOADS), ("--quick", "--payloads", "100,10240")),
     Part("pipeline", (), ("--quick",)),
+    Part("stage", (), ("--quick",)),
     Part("parallel", (), ("--quick",)),
     Part("registry", (), ("--quick",)),
     Part("metrics", (), ("--quick",), json=False),
@@ -204,6 +206,15 @@ def _metrics_loss(data: Data | None, on: str, off: str, payload: int, clients: i
     return None if ratio is None else 1 - ratio
 
 
+def _stage_loss(data: Data | None) -> float | None:
+    """bench.stage: one stage's throughput lost to metrics (medians)."""
+    if data is None:
+        return None
+    rates = data["rounds_per_s"]
+    ratio = _over(statistics.median(rates["on"]), statistics.median(rates["off"]))
+    return None if ratio is None else 1 - ratio
+
+
 def _rpc(
     top: str, bottom: str, payload: int = 100
 ) -> Callable[[dict[str, Data | None]], float | None]:
@@ -269,6 +280,12 @@ TARGETS = (
         "metrics cost, 3-stage chain 100 B (loss, on vs off)",
         0.05,
         lambda d: _metrics_loss(d["pipeline"], "pylm-chain", "pylm-quiet-chain", 100, 1),
+        overhead=True,
+    ),
+    Target(
+        "metrics cost, one chained stage 100 B, alone on a CPU (loss, on vs off)",
+        0.05,
+        lambda d: _stage_loss(d["stage"]),
         overhead=True,
     ),
     Target("CPU-bound jobs: 2 workers / 1 worker", 1.8, lambda d: _speedup(d["parallel"])),

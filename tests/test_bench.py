@@ -45,6 +45,17 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     assert len(results) == 8  # raw, pylm, pylm batched, pylm with metrics off; 2 payloads
 
 
+@pytest.mark.timeout(120)
+def test_stage_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "stage.json"
+    stdout = smoke_run("stage", out)
+    assert "Throughput lost to metrics:" in stdout
+    rounds = json.loads(out.read_text())
+    for mode in ("on", "off"):
+        assert len(rounds["rounds_per_s"][mode]) == 1 and rounds["rounds_per_s"][mode][0] > 0
+        assert rounds["cpu_us"][mode][0] > 0
+
+
 @pytest.mark.timeout(170)
 def test_registry_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "registry.json"
