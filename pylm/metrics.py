@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUCKETS",
+    "BUSY",
     "SAMPLE_EVERY",
     "UNKNOWN_FUNCTION",
     "ClientStats",
     "FunctionStats",
+    "Sampling",
     "ServerStats",
     "live_servers",
     "metrics_enabled",
@@ -56,11 +58,12 @@ BUCKETS = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _FIRST = BUCKETS[0]
-# Loops that drain many messages at a time (chained stages, LoopClient) time
-# the first of each run they drain and every SAMPLE_EVERY-th after it (a power
-# of two); they count the others as ``untimed``, without reading the clock,
-# which is most of what counting costs. A loop that keeps up times everything.
-SAMPLE_EVERY = 16
+# Busy servers time one call in SAMPLE_EVERY (see Sampling) and count the
+# others as ``untimed``, without reading the clock, which is most of what
+# counting costs; a LoopClient times the first result of each run it drains
+# and every SAMPLE_EVERY-th after it (a power of two).
+SAMPLE_EVERY = 64
+BUSY = 0.001  # s: calls closer together than this are a busy server's
 UNKNOWN_FUNCTION = "(unknown)"  # the label of calls to functions a server does not have
 _OFF = ("0", "off", "false", "no")
 
@@ -127,6 +130,26 @@ class FunctionStats:
             self.seconds += seconds
             self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.bytes_in += size_in
+
+
+class Sampling:
+    """Which calls a server times. Its loop times a call, then asks
+    :meth:`untimed_next` how many calls to count without the clock before it
+    times one again: none while calls come at least ``BUSY`` apart (every
+    call is timed), ``SAMPLE_EVERY - 1`` while they come closer together.
+    Counts stay exact either way; only the duration histogram is a sample."""
+
+    __slots__ = ("_last", "_span")
+
+    def __init__(self) -> None:
+        self._last = -1.0  # when the last timed call came (time.perf_counter)
+        self._span = 1  # calls since the timed call before it
+
+    def untimed_next(self) -> int:
+        now = time.perf_counter()
+        self._span = SAMPLE_EVERY if now - self._last < BUSY * self._span else 1
+        self._last = now
+        return self._span - 1
 
 
 class ServerStats:

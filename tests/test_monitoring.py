@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.errors import RemoteError, UnknownFunction
 from pylm.httpd import HttpService, QuietHandler
-from pylm.metrics import SAMPLE_EVERY, FunctionStats
+from pylm.metrics import SAMPLE_EVERY, FunctionStats, Sampling
 from pylm.registry import InstanceRecord, Registry
 from pylm.sd import ServiceDiscovery, scrape_targets
 from pylm.standalone import Client
@@ -209,6 +209,12 @@ def test_a_server_that_is_not_busy_times_every_call() -> None:
             time.sleep(0.005)  # the workload itself: calls further apart than a busy server's
         found = samples(server.metrics_url)
     assert value(found, "pylm_call_duration_seconds_count", server=name, function="echo") == 3
+
+
+def test_sampling_times_a_sample_of_calls_close_together() -> None:
+    sampling = Sampling()
+    assert sampling.untimed_next() == 0  # the first call: time the next one too
+    assert sampling.untimed_next() == SAMPLE_EVERY - 1  # at once after it: busy
 
 
 def test_metrics_counters_add_untimed_calls() -> None:

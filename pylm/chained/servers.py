@@ -35,7 +35,7 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
-from pylm.metrics import SAMPLE_EVERY
+from pylm.metrics import SAMPLE_EVERY, Sampling
 from pylm.security import Curve
 from pylm.transport import Backlog, bind, check_address, close_socket, rest_of, send_frame
 
@@ -57,7 +57,7 @@ _REWIRE_MS = 200  # how often a stage following the registry looks for changes
 _DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
-_UNTIMED_MASK = SAMPLE_EVERY - 1  # index & mask: a call not timed (pylm.metrics)
+_UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 _FRAME_SLACK = 64 * 1024
 _HEAD_SIZE = protocol.HEAD_SIZE
 _SPLIT = protocol.SPLIT_PAYLOAD
@@ -123,6 +123,8 @@ class _Stage(BaseServer):
         self._poll_timeout: int | None = None  # ms; set when rewiring is possible
         self._send_deadline: float | None = None  # set while leaving
         self._plain = True  # one output, no copies: the fast paths apply
+        self._sampling = Sampling()  # which calls are timed (pylm.metrics)
+        self._untimed = 0  # calls to count without the clock before the next timed one
 
     # ------------------------------------------------------------------ sockets
 
@@ -247,7 +249,8 @@ class _Stage(BaseServer):
         how many of them the fast path passed on."""
         recv, call = pull.recv, self._call
         received = passed = 0
-        for index in range(min(_BATCH, self.messages - self.served)):
+        counting, sampling, untimed = self.stats is not None, self._sampling, self._untimed
+        for _ in range(min(_BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
                 # frame follows (asking the socket costs more than the rest).
@@ -271,8 +274,15 @@ class _Stage(BaseServer):
                     self.served += 1
                     if debug:
                         self._looking_for(body[_HEAD_SIZE:start])
+                    if untimed:
+                        untimed -= 1
+                        timed = False
+                    else:
+                        timed = True
+                        if counting:
+                            untimed = sampling.untimed_next()
                     try:
-                        result = call(body[_HEAD_SIZE:start], body[end:], not index & _UNTIMED_MASK)
+                        result = call(body[_HEAD_SIZE:start], body[end:], timed)
                     except PylmError as error:
                         self._fail(protocol.decode([body]), error)
                     else:
@@ -280,6 +290,7 @@ class _Stage(BaseServer):
                     passed += 1
                     continue
             self._handle([body, *rest_of(pull)])
+        self._untimed = untimed
         return received, passed
 
     def _serve_batch(self, body: bytes) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
-from pylm.metrics import SAMPLE_EVERY
+from pylm.metrics import Sampling
 from pylm.transport import bind, check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -41,9 +41,6 @@ _SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
 _DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
 _DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
-# A server whose calls come less than this apart (s) times one in SAMPLE_EVERY
-# and counts the others without the clock (pylm.metrics); slower, it times all.
-_BUSY = 0.001
 
 
 class Server(BaseServer):
@@ -119,7 +116,7 @@ class Server(BaseServer):
         limit = self.messages
         served = self.served
         stats = self.stats
-        clock, last, untimed, span = time.perf_counter, -1.0, 0, 1
+        sampling, untimed = Sampling(), 0  # which calls are timed (pylm.metrics)
         draining = False  # stopping: deregistered, serving what clients still send
         quiet_ms, give_up = round(_DRAIN_QUIET * 1000), 0.0
         try:
@@ -141,10 +138,8 @@ class Server(BaseServer):
                             timed = False
                         else:
                             timed = True
-                            if stats is not None:  # busy: time a sample from now on
-                                now = clock()
-                                span = SAMPLE_EVERY if now - last < _BUSY * span else 1
-                                untimed, last = span - 1, now
+                            if stats is not None:
+                                untimed = sampling.untimed_next()
                         try:
                             result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
                         except PylmError as error:
