@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket as sockets
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -16,6 +17,7 @@ __all__ = [
     "Backlog",
     "bind",
     "check_address",
+    "close_listener",
     "close_socket",
     "default_context",
     "public_host",
@@ -102,6 +104,32 @@ def close_socket(socket: zmq.Socket | None) -> None:
     """Close without waiting for unsent messages (``linger=0``)."""
     if socket is not None and not socket.closed:
         socket.close(linger=0)
+
+
+def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
+    """Close a socket that listens (it was bound), like :func:`close_socket`,
+    and return once libzmq has closed its listening sockets, so that their
+    addresses can be bound again at once (it closes them in its I/O thread,
+    after ``close`` returns); waits ``timeout`` seconds at most.
+
+    A monitor on the socket reports each listener closed, then that the
+    monitor stopped, which libzmq does last, as it destroys the socket."""
+    if socket is None or socket.closed:
+        return
+    try:
+        monitor = socket.get_monitor_socket(zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED)
+    except zmq.ZMQError:  # no monitor (e.g. the context is ending): do not wait
+        socket.close(linger=0)
+        return
+    try:
+        socket.close(linger=0)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000) + 1):
+            frames = monitor.recv_multipart()
+            if int.from_bytes(frames[0][:2], "little") == zmq.EVENT_MONITOR_STOPPED:
+                break
+    finally:
+        monitor.close(linger=0)
 
 
 def rest_of(socket: zmq.Socket) -> list[bytes]:

@@ -37,7 +37,15 @@ from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
 from pylm.metrics import SAMPLE_EVERY, Sampling
 from pylm.security import Curve
-from pylm.transport import Backlog, bind, check_address, close_socket, rest_of, send_frame
+from pylm.transport import (
+    Backlog,
+    bind,
+    check_address,
+    close_listener,
+    close_socket,
+    rest_of,
+    send_frame,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -185,7 +193,7 @@ class _Stage(BaseServer):
     def _close(self) -> None:
         self._stop_following()
         for socket in (self._pull, self._db_socket, *self._outputs()):
-            close_socket(socket)
+            close_listener(socket)  # a last stage's output listens too
         self._pull = self._db_socket = None
 
     def _open_output(self) -> None:

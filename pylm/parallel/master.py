@@ -50,7 +50,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import Backlog, bind, check_address, close_socket
+from pylm.transport import Backlog, bind, check_address, close_listener
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -138,8 +138,8 @@ class Master(Dispatcher, BaseServer):
         )
 
     def _close(self) -> None:
-        close_socket(self._front)
-        close_socket(self._back)
+        close_listener(self._front)
+        close_listener(self._back)
         self._front = self._back = None
 
     # ------------------------------------------------------------------ the loop

@@ -22,7 +22,7 @@ from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
 from pylm.metrics import Sampling
-from pylm.transport import bind, check_address, close_socket, rest_of, send_frame
+from pylm.transport import bind, check_address, close_listener, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -104,7 +104,7 @@ class Server(BaseServer):
         self._register({"rep": self.address}, required=self.rep_address is None)
 
     def _close(self) -> None:
-        close_socket(self._socket)
+        close_listener(self._socket)
         self._socket = None
 
     def _serve(self) -> None:
