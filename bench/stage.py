@@ -41,6 +41,8 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+import zmq
+
 from bench.harness import BenchError, Children, expect, machine, send
 
 PAYLOAD = 100
@@ -85,8 +87,6 @@ def stage_main(mode: str, downstream: str, conn: Connection) -> None:
 def feeder_main(address: str, conn: Connection) -> None:
     """Sends the same one-frame request to ``address`` until killed."""
     _pin(0)
-    import zmq
-
     from pylm import protocol
 
     frames = protocol.encode(
@@ -102,12 +102,9 @@ def feeder_main(address: str, conn: Connection) -> None:
 
 
 def measure(
-    children: Children, mode: str, sink: object, port: int, warmup: float, duration: float
+    children: Children, mode: str, sink: zmq.Socket, port: int, warmup: float, duration: float
 ) -> tuple[float, float]:
     """(messages/s, serving-thread µs per message) of a fresh stage."""
-    import zmq
-
-    assert isinstance(sink, zmq.Socket)
     stage = children.start(f"stage-{mode}", stage_main, mode, f"tcp://127.0.0.1:{port}")
     (address,) = expect(stage, "ready", 30)
     feeder = children.start("feeder", feeder_main, address)
@@ -153,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(os, "sched_setaffinity") or not hasattr(time, "pthread_getcpuclockid"):
         print("bench.stage needs Linux", file=sys.stderr)
         return 2
-    import zmq
-
     info = machine(("pyzmq", "pylm"))
     print("Machine: " + "; ".join(f"{key}: {value}" for key, value in info.items()))
     if len(os.sched_getaffinity(0)) < 2:

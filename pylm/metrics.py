@@ -82,7 +82,7 @@ class FunctionStats:
     ``buckets[i]`` counts the timed calls that took at most ``BUCKETS[i]``
     seconds and more than the bound before (the last one: more than every
     bound); ``untimed`` counts the calls whose duration was not read (a busy
-    chained stage times a sample of its calls). The calls that succeeded are
+    server times a sample of its calls: see :class:`Sampling`). The calls that succeeded are
     all calls less ``errors``.
     """
 

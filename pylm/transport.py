@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from pylm.errors import PylmError
 
@@ -125,8 +126,8 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
         socket.close(linger=0)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000) + 1):
-            frames = monitor.recv_multipart()
-            if int.from_bytes(frames[0][:2], "little") == zmq.EVENT_MONITOR_STOPPED:
+            event = parse_monitor_message(monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_MONITOR_STOPPED:
                 break
     finally:
         monitor.close(linger=0)
