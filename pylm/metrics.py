@@ -139,11 +139,14 @@ class Sampling:
     call is timed), ``SAMPLE_EVERY - 1`` while they come closer together.
     Counts stay exact either way; only the duration histogram is a sample."""
 
-    __slots__ = ("_last", "_span")
+    __slots__ = ("_last", "_span", "untimed")
 
     def __init__(self) -> None:
         self._last = -1.0  # when the last timed call came (time.perf_counter)
         self._span = 1  # calls since the timed call before it
+        # Calls still to count without the clock: the loop keeps it in a local
+        # while it runs and stores it here when it pauses.
+        self.untimed = 0
 
     def untimed_next(self) -> int:
         now = time.perf_counter()

@@ -132,7 +132,6 @@ class _Stage(BaseServer):
         self._send_deadline: float | None = None  # set while leaving
         self._plain = True  # one output, no copies: the fast paths apply
         self._sampling = Sampling()  # which calls are timed (pylm.metrics)
-        self._untimed = 0  # calls to count without the clock before the next timed one
 
     # ------------------------------------------------------------------ sockets
 
@@ -257,7 +256,8 @@ class _Stage(BaseServer):
         how many of them the fast path passed on."""
         recv, call = pull.recv, self._call
         received = passed = 0
-        counting, sampling, untimed = self.stats is not None, self._sampling, self._untimed
+        counting, sampling = self.stats is not None, self._sampling
+        untimed = sampling.untimed
         for _ in range(min(_BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
@@ -298,7 +298,7 @@ class _Stage(BaseServer):
                     passed += 1
                     continue
             self._handle([body, *rest_of(pull)])
-        self._untimed = untimed
+        sampling.untimed = untimed
         return received, passed
 
     def _serve_batch(self, body: bytes) -> tuple[int, int]:
