@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import aetcd
 import pytest
@@ -101,6 +102,58 @@ def test_malformed_records_are_skipped(
     asyncio.run(put_garbage())
     assert [r.name for r in registry.instances()] == ["step1"]
     assert "skipping malformed registry record" in caplog.text
+
+
+def test_following_applies_each_change_without_reading_etcd_again(
+    etcd_server: LocalEtcd, registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After its first listing a follower keeps the instances up to date from
+    the watch events alone: every change reported, in key order, and no
+    further read of etcd (etcd's own range counter stays where it was)."""
+    prefix = registry.config.prefix
+    listings: list[list[InstanceRecord]] = []
+    changed = threading.Condition()
+
+    def seen(records: list[InstanceRecord]) -> None:
+        with changed:
+            listings.append(records)
+            changed.notify_all()
+
+    def wait_for_listing(names: list[str]) -> None:
+        with changed:
+            assert changed.wait_for(
+                lambda: bool(listings) and [r.name for r in listings[-1]] == names, 10
+            ), f"last listing {[r.name for r in listings[-1]] if listings else None}, not {names}"
+
+    def ranges() -> float:
+        with urllib.request.urlopen(f"{etcd_server.metrics_url}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        (line,) = [line for line in text.splitlines() if line.startswith("etcd_mvcc_range_total ")]
+        return float(line.split()[1])
+
+    async def change(puts: dict[str, bytes], deletes: tuple[str, ...] = ()) -> None:
+        async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
+            for key, value in puts.items():
+                await client.put(f"{prefix}instances/{key}".encode(), value)
+            for key in deletes:
+                await client.delete(f"{prefix}instances/{key}".encode())
+
+    a1, a2, b1, c1 = (record(name).to_json() for name in "aabc")
+    asyncio.run(change({"b/1": b1, "a/1": a1}))
+    following = registry.follow(None, seen)
+    try:
+        wait_for_listing(["a", "b"])
+        before, calls = ranges(), len(listings)
+        asyncio.run(change({"c/1": c1, "a/2": a2}))
+        wait_for_listing(["a", "a", "b", "c"])
+        asyncio.run(change({"a/1": a1}))  # rewritten as it was: no news
+        asyncio.run(change({"b/1": b"{garbage"}, deletes=("a/2",)))  # b/1 is no record now
+        wait_for_listing(["a", "c"])
+        assert "skipping malformed registry record" in caplog.text
+        assert len(listings) - calls == 4  # one per change that changed something
+        assert ranges() == before
+    finally:
+        following.cancel()
 
 
 def _register_and_hang(url: str, cluster: str, ready: multiprocessing.synchronize.Event) -> None:
