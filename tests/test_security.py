@@ -19,6 +19,7 @@ from pylm.registry import Registry
 from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
+from pylm.testing import wait_for
 
 ANY = "tcp://127.0.0.1:0"
 
@@ -186,3 +187,37 @@ def test_a_curve_stage_warns_when_its_next_stage_is_plain(
         with LoopClient("step", registry=registry, announce=False, timeout=10) as loop:
             assert list(loop.job("tag", [b"1"])) == [b"1>step>done"]  # delivered, in plain
     assert "next stage last registered no CURVE key" in caplog.text
+
+
+def test_by_address_with_curve_but_no_server_key_is_refused_at_start(
+    keys: dict[str, Path], serve: Callable[..., object]
+) -> None:
+    # With keys but no key for the server it connects to by address, a stage
+    # or a worker would go out in plain text: start() raises instead.
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+    own = Curve(Keys.load(keys["cluster"]))
+    step = Step("step", ANY, last.address, "last.done", ANY, log_stdout=False, curve=own)
+    with pytest.raises(ValueError, match=f"no public key for next stage 'last' at {last.address}"):
+        step.start(background=True)
+    master = serve(Master("m", ANY, ANY, log_stdout=False))
+    worker = Doer("w", "m", master.back, log_stdout=False, curve=own)
+    with pytest.raises(ValueError, match=f"no public key for master 'm' at {master.back}"):
+        worker.start(background=True)
+
+
+def test_a_stage_without_keys_says_so_when_its_next_stage_requires_curve(
+    keys: dict[str, Path],
+    registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.ERROR):
+        serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
+        monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
+        serve(Last("last", registry=registry, log_stdout=False))
+        wait_for(
+            lambda: "next stage last requires CURVE and this stage has no keys" in caplog.text,
+            10,
+            "the stage's error about its missing keys",
+        )
