@@ -3,6 +3,7 @@ with a real etcd for the tests that start servers by name."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -453,3 +454,34 @@ def test_a_worker_that_ends_by_its_messages_limit_says_goodbye(
             assert client.eval("who", b"y") == b"next:y"
     finally:
         brief.stop()
+
+
+def test_a_worker_whose_master_is_gone_gives_up_its_answers_and_can_stop(
+    serve: Callable[..., object], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stream still running when its master goes fills the job socket's
+    # queue; then its sends block. They give up after the send timeout.
+    go_on = threading.Event()
+
+    class Flood(Worker):
+        def flood(self, message: bytes) -> Iterator[bytes]:
+            yield b"first"
+            go_on.wait(10)
+            for _ in range(5000):  # more than the job socket's queue holds
+                yield bytes(100)
+
+    master = Master("m", ANY, ANY, heartbeat=BEAT, log_stdout=False)
+    master.start(background=True)
+    assert master.back is not None and master.front is not None
+    worker = Flood("w", "m", master.back, heartbeat=BEAT, log_stdout=False)
+    worker.start(background=True)
+    try:
+        with Client(master.front, "m", timeout=10) as client:
+            assert next(iter(client.stream("flood", b"x"))) == b"first"
+            master.stop()
+            with caplog.at_level(logging.WARNING):
+                go_on.set()
+                wait_for(lambda: "is given up" in caplog.text, 10, "the answer given up")
+    finally:
+        worker.stop(timeout=10)  # its serving thread is not stuck in a send
+    assert f"master at {master.back} took no answer" in caplog.text

@@ -32,7 +32,7 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
-from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, SEQ
+from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, SEQ
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -125,6 +125,11 @@ class Worker(BaseServer):
         }
         self.identity = b"pylm-w-" + os.urandom(8)  # the job sockets' routing id
         self._master_key = None if self.curve is None else self.curve.server_key
+        # How long an answer may wait for room to go to a master (a master
+        # that is gone makes the socket queue SNDHWM answers, then block):
+        # as long as a master waits for a silent worker. Then the answer is
+        # given up, and the worker serves on (and can stop).
+        self._send_millis = max(100, int(self.heartbeat * DEFAULT_MISSES * 1000))
         self.masters: list[str] = []  # the master instances connected
         self._sockets: dict[str, zmq.Socket] = {}
         self._control: zmq.Socket | None = None
@@ -173,6 +178,7 @@ class Worker(BaseServer):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.identity)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        socket.setsockopt(zmq.SNDTIMEO, self._send_millis)
         socket.connect(address)
         self._sockets[address] = socket
         self.masters = list(self._sockets)
@@ -330,7 +336,11 @@ class Worker(BaseServer):
                             self._stream(socket, self._id(body), body[_HEAD_SIZE:start], stream)
                             continue
                         if len(result) <= _SPLIT:
-                            send(b"".join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            try:
+                                send(b"".join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            except zmq.Again:
+                                self._undelivered(socket, self._id(body))
+                                continue
                             if self.stats is not None:
                                 self.stats.sent += 1
                         else:
@@ -377,12 +387,17 @@ class Worker(BaseServer):
             for item in stream.items:
                 if type(item) is not bytes:
                     item = self._item_bytes(target, item)
-                self._answer(
+                if not self._answer(
                     socket,
                     protocol.encode(
                         protocol.REPLY, msg_id, item, route=SEQ.pack(items), flags=protocol.MORE
                     ),
-                )
+                ):
+                    close = getattr(stream.items, "close", None)
+                    if close is not None:  # a generator: its finally blocks run now
+                        close()
+                    self._count(target, began, sizes, failed=True)
+                    return  # the rest of the stream would go nowhere either
                 items += 1
                 sizes += len(item)
         except PylmError as error:
@@ -429,7 +444,28 @@ class Worker(BaseServer):
             )
         return super()._dispatch_error(target)
 
-    def _answer(self, socket: zmq.Socket, frames: list[bytes]) -> None:
-        socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+    def _answer(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
+        """Send an answer to the master on ``socket``; False if it could
+        not go (see :meth:`_undelivered`)."""
+        try:
+            socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            self._undelivered(socket, protocol.salvage_msg_id(frames))
+            return False
         if self.stats is not None:
             self.stats.sent += 1
+        return True
+
+    def _undelivered(self, socket: zmq.Socket, msg_id: int | None) -> None:
+        """An answer found no room within the send timeout: the master it
+        goes to has stopped reading (it is gone, or stuck). The answer is
+        given up, so that the worker serves on and can stop; the job's
+        client gets its timeout."""
+        master = next((address for address, s in self._sockets.items() if s is socket), "?")
+        self.logger.warning(
+            "%s: master at %s took no answer for %.1f s; the answer to job %s is given up",
+            self.name,
+            master,
+            self._send_millis / 1000,
+            msg_id,
+        )
