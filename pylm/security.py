@@ -128,22 +128,23 @@ class Curve:
     def connect(self, socket: zmq.Socket, server_key: bytes | None = None) -> None:
         """Make a socket about to connect a CURVE client of the server whose
         public key is ``server_key`` (default: the one these settings name)."""
-        key = server_key or self.server_key
-        if key is None:
-            raise self.no_server_key("the server")
+        key = server_key or self.require_server_key("the server")
         socket.setsockopt(zmq.CURVE_SERVERKEY, key)
         socket.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public)
         assert self.keys.secret is not None
         socket.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret)
 
-    def no_server_key(self, server: str) -> ValueError:
-        """The error for connecting to ``server`` (its name and address, as
-        the message should give them) with no public key to check it by:
-        without one the connection would go out in plain text."""
-        return ValueError(
-            f"CURVE: no public key for {server}: give it (PYLM_CURVE_SERVER, or"
-            " Curve(server_key=...)), or call the server by name (the registry has it)"
-        )
+    def require_server_key(self, server: str) -> bytes:
+        """The server key these settings name, to connect to ``server`` (its
+        name and address, as the error should give them) by address;
+        ValueError when there is none: the connection would go out in plain
+        text."""
+        if self.server_key is None:
+            raise ValueError(
+                f"CURVE: no public key for {server}: give it (PYLM_CURVE_SERVER, or"
+                " Curve(server_key=...)), or call the server by name (the registry has it)"
+            )
+        return self.server_key
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         """The ZAP handler's question: may the client with this key in?"""

@@ -470,8 +470,7 @@ class _Outlet:
         self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
         self._key: bytes | None = None  # the next stage's CURVE key, from its records
         self._warned_plain = False  # logged that CURVE is on but the next stage has no key
-        self._lacks_keys = False  # the next stage requires CURVE, and this stage has no keys
-        self._warned_keys = False  # ... and that was logged
+        self._warned_keys = False  # logged that the next stage requires CURVE, and no keys here
         if not isinstance(call, str):
             raise TypeError(
                 f"a next call must be a str like 'step2.bar', got {type(call).__name__}"
@@ -504,10 +503,9 @@ class _Outlet:
         self._context, self._hwm = context, hwm
         if registry is not None:
             self._key = curve_key(self.server, registry.instances(self.server), self.curve)
-        elif self.curve is not None and self.curve.server_key is None:
-            # By address, no key: never plain text in silence.
+        elif self.curve is not None:  # by address: never plain text in silence
             where = ", ".join(self.addresses)
-            raise self.curve.no_server_key(f"next stage {self.server!r} at {where}")
+            self.curve.require_server_key(f"next stage {self.server!r} at {where}")
         socket = self._push_socket()
         self.socket = socket
         for address in self.addresses:
@@ -529,7 +527,6 @@ class _Outlet:
         with self._lock:
             self._wanted = wanted
             self._key = key or self._key
-            self._lacks_keys = key is not None and self.curve is None
 
     def rewire(self, logger: logging.Logger | None) -> bool:
         """Apply what the registry said; True if an instance joined."""
@@ -548,7 +545,9 @@ class _Outlet:
                         self.server,
                     )
                 self._warned_plain = True
-            if self._lacks_keys and logger is not None and not self._warned_keys:
+            # A key in the records, and none here (open() refuses that
+            # when the key is there first).
+            if self.curve is None and self._key and logger is not None and not self._warned_keys:
                 self._warned_keys = True
                 logger.error(
                     "next stage %s requires CURVE and this stage has no keys"

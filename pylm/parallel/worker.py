@@ -144,9 +144,8 @@ class Worker(BaseServer):
     # ------------------------------------------------------------------ sockets
 
     def _open(self) -> None:
-        if self.workers_address is not None and self.curve is not None:
-            if self.curve.server_key is None:  # by address, no key: never plain text in silence
-                raise self.curve.no_server_key(f"master {self.master!r} at {self.workers_address}")
+        if self.workers_address is not None and self.curve is not None:  # never plain in silence
+            self.curve.require_server_key(f"master {self.master!r} at {self.workers_address}")
         control = self._secure(self.context.socket(zmq.ROUTER))
         control.setsockopt(zmq.LINGER, 0)
         control.bind(self._control_address)
