@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "apply", help="set the wiring of a pipeline from a TOML file"
             )
             apply.add_argument("file", type=Path)
+            actions.add_parser(
+                "export",
+                help="print the cluster's wiring as a TOML file `topology apply` takes (a backup)",
+            )
 
     call = commands.add_parser("call", help="call a function of a registered server")
     call.add_argument("name")
@@ -239,18 +243,45 @@ def read_topology(path: Path) -> dict[str, str]:
 
 
 def set_topology(args: argparse.Namespace) -> int:
+    from pylm.registry.records import MalformedRecord, StageConfig
+
+    if args.action == "export":
+        return export_topology(args)
     if args.action == "set":
         wiring = {args.name: args.next}
     else:
         wiring = read_topology(args.file)
+    configs = []
+    for name, next_call in wiring.items():  # all checked before any is written
+        try:
+            configs.append(StageConfig(name, next_call))
+        except MalformedRecord as exc:
+            raise PylmError(
+                f"next stage of {name!r} must be SERVER.FUNCTION, got {next_call!r} ({exc})"
+            ) from None
     with _registry(args) as registry:
-        for name, next_call in wiring.items():
-            if "." not in next_call:
-                raise PylmError(
-                    f"next stage of {name!r} must be SERVER.FUNCTION, got {next_call!r}"
-                )
-            registry.set_config(name, next=next_call)
-            print(f"{name} -> {next_call}")
+        for config in configs:
+            registry.set_config(config.name, config.next)
+            print(f"{config.name} -> {config.next}")
+    return 0
+
+
+def export_topology(args: argparse.Namespace) -> int:
+    """Print the wiring stored in the registry as a topology file (TOML)."""
+    with _registry(args) as registry:
+        configs = registry.configs()
+        print(
+            f"# wiring of pylm cluster {registry.config.cluster!r} at {registry.config.url},"
+            f" exported {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+            "# restore with: pylm topology apply FILE\n\n[stages]"
+        )
+        for name, config in sorted(configs.items()):
+            # A TOML basic string: JSON's escapes are TOML's, and names hold
+            # no control characters (the schema refuses them).
+            print(f"\n[stages.{json.dumps(name, ensure_ascii=False)}]")
+            print(f"next = {json.dumps(config.next, ensure_ascii=False)}")
+        if not configs:
+            print("# (no wiring stored: applying this changes nothing)")
     return 0
 
 

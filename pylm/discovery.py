@@ -93,7 +93,10 @@ class Peers:
             except zmq.ZMQError as exc:  # never connected (it failed): nothing to undo
                 log.debug("disconnecting %s from %s: %s", self.name, endpoint, exc)
         for endpoint in joined:
-            socket.connect(endpoint)
+            try:
+                socket.connect(endpoint)
+            except zmq.ZMQError as exc:  # parsed records make this rare: never fatal
+                log.warning("cannot connect to %s instance %s: %s", self.name, endpoint, exc)
         return joined, left
 
     def close(self) -> None:

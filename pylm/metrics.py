@@ -44,11 +44,14 @@ __all__ = [
     "UNKNOWN_FUNCTION",
     "ClientStats",
     "FunctionStats",
+    "MalformedRecords",
     "Sampling",
     "ServerStats",
     "live_servers",
+    "malformed_records",
     "metrics_enabled",
     "publish",
+    "registry_record_families",
     "withdraw",
 ]
 
@@ -275,6 +278,7 @@ class _Collector:
             servers, clients = list(self._servers), list(self._clients)
         yield from _server_families(servers)
         yield from _client_families(clients)
+        yield from registry_record_families()
 
 
 def _histogram(
@@ -457,3 +461,54 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
 
 
 _COLLECTOR = _Collector()
+
+
+# ---------------------------------------------------------------- registry records
+# Records read from the registry and skipped because they do not follow the
+# schema (pylm.registry.records), by reason. Process-wide, like the registry
+# clients that count them; each bad record version is counted once per
+# process however often it is read again.
+
+
+class MalformedRecords:
+    """Counts of registry records skipped, by reason (a small fixed set:
+    ``pylm.registry.records.REASONS``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def declare(self, reasons: tuple[str, ...]) -> None:
+        """Export these reasons from the start, at 0 (rate() needs a start)."""
+        with self._lock:
+            for reason in reasons:
+                self._counts.setdefault(reason, 0)
+
+    def count(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+_MALFORMED_RECORDS = MalformedRecords()
+
+
+def malformed_records() -> MalformedRecords:
+    """This process's counts of registry records skipped."""
+    return _MALFORMED_RECORDS
+
+
+def registry_record_families() -> Iterator[Metric]:
+    """``pylm_registry_records_malformed_total{reason}`` (also served by ``pylm sd``)."""
+    family = CounterMetricFamily(
+        "pylm_registry_records_malformed",
+        "Registry records (instances, config) read and skipped because they do not follow"
+        " the schema, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(_MALFORMED_RECORDS.counts().items()):
+        family.add_metric([reason], count)
+    yield family

@@ -16,8 +16,10 @@ target label of the same name would rename them.)
 
 It also serves its own ``/metrics``: ``pylm_registry_instances{cluster,
 server, kind}``, the instances registered per server, including 0 for a
-server that has a wiring but no instance, and ``pylm_registry_up{cluster}``,
-whether etcd answered.
+server that has a wiring but no instance, ``pylm_registry_up{cluster}``,
+whether etcd answered, and ``pylm_registry_records_malformed_total{reason}``,
+the records it skipped because they do not follow the schema (it serves the
+others' targets on).
 
 .. _http_sd: https://prometheus.io/docs/prometheus/latest/http_sd/
 .. _file_sd: https://prometheus.io/docs/guides/file-sd/
@@ -40,6 +42,7 @@ from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import RegistryError
 from pylm.httpd import HttpService, QuietHandler
+from pylm.metrics import registry_record_families
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -193,6 +196,7 @@ class ServiceDiscovery:
         up.add_metric([cluster], int(reachable))
         yield instances
         yield up
+        yield from registry_record_families()  # what this process skipped
 
     def _render_metrics(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)

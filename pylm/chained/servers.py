@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from pylm.registry import InstanceRecord, Registry
+    from pylm.registry.records import StageConfig
 
 __all__ = ["LastServer", "Server", "Sink"]
 
@@ -752,8 +753,10 @@ class Server(_Stage):
         return [outlet.call for outlet in self._tees]
 
     def _open_output(self) -> None:
+        config = None
         if not self._outlets:
-            self._outlets = [_Outlet(self._configured_next(), [])]
+            config = self._configured_next()
+            self._outlets = [_Outlet(config.next, [])]
             self._by_call = {self._outlets[0].call: self._outlets[0]}
             self._set_first()
         for outlet in self._outlets + self._tees:
@@ -763,19 +766,31 @@ class Server(_Stage):
             outlet.curve = self.curve
             outlet.open(self.context, self.hwm, registry, self.logger)
         self._push = self._outlets[0].socket
+        following = self._outlets[0]._following
+        if config is not None and following is not None:
+            # The wiring came from the registry: keep it there (put back if
+            # etcd loses it), on the registry's thread, for as long as this
+            # stage follows its next stage (stop() ends that following).
+            keeping = self._registry_client().keep_config(config)
+            following.add_done_callback(lambda _: keeping.cancel())
 
-    def _configured_next(self) -> str:
+    def _configured_next(self) -> StageConfig:
+        from pylm.registry.records import MalformedRecord
+
         try:
-            config = self._registry_client().get_config(self.name) or {}
+            config = self._registry_client().stage_config(self.name)
+        except MalformedRecord as exc:
+            raise RegistryError(
+                f"stage {self.name!r} cannot read its next stage: config/{self.name}: {exc}"
+            ) from exc
         except RegistryError as exc:  # the same kind: unavailable, access denied...
             raise type(exc)(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
-        next_call = config.get("next")
-        if not next_call:
+        if config is None:
             raise RegistryError(
                 f"stage {self.name!r} has no next stage: pass next_call='step2.bar', or set it"
                 f" with `pylm topology set {self.name} --next step2.bar`"
             )
-        return str(next_call)
+        return config
 
     def _rewire(self) -> bool:
         joined = False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 import threading
@@ -22,10 +21,19 @@ import aetcd
 
 from pylm.errors import RegistryAccessDenied, RegistryError, RegistryUnavailable
 from pylm.lifecycle import Closing
+from pylm.logs import RateLimiter
 from pylm.registry.config import RegistryConfig
 from pylm.registry.etcd import open_client
 from pylm.registry.lease import SharedLease, closed_under_us
-from pylm.registry.records import InstanceRecord, config_key, instance_key, instances_prefix
+from pylm.registry.malformed import parse_config_row, parse_instance_row, skip
+from pylm.registry.records import (
+    InstanceRecord,
+    MalformedRecord,
+    StageConfig,
+    config_key,
+    instance_key,
+    instances_prefix,
+)
 
 __all__ = ["DEFAULT_TTL", "Registration", "Registry"]
 
@@ -185,10 +193,11 @@ class Registry(Closing):
 
     def instances(self, name: str | None = None) -> list[InstanceRecord]:
         """The registered instances of server ``name`` (of every server if
-        None). Malformed records are skipped with a log line."""
+        None). Records that do not follow the schema are skipped, counted
+        and logged (:mod:`pylm.registry.malformed`)."""
         prefix = instances_prefix(self.config.prefix, name).encode()
         rows = self._call(self._etcd(lambda client: client.get_prefix(prefix)))
-        records = [record for row in rows if (record := _parse(row)) is not None]
+        records = [record for row in rows if (record := parse_instance_row(row)) is not None]
         return sorted(records, key=lambda record: (record.name, record.started))
 
     def leases_left(self, name: str | None = None) -> dict[str, float]:
@@ -241,10 +250,13 @@ class Registry(Closing):
 
         async def listing() -> tuple[dict[bytes, InstanceRecord], int]:
             rows = await self._etcd(lambda client: client.get_prefix(prefix))
-            records = {row.key: record for row in rows if (record := _parse(row)) is not None}
+            records = {
+                row.key: record for row in rows if (record := parse_instance_row(row)) is not None
+            }
             return records, int(rows.header.revision)
 
         watching: list[aetcd.Client] = []  # the connection of the current watch
+        failing = RateLimiter(1.0)  # a callback failing on every listing: one line a second
 
         async def watch_from(client: aetcd.Client, start: int) -> Any:
             watching[:] = [client]
@@ -276,47 +288,125 @@ class Registry(Closing):
                     if watching:  # the watch broke: its connection is suspect
                         await self._drop_client(watching[0])
                 except Exception:  # a failing callback must not end the following
-                    log.exception("following %s: callback failed", name)
+                    if failing.allow():
+                        log.exception("following %s: callback failed", name)
                 await asyncio.sleep(retry)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
-    def configs(self) -> dict[str, dict[str, Any]]:
+    def configs(self) -> dict[str, StageConfig]:
         """The wiring stored for every server that has one, by name (entries
-        that are not JSON objects are skipped with a log line)."""
+        that do not follow the schema are skipped, counted and logged)."""
         prefix = config_key(self.config.prefix, "").encode()
         rows = self._call(self._etcd(lambda client: client.get_prefix(prefix)))
-        found = {}
-        for row in rows:
-            name = row.key[len(prefix) :].decode(errors="replace")
-            try:
-                data = json.loads(row.value)
-            except ValueError:
-                data = None
-            if isinstance(data, dict):
-                found[name] = data
-            else:
-                log.warning("skipping malformed wiring of %r: %r", name, row.value[:120])
-        return found
+        configs = (parse_config_row(row) for row in rows)
+        return {config.name: config for config in configs if config is not None}
 
-    def set_config(self, name: str, **fields: Any) -> None:
-        """Store the desired wiring of server ``name`` (e.g. ``next='step2.bar'``)."""
-        key = config_key(self.config.prefix, name).encode()
-        value = json.dumps(fields, sort_keys=True).encode()
+    def set_config(self, name: str, next: str) -> None:
+        """Store the wiring of stage ``name``: its next call, ``next='step2.bar'``
+        (:class:`~pylm.registry.records.MalformedRecord` if it is not one)."""
+        config = StageConfig(name, next)
+        key, value = config_key(self.config.prefix, name).encode(), config.to_json()
         self._call(self._etcd(lambda client: client.put(key, value)))
 
-    def get_config(self, name: str) -> dict[str, Any] | None:
+    def stage_config(self, name: str) -> StageConfig | None:
+        """The wiring of stage ``name``, None if it has none;
+        :class:`~pylm.registry.records.MalformedRecord` (counted and logged
+        too) if what is stored does not follow the schema."""
         key = config_key(self.config.prefix, name).encode()
         row = self._call(self._etcd(lambda client: client.get(key)))
         if row is None:
             return None
         try:
-            data = json.loads(row.value)
-        except ValueError as exc:
-            raise RegistryError(f"config of {name!r} is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise RegistryError(f"config of {name!r} is not a JSON object: {row.value[:120]!r}")
-        return data
+            return StageConfig.from_json(row.value, row.key)
+        except MalformedRecord as exc:
+            skip(row, exc)
+            raise
+
+    def get_config(self, name: str) -> dict[str, Any] | None:
+        """:meth:`stage_config` as a dict of the stored fields (``{"next": ...}``)."""
+        config = self.stage_config(name)
+        return None if config is None else config.to_dict()
+
+    def keep_config(
+        self, config: StageConfig, recheck: float = 10.0, retry: float = 0.5
+    ) -> concurrent.futures.Future[None]:
+        """Keep stage ``config.name``'s wiring in etcd, from the registry's
+        thread, until the returned future is cancelled: when the key is
+        missing (deleted, or etcd lost its data and came back empty) put
+        back the last valid wiring seen there. A running stage that read its
+        next call from the registry does this, so that the wiring outlives
+        an etcd data loss. Changes written meanwhile (``pylm topology set``)
+        are adopted; a malformed value is counted and left alone. The key is
+        watched (a delete is seen at once), and read again every
+        ``recheck`` seconds and whenever the watch breaks."""
+        key = config_key(self.config.prefix, config.name).encode()
+        latest = [config]
+        watching: list[aetcd.Client] = []
+
+        async def put_back(client: aetcd.Client) -> bool:
+            txn = client.transactions  # only if still absent: never over an operator's write
+            done, _ = await client.transaction(
+                compare=[txn.version(key) == 0], success=[txn.put(key, latest[0].to_json())]
+            )
+            return bool(done)
+
+        async def check() -> int:
+            """Read the key, put it back if missing; the revision read at."""
+            rows = await self._etcd(lambda client: client.get_prefix(key))
+            row = next((row for row in rows if row.key == key), None)
+            if row is None:
+                await restore()
+            else:
+                adopt(row)
+            return int(rows.header.revision)
+
+        async def restore() -> None:
+            if await self._etcd(put_back):
+                log.warning(
+                    "wiring of %s was missing from the registry: put back next=%s",
+                    config.name,
+                    latest[0].next,
+                )
+
+        def adopt(row: Any) -> None:
+            found = parse_config_row(row)
+            if found is not None:
+                latest[0] = found
+
+        async def watch_from(client: aetcd.Client, start: int) -> Any:
+            watching[:] = [client]
+            return await client.watch(key, start_revision=start)
+
+        async def run() -> None:
+            while True:
+                watching.clear()
+                try:
+                    revision = await check()
+                    watch = await self._etcd(
+                        lambda client, start=revision + 1: watch_from(client, start)
+                    )
+                    try:
+                        async with asyncio.timeout(recheck):
+                            async for event in watch:
+                                if event.kind == aetcd.rtypes.EventKind.PUT:
+                                    adopt(event.kv)
+                                else:
+                                    await restore()
+                    except TimeoutError:
+                        pass  # time to read the key again
+                    finally:
+                        await _cancel_quietly(watch)
+                    continue
+                except (RegistryError, aetcd.exceptions.ClientError, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and not closed_under_us():
+                        raise
+                    log.debug("keeping the wiring of %s paused: %r", config.name, exc)
+                    if watching:
+                        await self._drop_client(watching[0])
+                await asyncio.sleep(retry)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     # ------------------------------------------------------------------ registration
 
@@ -325,6 +415,8 @@ class Registry(Closing):
         until :meth:`Registration.close`. Raises :class:`RegistryUnavailable`
         if etcd cannot be reached now; once registered, outages are survived."""
         registration = Registration(self, record, ttl)
+        # What every reader would skip is refused here, clearly, instead.
+        InstanceRecord.from_json(record.to_json(), registration.key)
 
         async def join() -> None:
             lease = self._leases.get(ttl)
@@ -383,23 +475,11 @@ class Registration:
             self.registry._call(lease.leave(self))
 
 
-def _parse(row: Any) -> InstanceRecord | None:
-    """The record an etcd key-value holds; None (with a log line) if it is
-    malformed."""
-    try:
-        return InstanceRecord.from_json(row.value)
-    except ValueError as exc:
-        log.warning(
-            "skipping malformed registry record %s: %s", row.key.decode(errors="replace"), exc
-        )
-        return None
-
-
 def _apply(records: dict[bytes, InstanceRecord], event: Any) -> bool:
     """Apply one watch event to ``records`` (by key); whether they changed.
     A key overwritten with a malformed record loses its old record."""
     key = event.kv.key
-    record = _parse(event.kv) if event.kind == aetcd.rtypes.EventKind.PUT else None
+    record = parse_instance_row(event.kv) if event.kind == aetcd.rtypes.EventKind.PUT else None
     if record is None:
         return records.pop(key, None) is not None
     if records.get(key) == record:
@@ -410,3 +490,11 @@ def _apply(records: dict[bytes, InstanceRecord], event: Any) -> bool:
 
 def _in_key_order(records: dict[bytes, InstanceRecord]) -> list[InstanceRecord]:
     return [records[key] for key in sorted(records)]
+
+
+async def _cancel_quietly(watch: Any) -> None:
+    """End a watch; one whose connection broke has nothing left to end."""
+    try:
+        await watch.cancel()
+    except Exception as exc:
+        log.debug("cancelling a watch: %r", exc)
