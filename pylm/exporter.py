@@ -4,7 +4,9 @@ for whoever asks whether the servers here are alive and ready.
 One endpoint per process, shared by every server in it: the first server
 that starts opens it (on its host, or ``PYLM_METRICS_HOST``; port
 ``PYLM_METRICS_PORT`` or a free one), every server registers its URL, and
-the last one to stop closes it.
+the last one to stop closes it. It is served by :class:`pylm.httpd.HttpService`:
+one thread whatever the number of clients, with a read timeout, a cap on
+the request's size and on the connections open (see :mod:`pylm.httpd`).
 
 ``/metrics`` serves prometheus-client's default registry (pylm's metrics,
 the process and platform collectors, and any metric of the user's own), in
@@ -23,7 +25,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import PylmError
-from pylm.httpd import HttpService, QuietHandler
+from pylm.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
 from pylm.metrics import live_servers
 
 __all__ = ["Exporter", "exporter"]
@@ -50,11 +52,21 @@ class _Handler(QuietHandler):
 
 class Exporter:
     """``/metrics`` and ``/healthz`` on ``host:port``, shared by users
-    counted with :meth:`acquire` and :meth:`release`."""
+    counted with :meth:`acquire` and :meth:`release`. ``timeout`` and
+    ``max_connections``: the limits of :class:`~pylm.httpd.HttpService`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         self.host = host
         self.port = port
+        self.timeout = timeout
+        self.max_connections = max_connections
         self._service: HttpService | None = None
         self._users = 0
         self._lock = threading.Lock()
@@ -66,7 +78,10 @@ class Exporter:
         return f"http://{host}:{self.port}/metrics"
 
     def start(self) -> Exporter:
-        service = HttpService(self.host, self.port, _Handler, "pylm-metrics")
+        service = HttpService(
+            self.host, self.port, _Handler, "pylm-metrics",
+            timeout=self.timeout, max_connections=self.max_connections,
+        )  # fmt: skip
         service.start()
         self._service, self.port = service, service.port
         return self

@@ -4,7 +4,6 @@ and service discovery from the registry (a real etcd)."""
 from __future__ import annotations
 
 import json
-import logging
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.errors import RemoteError, UnknownFunction
-from pylm.httpd import HttpService, QuietHandler
 from pylm.metrics import BUSY, SAMPLE_EVERY, FunctionStats, Sampling
 from pylm.registry import InstanceRecord, Registry
 from pylm.sd import ServiceDiscovery, scrape_targets
@@ -417,25 +415,3 @@ def test_metrics_bind_their_own_interface(monkeypatch: pytest.MonkeyPatch) -> No
         assert server.metrics_url is not None
         assert server.metrics_url.startswith("http://127.0.0.2:")
         assert get(server.metrics_url.replace("/metrics", "/healthz"))[0] == 200
-
-
-def test_a_scraper_hanging_up_is_a_debug_line_not_a_traceback(
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    service = HttpService("127.0.0.1", 0, QuietHandler, "test-httpd")
-    service.start()
-    try:
-        http = service._http
-        assert http is not None
-        with caplog.at_level(logging.DEBUG, logger="pylm.httpd"):
-            for error in (BrokenPipeError(32, "Broken pipe"), ValueError("a bug")):
-                try:
-                    raise error
-                except Exception:
-                    http.handle_error(None, ("127.0.0.1", 4242))
-    finally:
-        service.stop()
-    assert capsys.readouterr().err == ""  # the standard library would print tracebacks
-    hung_up, failed = caplog.records
-    assert hung_up.levelno == logging.DEBUG and "4242 hung up" in hung_up.getMessage()
-    assert failed.levelno == logging.WARNING and failed.exc_info is not None
