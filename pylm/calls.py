@@ -134,6 +134,9 @@ class Caller:
         self.timeout = check_timeout(timeout)
         self._registry: Registry | None = None  # while following, the one this client opened
         self._peers: Peers | None = None
+        # While the instances differ in functions: sockets connected only to
+        # the instances that have some function, by their endpoints.
+        self._side: dict[tuple[str, ...], zmq.Socket] = {}
         # CURVE (pylm.security): given, or from PYLM_CURVE_KEYS; the server's
         # key from its registry record, or from the settings.
         self.curve = curve if curve is not None else Curve.from_env()
@@ -196,10 +199,40 @@ class Caller:
         self._peers.apply(socket)
         self.endpoints = self._peers.endpoints
         self.connection = ",".join(self.endpoints)
+        self._close_side()  # made again as needed, for the instances listed now
+
+    def _socket_for(self, function: str, socket: zmq.Socket) -> zmq.Socket:
+        """The socket for a call of ``function``: ``socket`` (connected to
+        every instance) unless the instances differ in functions (a version
+        rolling out) and only some have ``function``; then a socket
+        connected to those only, so that no call of it meets an instance
+        that would answer ``UnknownFunction``. Same options as ``socket``."""
+        peers = self._peers
+        if peers is None or not peers.partial:
+            return socket
+        endpoints = peers.serving(function)
+        if endpoints is None:
+            return socket
+        side = self._side.get(endpoints)
+        if side is None:
+            side = self._secure(socket.context.socket(zmq.DEALER))
+            for option in (zmq.LINGER, zmq.RCVHWM, zmq.SNDTIMEO, zmq.RCVTIMEO):
+                side.setsockopt(option, socket.getsockopt(option))
+            for endpoint in endpoints:
+                side.connect(endpoint)
+            self._side[endpoints] = side
+        return side
+
+    def _close_side(self) -> None:
+        sockets = list(self._side.values())
+        self._side.clear()
+        for socket in sockets:
+            socket.close(linger=0)
 
     def _stop_following(self) -> None:
         """Stop following the registry (and watching handshakes): the client closes."""
         self._handshakes.close()
+        self._close_side()
         peers, self._peers = self._peers, None
         if peers is not None:
             peers.close()

@@ -7,6 +7,11 @@ one thread, so the registry's thread only notes the new address list; the
 socket's owner applies it (:meth:`Peers.apply`) at a moment of its choosing,
 typically before its next call (one attribute check per call).
 
+While a new version rolls out, the instances of one name may differ in
+functions (``rolling=True``): :meth:`Peers.serving` then names the
+instances that have a function only some of them have, and the client
+sends its calls there only (:meth:`pylm.calls.Caller._socket_for`).
+
 An empty listing (every instance gone, or records expired during an etcd
 outage) leaves the connections as they are: the instances may well be alive
 and registering again, and a call then fails by its timeout as it would have.
@@ -46,8 +51,13 @@ class Peers:
         self.name = name
         self.role = role
         self.endpoints = self._endpoints_of(records)
+        # The functions of each endpoint's instance, and whether they differ.
+        self.functions = self._functions_of(records)
+        self.partial = _partial(self.functions)
         self._latest = self.endpoints
+        self._latest_functions = self.functions
         self._news: list[str] | None = None
+        self._news_functions = self.functions
         self._lock = threading.Lock()
         self._following: concurrent.futures.Future[None] | None = None
         if follow:
@@ -61,21 +71,41 @@ class Peers:
     def _endpoints_of(self, records: list[InstanceRecord]) -> list[str]:
         return [record.endpoints[self.role] for record in records if self.role in record.endpoints]
 
+    def _functions_of(self, records: list[InstanceRecord]) -> dict[str, frozenset[str]]:
+        return {
+            record.endpoints[self.role]: frozenset(record.functions)
+            for record in records
+            if self.role in record.endpoints
+        }
+
+    def serving(self, function: str) -> tuple[str, ...] | None:
+        """The endpoints of the instances that have ``function``, when only
+        some of them have it; None when all have it, or none (any instance
+        then answers, if only with ``UnknownFunction``)."""
+        having = tuple(e for e in self.endpoints if function in self.functions.get(e, ()))
+        return having if having and len(having) < len(self.endpoints) else None
+
     def _on_instances(self, records: list[InstanceRecord]) -> None:
         """From the registry's thread: note the new address list."""
         endpoints = self._endpoints_of(records)
+        functions = self._functions_of(records)
         with self._lock:
-            if endpoints and endpoints != self._latest:
+            if endpoints and (endpoints != self._latest or functions != self._latest_functions):
                 self._latest = endpoints
+                self._latest_functions = functions
                 self._news = endpoints
+                self._news_functions = functions
 
     def take(self) -> tuple[list[str], list[str]]:
         """The endpoints that joined and those that left since the last
         call; :attr:`endpoints` becomes the registry's list."""
         with self._lock:
             news, self._news = self._news, None
+            functions = self._news_functions
         if news is None:
             return [], []
+        self.functions = functions
+        self.partial = _partial(functions)
         joined = [endpoint for endpoint in news if endpoint not in self.endpoints]
         left = [endpoint for endpoint in self.endpoints if endpoint not in news]
         self.endpoints = news
@@ -104,3 +134,8 @@ class Peers:
         following, self._following = self._following, None
         if following is not None:
             following.cancel()
+
+
+def _partial(functions: dict[str, frozenset[str]]) -> bool:
+    """Whether the instances differ in functions (a version rolling out)."""
+    return len(set(functions.values())) > 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "CurveRefused",
+    "InterfaceMismatch",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
@@ -130,3 +131,18 @@ class RegistryUnavailable(RegistryError):
 class RegistryAccessDenied(RegistryError):
     """etcd refused the credentials given (user, password, certificate), or
     the user may not touch pylm's keys."""
+
+
+class InterfaceMismatch(RegistryError):
+    """A server was refused at start: the live instances of its name expose
+    other functions (a different program, or another version started
+    without ``rolling=True``). ``functions``: this server's;
+    ``live``: those of the live instances, by instance id."""
+
+    def __init__(
+        self, message: str, *, functions: list[str] | None = None,
+        live: dict[str, list[str]] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.functions = functions or []
+        self.live = live or {}

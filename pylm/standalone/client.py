@@ -80,7 +80,7 @@ class Client(Caller, Closing):
             or type(message) is not bytes
             or len(message) > calls.inline_limit
             or self._socket_timeout != self._default_millis
-            or (peers is not None and peers.changed)
+            or (peers is not None and (peers.changed or peers.partial))
         ):
             return self._job(function, message, timeout)
         # Fast path, the common call: a function called before, a small
@@ -174,6 +174,7 @@ class Client(Caller, Closing):
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
+            socket = self._socket_for(what, socket)  # a version rolling out: who has it
             deadline = _perf_counter() + timeout
             try:
                 socket.send(b"", _SNDMORE)
