@@ -343,11 +343,14 @@ class Registry(Closing):
         key = config_key(self.config.prefix, config.name).encode()
         latest = [config]
         watching: list[aetcd.Client] = []
+        failing = RateLimiter(1.0)
 
         async def put_back(client: aetcd.Client) -> bool:
             txn = client.transactions  # only if still absent: never over an operator's write
             done, _ = await client.transaction(
-                compare=[txn.version(key) == 0], success=[txn.put(key, latest[0].to_json())]
+                compare=[txn.version(key) == 0],
+                success=[txn.put(key, latest[0].to_json())],
+                failure=[],
             )
             return bool(done)
 
@@ -404,6 +407,9 @@ class Registry(Closing):
                     log.debug("keeping the wiring of %s paused: %r", config.name, exc)
                     if watching:
                         await self._drop_client(watching[0])
+                except Exception:  # nothing else ends it either: a stage keeps its wiring
+                    if failing.allow():
+                        log.exception("keeping the wiring of %s failed", config.name)
                 await asyncio.sleep(retry)
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop)
