@@ -30,6 +30,7 @@ import zmq
 
 from pylm import protocol
 from pylm.errors import (
+    InterfaceMismatch,
     PayloadTooLarge,
     PylmError,
     RegistryError,
@@ -55,7 +56,7 @@ from pylm.security import Curve
 from pylm.transport import default_context, public_host
 
 if TYPE_CHECKING:
-    from pylm.registry import Registration, Registry
+    from pylm.registry import InstanceRecord, Registration, Registry
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
@@ -77,6 +78,7 @@ class ServerOptions(TypedDict, total=False):
     ttl: float | None
     metrics: bool | None
     curve: Curve | None
+    rolling: bool
 
 
 def exposed_functions(cls: type) -> list[str]:
@@ -131,6 +133,7 @@ class BaseServer:
         ttl: float | None = None,
         metrics: bool | None = None,
         curve: Curve | None = None,
+        rolling: bool = False,
     ) -> None:
         """``messages``: serve that many requests, then stop. ``ignored``:
         options of the 2016 pylm that are accepted and ignored, with a
@@ -140,7 +143,10 @@ class BaseServer:
         default ``PYLM_HOST`` or 127.0.0.1) and ``ttl`` (the lease of the
         registration) matter to servers that register themselves. ``metrics``
         (default: on unless ``PYLM_METRICS=0``): count what the server does
-        and serve it, with the process's other servers, at ``/metrics``."""
+        and serve it, with the process's other servers, at ``/metrics``.
+        ``rolling``: this is a new version rolling out, whose functions may
+        differ from those of the live instances of its name (without it,
+        such a server is refused at start: :class:`InterfaceMismatch`)."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(
                 f"server name must be a non-empty str without surrounding blanks, got {name!r}"
@@ -162,6 +168,7 @@ class BaseServer:
         self.curve = curve if curve is not None else Curve.from_env()
         self.host = host or os.environ.get("PYLM_HOST", "127.0.0.1")
         self.registry_option = registry
+        self.rolling = bool(rolling)
         self._public_host: str | None = None  # what a wildcard bind is advertised as
         self.ttl = ttl
         self.registry: Registry | None = None  # set while registered
@@ -179,7 +186,9 @@ class BaseServer:
 
         self.functions: tuple[str, ...] = tuple(exposed_functions(type(self)))
         prefix = name.encode("utf-8") + b"."
-        self._malformed = RateLimiter()
+        # Log lines about what peers and functions do wrong, at most one a
+        # second per cause (_log_limited): a flood of either must not flood the log.
+        self._malformed: dict[str, RateLimiter] = {}
         # Metrics: plain counters written by the serving thread (pylm.metrics).
         self.stats: ServerStats | None = None
         self.metrics_url: str | None = None  # where this process serves /metrics, once started
@@ -348,7 +357,14 @@ class BaseServer:
         """Register this instance, in the serving thread once bound. A server
         started with only a name needs the registry (``required``) and fails
         at once without it; one with explicit addresses registers only when
-        given a ``registry``."""
+        given a ``registry``.
+
+        One name, one interface: unless :attr:`rolling`, a server whose
+        functions no live instance of its name has is refused
+        (:class:`InterfaceMismatch`). Checked before registering, and again
+        after, against the instances registered meanwhile: of two such
+        servers starting at the same moment, the later to register always
+        sees the earlier and is refused (both are, if each sees the other)."""
         from pylm import __version__
         from pylm.registry import DEFAULT_TTL, InstanceRecord
 
@@ -356,6 +372,7 @@ class BaseServer:
             return
         try:
             registry = self._registry_client()
+            self._check_interface(registry.instances(self.name), None)
             record = InstanceRecord(
                 self.name,
                 self.kind,
@@ -369,10 +386,21 @@ class BaseServer:
                 version=__version__,
             )
             self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
+            try:
+                self._check_interface(registry.instances(self.name), record.instance)
+            except InterfaceMismatch:
+                registration, self.registration = self.registration, None
+                try:
+                    registration.close()
+                except RegistryError:
+                    pass  # it expires with its lease
+                raise
             if self.stats is not None:
                 self.stats.instance = record.instance
                 self.stats.registration = self.registration
                 self.stats.registry = registry
+        except InterfaceMismatch:
+            raise
         except RegistryError as exc:
             raise type(exc)(  # the same kind of error: unavailable, access denied...
                 f"server {self.name!r} cannot register: {exc}"
@@ -383,6 +411,40 @@ class BaseServer:
                 )
             ) from exc
         self.logger.debug("%s registered as %s", self.name, self.registration.key)
+
+    def _check_interface(self, records: list[InstanceRecord], own: str | None) -> None:
+        """Raise :class:`InterfaceMismatch` unless :attr:`rolling`, or some
+        instance in ``records`` (other than ``own``) has this server's
+        functions, or there is none. Matching one is enough: more instances
+        of a version already rolling out need no flag, nor do instances of
+        the old version restarting meanwhile."""
+        others = [record for record in records if record.instance != own]
+        mine = sorted(set(self.functions))
+        if self.rolling or not others:
+            return
+        versions: dict[tuple[str, ...], list[InstanceRecord]] = {}
+        for record in others:
+            versions.setdefault(tuple(sorted(set(record.functions))), []).append(record)
+        if tuple(mine) in versions:
+            return
+
+        def where(group: list[InstanceRecord]) -> str:
+            shown = [f"{r.instance} on {r.host} pid {r.pid}" for r in group[:3]]
+            more = f" and {len(group) - 3} more" if len(group) > 3 else ""
+            return ", ".join(shown) + more
+
+        live = "; ".join(
+            f"[{', '.join(functions)}] (instance {where(group)})"
+            for functions, group in sorted(versions.items())
+        )
+        raise InterfaceMismatch(
+            f"server {self.name!r} has functions [{', '.join(mine)}], but the live instances"
+            f" of {self.name!r} have {live}: by-name clients would share their calls among"
+            " programs that cannot answer all of them. Give it another name, or, if it is a"
+            " new version rolling out, start it with rolling=True (pylm run --rolling)",
+            functions=mine,
+            live={record.instance: list(record.functions) for record in others},
+        )
 
     def _registry_client(self) -> Registry:
         """The registry this server uses: the one it was given, or one it
@@ -556,7 +618,14 @@ class BaseServer:
         # Skip the framework's own frame: the caller wants the user's code.
         tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-        self.logger.error("function %r raised %s: %s", function, type(exc).__name__, exc)
+        self._log_limited(
+            f"raised-{function}",
+            logging.ERROR,
+            "function %r raised %s: %s",
+            function,
+            type(exc).__name__,
+            exc,
+        )
         return RemoteError(
             f"function {function!r} on server {self.name!r} raised {type(exc).__name__}: {exc}",
             remote_type=type(exc).__name__,
@@ -578,21 +647,36 @@ class BaseServer:
         }
         return json.dumps(info).encode("utf-8")
 
-    def _drop(self, reason: str, frames: list[bytes]) -> None:
-        """Log a message that is dropped, at most once a second."""
+    def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None:
+        """Count a message that is dropped or refused for not following the
+        protocol, under ``reason`` (one of :data:`pylm.metrics.MALFORMED_REASONS`),
+        and log ``detail``, at most once a second per reason."""
         if self.stats is not None:
             self.stats.malformed += 1
-        if self._malformed.allow():
-            held = self._malformed.take_suppressed()
-            extra = f" ({held} more dropped since the last report)" if held else ""
-            first = bytes(frames[-1][:40]) if frames else b""
-            self.logger.warning(
-                "dropped a malformed message of %d frame(s): %s; last frame starts %r%s",
-                len(frames),
-                reason,
-                first,
-                extra,
-            )
+            self.stats.malformed_by[reason] += 1
+        first = bytes(frames[-1][:40]) if frames else b""
+        self._log_limited(
+            f"malformed-{reason}",
+            logging.WARNING,
+            "dropped a malformed message (%s) of %d frame(s): %s; last frame starts %r",
+            reason,
+            len(frames),
+            detail,
+            first,
+        )
+
+    def _log_limited(self, cause: str, level: int, message: str, *args: object) -> None:
+        """Log at most one line a second for ``cause``; the line tells how
+        many were held back since the previous one."""
+        limiter = self._malformed.get(cause)
+        if limiter is None:
+            if len(self._malformed) >= 64:  # causes are a fixed set, and functions' names
+                self._malformed.clear()
+            limiter = self._malformed[cause] = RateLimiter()
+        if limiter.allow():
+            held = limiter.take_suppressed()
+            extra = f" ({held} more like it since the last report)" if held else ""
+            self.logger.log(level, message + "%s", *args, extra)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} functions={list(self.functions)}>"

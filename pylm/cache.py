@@ -2,7 +2,7 @@
 
 A server's cache is a dict of bytes values under text keys. The server's own
 functions use it directly as ``self.cache``; other processes reach it through
-the server's ``db_address``, a REP socket speaking :mod:`pylm.protocol` with
+the server's ``db_address``, a ROUTER socket (REQ envelopes) speaking :mod:`pylm.protocol` with
 three functions of the server's name:
 
     set     payload: 2-byte big-endian key size, the key (UTF-8; empty: the
@@ -16,17 +16,25 @@ from __future__ import annotations
 import json
 import struct
 import uuid
+from collections.abc import Iterator, MutableMapping
 
 import zmq
 
 from pylm import protocol
 from pylm.calls import DEFAULT_TIMEOUT
-from pylm.errors import ProtocolError, PylmError, UnknownFunction, UnknownKey, UnknownServer
+from pylm.errors import (
+    PayloadTooLarge,
+    ProtocolError,
+    PylmError,
+    UnknownFunction,
+    UnknownKey,
+    UnknownServer,
+)
 from pylm.lifecycle import Closing
 from pylm.security import Curve
 from pylm.standalone.client import Client
 
-__all__ = ["Cache", "CacheClient", "encode_set"]
+__all__ = ["DEFAULT_CACHE_LIMIT", "Cache", "CacheClient", "encode_set"]
 
 _KEY_SIZE = struct.Struct(">H")
 
@@ -46,20 +54,48 @@ def _key_bytes(key: object) -> bytes:
     return raw
 
 
-class Cache(dict[str, bytes]):
-    """A server's cache: a dict that also answers cache requests."""
+DEFAULT_CACHE_LIMIT = 256 * 1024 * 1024
+"""Bytes of values a server's cache takes from other processes, at most."""
 
-    def __init__(self, server: str) -> None:
-        super().__init__()
+
+class Cache(MutableMapping[str, bytes]):
+    """A server's cache: a mapping of text keys to bytes that also answers
+    cache requests.
+
+    ``limit``: the bytes of keys and values that ``set`` requests from other
+    processes may make it hold; past it they get ``PayloadTooLarge`` and the
+    cache stays as it is. The server's own functions are not limited."""
+
+    def __init__(self, server: str, limit: int = DEFAULT_CACHE_LIMIT) -> None:
         self.server = server
+        self.limit = limit
         self._prefix = server.encode("utf-8") + b"."
+        self._items: dict[str, bytes] = {}
+        self._bytes = 0  # of keys and values held, kept as they change
 
-    def answer(self, frames: list[bytes]) -> list[bytes]:
-        """The answer to one request that reached the ``db_address``."""
-        try:
-            message = protocol.decode(frames)
-        except ProtocolError as error:
-            return protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error)
+    def __getitem__(self, key: str) -> bytes:
+        return self._items[key]
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        old = self._items.get(key)
+        self._items[key] = value
+        self._bytes += len(value) + (len(key) if old is None else -len(old))
+
+    def __delitem__(self, key: str) -> None:
+        value = self._items.pop(key)
+        self._bytes -= len(key) + len(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"<Cache of {self.server!r}: {len(self)} keys, {self._bytes} bytes>"
+
+    def answer(self, message: protocol.Message) -> list[bytes]:
+        """The answer to one decoded request that reached the ``db_address``."""
         if message.kind == protocol.PING:
             info = json.dumps({"name": self.server, "kind": "cache"}).encode("utf-8")
             return protocol.encode(protocol.PONG, message.msg_id, info)
@@ -70,6 +106,10 @@ class Cache(dict[str, bytes]):
         except PylmError as error:
             return protocol.encode_error(message.msg_id, error)
         return protocol.encode(protocol.REPLY, message.msg_id, result)
+
+    def size(self) -> int:
+        """Bytes of the keys and values held."""
+        return self._bytes
 
     def _run(self, target: bytes, payload: bytes) -> bytes:
         server, function = protocol.split_target(target)
@@ -84,7 +124,17 @@ class Cache(dict[str, bytes]):
                 raise ProtocolError("cache set without a key size")
             (size,) = _KEY_SIZE.unpack_from(payload)
             key = self._key(payload[2 : 2 + size]) if size else uuid.uuid4().hex
-            self[key] = payload[2 + size :]
+            value = payload[2 + size :]
+            old = self.get(key)
+            held = self.size() - (0 if old is None else len(key) + len(old))
+            if held + len(key) + len(value) > self.limit:
+                raise PayloadTooLarge(
+                    f"the cache of server {self.server!r} holds {held} bytes: {len(value)}"
+                    f" more for key {key[:80]!r} would pass its limit of {self.limit}",
+                    size=len(value),
+                    limit=max(0, self.limit - held),
+                )
+            self[key] = value
             return key.encode("utf-8")
         if function in ("get", "delete"):
             key = self._key(payload)

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ttl", type=float, help="lease of the registration in seconds (10)")
     run.add_argument("--host", help="interface to bind (default: $PYLM_HOST or 127.0.0.1)")
     run.add_argument("--master", help="for a Worker: the name of its master (or hub)")
+    run.add_argument(
+        "--rolling",
+        action="store_true",
+        help="a new version rolling out: start even if the live instances of NAME have other"
+        " functions (without it, such a server is refused)",
+    )
     return parser
 
 
@@ -162,6 +168,10 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
                     "next": group[0].next,
                     "branches": group[0].branches,
                     "tee": group[0].tee,
+                    "versions": [
+                        {"functions": list(functions), "instances": instances}
+                        for functions, instances in _versions(group).items()
+                    ],
                     "instances": [
                         {**asdict(record), "lease_left": leases.get(record.instance)}
                         for record in group
@@ -183,6 +193,12 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
         if group[0].tee:
             arrow += f"  (tee {', '.join(group[0].tee)})"
         print(f"{name} [{group[0].kind}]{arrow}  {len(group)} instance(s)")
+        versions = _versions(group)
+        if len(versions) > 1:  # a new version rolling out (--rolling)
+            print(f"  {len(versions)} versions: each function is called on the instances having it")
+        for functions, instances in versions.items():
+            which = f"  on {', '.join(instances)}" if len(versions) > 1 else ""
+            print(f"  functions {', '.join(functions) or '(none)'}{which}")
         for record in group:
             lease = leases.get(record.instance)
             left = f"  lease {lease:.0f} s left" if lease is not None else ""
@@ -193,6 +209,15 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
             if record.metrics:
                 print(f"    metrics {record.metrics}")
     print(flush=True)
+
+
+def _versions(group: list[InstanceRecord]) -> dict[tuple[str, ...], list[str]]:
+    """The instances of one server by function list: more than one while a
+    new version rolls out."""
+    versions: dict[tuple[str, ...], list[str]] = {}
+    for record in group:
+        versions.setdefault(tuple(sorted(set(record.functions))), []).append(record.instance)
+    return versions
 
 
 def read_topology(path: Path) -> dict[str, str]:
@@ -348,6 +373,8 @@ def run_server(args: argparse.Namespace) -> int:
     from pylm.parallel import Worker
 
     options = {"registry": args.registry, "ttl": args.ttl, "host": args.host}
+    if args.rolling:  # only when given: a class of the user's may not take it
+        options["rolling"] = True
     if isinstance(server_class, type) and issubclass(server_class, Worker):
         if not args.master:
             raise PylmError(f"{class_name} is a worker: give its master with --master NAME")

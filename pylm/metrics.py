@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUCKETS",
     "BUSY",
+    "MALFORMED_REASONS",
     "SAMPLE_EVERY",
     "UNKNOWN_FUNCTION",
     "ClientStats",
@@ -158,6 +159,17 @@ class Sampling:
         return self._span - 1
 
 
+MALFORMED_REASONS = ("envelope", "head", "kind", "route", "batch", "hello", "payload")
+"""Why a server dropped or refused a message (``pylm_messages_malformed_total``'s
+``reason``): ``envelope``, the routing frames around it are wrong (no empty
+delimiter, too many frames); ``head``, not a pylm head (too short, another magic
+or version, an unknown kind, sizes that overrun it, a payload frame missing);
+``kind``, a kind this port does not take; ``route``, a message in a pipeline
+without a route back; ``batch``, a BATCH whose lengths overrun it; ``hello``, a
+worker's hello or heartbeat with fields of the wrong type or out of range;
+``payload``, a message whose payload does not parse (a stream's count)."""
+
+
 class ServerStats:
     """The counters of one server instance; exported while the server runs
     (between :func:`publish` and :func:`withdraw`)."""
@@ -175,6 +187,7 @@ class ServerStats:
         self.functions[UNKNOWN_FUNCTION] = FunctionStats()
         self.received = 0  # messages read from the input, whatever they were
         self.malformed = 0  # ... of which did not follow the protocol
+        self.malformed_by = dict.fromkeys(MALFORMED_REASONS, 0)  # ... by reason
         self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
         self.ready = False
         self.registration: Registration | None = None
@@ -316,8 +329,8 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
     )
     malformed = CounterMetricFamily(
         "pylm_messages_malformed",
-        "Messages dropped or refused for not following the protocol",
-        labels=["server"],
+        "Messages dropped or refused for not following the protocol, by reason",
+        labels=["server", "reason"],
     )
     sent = CounterMetricFamily(
         "pylm_messages_sent",
@@ -390,7 +403,9 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         started.add_metric([name], min(stats.started for stats in group))
         ready.add_metric([name], sum(stats.ready for stats in group))
         received.add_metric([name], sum(stats.received for stats in group))
-        malformed.add_metric([name], sum(stats.malformed for stats in group))
+        for reason in MALFORMED_REASONS:
+            count = sum(stats.malformed_by[reason] for stats in group)
+            malformed.add_metric([name, reason], count)
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
         in_flight.add_metric([name], sum(stats.in_flight for stats in group))

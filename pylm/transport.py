@@ -14,6 +14,7 @@ from zmq.utils.monitor import parse_monitor_message
 from pylm.errors import PylmError
 
 __all__ = [
+    "MAX_FRAMES",
     "AddressError",
     "Backlog",
     "bind",
@@ -22,8 +23,10 @@ __all__ = [
     "close_socket",
     "default_context",
     "public_host",
+    "recv_message",
     "rest_of",
     "send_frame",
+    "split_envelope",
 ]
 
 
@@ -133,15 +136,41 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
         monitor.close(linger=0)
 
 
-def rest_of(socket: zmq.Socket) -> list[bytes]:
+MAX_FRAMES = 16
+"""Frames of one message that a server keeps: a pylm message has two at most,
+an envelope a few (one per hop); the frames past these are read and dropped,
+so a peer that sends thousands of empty frames costs no memory."""
+
+
+def rest_of(socket: zmq.Socket, limit: int = MAX_FRAMES) -> list[bytes]:
     """The frames of the message being read that are still to come (none
-    for a one-frame message). Read this way, never by a plain ``recv()``,
-    a message that claims a payload frame it lacks cannot block the reader,
-    and frames past the end of a message are not taken for messages."""
-    frames = []
+    for a one-frame message), ``limit`` at most (the others are read and
+    dropped). Read this way, never by a plain ``recv()``, a message that
+    claims a payload frame it lacks cannot block the reader, and frames past
+    the end of a message are not taken for messages."""
+    frames: list[bytes] = []
     while socket.getsockopt(zmq.RCVMORE):
-        frames.append(socket.recv())
+        frame = socket.recv()
+        if len(frames) < limit:
+            frames.append(frame)
     return frames
+
+
+def recv_message(socket: zmq.Socket, limit: int = MAX_FRAMES) -> list[bytes]:
+    """The next whole message, without waiting (``zmq.Again`` if there is
+    none), ``limit`` frames at most as :func:`rest_of` keeps them."""
+    return [socket.recv(zmq.NOBLOCK), *rest_of(socket, limit - 1)]
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None:
+    """A ROUTER's message as (envelope, message): the envelope is the routing
+    ids up to and including the first empty frame, as a REQ (or a DEALER
+    speaking like one) sends it; None when there is no empty frame or no
+    message after it."""
+    for index in range(1, len(frames) - 1):
+        if not frames[index]:
+            return frames[: index + 1], frames[index + 1 :]
+    return None
 
 
 class Backlog:

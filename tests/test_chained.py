@@ -17,7 +17,14 @@ import pylm.chained.servers
 from pylm import protocol
 from pylm.cache import CacheClient
 from pylm.chained import JobResult, LastServer, LoopClient, Server
-from pylm.errors import RemoteError, RequestTimeout, UnknownFunction, UnknownKey, UnknownServer
+from pylm.errors import (
+    PayloadTooLarge,
+    RemoteError,
+    RequestTimeout,
+    UnknownFunction,
+    UnknownKey,
+    UnknownServer,
+)
 from pylm.standalone import Client
 
 Serve = Callable[[Any], Any]
@@ -254,6 +261,29 @@ def test_bad_input_on_the_pipe_is_dropped(
     vandal.send_multipart(protocol.encode(protocol.REPLY, 2, b"x", route=b"nobody"))
     with pipeline.client() as client:
         assert list(client.job("foo", [b"fine"])) == [b"ACK: got it too, after you sent me fine"]
+
+
+def test_junk_on_the_cache_port_holds_nothing_up(
+    pipeline: Pipeline, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    """Frames without a REQ's envelope, or not pylm, on a stage's cache port
+    are dropped and counted (a REP socket there once froze the stage), and
+    the cache limits what others may store in it."""
+    vandal = raw_socket(zmq.DEALER)
+    vandal.connect(pipeline.step1.db)
+    vandal.send(b"one junk frame, no delimiter")
+    vandal.send_multipart([b"", b"not pylm"])
+    vandal.send_multipart([b"", b""])  # a delimiter, then nothing
+    with pipeline.client(timeout=5) as client:
+        assert list(client.job("foo", [b"fine"])) == [b"ACK: got it too, after you sent me fine"]
+        assert client.set(b"value", "k") == "k"
+    stats = pipeline.step1.stats
+    assert stats.malformed_by["envelope"] == 1 and stats.malformed_by["head"] == 2
+    pipeline.step1.cache.limit = 100
+    with CacheClient(pipeline.step1.db, "step1", timeout=5) as cache:
+        with pytest.raises(PayloadTooLarge, match="holds 6 bytes: 200 more"):
+            cache.set(b"x" * 200, "big")
+        assert cache.get("k") == b"value"
 
 
 def test_slow_stage_bounds_what_the_producer_sends(serve: Serve) -> None:

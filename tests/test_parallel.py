@@ -3,6 +3,7 @@ with a real etcd for the tests that start servers by name."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -169,6 +170,57 @@ def test_malformed_messages_get_an_error_or_are_dropped(
     with client_of(master, timeout=10) as client:
         assert client.eval("who", b"after") == b"w1:after"
     assert master.stats is None or master.stats.malformed >= 3
+
+
+HOSTILE_HELLOS = [
+    {"slots": 10**7},  # more slots than a worker may claim: memory per slot
+    {"slots": -1},
+    {"slots": 2**64},
+    {"slots": 1.5},
+    {"slots": "3"},
+    {"slots": True},
+    {"slots": None},
+    {"slots": [1]},
+    {"free": 10**9},
+    {"slots": 2, "free": -1},
+    {"name": {"a": 1}},
+    {"name": "n" * 5000},
+    {"leaving": "yes"},
+    {"bye": 1},
+    [1, 2],
+    "text",
+]
+
+
+def test_hostile_worker_hellos_are_dropped_and_counted(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    """Well-formed PINGs on the workers port whose JSON fields have the wrong
+    type or range (a slot count of 10**7 among them) stop nothing and
+    allocate nothing: each is dropped and counted as a bad hello."""
+    serve(tagger(master, "w1"))
+    vandal = zmq.Context.instance().socket(zmq.DEALER)
+    vandal.setsockopt(zmq.LINGER, 0)
+    vandal.setsockopt(zmq.ROUTING_ID, b"vandal")
+    vandal.connect(master.back)
+    try:
+        for hello in HOSTILE_HELLOS:
+            payload = json.dumps(hello).encode()
+            vandal.send_multipart(protocol.encode(protocol.PING, 0, payload, route=b"vandal"))
+        vandal.send_multipart(protocol.encode(protocol.PING, 0, b"{not json", route=b"vandal"))
+        vandal.send_multipart(protocol.encode(protocol.PING, 0, b"{}", route=b""))  # no socket
+        assert master.stats is not None
+        wait_for(
+            lambda: master.stats.malformed_by["hello"] == len(HOSTILE_HELLOS) + 2,
+            10,
+            "every hostile hello counted",
+        )
+    finally:
+        vandal.close()
+    with client_of(master, timeout=10) as client:
+        assert [client.eval("who", b"%d" % i) for i in range(5)] == [b"w1:%d" % i for i in range(5)]
+        assert client.ping()["workers"] == 1  # the vandal never joined
+    assert master.running
 
 
 def test_load_goes_to_idle_workers(master: Master, serve: Callable[[Tagger], Tagger]) -> None:

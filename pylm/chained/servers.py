@@ -43,8 +43,10 @@ from pylm.transport import (
     check_address,
     close_listener,
     close_socket,
+    recv_message,
     rest_of,
     send_frame,
+    split_envelope,
 )
 
 if TYPE_CHECKING:
@@ -143,7 +145,9 @@ class _Stage(BaseServer):
         pull.setsockopt(zmq.RCVHWM, self.hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         self.address = bind(pull, self.pull_address or self._any_port())
-        db = self._secure(self.context.socket(zmq.REP))
+        # A ROUTER, its envelopes read here (see pylm.standalone.servers):
+        # junk from one peer costs only its own message.
+        db = self._secure(self.context.socket(zmq.ROUTER))
         self._db_socket = db
         db.setsockopt(zmq.LINGER, 0)
         db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -308,7 +312,7 @@ class _Stage(BaseServer):
         try:
             jobs = protocol.unpack_batch(body)
         except ProtocolError as error:
-            self._drop(f"{error} (no route back: dropped)", [body])
+            self._drop("batch", f"{error} (no route back: dropped)", [body])
             return 1, 0
         if not self._plain:  # branches or tees: the general path, job by job
             for job in jobs:
@@ -362,18 +366,34 @@ class _Stage(BaseServer):
             self._serve_db()
 
     def _serve_db(self) -> None:
+        """Answer the cache requests waiting, up to a batch (and see stop()'s call)."""
         db = self._db_socket
         assert db is not None
-        frames = db.recv_multipart()
-        if self._is_control(frames[0]):
-            raise _Stopping
-        db.send_multipart(self.cache.answer(frames))
+        for _ in range(_BATCH):
+            try:
+                frames = recv_message(db)
+            except zmq.Again:
+                return
+            parts = split_envelope(frames)
+            if parts is None:
+                self._drop("envelope", "a cache request without an empty delimiter", frames)
+                continue
+            envelope, message = parts
+            if len(message) == 1 and self._is_control(message[0]):
+                raise _Stopping
+            try:
+                answer = self.cache.answer(protocol.decode(message))
+            except ProtocolError as error:
+                self._drop("head", f"{error} (a cache request)", message)
+                answer = protocol.encode_error(protocol.salvage_msg_id(message) or 0, error)
+            # A ROUTER drops what a peer that is gone or not reading cannot take.
+            db.send_multipart([*envelope, *answer], zmq.NOBLOCK)
 
     def _handle(self, frames: list[bytes]) -> None:
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
-            self._drop(f"{error} (no route back: dropped)", frames)
+            self._drop("head", f"{error} (no route back: dropped)", frames)
             return
         if message.kind in (protocol.ERROR, protocol.END):
             if message.route:
@@ -382,7 +402,7 @@ class _Stage(BaseServer):
                 self._unrouted_error(protocol.decode_error(message.payload))
         elif message.kind != protocol.REQUEST:
             if not message.route:
-                self._drop("a message without a route cannot be answered", frames)
+                self._drop("route", "a message without a route cannot be answered", frames)
                 return
             problem = ProtocolError(
                 f"stage {self.name!r} takes REQUEST, ERROR and END, not"
@@ -409,8 +429,9 @@ class _Stage(BaseServer):
 
     def _unrouted_error(self, error: PylmError) -> None:
         """A job without a route (a tee's copy) failed: nobody to tell but the log."""
-        if self._malformed.allow():
-            self.logger.warning("%s: a job without a route failed: %s", self.name, error)
+        self._log_limited(
+            "unrouted", logging.WARNING, "%s: a job without a route failed: %s", self.name, error
+        )
 
     def _looking_for(self, target: bytes) -> None:
         function = target.rpartition(b".")[2].decode("utf-8", "replace")
@@ -977,18 +998,22 @@ class LastServer(_Stage):
         """Answer a client's hello (a PING on the results socket): once it has
         the answer, the client knows its results have a way back."""
         assert self._router is not None
-        frames = self._router.recv_multipart()
+        try:
+            frames = recv_message(self._router)
+        except zmq.Again:  # taken already (while waiting for room to send)
+            return
         try:
             message = protocol.decode(frames[1:])
         except ProtocolError as error:
-            self._drop(str(error), frames)
+            self._drop("head", str(error), frames)
             return
         if message.kind == protocol.PING:
-            pong = protocol.encode(protocol.PONG, message.msg_id, self._pong())
-            if self._send(self._router, [frames[0], *pong]):
-                self._release(frames[0])
+            # Through the backlog, as results go: a client that does not
+            # read makes the stage wait for nobody.
+            self._to_client(frames[0], protocol.encode(protocol.PONG, message.msg_id, self._pong()))
+            self._release(frames[0])
         else:
-            self._drop("clients only send PING on the results socket", frames)
+            self._drop("kind", "clients only send PING on the results socket", frames)
 
     def _to_client(self, route: bytes, frames: list[bytes]) -> None:
         """Send to a client without waiting: a client whose queue is full (it
@@ -1031,8 +1056,7 @@ class LastServer(_Stage):
         waiting = self._parked.pop(route, [])
         self._parked_count -= len(waiting)
         for _, frames in waiting:
-            if not self._send(self._router, [route, *frames]):
-                self.logger.warning("%s: client %s left again", self.name, route.hex())
+            self._to_client(route, frames)  # parked again if it left meanwhile
         self._expire_parked(time.monotonic())
 
     def _expire_parked(self, now: float) -> None:

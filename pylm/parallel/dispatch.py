@@ -33,27 +33,36 @@ import struct
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zmq
 
 from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
+from pylm.transport import recv_message
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MISSES",
+    "MAX_SLOTS",
+    "MAX_WORKERS",
     "SEQ",
     "STREAM_IDLE",
     "Dispatcher",
     "Gathering",
+    "Hello",
+    "parse_hello",
 ]
 
 DEFAULT_HEARTBEAT = 1.0  # s between a worker's heartbeats
 DEFAULT_MISSES = 3  # heartbeats missed before a worker is declared dead
 DEFAULT_MAX_QUEUED = 10_000  # jobs waiting for a worker, at most
 STREAM_IDLE = 600.0  # s an input stream may go without news before it is dropped
+MAX_SLOTS = 1024  # slots a worker may claim
+MAX_WORKERS = 10_000  # workers a master or hub takes at once
+MAX_HELLO = 4096  # bytes of a worker's PING payload
+MAX_NAME = 256  # characters of a worker's name
 SEQ = struct.Struct(">Q")  # an item's number (in a worker's route), an END's count (payload)
 
 _HEAD_SIZE = protocol.HEAD_SIZE
@@ -69,6 +78,61 @@ def _as_bytes(value: object, hook: str) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{hook} gave {type(value).__name__}, expected bytes")
+
+
+class Hello(NamedTuple):
+    """What a worker's PING says (its JSON payload), parsed: see :func:`parse_hello`."""
+
+    name: str
+    slots: int
+    free: int
+    leaving: bool
+    bye: bool
+
+
+def parse_hello(payload: bytes, route: bytes) -> Hello:
+    """The fields of a worker's hello, heartbeat, leaving notice or goodbye:
+    a JSON object of at most :data:`MAX_HELLO` bytes with ``name`` (text of
+    :data:`MAX_NAME` characters at most), ``slots`` (an int from 1 to
+    :data:`MAX_SLOTS`, default 1), ``free`` (an int from 0 to ``slots``,
+    default ``slots``), ``leaving`` and ``bye`` (booleans, default false);
+    other fields are ignored. ``route``, the worker's job socket, must be
+    1 to 255 bytes. :class:`ProtocolError` naming the field and value otherwise."""
+    if not 0 < len(route) <= 255:
+        raise ProtocolError(
+            f"a worker's PING must name its job socket (1-255 bytes), got {len(route)}"
+        )
+    if len(payload) > MAX_HELLO:
+        raise ProtocolError(f"a worker's PING of {len(payload)} bytes, more than {MAX_HELLO}")
+    try:
+        info: Any = json.loads(payload or b"{}")
+    except ValueError as exc:
+        raise ProtocolError(
+            f"a worker's PING is not JSON ({exc}): {bytes(payload[:80])!r}"
+        ) from None
+    if not isinstance(info, dict):
+        raise ProtocolError(f"a worker's PING is not a JSON object: {bytes(payload[:80])!r}")
+    name = info.get("name", "")
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise ProtocolError(
+            f"a worker's name must be text of {MAX_NAME} characters at most, got {name!r:.80}"
+        )
+    slots = _count(info, "slots", 1, 1, MAX_SLOTS)
+    free = _count(info, "free", slots, 0, slots)
+    flags = [info.get(field, False) for field in ("leaving", "bye")]
+    for field, value in zip(("leaving", "bye"), flags, strict=True):
+        if not isinstance(value, bool):
+            raise ProtocolError(f"a worker's {field!r} must be true or false, got {value!r:.80}")
+    return Hello(name, slots, free, flags[0], flags[1])
+
+
+def _count(info: dict[str, Any], field: str, default: int, low: int, high: int) -> int:
+    value = info.get(field, default)
+    if type(value) is not int or not low <= value <= high:  # bool is no count
+        raise ProtocolError(
+            f"a worker's {field!r} must be an int from {low} to {high}, got {value!r:.80}"
+        )
+    return value
 
 
 class Gathering:
@@ -222,7 +286,9 @@ class Dispatcher:
 
     if TYPE_CHECKING:  # from the host (BaseServer)
 
-        def _drop(self, reason: str, frames: list[bytes]) -> None: ...
+        def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None: ...
+
+        def _log_limited(self, cause: str, level: int, message: str, *args: object) -> None: ...
 
         def _remote_error(self, target: bytes, exc: Exception) -> RemoteError: ...
 
@@ -373,7 +439,7 @@ class Dispatcher:
         assert back is not None
         for _ in range(_BATCH):
             try:
-                frames = back.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(back)
             except zmq.Again:
                 return False
             if len(frames) < 2:
@@ -401,7 +467,7 @@ class Dispatcher:
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
-            self._drop(f"{error} (from worker {sender!r})", frames)
+            self._drop("head", f"{error} (from worker {sender!r})", frames)
             return
         kind = message.kind
         if kind == protocol.PING:
@@ -418,7 +484,7 @@ class Dispatcher:
             self._result(job, message.payload, final=False)
             return
         if kind not in (protocol.REPLY, protocol.ERROR, protocol.END):
-            self._drop(f"a worker sent {protocol.KIND_NAMES[kind]}", frames)
+            self._drop("kind", f"a worker sent {protocol.KIND_NAMES[kind]}", frames)
             return
         job = self._jobs.pop(number, None)
         self._free_slot(sender, number)
@@ -522,14 +588,13 @@ class Dispatcher:
     def _hello(self, sender: bytes, message: protocol.Message) -> None:
         """A worker's hello, leaving notice or goodbye (a PING from its job
         socket), or its heartbeat (from another socket): the route names the
-        job socket, the payload is JSON."""
+        job socket, the payload is JSON (see :func:`parse_hello`)."""
         try:
-            info: Any = json.loads(message.payload or b"{}")
-            slots = int(info.get("slots", 1))
-            free = int(info.get("free", slots))
-        except (ValueError, TypeError, AttributeError) as exc:
-            self._drop(f"a worker's PING with bad JSON: {exc}", [message.payload])
+            hello = parse_hello(message.payload, message.route)
+        except ProtocolError as exc:
+            self._drop("hello", f"{exc} (from worker {sender!r})", [message.payload])
             return
+        info, slots, free = hello, hello.slots, hello.free
         address = message.route
         worker = self._workers.get(address)
         if sender != address:  # a heartbeat
@@ -542,17 +607,27 @@ class Dispatcher:
                 except zmq.ZMQError:
                     pass
                 return
-        elif info.get("bye"):
+        elif info.bye:
             if worker is not None:
                 self._lost(worker, "it left")
             return
         elif worker is None:
+            if len(self._workers) >= MAX_WORKERS:
+                self._log_limited(
+                    "workers-full",
+                    logging.WARNING,
+                    "%s: worker %s refused: %d workers are connected, the most a master takes",
+                    self.name,
+                    info.name,
+                    MAX_WORKERS,
+                )
+                return
             self._generations += 1
-            worker = _Worker(address, str(info.get("name", "")), max(1, slots), self._generations)
+            worker = _Worker(address, info.name, slots, self._generations)
             self._workers[address] = worker
             self.logger.info("%s: worker %s joined (%d slots)", self.name, worker.name, slots)
         worker.seen = time.monotonic()
-        if info.get("leaving"):
+        if info.leaving:
             worker.leaving = True
             worker.free = 0
             return

@@ -194,7 +194,7 @@ class Hub(Dispatcher, Server):
         try:
             jobs = protocol.unpack_batch(body)
         except ProtocolError as error:
-            self._drop(f"{error} (no route back: dropped)", [body])
+            self._drop("batch", f"{error} (no route back: dropped)", [body])
             return
         for job in jobs:
             self._take_message([job])
@@ -203,7 +203,7 @@ class Hub(Dispatcher, Server):
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
-            self._drop(f"{error} (no route back: dropped)", frames)
+            self._drop("head", f"{error} (no route back: dropped)", frames)
             return
         if message.kind == protocol.REQUEST:
             if len(message.payload) > self.max_payload:
@@ -218,7 +218,7 @@ class Hub(Dispatcher, Server):
             self._deliver_error(message.route, message.msg_id, message.payload)
         else:
             kind = protocol.KIND_NAMES[message.kind]
-            self._drop(f"a hub takes REQUEST, ERROR and END, not {kind}", frames)
+            self._drop("kind", f"a hub takes REQUEST, ERROR and END, not {kind}", frames)
 
     def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
         """Leave cleanly: deregister, take what still comes, and wait for

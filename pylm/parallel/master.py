@@ -50,7 +50,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import Backlog, bind, check_address, close_listener
+from pylm.transport import Backlog, bind, check_address, close_listener, recv_message
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -175,7 +175,7 @@ class Master(Dispatcher, BaseServer):
             if self.full:
                 return
             try:
-                frames = front.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(front)
             except zmq.Again:
                 return
             if self.stats is not None:
@@ -199,7 +199,7 @@ class Master(Dispatcher, BaseServer):
         try:
             message = protocol.decode(frames)
         except ProtocolError as problem:
-            self._drop(f"{problem} (from client {client!r})", frames)
+            self._drop("head", f"{problem} (from client {client!r})", frames)
             salvaged = protocol.salvage_msg_id(frames)
             if salvaged is not None:
                 self._to_client(client, protocol.encode_error(salvaged, problem))
@@ -213,7 +213,7 @@ class Master(Dispatcher, BaseServer):
                 f" {protocol.KIND_NAMES[message.kind]}"
                 + (" flagged MORE" if message.flags & protocol.MORE else "")
             )
-            self._drop(str(refused), frames)
+            self._drop("kind", str(refused), frames)
             self._to_client(client, protocol.encode_error(message.msg_id, refused))
             return
         if len(message.payload) > self.max_payload:
@@ -248,10 +248,14 @@ class Master(Dispatcher, BaseServer):
 
     def _undeliverable(self, client: bytes, why: str) -> None:
         self.undeliverable += 1
-        if self._malformed.allow():
-            self.logger.warning(
-                "%s: an answer for client %s dropped: %s", self.name, client.hex(), why
-            )
+        self._log_limited(
+            "undeliverable",
+            logging.WARNING,
+            "%s: an answer for client %s dropped: %s",
+            self.name,
+            client.hex(),
+            why,
+        )
 
     def _pong(self) -> bytes:
         info = json.loads(super()._pong())

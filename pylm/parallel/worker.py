@@ -32,7 +32,7 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
-from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, SEQ
+from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS, SEQ
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ class Worker(BaseServer):
         )
         if not isinstance(master, str) or not master or "://" in master:
             raise ValueError(f"master must be the master's name, got {master!r}")
-        if not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"slots must be a positive int, got {slots!r}")
+        if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, got {slots!r}")
         if not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         self.master = master
@@ -359,13 +359,15 @@ class Worker(BaseServer):
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
-            self._drop(str(error), frames)
+            self._drop("head", str(error), frames)
             msg_id = protocol.salvage_msg_id(frames)
             if msg_id is not None:  # answered, so that the master frees the slot
                 self._answer(socket, protocol.encode_error(msg_id, error))
             return
         if message.kind != protocol.REQUEST:
-            self._drop(f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames)
+            self._drop(
+                "kind", f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames
+            )
             return
         self.served += 1
         try:

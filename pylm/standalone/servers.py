@@ -1,10 +1,12 @@
-"""The standalone request/reply server: one REP socket, one serving loop.
+"""The standalone request/reply server: one ROUTER socket, one serving loop.
 
 Clients (:class:`pylm.standalone.client.Client`, its asyncio sibling, or any
 ZeroMQ REQ socket, or DEALER socket sending an empty delimiter frame first,
 speaking :mod:`pylm.protocol`) send REQUEST messages; the server runs the
-named function and answers every message, with a REPLY or an ERROR. Requests
-are served one at a time, fairly queued from all clients.
+named function and answers every message that has a REQ's envelope and a
+readable message id, with a REPLY or an ERROR. Requests are served one at a
+time, fairly queued from all clients. Messages without the envelope are
+dropped and counted; nothing a peer sends makes the server wait for it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
 from pylm.metrics import Sampling
-from pylm.transport import bind, check_address, close_listener, rest_of, send_frame
+from pylm.transport import (
+    bind,
+    check_address,
+    close_listener,
+    rest_of,
+    send_frame,
+    split_envelope,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -41,6 +50,11 @@ _SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
 _DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
 _DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
+_NOBLOCK = zmq.NOBLOCK
+_SNDMORE = zmq.SNDMORE
+# pyzmq's compiled recv; ``_recv(socket, 0, False)`` gives a Frame, whose
+# ``more`` says whether frames follow.
+_recv = getattr(zmq.backend, "Socket", zmq.Socket).recv
 
 
 class Server(BaseServer):
@@ -92,9 +106,12 @@ class Server(BaseServer):
         self._socket: zmq.Socket | None = None
 
     def _open(self) -> None:
-        # REP, not ROUTER: routing envelopes stay inside libzmq, so each
-        # request costs one receive and one send from Python.
-        socket = self._secure(self.context.socket(zmq.REP))
+        # A ROUTER, not a REP: the envelope is read here, so a peer that
+        # sends junk (no delimiter, a broken connection mid-message) costs
+        # only its own message, where libzmq's REP could lose the answers of
+        # the callers after it. Answers to a peer that is gone or not
+        # reading are dropped by libzmq, never waited for.
+        socket = self._secure(self.context.socket(zmq.ROUTER))
         self._socket = socket
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -110,7 +127,8 @@ class Server(BaseServer):
     def _serve(self) -> None:
         socket = self._socket
         assert socket is not None
-        recv, send, call = socket.recv, partial(send_frame, socket), self._call
+        recv, send, call = partial(_recv, socket), partial(send_frame, socket), self._call
+        poll = socket.poll
         unpack_sizes = _SIZES.unpack_from
         join = b"".join
         limit = self.messages
@@ -121,17 +139,34 @@ class Server(BaseServer):
         quiet_ms, give_up = round(_DRAIN_QUIET * 1000), 0.0
         try:
             while served < limit:
-                if draining and (not socket.poll(quiet_ms) or time.monotonic() > give_up):
-                    return
-                body = recv()
+                try:
+                    peer = recv(_NOBLOCK)
+                except zmq.Again:
+                    if draining:
+                        if not poll(quiet_ms) or time.monotonic() > give_up:
+                            return
+                    else:
+                        poll()  # idle: until a message comes (stop() sends one)
+                    continue
                 if stats is not None:
                     stats.received += 1
-                if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
-                    # Fast path: a one-frame REQUEST. The reply reuses the
-                    # request's id bytes as they are.
-                    target_size, route_size = unpack_sizes(body, 5)
-                    start = _HEAD_SIZE + target_size
-                    if start + route_size <= len(body):
+                # A ROUTER message has the peer's id and at least one frame
+                # more; a REQ's next is the empty delimiter, then the body.
+                # Frames, not bytes: they tell whether more follow, which
+                # asking the socket would cost more than the rest.
+                delimiter = recv(0, False)
+                if delimiter.more and not len(delimiter):
+                    frame = recv(0, False)
+                    body = frame.bytes
+                    if (
+                        not frame.more
+                        and body[:5] == _FAST
+                        and len(body) >= _HEAD_SIZE
+                        and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8]
+                        <= len(body)
+                    ):
+                        # Fast path: a one-frame REQUEST. The reply reuses the
+                        # request's id bytes as they are.
                         served += 1
                         if untimed:
                             untimed -= 1
@@ -140,24 +175,31 @@ class Server(BaseServer):
                             timed = True
                             if stats is not None:
                                 untimed = sampling.untimed_next()
+                        target_size, route_size = unpack_sizes(body, 5)
+                        start = _HEAD_SIZE + target_size
                         try:
                             result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
                         except PylmError as error:
                             msg_id = protocol.unpack_id(body, 9)[0]
-                            self._answer(protocol.encode_error(msg_id, error))
+                            self._answer([peer, b""], protocol.encode_error(msg_id, error))
                             continue
                         if len(result) <= _SPLIT:
-                            try:
-                                send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
-                                if stats is not None:
-                                    stats.sent += 1
-                                continue
-                            except zmq.ZMQError:
-                                pass  # frames follow the request: _answer skips them
+                            send(peer, _SNDMORE)
+                            send(b"", _SNDMORE)
+                            send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            if stats is not None:
+                                stats.sent += 1
+                            continue
                         msg_id = protocol.unpack_id(body, 9)[0]
-                        self._answer(protocol.encode(protocol.REPLY, msg_id, result))
+                        self._answer([peer, b""], protocol.encode(protocol.REPLY, msg_id, result))
                         continue
-                if self._is_control(body):
+                    frames = (
+                        [peer, b"", body, *rest_of(socket)] if frame.more else [peer, b"", body]
+                    )
+                else:
+                    rest = rest_of(socket) if delimiter.more else []
+                    frames = [peer, delimiter.bytes, *rest]
+                if len(frames) == 3 and not frames[1] and self._is_control(frames[2]):
                     if stats is not None:
                         stats.received -= 1  # stop's wake-up call is no message
                     if draining or self.registration is None:
@@ -165,50 +207,48 @@ class Server(BaseServer):
                     # Found by name: clients may still pick this instance until
                     # they see it leave the registry. Leave it first, then
                     # serve until they stop sending.
-                    send(b"")  # REP: answer the wake-up, to receive again
                     self._deregister()
                     draining, give_up = True, time.monotonic() + _DRAIN_MAX
                     continue
-                served += self._handle_other(body)
+                served += self._handle_other(frames)
         finally:
             self.served = served
 
-    def _answer(self, frames: list[bytes], counted: bool = True) -> None:
-        """Send an answer; a REP socket takes it only once every frame of the
-        request was read, so read (and ignore) any trailing frames first.
-        ``counted``: whether it answers a message that was not malformed."""
+    def _answer(self, envelope: list[bytes], frames: list[bytes], counted: bool = True) -> None:
+        """Send an answer after its envelope, without waiting (a peer that is
+        gone or not reading loses it). ``counted``: whether it answers a
+        message that was not malformed."""
         assert self._socket is not None
-        self._rest()
-        self._socket.send_multipart(frames, copy=len(frames) == 1)
+        self._socket.send_multipart([*envelope, *frames], zmq.NOBLOCK, copy=len(frames) == 1)
         if counted and self.stats is not None:
             self.stats.sent += 1
 
-    def _rest(self) -> list[bytes]:
-        """The frames of the current request not read yet."""
-        assert self._socket is not None
-        return rest_of(self._socket)
-
-    def _handle_other(self, body: bytes) -> int:
-        """Everything off the fast path; returns how many requests it served."""
-        frames = [body, *self._rest()]
+    def _handle_other(self, frames: list[bytes]) -> int:
+        """Everything off the fast path (``frames``: as the ROUTER read them);
+        returns how many requests it served."""
+        parts = split_envelope(frames)
+        if parts is None:
+            self._drop("envelope", "no empty delimiter before the message", frames)
+            return 0
+        envelope, frames = parts
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
-            self._drop(str(error), frames)
-            self._answer(
-                protocol.encode_error(protocol.salvage_msg_id(frames) or 0, error), counted=False
-            )
+            self._drop("head", str(error), frames)
+            # A REQ waits for an answer to whatever it sent: id 0 when none can be read.
+            msg_id = protocol.salvage_msg_id(frames) or 0
+            self._answer(envelope, protocol.encode_error(msg_id, error), counted=False)
             return 0
         if message.kind == protocol.PING:
-            self._answer(protocol.encode(protocol.PONG, message.msg_id, self._pong()))
+            self._answer(envelope, protocol.encode(protocol.PONG, message.msg_id, self._pong()))
             return 0
         if message.kind != protocol.REQUEST:
             problem = ProtocolError(
                 f"server {self.name!r} accepts REQUEST and PING, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
-            self._drop(str(problem), frames)
-            self._answer(protocol.encode_error(message.msg_id, problem), counted=False)
+            self._drop("kind", str(problem), frames)
+            self._answer(envelope, protocol.encode_error(message.msg_id, problem), counted=False)
             return 0
         try:
             answer = protocol.encode(
@@ -216,5 +256,5 @@ class Server(BaseServer):
             )
         except PylmError as failure:
             answer = protocol.encode_error(message.msg_id, failure)
-        self._answer(answer)
+        self._answer(envelope, answer)
         return 1

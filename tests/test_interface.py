@@ -1,0 +1,197 @@
+"""One name, one interface: a server whose functions differ from the live
+instances' of its name is refused at start, unless it is a new version
+rolling out (``rolling=True``); by-name clients then call each function
+only on the instances that have it (a real etcd)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pylm.errors import InterfaceMismatch, RegistryError
+from pylm.registry import Registry
+from pylm.standalone import Client, Server
+from pylm.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Old(Server):
+    def echo(self, message: bytes) -> bytes:
+        return b"old " + message
+
+
+class New(Server):
+    def echo(self, message: bytes) -> bytes:
+        return b"new " + message
+
+    def extra(self, message: bytes) -> bytes:
+        return b"extra " + message
+
+
+class OldAgain(Server):
+    """Another class, the same functions: the same interface."""
+
+    def echo(self, message: bytes) -> bytes:
+        return b"again " + message
+
+
+def test_other_functions_under_a_live_name_are_refused(registry: Registry) -> None:
+    with Old("svc", log_stdout=False, registry=registry):
+        (old,) = registry.instances("svc")
+        other = New("svc", log_stdout=False, registry=registry)
+        with pytest.raises(InterfaceMismatch) as refused:
+            other.start(background=True)
+        other.stop()
+        message = str(refused.value)
+        assert "server 'svc' has functions [echo, extra]" in message
+        assert f"have [echo] (instance {old.instance} on {old.host} pid {old.pid})" in message
+        assert "rolling=True" in message and "pylm run --rolling" in message
+        assert isinstance(refused.value, RegistryError)
+        assert refused.value.functions == ["echo", "extra"]
+        assert refused.value.live == {old.instance: ["echo"]}
+        assert [r.instance for r in registry.instances("svc")] == [old.instance]  # never listed
+        # The same functions, from another class: accepted.
+        with OldAgain("svc", log_stdout=False, registry=registry):
+            assert len(registry.instances("svc")) == 2
+    # Nothing live any more: any interface may take the name.
+    with New("svc", log_stdout=False, registry=registry):
+        pass
+
+
+def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(registry: Registry) -> None:
+    with (
+        Old("roll", log_stdout=False, registry=registry),
+        Client("roll", registry=registry, timeout=5) as client,
+    ):
+        assert client.job("echo", b"x") == b"old x"
+        new = New("roll", log_stdout=False, registry=registry, rolling=True)
+        with new:
+            # The client follows the registry: once it knows of the new
+            # instance, a function only the new version has goes there only.
+            wait_for(lambda: client._peers is not None and client._peers.changed, 10,
+                     "the client hearing of the new instance")  # fmt: skip
+            assert [client.job("extra", b"%d" % i) for i in range(40)] == [
+                b"extra %d" % i for i in range(40)
+            ]
+            # Functions both have go to both.
+            assert {client.job("echo", b"x") for _ in range(20)} == {b"old x", b"new x"}
+            # A new client, from the listing: the same.
+            with Client("roll", registry=registry, timeout=5) as fresh:
+                assert all(fresh.job("extra", b"y") == b"extra y" for _ in range(20))
+                assert {fresh.job("echo", b"y") for _ in range(20)} == {b"old y", b"new y"}
+            # More instances of the new version need no flag, nor does the
+            # old version (one restarting meanwhile).
+            with (
+                New("roll", log_stdout=False, registry=registry),
+                Old("roll", log_stdout=False, registry=registry),
+            ):
+                assert len(registry.instances("roll")) == 4
+        # The new version gone: one interface again, every call to every instance.
+        wait_for(lambda: client._peers is not None and client._peers.changed, 10,
+                 "the client hearing the new instance left")  # fmt: skip
+        assert {client.job("echo", b"z") for _ in range(10)} == {b"old z"}
+
+
+def test_two_interfaces_starting_together_never_both_serve(registry: Registry) -> None:
+    for round in range(5):
+        name = f"race{round}"
+        servers = [
+            Old(name, log_stdout=False, registry=registry),
+            New(name, log_stdout=False, registry=registry),
+        ]
+        refused: list[BaseException] = []
+        go = threading.Barrier(2)
+
+        def start(server: Server, go: threading.Barrier, refused: list[BaseException]) -> None:
+            go.wait()
+            try:
+                server.start(background=True)
+            except InterfaceMismatch as exc:
+                refused.append(exc)
+
+        threads = [threading.Thread(target=start, args=(server, go, refused)) for server in servers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        try:
+            assert refused, "two interfaces serve under one name"
+            assert sum(server.running for server in servers) == 2 - len(refused)
+            functions = {tuple(r.functions) for r in registry.instances(name)}
+            assert len(functions) <= 1
+        finally:
+            for server in servers:
+                server.stop()
+
+
+SERVER_MODULE = """
+from pylm.standalone import Server
+
+class Old(Server):
+    def hello(self, message):
+        return b"hello " + message
+
+class New(Old):
+    def bye(self, message):
+        return b"bye " + message
+"""
+
+
+def pylm_cli(registry: Registry, *args: str) -> list[str]:
+    config = registry.config
+    return [sys.executable, "-m", "pylm.cli", "--registry", config.url,
+            "--cluster", config.cluster, *args]  # fmt: skip
+
+
+def test_pylm_run_rolling_and_ls_shows_both_versions(registry: Registry, tmp_path: Path) -> None:
+    module = tmp_path / "versions.py"
+    module.write_text(SERVER_MODULE)
+    run = ["run", "--name", "greeter"]
+    old = subprocess.Popen(
+        pylm_cli(registry, *run, f"{module}:Old"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    new = None
+    try:
+        wait_for(lambda: registry.instances("greeter") != [], 20, "the old version registered")
+        refused = subprocess.run(
+            pylm_cli(registry, *run, f"{module}:New"), capture_output=True, text=True, timeout=30
+        )
+        assert refused.returncode != 0
+        assert "has functions [bye, hello], but the live instances" in refused.stderr
+        assert "have [hello]" in refused.stderr and "Traceback" not in refused.stderr
+        new = subprocess.Popen(
+            pylm_cli(registry, *run, f"{module}:New", "--rolling"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        wait_for(lambda: len(registry.instances("greeter")) == 2, 20, "the new version registered")
+        shown = subprocess.run(pylm_cli(registry, "ls"), capture_output=True, text=True, timeout=30)
+        assert "greeter [standalone]  2 instance(s)" in shown.stdout
+        assert "2 versions" in shown.stdout
+        assert "functions bye, hello  on " in shown.stdout
+        assert "functions hello  on " in shown.stdout
+        data = json.loads(
+            subprocess.run(
+                pylm_cli(registry, "ls", "--json"), capture_output=True, text=True, timeout=30
+            ).stdout
+        )
+        versions = data["servers"]["greeter"]["versions"]
+        assert sorted(v["functions"] for v in versions) == [["bye", "hello"], ["hello"]]
+        called = subprocess.run(
+            pylm_cli(registry, "call", "greeter", "bye", "now"),
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert called.returncode == 0 and called.stdout.strip() == "bye now", called.stderr
+    finally:
+        for process in (new, old):
+            if process is not None:
+                process.send_signal(signal.SIGINT)
+                assert process.wait(15) == 0
+                if process.stderr is not None:
+                    process.stderr.close()
