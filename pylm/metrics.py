@@ -159,7 +159,7 @@ class Sampling:
         return self._span - 1
 
 
-MALFORMED_REASONS = ("envelope", "head", "kind", "route", "batch", "hello", "payload")
+MALFORMED_REASONS = ("envelope", "head", "kind", "route", "batch", "hello", "payload", "limit")
 """Why a server dropped or refused a message (``pylm_messages_malformed_total``'s
 ``reason``): ``envelope``, the routing frames around it are wrong (no empty
 delimiter, too many frames); ``head``, not a pylm head (too short, another magic
@@ -167,7 +167,8 @@ or version, an unknown kind, sizes that overrun it, a payload frame missing);
 ``kind``, a kind this port does not take; ``route``, a message in a pipeline
 without a route back; ``batch``, a BATCH whose lengths overrun it; ``hello``, a
 worker's hello or heartbeat with fields of the wrong type or out of range;
-``payload``, a message whose payload does not parse (a stream's count)."""
+``payload``, a message whose payload does not parse (a stream's count);
+``limit``, a message that would pass a bound of the server (input streams open)."""
 
 
 class ServerStats:

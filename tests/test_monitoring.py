@@ -105,7 +105,8 @@ def test_metrics_count_a_known_workload_exactly() -> None:
         == timed
     )
     assert value(found, "pylm_messages_received_total", server=name) == 14
-    assert value(found, "pylm_messages_malformed_total", server=name) == 1
+    assert value(found, "pylm_messages_malformed_total", server=name, reason="head") == 1
+    assert value(found, "pylm_messages_malformed_total", server=name, reason="envelope") == 0
     assert value(found, "pylm_messages_sent_total", server=name, to="client") == 13
     assert value(found, "pylm_in_flight_messages", server=name) == 0
     assert value(found, "pylm_received_bytes_total", server=name) == 10 + 2 * 3 + 1

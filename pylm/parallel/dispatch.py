@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MISSES",
     "MAX_SLOTS",
+    "MAX_STREAMS",
     "MAX_WORKERS",
     "SEQ",
     "STREAM_IDLE",
@@ -60,6 +61,7 @@ DEFAULT_MISSES = 3  # heartbeats missed before a worker is declared dead
 DEFAULT_MAX_QUEUED = 10_000  # jobs waiting for a worker, at most
 STREAM_IDLE = 600.0  # s an input stream may go without news before it is dropped
 MAX_SLOTS = 1024  # slots a worker may claim
+MAX_STREAMS = 10_000  # input streams (items from an earlier stage) open at once
 MAX_WORKERS = 10_000  # workers a master or hub takes at once
 MAX_HELLO = 4096  # bytes of a worker's PING payload
 MAX_NAME = 256  # characters of a worker's name
@@ -340,7 +342,10 @@ class Dispatcher:
             self._take_fast(origin, message.msg_id, message.deadline, pieces)
             return
         if stream_item:
-            parent = self._stream(origin, message.msg_id, message.deadline)
+            found = self._stream(origin, message.msg_id, message.deadline)
+            if found is None:
+                return
+            parent = found
         else:
             self._numbers += 1
             parent = _Parent(origin, message.msg_id, message.deadline, self._numbers)
@@ -372,13 +377,26 @@ class Dispatcher:
             return  # a tee's copy: nobody waits for its end
         count = SEQ.unpack(message.payload)[0] if len(message.payload) == SEQ.size else 0
         parent = self._stream(origin, message.msg_id, message.deadline)
-        parent.expected = count
-        self._close_if_done(parent)
+        if parent is not None:
+            parent.expected = count
+            self._close_if_done(parent)
 
-    def _stream(self, origin: bytes, msg_id: int, deadline: float) -> _Parent:
+    def _stream(self, origin: bytes, msg_id: int, deadline: float) -> _Parent | None:
+        """The input stream ``msg_id`` from ``origin``; None when it is new
+        and MAX_STREAMS are open (its client then gets an ERROR)."""
         key = (origin, msg_id)
         parent = self._streams.get(key)
         if parent is None:
+            if len(self._streams) >= MAX_STREAMS:
+                problem = ProtocolError(
+                    f"{self.name!r} has {MAX_STREAMS} input streams open, the most it takes:"
+                    " stream refused"
+                )
+                self._drop("limit", str(problem), [])
+                self._deliver(
+                    origin, msg_id, deadline, protocol.ERROR, protocol.error_detail(problem), 0
+                )
+                return None
             self._numbers += 1
             parent = self._streams[key] = _Parent(origin, msg_id, deadline, self._numbers)
         parent.touched = time.monotonic()
@@ -652,6 +670,11 @@ class Dispatcher:
         self._workers.pop(worker.address, None)
         worker.generation = -1  # its entries in the free list are void
         worker.free = 0
+        # ... and go now: a worker that comes and goes must not grow the list.
+        kept = [entry for entry in self._free if entry[0] is not worker]
+        if len(kept) < len(self._free):  # in place: _dispatch may hold the deque
+            self._free.clear()
+            self._free.extend(kept)
         pending = sorted(worker.jobs)
         worker.jobs.clear()
         for number in reversed(pending):
