@@ -89,6 +89,7 @@ __all__ = [
     "BATCH_PREFIX",
     "END",
     "ERROR",
+    "FIELDS",
     "HEAD_SIZE",
     "KIND_NAMES",
     "MAGIC",
@@ -151,6 +152,31 @@ unpack_head = _HEAD.unpack_from  # for hot loops that check the fields themselve
 _PREFIX = MAGIC + bytes([VERSION])
 _MAX_ID = 2**64 - 1
 _MAX_FIELD = 2**16 - 1
+
+
+class _Field(NamedTuple):
+    """One field of the head: what :data:`FIELDS` lists."""
+
+    name: str
+    offset: int
+    size: int
+    code: str  # its ``struct`` format code (big-endian, as in the head's format)
+    meaning: str
+
+
+FIELDS: tuple[_Field, ...] = (
+    _Field("magic", 0, 2, "2s", 'b"PL"'),
+    _Field("version", 2, 1, "B", "protocol version, 1"),
+    _Field("kind", 3, 1, "B", "1 REQUEST .. 7 END (KIND_NAMES)"),
+    _Field("flags", 4, 1, "B", "0x01 PAYLOAD_FRAME, 0x02 MORE; other bits 0"),
+    _Field("target_size", 5, 2, "H", "t, bytes of the target"),
+    _Field("route_size", 7, 2, "H", "r, bytes of the route"),
+    _Field("msg_id", 9, 8, "Q", "uint64 message id, echoed in the answer"),
+    _Field("deadline", 17, 8, "d", "float64 Unix time the sender stops waiting; 0.0 none"),
+)
+"""The head, field by field, machine-readable (the table in the module's
+docstring): name, offset, size in bytes, ``struct`` code, meaning. Target
+(``target_size`` bytes), route (``route_size``) and payload follow it."""
 
 
 class Message(NamedTuple):
