@@ -40,6 +40,7 @@ from pylm.errors import (
     UnknownServer,
 )
 from pylm.exporter import exporter
+from pylm.handshakes import watch
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
 from pylm.metrics import (
     BUCKETS as _BUCKETS,
@@ -53,7 +54,7 @@ from pylm.metrics import (
     withdraw,
 )
 from pylm.security import Curve
-from pylm.transport import default_context, public_host
+from pylm.transport import bind, default_context, public_host
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registration, Registry
@@ -485,6 +486,14 @@ class BaseServer:
             return RegistryConfig.parse(option).endpoints
         except (RegistryError, ValueError):
             return ()
+
+    def _listen(self, socket: zmq.Socket, address: str) -> str:
+        """Bind ``socket`` (see :func:`pylm.transport.bind`) and count the
+        connections to it that fail their handshake (:mod:`pylm.handshakes`)."""
+        bound = bind(socket, address)
+        if self.stats is not None:
+            watch(socket, self.stats)
+        return bound
 
     def _secure(self, socket: zmq.Socket) -> zmq.Socket:
         """Make ``socket`` (about to bind) a CURVE server, when CURVE is on."""

@@ -95,14 +95,20 @@ class Cache(MutableMapping[str, bytes]):
         return f"<Cache of {self.server!r}: {len(self)} keys, {self._bytes} bytes>"
 
     def answer(self, message: protocol.Message) -> list[bytes]:
-        """The answer to one decoded request that reached the ``db_address``."""
+        """The answer to one decoded request that reached the ``db_address``;
+        raises :class:`ProtocolError` for a request that does not follow the
+        protocol (another kind, a target not ``server.function``, a key that
+        is not UTF-8, a ``set`` without its key size), which the server
+        counts before it answers it."""
         if message.kind == protocol.PING:
             info = json.dumps({"name": self.server, "kind": "cache"}).encode("utf-8")
             return protocol.encode(protocol.PONG, message.msg_id, info)
+        if message.kind != protocol.REQUEST:
+            raise ProtocolError(f"the cache of {self.server!r} takes REQUEST and PING")
         try:
-            if message.kind != protocol.REQUEST:
-                raise ProtocolError(f"the cache of {self.server!r} takes REQUEST and PING")
             result = self._run(message.target, message.payload)
+        except ProtocolError:
+            raise
         except PylmError as error:
             return protocol.encode_error(message.msg_id, error)
         return protocol.encode(protocol.REPLY, message.msg_id, result)

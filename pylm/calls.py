@@ -313,7 +313,7 @@ def read_answer(frames: list[bytes]) -> protocol.Message | None:
 def pong_info(payload: bytes) -> dict[str, Any]:
     try:
         info = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ProtocolError(f"malformed PONG {payload[:200]!r}: {exc}") from None
     if not isinstance(info, dict):
         raise ProtocolError(f"malformed PONG {payload[:200]!r}: not a JSON object")

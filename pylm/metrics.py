@@ -168,7 +168,10 @@ or version, an unknown kind, sizes that overrun it, a payload frame missing);
 without a route back; ``batch``, a BATCH whose lengths overrun it; ``hello``, a
 worker's hello or heartbeat with fields of the wrong type or out of range;
 ``payload``, a message whose payload does not parse (a stream's count);
-``limit``, a message that would pass a bound of the server (input streams open)."""
+``limit``, a message that would pass a bound of the server (input streams open).
+The family has one reason more, ``handshake``: connections that ended before
+their ZMTP handshake (not ZeroMQ, reset mid-greeting, a TCP probe; see
+:mod:`pylm.handshakes`)."""
 
 
 class ServerStats:
@@ -189,6 +192,9 @@ class ServerStats:
         self.received = 0  # messages read from the input, whatever they were
         self.malformed = 0  # ... of which did not follow the protocol
         self.malformed_by = dict.fromkeys(MALFORMED_REASONS, 0)  # ... by reason
+        # Connections that ended before their handshake: counted apart (by
+        # pylm.handshakes' thread), never read as messages.
+        self.handshakes_failed = 0
         self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
         self.ready = False
         self.registration: Registration | None = None
@@ -407,6 +413,7 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         for reason in MALFORMED_REASONS:
             count = sum(stats.malformed_by[reason] for stats in group)
             malformed.add_metric([name, reason], count)
+        malformed.add_metric([name, "handshake"], sum(s.handshakes_failed for s in group))
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
         in_flight.add_metric([name], sum(stats.in_flight for stats in group))

@@ -93,6 +93,7 @@ __all__ = [
     "HEAD_SIZE",
     "KIND_NAMES",
     "MAGIC",
+    "MAX_ERROR_DETAIL",
     "MORE",
     "PAYLOAD_FRAME",
     "PING",
@@ -391,14 +392,29 @@ def error_detail(error: PylmError) -> bytes:
     return json.dumps(detail).encode("utf-8")
 
 
+MAX_ERROR_DETAIL = 1024 * 1024
+"""Bytes of an ERROR's payload a receiver reads; a larger one is a ProtocolError."""
+
+
 def decode_error(payload: bytes) -> PylmError:
-    """Rebuild the exception an ERROR message carries."""
+    """Rebuild the exception an ERROR message carries; a :class:`ProtocolError`
+    saying what is wrong when its payload is not an error detail (not a JSON
+    object, sizes that are not non-negative ints, over MAX_ERROR_DETAIL)."""
+    if len(payload) > MAX_ERROR_DETAIL:
+        return ProtocolError(
+            f"error detail of {len(payload)} bytes, more than {MAX_ERROR_DETAIL}:"
+            f" {bytes(payload[:200])!r}"
+        )
     try:
         detail = json.loads(payload)
         if not isinstance(detail, dict):
             raise ValueError("not a JSON object")
-    except ValueError as exc:
-        return ProtocolError(f"malformed error detail {bytes(payload[:200])!r}: {exc}")
+        for field in ("size", "limit"):
+            value = detail.get(field, 0)
+            if type(value) is not int or value < 0:  # bool is no size
+                raise ValueError(f"{field} {value!r:.40} is not a non-negative int")
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
+        return ProtocolError(f"malformed error detail {bytes(payload[:200])!r}: {exc!s:.200}")
     code = str(detail.get("code", ""))
     message = str(detail.get("message", ""))
     server = str(detail.get("server", ""))
@@ -417,9 +433,7 @@ def decode_error(payload: bytes) -> PylmError:
             function=function,
         )
     if code == "too_large":
-        return PayloadTooLarge(
-            message, size=int(detail.get("size", 0)), limit=int(detail.get("limit", 0))
-        )
+        return PayloadTooLarge(message, size=detail.get("size", 0), limit=detail.get("limit", 0))
     if code == "protocol":
         return ProtocolError(message)
     if code == "unknown_key":

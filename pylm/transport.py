@@ -12,6 +12,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from pylm.errors import PylmError
+from pylm.protocol import MAGIC
 
 __all__ = [
     "MAX_FRAMES",
@@ -23,10 +24,10 @@ __all__ = [
     "close_socket",
     "default_context",
     "public_host",
+    "read_envelope",
     "recv_message",
     "rest_of",
     "send_frame",
-    "split_envelope",
 ]
 
 
@@ -121,6 +122,7 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
     if socket is None or socket.closed:
         return
     try:
+        socket.monitor(None, 0)  # a socket has one monitor: any other one ends here
         monitor = socket.get_monitor_socket(zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED)
     except zmq.ZMQError:  # no monitor (e.g. the context is ending): do not wait
         socket.close(linger=0)
@@ -162,11 +164,14 @@ def recv_message(socket: zmq.Socket, limit: int = MAX_FRAMES) -> list[bytes]:
     return [socket.recv(zmq.NOBLOCK), *rest_of(socket, limit - 1)]
 
 
-def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None:
-    """A ROUTER's message as (envelope, message): the envelope is the routing
-    ids up to and including the first empty frame, as a REQ (or a DEALER
-    speaking like one) sends it; None when there is no empty frame or no
-    message after it."""
+def read_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None:
+    """A ROUTER's message as (envelope, message), for a server that answers
+    in the envelope a request came in: the peer's id alone when a pylm head
+    follows it (a DEALER sending the message as it is), else the routing ids
+    up to and including the first empty frame (a REQ, or a DEALER sending
+    the delimiter a REQ would). None when neither fits."""
+    if len(frames) >= 2 and frames[1][:2] == MAGIC:
+        return frames[:1], frames[1:]
     for index in range(1, len(frames) - 1):
         if not frames[index]:
             return frames[: index + 1], frames[index + 1 :]

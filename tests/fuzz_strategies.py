@@ -617,4 +617,8 @@ def tcp_junk(draw: st.DrawFn) -> Hostile:
         cut = draw(st.sampled_from([len(shape), len(shape)]) | st.integers(1, len(shape)))
         data = shape[:cut] + draw(st.binary(max_size=16))
         what = f"tcp: zmtp-ish {shape[:12]!r}"
-    return Hostile(what, tcp=data, reset=draw(st.booleans()), malformed=True)
+    # Counted when libzmq reports a failed handshake; a connection cut
+    # before its greeting is complete fails none (pylm.handshakes), and
+    # random bytes may read as ZMTP 1.0 messages. tests/test_standalone.py
+    # checks the counting on whole greetings.
+    return Hostile(what, tcp=data, reset=draw(st.booleans()), malformed=None)

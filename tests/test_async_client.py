@@ -47,10 +47,10 @@ def test_answers_out_of_order_reach_their_calls(raw_socket: Callable[[int], zmq.
 
     def reverse_server() -> None:
         requests = [router.recv_multipart() for _ in range(count)]
-        for identity, delimiter, *frames in reversed(requests):
+        for identity, *frames in reversed(requests):
             request = protocol.decode(frames)
             answer = protocol.reply_head(request.msg_id) + request.payload + b"!"
-            router.send_multipart([identity, delimiter, answer])
+            router.send_multipart([identity, answer])
 
     thread = threading.Thread(target=reverse_server)
     thread.start()

@@ -129,7 +129,8 @@ def test_scrapers_are_answered_while_300_slow_clients_hold_connections(
             assert service.connections <= 256
             still_open = closed_within(silent + trickling, 0.2)
             assert len(still_open) + service.dropped["overflow"] == 200
-            assert len(still_open) >= 200 - 44
+            # 300 slow connections and this test's 5 requests, over a cap of 256.
+            assert len(still_open) >= 200 - (300 + 5 - 256)
         finally:
             stop.set()
             pacer.join(5)

@@ -39,14 +39,13 @@ from pylm.metrics import SAMPLE_EVERY, Sampling
 from pylm.security import Curve
 from pylm.transport import (
     Backlog,
-    bind,
     check_address,
     close_listener,
     close_socket,
+    read_envelope,
     recv_message,
     rest_of,
     send_frame,
-    split_envelope,
 )
 
 if TYPE_CHECKING:
@@ -144,7 +143,7 @@ class _Stage(BaseServer):
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.RCVHWM, self.hwm)
         pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
-        self.address = bind(pull, self.pull_address or self._any_port())
+        self.address = self._listen(pull, self.pull_address or self._any_port())
         # A ROUTER, its envelopes read here (see pylm.standalone.servers):
         # junk from one peer costs only its own message.
         db = self._secure(self.context.socket(zmq.ROUTER))
@@ -152,7 +151,7 @@ class _Stage(BaseServer):
         db.setsockopt(zmq.LINGER, 0)
         db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         db.bind(self._control_address)  # stop() wakes the loop through it
-        self.db = bind(db, self.db_address or self._any_port())
+        self.db = self._listen(db, self.db_address or self._any_port())
         self._open_output()
         self._poller.register(pull, zmq.POLLIN)
         self._poller.register(db, zmq.POLLIN)
@@ -374,18 +373,25 @@ class _Stage(BaseServer):
                 frames = recv_message(db)
             except zmq.Again:
                 return
-            parts = split_envelope(frames)
+            parts = read_envelope(frames)
             if parts is None:
-                self._drop("envelope", "a cache request without an empty delimiter", frames)
+                self._drop("envelope", "a cache request in no envelope known", frames)
                 continue
             envelope, message = parts
             if len(message) == 1 and self._is_control(message[0]):
                 raise _Stopping
             try:
-                answer = self.cache.answer(protocol.decode(message))
+                request = protocol.decode(message)
             except ProtocolError as error:
                 self._drop("head", f"{error} (a cache request)", message)
                 answer = protocol.encode_error(protocol.salvage_msg_id(message) or 0, error)
+            else:
+                try:
+                    answer = self.cache.answer(request)
+                except ProtocolError as error:
+                    reason = "payload" if request.kind == protocol.REQUEST else "kind"
+                    self._drop(reason, f"{error} (a cache request)", message)
+                    answer = protocol.encode_error(request.msg_id, error)
             # A ROUTER drops what a peer that is gone or not reading cannot take.
             db.send_multipart([*envelope, *answer], zmq.NOBLOCK)
 
@@ -395,7 +401,14 @@ class _Stage(BaseServer):
         except ProtocolError as error:
             self._drop("head", f"{error} (no route back: dropped)", frames)
             return
-        if message.kind in (protocol.ERROR, protocol.END):
+        if message.kind == protocol.END and len(message.payload) not in (0, 8):
+            problem = ProtocolError(
+                f"an END's count is 8 bytes (or none), got {len(message.payload)}"
+            )
+            self._drop("payload", str(problem), frames)
+            if message.route:
+                self._fail(message, problem)  # its client hears why the stream ends
+        elif message.kind in (protocol.ERROR, protocol.END):
             if message.route:
                 self._pass_on(message, frames)  # an earlier stage failed, or a stream ended
             elif message.kind == protocol.ERROR:
@@ -965,7 +978,7 @@ class LastServer(_Stage):
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown client: an error, not silence
         router.setsockopt(zmq.MAXMSGSIZE, _FRAME_SLACK)  # clients only say hello
         self._backlog.socket = router
-        self.push = bind(router, self.push_address or self._any_port())
+        self.push = self._listen(router, self.push_address or self._any_port())
         self._poller.register(router, zmq.POLLIN)
         self._idle_timeout = self._poll_timeout
 

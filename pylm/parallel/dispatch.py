@@ -108,7 +108,7 @@ def parse_hello(payload: bytes, route: bytes) -> Hello:
         raise ProtocolError(f"a worker's PING of {len(payload)} bytes, more than {MAX_HELLO}")
     try:
         info: Any = json.loads(payload or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ProtocolError(
             f"a worker's PING is not JSON ({exc}): {bytes(payload[:80])!r}"
         ) from None
@@ -375,7 +375,17 @@ class Dispatcher:
         """An input stream's END: it announced that many items."""
         if not origin:
             return  # a tee's copy: nobody waits for its end
-        count = SEQ.unpack(message.payload)[0] if len(message.payload) == SEQ.size else 0
+        if len(message.payload) not in (0, SEQ.size):
+            problem = ProtocolError(
+                f"an END's count is 8 bytes (or none), got {len(message.payload)}:"
+                f" stream {message.msg_id} fails"
+            )
+            self._drop("payload", str(problem), [message.payload])
+            self._stream_failed(origin, message.msg_id)
+            payload = protocol.error_detail(problem)
+            self._deliver(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
+            return
+        count = SEQ.unpack(message.payload)[0] if message.payload else 0
         parent = self._stream(origin, message.msg_id, message.deadline)
         if parent is not None:
             parent.expected = count

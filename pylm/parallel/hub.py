@@ -38,7 +38,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import bind, check_address, rest_of
+from pylm.transport import check_address, rest_of
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -122,7 +122,7 @@ class Hub(Dispatcher, Server):
         back.setsockopt(zmq.LINGER, 0)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         back.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
-        self.back = bind(back, self.workers_address or self._any_port())
+        self.back = self._listen(back, self.workers_address or self._any_port())
         self._poller.register(back, zmq.POLLIN)
         super()._open_output()
         # Wake up a few times a heartbeat, to notice dead workers.

@@ -50,7 +50,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
-from pylm.transport import Backlog, bind, check_address, close_listener, recv_message
+from pylm.transport import Backlog, check_address, close_listener, recv_message
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -130,8 +130,8 @@ class Master(Dispatcher, BaseServer):
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         back.bind(self._control_address)  # stop() wakes the loop through it (always read)
-        self.front = bind(front, self.front_address or f"tcp://{self.host}:0")
-        self.back = bind(back, self.workers_address or f"tcp://{self.host}:0")
+        self.front = self._listen(front, self.front_address or f"tcp://{self.host}:0")
+        self.back = self._listen(back, self.workers_address or f"tcp://{self.host}:0")
         self._register(
             {"front": self.front, "workers": self.back},
             required=self.front_address is None or self.workers_address is None,

@@ -99,22 +99,21 @@ class AsyncClient(Caller):
         self._pending[msg_id] = future
         timer = loop.call_later(timeout, self._expire, msg_id, what, timeout)
         try:
+            last = len(frames) == 1
             while True:
                 try:
-                    # The empty delimiter frame stands for the envelope a REQ
-                    # adds. ZeroMQ takes or refuses a message whole at its
-                    # first frame, so only the first send can raise Again.
-                    socket.send(b"", _SEND_FIRST)
+                    # The message as it is, no envelope (the server's ROUTER
+                    # answers a DEALER alike). ZeroMQ takes or refuses a
+                    # message whole at its first frame, so only the first
+                    # send can raise Again.
+                    socket.send(frames[0], zmq.NOBLOCK if last else _SEND_FIRST)
                     break
                 except zmq.Again:  # queue full: wait for room, within the call's time
                     waiters: set[asyncio.Future[Any]] = {future, self._writable()}
                     await asyncio.wait(waiters, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
                     if future.done():  # expired (or closed) while waiting
                         return future.result()
-            if len(frames) == 1:
-                socket.send(frames[0])
-            else:
-                socket.send(frames[0], zmq.SNDMORE)
+            if not last:
                 socket.send(frames[1], copy=False)
             # A send can consume the socket's "readable" edge: look soon,
             # once for all the calls sent in this turn of the loop.
@@ -179,12 +178,7 @@ class AsyncClient(Caller):
                     if events & zmq.POLLIN:
                         continue
                     break
-                if first != b"":  # not [delimiter, body]: skip the whole message
-                    self.dropped += 1
-                    while socket.getsockopt(zmq.RCVMORE):
-                        recv()
-                    continue
-                body = recv()
+                body = first if first else recv()  # a server's REP would add a delimiter
                 message: protocol.Message | None
                 if body[:9] == _REPLY_PREFIX:  # fast path: a one-frame REPLY
                     message = protocol.Message(protocol.REPLY, _unpack_id(body, 9)[0], body[25:])

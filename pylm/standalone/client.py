@@ -56,11 +56,11 @@ class Client(Caller, Closing):
     ) -> None:
         super().__init__(connection, server_name, timeout, max_payload, registry, curve)
         self._lock = threading.Lock()
-        # A DEALER that sends the empty delimiter a REQ would: the server's
-        # REP sees a REQ. No request/reply state machine to wedge after a
-        # timeout, and answers are matched to calls by their message id, late
-        # ones dropped (cheaper than a REQ with REQ_CORRELATE, whose request
-        # ids cost a frame each way).
+        # A DEALER, sending each message as it is (the server's ROUTER
+        # answers in the envelope a request came in). No request/reply state
+        # machine to wedge after a timeout, and answers are matched to calls
+        # by their message id, late ones dropped (cheaper than a REQ with
+        # REQ_CORRELATE, whose request ids cost a frame each way).
         self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
         self._socket.setsockopt(zmq.LINGER, 0)
         for endpoint in self.endpoints:  # several instances: DEALER takes turns among them
@@ -97,19 +97,17 @@ class Client(Caller, Closing):
             if socket is None:
                 raise RuntimeError("the client is closed")
             try:
-                send_frame(socket, b"", _SNDMORE)
                 send_frame(socket, body)
-                if socket.recv() == b"":
+                answer = socket.recv()
+                if answer[:9] == _REPLY_PREFIX and answer[9:17] == stamp[:8]:
+                    numbers = entry[2]
+                    if numbers is not None:
+                        took = _perf_counter() - began
+                        numbers.done(took, len(message), len(answer) - _HEAD_SIZE)
+                    return answer[_HEAD_SIZE:]
+                if not answer:  # a delimiter first: the answer of a REP
                     answer = socket.recv()
-                    if answer[:9] == _REPLY_PREFIX and answer[9:17] == stamp[:8]:
-                        numbers = entry[2]
-                        if numbers is not None:
-                            took = _perf_counter() - began
-                            numbers.done(took, len(message), len(answer) - _HEAD_SIZE)
-                        return answer[_HEAD_SIZE:]
-                    received = self._rest_of(socket, answer)
-                else:
-                    received = []  # not an answer to a REQ: look again, the slow way
+                received = self._rest_of(socket, answer)
             except zmq.Again:
                 calls.timed_out(function)
                 raise self._timeout_error(function, self.timeout) from None
@@ -177,7 +175,6 @@ class Client(Caller, Closing):
             socket = self._socket_for(what, socket)  # a version rolling out: who has it
             deadline = _perf_counter() + timeout
             try:
-                socket.send(b"", _SNDMORE)
                 socket.send_multipart(frames, copy=len(frames) == 1)
             except zmq.Again:
                 raise self._timeout_error(what, timeout) from None

@@ -1,11 +1,10 @@
 """The standalone request/reply server: one ROUTER socket, one serving loop.
 
-Clients (:class:`pylm.standalone.client.Client`, its asyncio sibling, or any
-ZeroMQ REQ socket, or DEALER socket sending an empty delimiter frame first,
-speaking :mod:`pylm.protocol`) send REQUEST messages; the server runs the
-named function and answers every message that has a REQ's envelope and a
-readable message id, with a REPLY or an ERROR. Requests are served one at a
-time, fairly queued from all clients. Messages without the envelope are
+Clients (:class:`pylm.standalone.client.Client` and its asyncio sibling:
+DEALER sockets; or any ZeroMQ REQ socket, speaking :mod:`pylm.protocol`)
+send REQUEST messages; the server runs the named function and answers every
+message in the envelope it came in, with a REPLY or an ERROR. Requests are served one at a
+time, fairly queued from all clients. Messages in no envelope it knows are
 dropped and counted; nothing a peer sends makes the server wait for it.
 """
 
@@ -25,12 +24,11 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.errors import ProtocolError, PylmError
 from pylm.metrics import Sampling
 from pylm.transport import (
-    bind,
     check_address,
     close_listener,
+    read_envelope,
     rest_of,
     send_frame,
-    split_envelope,
 )
 
 if TYPE_CHECKING:
@@ -50,7 +48,7 @@ _SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
 _DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
 _DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
-_NOBLOCK = zmq.NOBLOCK
+_IDLE_MS = 1000  # ms a wait for the next message lasts at most (then it waits again)
 _SNDMORE = zmq.SNDMORE
 # pyzmq's compiled recv; ``_recv(socket, 0, False)`` gives a Frame, whose
 # ``more`` says whether frames follow.
@@ -116,7 +114,7 @@ class Server(BaseServer):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
         socket.bind(self._control_address)
-        self.address = bind(socket, self.rep_address or f"tcp://{self.host}:0")
+        self.address = self._listen(socket, self.rep_address or f"tcp://{self.host}:0")
         self.logger.debug("%s listening on %s", self.name, self.address)
         self._register({"rep": self.address}, required=self.rep_address is None)
 
@@ -128,7 +126,6 @@ class Server(BaseServer):
         socket = self._socket
         assert socket is not None
         recv, send, call = partial(_recv, socket), partial(send_frame, socket), self._call
-        poll = socket.poll
         unpack_sizes = _SIZES.unpack_from
         join = b"".join
         limit = self.messages
@@ -136,69 +133,78 @@ class Server(BaseServer):
         stats = self.stats
         sampling, untimed = Sampling(), 0  # which calls are timed (pylm.metrics)
         draining = False  # stopping: deregistered, serving what clients still send
-        quiet_ms, give_up = round(_DRAIN_QUIET * 1000), 0.0
+        give_up = 0.0
+        # Waiting for the next message is bounded (RCVTIMEO), though stop()
+        # wakes the loop with a message anyway; a receive that waits costs
+        # less than a NOBLOCK one that fails, then a poll.
+        socket.setsockopt(zmq.RCVTIMEO, _IDLE_MS)
         try:
             while served < limit:
                 try:
-                    peer = recv(_NOBLOCK)
+                    peer = recv()
                 except zmq.Again:
                     if draining:
-                        if not poll(quiet_ms) or time.monotonic() > give_up:
-                            return
-                    else:
-                        poll()  # idle: until a message comes (stop() sends one)
+                        return  # quiet for _DRAIN_QUIET: the clients have moved on
                     continue
+                if draining and time.monotonic() > give_up:
+                    return
                 if stats is not None:
                     stats.received += 1
                 # A ROUTER message has the peer's id and at least one frame
-                # more; a REQ's next is the empty delimiter, then the body.
-                # Frames, not bytes: they tell whether more follow, which
-                # asking the socket would cost more than the rest.
-                delimiter = recv(0, False)
-                if delimiter.more and not len(delimiter):
+                # more: the body from a DEALER (pylm's clients), the empty
+                # delimiter then the body from a REQ. Read as frames, not
+                # bytes: a frame tells whether more follow, which asking the
+                # socket would cost more than the rest.
+                frame = recv(0, False)
+                if len(frame):
+                    delimiter = False
+                elif frame.more:
+                    delimiter = True
                     frame = recv(0, False)
-                    body = frame.bytes
-                    if (
-                        not frame.more
-                        and body[:5] == _FAST
-                        and len(body) >= _HEAD_SIZE
-                        and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8]
-                        <= len(body)
-                    ):
-                        # Fast path: a one-frame REQUEST. The reply reuses the
-                        # request's id bytes as they are.
-                        served += 1
-                        if untimed:
-                            untimed -= 1
-                            timed = False
-                        else:
-                            timed = True
-                            if stats is not None:
-                                untimed = sampling.untimed_next()
-                        target_size, route_size = unpack_sizes(body, 5)
-                        start = _HEAD_SIZE + target_size
-                        try:
-                            result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
-                        except PylmError as error:
-                            msg_id = protocol.unpack_id(body, 9)[0]
-                            self._answer([peer, b""], protocol.encode_error(msg_id, error))
-                            continue
-                        if len(result) <= _SPLIT:
-                            send(peer, _SNDMORE)
-                            send(b"", _SNDMORE)
-                            send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
-                            if stats is not None:
-                                stats.sent += 1
-                            continue
-                        msg_id = protocol.unpack_id(body, 9)[0]
-                        self._answer([peer, b""], protocol.encode(protocol.REPLY, msg_id, result))
-                        continue
-                    frames = (
-                        [peer, b"", body, *rest_of(socket)] if frame.more else [peer, b"", body]
-                    )
                 else:
-                    rest = rest_of(socket) if delimiter.more else []
-                    frames = [peer, delimiter.bytes, *rest]
+                    self._drop("envelope", "an empty message", [peer, b""])
+                    continue
+                body = frame.bytes
+                if (
+                    not frame.more
+                    and body[:5] == _FAST
+                    and len(body) >= _HEAD_SIZE
+                    and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8] <= len(body)
+                ):
+                    # Fast path: a one-frame REQUEST. The reply reuses the
+                    # request's id bytes as they are.
+                    served += 1
+                    if untimed:
+                        untimed -= 1
+                        timed = False
+                    else:
+                        timed = True
+                        if stats is not None:
+                            untimed = sampling.untimed_next()
+                    target_size, route_size = unpack_sizes(body, 5)
+                    start = _HEAD_SIZE + target_size
+                    try:
+                        result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
+                    except PylmError as error:
+                        msg_id = protocol.unpack_id(body, 9)[0]
+                        envelope = [peer, b""] if delimiter else [peer]
+                        self._answer(envelope, protocol.encode_error(msg_id, error))
+                        continue
+                    if len(result) <= _SPLIT:
+                        send(peer, _SNDMORE)
+                        if delimiter:
+                            send(b"", _SNDMORE)
+                        send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                        if stats is not None:
+                            stats.sent += 1
+                        continue
+                    msg_id = protocol.unpack_id(body, 9)[0]
+                    envelope = [peer, b""] if delimiter else [peer]
+                    self._answer(envelope, protocol.encode(protocol.REPLY, msg_id, result))
+                    continue
+                frames = [peer, b"", body] if delimiter else [peer, body]
+                if frame.more:
+                    frames += rest_of(socket)
                 if len(frames) == 3 and not frames[1] and self._is_control(frames[2]):
                     if stats is not None:
                         stats.received -= 1  # stop's wake-up call is no message
@@ -209,6 +215,7 @@ class Server(BaseServer):
                     # serve until they stop sending.
                     self._deregister()
                     draining, give_up = True, time.monotonic() + _DRAIN_MAX
+                    socket.setsockopt(zmq.RCVTIMEO, round(_DRAIN_QUIET * 1000))
                     continue
                 served += self._handle_other(frames)
         finally:
@@ -226,9 +233,11 @@ class Server(BaseServer):
     def _handle_other(self, frames: list[bytes]) -> int:
         """Everything off the fast path (``frames``: as the ROUTER read them);
         returns how many requests it served."""
-        parts = split_envelope(frames)
+        parts = read_envelope(frames)
         if parts is None:
-            self._drop("envelope", "no empty delimiter before the message", frames)
+            self._drop(
+                "envelope", "neither a pylm head nor an empty delimiter after the id", frames
+            )
             return 0
         envelope, frames = parts
         try:
