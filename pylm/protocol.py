@@ -2,9 +2,10 @@
 
 A pylm message is one ZeroMQ frame, the *body*; only a large payload travels
 in a second frame. Transport envelopes come before the body and are not part
-of pylm: a standalone server binds a REP socket and its clients use REQ (or
-DEALER, sending the empty delimiter frame a REQ would add). Frames after a
-complete message are ignored, which leaves room for extensions.
+of pylm: a standalone server binds a ROUTER socket and answers a DEALER that
+sends the body as it is (pylm's clients), or a REQ (the body after an empty
+delimiter), each in its own envelope (see pylm.transport.read_envelope).
+Frames after a complete message are ignored, which leaves room for extensions.
 
 Body: a 25-byte head, then target, route and payload. Integers are
 big-endian (``struct`` format ``>2sBBBHHQd``)::
