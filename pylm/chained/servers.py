@@ -64,6 +64,7 @@ PARK_LIMIT = 10_000
 MAX_BACKLOG = 100_000  # results a last stage keeps for clients not reading, in all
 _ROUTER_RETRY_MS = 10  # how soon a last stage tries again to send to a full client
 _REWIRE_MS = 200  # how often a stage following the registry looks for changes
+_IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
 _DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
@@ -130,7 +131,9 @@ class _Stage(BaseServer):
         self._db_socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._following: concurrent.futures.Future[None] | None = None
-        self._poll_timeout: int | None = None  # ms; set when rewiring is possible
+        # ms a wait for input lasts at most (stop() wakes it anyway); shorter
+        # when the registry may rewire the stage, or results wait to be sent.
+        self._poll_timeout: int = _IDLE_MS
         self._send_deadline: float | None = None  # set while leaving
         self._plain = True  # one output, no copies: the fast paths apply
         self._sampling = Sampling()  # which calls are timed (pylm.metrics)
@@ -968,7 +971,7 @@ class LastServer(_Stage):
         # Results for clients that are not reading, sent when they have room
         # (one that left meanwhile: as for one not here yet).
         self._backlog = Backlog(MAX_BACKLOG, self._park)
-        self._idle_timeout: int | None = None
+        self._idle_timeout = _IDLE_MS
 
     def _open_output(self) -> None:
         router = self._secure(self.context.socket(zmq.ROUTER))
