@@ -94,6 +94,7 @@ __all__ = [
     "HEAD_SIZE",
     "KIND_NAMES",
     "MAGIC",
+    "MAX_BATCH_MESSAGES",
     "MAX_ERROR_DETAIL",
     "MORE",
     "PAYLOAD_FRAME",
@@ -263,11 +264,20 @@ def pack_batch(messages: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+MAX_BATCH_MESSAGES = 4096
+"""Messages a receiver takes in one BATCH (senders put 1024 at most): a 32 MiB
+batch of empty messages would otherwise cost a list of millions."""
+
+
 def unpack_batch(body: bytes) -> list[bytes]:
-    """The messages a BATCH carries; :class:`ProtocolError` if they overrun it."""
-    messages, offset, size = [], HEAD_SIZE, len(body)
+    """The messages a BATCH carries; :class:`ProtocolError` if they overrun it
+    or are more than :data:`MAX_BATCH_MESSAGES`."""
+    messages: list[bytes] = []
+    offset, size = HEAD_SIZE, len(body)
     unpack_length = _LENGTH.unpack_from
     while offset < size:
+        if len(messages) == MAX_BATCH_MESSAGES:
+            raise ProtocolError(f"BATCH of more than {MAX_BATCH_MESSAGES} messages")
         if offset + 4 > size:
             raise ProtocolError(f"BATCH cut inside a length, at byte {offset} of {size}")
         (length,) = unpack_length(body, offset)

@@ -156,3 +156,29 @@ def test_result_of_rejects_requests() -> None:
 def test_target_and_route_limits() -> None:
     with pytest.raises(ProtocolError, match="at most 65535"):
         protocol.encode(protocol.REQUEST, 1, b"", b"x" * 70000)
+
+
+def test_a_batch_of_too_many_messages_is_refused_not_unpacked() -> None:
+    """A 32 MiB BATCH of empty messages would be millions of list entries."""
+    limit = protocol.MAX_BATCH_MESSAGES
+    assert len(protocol.unpack_batch(protocol.pack_batch([b"x"] * limit))) == limit
+    with pytest.raises(ProtocolError, match=f"more than {limit} messages"):
+        protocol.unpack_batch(protocol.BATCH_HEAD + bytes(4) * (limit + 1))
+
+
+def test_error_details_that_do_not_parse_are_protocol_errors() -> None:
+    """An ERROR from a peer is data: whatever it holds, decoding it gives an
+    error to raise, never an exception in the receiver."""
+    for payload in (
+        b'{"code": "too_large", "limit": null}',
+        b'{"code": "too_large", "size": "x"}',
+        b'{"code": "too_large", "size": 1e999}',
+        b'{"code": "too_large", "size": true}',
+        b'{"code": "too_large", "size": -1}',
+        b"[" * 100_000,
+        b"{" + b" " * (protocol.MAX_ERROR_DETAIL + 1) + b"}",
+        b"\xff\xfe",
+    ):
+        assert isinstance(protocol.decode_error(payload), ProtocolError), payload[:40]
+    error = protocol.decode_error(b'{"code": "too_large", "size": 3, "limit": 2}')
+    assert isinstance(error, PayloadTooLarge) and (error.size, error.limit) == (3, 2)
