@@ -5,6 +5,7 @@ only on the instances that have it (a real etcd)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from pylm.errors import InterfaceMismatch, RegistryError
 from pylm.registry import Registry
-from pylm.standalone import Client, Server
+from pylm.standalone import AsyncClient, Client, Server
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,6 +98,26 @@ def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(registry: Reg
         wait_for(lambda: client._peers is not None and client._peers.changed, 10,
                  "the client hearing the new instance left")  # fmt: skip
         assert {client.job("echo", b"z") for _ in range(10)} == {b"old z"}
+
+
+def test_the_async_client_routes_a_rolling_version_alike(registry: Registry) -> None:
+    async def calls(client: AsyncClient) -> tuple[list[bytes], set[bytes]]:
+        extras = await asyncio.gather(*(client.job("extra", b"%d" % i) for i in range(40)))
+        echoes = await asyncio.gather(*(client.job("echo", b"x") for _ in range(40)))
+        return extras, set(echoes)
+
+    async def main() -> tuple[list[bytes], set[bytes]]:
+        async with AsyncClient("aroll", registry=registry, timeout=5) as client:
+            return await calls(client)
+
+    with (
+        Old("aroll", log_stdout=False, registry=registry),
+        New("aroll", log_stdout=False, registry=registry, rolling=True),
+    ):
+        wait_for(lambda: len(registry.instances("aroll")) == 2, 10, "both versions listed")
+        extras, echoes = asyncio.run(main())
+    assert extras == [b"extra %d" % i for i in range(40)]
+    assert echoes == {b"old x", b"new x"}
 
 
 def test_two_interfaces_starting_together_never_both_serve(registry: Registry) -> None:

@@ -59,6 +59,7 @@ class AsyncClient(Caller):
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
+        self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
@@ -94,6 +95,8 @@ class AsyncClient(Caller):
         peers = self._peers
         if peers is not None and peers.changed:
             self._rewire(socket)
+        if peers is not None and peers.partial:  # a version rolling out: who has it
+            socket = self._side_for(what, socket)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
@@ -117,7 +120,9 @@ class AsyncClient(Caller):
                 socket.send(frames[1], copy=False)
             # A send can consume the socket's "readable" edge: look soon,
             # once for all the calls sent in this turn of the loop.
-            if not self._look_scheduled:
+            if socket is not self._socket:
+                loop.call_soon(self._on_events, socket)
+            elif not self._look_scheduled:
                 self._look_scheduled = True
                 loop.call_soon(self._on_events)
             return await future
@@ -152,15 +157,36 @@ class AsyncClient(Caller):
             self._room = asyncio.get_running_loop().create_future()
         return self._room
 
-    def _on_events(self) -> None:
-        """Read every answer waiting, and wake senders when there is room.
+    def _side_for(self, function: str, socket: zmq.Socket) -> zmq.Socket:
+        """The socket to the instances that have ``function`` (Caller._socket_for),
+        read as the main one is."""
+        side = self._socket_for(function, socket)
+        if side is not socket and side not in self._read_sides:
+            assert self._loop is not None
+            self._read_sides.add(side)
+            self._loop.add_reader(side.fileno(), self._on_events, side)
+        return side
+
+    def _close_side(self) -> None:
+        if self._loop is not None:
+            for side in self._read_sides:
+                self._loop.remove_reader(side.fileno())
+        self._read_sides.clear()
+        super()._close_side()
+
+    def _on_events(self, side: zmq.Socket | None = None) -> None:
+        """Read every answer waiting (on the main socket, or on ``side``, a
+        socket to some instances only), and wake senders when there is room.
 
         ZeroMQ's file descriptor signals edges, not levels: after it fires,
         the socket must be read until it has nothing more before it fires
         again.
         """
-        self._look_scheduled = False
-        socket = self._socket
+        if side is None:
+            self._look_scheduled = False
+            socket = self._socket
+        else:
+            socket = side if side in self._read_sides else None
         if socket is None:
             return
         recv, pending = socket.recv, self._pending
