@@ -3,7 +3,9 @@
 # PYLM_SOAK times longer (default 10: 100,000 jobs per SIGKILL run, etcd
 # stopped 10 minutes, 10 partitions); the fuzz suite (tests/test_fuzz.py)
 # gets PYLM_FUZZ_EXAMPLES inputs per port and family, by default 200 times
-# the factor (2,000), and up to 60 s to minimise each failure.
+# the factor (2,000), and up to 60 s to minimise each failure; the registry
+# record schema's generated records (tests/test_registry_schema.py) FACTOR
+# times as many.
 # Usage: scripts/soak.sh [FACTOR] [pytest arguments]; install first with
 # scripts/test.sh (it installs pylm, etcd and Prometheus).
 set -euo pipefail
@@ -13,4 +15,4 @@ shift || true
 export PYLM_FUZZ_EXAMPLES="${PYLM_FUZZ_EXAMPLES:-$(awk -v f="$PYLM_SOAK" 'BEGIN { print int(f * 200) }')}"
 export PYLM_FUZZ_SHRINK_SECONDS="${PYLM_FUZZ_SHRINK_SECONDS:-60}"
 exec "${PYTHON:-python3}" -m pytest tests/test_faults.py tests/test_outage.py \
-    tests/test_multihost.py tests/test_fuzz.py "$@"
+    tests/test_multihost.py tests/test_fuzz.py tests/test_registry_schema.py "$@"

@@ -25,6 +25,7 @@ from pylm.registry.records import (
     StageConfig,
     parse_key,
 )
+from pylm.testing import SOAK
 
 KEY = "/pylm/test/instances/step1/abc123"
 CURVE_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a Z85 public key
@@ -258,7 +259,7 @@ def key_of(record: InstanceRecord) -> str:
     return f"/pylm/fuzz/instances/{record.name}/{record.instance}"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=int(100 * SOAK), deadline=None)
 @given(records)
 def test_valid_records_round_trip(record: InstanceRecord) -> None:
     assert InstanceRecord.from_json(record.to_json(), key_of(record)) == record
@@ -283,7 +284,7 @@ _WRONG_TYPES = {
 }
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=int(150 * SOAK), deadline=None)
 @given(records, st.data())
 def test_mutated_records_are_refused_with_the_typed_error(
     record: InstanceRecord, data: st.DataObject
@@ -308,7 +309,7 @@ def test_mutated_records_are_refused_with_the_typed_error(
     assert getattr(parsed, field) == fields[field]  # a value that happens to fit
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=int(200 * SOAK), deadline=None)
 @given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_any_bytes_give_a_record_or_the_typed_error(raw: bytes) -> None:
     for parser, key in ((InstanceRecord.from_json, KEY), (StageConfig.from_json, "config/x")):
