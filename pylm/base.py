@@ -189,7 +189,7 @@ class BaseServer:
         prefix = name.encode("utf-8") + b"."
         # Log lines about what peers and functions do wrong, at most one a
         # second per cause (_log_limited): a flood of either must not flood the log.
-        self._malformed: dict[str, RateLimiter] = {}
+        self._limiters: dict[str, RateLimiter] = {}
         # Metrics: plain counters written by the serving thread (pylm.metrics).
         self.stats: ServerStats | None = None
         self.metrics_url: str | None = None  # where this process serves /metrics, once started
@@ -674,14 +674,16 @@ class BaseServer:
             first,
         )
 
-    def _log_limited(self, cause: str, level: int, message: str, *args: object) -> None:
-        """Log at most one line a second for ``cause``; the line tells how
+    def _log_limited(
+        self, cause: str, level: int, message: str, *args: object, burst: int = 1
+    ) -> None:
+        """Log at most ``burst`` lines a second for ``cause``; a line tells how
         many were held back since the previous one."""
-        limiter = self._malformed.get(cause)
+        limiter = self._limiters.get(cause)
         if limiter is None:
-            if len(self._malformed) >= 64:  # causes are a fixed set, and functions' names
-                self._malformed.clear()
-            limiter = self._malformed[cause] = RateLimiter()
+            if len(self._limiters) >= len(self.functions) + 64:  # a fixed set, and functions
+                self._limiters.clear()
+            limiter = self._limiters[cause] = RateLimiter(burst=burst)
         if limiter.allow():
             held = limiter.take_suppressed()
             extra = f" ({held} more like it since the last report)" if held else ""

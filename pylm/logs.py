@@ -80,18 +80,23 @@ def server_logger(name: str, level: int, stdout: bool) -> logging.Logger:
 
 
 class RateLimiter:
-    """Lets an event through at most once per ``interval`` seconds and counts
-    the ones it held back, so a flood of garbage cannot flood the log."""
+    """Lets ``burst`` events through per ``interval`` seconds and counts the
+    ones it held back, so a flood of garbage cannot flood the log."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, burst: int = 1) -> None:
         self.interval = interval
-        self._next = 0.0
+        self.burst = burst
+        self._next = 0.0  # when the current window ends
+        self._left = 0  # events the current window still lets through
         self.suppressed = 0
 
     def allow(self) -> bool:
         now = time.monotonic()
         if now >= self._next:
             self._next = now + self.interval
+            self._left = self.burst
+        if self._left > 0:
+            self._left -= 1
             return True
         self.suppressed += 1
         return False

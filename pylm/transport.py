@@ -6,7 +6,7 @@ import re
 import socket as sockets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -181,13 +181,14 @@ def read_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None
 class Backlog:
     """Messages a ROUTER socket had no room for yet, per peer and in order
     (the peer is not reading), sent as the peer takes them, while the other
-    peers are served; at most ``limit`` in all. ``gone(peer, frames)`` is
-    told of each message whose peer is not connected; ``sent`` counts the
-    messages sent."""
+    peers are served; at most ``limit`` in all, and a quarter of that for
+    one peer. ``gone(peer, frames)`` is told of each message whose peer is not
+    connected; ``sent`` counts the messages sent."""
 
     def __init__(self, limit: int, gone: Callable[[bytes, list[bytes]], None]) -> None:
         self.socket: zmq.Socket | None = None  # the ROUTER, once its owner opened it
         self.limit = limit
+        self.per_peer = max(1, limit // 4)
         self.size = 0
         self.sent = 0
         self._gone = gone
@@ -196,16 +197,22 @@ class Backlog:
     def __bool__(self) -> bool:
         return bool(self._held)
 
+    def waiting(self, peer: bytes) -> Sequence[list[bytes]]:
+        """The messages that wait for ``peer``."""
+        return self._held.get(peer, ())
+
     def holds(self, peer: bytes) -> bool:
         """Whether messages wait for ``peer`` (a new one goes behind them)."""
         return peer in self._held
 
     def offer(self, peer: bytes, frames: list[bytes]) -> bool:
         """Send now, or keep for later behind what waits for ``peer``; False
-        only when the peer has no room and the backlog is full."""
-        if peer not in self._held and self._try(peer, frames):
+        only when the peer has no room and the backlog is full (in all, or
+        for that peer)."""
+        held = self._held.get(peer)
+        if held is None and self._try(peer, frames):
             return True
-        if self.size >= self.limit:
+        if self.size >= self.limit or (held is not None and len(held) >= self.per_peer):
             return False
         self._held.setdefault(peer, deque()).append(frames)
         self.size += 1

@@ -26,6 +26,7 @@ from pylm.errors import (
     UnknownServer,
 )
 from pylm.standalone import Client
+from pylm.testing import wait_for
 
 Serve = Callable[[Any], Any]
 ANY = "tcp://127.0.0.1:0"
@@ -279,11 +280,42 @@ def test_junk_on_the_cache_port_holds_nothing_up(
         assert client.set(b"value", "k") == "k"
     stats = pipeline.step1.stats
     assert stats.malformed_by["envelope"] == 1 and stats.malformed_by["head"] == 2
-    pipeline.step1.cache.limit = 100
+    pipeline.step1.cache.limit = 400  # "k": b"value" takes 6 bytes and an entry's 160
     with CacheClient(pipeline.step1.db, "step1", timeout=5) as cache:
-        with pytest.raises(PayloadTooLarge, match="holds 6 bytes: 200 more"):
+        with pytest.raises(PayloadTooLarge, match="holds 166 bytes: 200 more"):
             cache.set(b"x" * 200, "big")
         assert cache.get("k") == b"value"
+
+
+def test_a_client_that_does_not_read_holds_no_other_up(pipeline: Pipeline) -> None:
+    """Results for a client that reads none fill its queue, then its share of
+    the last stage's backlog; past it they are dropped and counted, and the
+    stage serves the other clients at once: it never waits for one."""
+    deaf = zmq.Context.instance().socket(zmq.DEALER)
+    deaf.setsockopt(zmq.LINGER, 0)
+    deaf.setsockopt(zmq.RCVHWM, 1)
+    deaf.setsockopt(zmq.RCVBUF, 4096)
+    deaf.setsockopt(zmq.ROUTING_ID, b"deaf")
+    deaf.connect(pipeline.last.push)
+    pusher = zmq.Context.instance().socket(zmq.PUSH)
+    pusher.setsockopt(zmq.LINGER, 0)
+    pusher.setsockopt(zmq.SNDHWM, 0)
+    pusher.connect(pipeline.last.address)
+    try:
+        deaf.send_multipart(protocol.encode(protocol.PING, 1))  # connected: results go to it
+        share = pylm.chained.servers.MAX_BACKLOG // 4
+        for i in range(share + 8000):  # its queue, its buffers, its share, and more
+            job = protocol.encode(protocol.REQUEST, i, b"." * 1024, b"last.baz", b"deaf")
+            pusher.send_multipart(job)
+        stats = pipeline.last.stats
+        wait_for(lambda: stats.undeliverable > 0, 30, "results for the deaf client dropped")
+        with pipeline.client(timeout=5) as client:
+            assert list(client.job("foo", [b"fine"])) == [
+                b"ACK: got it too, after you sent me fine"
+            ]
+    finally:
+        deaf.close()
+        pusher.close()
 
 
 def test_slow_stage_bounds_what_the_producer_sends(serve: Serve) -> None:

@@ -223,6 +223,48 @@ def test_hostile_worker_hellos_are_dropped_and_counted(
     assert master.running
 
 
+def deaf_peer(address: str, identity: bytes | None = None) -> zmq.Socket:
+    """A DEALER that reads nothing, with room for almost nothing: what a
+    server sends it fills its queue at once."""
+    peer = zmq.Context.instance().socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.RCVHWM, 1)
+    peer.setsockopt(zmq.RCVBUF, 4096)
+    peer.setsockopt(zmq.SNDHWM, 0)
+    if identity is not None:
+        peer.setsockopt(zmq.ROUTING_ID, identity)
+    peer.connect(address)
+    return peer
+
+
+def test_a_peer_that_does_not_read_holds_the_master_up_nowhere(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    """Heartbeats of a worker the master does not know, from a peer that
+    reads none of the answers (PONGs asking for a hello); and a worker that
+    claims 1024 slots, takes jobs and reads none: the master waits for
+    neither, serves its clients, and the jobs the deaf worker could not take
+    go to a real one."""
+    assert master.back is not None
+    beats = deaf_peer(master.back)
+    beat = protocol.encode(protocol.PING, 0, b"{}", route=b"nobody")[0]
+    deaf = deaf_peer(master.back, b"deaf-worker")
+    hello = json.dumps({"name": "deaf", "slots": 1024}).encode()
+    try:
+        for _ in range(150_000):  # more PONGs than the peer's queue and buffers hold
+            beats.send(beat)
+        deaf.send_multipart(protocol.encode(protocol.PING, 0, hello, route=b"deaf-worker"))
+        with client_of(master, timeout=20) as client:
+            wait_for(lambda: client.ping()["workers"] == 1, 20, "the deaf worker's hello")
+            jobs = [b"%d" % n + b"." * 65_536 for n in range(1200)]  # more than it can queue
+            serve(tagger(master, "w1"))
+            results = list(client.job("who", jobs))
+            assert sorted(results) == sorted(b"w1:" + job for job in jobs)
+    finally:
+        beats.close()
+        deaf.close()
+
+
 def test_load_goes_to_idle_workers(master: Master, serve: Callable[[Tagger], Tagger]) -> None:
     serve(tagger(master, "slow"))
     serve(tagger(master, "fast"))

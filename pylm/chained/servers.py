@@ -1034,13 +1034,22 @@ class LastServer(_Stage):
     def _to_client(self, route: bytes, frames: list[bytes]) -> None:
         """Send to a client without waiting: a client whose queue is full (it
         is not reading) gets its results later from a backlog, while the
-        other clients are served. Past MAX_BACKLOG results waiting in all,
-        the stage waits for room instead (and so does the pipeline)."""
-        router = self._router
-        assert router is not None
+        other clients are served. Past MAX_BACKLOG results waiting in all, or
+        a quarter of that for one client, the result is dropped (counted and
+        logged): a stage never waits for a client."""
         if not self._backlog.offer(route, frames):
-            if not self._send(router, [route, *frames]):
-                self._park(route, frames)
+            if self.stats is not None:
+                self.stats.undeliverable += 1
+            self._log_limited(
+                "backlog-full",
+                logging.WARNING,
+                "%s: a result for client %s dropped: it takes none, and %d results wait for"
+                " it (%d for all clients)",
+                self.name,
+                route.hex(),
+                len(self._backlog.waiting(route)),
+                self._backlog.size,
+            )
         if self._backlog:
             self._poll_timeout = _ROUTER_RETRY_MS  # wake up to send what waits
 

@@ -72,6 +72,7 @@ _REPLY_PREFIX = protocol.REPLY_PREFIX
 _pack_id = struct.Struct(">Q").pack
 _unpack_id = protocol.unpack_id
 _BATCH = 256  # messages read in a row before looking at the other socket
+_WORKER_LINES = 20  # lines a second at most about workers joining, and leaving
 
 
 def _as_bytes(value: object, hook: str) -> bytes:
@@ -245,6 +246,7 @@ class Dispatcher:
         self._back: zmq.Socket | None = None
         self._workers: dict[bytes, _Worker] = {}
         self._free: deque[tuple[_Worker, int]] = deque()  # one entry per free slot
+        self._stale = 0  # entries of _free that are void (their worker left or is full)
         self._queue: deque[int] = deque()  # numbers of the jobs waiting for a worker
         self._jobs: dict[int, _Job] = {}
         self._streams: dict[tuple[bytes, int], _Parent] = {}  # input streams under way
@@ -290,7 +292,9 @@ class Dispatcher:
 
         def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None: ...
 
-        def _log_limited(self, cause: str, level: int, message: str, *args: object) -> None: ...
+        def _log_limited(
+            self, cause: str, level: int, message: str, *args: object, burst: int = 1
+        ) -> None: ...
 
         def _remote_error(self, target: bytes, exc: Exception) -> RemoteError: ...
 
@@ -425,7 +429,9 @@ class Dispatcher:
             if now - parent.touched > STREAM_IDLE:
                 del self._streams[key]
                 parent.failed = True
-                self.logger.warning(
+                self._log_limited(
+                    "stream-idle",
+                    logging.WARNING,
                     "%s: a stream idle for %g s dropped (%d of %s items in)",
                     self.name,
                     STREAM_IDLE,
@@ -450,7 +456,14 @@ class Dispatcher:
                 free.appendleft((worker, generation))
                 continue
             try:
-                back.send_multipart([worker.address, *job.body], copy=len(job.body[-1]) < 65536)
+                back.send_multipart(
+                    [worker.address, *job.body], zmq.NOBLOCK, copy=len(job.body[-1]) < 65536
+                )
+            except zmq.Again:  # the worker takes no more now (not reading): never wait for it
+                queue.appendleft(number)
+                self._stale += worker.free - 1  # its other entries in the free list are void
+                worker.free = 0  # until it answers a job
+                continue
             except zmq.ZMQError:  # the worker's socket is gone: so is the worker
                 queue.appendleft(number)
                 self._lost(worker, "its socket is gone")
@@ -628,12 +641,11 @@ class Dispatcher:
         if sender != address:  # a heartbeat
             if worker is None:  # of a worker not known here: ask for a hello
                 assert self._back is not None
-                try:
-                    self._back.send_multipart(
-                        [sender, *protocol.encode(protocol.PONG, 0, b'{"known": false}')]
-                    )
+                pong = protocol.encode(protocol.PONG, 0, b'{"known": false}')
+                try:  # never waiting for a peer that does not read
+                    self._back.send_multipart([sender, *pong], zmq.NOBLOCK)
                 except zmq.ZMQError:
-                    pass
+                    pass  # full or gone: its next heartbeat asks again
                 return
         elif info.bye:
             if worker is not None:
@@ -653,10 +665,19 @@ class Dispatcher:
             self._generations += 1
             worker = _Worker(address, info.name, slots, self._generations)
             self._workers[address] = worker
-            self.logger.info("%s: worker %s joined (%d slots)", self.name, worker.name, slots)
+            self._log_limited(
+                "joined",
+                logging.INFO,
+                "%s: worker %s joined (%d slots)",
+                self.name,
+                info.name,
+                slots,
+                burst=_WORKER_LINES,
+            )
         worker.seen = time.monotonic()
         if info.leaving:
             worker.leaving = True
+            self._stale += worker.free  # its entries in the free list are void
             worker.free = 0
             return
         if worker.leaving:
@@ -666,6 +687,20 @@ class Dispatcher:
             for _ in range(free - worker.free):
                 self._free.append((worker, worker.generation))
             worker.free = free
+
+    def _compact(self) -> None:
+        """Drop the void entries of the free list once they are half of it:
+        workers that come and go (or stop reading) must not grow it, and
+        each entry is looked at about once."""
+        if self._stale > max(1024, len(self._free) // 2):
+            live, kept = [], dict.fromkeys(self._workers.values(), 0)
+            for worker, generation in self._free:
+                if worker.generation == generation and kept.get(worker, worker.free) < worker.free:
+                    kept[worker] += 1
+                    live.append((worker, generation))
+            self._free.clear()  # in place: _dispatch may hold the deque
+            self._free.extend(live)
+            self._stale = 0
 
     def _check_workers(self) -> None:
         now = time.monotonic()
@@ -679,23 +714,22 @@ class Dispatcher:
         """Forget ``worker``; its unanswered jobs go to the front of the queue."""
         self._workers.pop(worker.address, None)
         worker.generation = -1  # its entries in the free list are void
+        self._stale += worker.free
         worker.free = 0
-        # ... and go now: a worker that comes and goes must not grow the list.
-        kept = [entry for entry in self._free if entry[0] is not worker]
-        if len(kept) < len(self._free):  # in place: _dispatch may hold the deque
-            self._free.clear()
-            self._free.extend(kept)
+        self._compact()
         pending = sorted(worker.jobs)
         worker.jobs.clear()
         for number in reversed(pending):
             if number in self._jobs:
                 self._queue.appendleft(number)
         self.redispatched += len(pending)
-        self.logger.log(
+        self._log_limited(
+            "lost" if pending else "left",
             logging.WARNING if pending else logging.INFO,
             "%s: worker %s left (%s); %d job(s) go to other workers",
             self.name,
             worker.name,
             why,
             len(pending),
+            burst=_WORKER_LINES,
         )
