@@ -23,7 +23,7 @@ from typing import Protocol
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-__all__ = ["Counter", "watch"]
+__all__ = ["HandshakeCounter", "watch"]
 
 _FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -33,13 +33,13 @@ _FAILED = (
 _EVENTS = zmq.EVENT_MONITOR_STOPPED | _FAILED
 
 
-class Counter(Protocol):
+class HandshakeCounter(Protocol):
     """Where the failed handshakes of a server are counted (its ServerStats)."""
 
     handshakes_failed: int
 
 
-def watch(socket: zmq.Socket, counter: Counter) -> None:
+def watch(socket: zmq.Socket, counter: HandshakeCounter) -> None:
     """Count the failed handshakes of the listening ``socket`` in
     ``counter.handshakes_failed``, from now until the socket closes. Called by
     the thread that owns ``socket``, once it is bound."""
@@ -60,7 +60,7 @@ def watch(socket: zmq.Socket, counter: Counter) -> None:
 class _Monitor:
     __slots__ = ("counter", "socket")
 
-    def __init__(self, socket: zmq.Socket, counter: Counter) -> None:
+    def __init__(self, socket: zmq.Socket, counter: HandshakeCounter) -> None:
         self.socket = socket
         self.counter = counter
 
@@ -75,7 +75,7 @@ class _Watcher(threading.Thread):
         self._ending = False  # no monitor left: takes no more (under _LOCK)
         self._wake = sockets.socketpair()
 
-    def add(self, socket: zmq.Socket, counter: Counter) -> bool:
+    def add(self, socket: zmq.Socket, counter: HandshakeCounter) -> bool:
         """Hand a monitor over (under _LOCK); False once the thread is ending."""
         if self._ending:
             return False
@@ -104,6 +104,10 @@ class _Watcher(threading.Thread):
                     else:
                         self._read(self._monitors[ready])
         finally:
+            with _LOCK:  # ended, by design or by a bug: the next watch() starts a thread
+                self._ending = True
+                self._monitors.update((m.socket, m) for m in self._new)
+                self._new.clear()
             for monitor in self._monitors.values():
                 monitor.socket.close(linger=0)
             self._wake[0].close()
