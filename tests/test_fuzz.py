@@ -269,7 +269,17 @@ def test_fuzz_port(port_name: str, family: str) -> None:
         )
         @given(strategy(port_name, family))
         def run(hostile: Hostile) -> None:
+            port.renew_if_broken()  # before reading the counter: fresh servers, fresh counters
+            before = port.counter()
             _one(port, hostile)
+            # Each input that must be counted is, on its own: in the total
+            # at the end, inputs that may be counted could hide one that was not.
+            if hostile.malformed is True and not _holds(
+                lambda: port.counter() > before, COUNT_WAIT, "the count"
+            ):
+                raise AssertionError(
+                    f"{port_name}: not counted in pylm_messages_malformed_total: {hostile!r}"
+                )
             if port.restarts != generation[0]:  # fresh servers: fresh counters
                 generation[0] = port.restarts
                 sent.clear()
@@ -297,6 +307,34 @@ def test_fuzz_port(port_name: str, family: str) -> None:
         port.close()
     final = port.crashes[len(earlier) :]
     assert not final, f"{port_name}: stop() raised {final}"
+
+
+@pytest.mark.parametrize("port_name", ["stage-pull", "last-pull", "sink-pull", "hub-pull"])
+def test_an_end_whose_count_is_not_8_bytes_is_counted_with_or_without_a_route(
+    port_name: str,
+) -> None:
+    """Found by test_fuzz_port[hub-pull-payloads]: a hub dropped an END
+    with a 7-byte count and no route (a tee's copy) without counting it,
+    where the chained stages count it. Each such END counts once, routed
+    or not, and the servers answer on."""
+    port = PORTS[port_name]()
+    try:
+        before = port.counter()
+        sent = 0
+        for route in (ROUTE, b""):
+            for payload in (b"\x00" * 7, b"\x00" * 9):
+                msg = Msg(protocol.END, 2, payload, route=route)
+                port.send(Hostile(f"stream: END {payload!r}", tuple(frames_of(msg))))
+                sent += 1
+                wait_for(
+                    lambda n=sent: port.counter() >= before + n,
+                    5,
+                    f"{port_name}: END of {len(payload)} bytes, route {route!r}, counted",
+                )
+        port.check(1)
+        assert port.counter() == before + sent
+    finally:
+        port.close()
 
 
 def test_the_field_table_is_the_head() -> None:

@@ -217,11 +217,26 @@ def test_only_get_is_served_and_bodies_are_not_read(clients: list[socket.socket]
             assert answer.read().endswith(b"# EOF\n")
 
 
+def _most_in_flight() -> int:
+    """The most bytes the server's send buffer may hold: TCP autotunes it
+    up to tcp_wmem's maximum (4 MiB on Linux by default, so a 4 MB answer
+    could be all sent before the client hung up: no hang-up to notice)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as wmem:
+            return int(wmem.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 16 * 2**20
+
+
+CLIENT_RCVBUF = 64 * 1024  # set on the hanging-up client: fixed, not autotuned
+BIG = 2 * _most_in_flight() + 4 * CLIENT_RCVBUF  # never all in the buffers at once
+
+
 class Broken(QuietHandler):
     def do_GET(self) -> None:  # http.server's naming
         if self.path == "/bug":
             raise ValueError("a bug")
-        self.answer(200, "text/plain", b"x" * 4_000_000)  # more than a socket buffer
+        self.answer(200, "text/plain", b"x" * BIG)  # more than both sockets' buffers
 
 
 def test_failures_are_a_500_and_a_warning_and_hang_ups_a_debug_line(
@@ -235,7 +250,11 @@ def test_failures_are_a_500_and_a_warning_and_hang_ups_a_debug_line(
         with caplog.at_level(logging.DEBUG, logger="pylm.httpd"):
             status, _ = get(f"http://127.0.0.1:{service.port}/bug")
             assert status == 500
-            sock = connect(service.port, clients)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)  # before connect
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", service.port))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
             sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
             sock.recv(1000)  # the answer started; then a reset mid-answer

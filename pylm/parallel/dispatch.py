@@ -376,19 +376,23 @@ class Dispatcher:
         self._close_if_done(parent)
 
     def _take_end(self, origin: bytes, message: protocol.Message) -> None:
-        """An input stream's END: it announced that many items."""
-        if not origin:
-            return  # a tee's copy: nobody waits for its end
+        """An input stream's END: it announced that many items. A count of
+        the wrong size is counted as malformed with or without a route (as
+        a chained stage does); only a routed stream fails and is told."""
         if len(message.payload) not in (0, SEQ.size):
             problem = ProtocolError(
                 f"an END's count is 8 bytes (or none), got {len(message.payload)}:"
                 f" stream {message.msg_id} fails"
             )
             self._drop("payload", str(problem), [message.payload])
+            if not origin:
+                return  # a tee's copy: no stream here, nobody to tell
             self._stream_failed(origin, message.msg_id)
             payload = protocol.error_detail(problem)
             self._deliver(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
             return
+        if not origin:
+            return  # a tee's copy: nobody waits for its end
         count = SEQ.unpack(message.payload)[0] if message.payload else 0
         parent = self._stream(origin, message.msg_id, message.deadline)
         if parent is not None:
