@@ -134,6 +134,10 @@ class Cache(MutableMapping[str, bytes]):
             if len(payload) < 2:
                 raise ProtocolError("cache set without a key size")
             (size,) = _KEY_SIZE.unpack_from(payload)
+            if 2 + size > len(payload):
+                raise ProtocolError(
+                    f"cache set claims a key of {size} bytes in a payload of {len(payload)}"
+                )
             key = self._key(payload[2 : 2 + size]) if size else uuid.uuid4().hex
             value = payload[2 + size :]
             old = self.get(key)

@@ -252,6 +252,7 @@ BATCH_HEAD = _HEAD.pack(MAGIC, VERSION, BATCH, 0, 0, 0, 0, 0.0)
 its length (4 bytes, big-endian), as its payload."""
 BATCH_PREFIX = BATCH_HEAD[:5]  # how a hot loop tells a BATCH: magic, version, kind, flags
 _LENGTH = struct.Struct(">I")
+_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
 _pack_length = _LENGTH.pack
 
 
@@ -272,6 +273,13 @@ batch of empty messages would otherwise cost a list of millions."""
 def unpack_batch(body: bytes) -> list[bytes]:
     """The messages a BATCH carries; :class:`ProtocolError` if they overrun it
     or are more than :data:`MAX_BATCH_MESSAGES`."""
+    if len(body) < HEAD_SIZE:
+        raise ProtocolError(f"BATCH of {len(body)} bytes, shorter than a head")
+    if body[5:9] != b"\0\0\0\0":
+        target_size, route_size = _SIZES.unpack_from(body, 5)
+        raise ProtocolError(
+            f"BATCH with a target ({target_size} bytes) or a route ({route_size}): it has neither"
+        )
     messages: list[bytes] = []
     offset, size = HEAD_SIZE, len(body)
     unpack_length = _LENGTH.unpack_from

@@ -269,7 +269,17 @@ def test_fuzz_port(port_name: str, family: str) -> None:
         )
         @given(strategy(port_name, family))
         def run(hostile: Hostile) -> None:
+            port.renew_if_broken()  # before reading the counter: fresh servers, fresh counters
+            before = port.counter()
             _one(port, hostile)
+            # Each input that must be counted is, on its own: in the total
+            # at the end, inputs that may be counted could hide one that was not.
+            if hostile.malformed is True and not _holds(
+                lambda: port.counter() > before, COUNT_WAIT, "the count"
+            ):
+                raise AssertionError(
+                    f"{port_name}: not counted in pylm_messages_malformed_total: {hostile!r}"
+                )
             if port.restarts != generation[0]:  # fresh servers: fresh counters
                 generation[0] = port.restarts
                 sent.clear()
