@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import socket as sockets
 import time
@@ -41,6 +42,7 @@ class AddressError(PylmError, ValueError):
 # less per frame. Blocking sockets only (an asyncio socket's send is its own).
 send_frame: Callable[..., None] = getattr(zmq.backend, "Socket", zmq.Socket).send
 
+_MONITORS = itertools.count()  # close_listener's monitors, each at an address of its own
 _ADDRESS = re.compile(r"^(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci|udp)://.+$")
 
 
@@ -123,7 +125,13 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
         return
     try:
         socket.monitor(None, 0)  # a socket has one monitor: any other one ends here
-        monitor = socket.get_monitor_socket(zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED)
+        # An address of its own: pyzmq's default names it after the socket's
+        # file descriptor, which a socket made since may have again while
+        # libzmq has not yet let go of the old name (the bind then fails).
+        monitor = socket.get_monitor_socket(
+            zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED,
+            f"inproc://pylm-closing-{next(_MONITORS)}",
+        )
     except zmq.ZMQError:  # no monitor (e.g. the context is ending): do not wait
         socket.close(linger=0)
         return
