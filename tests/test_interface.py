@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pylm import chained
 from pylm.errors import InterfaceMismatch, RegistryError
 from pylm.registry import Registry
 from pylm.standalone import AsyncClient, Client, Server
@@ -118,6 +119,35 @@ def test_the_async_client_routes_a_rolling_version_alike(registry: Registry) -> 
         extras, echoes = asyncio.run(main())
     assert extras == [b"extra %d" % i for i in range(40)]
     assert echoes == {b"old x", b"new x"}
+
+
+class Up(chained.Server):
+    def foo(self, message: bytes) -> bytes:
+        return message
+
+
+class DownOld(chained.LastServer):
+    def bar(self, message: bytes) -> bytes:
+        return b"old " + message
+
+
+class DownNew(chained.LastServer):
+    def bar2(self, message: bytes) -> bytes:
+        return b"new " + message
+
+
+def test_a_stage_sends_its_call_only_to_the_versions_that_have_it(registry: Registry) -> None:
+    """The next stage rolls out a version without the function this stage
+    calls: its jobs go to the instances that have it, none fails."""
+    with (
+        DownOld("down", log_stdout=False, registry=registry),
+        DownNew("down", log_stdout=False, registry=registry, rolling=True),
+        Up("up", next_call="down.bar", log_stdout=False, registry=registry) as up,
+    ):
+        wait_for(lambda: len(up.next_instances) == 1, 10, "the stage following the next one")
+        with chained.LoopClient("up", registry=registry, announce=False, timeout=10) as client:
+            results = list(client.job("foo", [b"%d" % i for i in range(40)]))
+    assert sorted(results) == sorted(b"old %d" % i for i in range(40))
 
 
 def test_two_interfaces_starting_together_never_both_serve(registry: Registry) -> None:

@@ -555,7 +555,12 @@ class _Outlet:
         return socket
 
     def _changed(self, records: list[InstanceRecord]) -> None:
-        wanted = {record.endpoints["pull"] for record in records if "pull" in record.endpoints}
+        # While a new version of the next stage rolls out (its instances
+        # differ in functions), only those with the function of this call
+        # get its jobs; an instance without it could only fail them.
+        function = self.call.rpartition(".")[2]
+        having = [record for record in records if function in record.functions]
+        wanted = {r.endpoints["pull"] for r in having or records if "pull" in r.endpoints}
         if not wanted:
             # Every record gone (instances stopping, or leases expired while
             # etcd was out of reach): keep the connections, as clients do
