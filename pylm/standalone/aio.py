@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient"]
 
 _SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
+_RETIRED = 8  # side sockets of earlier instance lists still read, at most
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _unpack_id = protocol.unpack_id
 
@@ -60,6 +61,7 @@ class AsyncClient(Caller):
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
         self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
+        self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
@@ -168,11 +170,21 @@ class AsyncClient(Caller):
         return side
 
     def _close_side(self) -> None:
-        if self._loop is not None:
-            for side in self._read_sides:
+        """The instances changed: the side sockets take no more calls, but
+        the calls in flight on them still wait for their answers, so they
+        are read on (the latest _RETIRED of them) until the client closes."""
+        self._retired.extend(self._side.values())
+        self._side.clear()
+        while len(self._retired) > _RETIRED:
+            self._forget_side(self._retired.pop(0))
+
+    def _forget_side(self, side: zmq.Socket) -> None:
+        """Stop reading ``side`` and close it (in the loop's thread)."""
+        if side in self._read_sides:
+            self._read_sides.discard(side)
+            if self._loop is not None:
                 self._loop.remove_reader(side.fileno())
-        self._read_sides.clear()
-        super()._close_side()
+        side.close(linger=0)
 
     def _on_events(self, side: zmq.Socket | None = None) -> None:
         """Read every answer waiting (on the main socket, or on ``side``, a
@@ -235,6 +247,10 @@ class AsyncClient(Caller):
             self._loop.remove_reader(socket.fileno())
         self._fail_pending(RuntimeError(f"client of {self.server_name!r} closed"))
         close_socket(socket)
+        for side in [*self._side.values(), *self._retired]:
+            self._forget_side(side)
+        self._side.clear()
+        self._retired.clear()
         if self._peers is not None:  # closing the registry client waits for its thread
             await asyncio.get_running_loop().run_in_executor(None, self._stop_following)
 
