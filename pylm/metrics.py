@@ -446,10 +446,9 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
             running.add_metric([name], sum(b.running_jobs for b in books))
             redispatched.add_metric([name], sum(b.redispatched for b in books))
             dropped.add_metric([name, "duplicate"], sum(b.duplicates for b in books))
-        if books or any(stats.undeliverable for stats in group):
-            undeliverable = sum(b.undeliverable for b in books)
-            undeliverable += sum(stats.undeliverable for stats in group)
-            dropped.add_metric([name, "undeliverable"], undeliverable)
+        undeliverable = sum(b.undeliverable for b in books)
+        undeliverable += sum(stats.undeliverable for stats in group)
+        dropped.add_metric([name, "undeliverable"], undeliverable)
     yield from (info, started, ready, received, malformed, sent, in_flight, calls, duration)
     yield from (bytes_in, bytes_out, registered, keepalive_failures, reachable, watch_restarts)
     yield from (workers, queued, running, redispatched, dropped)

@@ -116,6 +116,8 @@ def test_name_only_with_registry_down_fails_fast() -> None:
 def test_no_instance_registered_is_a_clear_error(registry: Registry) -> None:
     with pytest.raises(RegistryError, match=r"no instance of server 'ghost' is registered"):
         Client("ghost", registry=registry, timeout=0.3)
+    with pytest.raises(RegistryError, match=r"no instance of server 'ghost' is registered"):
+        AsyncClient("ghost", registry=registry, timeout=0.3)
     with pytest.raises(ValueError, match="give the server_name too"):
         Client("tcp://127.0.0.1:5555")
 

@@ -1043,8 +1043,9 @@ class LastServer(_Stage):
         a quarter of that for one client, the result is dropped (counted and
         logged): a stage never waits for a client."""
         if not self._backlog.offer(route, frames):
-            if self.stats is not None:
-                self.stats.undeliverable += 1
+            if self.stats is not None:  # results: those of a BATCH count one by one
+                batch = frames[0][:5] == _BATCH_PREFIX
+                self.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
             self._log_limited(
                 "backlog-full",
                 logging.WARNING,

@@ -450,7 +450,8 @@ class Dispatcher:
         while queue and free:
             worker, generation = free.popleft()
             if worker.generation != generation or worker.free <= 0:
-                continue  # a slot of a worker gone (or gone and back)
+                self._stale = max(0, self._stale - 1)
+                continue  # a slot of a worker gone (or gone and back, or full)
             number = queue.popleft()
             job = jobs.get(number)
             if job is None or (job.parent is not None and job.parent.failed):

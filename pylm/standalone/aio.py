@@ -51,17 +51,19 @@ class AsyncClient(Caller):
         registry: Registry | str | None = None,
         curve: Curve | None = None,
     ) -> None:
+        # Before Caller's: finding the server by name may fail, and then it
+        # closes what it opened, side sockets included.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
+        self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
         super().__init__(connection, server_name, timeout, max_payload, registry, curve)
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
         self._socket: zmq.Socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
-        self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
-        self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
