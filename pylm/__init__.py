@@ -5,6 +5,7 @@ Servers are classes whose public methods take and return bytes; see
 """
 
 from pylm.errors import (
+    InvalidName,
     PayloadTooLarge,
     ProtocolError,
     PylmError,
@@ -21,6 +22,7 @@ from pylm.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "InvalidName",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",

@@ -53,6 +53,7 @@ from pylm.metrics import (
     publish,
     withdraw,
 )
+from pylm.names import check_name
 from pylm.security import Curve
 from pylm.transport import bind, default_context, public_host
 
@@ -148,10 +149,7 @@ class BaseServer:
         ``rolling``: this is a new version rolling out, whose functions may
         differ from those of the live instances of its name (without it,
         such a server is refused at start: :class:`InterfaceMismatch`)."""
-        if not isinstance(name, str) or not name or name != name.strip():
-            raise ValueError(
-                f"server name must be a non-empty str without surrounding blanks, got {name!r}"
-            )
+        check_name(name)
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
         if not isinstance(messages, int) or messages < 0:

@@ -17,6 +17,7 @@ from pylm import protocol
 from pylm.discovery import Peers
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
+from pylm.names import check_name
 from pylm.security import Curve, Handshakes
 from pylm.transport import check_address
 
@@ -49,8 +50,7 @@ class Calls:
     """Requests to one server, numbered from 1, and the answers to them."""
 
     def __init__(self, server_name: str, max_payload: int) -> None:
-        if not isinstance(server_name, str) or not server_name:
-            raise ValueError(f"server_name must be a non-empty str, got {server_name!r}")
+        check_name(server_name, "server_name")
         self.server_name = server_name
         self.max_payload = max_payload
         self._prefix = server_name.encode("utf-8") + b"."

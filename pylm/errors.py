@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "CurveRefused",
     "InterfaceMismatch",
+    "InvalidName",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
@@ -28,6 +29,10 @@ __all__ = [
 
 class PylmError(Exception):
     """Root of every exception pylm raises on purpose."""
+
+
+class InvalidName(PylmError, ValueError):
+    """A server name that does not follow the rule of :mod:`pylm.names`."""
 
 
 class ProtocolError(PylmError):

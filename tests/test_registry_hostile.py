@@ -274,7 +274,7 @@ def test_wiring_outlives_an_etcd_data_loss() -> None:
 def test_topology_export_then_apply_restores_the_wiring(
     etcd_server: LocalEtcd, cluster: str, registry: Registry, tmp_path: Path
 ) -> None:
-    wiring = {"step1": "step2.bar", "a.b": "c.d", 'we"ird ü': "last.baz"}
+    wiring = {"step1": "step2.bar", "a.b": "c.d", "_we-ird.2": "last.baz"}
     for name, next_call in wiring.items():
         registry.set_config(name, next_call)
 

@@ -213,7 +213,7 @@ def test_stage_config_schema() -> None:
 # ---------------------------------------------------------------------- Hypothesis
 
 _NAME_CHARS = st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters="/")
-names = st.text(_NAME_CHARS, min_size=1, max_size=40).filter(lambda s: s == s.strip())
+names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,39}", fullmatch=True)  # pylm.names
 identifiers = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,20}\Z")
 calls = st.builds(lambda server, function: f"{server}.{function}", names, identifiers)
 labels = st.from_regex(r"\A[A-Za-z0-9]([A-Za-z0-9_-]{0,10}[A-Za-z0-9])?\Z")

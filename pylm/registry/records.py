@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pylm.errors import RegistryError
+from pylm.names import MAX_NAME, NAME_RULE, InvalidName, check_name
 
 __all__ = [
     "ENDPOINT_SCHEMES",
@@ -53,7 +54,6 @@ __all__ = [
 REASONS = ("size", "json", "missing", "type", "value", "endpoint", "key")
 
 MAX_RECORD_BYTES = 64 * 1024  # a real record is well under 2 KiB
-MAX_NAME = 200  # characters of a server name
 MAX_TEXT = 255  # characters of a host name, a version, an ipc path...
 MAX_URL = 512
 MAX_ENDPOINTS = 16
@@ -76,8 +76,10 @@ _MAX_STARTED = 2.0**33  # seconds since the epoch: the year 2242
 
 
 def instances_prefix(prefix: str, name: str | None = None) -> str:
-    """The prefix of every instance key, or of those of server ``name``."""
-    return f"{prefix}instances/" + (f"{name}/" if name is not None else "")
+    """The prefix of every instance key, or of those of server ``name``
+    (whole names only: a valid name has no ``/``, so none is the prefix of
+    another's keys; :class:`InvalidName` otherwise)."""
+    return f"{prefix}instances/" + (f"{check_name(name)}/" if name is not None else "")
 
 
 def instance_key(prefix: str, name: str, instance: str) -> str:
@@ -149,9 +151,10 @@ def _string(value: object, field: str, limit: int = MAX_TEXT, empty: bool = Fals
 
 def _server_name(value: object, field: str) -> str:
     name = _string(value, field, MAX_NAME)
-    if name != name.strip():
-        raise MalformedRecord("value", field, value, "must not start or end with blanks")
-    return name
+    try:
+        return check_name(name, field)
+    except InvalidName:
+        raise MalformedRecord("value", field, value, f"must be {NAME_RULE}") from None
 
 
 def _function_name(value: object, field: str) -> str:
