@@ -462,6 +462,17 @@ def show_top(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pylm`` command; its exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`pylm ls | head`): end quietly. Python would
+        # complain again when it flushes stdout at exit, so point it elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cluster:
@@ -484,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     except PylmError as exc:
         print(f"pylm: {exc}", file=sys.stderr)
         return 2
-    parser.print_help(sys.stdout)
-    return 0
+    parser.print_help(sys.stderr)  # no command: a usage error
+    return 2
 
 
 if __name__ == "__main__":

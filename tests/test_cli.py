@@ -252,3 +252,25 @@ def test_run_a_worker_and_stop_it_with_sigterm(
         worker.kill()
         worker.wait(10)
         master.stop()
+
+
+def test_pylm_alone_is_a_usage_error_and_python_m_pylm_works() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pylm"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: pylm") and done.stdout == ""
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """As with `pylm --help | head -0`: the reader is gone before pylm writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pylm", "--help"],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
