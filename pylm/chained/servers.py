@@ -829,8 +829,9 @@ class Server(_Stage):
             raise type(exc)(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
         if config is None:
             raise RegistryError(
-                f"stage {self.name!r} has no next stage: pass next_call='step2.bar', or set it"
-                f" with `pylm topology set {self.name} --next step2.bar`"
+                f"stage {self.name!r} has no next stage: pass next_call='<server>.<function>'"
+                f" (the stage its results go to), or set it with"
+                f" `pylm topology set {self.name} --next <server>.<function>`"
             )
         return config
 
