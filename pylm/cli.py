@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -13,7 +14,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pylm import __version__
 from pylm.errors import PylmError
@@ -24,21 +25,37 @@ if TYPE_CHECKING:
 __all__ = ["main", "read_topology"]
 
 
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--registry, --cluster, --registry-timeout; with their defaults, or
+    left unset unless given (``defaults=False``)."""
+    unset: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "--registry", help="etcd://host:port[,...] (default: $PYLM_REGISTRY)", **unset
+    )
+    parser.add_argument(
+        "--cluster", help="cluster namespace (default: $PYLM_CLUSTER or default)", **unset
+    )
+    parser.add_argument(
+        "--registry-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long each etcd request may take (5)",
+        **({"default": 5.0} if defaults else unset),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pylm", description="pylm: clusters of microservers over ZeroMQ"
     )
     parser.add_argument("--version", action="version", version=f"pylm {__version__}")
-    parser.add_argument("--registry", help="etcd://host:port[,...] (default: $PYLM_REGISTRY)")
-    parser.add_argument("--cluster", help="cluster namespace (default: $PYLM_CLUSTER or default)")
-    parser.add_argument(
-        "--registry-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long each etcd request may take (5)",
-    )
+    _global_options(parser, defaults=True)
+    # The same options after a command (`pylm ls --registry ...`): set only
+    # when given there, so that they override those before it.
+    late = argparse.ArgumentParser(add_help=False)
+    _global_options(late, defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser = functools.partial(commands.add_parser, parents=[late])  # type: ignore[method-assign]
 
     etcd = commands.add_parser(
         "etcd",
@@ -59,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         show.add_argument("--watch", action="store_true", help="print again on every change")
         if name == "topology":
             actions = show.add_subparsers(dest="action", metavar="ACTION")
+            actions.add_parser = functools.partial(actions.add_parser, parents=[late])  # type: ignore[method-assign]
             wire = actions.add_parser("set", help="set the next stage of a server")
             wire.add_argument("name")
             wire.add_argument("--next", required=True, metavar="SERVER.FUNCTION")

@@ -274,3 +274,21 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
     finally:
         os.close(write)
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_global_options_may_come_after_the_command(etcd_server: LocalEtcd, cluster: str) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pylm", *args], capture_output=True, text=True, timeout=30
+        )
+
+    where = ["--registry", etcd_server.url, "--cluster", cluster]
+    done = run("topology", "set", "step1", "--next", "step2.bar", *where)
+    assert done.returncode == 0 and done.stdout.strip() == "step1 -> step2.bar", done.stderr
+    after = run("ls", "--json", *where)
+    before = run(*where, "ls", "--json")
+    assert after.returncode == 0 and after.stdout == before.stdout, after.stderr
+    # After the command, an option overrides the same one before it.
+    elsewhere = run("--cluster", "nowhere", "--registry", etcd_server.url, "topology", "export",
+                    "--cluster", cluster)  # fmt: skip
+    assert elsewhere.returncode == 0 and "step2.bar" in elsewhere.stdout, elsewhere.stderr
