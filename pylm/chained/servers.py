@@ -469,8 +469,10 @@ class _Stage(BaseServer):
         raise NotImplementedError
 
     def _send(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
-        """Send, waiting while the receiver is full (serving the cache and
-        watching for stop meanwhile); False if the receiver is unknown."""
+        """Send to the next stage (a PUSH socket), waiting while it is full
+        (serving the cache and watching for stop meanwhile); False if the
+        message was dropped because the stage is leaving. A last stage
+        never waits: it sends to clients through its backlog."""
         poller: zmq.Poller | None = None
         while True:
             try:
@@ -487,16 +489,10 @@ class _Stage(BaseServer):
                     return False
                 if poller is None:
                     poller = zmq.Poller()
-                    if socket.type != zmq.ROUTER:  # a ROUTER is writable while any peer has room
-                        poller.register(socket, zmq.POLLOUT)
+                    poller.register(socket, zmq.POLLOUT)
                     poller.register(self._db_socket, zmq.POLLIN)
-                wait = _REWIRE_MS if socket.type != zmq.ROUTER else _ROUTER_RETRY_MS
-                if self._db_socket in dict(poller.poll(wait)):
+                if self._db_socket in dict(poller.poll(_REWIRE_MS)):
                     self._serve_db()
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EHOSTUNREACH:
-                    return False
-                raise
 
 
 class _Outlet:

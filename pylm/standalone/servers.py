@@ -165,43 +165,39 @@ class Server(BaseServer):
                     self._drop("envelope", "an empty message", [peer, b""])
                     continue
                 body = frame.bytes
-                if (
-                    not frame.more
-                    and body[:5] == _FAST
-                    and len(body) >= _HEAD_SIZE
-                    and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8] <= len(body)
-                ):
-                    # Fast path: a one-frame REQUEST. The reply reuses the
-                    # request's id bytes as they are.
-                    served += 1
-                    if untimed:
-                        untimed -= 1
-                        timed = False
-                    else:
-                        timed = True
-                        if stats is not None:
-                            untimed = sampling.untimed_next()
+                if not frame.more and body[:5] == _FAST and len(body) >= _HEAD_SIZE:
                     target_size, route_size = unpack_sizes(body, 5)
                     start = _HEAD_SIZE + target_size
-                    try:
-                        result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
-                    except PylmError as error:
+                    if start + route_size <= len(body):
+                        # Fast path: a one-frame REQUEST. The reply reuses the
+                        # request's id bytes as they are.
+                        served += 1
+                        if untimed:
+                            untimed -= 1
+                            timed = False
+                        else:
+                            timed = True
+                            if stats is not None:
+                                untimed = sampling.untimed_next()
+                        try:
+                            result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
+                        except PylmError as error:
+                            msg_id = protocol.unpack_id(body, 9)[0]
+                            envelope = [peer, b""] if delimiter else [peer]
+                            self._answer(envelope, protocol.encode_error(msg_id, error))
+                            continue
+                        if len(result) <= _SPLIT:
+                            send(peer, _SNDMORE)
+                            if delimiter:
+                                send(b"", _SNDMORE)
+                            send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            if stats is not None:
+                                stats.sent += 1
+                            continue
                         msg_id = protocol.unpack_id(body, 9)[0]
                         envelope = [peer, b""] if delimiter else [peer]
-                        self._answer(envelope, protocol.encode_error(msg_id, error))
+                        self._answer(envelope, protocol.encode(protocol.REPLY, msg_id, result))
                         continue
-                    if len(result) <= _SPLIT:
-                        send(peer, _SNDMORE)
-                        if delimiter:
-                            send(b"", _SNDMORE)
-                        send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
-                        if stats is not None:
-                            stats.sent += 1
-                        continue
-                    msg_id = protocol.unpack_id(body, 9)[0]
-                    envelope = [peer, b""] if delimiter else [peer]
-                    self._answer(envelope, protocol.encode(protocol.REPLY, msg_id, result))
-                    continue
                 frames = [peer, b"", body] if delimiter else [peer, body]
                 if frame.more:
                     frames += rest_of(socket)
