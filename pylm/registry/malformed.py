@@ -14,11 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pylm.logs import RateLimiter
 from pylm.metrics import malformed_records
 from pylm.registry.records import REASONS, InstanceRecord, MalformedRecord, StageConfig
+
+_Record = TypeVar("_Record")
 
 __all__ = ["parse_config_row", "parse_instance_row", "skip"]
 
@@ -58,17 +61,17 @@ def skip(row: Any, error: MalformedRecord) -> None:
 
 def parse_instance_row(row: Any) -> InstanceRecord | None:
     """The instance record an etcd key-value holds; None (counted, logged) if malformed."""
-    try:
-        return InstanceRecord.from_json(row.value, row.key)
-    except MalformedRecord as exc:
-        skip(row, exc)
-        return None
+    return _parse_row(InstanceRecord.from_json, row)
 
 
 def parse_config_row(row: Any) -> StageConfig | None:
     """The stage config an etcd key-value holds; None (counted, logged) if malformed."""
+    return _parse_row(StageConfig.from_json, row)
+
+
+def _parse_row(parse: Callable[[bytes, bytes], _Record], row: Any) -> _Record | None:
     try:
-        return StageConfig.from_json(row.value, row.key)
+        return parse(row.value, row.key)
     except MalformedRecord as exc:
         skip(row, exc)
         return None
