@@ -3,11 +3,11 @@
 Installed as a pytest plugin (entry point ``pytest11``), so any project with
 pylm installed can use them:
 
-- ``etcd_server``: one local etcd for the whole session (the ``etcd`` binary
+- ``pylm_etcd``: one local etcd for the whole session (the ``etcd`` binary
   from PATH, free loopback ports, a temporary data folder);
-- ``cluster``: a cluster name unique to the test, so tests sharing the etcd
+- ``pylm_cluster``: a cluster name unique to the test, so tests sharing the etcd
   never see each other's keys;
-- ``registry``: a :class:`pylm.registry.Registry` of that cluster, closed
+- ``pylm_registry``: a :class:`pylm.registry.Registry` of that cluster, closed
   after the test;
 
 and :func:`wait_for`, to wait for a state another thread or process owns,
@@ -26,13 +26,13 @@ import pytest
 
 from pylm.registry import LocalEtcd, Registry
 
-__all__ = ["SOAK", "cluster", "etcd_server", "registry", "wait_for"]
+__all__ = ["SOAK", "pylm_cluster", "pylm_etcd", "pylm_registry", "wait_for"]
 
 SOAK = float(os.environ.get("PYLM_SOAK") or 1)
 
 
 @pytest.fixture(scope="session")
-def etcd_server() -> Iterator[LocalEtcd]:
+def pylm_etcd() -> Iterator[LocalEtcd]:
     """A running local etcd, stopped and removed after the session."""
     server = LocalEtcd()
     server.start()
@@ -43,15 +43,15 @@ def etcd_server() -> Iterator[LocalEtcd]:
 
 
 @pytest.fixture
-def cluster() -> str:
+def pylm_cluster() -> str:
     """A cluster namespace of this test's own."""
     return f"test-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture
-def registry(etcd_server: LocalEtcd, cluster: str) -> Iterator[Registry]:
+def pylm_registry(pylm_etcd: LocalEtcd, pylm_cluster: str) -> Iterator[Registry]:
     """A registry client of the test's cluster; closed (its records removed) after it."""
-    client = Registry(etcd_server.url, cluster=cluster)
+    client = Registry(pylm_etcd.url, cluster=pylm_cluster)
     try:
         yield client
     finally:
