@@ -17,41 +17,45 @@ from pylm.testing import wait_for
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["step1", "step2", "last"])))
-def test_name_only_pipeline_in_any_start_order(registry: Registry, order: tuple[str, ...]) -> None:
-    registry.set_config("step1", next="step2.bar")  # wiring from the registry ...
+def test_name_only_pipeline_in_any_start_order(
+    pylm_registry: Registry, order: tuple[str, ...]
+) -> None:
+    pylm_registry.set_config("step1", next="step2.bar")  # wiring from the registry ...
     makers = {
-        "step1": lambda: Step1("step1", registry=registry, log_stdout=False),
-        "step2": lambda: Step2("step2", next_call="last.baz", registry=registry, log_stdout=False),
-        "last": lambda: Last("last", registry=registry, log_stdout=False),
+        "step1": lambda: Step1("step1", registry=pylm_registry, log_stdout=False),
+        "step2": lambda: Step2(
+            "step2", next_call="last.baz", registry=pylm_registry, log_stdout=False
+        ),
+        "last": lambda: Last("last", registry=pylm_registry, log_stdout=False),
     }  # ... or given by the stage itself (step2)
     stages = [makers[name]() for name in order]
     for stage in stages:
         stage.start(background=True)
     try:
-        with LoopClient("step1", registry=registry, announce=False) as client:
+        with LoopClient("step1", registry=pylm_registry, announce=False) as client:
             assert list(client.job("foo", [b"a message"])) == [
                 b"ACK: got it too, after you sent me a message"
             ]
-        (record,) = registry.instances("step1")
+        (record,) = pylm_registry.instances("step1")
         assert record.next == "step2.bar" and set(record.endpoints) == {"pull", "db"}
-        assert set(registry.instances("last")[0].endpoints) == {"pull", "db", "push"}
+        assert set(pylm_registry.instances("last")[0].endpoints) == {"pull", "db", "push"}
     finally:
         for stage in stages:
             stage.stop()
 
 
-def test_stage_without_next_stage_says_how_to_set_one(registry: Registry) -> None:
-    stage = Step1("step1", registry=registry, log_stdout=False)
+def test_stage_without_next_stage_says_how_to_set_one(pylm_registry: Registry) -> None:
+    stage = Step1("step1", registry=pylm_registry, log_stdout=False)
     with pytest.raises(RegistryError, match=r"pylm topology set step1 --next <server>\.<function>"):
         stage.start(background=True)
     stage.stop()
 
 
-def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) -> None:
-    last = Last("last", registry=registry, log_stdout=False)
-    first_step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
-    step1 = Step1("step1", next_call="step2.bar", registry=registry, log_stdout=False)
-    second_step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
+def test_live_rewiring_join_and_leave_without_losing_jobs(pylm_registry: Registry) -> None:
+    last = Last("last", registry=pylm_registry, log_stdout=False)
+    first_step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
+    step1 = Step1("step1", next_call="step2.bar", registry=pylm_registry, log_stdout=False)
+    second_step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
     for stage in (last, first_step2, step1):
         stage.start(background=True)
     produced = threading.Event()
@@ -64,7 +68,7 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) ->
             yield b"%d" % i
 
     results: list[bytes] = []
-    client = LoopClient("step1", registry=registry, announce=False, max_in_flight=50)
+    client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
     thread = threading.Thread(target=lambda: results.extend(client.job("foo", payloads())))
     try:
         thread.start()
@@ -82,16 +86,16 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(registry: Registry) ->
     )
 
 
-def test_loop_client_follows_last_stage_instances(registry: Registry) -> None:
+def test_loop_client_follows_last_stage_instances(pylm_registry: Registry) -> None:
     """A last stage instance joining after the client started sends its
     results to that client too; when the first one leaves, nothing is lost."""
-    old_last = Last("last", registry=registry, log_stdout=False)
-    new_last = Last("last", registry=registry, log_stdout=False)
-    step1 = Step1("step1", next_call="step2.bar", registry=registry, log_stdout=False)
-    step2 = Step2("step2", next_call="last.baz", registry=registry, log_stdout=False)
+    old_last = Last("last", registry=pylm_registry, log_stdout=False)
+    new_last = Last("last", registry=pylm_registry, log_stdout=False)
+    step1 = Step1("step1", next_call="step2.bar", registry=pylm_registry, log_stdout=False)
+    step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
     for stage in (old_last, step2, step1):
         stage.start(background=True)
-    client = LoopClient("step1", registry=registry, announce=False, max_in_flight=50)
+    client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
     try:
         assert list(client.job("foo", [b"0"])) == [b"ACK: got it too, after you sent me 0"]
         new_last.start(background=True)

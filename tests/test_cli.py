@@ -34,51 +34,53 @@ def pylm(
     )
 
 
-def test_topology_set_apply_and_show(etcd_server: LocalEtcd, cluster: str, tmp_path: Path) -> None:
-    done = pylm(etcd_server, cluster, "topology", "set", "step1", "--next", "step2.bar")
+def test_topology_set_apply_and_show(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path
+) -> None:
+    done = pylm(pylm_etcd, pylm_cluster, "topology", "set", "step1", "--next", "step2.bar")
     assert done.returncode == 0 and done.stdout.strip() == "step1 -> step2.bar"
     wiring = tmp_path / "pipeline.toml"
     wiring.write_text('[stages.step2]\nnext = "last.baz"\n[stages.step1]\nnext = "step2.qux"\n')
-    done = pylm(etcd_server, cluster, "topology", "apply", str(wiring))
+    done = pylm(pylm_etcd, pylm_cluster, "topology", "apply", str(wiring))
     assert done.returncode == 0, done.stderr
-    with Registry(etcd_server.url, cluster=cluster) as registry:
+    with Registry(pylm_etcd.url, cluster=pylm_cluster) as registry:
         assert registry.get_config("step1") == {"next": "step2.qux"}
         assert registry.get_config("step2") == {"next": "last.baz"}
-    bad = pylm(etcd_server, cluster, "topology", "set", "x", "--next", "nodot")
+    bad = pylm(pylm_etcd, pylm_cluster, "topology", "set", "x", "--next", "nodot")
     assert bad.returncode == 2 and "must be SERVER.FUNCTION" in bad.stderr
 
 
-def test_run_ls_call(etcd_server: LocalEtcd, cluster: str, tmp_path: Path) -> None:
+def test_run_ls_call(pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path) -> None:
     module = tmp_path / "greeter.py"
     module.write_text(SERVER_MODULE)
     server = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
          "run", f"{module}:Greeter", "--name", "greeter"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
-        called = pylm(etcd_server, cluster, "call", "greeter", "hello", "world")
+        called = pylm(pylm_etcd, pylm_cluster, "call", "greeter", "hello", "world")
         assert called.returncode == 0, called.stderr
         assert called.stdout.strip() == "hello world"
-        shown = pylm(etcd_server, cluster, "ls", "--json")
+        shown = pylm(pylm_etcd, pylm_cluster, "ls", "--json")
         data = json.loads(shown.stdout)
         (instance,) = data["servers"]["greeter"]["instances"]
         assert data["servers"]["greeter"]["kind"] == "standalone"
         assert instance["pid"] == server.pid and instance["functions"] == ["hello"]
-        text = pylm(etcd_server, cluster, "topology").stdout
+        text = pylm(pylm_etcd, pylm_cluster, "topology").stdout
         assert "greeter [standalone]  1 instance(s)" in text and "rep   tcp://127.0.0.1:" in text
         assert "s left" in text
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
-    empty = pylm(etcd_server, cluster, "ls")
+    empty = pylm(pylm_etcd, pylm_cluster, "ls")
     assert "(no servers registered)" in empty.stdout
 
 
-def test_errors_are_one_clear_line(etcd_server: LocalEtcd, cluster: str) -> None:
-    missing = pylm(etcd_server, cluster, "call", "ghost", "f", "x", "--timeout", "0.3")
+def test_errors_are_one_clear_line(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:
+    missing = pylm(pylm_etcd, pylm_cluster, "call", "ghost", "f", "x", "--timeout", "0.3")
     assert missing.returncode == 2
     assert missing.stderr.startswith("pylm: no instance of server 'ghost' is registered")
     env = {k: v for k, v in os.environ.items() if k != "PYLM_REGISTRY"}
@@ -90,21 +92,23 @@ def test_errors_are_one_clear_line(etcd_server: LocalEtcd, cluster: str) -> None
         timeout=30,
     )
     assert unset.returncode == 2 and "pylm etcd" in unset.stderr
-    bad = pylm(etcd_server, cluster, "--registry-timeout", "0", "ls")
+    bad = pylm(pylm_etcd, pylm_cluster, "--registry-timeout", "0", "ls")
     assert bad.returncode == 2 and "--registry-timeout must be positive, got 0" in bad.stderr
-    assert pylm(etcd_server, cluster, "--registry-timeout", "20", "ls").returncode == 0
+    assert pylm(pylm_etcd, pylm_cluster, "--registry-timeout", "20", "ls").returncode == 0
 
 
 @pytest.mark.parametrize("target", ["nocolon", "missing.module:Thing"])
-def test_run_with_a_bad_target(etcd_server: LocalEtcd, cluster: str, target: str) -> None:
-    done = pylm(etcd_server, cluster, "run", target, "--name", "x")
+def test_run_with_a_bad_target(pylm_etcd: LocalEtcd, pylm_cluster: str, target: str) -> None:
+    done = pylm(pylm_etcd, pylm_cluster, "run", target, "--name", "x")
     assert done.returncode != 0
 
 
 @pytest.mark.parametrize("filename", ["pipeline.toml", "pipeline.yaml"])
-def test_shipped_topology_files_apply(etcd_server: LocalEtcd, cluster: str, filename: str) -> None:
+def test_shipped_topology_files_apply(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, filename: str
+) -> None:
     shipped = Path(__file__).resolve().parent.parent / "registry" / filename
-    done = pylm(etcd_server, cluster, "topology", "apply", str(shipped))
+    done = pylm(pylm_etcd, pylm_cluster, "topology", "apply", str(shipped))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["step1 -> step2.bar", "step2 -> last.baz"]
 
@@ -140,14 +144,14 @@ def test_pylm_demo_runs_a_registry_backed_pipeline() -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_topology_watch_prints_changes(etcd_server: LocalEtcd, cluster: str) -> None:
+def test_topology_watch_prints_changes(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:
     import queue
     import threading
 
     from pylm.registry import InstanceRecord
 
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
          "topology", "--watch"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -164,7 +168,7 @@ def test_topology_watch_prints_changes(etcd_server: LocalEtcd, cluster: str) -> 
 
     try:
         wait_line("(no servers registered)")
-        with Registry(etcd_server.url, cluster=cluster) as registry:
+        with Registry(pylm_etcd.url, cluster=pylm_cluster) as registry:
             registry.register(InstanceRecord("newcomer", "standalone", {"rep": "tcp://h:1"}))
             wait_line("newcomer [standalone]  1 instance(s)")
         wait_line("(no servers registered)")  # gone again once it closed
@@ -175,7 +179,7 @@ def test_topology_watch_prints_changes(etcd_server: LocalEtcd, cluster: str) -> 
 
 
 def test_call_a_master_and_show_branches_and_tees(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
 ) -> None:
     from pylm.chained import LastServer, Server
     from pylm.parallel import Master, Worker
@@ -194,18 +198,18 @@ def test_call_a_master_and_show_branches_and_tees(
             return message
 
     servers = [
-        Master("m", registry=registry, log_stdout=False),
-        Counter("w", "m", registry=registry, log_stdout=False),
-        Last("last", registry=registry, log_stdout=False),
-        Step("step", next_call="last.g", tee="last.g", registry=registry, log_stdout=False),
+        Master("m", registry=pylm_registry, log_stdout=False),
+        Counter("w", "m", registry=pylm_registry, log_stdout=False),
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step("step", next_call="last.g", tee="last.g", registry=pylm_registry, log_stdout=False),
     ]
     for server in servers:
         server.start(background=True)
     try:
-        called = pylm(etcd_server, cluster, "call", "m", "count", "3")
+        called = pylm(pylm_etcd, pylm_cluster, "call", "m", "count", "3")
         assert called.returncode == 0, called.stderr
         assert called.stdout.splitlines() == ["0", "1", "2"]
-        text = pylm(etcd_server, cluster, "topology").stdout
+        text = pylm(pylm_etcd, pylm_cluster, "topology").stdout
         assert "step [chained] -> last.g  (tee last.g)  1 instance(s)" in text
         assert "m [master]  1 instance(s)" in text and "w [worker]  1 instance(s)" in text
     finally:
@@ -223,30 +227,30 @@ class Upper(Worker):
 
 
 def test_run_a_worker_and_stop_it_with_sigterm(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry, tmp_path: Path
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, tmp_path: Path
 ) -> None:
     from pylm.parallel import Client as ParallelClient
     from pylm.parallel import Master
 
     module = tmp_path / "upper.py"
     module.write_text(WORKER_MODULE)
-    master = Master("m", registry=registry, log_stdout=False)
+    master = Master("m", registry=pylm_registry, log_stdout=False)
     master.start(background=True)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
          "run", f"{module}:Upper", "--name", "upper", "--master", "m", "--ttl", "30"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
-        with ParallelClient("m", registry=registry, timeout=20) as client:
+        with ParallelClient("m", registry=pylm_registry, timeout=20) as client:
             assert client.eval("upper", b"shout") == b"SHOUT"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0, worker.stderr.read() if worker.stderr else ""
         # It deregistered on its way out: its record did not wait for the 30 s lease.
-        assert registry.instances("upper") == []
-        missing = pylm(etcd_server, cluster, "run", f"{module}:Upper", "--name", "x")
+        assert pylm_registry.instances("upper") == []
+        missing = pylm(pylm_etcd, pylm_cluster, "run", f"{module}:Upper", "--name", "x")
         assert missing.returncode == 2 and "--master" in missing.stderr
     finally:
         worker.kill()
@@ -276,19 +280,19 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
 
-def test_global_options_may_come_after_the_command(etcd_server: LocalEtcd, cluster: str) -> None:
+def test_global_options_may_come_after_the_command(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pylm", *args], capture_output=True, text=True, timeout=30
         )
 
-    where = ["--registry", etcd_server.url, "--cluster", cluster]
+    where = ["--registry", pylm_etcd.url, "--cluster", pylm_cluster]
     done = run("topology", "set", "step1", "--next", "step2.bar", *where)
     assert done.returncode == 0 and done.stdout.strip() == "step1 -> step2.bar", done.stderr
     after = run("ls", "--json", *where)
     before = run(*where, "ls", "--json")
     assert after.returncode == 0 and after.stdout == before.stdout, after.stderr
     # After the command, an option overrides the same one before it.
-    elsewhere = run("--cluster", "nowhere", "--registry", etcd_server.url, "topology", "export",
-                    "--cluster", cluster)  # fmt: skip
+    elsewhere = run("--cluster", "nowhere", "--registry", pylm_etcd.url, "topology", "export",
+                    "--cluster", pylm_cluster)  # fmt: skip
     assert elsewhere.returncode == 0 and "step2.bar" in elsewhere.stdout, elsewhere.stderr

@@ -200,15 +200,19 @@ def test_branches_meet_again_in_a_sink(serve: Callable[..., object]) -> None:
 
 
 def test_tee_copies_go_to_a_side_sink_and_only_the_main_line_answers(
-    registry: Registry, serve: Callable[..., object]
+    pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
-    audit = serve(Collect("audit", registry=registry, log_stdout=False))
-    serve(Last("last", registry=registry, log_stdout=False))
-    serve(Mark("side", next_call="audit.done", registry=registry, log_stdout=False))
-    serve(Step("step", next_call="last.done", tee="side.mark", registry=registry, log_stdout=False))
-    (record,) = registry.instances("step")
+    audit = serve(Collect("audit", registry=pylm_registry, log_stdout=False))
+    serve(Last("last", registry=pylm_registry, log_stdout=False))
+    serve(Mark("side", next_call="audit.done", registry=pylm_registry, log_stdout=False))
+    serve(
+        Step(
+            "step", next_call="last.done", tee="side.mark", registry=pylm_registry, log_stdout=False
+        )
+    )
+    (record,) = pylm_registry.instances("step")
     assert record.next == "last.done" and record.tee == ["side.mark"]
-    with LoopClient("step", registry=registry, announce=False, timeout=20) as client:
+    with LoopClient("step", registry=pylm_registry, announce=False, timeout=20) as client:
         results = list(client.job("tag", [b"%d" % n for n in range(100)]))
     assert sorted(results) == sorted(b"%d>step>done" % n for n in range(100))
     expected = sorted(b"%d>step>side" % n for n in range(100))
@@ -223,18 +227,18 @@ def test_tee_copies_go_to_a_side_sink_and_only_the_main_line_answers(
 
 
 def test_hub_by_name_in_a_registry_pipeline(
-    registry: Registry, serve: Callable[..., object]
+    pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
-    serve(Last("last", registry=registry, log_stdout=False))
+    serve(Last("last", registry=pylm_registry, log_stdout=False))
     hub = serve(
-        Hub("hub", next_call="last.done", registry=registry, heartbeat=BEAT, log_stdout=False)
+        Hub("hub", next_call="last.done", registry=pylm_registry, heartbeat=BEAT, log_stdout=False)
     )
     for name in ("w1", "w2"):
-        serve(Tagger(name, "hub", registry=registry, heartbeat=BEAT, log_stdout=False))
-    serve(Step("step", next_call="hub.work", registry=registry, log_stdout=False))
-    (record,) = registry.instances("hub")
+        serve(Tagger(name, "hub", registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    serve(Step("step", next_call="hub.work", registry=pylm_registry, log_stdout=False))
+    (record,) = pylm_registry.instances("hub")
     assert record.kind == "hub" and {"pull", "db", "workers"} <= set(record.endpoints)
-    with LoopClient("step", registry=registry, announce=False, timeout=20) as client:
+    with LoopClient("step", registry=pylm_registry, announce=False, timeout=20) as client:
         results = list(client.job("tag", [b"%d" % n for n in range(300)], timeout=20))
     assert sorted(r.split(b">")[0] for r in results) == sorted(b"%d" % n for n in range(300))
     assert hub.workers == 2

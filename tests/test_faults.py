@@ -37,22 +37,22 @@ class Last(LastServer):
 
 @pytest.mark.timeout(120 * SOAK)
 def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
-    serve(Last("last", registry=registry, log_stdout=False))
-    serve(Step("step", next_call="last.done", registry=registry, ttl=1, log_stdout=False))
-    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    serve(Last("last", registry=pylm_registry, log_stdout=False))
+    serve(Step("step", next_call="last.done", registry=pylm_registry, ttl=1, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
     doomed = subprocess.Popen(
         [sys.executable, str(HERE / "chained_stage.py"), "step", "last.done"], env=env
     )
     try:
         deadline = time.monotonic() + 20
-        while len(registry.instances("step")) < 2:
+        while len(pylm_registry.instances("step")) < 2:
             assert time.monotonic() < deadline, "the second stage instance never registered"
             time.sleep(0.05)
         total = JOBS
         outcomes = []
-        with LoopClient("step", registry=registry, announce=False, timeout=3) as client:
+        with LoopClient("step", registry=pylm_registry, announce=False, timeout=3) as client:
             for outcome in client.results("tag", (b"%d" % n for n in range(total))):
                 outcomes.append(outcome)
                 if len(outcomes) == 2_000:
@@ -72,12 +72,12 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
 
 @pytest.mark.timeout(120 * SOAK)
 def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
     from pylm.parallel import Client, Master
 
-    master = serve(Master("m", registry=registry, heartbeat=0.2, log_stdout=False))
-    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    master = serve(Master("m", registry=pylm_registry, heartbeat=0.2, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
     script = str(HERE / "parallel_worker.py")
     workers = [
         subprocess.Popen([sys.executable, script, name, "m", "0.2", "4", pause], env=env)
@@ -85,7 +85,7 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
     ]
     try:
         results: list[bytes] = []
-        with Client("m", registry=registry, timeout=30, max_in_flight=200) as client:
+        with Client("m", registry=pylm_registry, timeout=30, max_in_flight=200) as client:
             deadline = time.monotonic() + 20
             while client.ping()["workers"] < 2:
                 assert time.monotonic() < deadline, "the workers never joined"

@@ -44,10 +44,10 @@ class OldAgain(Server):
         return b"again " + message
 
 
-def test_other_functions_under_a_live_name_are_refused(registry: Registry) -> None:
-    with Old("svc", log_stdout=False, registry=registry):
-        (old,) = registry.instances("svc")
-        other = New("svc", log_stdout=False, registry=registry)
+def test_other_functions_under_a_live_name_are_refused(pylm_registry: Registry) -> None:
+    with Old("svc", log_stdout=False, registry=pylm_registry):
+        (old,) = pylm_registry.instances("svc")
+        other = New("svc", log_stdout=False, registry=pylm_registry)
         with pytest.raises(InterfaceMismatch) as refused:
             other.start(background=True)
         other.stop()
@@ -58,22 +58,24 @@ def test_other_functions_under_a_live_name_are_refused(registry: Registry) -> No
         assert isinstance(refused.value, RegistryError)
         assert refused.value.functions == ["echo", "extra"]
         assert refused.value.live == {old.instance: ["echo"]}
-        assert [r.instance for r in registry.instances("svc")] == [old.instance]  # never listed
+        assert [r.instance for r in pylm_registry.instances("svc")] == [
+            old.instance
+        ]  # never listed
         # The same functions, from another class: accepted.
-        with OldAgain("svc", log_stdout=False, registry=registry):
-            assert len(registry.instances("svc")) == 2
+        with OldAgain("svc", log_stdout=False, registry=pylm_registry):
+            assert len(pylm_registry.instances("svc")) == 2
     # Nothing live any more: any interface may take the name.
-    with New("svc", log_stdout=False, registry=registry):
+    with New("svc", log_stdout=False, registry=pylm_registry):
         pass
 
 
-def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(registry: Registry) -> None:
+def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(pylm_registry: Registry) -> None:
     with (
-        Old("roll", log_stdout=False, registry=registry),
-        Client("roll", registry=registry, timeout=5) as client,
+        Old("roll", log_stdout=False, registry=pylm_registry),
+        Client("roll", registry=pylm_registry, timeout=5) as client,
     ):
         assert client.job("echo", b"x") == b"old x"
-        new = New("roll", log_stdout=False, registry=registry, rolling=True)
+        new = New("roll", log_stdout=False, registry=pylm_registry, rolling=True)
         with new:
             # The client follows the registry: once it knows of the new
             # instance, a function only the new version has goes there only.
@@ -85,37 +87,37 @@ def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(registry: Reg
             # Functions both have go to both.
             assert {client.job("echo", b"x") for _ in range(20)} == {b"old x", b"new x"}
             # A new client, from the listing: the same.
-            with Client("roll", registry=registry, timeout=5) as fresh:
+            with Client("roll", registry=pylm_registry, timeout=5) as fresh:
                 assert all(fresh.job("extra", b"y") == b"extra y" for _ in range(20))
                 assert {fresh.job("echo", b"y") for _ in range(20)} == {b"old y", b"new y"}
             # More instances of the new version need no flag, nor does the
             # old version (one restarting meanwhile).
             with (
-                New("roll", log_stdout=False, registry=registry),
-                Old("roll", log_stdout=False, registry=registry),
+                New("roll", log_stdout=False, registry=pylm_registry),
+                Old("roll", log_stdout=False, registry=pylm_registry),
             ):
-                assert len(registry.instances("roll")) == 4
+                assert len(pylm_registry.instances("roll")) == 4
         # The new version gone: one interface again, every call to every instance.
         wait_for(lambda: client._peers is not None and client._peers.changed, 10,
                  "the client hearing the new instance left")  # fmt: skip
         assert {client.job("echo", b"z") for _ in range(10)} == {b"old z"}
 
 
-def test_the_async_client_routes_a_rolling_version_alike(registry: Registry) -> None:
+def test_the_async_client_routes_a_rolling_version_alike(pylm_registry: Registry) -> None:
     async def calls(client: AsyncClient) -> tuple[list[bytes], set[bytes]]:
         extras = await asyncio.gather(*(client.job("extra", b"%d" % i) for i in range(40)))
         echoes = await asyncio.gather(*(client.job("echo", b"x") for _ in range(40)))
         return extras, set(echoes)
 
     async def main() -> tuple[list[bytes], set[bytes]]:
-        async with AsyncClient("aroll", registry=registry, timeout=5) as client:
+        async with AsyncClient("aroll", registry=pylm_registry, timeout=5) as client:
             return await calls(client)
 
     with (
-        Old("aroll", log_stdout=False, registry=registry),
-        New("aroll", log_stdout=False, registry=registry, rolling=True),
+        Old("aroll", log_stdout=False, registry=pylm_registry),
+        New("aroll", log_stdout=False, registry=pylm_registry, rolling=True),
     ):
-        wait_for(lambda: len(registry.instances("aroll")) == 2, 10, "both versions listed")
+        wait_for(lambda: len(pylm_registry.instances("aroll")) == 2, 10, "both versions listed")
         extras, echoes = asyncio.run(main())
     assert extras == [b"extra %d" % i for i in range(40)]
     assert echoes == {b"old x", b"new x"}
@@ -136,26 +138,26 @@ class DownNew(chained.LastServer):
         return b"new " + message
 
 
-def test_a_stage_sends_its_call_only_to_the_versions_that_have_it(registry: Registry) -> None:
+def test_a_stage_sends_its_call_only_to_the_versions_that_have_it(pylm_registry: Registry) -> None:
     """The next stage rolls out a version without the function this stage
     calls: its jobs go to the instances that have it, none fails."""
     with (
-        DownOld("down", log_stdout=False, registry=registry),
-        DownNew("down", log_stdout=False, registry=registry, rolling=True),
-        Up("up", next_call="down.bar", log_stdout=False, registry=registry) as up,
+        DownOld("down", log_stdout=False, registry=pylm_registry),
+        DownNew("down", log_stdout=False, registry=pylm_registry, rolling=True),
+        Up("up", next_call="down.bar", log_stdout=False, registry=pylm_registry) as up,
     ):
         wait_for(lambda: len(up.next_instances) == 1, 10, "the stage following the next one")
-        with chained.LoopClient("up", registry=registry, announce=False, timeout=10) as client:
+        with chained.LoopClient("up", registry=pylm_registry, announce=False, timeout=10) as client:
             results = list(client.job("foo", [b"%d" % i for i in range(40)]))
     assert sorted(results) == sorted(b"old %d" % i for i in range(40))
 
 
-def test_two_interfaces_starting_together_never_both_serve(registry: Registry) -> None:
+def test_two_interfaces_starting_together_never_both_serve(pylm_registry: Registry) -> None:
     for round in range(5):
         name = f"race{round}"
         servers = [
-            Old(name, log_stdout=False, registry=registry),
-            New(name, log_stdout=False, registry=registry),
+            Old(name, log_stdout=False, registry=pylm_registry),
+            New(name, log_stdout=False, registry=pylm_registry),
         ]
         refused: list[BaseException] = []
         go = threading.Barrier(2)
@@ -175,7 +177,7 @@ def test_two_interfaces_starting_together_never_both_serve(registry: Registry) -
         try:
             assert refused, "two interfaces serve under one name"
             assert sum(server.running for server in servers) == 2 - len(refused)
-            functions = {tuple(r.functions) for r in registry.instances(name)}
+            functions = {tuple(r.functions) for r in pylm_registry.instances(name)}
             assert len(functions) <= 1
         finally:
             for server in servers:
@@ -201,41 +203,52 @@ def pylm_cli(registry: Registry, *args: str) -> list[str]:
             "--cluster", config.cluster, *args]  # fmt: skip
 
 
-def test_pylm_run_rolling_and_ls_shows_both_versions(registry: Registry, tmp_path: Path) -> None:
+def test_pylm_run_rolling_and_ls_shows_both_versions(
+    pylm_registry: Registry, tmp_path: Path
+) -> None:
     module = tmp_path / "versions.py"
     module.write_text(SERVER_MODULE)
     run = ["run", "--name", "greeter"]
     old = subprocess.Popen(
-        pylm_cli(registry, *run, f"{module}:Old"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        pylm_cli(pylm_registry, *run, f"{module}:Old"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     new = None
     try:
-        wait_for(lambda: registry.instances("greeter") != [], 20, "the old version registered")
+        wait_for(lambda: pylm_registry.instances("greeter") != [], 20, "the old version registered")
         refused = subprocess.run(
-            pylm_cli(registry, *run, f"{module}:New"), capture_output=True, text=True, timeout=30
+            pylm_cli(pylm_registry, *run, f"{module}:New"),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert refused.returncode != 0
         assert "has functions [bye, hello], but the live instances" in refused.stderr
         assert "have [hello]" in refused.stderr and "Traceback" not in refused.stderr
         new = subprocess.Popen(
-            pylm_cli(registry, *run, f"{module}:New", "--rolling"),
+            pylm_cli(pylm_registry, *run, f"{module}:New", "--rolling"),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
-        wait_for(lambda: len(registry.instances("greeter")) == 2, 20, "the new version registered")
-        shown = subprocess.run(pylm_cli(registry, "ls"), capture_output=True, text=True, timeout=30)
+        wait_for(
+            lambda: len(pylm_registry.instances("greeter")) == 2, 20, "the new version registered"
+        )
+        shown = subprocess.run(
+            pylm_cli(pylm_registry, "ls"), capture_output=True, text=True, timeout=30
+        )
         assert "greeter [standalone]  2 instance(s)" in shown.stdout
         assert "2 versions" in shown.stdout
         assert "functions bye, hello  on " in shown.stdout
         assert "functions hello  on " in shown.stdout
         data = json.loads(
             subprocess.run(
-                pylm_cli(registry, "ls", "--json"), capture_output=True, text=True, timeout=30
+                pylm_cli(pylm_registry, "ls", "--json"), capture_output=True, text=True, timeout=30
             ).stdout
         )
         versions = data["servers"]["greeter"]["versions"]
         assert sorted(v["functions"] for v in versions) == [["bye", "hello"], ["hello"]]
         called = subprocess.run(
-            pylm_cli(registry, "call", "greeter", "bye", "now"),
+            pylm_cli(pylm_registry, "call", "greeter", "bye", "now"),
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert called.returncode == 0 and called.stdout.strip() == "bye now", called.stderr

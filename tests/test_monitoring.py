@@ -263,9 +263,9 @@ def test_healthz_and_metrics_off(monkeypatch: pytest.MonkeyPatch) -> None:
         assert off.metrics_url is None and off.stats is None
 
 
-def test_metrics_url_is_registered(registry: Registry) -> None:
-    with Echo("monitored", registry=registry, log_stdout=False) as server:
-        (record,) = registry.instances("monitored")
+def test_metrics_url_is_registered(pylm_registry: Registry) -> None:
+    with Echo("monitored", registry=pylm_registry, log_stdout=False) as server:
+        (record,) = pylm_registry.instances("monitored")
         assert record.metrics == server.metrics_url
         assert server.stats is not None and server.stats.instance == record.instance
         assert server.metrics_url is not None
@@ -302,17 +302,17 @@ def test_scrape_targets_group_by_endpoint() -> None:
 
 
 @pytest.fixture
-def discovery(registry: Registry, tmp_path: Path) -> Iterator[ServiceDiscovery]:
-    with ServiceDiscovery(registry, port=0, file=tmp_path / "targets.json") as sd:
+def discovery(pylm_registry: Registry, tmp_path: Path) -> Iterator[ServiceDiscovery]:
+    with ServiceDiscovery(pylm_registry, port=0, file=tmp_path / "targets.json") as sd:
         yield sd
 
 
 def test_service_discovery_follows_the_registry(
-    discovery: ServiceDiscovery, registry: Registry, tmp_path: Path
+    discovery: ServiceDiscovery, pylm_registry: Registry, tmp_path: Path
 ) -> None:
-    registry.set_config("wired_only", next="x.y")
+    pylm_registry.set_config("wired_only", next="x.y")
     version = discovery.wait_for_change(0, 5)
-    with Echo("sd_echo", registry=registry, log_stdout=False) as server:
+    with Echo("sd_echo", registry=pylm_registry, log_stdout=False) as server:
         assert server.metrics_url is not None
         address = server.metrics_url.split("/")[2]
         deadline = time.monotonic() + 10
@@ -324,10 +324,10 @@ def test_service_discovery_follows_the_registry(
         (group,) = json.loads(body)
         assert group["targets"] == [address]
         assert group["labels"]["pylm_servers"] == "sd_echo"
-        assert group["labels"]["cluster"] == registry.config.cluster
+        assert group["labels"]["cluster"] == pylm_registry.config.cluster
         assert json.loads((tmp_path / "targets.json").read_text()) == [group]
         found = samples(f"http://{discovery.host}:{discovery.port}/metrics")
-        cluster = registry.config.cluster
+        cluster = pylm_registry.config.cluster
         assert (
             value(
                 found,
@@ -375,14 +375,14 @@ def test_top_quantiles_follow_prometheus_interpolation() -> None:
     assert quantile(0.99, {0.001: 1.0, float("inf"): 2.0}) == 0.001  # above the last bound
 
 
-def test_pylm_top_shows_rates_from_the_servers(registry: Registry) -> None:
+def test_pylm_top_shows_rates_from_the_servers(pylm_registry: Registry) -> None:
     import os
     import subprocess
     import sys
     import threading
 
     stop = threading.Event()
-    with Echo("topped", registry=registry, log_stdout=False) as server:
+    with Echo("topped", registry=pylm_registry, log_stdout=False) as server:
 
         def load() -> None:
             with Client(server.address, "topped") as client:
@@ -392,8 +392,15 @@ def test_pylm_top_shows_rates_from_the_servers(registry: Registry) -> None:
         worker = threading.Thread(target=load)
         worker.start()
         try:
-            env = {**os.environ, "PYLM_REGISTRY": registry.config.url}
-            command = ["--cluster", registry.config.cluster, "top", "--once", "--interval", "0.5"]
+            env = {**os.environ, "PYLM_REGISTRY": pylm_registry.config.url}
+            command = [
+                "--cluster",
+                pylm_registry.config.cluster,
+                "top",
+                "--once",
+                "--interval",
+                "0.5",
+            ]
             done = subprocess.run(
                 [sys.executable, "-m", "pylm.cli", *command],
                 env=env, capture_output=True, text=True, timeout=30,

@@ -26,73 +26,73 @@ class Echo(Server):
 
 
 def test_name_only_server_and_client_through_the_environment(
-    serve: Serve, etcd_server: LocalEtcd, cluster: str, monkeypatch: pytest.MonkeyPatch
+    serve: Serve, pylm_etcd: LocalEtcd, pylm_cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYLM_REGISTRY", etcd_server.url)
-    monkeypatch.setenv("PYLM_CLUSTER", cluster)
+    monkeypatch.setenv("PYLM_REGISTRY", pylm_etcd.url)
+    monkeypatch.setenv("PYLM_CLUSTER", pylm_cluster)
     server = serve(Echo("echo_server", log_stdout=False))
     with Client("echo_server") as client:
         assert client.job("echo", b"x") == b"echo x"
         assert client.endpoints == [server.address]
 
 
-def test_record_contents_and_clean_removal(registry: Registry) -> None:
-    server = Echo("echo_server", log_stdout=False, registry=registry)
+def test_record_contents_and_clean_removal(pylm_registry: Registry) -> None:
+    server = Echo("echo_server", log_stdout=False, registry=pylm_registry)
     with server:
-        (record,) = registry.instances("echo_server")
+        (record,) = pylm_registry.instances("echo_server")
         assert record.kind == "standalone"
         assert record.endpoints == {"rep": server.address}
         assert record.functions == ["echo"]
         assert record.pid == os.getpid() and record.version == pylm.__version__
         assert server.address.startswith("tcp://127.0.0.1:")
-    assert registry.instances("echo_server") == []
+    assert pylm_registry.instances("echo_server") == []
 
 
-def test_client_waits_for_a_server_not_started_yet(registry: Registry) -> None:
+def test_client_waits_for_a_server_not_started_yet(pylm_registry: Registry) -> None:
     results: list[bytes] = []
     resolving = threading.Event()
 
     def call() -> None:
         resolving.set()
-        with Client("late_server", registry=registry, timeout=20) as client:
+        with Client("late_server", registry=pylm_registry, timeout=20) as client:
             results.append(client.job("echo", b"early"))
 
     thread = threading.Thread(target=call)
     thread.start()
     assert resolving.wait(5)
-    with Echo("late_server", log_stdout=False, registry=registry):
+    with Echo("late_server", log_stdout=False, registry=pylm_registry):
         thread.join(20)
     assert results == [b"echo early"]
 
 
-def test_clients_spread_over_every_instance(registry: Registry) -> None:
-    servers = [Echo("svc", log_stdout=False, registry=registry) for _ in range(2)]
-    with servers[0], servers[1], Client("svc", registry=registry) as client:
+def test_clients_spread_over_every_instance(pylm_registry: Registry) -> None:
+    servers = [Echo("svc", log_stdout=False, registry=pylm_registry) for _ in range(2)]
+    with servers[0], servers[1], Client("svc", registry=pylm_registry) as client:
         assert sorted(client.endpoints) == sorted(s.address for s in servers)
         for _ in range(40):
             assert client.job("echo", b"x") == b"echo x"
     assert all(server.served > 0 for server in servers)  # counted once stopped
 
 
-def test_async_client_by_name(serve: Serve, registry: Registry) -> None:
+def test_async_client_by_name(serve: Serve, pylm_registry: Registry) -> None:
     import asyncio
 
-    serve(Echo("async_svc", log_stdout=False, registry=registry))
+    serve(Echo("async_svc", log_stdout=False, registry=pylm_registry))
 
     async def main() -> list[bytes]:
-        async with AsyncClient("async_svc", registry=registry) as client:
+        async with AsyncClient("async_svc", registry=pylm_registry) as client:
             return await asyncio.gather(*(client.job("echo", b"%d" % i) for i in range(20)))
 
     assert asyncio.run(main()) == [b"echo %d" % i for i in range(20)]
 
 
 def test_explicit_address_registers_only_when_given_a_registry(
-    serve: Serve, registry: Registry
+    serve: Serve, pylm_registry: Registry
 ) -> None:
     serve(Echo("plain", "tcp://127.0.0.1:0", log_stdout=False))
-    assert registry.instances("plain") == []
-    listed = serve(Echo("listed", "tcp://127.0.0.1:0", log_stdout=False, registry=registry))
-    assert registry.instances("listed")[0].endpoints == {"rep": listed.address}
+    assert pylm_registry.instances("plain") == []
+    listed = serve(Echo("listed", "tcp://127.0.0.1:0", log_stdout=False, registry=pylm_registry))
+    assert pylm_registry.instances("listed")[0].endpoints == {"rep": listed.address}
 
 
 def test_name_only_without_registry_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,11 +113,11 @@ def test_name_only_with_registry_down_fails_fast() -> None:
     server.stop()
 
 
-def test_no_instance_registered_is_a_clear_error(registry: Registry) -> None:
+def test_no_instance_registered_is_a_clear_error(pylm_registry: Registry) -> None:
     with pytest.raises(RegistryError, match=r"no instance of server 'ghost' is registered"):
-        Client("ghost", registry=registry, timeout=0.3)
+        Client("ghost", registry=pylm_registry, timeout=0.3)
     with pytest.raises(RegistryError, match=r"no instance of server 'ghost' is registered"):
-        AsyncClient("ghost", registry=registry, timeout=0.3)
+        AsyncClient("ghost", registry=pylm_registry, timeout=0.3)
     with pytest.raises(ValueError, match="give the server_name too"):
         Client("tcp://127.0.0.1:5555")
 
@@ -153,10 +153,10 @@ class Named(Server):
         return self.address.encode()
 
 
-def test_client_follows_instances_joining_and_leaving(registry: Registry) -> None:
-    first = Named("named", log_stdout=False, registry=registry)
-    second = Named("named", log_stdout=False, registry=registry)
-    with first, Client("named", registry=registry, timeout=5) as client:
+def test_client_follows_instances_joining_and_leaving(pylm_registry: Registry) -> None:
+    first = Named("named", log_stdout=False, registry=pylm_registry)
+    second = Named("named", log_stdout=False, registry=pylm_registry)
+    with first, Client("named", registry=pylm_registry, timeout=5) as client:
         assert client.job("who", b"") == first.address.encode()
         second.start(background=True)
         try:
@@ -174,17 +174,17 @@ def test_client_follows_instances_joining_and_leaving(registry: Registry) -> Non
         while client.endpoints != [first.address]:
             assert time.monotonic() < deadline, "the client never dropped the old instance"
             client.job("who", b"")
-    assert registry.instances("named") == []
+    assert pylm_registry.instances("named") == []
 
 
-def test_async_client_follows_a_joining_instance(registry: Registry) -> None:
+def test_async_client_follows_a_joining_instance(pylm_registry: Registry) -> None:
     import asyncio
 
-    first = Named("anamed", log_stdout=False, registry=registry)
-    second = Named("anamed", log_stdout=False, registry=registry)
+    first = Named("anamed", log_stdout=False, registry=pylm_registry)
+    second = Named("anamed", log_stdout=False, registry=pylm_registry)
 
     async def main() -> set[bytes]:
-        async with AsyncClient("anamed", registry=registry, timeout=5) as client:
+        async with AsyncClient("anamed", registry=pylm_registry, timeout=5) as client:
             answered = {await client.job("who", b"")}
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: second.start(background=True)

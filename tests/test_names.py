@@ -44,35 +44,35 @@ def test_not_a_str() -> None:
         check_name(5)
 
 
-def test_lookups_match_whole_names_only(registry: Registry) -> None:
+def test_lookups_match_whole_names_only(pylm_registry: Registry) -> None:
     """a, ab and a-b side by side: a client of 'a' reaches 'a' only, and a
     record that a '/' would have made a prefix match is not listed."""
-    servers = [Named(name, log_stdout=False, registry=registry) for name in ("a", "ab", "a-b")]
+    servers = [Named(name, log_stdout=False, registry=pylm_registry) for name in ("a", "ab", "a-b")]
     for server in servers:
         server.start(background=True)
     try:
-        wait_for(lambda: len(registry.instances()) == 3, 10, "three servers listed")
+        wait_for(lambda: len(pylm_registry.instances()) == 3, 10, "three servers listed")
         # A record under a/ written behind pylm's back, as a '/' in a name once made it.
-        registry._call(
-            registry._etcd(
+        pylm_registry._call(
+            pylm_registry._etcd(
                 lambda client: client.put(
-                    f"{registry.config.prefix}instances/a/b/0123456789ab".encode(), b"{}"
+                    f"{pylm_registry.config.prefix}instances/a/b/0123456789ab".encode(), b"{}"
                 )
             )
         )
-        assert [record.name for record in registry.instances("a")] == ["a"]
-        with Client("a", registry=registry, timeout=5) as client:
+        assert [record.name for record in pylm_registry.instances("a")] == ["a"]
+        with Client("a", registry=pylm_registry, timeout=5) as client:
             assert {client.job("who", b"") for _ in range(20)} == {b"a"}
         with pytest.raises(InvalidName):
-            registry.instances("a/b")
+            pylm_registry.instances("a/b")
     finally:
         for server in servers:
             server.stop()
 
 
-def test_the_command_line_refuses_a_bad_name(etcd_server: LocalEtcd, cluster: str) -> None:
+def test_the_command_line_refuses_a_bad_name(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster", cluster,
+        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
          "topology", "set", "a/b", "--next", "step2.bar"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip

@@ -102,14 +102,18 @@ def test_eval_job_and_stream(master: Master, serve: Callable[[Tagger], Tagger]) 
         assert client.ping()["workers"] == 1
 
 
-def test_names_only_through_the_registry(registry: Registry, serve: Callable[..., object]) -> None:
-    master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
-    serve(Tagger("w1", "m", registry=registry, heartbeat=BEAT, log_stdout=False))
-    serve(Tagger("w2", "m", registry=registry, heartbeat=BEAT, log_stdout=False))
-    (record,) = registry.instances("m")
+def test_names_only_through_the_registry(
+    pylm_registry: Registry, serve: Callable[..., object]
+) -> None:
+    master = serve(Master("m", registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    serve(Tagger("w1", "m", registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    serve(Tagger("w2", "m", registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    (record,) = pylm_registry.instances("m")
     assert record.kind == "master" and set(record.endpoints) == {"front", "workers"}
-    assert {r.kind for r in registry.instances("w1") + registry.instances("w2")} == {"worker"}
-    with Client("m", registry=registry, timeout=10) as client:
+    assert {r.kind for r in pylm_registry.instances("w1") + pylm_registry.instances("w2")} == {
+        "worker"
+    }
+    with Client("m", registry=pylm_registry, timeout=10) as client:
         wait_for(lambda: client.ping()["workers"] == 2, 10, "two workers")
         by = Counter(result.split(b":")[0] for result in client.job("who", [b"x"] * 200))
     assert sum(by.values()) == 200
@@ -295,10 +299,10 @@ def test_workers_join_and_leave_mid_run(master: Master, serve: Callable[[Tagger]
 
 
 def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry, serve: Callable[..., object]
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
-    master = serve(Master("m", registry=registry, heartbeat=BEAT, log_stdout=False))
-    env = {**os.environ, "PYLM_REGISTRY": etcd_server.url, "PYLM_CLUSTER": cluster}
+    master = serve(Master("m", registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
     script = str(HERE / "parallel_worker.py")
     # The doomed worker takes 10 ms a job and holds 4: when killed, it holds jobs. The
     # survivor takes 2 ms a job, so jobs are still waiting then (at full speed it
@@ -309,7 +313,7 @@ def test_sigkilled_worker_loses_no_job_and_no_result_comes_twice(
     ]
     try:
         results: list[bytes] = []
-        with Client("m", registry=registry, timeout=30, max_in_flight=100) as client:
+        with Client("m", registry=pylm_registry, timeout=30, max_in_flight=100) as client:
             wait_for(lambda: client.ping()["workers"] == 2, 20, "two worker processes")
             stream = client.job("who", [b"%d" % n for n in range(1000)])
             for result in stream:

@@ -116,10 +116,10 @@ class Cluster:
 
 
 @pytest.fixture
-def pipeline(etcd_server: LocalEtcd, registry: Registry, cluster: str) -> Iterator[Cluster]:
-    registry.set_config("step1", next="step2.bar")
-    registry.set_config("step2", next="last.baz")
-    processes = Cluster(etcd_server, cluster)
+def pipeline(pylm_etcd: LocalEtcd, pylm_registry: Registry, pylm_cluster: str) -> Iterator[Cluster]:
+    pylm_registry.set_config("step1", next="step2.bar")
+    pylm_registry.set_config("step2", next="last.baz")
+    processes = Cluster(pylm_etcd, pylm_cluster)
     try:
         for name, cls in (("last", "Last"), ("step2", "Step2"), ("step1", "Step1")):
             processes.start(name, cls)
@@ -133,9 +133,9 @@ def value_of(samples: list[dict[str, Any]]) -> float:
 
 
 def test_prometheus_discovers_scrapes_and_alerts(
-    pipeline: Cluster, registry: Registry, cluster: str
+    pipeline: Cluster, pylm_registry: Registry, pylm_cluster: str
 ) -> None:
-    with ServiceDiscovery(registry, port=0) as sd:
+    with ServiceDiscovery(pylm_registry, port=0) as sd:
         config = f"""
 global:
   scrape_interval: 1s
@@ -152,31 +152,31 @@ scrape_configs:
 """
         with LocalPrometheus(config) as prometheus:
             # A first scrape before the work, so that rates have a start.
-            prometheus.wait_for(f'pylm_calls_total{{cluster="{cluster}", server="last"}}', 30)
-            with LoopClient("step1", registry=registry, announce=False, timeout=30) as client:
+            prometheus.wait_for(f'pylm_calls_total{{cluster="{pylm_cluster}", server="last"}}', 30)
+            with LoopClient("step1", registry=pylm_registry, announce=False, timeout=30) as client:
                 results = list(client.job("foo", [b"%d" % i for i in range(JOBS)]))
             assert len(results) == JOBS
 
             # Discovered and scraped: the counts are exact, the labels are there.
-            done = f'sum(pylm_calls_total{{cluster="{cluster}", server="last", outcome="ok"}})'
+            done = f'sum(pylm_calls_total{{cluster="{pylm_cluster}", server="last", outcome="ok"}})'
             deadline = time.monotonic() + 30
             while value_of(prometheus.query(done)) != JOBS:
                 assert time.monotonic() < deadline, f"{done} = {prometheus.query(done)}"
                 time.sleep(0.2)  # Prometheus scrapes on its own clock
-            sent = prometheus.query(f'pylm_messages_sent_total{{cluster="{cluster}"}}')
+            sent = prometheus.query(f'pylm_messages_sent_total{{cluster="{pylm_cluster}"}}')
             assert {(s["metric"]["server"], s["metric"]["to"]) for s in sent} == {
                 ("step1", "next"),
                 ("step2", "next"),
                 ("last", "client"),
             }
-            info = prometheus.query(f'pylm_server_info{{cluster="{cluster}"}}')
+            info = prometheus.query(f'pylm_server_info{{cluster="{pylm_cluster}"}}')
             assert {s["metric"]["server"] for s in info} == {"step1", "step2", "last"}
             assert {s["metric"]["kind"] for s in info} == {"chained", "chained-last"}
             prometheus.wait_for(
-                f'pylm_registry_instances{{cluster="{cluster}", server="last"}} == 1', 15
+                f'pylm_registry_instances{{cluster="{pylm_cluster}", server="last"}} == 1', 15
             )
             # Rates need two scrapes after the work: wait for them once, for every panel.
-            prometheus.wait_for(f'rate(pylm_calls_total{{cluster="{cluster}"}}[1m]) > 0', 15)
+            prometheus.wait_for(f'rate(pylm_calls_total{{cluster="{pylm_cluster}"}}[1m]) > 0', 15)
 
             # Every panel query evaluates; every panel's main query has data.
             assert len(panel_targets()) > 30 and len(rule_expressions()) >= 7

@@ -59,60 +59,60 @@ def test_record_json_round_trip_and_garbage() -> None:
             InstanceRecord.from_json(garbage, key)
 
 
-def test_register_query_remove(registry: Registry) -> None:
-    registration = registry.register(record(next="step2.bar", functions=["foo"]), ttl=5)
-    (found,) = registry.instances("step1")
+def test_register_query_remove(pylm_registry: Registry) -> None:
+    registration = pylm_registry.register(record(next="step2.bar", functions=["foo"]), ttl=5)
+    (found,) = pylm_registry.instances("step1")
     assert found == registration.record and found.next == "step2.bar"
-    assert registry.instances("other") == []
-    assert registration.key == f"{registry.config.prefix}instances/step1/{found.instance}"
+    assert pylm_registry.instances("other") == []
+    assert registration.key == f"{pylm_registry.config.prefix}instances/step1/{found.instance}"
     registration.close()
-    assert registry.instances() == []
+    assert pylm_registry.instances() == []
 
 
-def test_records_outlive_their_ttl_while_kept_alive(registry: Registry) -> None:
-    registration = registry.register(record(), ttl=1)
+def test_records_outlive_their_ttl_while_kept_alive(pylm_registry: Registry) -> None:
+    registration = pylm_registry.register(record(), ttl=1)
     deadline = time.monotonic() + 2.5
     while time.monotonic() < deadline:  # well past the TTL: the keep-alive holds it
-        assert len(registry.instances("step1")) == 1
+        assert len(pylm_registry.instances("step1")) == 1
         time.sleep(0.25)
     assert registration.failures == 0
 
 
-def test_clusters_are_isolated(etcd_server: LocalEtcd, registry: Registry) -> None:
-    registry.register(record())
-    with Registry(etcd_server.url, cluster=registry.config.cluster + "-other") as other:
+def test_clusters_are_isolated(pylm_etcd: LocalEtcd, pylm_registry: Registry) -> None:
+    pylm_registry.register(record())
+    with Registry(pylm_etcd.url, cluster=pylm_registry.config.cluster + "-other") as other:
         assert other.instances() == []
         other.register(record("step9"))
-        assert [r.name for r in registry.instances()] == ["step1"]
+        assert [r.name for r in pylm_registry.instances()] == ["step1"]
 
 
-def test_wiring_config(registry: Registry) -> None:
-    assert registry.get_config("step1") is None
-    registry.set_config("step1", next="step2.bar")
-    assert registry.get_config("step1") == {"next": "step2.bar"}
+def test_wiring_config(pylm_registry: Registry) -> None:
+    assert pylm_registry.get_config("step1") is None
+    pylm_registry.set_config("step1", next="step2.bar")
+    assert pylm_registry.get_config("step1") == {"next": "step2.bar"}
 
 
 def test_malformed_records_are_skipped(
-    etcd_server: LocalEtcd, registry: Registry, caplog: pytest.LogCaptureFixture
+    pylm_etcd: LocalEtcd, pylm_registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    registry.register(record())
+    pylm_registry.register(record())
 
     async def put_garbage() -> None:
-        async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
-            await client.put(f"{registry.config.prefix}instances/bad/1".encode(), b"{garbage")
+        async with aetcd.Client(host="127.0.0.1", port=pylm_etcd.client_port) as client:
+            await client.put(f"{pylm_registry.config.prefix}instances/bad/1".encode(), b"{garbage")
 
     asyncio.run(put_garbage())
-    assert [r.name for r in registry.instances()] == ["step1"]
+    assert [r.name for r in pylm_registry.instances()] == ["step1"]
     assert "skipping malformed registry record" in caplog.text
 
 
 def test_following_applies_each_change_without_reading_etcd_again(
-    etcd_server: LocalEtcd, registry: Registry, caplog: pytest.LogCaptureFixture
+    pylm_etcd: LocalEtcd, pylm_registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
     """After its first listing a follower keeps the instances up to date from
     the watch events alone: every change reported, in key order, and no
     further read of etcd (etcd's own range counter stays where it was)."""
-    prefix = registry.config.prefix
+    prefix = pylm_registry.config.prefix
     listings: list[list[InstanceRecord]] = []
     changed = threading.Condition()
 
@@ -128,13 +128,13 @@ def test_following_applies_each_change_without_reading_etcd_again(
             ), f"last listing {[r.name for r in listings[-1]] if listings else None}, not {names}"
 
     def ranges() -> float:
-        with urllib.request.urlopen(f"{etcd_server.metrics_url}/metrics", timeout=5) as answer:
+        with urllib.request.urlopen(f"{pylm_etcd.metrics_url}/metrics", timeout=5) as answer:
             text = answer.read().decode()
         (line,) = [line for line in text.splitlines() if line.startswith("etcd_mvcc_range_total ")]
         return float(line.split()[1])
 
     async def change(puts: dict[str, bytes], deletes: tuple[str, ...] = ()) -> None:
-        async with aetcd.Client(host="127.0.0.1", port=etcd_server.client_port) as client:
+        async with aetcd.Client(host="127.0.0.1", port=pylm_etcd.client_port) as client:
             for key, value in puts.items():
                 await client.put(f"{prefix}instances/{key}".encode(), value)
             for key in deletes:
@@ -145,7 +145,7 @@ def test_following_applies_each_change_without_reading_etcd_again(
         for name, instance in (("a", "1"), ("a", "2"), ("b", "1"), ("c", "1"))
     )
     asyncio.run(change({"b/1": b1, "a/1": a1}))
-    following = registry.follow(None, seen)
+    following = pylm_registry.follow(None, seen)
     try:
         wait_for_listing(["a", "b"])
         before, calls = ranges(), len(listings)
@@ -170,21 +170,21 @@ def _register_and_hang(url: str, cluster: str, ready: multiprocessing.synchroniz
 
 
 def test_killed_server_disappears_when_its_lease_expires(
-    etcd_server: LocalEtcd, registry: Registry
+    pylm_etcd: LocalEtcd, pylm_registry: Registry
 ) -> None:
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     child = context.Process(
-        target=_register_and_hang, args=(etcd_server.url, registry.config.cluster, ready)
+        target=_register_and_hang, args=(pylm_etcd.url, pylm_registry.config.cluster, ready)
     )
     child.start()
     try:
         assert ready.wait(20)
-        assert [r.name for r in registry.instances()] == ["doomed"]
+        assert [r.name for r in pylm_registry.instances()] == ["doomed"]
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
     finally:
         child.join(10)
-    wait_for(lambda: registry.instances() == [], 5, "the killed server's record expiring")
+    wait_for(lambda: pylm_registry.instances() == [], 5, "the killed server's record expiring")
 
 
 def test_unreachable_registry_is_a_clear_error() -> None:
@@ -214,19 +214,19 @@ def test_wildcard_binds_advertise_the_address_facing_the_registry() -> None:
     # (tests/test_multihost.py checks the routed address across namespaces)
 
 
-def test_records_of_one_registry_and_ttl_share_one_lease(registry: Registry) -> None:
-    first, second = (registry.register(record(f"s{n}"), ttl=2) for n in range(2))
-    other = registry.register(record("s2"), ttl=3)  # another TTL: a lease of its own
+def test_records_of_one_registry_and_ttl_share_one_lease(pylm_registry: Registry) -> None:
+    first, second = (pylm_registry.register(record(f"s{n}"), ttl=2) for n in range(2))
+    other = pylm_registry.register(record("s2"), ttl=3)  # another TTL: a lease of its own
 
-    prefix = f"{registry.config.prefix}instances/".encode()
-    rows = registry._call(registry._etcd(lambda client: client.get_prefix(prefix)))
+    prefix = f"{pylm_registry.config.prefix}instances/".encode()
+    rows = pylm_registry._call(pylm_registry._etcd(lambda client: client.get_prefix(prefix)))
     found = {row.key.decode().split("/")[-2]: row.lease for row in rows}
     assert found["s0"] == found["s1"] != found["s2"]
     first.close()  # the others' lease lives on
-    assert {r.name for r in registry.instances()} == {"s1", "s2"}
+    assert {r.name for r in pylm_registry.instances()} == {"s1", "s2"}
     threading.Event().wait(3)  # an observation window past the TTL: still kept alive
-    assert {r.name for r in registry.instances()} == {"s1", "s2"}
+    assert {r.name for r in pylm_registry.instances()} == {"s1", "s2"}
     assert second.registered and second.failures == 0 and other.registered
     second.close()
     other.close()
-    assert registry.instances() == [] and registry._leases == {}
+    assert pylm_registry.instances() == [] and pylm_registry._leases == {}

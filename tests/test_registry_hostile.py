@@ -86,15 +86,15 @@ def malformed_samples(text: str) -> dict[str, float]:
 
 
 @pytest.fixture
-def pipeline(registry: Registry) -> Iterator[list[Any]]:
+def pipeline(pylm_registry: Registry) -> Iterator[list[Any]]:
     """step1 (wired from config/step1) -> step2 -> last, and a master with a worker."""
-    registry.set_config("step1", "step2.bar")
+    pylm_registry.set_config("step1", "step2.bar")
     servers: list[Any] = [
-        Last("last", registry=registry, log_stdout=False),
-        Step2("step2", next_call="last.baz", registry=registry, log_stdout=False),
-        Step1("step1", registry=registry, log_stdout=False),
-        Master("m", registry=registry, log_stdout=False),
-        Upper("w", "m", registry=registry, log_stdout=False),
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False),
+        Step1("step1", registry=pylm_registry, log_stdout=False),
+        Master("m", registry=pylm_registry, log_stdout=False),
+        Upper("w", "m", registry=pylm_registry, log_stdout=False),
     ]
     try:
         for server in servers:
@@ -114,12 +114,12 @@ def work(registry: Registry) -> None:
 
 
 def test_running_stages_and_workers_keep_serving_next_to_hostile_records(
-    registry: Registry, pipeline: list[Any]
+    pylm_registry: Registry, pipeline: list[Any]
 ) -> None:
-    work(registry)
-    step2 = registry.instances("step2")[0]
-    master = registry.instances("m")[0]
-    last = registry.instances("last")[0]
+    work(pylm_registry)
+    step2 = pylm_registry.instances("step2")[0]
+    master = pylm_registry.instances("m")[0]
+    last = pylm_registry.instances("last")[0]
     before = skipped()
     bad = {
         # read by step1, which follows step2: it used to die in connect()
@@ -134,14 +134,14 @@ def test_running_stages_and_workers_keep_serving_next_to_hostile_records(
         "instances/last/evil7": b"{not json",
     }
     for key, value in bad.items():
-        put(registry, key, value)
+        put(pylm_registry, key, value)
     # Each bad record is counted once in this process, however many followers read it.
     wait_for(lambda: skipped() - before == len(bad), 10, "every hostile record counted")
-    assert [r.instance for r in registry.instances("step2")] == [step2.instance]
+    assert [r.instance for r in pylm_registry.instances("step2")] == [step2.instance]
     assert skipped() - before == len(bad)  # a listing again: not counted twice
     for server in pipeline:
         assert server.running, f"{server.name} stopped"
-    work(registry)
+    work(pylm_registry)
     assert pipeline[2].next_instances == {step2.endpoints["pull"]}
     metrics = pipeline[0].metrics_url  # what a server exports
     assert metrics is not None
@@ -151,10 +151,10 @@ def test_running_stages_and_workers_keep_serving_next_to_hostile_records(
 
 
 def test_tools_and_clients_skip_hostile_records(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
 ) -> None:
-    with Greeter("greeter", registry=registry, log_stdout=False) as server:
-        (record,) = registry.instances("greeter")
+    with Greeter("greeter", registry=pylm_registry, log_stdout=False) as server:
+        (record,) = pylm_registry.instances("greeter")
         changed: dict[str, dict[str, Any]] = {
             "e1": {"started": "yesterday"},
             "e2": {"endpoints": {"rep": "ws://h:1"}},
@@ -163,14 +163,16 @@ def test_tools_and_clients_skip_hostile_records(
             "e5": {"endpoints": {"rep": ["tcp://h:1"]}},
         }
         for instance, changes in changed.items():
-            put(registry, f"instances/greeter/{instance}", hostile(record, instance, **changes))
-        put(registry, "instances/greeter", b"{}")  # not an instances/NAME/ID key
-        put(registry, "config/greeter", b'{"next": 5}')
+            put(
+                pylm_registry, f"instances/greeter/{instance}", hostile(record, instance, **changes)
+            )
+        put(pylm_registry, "instances/greeter", b"{}")  # not an instances/NAME/ID key
+        put(pylm_registry, "config/greeter", b'{"next": 5}')
 
         def pylm(*args: str) -> subprocess.CompletedProcess[str]:
             done = subprocess.run(
-                [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url,
-                 "--cluster", cluster, *args],
+                [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url,
+                 "--cluster", pylm_cluster, *args],
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             assert done.returncode == 0, done.stderr
@@ -184,28 +186,28 @@ def test_tools_and_clients_skip_hostile_records(
         assert pylm("call", "greeter", "hello", "world").stdout.strip() == "hello world"
         assert "skipping malformed registry record" in pylm("ls").stderr
         assert "[stages]" in pylm("topology", "export").stdout  # the bad config: skipped
-        with Client("greeter", registry=registry, timeout=10) as client:
+        with Client("greeter", registry=pylm_registry, timeout=10) as client:
             assert client.endpoints == [record.endpoints["rep"]]
             assert client.job("hello", b"you") == b"hello you"
         assert server.running
 
 
 def test_service_discovery_keeps_its_targets_and_counts_bad_records(
-    registry: Registry, tmp_path: Path
+    pylm_registry: Registry, tmp_path: Path
 ) -> None:
     with (
-        Greeter("greeter", registry=registry, log_stdout=False) as server,
-        ServiceDiscovery(registry, port=0, file=tmp_path / "targets.json") as sd,
+        Greeter("greeter", registry=pylm_registry, log_stdout=False) as server,
+        ServiceDiscovery(pylm_registry, port=0, file=tmp_path / "targets.json") as sd,
     ):
         assert server.metrics_url is not None
         address = server.metrics_url.split("/")[2]
         wait_for(lambda: [g["targets"] for g in sd.targets] == [[address]], 10, "the target")
-        (record,) = registry.instances("greeter")
-        put(registry, "instances/greeter/bad1", hostile(record, "bad1", metrics=9100))
-        put(registry, "instances/greeter/bad2", hostile(record, "bad2", metrics="ftp://h/x"))
+        (record,) = pylm_registry.instances("greeter")
+        put(pylm_registry, "instances/greeter/bad1", hostile(record, "bad1", metrics=9100))
+        put(pylm_registry, "instances/greeter/bad2", hostile(record, "bad2", metrics="ftp://h/x"))
         # A good record after the bad ones: the list is not frozen.
         other = hostile(record, "ok1", name="other", metrics="http://127.0.0.9:9999/metrics")
-        put(registry, "instances/other/ok1", other)
+        put(pylm_registry, "instances/other/ok1", other)
         wait_for(
             lambda: (
                 sorted(g["targets"][0] for g in sd.targets) == sorted([address, "127.0.0.9:9999"])
@@ -215,27 +217,27 @@ def test_service_discovery_keeps_its_targets_and_counts_bad_records(
         )
         assert json.loads((tmp_path / "targets.json").read_text()) == sd.targets
         own = text_of(f"http://{sd.host}:{sd.port}/metrics")
-        assert f'pylm_registry_up{{cluster="{registry.config.cluster}"}} 1.0' in own
+        assert f'pylm_registry_up{{cluster="{pylm_registry.config.cluster}"}} 1.0' in own
         counted = malformed_samples(own)
         assert counted["type"] >= 1 and counted["endpoint"] >= 1
         assert set(counted) >= {"size", "json", "missing", "value", "key"}  # at 0 from the start
 
 
-def test_a_stage_puts_its_deleted_wiring_back(registry: Registry) -> None:
-    registry.set_config("step1", "step2.bar")
-    with Step1("step1", registry=registry, log_stdout=False):
-        delete(registry, "config/step1")
-        wait_for(lambda: registry.get_config("step1") == {"next": "step2.bar"}, 10, "put back")
-        registry.set_config("step1", "other.f")  # an operator's change is adopted ...
-        delete(registry, "config/step1")
-        wait_for(lambda: registry.get_config("step1") == {"next": "other.f"}, 10, "put back")
+def test_a_stage_puts_its_deleted_wiring_back(pylm_registry: Registry) -> None:
+    pylm_registry.set_config("step1", "step2.bar")
+    with Step1("step1", registry=pylm_registry, log_stdout=False):
+        delete(pylm_registry, "config/step1")
+        wait_for(lambda: pylm_registry.get_config("step1") == {"next": "step2.bar"}, 10, "put back")
+        pylm_registry.set_config("step1", "other.f")  # an operator's change is adopted ...
+        delete(pylm_registry, "config/step1")
+        wait_for(lambda: pylm_registry.get_config("step1") == {"next": "other.f"}, 10, "put back")
         typed = malformed_records().counts()["type"]
-        put(registry, "config/step1", b'{"next": 1}')  # ... a malformed one left alone
+        put(pylm_registry, "config/step1", b'{"next": 1}')  # ... a malformed one left alone
         wait_for(lambda: malformed_records().counts()["type"] > typed, 10, "the stage reads it")
         with pytest.raises(ValueError, match="field 'next' must be a string"):
-            registry.get_config("step1")
-        assert "keep_config" in keepers(registry)
-    wait_for(lambda: "keep_config" not in keepers(registry), 10, "the stopped stage lets go")
+            pylm_registry.get_config("step1")
+        assert "keep_config" in keepers(pylm_registry)
+    wait_for(lambda: "keep_config" not in keepers(pylm_registry), 10, "the stopped stage lets go")
 
 
 def test_wiring_outlives_an_etcd_data_loss() -> None:
@@ -272,16 +274,16 @@ def test_wiring_outlives_an_etcd_data_loss() -> None:
 
 
 def test_topology_export_then_apply_restores_the_wiring(
-    etcd_server: LocalEtcd, cluster: str, registry: Registry, tmp_path: Path
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, tmp_path: Path
 ) -> None:
     wiring = {"step1": "step2.bar", "a.b": "c.d", "_we-ird.2": "last.baz"}
     for name, next_call in wiring.items():
-        registry.set_config(name, next_call)
+        pylm_registry.set_config(name, next_call)
 
     def pylm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "pylm.cli", "--registry", etcd_server.url, "--cluster",
-             cluster, "topology", *args],
+            [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster",
+             pylm_cluster, "topology", *args],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
 
@@ -289,13 +291,13 @@ def test_topology_export_then_apply_restores_the_wiring(
     assert exported.returncode == 0, exported.stderr
     backup = tmp_path / "wiring.toml"
     backup.write_text(exported.stdout)
-    prefix = f"{registry.config.prefix}config/".encode()
-    registry._call(registry._etcd(lambda client: client.delete_prefix(prefix)))
-    assert registry.configs() == {}
+    prefix = f"{pylm_registry.config.prefix}config/".encode()
+    pylm_registry._call(pylm_registry._etcd(lambda client: client.delete_prefix(prefix)))
+    assert pylm_registry.configs() == {}
     applied = pylm("apply", str(backup))
     assert applied.returncode == 0, applied.stderr
-    assert {name: c.next for name, c in registry.configs().items()} == wiring
-    registry._call(registry._etcd(lambda client: client.delete_prefix(prefix)))
+    assert {name: c.next for name, c in pylm_registry.configs().items()} == wiring
+    pylm_registry._call(pylm_registry._etcd(lambda client: client.delete_prefix(prefix)))
     empty = tmp_path / "empty.toml"
     empty.write_text(pylm("export").stdout)
-    assert pylm("apply", str(empty)).returncode == 0 and registry.configs() == {}
+    assert pylm("apply", str(empty)).returncode == 0 and pylm_registry.configs() == {}

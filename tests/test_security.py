@@ -95,26 +95,28 @@ def test_only_allowed_keys_get_in(keys: dict[str, Path], serve: Callable[..., ob
 
 def test_keys_from_the_environment_and_the_registry(
     keys: dict[str, Path],
-    registry: Registry,
+    pylm_registry: Registry,
     serve: Callable[..., object],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
     monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
-    serve(Counted("echo", registry=registry, log_stdout=False))
-    (record,) = registry.instances("echo")
+    serve(Counted("echo", registry=pylm_registry, log_stdout=False))
+    (record,) = pylm_registry.instances("echo")
     assert record.curve == Keys.load(keys["cluster"]).public.decode()
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))  # the clients' own pair
-    with Client("echo", registry=registry, timeout=5) as client:  # the server key: from the record
+    with Client(
+        "echo", registry=pylm_registry, timeout=5
+    ) as client:  # the server key: from the record
         assert client.job("echo", b"by name") == b"by name"
     monkeypatch.delenv("PYLM_CURVE_KEYS")
     with pytest.raises(PylmError, match="requires CURVE"):
-        Client("echo", registry=registry, timeout=5)
+        Client("echo", registry=pylm_registry, timeout=5)
 
 
 def test_a_pipeline_and_a_master_with_curve_by_name(
     keys: dict[str, Path],
-    registry: Registry,
+    pylm_registry: Registry,
     serve: Callable[..., object],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -122,21 +124,21 @@ def test_a_pipeline_and_a_master_with_curve_by_name(
     # stages, workers call masters) and the client's key.
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
     monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
-    serve(Last("last", registry=registry, log_stdout=False))
-    serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
-    serve(Master("m", registry=registry, log_stdout=False))
-    serve(Doer("w", "m", registry=registry, log_stdout=False))
+    serve(Last("last", registry=pylm_registry, log_stdout=False))
+    serve(Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False))
+    serve(Master("m", registry=pylm_registry, log_stdout=False))
+    serve(Doer("w", "m", registry=pylm_registry, log_stdout=False))
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
-    with LoopClient("step", registry=registry, announce=False, timeout=10) as loop:
+    with LoopClient("step", registry=pylm_registry, announce=False, timeout=10) as loop:
         assert sorted(loop.job("tag", [b"1", b"2"])) == [b"1>step>done", b"2>step>done"]
         assert loop.get(loop.set(b"cached")) == b"cached"  # the stage's cache, through CURVE
-    with ParallelClient("m", registry=registry, timeout=10) as client:
+    with ParallelClient("m", registry=pylm_registry, timeout=10) as client:
         assert client.eval("echo", b"parallel") == b"parallel"
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["stranger"]))
-    with ParallelClient("m", registry=registry, timeout=0.5) as client:
+    with ParallelClient("m", registry=pylm_registry, timeout=0.5) as client:
         with pytest.raises(CurveRefused, match="refused this client's key"):
             client.eval("echo", b"let me in")
-    with LoopClient("step", registry=registry, announce=False, timeout=0.5) as loop:
+    with LoopClient("step", registry=pylm_registry, announce=False, timeout=0.5) as loop:
         with pytest.raises(CurveRefused, match=r"the last stage .* refused this client's key"):
             list(loop.job("tag", [b"let me in"]))
 
@@ -158,14 +160,14 @@ def test_pylm_keys_makes_a_key_pair(tmp_path: Path) -> None:
 
 def test_keys_for_servers_that_do_not_require_curve(
     keys: dict[str, Path],
-    registry: Registry,
+    pylm_registry: Registry,
     serve: Callable[..., object],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    serve(Counted("plain", registry=registry, log_stdout=False))  # no CURVE
+    serve(Counted("plain", registry=pylm_registry, log_stdout=False))  # no CURVE
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
-    with Client("plain", registry=registry, timeout=5) as client:  # the record says: plain
+    with Client("plain", registry=pylm_registry, timeout=5) as client:  # the record says: plain
         assert client.job("echo", b"plain") == b"plain"
     with pytest.raises(FileExistsError, match="exists"):
         generate_keys("client", tmp_path / "keys")  # never overwrites a pair
@@ -173,18 +175,18 @@ def test_keys_for_servers_that_do_not_require_curve(
 
 def test_a_curve_stage_warns_when_its_next_stage_is_plain(
     keys: dict[str, Path],
-    registry: Registry,
+    pylm_registry: Registry,
     serve: Callable[..., object],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    serve(Last("last", registry=registry, log_stdout=False))  # no CURVE
+    serve(Last("last", registry=pylm_registry, log_stdout=False))  # no CURVE
     monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
     monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
     with caplog.at_level(logging.WARNING):
-        serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
+        serve(Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False))
         monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["client"]))
-        with LoopClient("step", registry=registry, announce=False, timeout=10) as loop:
+        with LoopClient("step", registry=pylm_registry, announce=False, timeout=10) as loop:
             assert list(loop.job("tag", [b"1"])) == [b"1>step>done"]  # delivered, in plain
     assert "next stage last registered no CURVE key" in caplog.text
 
@@ -207,15 +209,15 @@ def test_by_address_with_curve_but_no_server_key_is_refused_at_start(
 
 def test_a_stage_without_keys_says_so_when_its_next_stage_requires_curve(
     keys: dict[str, Path],
-    registry: Registry,
+    pylm_registry: Registry,
     serve: Callable[..., object],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.ERROR):
-        serve(Step("step", next_call="last.done", registry=registry, log_stdout=False))
+        serve(Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False))
         monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
-        serve(Last("last", registry=registry, log_stdout=False))
+        serve(Last("last", registry=pylm_registry, log_stdout=False))
         wait_for(
             lambda: "next stage last requires CURVE and this stage has no keys" in caplog.text,
             10,
