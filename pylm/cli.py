@@ -243,7 +243,7 @@ def read_topology(path: Path) -> dict[str, str]:
 
     TOML (``[stages.NAME]`` tables with ``next = "server.function"``) or, for
     a ``.yaml``/``.yml`` file, the same shape in YAML (needs PyYAML:
-    ``pip install 'pylm[yaml]'``). Stages without ``next`` (last stages) are
+    ``pip install pyyaml``). Stages without ``next`` (last stages) are
     listed for the reader and skipped.
     """
     try:
@@ -255,7 +255,7 @@ def read_topology(path: Path) -> dict[str, str]:
             import yaml
         except ImportError:
             raise PylmError(
-                f"reading the YAML file {str(path)!r} needs PyYAML: pip install 'pylm[yaml]'"
+                f"reading the YAML file {str(path)!r} needs PyYAML: pip install pyyaml"
                 " (or write the topology in TOML)"
             ) from None
         try:
