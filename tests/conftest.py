@@ -13,6 +13,8 @@ import zmq
 
 from pylm.base import BaseServer
 
+pytest_plugins = ["pytester"]  # for the tests of the pylm pytest plugin itself
+
 S = TypeVar("S", bound=BaseServer)
 
 

@@ -40,9 +40,9 @@ def ip(*args: str) -> str:
 def available() -> str | None:
     """None when namespaces can be made here, else why not."""
     if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
+        return "no `ip` command: sudo apt-get install iproute2 (and run the tests as root)"
     if os.geteuid() != 0:
-        return "network namespaces need root"
+        return "network namespaces need root: run the tests as root (sudo bash scripts/test.sh)"
     probe = f"pylm-probe-{secrets.token_hex(3)}"
     try:
         ip("netns", "add", probe)

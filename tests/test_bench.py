@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prerequisites import needs_prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,7 @@ def test_parallel_benchmark_smoke_run(tmp_path: Path) -> None:
     assert all(result["speedup_over_1_worker"] > 0 for result in results if result["workers"] == 2)
 
 
+@needs_prometheus
 @pytest.mark.timeout(100)
 def test_scale_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prerequisites import needs_etcd
+
 import pylm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,7 @@ def test_console_script_version() -> None:
         assert run.stdout.strip() == f"pylm {pylm.__version__}"
 
 
+@needs_etcd
 def test_pylm_etcd_runs_a_local_registry(tmp_path: Path) -> None:
     import signal
 
@@ -94,13 +97,8 @@ def test_parallel_example_end_to_end() -> None:
     assert error in lines
 
 
+@needs_etcd
 def test_parallel_example_by_name_on_a_local_etcd() -> None:
-    import shutil
-
-    import pytest
-
-    if shutil.which("etcd") is None:
-        pytest.skip("no etcd binary on PATH (Debian: apt-get install etcd-server)")
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "parallel" / "demo.py"), "--registry"],
         capture_output=True,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from prerequisites import needs_etcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,9 +58,8 @@ def test_hub_example_end_to_end() -> None:
     )
 
 
+@needs_etcd
 def test_hub_example_by_name_on_a_local_etcd() -> None:
-    if shutil.which("etcd") is None:
-        pytest.skip("no etcd binary on PATH (Debian: apt-get install etcd-server)")
     lines = demo_lines("hub", "--registry")
     assert lines[0].startswith("local etcd at etcd://127.0.0.1:")
     check_hub_results(lines)

@@ -270,7 +270,7 @@ def test_failures_are_a_500_and_a_warning_and_hang_ups_a_debug_line(
     assert hung_up and all(r.levelno == logging.DEBUG for r in hung_up)
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk")
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk: sudo apt-get install wrk")
 def test_wrk_with_64_connections_gets_only_answers(echo: Echo) -> None:
     with Exporter("127.0.0.1", 0) as endpoint:
         done = subprocess.run(

