@@ -289,7 +289,7 @@ def start_standalone(children: Children, registry: Registry) -> dict[str, float]
     child = spawn(children, "echo server", echo_main, url, cluster, "echo")
     try:
         try:
-            with Client("echo", registry=registry, timeout=SLACK) as client:
+            with Client("echo", registry=registry, timeout=SLACK, wait=SLACK) as client:
                 found = time.monotonic()
                 answer = client.job("echo", b"hello")
                 served = time.monotonic()
@@ -325,7 +325,9 @@ def start_pipeline(children: Children, registry: Registry) -> dict[str, float] |
     ]
     try:
         try:
-            with LoopClient("step1", registry=registry, announce=False, timeout=SLACK) as client:
+            with LoopClient(
+                "step1", registry=registry, announce=False, timeout=SLACK, wait=SLACK
+            ) as client:
                 found = time.monotonic()
                 results = list(client.job("foo", [b"0"], timeout=FIRST_RESULT_LIMIT))
                 served = time.monotonic()

@@ -6,6 +6,7 @@ Servers are classes whose public methods take and return bytes; see
 
 from pylm.errors import (
     InvalidName,
+    NoInstance,
     PayloadTooLarge,
     ProtocolError,
     PylmError,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "InvalidName",
+    "NoInstance",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",

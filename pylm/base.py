@@ -172,6 +172,7 @@ class BaseServer:
         self.ttl = ttl
         self.registry: Registry | None = None  # set while registered
         self.registration: Registration | None = None
+        self._listening: dict[str, str] = {}  # role -> bound address, for the start line
         self._owns_registry = False
         self.messages = messages
         self.served = 0
@@ -301,6 +302,9 @@ class BaseServer:
             self._open()
             if self.stats is not None:
                 self.stats.ready = True
+            # Logged before start(background=True) returns, so that it is
+            # always the first line of a server's life.
+            self.logger.info("%s", self._started_line())
             self._ready.set()
             self._settled.set()
             if not self._stopping:
@@ -323,6 +327,13 @@ class BaseServer:
                     withdraw(self.stats)
                 if endpoint is not None:
                     endpoint.release()
+                if self._ready.is_set():  # it served: say it no longer does
+                    self.logger.info(
+                        "%s (%s) stopped after serving %d message(s)",
+                        self.name,
+                        self.kind,
+                        self.served,
+                    )
                 self._done.set()
                 self._settled.set()
 
@@ -367,6 +378,7 @@ class BaseServer:
         from pylm import __version__
         from pylm.registry import DEFAULT_TTL, InstanceRecord
 
+        self._listening = dict(endpoints)
         if self.registry_option is None and not required:
             return
         try:
@@ -410,6 +422,26 @@ class BaseServer:
                 )
             ) from exc
         self.logger.debug("%s registered as %s", self.name, self.registration.key)
+
+    def _connects_to(self) -> list[str]:
+        """What the start line says this server connects to, besides the
+        addresses it listens on: ``["next step2.bar at tcp://..."]``."""
+        return []
+
+    def _started_line(self) -> str:
+        """The one line a server logs when it starts serving: its name and
+        kind, where it listens and connects, its registry, its metrics."""
+        where = [f"{role} {address}" for role, address in self._listening.items()]
+        where += self._connects_to()
+        registry = self.registry
+        if self.registration is not None and registry is not None:
+            registered = f"cluster {registry.config.cluster!r} at {registry.config.url}"
+        else:
+            registered = "not registered"
+        return (
+            f"{self.name} ({self.kind}) serving: {', '.join(where) or 'no address'};"
+            f" {registered}; metrics {self.metrics_url or 'off'}"
+        )
 
     def _check_interface(self, records: list[InstanceRecord], own: str | None) -> None:
         """Raise :class:`InterfaceMismatch` unless :attr:`rolling`, or some

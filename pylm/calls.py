@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pylm import protocol
-from pylm.discovery import Peers
+from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
 from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
 from pylm.names import check_name
@@ -115,9 +115,10 @@ class Caller:
     ``connection`` is an address (then ``server_name`` names the server), or,
     with ``server_name`` None, only the server's name: its instances' addresses
     then come from the registry (``registry``, default ``PYLM_REGISTRY``),
-    waiting up to ``timeout`` for one to register, and the client follows the
-    registry from then on (instances joining or leaving, see
-    :mod:`pylm.discovery`) until it is closed.
+    waiting up to ``wait`` seconds for one to register (else
+    :class:`~pylm.errors.NoInstance`), and the client follows the registry
+    from then on (instances joining or leaving, see :mod:`pylm.discovery`)
+    until it is closed.
     """
 
     endpoint_role = "rep"  # which of a record's endpoints this client calls
@@ -130,8 +131,10 @@ class Caller:
         max_payload: int,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
         self.timeout = check_timeout(timeout)
+        self.wait = check_wait(wait)
         self._registry: Registry | None = None  # while following, the one this client opened
         self._peers: Peers | None = None
         # While the instances differ in functions: sockets connected only to
@@ -169,7 +172,7 @@ class Caller:
     def _resolve(self, name: str, registry: Registry | str | None) -> Peers:
         client = self._open_registry(registry)
         try:
-            records = client.wait_for_instances(name, self.timeout)
+            records = client.wait_for_instances(name, self.wait)
             self.server_key = curve_key(name, records, self.curve)
             if self.server_key is None:
                 self.curve = None  # the server takes plain connections: so does this client

@@ -46,7 +46,7 @@ def run_demo(payloads: Sequence[bytes] = (b"a message", b"another one")) -> int:
             for cls, name in (("Last", "last"), ("Step2", "step2"), ("Step1", "step1"))
         ]
         try:
-            with LoopClient("step1", registry=registry, timeout=30) as client:
+            with LoopClient("step1", registry=registry, timeout=30, wait=30) as client:
                 for result in client.job("foo", list(payloads)):
                     print("Client got: ", result)
             subprocess.run(

@@ -12,9 +12,17 @@ functions (``rolling=True``): :meth:`Peers.serving` then names the
 instances that have a function only some of them have, and the client
 sends its calls there only (:meth:`pylm.calls.Caller._socket_for`).
 
-An empty listing (every instance gone, or records expired during an etcd
-outage) leaves the connections as they are: the instances may well be alive
-and registering again, and a call then fails by its timeout as it would have.
+A client looks its server up once, when it is made: it waits up to
+``wait`` seconds (:data:`DEFAULT_WAIT`, 1 s) for a first instance, so that a
+client started just before its server finds it, and a name with no instance
+fails fast (:class:`~pylm.errors.NoInstance`) instead of after a call's
+timeout. Pass a longer ``wait`` to a client launched together with its
+servers.
+
+An empty listing later on (every instance gone, or records expired during an
+etcd outage) leaves the connections as they are: the instances may well be
+alive and registering again, and a call then fails by its timeout as it
+would have.
 """
 
 from __future__ import annotations
@@ -29,9 +37,19 @@ import zmq
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["Peers"]
+__all__ = ["DEFAULT_WAIT", "Peers", "check_wait"]
 
 log = logging.getLogger("pylm.discovery")
+
+DEFAULT_WAIT = 1.0
+"""Seconds a client made with only a server's name waits for a first instance."""
+
+
+def check_wait(wait: object) -> float:
+    """A wait in seconds: a non-negative int or float (0: look once)."""
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+        raise ValueError(f"wait must be a non-negative number of seconds, got {wait!r}")
+    return float(wait)
 
 
 class Peers:

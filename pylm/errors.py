@@ -12,6 +12,7 @@ __all__ = [
     "CurveRefused",
     "InterfaceMismatch",
     "InvalidName",
+    "NoInstance",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
@@ -136,6 +137,27 @@ class RegistryUnavailable(RegistryError):
 class RegistryAccessDenied(RegistryError):
     """etcd refused the credentials given (user, password, certificate), or
     the user may not touch pylm's keys."""
+
+
+class NoInstance(RegistryError, LookupError):
+    """No instance of the server a client asked for by name is registered
+    (after waiting ``waited`` seconds for one): ``server``, ``cluster`` and
+    ``registry`` (its address, password hidden) say where it was looked for."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        server: str = "",
+        cluster: str = "",
+        registry: str = "",
+        waited: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.server = server
+        self.cluster = cluster
+        self.registry = registry
+        self.waited = waited
 
 
 class InterfaceMismatch(RegistryError):

@@ -3,7 +3,9 @@
 The library never touches the root logger. A server's logger is
 ``logging.getLogger(server_name)``; by default it gets one stdout handler
 with :data:`LOG_FORMAT` (``log_stdout=False`` leaves it alone, for
-applications that configure logging themselves).
+applications that configure logging themselves). That handler stands aside
+for a record that a handler of the application already prints on the
+terminal (``logging.basicConfig()``, say): each line shows once.
 """
 
 from __future__ import annotations
@@ -30,10 +32,30 @@ class _StdoutHandler(logging.StreamHandler):
         self.setFormatter(logging.Formatter(LOG_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _shown_elsewhere(record):
+            return
         # Follow sys.stdout when it is replaced after the server started
         # (pytest's capture, a user redirecting output).
         self.stream = sys.stdout
         super().emit(record)
+
+
+def _shown_elsewhere(record: logging.LogRecord) -> bool:
+    """Whether another handler on the record's way up the logger tree
+    writes it to stdout or stderr (an application's own logging set-up)."""
+    terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        for handler in logger.handlers:
+            if (
+                not isinstance(handler, _StdoutHandler)
+                and isinstance(handler, logging.StreamHandler)
+                and any(handler.stream is stream for stream in terminal)
+                and record.levelno >= handler.level
+            ):
+                return True
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 class PushLogHandler(logging.Handler):

@@ -169,4 +169,5 @@ def test_gather_example_end_to_end() -> None:
         "Client got:  b'alert: boiler reading 9 is 92.0, over 90'",
         "Client got:  b'boiler: 10 readings, mean 86.0, max 97.0'",
     ]
-    assert lines[-1] == "The boiler's stream ended after 3 items"
+    said = [line for line in lines if " - INFO - " not in line]  # not the servers' log lines
+    assert said[-1] == "The boiler's stream ended after 3 items"

@@ -54,7 +54,7 @@ def test_client_waits_for_a_server_not_started_yet(pylm_registry: Registry) -> N
 
     def call() -> None:
         resolving.set()
-        with Client("late_server", registry=pylm_registry, timeout=20) as client:
+        with Client("late_server", registry=pylm_registry, timeout=20, wait=20) as client:
             results.append(client.job("echo", b"early"))
 
     thread = threading.Thread(target=call)

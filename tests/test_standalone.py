@@ -522,7 +522,8 @@ def test_log_address_pushes_log_lines(
     )
     with Client(server.address, "my_server") as client:
         client.job("foo", b"x")
-    line = collector.recv().decode()
+    started, line = collector.recv().decode(), collector.recv().decode()
+    assert f" - my_server - INFO - my_server (standalone) serving: rep {server.address};" in started
     assert line.endswith(" - my_server - WARNING - Got a message")
 
 

@@ -13,7 +13,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         client = Client(f"ipc://{sys.argv[1]}/front", "master", timeout=10)
     else:
-        client = Client("master", timeout=10)  # found in the registry
+        client = Client("master", timeout=10, wait=10)  # by name; it may be starting
     with client:
         # The fridge never goes over the threshold: gather gives exactly one
         # output in all, its summary, and eval() returns it.

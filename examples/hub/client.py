@@ -36,7 +36,7 @@ def run(client):
 
 def make_client(folder=None):
     if folder is None:
-        return LoopClient("step", timeout=10)  # the rest from the registry
+        return LoopClient("step", timeout=10, wait=10)  # the rest from the registry
     return LoopClient(
         f"ipc://{folder}/last_push",  # the last stage's push address
         f"ipc://{folder}/step",  # the first stage's pull address

@@ -39,7 +39,7 @@ if __name__ == "__main__":
     if args.folder:
         client = Client(f"ipc://{args.folder}/front", "master", timeout=10)
     else:
-        client = Client("master", timeout=10)  # found in the registry
+        client = Client("master", timeout=10, wait=10)  # by name; it may be starting
     with client:
         wait_for_workers(client, args.workers)
         # One job for the client; the master runs one per line on its workers,

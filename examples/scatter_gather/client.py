@@ -18,7 +18,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         client = Client(f"ipc://{sys.argv[1]}/front", "master", timeout=10)
     else:
-        client = Client("master", timeout=10)  # found in the registry
+        client = Client("master", timeout=10, wait=10)  # by name; it may be starting
     with client:
         # One job for the client; the master runs one per line on its workers.
         counts = json.loads(client.eval("count_words", TEXT))

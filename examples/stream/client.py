@@ -12,7 +12,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         client = Client(f"ipc://{sys.argv[1]}/front", "master", timeout=10)
     else:
-        client = Client("master", timeout=10)  # found in the registry
+        client = Client("master", timeout=10, wait=10)  # by name; it may be starting
     with client:
         began = time.monotonic()
         items = 0

@@ -19,7 +19,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import DEFAULT_TIMEOUT, Caller, curve_key, read_answer
-from pylm.discovery import Peers
+from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
 from pylm.errors import (
     ProtocolError,
     PylmError,
@@ -59,12 +59,12 @@ _HEAD_SIZE = protocol.HEAD_SIZE
 
 
 def _resolve_pipeline(
-    registry: Registry, first: str, timeout: float
+    registry: Registry, first: str, wait: float
 ) -> tuple[list[InstanceRecord], str, str, list[InstanceRecord]]:
     """From the registry: the first stage's instances, its cache address,
     and the last stage's name and instances, found by following each
-    stage's ``next``."""
-    records = registry.wait_for_instances(first, timeout)
+    stage's ``next`` (waiting up to ``wait`` seconds for each stage)."""
+    records = registry.wait_for_instances(first, wait)
     firsts = records
     db = next((record.endpoints["db"] for record in records if "db" in record.endpoints), None)
     if not any("pull" in record.endpoints for record in records) or db is None:
@@ -82,7 +82,7 @@ def _resolve_pipeline(
         if name in seen:
             raise RegistryError(f"the pipeline from {first!r} loops back to {name!r}")
         seen.add(name)
-        records = registry.wait_for_instances(name, timeout)
+        records = registry.wait_for_instances(name, wait)
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,7 @@ class LoopClient(Caller, Closing):
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
         firsts: Peers | None = None
         curve = curve if curve is not None else Curve.from_env()
@@ -150,13 +151,13 @@ class LoopClient(Caller, Closing):
                 )
             server_name = pull_address
             firsts, db_address, self._last, owned, keys = self._follow_pipeline(
-                server_name, registry, timeout, curve
+                server_name, registry, check_wait(wait), curve
             )
             pull_address = self._last.endpoints
             push_address = firsts.endpoints[0]
         if push_address is None or db_address is None or server_name is None:
             raise ValueError("push_address, db_address and server_name go together")
-        super().__init__(push_address, server_name, timeout, max_payload, curve=curve)
+        super().__init__(push_address, server_name, timeout, max_payload, curve=curve, wait=wait)
         # CURVE keys of the first and the last stage: by name, from their records
         # (None: that stage takes plain connections); by address, from the settings.
         self._by_name = firsts is not None
@@ -210,13 +211,13 @@ class LoopClient(Caller, Closing):
 
     @staticmethod
     def _follow_pipeline(
-        first: str, registry: Registry | str | None, timeout: float, curve: Curve | None
+        first: str, registry: Registry | str | None, wait: float, curve: Curve | None
     ) -> tuple[Peers, str, Peers, Registry | None, tuple[bytes | None, bytes | None]]:
         from pylm.registry import Registry
 
         client = registry if isinstance(registry, Registry) else Registry(registry)
         try:
-            firsts, db, last, lasts = _resolve_pipeline(client, first, timeout)
+            firsts, db, last, lasts = _resolve_pipeline(client, first, wait)
             if not any("push" in record.endpoints for record in lasts):
                 raise RegistryError(f"the last stage {last!r} has no push endpoint")
             keys = curve_key(first, firsts, curve), curve_key(last, lasts, curve)

@@ -790,6 +790,15 @@ class Server(_Stage):
     def _tee_calls(self) -> list[str]:
         return [outlet.call for outlet in self._tees]
 
+    def _connects_to(self) -> list[str]:
+        def at(outlet: _Outlet) -> str:
+            addresses = sorted(outlet.connected | set(outlet.addresses))
+            return f"at {', '.join(addresses)}" if addresses else "(no instance yet)"
+
+        return [f"next {outlet.call} {at(outlet)}" for outlet in self._outlets] + [
+            f"tee {outlet.call} {at(outlet)}" for outlet in self._tees
+        ]
+
     def _open_output(self) -> None:
         config = None
         if not self._outlets:

@@ -14,6 +14,7 @@ from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.chained.client import JobResult
+from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
 from pylm.security import Curve
@@ -62,8 +63,9 @@ class Client(Caller, Closing):
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
-        super().__init__(front_address, server_name, timeout, max_payload, registry, curve)
+        super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         self.max_in_flight = max_in_flight

@@ -163,6 +163,9 @@ class Worker(BaseServer):
         )
         self._beater.start()
 
+    def _connects_to(self) -> list[str]:
+        return [f"master {self.master} at {', '.join(self.masters)}"]
+
     def _find_masters(self) -> list[str]:
         registry = self._registry_client()
         records = registry.wait_for_instances(self.master, 10.0)

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import aetcd
 
-from pylm.errors import RegistryAccessDenied, RegistryError, RegistryUnavailable
+from pylm.errors import NoInstance, RegistryAccessDenied, RegistryError, RegistryUnavailable
 from pylm.lifecycle import Closing
 from pylm.logs import RateLimiter
 from pylm.registry.config import RegistryConfig
@@ -221,7 +222,8 @@ class Registry(Closing):
 
     def wait_for_instances(self, name: str, timeout: float) -> list[InstanceRecord]:
         """The instances of ``name``, waiting up to ``timeout`` seconds for
-        the first to register (start order does not matter)."""
+        the first to register (start order does not matter); raises
+        :class:`~pylm.errors.NoInstance` when there is none by then."""
         deadline = time.monotonic() + timeout
         while True:
             found = self.instances(name)
@@ -229,9 +231,15 @@ class Registry(Closing):
                 break
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         if not found:
-            raise RegistryError(
-                f"no instance of server {name!r} is registered in cluster"
-                f" {self.config.cluster!r} at {self.config.url} (waited {timeout:g} s)"
+            cluster, url = self.config.cluster, self.config.url
+            raise NoInstance(
+                f"no instance of server {name!r} is registered in cluster {cluster!r}"
+                f" at {url} (waited {timeout:g} s); `pylm --registry {shlex.quote(url)}"
+                f" --cluster {cluster} ls` lists the servers registered there",
+                server=name,
+                cluster=cluster,
+                registry=url,
+                waited=timeout,
             )
         return found
 

@@ -12,6 +12,7 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
@@ -50,13 +51,14 @@ class AsyncClient(Caller):
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
         # Before Caller's: finding the server by name may fail, and then it
         # closes what it opened, side sockets included.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
         self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
-        super().__init__(connection, server_name, timeout, max_payload, registry, curve)
+        super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.

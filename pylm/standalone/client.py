@@ -11,6 +11,7 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
+from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.security import Curve
@@ -39,8 +40,10 @@ class Client(Caller, Closing):
     Every call has a timeout (``timeout`` here, or per call) and raises
     :class:`~pylm.errors.RequestTimeout` when it runs out; the client stays
     usable. A client may be created before its server starts: calls wait for
-    the server up to their timeout. One client may be shared by threads; its
-    calls then take turns.
+    the server up to their timeout. A client given only the server's name
+    (``Client('my_server')``) finds its instances in the registry, waiting up
+    to ``wait`` seconds for one, else raises :class:`~pylm.errors.NoInstance`.
+    One client may be shared by threads; its calls then take turns.
     """
 
     def __init__(
@@ -53,8 +56,9 @@ class Client(Caller, Closing):
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
+        wait: float = DEFAULT_WAIT,
     ) -> None:
-        super().__init__(connection, server_name, timeout, max_payload, registry, curve)
+        super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self._lock = threading.Lock()
         # A DEALER, sending each message as it is (the server's ROUTER
         # answers in the envelope a request came in). No request/reply state
