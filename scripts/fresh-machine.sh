@@ -142,7 +142,7 @@ run_nonroot() {
     left=$(find /tmp -maxdepth 1 -user "$user" ! -name "pytest-of-$user" 2>/dev/null || true)
     [ -z "$left" ] || fail nonroot "left in /tmp: $left"
     echo "nonroot: files the run left in the clone (git-ignored):"
-    git -C "$dir" status --porcelain --ignored | sed 's/^/  /'
+    git -c safe.directory="$dir" -C "$dir" status --porcelain --ignored | sed 's/^/  /'
 }
 
 run_root() {
