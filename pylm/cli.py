@@ -330,8 +330,11 @@ def export_topology(args: argparse.Namespace) -> int:
 
 
 def call_server(args: argparse.Namespace) -> int:
+    from pylm.discovery import DEFAULT_WAIT
+
     with _registry(args) as registry:
-        records = registry.wait_for_instances(args.name, args.timeout)
+        # A name with no instance fails fast, as a by-name client does, with its hint.
+        records = registry.wait_for_instances(args.name, min(args.timeout, DEFAULT_WAIT))
         payload = args.payload.encode("utf-8")
         if records[0].kind == "master":
             from pylm.parallel import Client as ParallelClient

@@ -334,3 +334,24 @@ def test_a_pipeline_that_registers_within_the_wait_is_found(pylm_registry: Regis
         stage.stop()
         last.stop()
     assert failures == [] and results == [b"LATE!"]
+
+
+def test_pylm_call_of_a_missing_name_fails_fast_with_the_hint(
+    pylm_etcd: LocalEtcd, pylm_cluster: str
+) -> None:
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
+         "call", "ghost", "f", "x"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=30,
+    )  # fmt: skip
+    assert time.monotonic() - began < 8  # the call's --timeout is 10 s
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        f"pylm: no instance of server 'ghost' is registered in cluster {pylm_cluster!r} at"
+        f" {pylm_etcd.url} (waited 1 s); `pylm --registry {pylm_etcd.url} --cluster"
+        f" {pylm_cluster} ls` lists the servers registered there\n"
+    )
