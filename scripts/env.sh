@@ -18,6 +18,8 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 say() { printf '%s\n' "$*"; }
 fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
 can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+# have PROGRAM: it is on PATH and runs (command -v alone also names a file that cannot run).
+have() { local path; path=$(command -v "$1" 2>/dev/null) && [ -x "$path" ]; }
 
 APT_UPDATED=""
 # apt_install WHY PACKAGE...: install Debian packages (as root).
@@ -38,7 +40,7 @@ make_venv() {
     if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
         return
     fi
-    if ! command -v python3 >/dev/null 2>&1; then
+    if ! have python3; then
         can_apt || fail "no python3: install it with: sudo apt-get install python3 python3-venv"
         apt_install "to run pylm" python3 python3-venv
     fi

