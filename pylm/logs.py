@@ -25,14 +25,16 @@ _install_lock = threading.Lock()
 
 
 class _StdoutHandler(logging.StreamHandler):
-    """The default handler; its own class so it is installed once per logger."""
+    """The default handler of ``logger``; its own class so it is installed
+    once per logger."""
 
-    def __init__(self) -> None:
+    def __init__(self, logger: logging.Logger) -> None:
         super().__init__(sys.stdout)
         self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.logger = logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _shown_elsewhere(record):
+        if _shown_elsewhere(record, self.logger):
             return
         # Follow sys.stdout when it is replaced after the server started
         # (pytest's capture, a user redirecting output).
@@ -40,11 +42,12 @@ class _StdoutHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _shown_elsewhere(record: logging.LogRecord) -> bool:
-    """Whether another handler on the record's way up the logger tree
-    writes it to stdout or stderr (an application's own logging set-up)."""
+def _shown_elsewhere(record: logging.LogRecord, logger: logging.Logger | None) -> bool:
+    """Whether another handler on the record's way up the logger tree, from
+    ``logger``, writes it to stdout or stderr (an application's own logging
+    set-up). Reads the tree without logging's lock: emit() holds this
+    handler's lock, and logging.config takes them in the other order."""
     terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
-    logger: logging.Logger | None = logging.getLogger(record.name)
     while logger is not None:
         for handler in logger.handlers:
             if (
@@ -97,7 +100,7 @@ def server_logger(name: str, level: int, stdout: bool) -> logging.Logger:
     if stdout:
         with _install_lock:
             if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-                logger.addHandler(_StdoutHandler())
+                logger.addHandler(_StdoutHandler(logger))
     return logger
 
 
