@@ -1,22 +1,29 @@
-"""The cache every chained server keeps, and the calls that reach it.
+"""The cache every pylm server keeps, and the calls that reach it.
 
 A server's cache is a dict of bytes values under text keys. The server's own
-functions use it directly as ``self.cache``; other processes reach it through
-the server's ``db_address``, a ROUTER socket (REQ envelopes) speaking :mod:`pylm.protocol` with
-three functions of the server's name:
+functions use it directly as ``self.cache``; other processes reach it with
+requests for three functions of the server's name:
 
     set     payload: 2-byte big-endian key size, the key (UTF-8; empty: the
             server makes one), then the value. Answers the key.
     get     payload: the key. Answers the value, or ERROR ``unknown_key``.
     delete  payload: the key. Answers an empty payload, or ERROR ``unknown_key``.
+
+A standalone server and a master take them on their own address as messages
+of kind CACHE (:data:`pylm.protocol.CACHE`), which no function call shares,
+so a server's functions may be named ``set`` or ``get``; their clients have
+``set``, ``get`` and ``delete``. A chained stage takes them on its
+``db_address`` (a ROUTER socket, REQ envelopes too) as REQUESTs, or CACHEs.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 import uuid
 from collections.abc import Iterator, MutableMapping
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -32,20 +39,31 @@ from pylm.errors import (
 )
 from pylm.lifecycle import Closing
 from pylm.security import Curve
-from pylm.standalone.client import Client
 
-__all__ = ["DEFAULT_CACHE_LIMIT", "ENTRY_BYTES", "Cache", "CacheClient", "encode_set"]
+if TYPE_CHECKING:
+    from pylm.calls import Calls
+
+__all__ = [
+    "DEFAULT_CACHE_LIMIT",
+    "ENTRY_BYTES",
+    "Cache",
+    "CacheClient",
+    "cache_request",
+    "encode_key",
+    "encode_set",
+]
 
 _KEY_SIZE = struct.Struct(">H")
 
 
 def encode_set(value: bytes, key: str | None = None) -> bytes:
     """The payload of a ``set`` call."""
-    raw = b"" if key is None else _key_bytes(key)
+    raw = b"" if key is None else encode_key(key)
     return _KEY_SIZE.pack(len(raw)) + raw + value
 
 
-def _key_bytes(key: object) -> bytes:
+def encode_key(key: object) -> bytes:
+    """The payload of a ``get`` or ``delete`` call: the key, UTF-8."""
     if not isinstance(key, str):
         raise TypeError(f"cache key must be a str, got {type(key).__name__}")
     raw = key.encode("utf-8")
@@ -99,16 +117,16 @@ class Cache(MutableMapping[str, bytes]):
         return f"<Cache of {self.server!r}: {len(self)} keys, {self._bytes} bytes>"
 
     def answer(self, message: protocol.Message) -> list[bytes]:
-        """The answer to one decoded request that reached the ``db_address``;
-        raises :class:`ProtocolError` for a request that does not follow the
-        protocol (another kind, a target not ``server.function``, a key that
-        is not UTF-8, a ``set`` without its key size), which the server
-        counts before it answers it."""
+        """The answer to one decoded cache request (a CACHE, or a REQUEST or
+        PING on a stage's ``db_address``); raises :class:`ProtocolError` for
+        a request that does not follow the protocol (another kind, a target
+        not ``server.function``, a key that is not UTF-8, a ``set`` without
+        its key size), which the server counts before it answers it."""
         if message.kind == protocol.PING:
             info = json.dumps({"name": self.server, "kind": "cache"}).encode("utf-8")
             return protocol.encode(protocol.PONG, message.msg_id, info)
-        if message.kind != protocol.REQUEST:
-            raise ProtocolError(f"the cache of {self.server!r} takes REQUEST and PING")
+        if message.kind != protocol.REQUEST and message.kind != protocol.CACHE:
+            raise ProtocolError(f"the cache of {self.server!r} takes CACHE, REQUEST and PING")
         try:
             result = self._run(message.target, message.payload)
         except ProtocolError:
@@ -177,8 +195,20 @@ class Cache(MutableMapping[str, bytes]):
             raise ProtocolError(f"cache key is not UTF-8: {raw[:80]!r}") from None
 
 
+def cache_request(
+    calls: Calls, function: str, payload: bytes, timeout: float
+) -> tuple[int, list[bytes]]:
+    """A new message id and the frames of a CACHE request for ``function``
+    (``set``, ``get`` or ``delete``) of the server ``calls`` reach."""
+    msg_id = next(calls.ids)
+    target = f"{calls.server_name}.{function}".encode()
+    deadline = time.time() + timeout
+    return msg_id, protocol.encode(protocol.CACHE, msg_id, payload, target, deadline=deadline)
+
+
 class CacheClient(Closing):
-    """Reaches the cache of server ``server_name`` at ``db_address``."""
+    """Reaches the cache of server ``server_name`` at ``db_address`` (a
+    chained stage's cache port)."""
 
     def __init__(
         self,
@@ -189,6 +219,8 @@ class CacheClient(Closing):
         context: zmq.Context | None = None,
         curve: Curve | None = None,
     ) -> None:
+        from pylm.standalone.client import Client  # it reaches servers' caches too
+
         self._client = Client(
             db_address, server_name, timeout=timeout, context=context, curve=curve
         )
@@ -200,11 +232,11 @@ class CacheClient(Closing):
 
     def get(self, key: str) -> bytes:
         """The value under ``key``; :class:`~pylm.errors.UnknownKey` if none."""
-        return self._client.job("get", _key_bytes(key))
+        return self._client.job("get", encode_key(key))
 
     def delete(self, key: str) -> None:
         """Forget ``key``; :class:`~pylm.errors.UnknownKey` if it is not there."""
-        self._client.job("delete", _key_bytes(key))
+        self._client.job("delete", encode_key(key))
 
     def close(self) -> None:
         self._client.close()

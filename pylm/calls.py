@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 from collections.abc import MutableMapping
 from time import perf_counter
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Caller",
     "Calls",
+    "check_messages",
     "check_timeout",
     "curve_key",
     "pong_info",
@@ -44,6 +46,16 @@ def check_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+def check_messages(messages: object) -> int:
+    """The results a streaming call ends after (``job(..., messages=N)``, the
+    2016 option): a non-negative int, or None for no limit."""
+    if messages is None:
+        return sys.maxsize
+    if isinstance(messages, bool) or not isinstance(messages, int) or messages < 0:
+        raise ValueError(f"messages must be a non-negative int or None, got {messages!r}")
+    return messages
 
 
 class Calls:
@@ -140,6 +152,7 @@ class Caller:
         # While the instances differ in functions: sockets connected only to
         # the instances that have some function, by their endpoints.
         self._side: dict[tuple[str, ...], zmq.Socket] = {}
+        self._cache_endpoint: str | None = None  # the instance whose cache this client uses
         # CURVE (pylm.security): given, or from PYLM_CURVE_KEYS; the server's
         # key from its registry record, or from the settings.
         self.curve = curve if curve is not None else Curve.from_env()
@@ -216,6 +229,22 @@ class Caller:
         endpoints = peers.serving(function)
         if endpoints is None:
             return socket
+        return self._side_socket(endpoints, socket)
+
+    def _cache_socket(self, socket: zmq.Socket) -> zmq.Socket:
+        """The socket for calls to a server's cache: ``socket`` when it
+        reaches one instance; otherwise one connected to one instance only,
+        the same while it is listed, since every instance keeps a cache of
+        its own."""
+        if len(self.endpoints) < 2:
+            return socket
+        if self._cache_endpoint not in self.endpoints:
+            self._cache_endpoint = min(self.endpoints)
+        return self._side_socket((self._cache_endpoint,), socket)
+
+    def _side_socket(self, endpoints: tuple[str, ...], socket: zmq.Socket) -> zmq.Socket:
+        """A socket connected to ``endpoints`` only, with the options of
+        ``socket``; kept until the instances change."""
         side = self._side.get(endpoints)
         if side is None:
             side = self._secure(socket.context.socket(zmq.DEALER))

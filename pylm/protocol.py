@@ -14,7 +14,7 @@ big-endian (``struct`` format ``>2sBBBHHQd``)::
     0       2     magic        b"PL"
     2       1     version      1
     3       1     kind         1 REQUEST, 2 REPLY, 3 ERROR, 4 PING, 5 PONG,
-                               6 BATCH, 7 END
+                               6 BATCH, 7 END, 8 CACHE
     4       1     flags        bit 0 (0x01) PAYLOAD_FRAME: the payload is the
                                next frame, not the rest of this one.
                                bit 1 (0x02) MORE, on a REPLY: one item of a
@@ -26,8 +26,8 @@ big-endian (``struct`` format ``>2sBBBHHQd``)::
                                and echoed in the REPLY, ERROR or PONG answering it
     17      8     deadline     IEEE-754 float64: seconds since the Unix epoch after
                                which the sender stops waiting; 0.0 means none
-    25      t     target       REQUEST: UTF-8 ``<server>.<function>``, split at
-                               the last dot; empty for the other kinds
+    25      t     target       REQUEST and CACHE: UTF-8 ``<server>.<function>``,
+                               split at the last dot; empty for the other kinds
     25+t    r     route        where the answer goes when it is not the socket
                                the request came from (pipelines); empty for a
                                standalone server, which ignores it
@@ -44,6 +44,9 @@ Kinds and payloads::
     END      the job with this message id has no more results: it closes the
              items flagged MORE, and its payload is their number (8 bytes,
              big-endian; empty means 0)
+    CACHE    a request for the server's own cache (not a function call):
+             target ``<server>.set``, ``.get`` or ``.delete``, payload as
+             in :mod:`pylm.cache`; answered with REPLY or ERROR
 
 Error codes and the exception the caller raises::
 
@@ -88,6 +91,7 @@ __all__ = [
     "BATCH",
     "BATCH_HEAD",
     "BATCH_PREFIX",
+    "CACHE",
     "END",
     "ERROR",
     "FIELDS",
@@ -134,6 +138,7 @@ PING = 4
 PONG = 5
 BATCH = 6
 END = 7
+CACHE = 8
 
 KIND_NAMES = {
     REQUEST: "REQUEST",
@@ -143,6 +148,7 @@ KIND_NAMES = {
     PONG: "PONG",
     BATCH: "BATCH",
     END: "END",
+    CACHE: "CACHE",
 }
 
 PAYLOAD_FRAME = 0x01
@@ -170,7 +176,7 @@ class _Field(NamedTuple):
 FIELDS: tuple[_Field, ...] = (
     _Field("magic", 0, 2, "2s", 'b"PL"'),
     _Field("version", 2, 1, "B", "protocol version, 1"),
-    _Field("kind", 3, 1, "B", "1 REQUEST .. 7 END (KIND_NAMES)"),
+    _Field("kind", 3, 1, "B", "1 REQUEST .. 8 CACHE (KIND_NAMES)"),
     _Field("flags", 4, 1, "B", "0x01 PAYLOAD_FRAME, 0x02 MORE; other bits 0"),
     _Field("target_size", 5, 2, "H", "t, bytes of the target"),
     _Field("route_size", 7, 2, "H", "r, bytes of the route"),

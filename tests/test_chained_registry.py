@@ -106,7 +106,7 @@ def test_loop_client_follows_last_stage_instances(pylm_registry: Registry) -> No
         assert sorted(results) == sorted(
             b"ACK: got it too, after you sent me %d" % i for i in range(total)
         )
-        assert client.pull_addresses == [new_last.push]
+        assert client.push_addresses == [new_last.push]
     finally:
         client.close()
         for stage in (step1, step2, new_last, old_last):

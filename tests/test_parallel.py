@@ -168,7 +168,7 @@ def test_malformed_messages_get_an_error_or_are_dropped(
         assert "overrun" in answer.payload.decode()
         raw.send_multipart(protocol.encode(protocol.REPLY, 8, b"x"))
         assert raw.poll(5000)
-        assert b"takes REQUEST and PING, not REPLY" in raw.recv()
+        assert b"takes REQUEST, CACHE and PING, not REPLY" in raw.recv()
     finally:
         raw.close()
     with client_of(master, timeout=10) as client:

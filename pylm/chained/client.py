@@ -9,21 +9,31 @@ import struct
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
-from pylm.calls import DEFAULT_TIMEOUT, Caller, curve_key, read_answer
+from pylm.calls import (
+    DEFAULT_TIMEOUT,
+    Caller,
+    check_messages,
+    curve_key,
+    pong_info,
+    read_answer,
+)
 from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
 from pylm.errors import (
+    CurveRefused,
     ProtocolError,
     PylmError,
     RegistryError,
+    RequestTimeout,
 )
 from pylm.lifecycle import Closing
 from pylm.metrics import BUCKETS, SAMPLE_EVERY, FunctionStats
@@ -47,6 +57,12 @@ _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
 _BATCH_PREFIX = protocol.BATCH_PREFIX
 _COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
+_WIRING_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_ARGUMENTS = (
+    "LoopClient takes the last stage's push_address as push_address (the first"
+    " argument: results come from there) and the first stage's pull_address as"
+    " pull_address (the second: jobs go there)"
+)
 
 
 def _bucket(seconds: float) -> int:
@@ -85,6 +101,44 @@ def _resolve_pipeline(
         records = registry.wait_for_instances(name, wait)
 
 
+class _Wiring:
+    """Watches the connections of a client's socket to addresses it was
+    given, until the client's greeting: a peer that closes a connection in
+    the ZeroMQ handshake, before it succeeded, has a socket of a kind this
+    one cannot talk to (a PULL where a ROUTER should be: addresses swapped),
+    and libzmq does not try that connection again."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+        # An address of its own: pyzmq's default is named after the socket's
+        # file descriptor, which a newer socket may reuse.
+        address = f"inproc://pylm-wiring-{os.urandom(8).hex()}"
+        self.monitor: zmq.Socket = socket.get_monitor_socket(_WIRING_EVENTS, address)
+        self._shook: dict[bytes, bool] = {}  # endpoint -> handshake done, since connected
+
+    def refused(self) -> str | None:
+        """An endpoint whose peer refused the connection in the handshake, if any."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:  # none waiting (Again), or closed
+                return None
+            endpoint, kind = event["endpoint"], event["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self._shook[endpoint] = False
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._shook[endpoint] = True
+            elif self._shook.get(endpoint) is False:  # disconnected in the handshake
+                return bytes(endpoint).decode(errors="replace")
+
+    def close(self) -> None:
+        try:
+            self.socket.disable_monitor()
+        except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
+            pass
+        self.monitor.close(linger=0)
+
+
 @dataclass(frozen=True)
 class JobResult:
     """The outcome of one job of :meth:`LoopClient.results`: ``index`` is the
@@ -100,12 +154,19 @@ class LoopClient(Caller, Closing):
     """Sends jobs to the first stage of a pipeline and receives their results
     from the last stage::
 
-        client = LoopClient('tcp://127.0.0.1:5561',   # the last stage's push_address
-                            'tcp://127.0.0.1:5555',   # the first stage's pull_address
-                            'tcp://127.0.0.1:5556',   # the first stage's db_address
-                            'step1')
+        client = LoopClient('tcp://127.0.0.1:5561',   # push_address: the last stage's
+                            'tcp://127.0.0.1:5555',   # pull_address: the first stage's
+                            'tcp://127.0.0.1:5556',   # db_address: the first stage's
+                            'step1')                  # the first stage's name
         for result in client.job('foo', [b'a message', b'another']):
             print(result)
+        client = LoopClient('step1')                  # or from the registry
+
+    Each address has the name of the stage's argument it must equal, as in
+    the 2016 pylm: ``push_address`` is where the last stage pushes results
+    (the client receives them there), ``pull_address`` where the first stage
+    pulls jobs (the client sends them there). Given swapped, the client says
+    so on its first job instead of waiting out its timeout.
 
     Results come back to the client that sent the jobs, whatever other
     clients use the pipeline. At most ``max_in_flight`` jobs are out at once;
@@ -120,8 +181,8 @@ class LoopClient(Caller, Closing):
 
     def __init__(
         self,
-        pull_address: str | Sequence[str],
-        push_address: str | None = None,
+        push_address: str | Sequence[str],
+        pull_address: str | None = None,
         db_address: str | None = None,
         server_name: str | None = None,
         *,
@@ -137,27 +198,29 @@ class LoopClient(Caller, Closing):
         wait: float = DEFAULT_WAIT,
     ) -> None:
         firsts: Peers | None = None
+        self._wiring: dict[zmq.Socket, _Wiring] = {}  # sockets given addresses, until greeted
+        self._miswired: PylmError | None = None
         curve = curve if curve is not None else Curve.from_env()
         keys: tuple[bytes | None, bytes | None] = (None, None)  # CURVE: first and last stage
         self._last: Peers | None = None  # the last stage's instances, when followed
         owned: Registry | None = None
-        if push_address is None and db_address is None and server_name is None:
+        if pull_address is None and db_address is None and server_name is None:
             # Only the first stage's name: the rest comes from the registry,
             # followed from then on (stages' instances joining or leaving).
-            if not isinstance(pull_address, str) or "://" in pull_address:
+            if not isinstance(push_address, str) or "://" in push_address:
                 raise ValueError(
                     "give LoopClient the first stage's name alone, or all four of"
-                    " pull_address, push_address, db_address and server_name"
+                    " push_address, pull_address, db_address and server_name"
                 )
-            server_name = pull_address
+            server_name = push_address
             firsts, db_address, self._last, owned, keys = self._follow_pipeline(
                 server_name, registry, check_wait(wait), curve
             )
-            pull_address = self._last.endpoints
-            push_address = firsts.endpoints[0]
-        if push_address is None or db_address is None or server_name is None:
-            raise ValueError("push_address, db_address and server_name go together")
-        super().__init__(push_address, server_name, timeout, max_payload, curve=curve, wait=wait)
+            push_address = self._last.endpoints
+            pull_address = firsts.endpoints[0]
+        if pull_address is None or db_address is None or server_name is None:
+            raise ValueError("pull_address, db_address and server_name go together")
+        super().__init__(pull_address, server_name, timeout, max_payload, curve=curve, wait=wait)
         # CURVE keys of the first and the last stage: by name, from their records
         # (None: that stage takes plain connections); by address, from the settings.
         self._by_name = firsts is not None
@@ -171,10 +234,10 @@ class LoopClient(Caller, Closing):
             self._peers, self._registry = firsts, owned
             self.endpoints = firsts.endpoints
             self.connection = ",".join(firsts.endpoints)
-        pulls = [pull_address] if isinstance(pull_address, str) else list(pull_address)
-        self.pull_addresses = [check_address(address, "pull_address") for address in pulls]
-        if not self.pull_addresses:
-            raise ValueError("pull_address needs at least one address")
+        pushes = [push_address] if isinstance(push_address, str) else list(push_address)
+        self.push_addresses = [check_address(address, "push_address") for address in pushes]
+        if not self.push_addresses:
+            raise ValueError("push_address needs at least one address")
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -187,10 +250,15 @@ class LoopClient(Caller, Closing):
         self.route = b"pylm-" + os.urandom(12)
         context = default_context(context)
         self._context = context
-        self._results = [self._result_socket(address) for address in self.pull_addresses]
+        # Addresses given (not from the registry) may be wrong; CURVE's own
+        # handshake failures are watched already (Caller._no_answer).
+        self._watch_wiring = not self._by_name and self.curve is None
+        self._results = [self._result_socket(address) for address in self.push_addresses]
         self._jobs: zmq.Socket | None = self._secure(context.socket(zmq.PUSH))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
+        if self._watch_wiring:
+            self._wiring[self._jobs] = _Wiring(self._jobs)
         # Not IMMEDIATE: with it, jobs queued for a first-stage instance that
         # leaves cleanly were lost (measured), while without it they reach the
         # instance, which serves them before it closes. The price: a killed
@@ -205,7 +273,7 @@ class LoopClient(Caller, Closing):
         self._items: dict[int, tuple[int, int | None]] = {}  # job id -> items seen, announced
         if announce:
             print("Client with the following connections:")
-            for address in self.pull_addresses:
+            for address in self.push_addresses:
                 print(f" *Listening to input from {address}")
             print(f" *Sending jobs to {self.connection}")
 
@@ -243,9 +311,9 @@ class LoopClient(Caller, Closing):
             return
         joined, left = self._last.take()
         for address in left:
-            index = self.pull_addresses.index(address)
+            index = self.push_addresses.index(address)
             socket = self._results.pop(index)
-            self.pull_addresses.pop(index)
+            self.push_addresses.pop(index)
             if poller is not None:
                 poller.unregister(socket)
             self._handshakes.forget(socket)
@@ -254,7 +322,7 @@ class LoopClient(Caller, Closing):
         for address in joined:
             socket = self._result_socket(address)
             self._results.append(socket)
-            self.pull_addresses.append(address)
+            self.push_addresses.append(address)
             self._greet_one(socket, address, deadline, timeout)
             if poller is not None:
                 poller.register(socket, zmq.POLLIN)
@@ -262,17 +330,34 @@ class LoopClient(Caller, Closing):
     # ------------------------------------------------------------------ jobs
 
     def job(
-        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+        self,
+        function: str,
+        payloads: Iterable[bytes],
+        *,
+        timeout: float | None = None,
+        messages: int | None = None,
     ) -> Iterator[bytes]:
         """Send a job per payload and yield the results as they arrive, in
         any order. A failed job raises its typed error (and ends the
         iteration); jobs without a result within ``timeout`` of being sent
-        raise :class:`~pylm.errors.RequestTimeout`."""
-        for _, value, error in self._run(function, iter(payloads), self._timeout_of(timeout)):
-            if error is not None:
-                raise error
-            assert value is not None
-            yield value
+        raise :class:`~pylm.errors.RequestTimeout`. ``messages``: end after
+        that many results (the 2016 meaning), though jobs are still out;
+        their results are dropped when they come."""
+        limit = check_messages(messages)
+        if not limit:
+            return
+        outcomes = self._run(function, iter(payloads), self._timeout_of(timeout))
+        try:
+            for _, value, error in outcomes:
+                if error is not None:
+                    raise error
+                assert value is not None
+                yield value
+                limit -= 1
+                if not limit:
+                    return
+        finally:
+            outcomes.close()
 
     def results(
         self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
@@ -282,7 +367,9 @@ class LoopClient(Caller, Closing):
         for index, value, error in self._run(function, iter(payloads), self._timeout_of(timeout)):
             yield JobResult(index, value, error)
 
-    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
+    def _run(
+        self, function: str, payloads: Iterator[bytes], timeout: float
+    ) -> Generator[_Outcome, None, None]:
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
         self._running = True
@@ -511,6 +598,8 @@ class LoopClient(Caller, Closing):
         socket: zmq.Socket = self._secure_stage(self._context.socket(zmq.DEALER), self._last_key)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.route)
+        if self._watch_wiring:
+            self._wiring[socket] = _Wiring(socket)
         socket.connect(address)
         return socket
 
@@ -519,24 +608,87 @@ class LoopClient(Caller, Closing):
         a ROUTER drops messages for a client it has not heard from."""
         if self._greeted:
             return
+        if self._miswired is not None:
+            raise self._miswired
         deadline = time.monotonic() + timeout
-        for socket, address in zip(self._results, self.pull_addresses, strict=True):
+        for socket, address in zip(self._results, self.push_addresses, strict=True):
             self._greet_one(socket, address, deadline, timeout)
+        jobs = self._wiring.get(self._jobs) if self._jobs is not None else None
+        refused = None if jobs is None else jobs.refused()
+        if refused is not None:
+            self._miswired = PylmError(
+                f"the peer at {refused} closed the connection in the ZeroMQ handshake: it is"
+                f" not a first stage's pull socket, which jobs go to. {_ARGUMENTS}"
+            )
+            raise self._miswired
+        self._stop_watching()
         self._greeted = True
 
     def _greet_one(self, socket: zmq.Socket, address: str, deadline: float, timeout: float) -> None:
         msg_id = next(self._ids)
         socket.send_multipart(protocol.encode(protocol.PING, msg_id))
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        wiring = self._wiring.get(socket)
+        if wiring is not None:
+            poller.register(wiring.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not socket.poll(max(1, int(left * 1000))):
-                raise self._no_answer(
-                    f"the last stage at {address} did not answer within {timeout:g} s"
-                )
+            ready = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if wiring is not None and wiring.monitor in ready:
+                refused = wiring.refused()
+                if refused is not None:
+                    self._miswired = PylmError(
+                        f"the peer at {refused} closed the connection in the ZeroMQ handshake:"
+                        f" it is not a last stage's push socket, which results come from."
+                        f" {_ARGUMENTS}"
+                    )
+                    raise self._miswired
+            if socket not in ready:
+                if left <= 0:
+                    raise self._no_answer(
+                        f"the last stage at {address} did not answer within {timeout:g} s"
+                    )
+                continue
             message = read_answer(socket.recv_multipart())
             if message is not None and message.msg_id == msg_id:
+                self._check_last(message, address)
                 return
             self.dropped += 1
+
+    def _check_last(self, answer: protocol.Message, address: str) -> None:
+        """Raise if the greeting's answer comes from a server of another
+        kind than a last stage (a stage's db_address given as push_address)."""
+        if answer.kind != protocol.PONG:
+            return
+        try:
+            info = pong_info(answer.payload)
+        except ProtocolError:
+            return
+        kind = info.get("kind")
+        if isinstance(kind, str) and kind not in LAST_KINDS:
+            what = "a stage's cache (its db_address)" if kind == "cache" else f"a {kind} server"
+            self._miswired = PylmError(
+                f"the server at {address} is {what} named {str(info.get('name'))!r},"
+                f" not a last stage. {_ARGUMENTS}"
+            )
+            raise self._miswired
+
+    def _stop_watching(self) -> None:
+        wiring, self._wiring = list(self._wiring.values()), {}
+        for watched in wiring:
+            watched.close()
+
+    def _no_answer(self, text: str, separator: str = ": ") -> RequestTimeout:
+        error = super()._no_answer(text, separator)
+        if isinstance(error, CurveRefused) or self._by_name:
+            return error
+        return RequestTimeout(
+            f"{text}{separator}is every stage running? Check the addresses too: the last"
+            " stage's push_address is this client's push_address, the first stage's"
+            " pull_address this client's pull_address, and each stage's next_address the"
+            " next stage's pull_address"
+        )
 
     # ------------------------------------------------------------------ cache
 
@@ -566,6 +718,7 @@ class LoopClient(Caller, Closing):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        self._stop_watching()
         last, self._last = self._last, None
         if last is not None:
             last.close()

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.calls import DEFAULT_TIMEOUT, Caller, check_messages, pong_info, read_answer
 from pylm.chained.client import JobResult
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
 from pylm.security import Curve
+from pylm.standalone.client import Client as _CacheCaller
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Client(Caller, Closing):
             print(result)
         for item in client.stream('count', b'3'):          # a generator function's items
             print(item)
+        key = client.set(b'some data')                     # the master's cache: set, get, delete
 
     At most ``max_in_flight`` jobs are out at once. A job that yields no
     result (nor stream item) within ``timeout`` raises
@@ -77,6 +79,7 @@ class Client(Caller, Closing):
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         self._running = False
+        self._cache: _CacheCaller | None = None
         self.dropped = 0  # answers that belong to no job in flight (late ones)
 
     # ------------------------------------------------------------------ calls
@@ -100,16 +103,33 @@ class Client(Caller, Closing):
         return self.job(function, (payload,), timeout=timeout)
 
     def job(
-        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+        self,
+        function: str,
+        payloads: Iterable[bytes],
+        *,
+        timeout: float | None = None,
+        messages: int | None = None,
     ) -> Iterator[bytes]:
         """Send a job per payload and yield every result as it arrives, in
         any order (a streaming job's items in their order). A failed job
-        raises its typed error and ends the iteration."""
-        for _, value, error, _ in self._run(function, iter(payloads), self._timeout_of(timeout)):
-            if error is not None:
-                raise error
-            if value is not None:
-                yield value
+        raises its typed error and ends the iteration. ``messages``: end
+        after that many results (the 2016 meaning), though jobs are still
+        out; their results are dropped when they come."""
+        limit = check_messages(messages)
+        if not limit:
+            return
+        outcomes = self._run(function, iter(payloads), self._timeout_of(timeout))
+        try:
+            for _, value, error, _ in outcomes:
+                if error is not None:
+                    raise error
+                if value is not None:
+                    yield value
+                    limit -= 1
+                    if not limit:
+                        return
+        finally:
+            outcomes.close()
 
     def results(
         self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
@@ -142,6 +162,44 @@ class Client(Caller, Closing):
             self.dropped += 1
         raise self._timeout_error("ping", seconds)
 
+    # ------------------------------------------------------------------ cache
+
+    def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
+        """Store ``value`` in the master's cache under ``key`` (or a key the
+        master makes); return the key."""
+        return self._cache_client().set(value, key, timeout=timeout)
+
+    def get(self, key: str, *, timeout: float | None = None) -> bytes:
+        """The value under ``key`` in the master's cache;
+        :class:`~pylm.errors.UnknownKey` if there is none."""
+        return self._cache_client().get(key, timeout=timeout)
+
+    def delete(self, key: str, *, timeout: float | None = None) -> None:
+        """Remove ``key`` from the master's cache;
+        :class:`~pylm.errors.UnknownKey` if it is not there."""
+        self._cache_client().delete(key, timeout=timeout)
+
+    def _cache_client(self) -> _CacheCaller:
+        """A client of the cache of one master instance (each keeps its own;
+        the same one while it is listed), on a socket of its own: cache calls
+        never read the results of jobs, and work while jobs are out."""
+        if self._socket is None:
+            raise RuntimeError("the client is closed")
+        cache = self._cache
+        if cache is not None and cache.connection not in self.endpoints:  # that master left
+            cache.close()
+            cache = self._cache = None
+        if cache is None:
+            cache = self._cache = _CacheCaller(
+                min(self.endpoints),
+                self.server_name,
+                timeout=self.timeout,
+                max_payload=self._calls.max_payload,
+                context=self._socket.context,
+                curve=self.curve and Curve(self.curve.keys, server_key=self.server_key),
+            )
+        return cache
+
     # ------------------------------------------------------------------ the loop
 
     def _open_socket(self) -> zmq.Socket:
@@ -151,7 +209,9 @@ class Client(Caller, Closing):
             self._rewire(self._socket)
         return self._socket
 
-    def _run(self, function: str, payloads: Iterator[bytes], timeout: float) -> Iterator[_Outcome]:
+    def _run(
+        self, function: str, payloads: Iterator[bytes], timeout: float
+    ) -> Generator[_Outcome, None, None]:
         if self._running:
             raise RuntimeError("this Client is already running jobs; use one per thread")
         self._running = True
@@ -258,3 +318,6 @@ class Client(Caller, Closing):
         self._stop_following()
         close_socket(self._socket)
         self._socket = None
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()

@@ -5,7 +5,8 @@ Sockets (both bound by the master)::
 
     clients --DEALER--> [front ROUTER]  Master  [workers ROUTER] <--DEALER-- workers
 
-A client sends REQUESTs; the master gives every job a number of its own
+A client sends REQUESTs (and CACHE requests, for the master's own cache,
+:mod:`pylm.cache`); the master gives every job a number of its own
 (the message id towards workers) and keeps ``job number -> (client, the
 client's message id)``. Workers say how many jobs they take at once (their
 *slots*) when they say hello; the master sends a job only to a worker with a
@@ -42,6 +43,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
+from pylm.cache import Cache
 from pylm.errors import ProtocolError
 from pylm.parallel.dispatch import (
     DEFAULT_HEARTBEAT,
@@ -79,7 +81,9 @@ class Master(Dispatcher, BaseServer):
     :class:`~pylm.parallel.dispatch.Dispatcher`. ``heartbeat``: seconds
     between a worker's heartbeats, ``misses``: heartbeats missed before a
     worker is declared dead; ``max_queued``: jobs waiting for a worker at
-    most (then the master reads no more from clients).
+    most (then the master reads no more from clients). ``self.cache`` is the
+    master's cache (:class:`~pylm.cache.Cache`), which clients reach with
+    ``set``, ``get`` and ``delete`` on the front address.
     """
 
     _pylm_framework = True
@@ -110,6 +114,7 @@ class Master(Dispatcher, BaseServer):
         self._init_dispatch(heartbeat, misses, max_queued)
         self.front_address = front_address and check_address(front_address, "front_address")
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
+        self.cache = Cache(name)
         self.front: str | None = None  # where clients connect, once bound
         self.back: str | None = None  # where workers connect, once bound
         self._front: zmq.Socket | None = None
@@ -207,9 +212,17 @@ class Master(Dispatcher, BaseServer):
         if message.kind == protocol.PING:
             self._to_client(client, protocol.encode(protocol.PONG, message.msg_id, self._pong()))
             return
+        if message.kind == protocol.CACHE:
+            try:
+                answer = self.cache.answer(message)
+            except ProtocolError as problem:
+                self._drop("payload", f"{problem} (a cache request from client {client!r})", frames)
+                answer = protocol.encode_error(message.msg_id, problem)
+            self._to_client(client, answer)
+            return
         if message.kind != protocol.REQUEST or message.flags & protocol.MORE:
             refused = ProtocolError(
-                f"master {self.name!r} takes REQUEST and PING, not"
+                f"master {self.name!r} takes REQUEST, CACHE and PING, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
                 + (" flagged MORE" if message.flags & protocol.MORE else "")
             )

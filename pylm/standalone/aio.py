@@ -11,6 +11,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.cache import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout
@@ -33,6 +34,7 @@ class AsyncClient(Caller):
 
         async with AsyncClient('tcp://127.0.0.1:5555', 'my_server') as client:
             results = await asyncio.gather(*(client.job('foo', m) for m in messages))
+            key = await client.set(b'some data')  # the server's cache: set, get, delete
 
     Any number of calls may be in flight; each answer is matched to its call
     by message id, whatever order the answers come in. Every call has a
@@ -94,14 +96,41 @@ class AsyncClient(Caller):
         answer = await self._exchange(msg_id, frames, timeout, "ping")
         return pong_info(protocol.result_of(answer))
 
+    async def set(
+        self, value: bytes, key: str | None = None, *, timeout: float | None = None
+    ) -> str:
+        """Store ``value`` in the server's cache under ``key`` (or a key the
+        server makes); return the key."""
+        protocol.check_payload(value, self._calls.max_payload)
+        result = await self._cache_call("set", encode_set(bytes(value), key), timeout)
+        return result.decode("utf-8")
+
+    async def get(self, key: str, *, timeout: float | None = None) -> bytes:
+        """The value under ``key`` in the server's cache;
+        :class:`~pylm.errors.UnknownKey` if there is none."""
+        return await self._cache_call("get", encode_key(key), timeout)
+
+    async def delete(self, key: str, *, timeout: float | None = None) -> None:
+        """Remove ``key`` from the server's cache;
+        :class:`~pylm.errors.UnknownKey` if it is not there."""
+        await self._cache_call("delete", encode_key(key), timeout)
+
+    async def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
+        seconds = self._timeout_of(timeout)
+        msg_id, frames = cache_request(self._calls, function, payload, seconds)
+        answer = await self._exchange(msg_id, frames, seconds, function, cache=True)
+        return protocol.result_of(answer)
+
     async def _exchange(
-        self, msg_id: int, frames: list[bytes], timeout: float, what: str
+        self, msg_id: int, frames: list[bytes], timeout: float, what: str, cache: bool = False
     ) -> protocol.Message:
         socket = self._open()
         peers = self._peers
         if peers is not None and peers.changed:
             self._rewire(socket)
-        if peers is not None and peers.partial:  # a version rolling out: who has it
+        if cache:  # every instance keeps a cache of its own: one of them
+            socket = self._read_side(self._cache_socket(socket))
+        elif peers is not None and peers.partial:  # a version rolling out: who has it
             socket = self._side_for(what, socket)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
@@ -166,8 +195,11 @@ class AsyncClient(Caller):
     def _side_for(self, function: str, socket: zmq.Socket) -> zmq.Socket:
         """The socket to the instances that have ``function`` (Caller._socket_for),
         read as the main one is."""
-        side = self._socket_for(function, socket)
-        if side is not socket and side not in self._read_sides:
+        return self._read_side(self._socket_for(function, socket))
+
+    def _read_side(self, side: zmq.Socket) -> zmq.Socket:
+        """``side``, read as the main socket is."""
+        if side is not self._socket and side not in self._read_sides:
             assert self._loop is not None
             self._read_sides.add(side)
             self._loop.add_reader(side.fileno(), self._on_events, side)

@@ -10,6 +10,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.cache import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
@@ -36,6 +37,7 @@ class Client(Caller, Closing):
 
         client = Client('tcp://127.0.0.1:5555', 'my_server')
         client.job('foo', b'a message')     # -> b'you sent me a message'
+        key = client.set(b'some data')      # the server's cache: set, get, delete
 
     Every call has a timeout (``timeout`` here, or per call) and raises
     :class:`~pylm.errors.RequestTimeout` when it runs out; the client stays
@@ -164,8 +166,36 @@ class Client(Caller, Closing):
         answer = protocol.decode(self._exchange(frames, msg_id, timeout, "ping"))
         return pong_info(protocol.result_of(answer))
 
-    def _exchange(self, frames: list[bytes], msg_id: int, timeout: float, what: str) -> list[bytes]:
-        """Send a request; the frames of the answer to it."""
+    # ------------------------------------------------------------------ cache
+
+    def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
+        """Store ``value`` in the server's cache under ``key`` (or a key the
+        server makes); return the key. Over the cache's limit:
+        :class:`~pylm.errors.PayloadTooLarge`."""
+        protocol.check_payload(value, self._calls.max_payload)
+        return self._cache_call("set", encode_set(bytes(value), key), timeout).decode("utf-8")
+
+    def get(self, key: str, *, timeout: float | None = None) -> bytes:
+        """The value under ``key`` in the server's cache;
+        :class:`~pylm.errors.UnknownKey` if there is none."""
+        return self._cache_call("get", encode_key(key), timeout)
+
+    def delete(self, key: str, *, timeout: float | None = None) -> None:
+        """Remove ``key`` from the server's cache;
+        :class:`~pylm.errors.UnknownKey` if it is not there."""
+        self._cache_call("delete", encode_key(key), timeout)
+
+    def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
+        seconds = self._timeout_of(timeout)
+        msg_id, frames = cache_request(self._calls, function, payload, seconds)
+        answers = self._exchange(frames, msg_id, seconds, function, cache=True)
+        return protocol.result_of(protocol.decode(answers))
+
+    def _exchange(
+        self, frames: list[bytes], msg_id: int, timeout: float, what: str, cache: bool = False
+    ) -> list[bytes]:
+        """Send a request (``cache``: to the server's cache); the frames of
+        the answer to it."""
         with self._lock:
             socket = self._socket
             if socket is None:
@@ -176,7 +206,10 @@ class Client(Caller, Closing):
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
-            socket = self._socket_for(what, socket)  # a version rolling out: who has it
+            if cache:
+                socket = self._cache_socket(socket)
+            else:
+                socket = self._socket_for(what, socket)  # a version rolling out: who has it
             deadline = _perf_counter() + timeout
             try:
                 socket.send_multipart(frames, copy=len(frames) == 1)

@@ -6,6 +6,8 @@ send REQUEST messages; the server runs the named function and answers every
 message in the envelope it came in, with a REPLY or an ERROR. Requests are served one at a
 time, fairly queued from all clients. Messages in no envelope it knows are
 dropped and counted; nothing a peer sends makes the server wait for it.
+CACHE requests (``Client.set/get/delete``) reach the server's cache
+(:mod:`pylm.cache`) on the same socket, off the fast path.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
+from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError
 from pylm.metrics import Sampling
 from pylm.transport import (
@@ -73,6 +76,10 @@ class Server(BaseServer):
     ``perf_address`` and ``ping_address`` are accepted for compatibility with
     the 2016 pylm and ignored with a warning: a server answers pings on its
     own address (``Client.ping``).
+
+    ``self.cache`` is the server's cache (:class:`~pylm.cache.Cache`), a dict
+    of bytes its functions may use, which clients reach with ``set``, ``get``
+    and ``delete``.
     """
 
     _pylm_framework = True
@@ -100,6 +107,7 @@ class Server(BaseServer):
         self.rep_address = (
             None if rep_address is None else check_address(rep_address, "rep_address")
         )
+        self.cache = Cache(name)
         self.address: str | None = None
         self._socket: zmq.Socket | None = None
 
@@ -247,9 +255,18 @@ class Server(BaseServer):
         if message.kind == protocol.PING:
             self._answer(envelope, protocol.encode(protocol.PONG, message.msg_id, self._pong()))
             return 0
+        if message.kind == protocol.CACHE:
+            try:
+                answer = self.cache.answer(message)
+            except ProtocolError as error:
+                self._drop("payload", f"{error} (a cache request)", frames)
+                self._answer(envelope, protocol.encode_error(message.msg_id, error), counted=False)
+                return 0
+            self._answer(envelope, answer)
+            return 0
         if message.kind != protocol.REQUEST:
             problem = ProtocolError(
-                f"server {self.name!r} accepts REQUEST and PING, not"
+                f"server {self.name!r} accepts REQUEST, CACHE and PING, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
             self._drop("kind", str(problem), frames)

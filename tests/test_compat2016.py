@@ -1,0 +1,301 @@
+"""What users of the 2016 pylm find as they knew it: LoopClient's keyword
+names, ``job(..., messages=N)`` on the streaming clients, and a cache with
+``set``/``get``/``delete`` on every server kind. Real servers, real sockets
+(and a real etcd for the by-name test)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import zmq
+
+from pylm import protocol
+from pylm.cache import encode_set
+from pylm.chained import LastServer, LoopClient
+from pylm.chained import Server as Stage
+from pylm.errors import (
+    PayloadTooLarge,
+    ProtocolError,
+    PylmError,
+    RequestTimeout,
+    UnknownKey,
+)
+from pylm.parallel import Client as ParallelClient
+from pylm.parallel import Master, Worker
+from pylm.registry import Registry
+from pylm.standalone import AsyncClient, Client, Server
+
+Serve = Callable[[Any], Any]
+ANY = "tcp://127.0.0.1:0"
+BEAT = 0.2
+
+
+class Step1(Stage):
+    def foo(self, message: bytes) -> bytes:
+        return b"you sent me " + message
+
+
+class Last(LastServer):
+    def baz(self, message: bytes) -> bytes:
+        return b"ACK: " + message
+
+
+class Pipeline:
+    """step1 -> last, on OS-chosen ports."""
+
+    def __init__(self, serve: Serve) -> None:
+        self.last = serve(Last("last", ANY, ANY, ANY, log_stdout=False))
+        self.step1 = serve(
+            Step1("step1", ANY, self.last.address, "last.baz", ANY, log_stdout=False)
+        )
+
+
+@pytest.fixture
+def pipeline(serve: Serve) -> Pipeline:
+    return Pipeline(serve)
+
+
+class Cached(Server):
+    def prefixed(self, message: bytes) -> bytes:
+        return self.cache.get("prefix", b"") + message
+
+    def get(self, message: bytes) -> bytes:  # a function named like a cache call
+        return b"function get: " + message
+
+
+class Squarer(Worker):
+    def square(self, message: bytes) -> bytes:
+        return str(int(message) ** 2).encode()
+
+
+@pytest.fixture
+def master(serve: Serve) -> Master:
+    master = serve(Master("m", ANY, ANY, heartbeat=BEAT, log_stdout=False))
+    serve(Squarer("w", "m", master.back, heartbeat=BEAT, log_stdout=False))
+    return master
+
+
+# ------------------------------------------------------------------ LoopClient
+
+
+def test_loop_client_keywords_name_the_stages_arguments_as_in_2016(pipeline: Pipeline) -> None:
+    """push_address: the last stage's push_address; pull_address: the first
+    stage's pull_address (the 2016 documented example, keywords and all)."""
+    with LoopClient(
+        push_address=pipeline.last.push,
+        pull_address=pipeline.step1.address,
+        db_address=pipeline.step1.db,
+        server_name="step1",
+        announce=False,
+    ) as client:
+        assert client.push_addresses == [pipeline.last.push]
+        assert list(client.job("foo", [b"a message"], messages=1)) == [
+            b"ACK: you sent me a message"
+        ]
+    positional = LoopClient(
+        pipeline.last.push, pipeline.step1.address, pipeline.step1.db, "step1", announce=False
+    )
+    with positional as client:  # the 2016 positional order, unchanged
+        assert list(client.job("foo", [b"x"])) == [b"ACK: you sent me x"]
+
+
+def test_swapped_addresses_fail_at_once_saying_which_is_which(pipeline: Pipeline) -> None:
+    with LoopClient(
+        pipeline.step1.address,  # the first stage's pull_address, as push_address
+        pipeline.last.push,  # the last stage's push_address, as pull_address
+        pipeline.step1.db,
+        "step1",
+        timeout=10,
+        announce=False,
+    ) as client:
+        began = time.monotonic()
+        with pytest.raises(PylmError) as caught:
+            list(client.job("foo", [b"x"]))
+        assert time.monotonic() - began < 3  # not the 10 s timeout
+        assert not isinstance(caught.value, RequestTimeout)
+        assert "handshake" in str(caught.value)
+        assert "push_address" in str(caught.value) and "pull_address" in str(caught.value)
+        with pytest.raises(PylmError, match="handshake"):  # again, at once
+            list(client.job("foo", [b"x"]))
+
+
+def test_only_the_pull_address_wrong_fails_at_once(pipeline: Pipeline) -> None:
+    """Results from the right place, jobs sent to a last stage's ROUTER."""
+    with LoopClient(
+        pipeline.last.push, pipeline.last.push, pipeline.step1.db, "step1", announce=False
+    ) as client:
+        with pytest.raises(PylmError, match="not a first stage's pull socket"):
+            list(client.job("foo", [b"x"], timeout=10))
+
+
+def test_a_cache_address_as_push_address_is_named(pipeline: Pipeline) -> None:
+    with LoopClient(
+        pipeline.step1.db, pipeline.step1.address, pipeline.step1.db, "step1", announce=False
+    ) as client:
+        with pytest.raises(PylmError, match=r"cache \(its db_address\).*not a last stage"):
+            list(client.job("foo", [b"x"], timeout=10))
+
+
+def test_a_job_timeout_of_a_client_by_address_says_what_to_check(
+    pipeline: Pipeline, free_tcp_address: str
+) -> None:
+    with LoopClient(
+        pipeline.last.push, free_tcp_address, pipeline.step1.db, "step1", announce=False
+    ) as client:
+        with pytest.raises(RequestTimeout, match="first stage's pull_address this client's"):
+            list(client.job("foo", [b"x"], timeout=0.5))
+
+
+def test_loop_client_messages_ends_after_that_many_results(pipeline: Pipeline) -> None:
+    with LoopClient(
+        pipeline.last.push, pipeline.step1.address, pipeline.step1.db, "step1", announce=False
+    ) as client:
+        endless = itertools.repeat(b"m")
+        assert list(client.job("foo", endless, messages=5)) == [b"ACK: you sent me m"] * 5
+        assert list(client.job("foo", [b"a", b"b"], messages=0)) == []
+        # More than the jobs give: ends with the jobs.
+        assert sorted(client.job("foo", [b"a", b"b"], messages=10)) == [
+            b"ACK: you sent me a",
+            b"ACK: you sent me b",
+        ]
+        with pytest.raises(ValueError, match="messages"):
+            list(client.job("foo", [b"a"], messages=-1))
+
+
+# ------------------------------------------------------------------ parallel
+
+
+def test_parallel_client_messages_ends_after_that_many_results(master: Master) -> None:
+    assert master.front is not None
+    with ParallelClient(master.front, "m", timeout=10) as client:
+        numbers = (b"%d" % n for n in itertools.count())
+        assert len(list(client.job("square", numbers, messages=7))) == 7
+        assert client.eval("square", b"3") == b"9"  # usable again at once
+
+
+def test_master_cache_from_its_client(master: Master) -> None:
+    assert master.front is not None
+    with ParallelClient(master.front, "m", timeout=10) as client:
+        key = client.set(b"some data")
+        assert client.get(key) == b"some data"
+        assert master.cache[key] == b"some data"
+        assert client.set(b"v", "mine") == "mine"
+        # Cache calls have a socket of their own: they work while jobs are out.
+        results = client.job("square", [b"2", b"3"])
+        assert next(results) in (b"4", b"9")
+        assert client.get("mine") == b"v"
+        assert next(results) in (b"4", b"9")
+        client.delete(key)
+        with pytest.raises(UnknownKey):
+            client.get(key)
+        with pytest.raises(UnknownKey):
+            client.delete(key)
+
+
+def test_master_counts_and_answers_a_malformed_cache_request(
+    master: Master, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    assert master.front is not None and master.stats is not None
+    socket = raw_socket(zmq.DEALER)
+    socket.connect(master.front)
+    socket.send_multipart(protocol.encode(protocol.CACHE, 5, b"\x01", b"m.set"))  # half a size
+    answer = protocol.decode(socket.recv_multipart())
+    assert answer.msg_id == 5
+    with pytest.raises(ProtocolError, match="key size"):
+        protocol.result_of(answer)
+    assert master.stats.malformed_by["payload"] == 1
+
+
+# ------------------------------------------------------------------ standalone
+
+
+def test_standalone_cache_from_the_client(serve: Serve) -> None:
+    server = serve(Cached("cached", ANY, log_stdout=False))
+    with Client(server.address, "cached", timeout=10) as client:
+        assert client.set(b"pre-", "prefix") == "prefix"
+        assert client.job("prefixed", b"x") == b"pre-x"  # the server's functions see it
+        assert client.job("get", b"y") == b"function get: y"  # a function, not the cache
+        assert client.get("prefix") == b"pre-"
+        key = client.set(b"\x00" * 100_000)  # a value in a frame of its own
+        assert len(key) == 32 and client.get(key) == b"\x00" * 100_000
+        client.delete(key)
+        with pytest.raises(UnknownKey) as caught:
+            client.get(key)
+        assert caught.value.key == key
+        with pytest.raises(TypeError):
+            client.set("text")  # type: ignore[arg-type]
+        functions = server.stats.functions
+        assert functions["prefixed"].calls == functions["get"].calls == 1  # cache calls: none
+
+
+def test_standalone_cache_limit(serve: Serve) -> None:
+    server = serve(Cached("cached", ANY, log_stdout=False))
+    server.cache.limit = 1000
+    with Client(server.address, "cached", timeout=10) as client:
+        client.set(b"a" * 500, "a")
+        with pytest.raises(PayloadTooLarge):
+            client.set(b"b" * 500, "b")  # 500 + 160 overhead each: over 1000
+        assert "b" not in server.cache and client.get("a") == b"a" * 500
+
+
+def test_standalone_counts_and_answers_malformed_cache_requests(
+    serve: Serve, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    server = serve(Cached("cached", ANY, log_stdout=False))
+    socket = raw_socket(zmq.REQ)  # any REQ socket speaks to a standalone server
+    socket.connect(server.address)
+    hostile = [
+        (b"cached.set", b"\x00"),  # no whole key size
+        (b"cached.set", b"\x00\x09key"),  # a key size over the payload
+        (b"cached.get", b"\xff\xfe"),  # a key that is not UTF-8
+        (b"nodot", b"k"),  # not server.function
+    ]
+    for msg_id, (target, payload) in enumerate(hostile, 1):
+        socket.send_multipart(protocol.encode(protocol.CACHE, msg_id, payload, target))
+        answer = protocol.decode(socket.recv_multipart())
+        assert answer.msg_id == msg_id
+        with pytest.raises(ProtocolError):
+            protocol.result_of(answer)
+    assert server.stats.malformed_by["payload"] == len(hostile)
+    socket.send_multipart(protocol.encode(protocol.CACHE, 9, encode_set(b"v", "k"), b"cached.set"))
+    assert protocol.result_of(protocol.decode(socket.recv_multipart())) == b"k"
+    assert server.cache["k"] == b"v"
+
+
+def test_async_client_cache(serve: Serve) -> None:
+    server = serve(Cached("cached", ANY, log_stdout=False))
+
+    async def main() -> None:
+        async with AsyncClient(server.address, "cached", timeout=10) as client:
+            keys = await asyncio.gather(*(client.set(b"%d" % n) for n in range(20)))
+            values = await asyncio.gather(*(client.get(key) for key in keys))
+            assert values == [b"%d" % n for n in range(20)]
+            await client.delete(keys[0])
+            with pytest.raises(UnknownKey):
+                await client.get(keys[0])
+            assert await client.job("get", b"z") == b"function get: z"
+
+    asyncio.run(main())
+
+
+def test_cache_calls_by_name_go_to_one_instance(pylm_registry: Registry, serve: Serve) -> None:
+    """Every instance keeps its own cache: a client by name sends its cache
+    calls to one of them, so what it set it gets back."""
+    servers = [serve(Cached("svc", log_stdout=False, registry=pylm_registry)) for _ in range(2)]
+    with Client("svc", registry=pylm_registry, timeout=10) as client:
+        assert len(client.endpoints) == 2
+        keys = [client.set(b"%d" % n) for n in range(10)]
+        assert [client.get(key) for key in keys] == [b"%d" % n for n in range(10)]
+        assert sorted(len(server.cache) for server in servers) == [0, 10]
+
+    async def main() -> None:
+        async with AsyncClient("svc", registry=pylm_registry, timeout=10) as client:
+            key = await client.set(b"async")
+            assert [await client.get(key) for _ in range(5)] == [b"async"] * 5
+
+    asyncio.run(main())
