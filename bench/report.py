@@ -51,17 +51,18 @@ class Part:
     quick: tuple[str, ...]  # for --quick
     json: bool = True  # whether the module writes --json
     timeout: float = 1800.0
+    title: str = ""  # the heading of its section in the report
 
 
 PARTS = (
-    Part("rpc", ("--payloads", RPC_PAYLOADS), ("--quick", "--payloads", "100,10240")),
-    Part("pipeline", (), ("--quick",)),
-    Part("stage", (), ("--quick",)),
-    Part("parallel", (), ("--quick",)),
-    Part("registry", (), ("--quick",)),
-    Part("metrics", (), ("--quick",), json=False),
-    Part("scale", (), ("--quick",)),
-    Part("profile", (), ("--quick",)),
+    Part("rpc", ("--payloads", RPC_PAYLOADS), ("--quick", "--payloads", "100,10240"), title="RPC"),
+    Part("pipeline", (), ("--quick",), title="Pipeline"),
+    Part("stage", (), ("--quick",), title="One chained stage"),
+    Part("parallel", (), ("--quick",), title="Master and workers"),
+    Part("registry", (), ("--quick",), title="Registry"),
+    Part("metrics", (), ("--quick",), json=False, title="The metrics endpoint"),
+    Part("scale", (), ("--quick",), title="300 servers"),
+    Part("profile", (), ("--quick",), title="Where a call's time goes"),
 )
 
 Data = dict[str, Any]
@@ -457,20 +458,26 @@ def render(
     figures_ref: str,
 ) -> str:
     data = {o.part.name: o.data for o in outcomes}
+    date = time.strftime("%Y-%m-%d")
     lines = [
         BEGIN,
-        f"## Report of {time.strftime('%Y-%m-%d')}",
+        f"## Latest results ({date})",
         "",
-        "Written by `python -m bench.report` (do not edit by hand between the markers).",
+        f"Measured on {date} by `python -m bench.report`, which rewrites this section (from",
+        "here to the figures) on every run: do not edit it by hand.",
+        "",
         f"Machine: {machine_line(data)}.",
         "",
         "### Targets",
+        "",
+        "The project's goal for each ratio, and what this run measured:",
         "",
         targets_table(data),
         "",
     ]
     for outcome in outcomes:
-        lines += [f"### {outcome.part.name} ({outcome.seconds:.0f} s)", ""]
+        title = outcome.part.title or outcome.part.name
+        lines += [f"### {title} (bench.{outcome.part.name}, {outcome.seconds:.0f} s)", ""]
         if outcome.failure:
             lines += [f"**Failed**: {outcome.failure}", ""]
         if outcome.text:
