@@ -3,7 +3,8 @@
 For each document, its blocks run in order, each in a fresh process, in a
 temporary folder that stands for the repository root (``examples``,
 ``monitoring`` and ``registry`` in it are links to the repository's own), with
-the running interpreter's ``python``, ``python3`` and ``pylm`` first on PATH:
+the running interpreter as ``python`` and ``python3``, and the checkout's
+``pylm`` command, first on PATH:
 
 - ``python`` blocks are saved to a file and run with ``python3 FILE``;
 - ``bash`` blocks (also ``sh``, ``shell``) run with ``set -e -o pipefail``;
@@ -175,7 +176,10 @@ class Session:
         bin_dir.mkdir()
         for name in ("python", "python3"):
             (bin_dir / name).symlink_to(sys.executable)
-        path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+        pylm = bin_dir / "pylm"  # what the installed console script runs
+        pylm.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pylm "$@"\n')
+        pylm.chmod(0o755)
+        path = os.pathsep.join([str(bin_dir), os.environ["PATH"]])
         # the checkout's pylm, as if installed (and not another installed copy)
         self.env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         if etcd_url is not None:
