@@ -486,7 +486,10 @@ def show_top(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``pylm`` command; its exit status."""
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:  # what is still buffered (all of it, unless unbuffered) fails here
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`pylm ls | head`): end quietly. Python would
         # complain again when it flushes stdout at exit, so point it elsewhere.
