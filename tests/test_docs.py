@@ -174,11 +174,11 @@ class Session:
         self.registry: Registry | None = None
         bin_dir = folder / ".bin"
         bin_dir.mkdir()
-        for name in ("python", "python3"):
-            (bin_dir / name).symlink_to(sys.executable)
-        pylm = bin_dir / "pylm"  # what the installed console script runs
-        pylm.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m pylm "$@"\n')
-        pylm.chmod(0o755)
+        # Scripts, not symlinks: a venv's python is a venv's only when run by its own path.
+        for name, command in (("python", ""), ("python3", ""), ("pylm", " -m pylm")):
+            shim = bin_dir / name  # pylm: what the installed console script runs
+            shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)}{command} "$@"\n')
+            shim.chmod(0o755)
         path = os.pathsep.join([str(bin_dir), os.environ["PATH"]])
         # the checkout's pylm, as if installed (and not another installed copy)
         self.env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
