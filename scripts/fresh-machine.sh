@@ -133,11 +133,13 @@ run_nonroot() {
         || fail nonroot "tests exited non-zero"
     SKIPS_ALLOWED="sudo apt-get install (prometheus|wrk)|network namespaces need root|no \`ip\` command" \
         check_run nonroot "$log"
+    # A process of the user still alive after the tests is one a test left running. (Exited
+    # ones not yet reaped, zombies, do not count.)
     local left
-    left=$(pgrep -u "$user" -a || true)
+    left=$(ps -u "$user" -o pid=,stat=,args= | awk '$2 !~ /^Z/' || true)
     if [ -n "$left" ]; then
         fail nonroot "processes left running: $left"
-        pgrep -u "$user" | xargs -r kill -9 || true
+        awk '{ print $1 }' <<<"$left" | xargs -r kill -9 || true
     fi
     left=$(find /tmp -maxdepth 1 -user "$user" ! -name "pytest-of-$user" 2>/dev/null || true)
     [ -z "$left" ] || fail nonroot "left in /tmp: $left"
