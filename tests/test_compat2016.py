@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +31,7 @@ from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import Registry
 from pylm.standalone import AsyncClient, Client, Server
+from pylm.testing import wait_for
 
 Serve = Callable[[Any], Any]
 ANY = "tcp://127.0.0.1:0"
@@ -139,6 +142,49 @@ def test_a_cache_address_as_push_address_is_named(pipeline: Pipeline) -> None:
     ) as client:
         with pytest.raises(PylmError, match=r"cache \(its db_address\).*not a last stage"):
             list(client.job("foo", [b"x"], timeout=10))
+
+
+def test_a_peer_that_drops_connections_is_not_taken_for_swapped_addresses(
+    serve: Serve, free_tcp_address: str
+) -> None:
+    """A port that accepts and closes connections for a while (a proxy whose
+    backend is not up yet, a stage stopping) is retried by ZeroMQ: the
+    client reaches the last stage once it listens there, instead of calling
+    its addresses swapped for good."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the stage binds it next
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    results = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    accepted = 0
+    done = threading.Event()
+
+    def accept_and_close() -> None:
+        nonlocal accepted
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connection.close()
+            accepted += 1
+
+    dropper = threading.Thread(target=accept_and_close, daemon=True)
+    dropper.start()
+    try:
+        step1 = serve(Step1("step1", ANY, free_tcp_address, "last.baz", ANY, log_stdout=False))
+        with LoopClient(results, step1.address, step1.db, "step1", announce=False) as client:
+            wait_for(lambda: accepted >= 2, 10, "two connections dropped")
+            done.set()
+            dropper.join(5)
+            listener.close()
+            serve(Last("last", free_tcp_address, results, ANY, log_stdout=False))
+            assert list(client.job("foo", [b"x"], timeout=10)) == [b"ACK: you sent me x"]
+    finally:
+        done.set()
+        dropper.join(5)
+        listener.close()
 
 
 def test_a_job_timeout_of_a_client_by_address_says_what_to_check(

@@ -57,7 +57,12 @@ _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
 _BATCH_PREFIX = protocol.BATCH_PREFIX
 _COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
-_WIRING_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_WIRING_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+)
 _ARGUMENTS = (
     "LoopClient takes the last stage's push_address as push_address (the first"
     " argument: results come from there) and the first stage's pull_address as"
@@ -103,10 +108,13 @@ def _resolve_pipeline(
 
 class _Wiring:
     """Watches the connections of a client's socket to addresses it was
-    given, until the client's greeting: a peer that closes a connection in
-    the ZeroMQ handshake, before it succeeded, has a socket of a kind this
-    one cannot talk to (a PULL where a ROUTER should be: addresses swapped),
-    and libzmq does not try that connection again."""
+    given, until the client's greeting: a connection that ends in the
+    ZeroMQ handshake, before it succeeded, for a protocol error (libzmq
+    reports no HANDSHAKE_FAILED_NO_DETAIL then) reached a socket of a kind
+    this one cannot talk to (a PULL where a ROUTER should be: addresses
+    swapped), and libzmq does not try that connection again. One the peer
+    merely closed (HANDSHAKE_FAILED_NO_DETAIL: a proxy whose backend is not
+    up, a server stopping) is tried again, and is no sign of wrong wiring."""
 
     def __init__(self, socket: zmq.Socket) -> None:
         self.socket = socket
@@ -128,6 +136,8 @@ class _Wiring:
                 self._shook[endpoint] = False
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._shook[endpoint] = True
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self._shook.pop(endpoint, None)  # closed by the peer: retried
             elif self._shook.get(endpoint) is False:  # disconnected in the handshake
                 return bytes(endpoint).decode(errors="replace")
 
