@@ -383,6 +383,7 @@ class LoopClient(Caller, Closing):
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
         self._running = True
+        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
         try:
             jobs = self._jobs
             if jobs is None:
@@ -394,7 +395,6 @@ class LoopClient(Caller, Closing):
             prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
             tail = target + self.route
             inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
-            in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
             poller = zmq.Poller()
             for socket in self._results:
                 poller.register(socket, zmq.POLLIN)
@@ -477,6 +477,10 @@ class LoopClient(Caller, Closing):
                         yield from self._collect(socket, in_flight, numbers, timeout)
         finally:
             self._running = False
+            # Jobs left out (messages=N reached, an error raised): the items
+            # counted of their streams go with them.
+            for msg_id in in_flight:
+                self._items.pop(msg_id, None)
 
     def _collect(
         self,
