@@ -235,11 +235,11 @@ class Caller:
         """The socket for calls to a server's cache: ``socket`` when it
         reaches one instance; otherwise one connected to one instance only,
         the same while it is listed, since every instance keeps a cache of
-        its own."""
-        if len(self.endpoints) < 2:
-            return socket
+        its own (kept from a time it was the only one, too)."""
         if self._cache_endpoint not in self.endpoints:
             self._cache_endpoint = min(self.endpoints)
+        if len(self.endpoints) < 2:
+            return socket
         return self._side_socket((self._cache_endpoint,), socket)
 
     def _side_socket(self, endpoints: tuple[str, ...], socket: zmq.Socket) -> zmq.Socket:

@@ -345,3 +345,28 @@ def test_cache_calls_by_name_go_to_one_instance(pylm_registry: Registry, serve: 
             assert [await client.get(key) for _ in range(5)] == [b"async"] * 5
 
     asyncio.run(main())
+
+
+def test_cache_calls_stay_with_the_instance_they_used_when_another_joins(
+    pylm_registry: Registry, serve: Serve
+) -> None:
+    """What a client set in its server's only instance, it gets back from
+    there once a second instance is listed too, whichever sorts first."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    low, high = sorted(f"tcp://127.0.0.1:{port}" for port in ports)
+    first = serve(Cached("svc", high, log_stdout=False, registry=pylm_registry))
+    with Client("svc", registry=pylm_registry, timeout=10) as client:
+        key = client.set(b"kept")
+        serve(Cached("svc", low, log_stdout=False, registry=pylm_registry))
+
+        def both_listed() -> bool:
+            client.ping()  # a call applies what the registry lists now
+            return len(client.endpoints) == 2
+
+        wait_for(both_listed, 10, "the second instance listed")
+        assert client.get(key) == b"kept"
+        assert list(first.cache) == [key]
