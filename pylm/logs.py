@@ -34,7 +34,7 @@ class _StdoutHandler(logging.StreamHandler):
         self.logger = logger
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _shown_elsewhere(record, self.logger):
+        if _shown_elsewhere(record, self):
             return
         # Follow sys.stdout when it is replaced after the server started
         # (pytest's capture, a user redirecting output).
@@ -42,19 +42,27 @@ class _StdoutHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _shown_elsewhere(record: logging.LogRecord, logger: logging.Logger | None) -> bool:
-    """Whether another handler on the record's way up the logger tree, from
-    ``logger``, writes it to stdout or stderr (an application's own logging
-    set-up). Reads the tree without logging's lock: emit() holds this
-    handler's lock, and logging.config takes them in the other order."""
+def _shown_elsewhere(record: logging.LogRecord, handler: _StdoutHandler) -> bool:
+    """Whether another handler on the record's way up the logger tree
+    writes it to stdout or stderr: an application's own logging set-up, or
+    the default handler of a server below this one's (``svc.v2`` under
+    ``svc``), which printed it first. Reads the tree without logging's lock:
+    emit() holds this handler's lock, and logging.config takes them in the
+    other order (the logger dict is read, never changed, here)."""
     terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    origin = logging.Logger.manager.loggerDict.get(record.name)
+    logger: logging.Logger | None = origin if isinstance(origin, logging.Logger) else handler.logger
+    below = logger is not handler.logger  # still under this handler's logger
     while logger is not None:
-        for handler in logger.handlers:
+        if logger is handler.logger:
+            below = False
+        for other in logger.handlers:
             if (
-                not isinstance(handler, _StdoutHandler)
-                and isinstance(handler, logging.StreamHandler)
-                and any(handler.stream is stream for stream in terminal)
-                and record.levelno >= handler.level
+                other is not handler
+                and isinstance(other, logging.StreamHandler)
+                and (below or not isinstance(other, _StdoutHandler))
+                and any(other.stream is stream for stream in terminal)
+                and record.levelno >= other.level
             ):
                 return True
         logger = logger.parent if logger.propagate else None

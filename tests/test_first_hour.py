@@ -226,6 +226,38 @@ def test_what_a_plain_script_shows(tmp_path: Path, setup: str, out: int, err: in
         assert stream.count("scripted (standalone) stopped after serving 0") == count, stream
 
 
+def test_a_server_named_under_another_shows_its_lines_once(tmp_path: Path) -> None:
+    """``svc.v2``'s logger is a child of ``svc``'s: each server's own
+    handler prints, and only the one of the server that logged."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from pylm.standalone import Server
+
+            class Echo(Server):
+                def echo(self, message):
+                    return message
+
+            for name in ("svc", "svc.v2"):
+                server = Echo(name, "tcp://127.0.0.1:0", metrics=False)
+                server.start(background=True)
+                server.stop()
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("svc", "svc.v2"):
+        assert done.stdout.count(f" - {name} - INFO - {name} (standalone) serving: ") == 1, (
+            done.stdout
+        )
+        assert done.stdout.count(f" - {name} - INFO - {name} (standalone) stopped ") == 1
+
+
 def test_pylm_run_prints_the_start_and_stop_lines(
     pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, tmp_path: Path
 ) -> None:
