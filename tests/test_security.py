@@ -191,6 +191,27 @@ def test_a_curve_stage_warns_when_its_next_stage_is_plain(
     assert "next stage last registered no CURVE key" in caplog.text
 
 
+def test_a_plain_loop_client_to_a_curve_stage_is_told_so_at_once(
+    keys: dict[str, Path],
+    serve: Callable[..., object],
+    free_tcp_address: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client by address without keys, to a last stage that takes CURVE
+    only: not "addresses swapped", nor a timeout, but what is missing."""
+    monkeypatch.delenv("PYLM_CURVE_KEYS", raising=False)
+    identity = Keys.load(keys["cluster"])
+    allowed = [Keys.load(keys["client"]).public]
+    last = serve(Last("last", ANY, ANY, ANY, log_stdout=False, curve=Curve(identity, allowed)))
+    with LoopClient(
+        last.push, free_tcp_address, free_tcp_address, "step", timeout=10, announce=False
+    ) as client:
+        with pytest.raises(PylmError, match="takes CURVE connections only") as caught:
+            list(client.job("tag", [b"1"]))
+        assert not isinstance(caught.value, RequestTimeout)
+        assert "swapped" not in str(caught.value) and "push_address" not in str(caught.value)
+
+
 def test_by_address_with_curve_but_no_server_key_is_refused_at_start(
     keys: dict[str, Path], serve: Callable[..., object]
 ) -> None:

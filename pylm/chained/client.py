@@ -61,6 +61,7 @@ _WIRING_EVENTS = (
     zmq.EVENT_CONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_DISCONNECTED
 )
 _ARGUMENTS = (
@@ -114,18 +115,24 @@ class _Wiring:
     this one cannot talk to (a PULL where a ROUTER should be: addresses
     swapped), and libzmq does not try that connection again. One the peer
     merely closed (HANDSHAKE_FAILED_NO_DETAIL: a proxy whose backend is not
-    up, a server stopping) is tried again, and is no sign of wrong wiring."""
+    up, a server stopping) is tried again, and is no sign of wrong wiring.
+    One that failed for a mechanism mismatch reached a server that takes
+    CURVE only (a client by address without keys is watched), and is named
+    as such."""
 
-    def __init__(self, socket: zmq.Socket) -> None:
+    def __init__(self, socket: zmq.Socket, expected: str) -> None:
         self.socket = socket
+        self.expected = expected  # what the peer should be: "a last stage's push socket, ..."
         # An address of its own: pyzmq's default is named after the socket's
         # file descriptor, which a newer socket may reuse.
         address = f"inproc://pylm-wiring-{os.urandom(8).hex()}"
         self.monitor: zmq.Socket = socket.get_monitor_socket(_WIRING_EVENTS, address)
         self._shook: dict[bytes, bool] = {}  # endpoint -> handshake done, since connected
+        self._secured: set[bytes] = set()  # endpoints whose peer uses another mechanism
 
     def refused(self) -> str | None:
-        """An endpoint whose peer refused the connection in the handshake, if any."""
+        """Why a peer refused the connection in the handshake, if one did:
+        where it is, and what that says."""
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -138,8 +145,22 @@ class _Wiring:
                 self._shook[endpoint] = True
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._shook.pop(endpoint, None)  # closed by the peer: retried
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                    self._secured.add(endpoint)
             elif self._shook.get(endpoint) is False:  # disconnected in the handshake
-                return bytes(endpoint).decode(errors="replace")
+                where = bytes(endpoint).decode(errors="replace")
+                if endpoint in self._secured:
+                    return (
+                        f"the peer at {where} refused this client's plain connection: it"
+                        " takes CURVE connections only. Give the client curve= (or set"
+                        " PYLM_CURVE_KEYS) with its keys and the server's public key"
+                        " (docs/security.md)"
+                    )
+                return (
+                    f"the peer at {where} closed the connection in the ZeroMQ handshake: it is"
+                    f" not {self.expected}. {_ARGUMENTS}"
+                )
 
     def close(self) -> None:
         try:
@@ -268,7 +289,9 @@ class LoopClient(Caller, Closing):
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
         if self._watch_wiring:
-            self._wiring[self._jobs] = _Wiring(self._jobs)
+            self._wiring[self._jobs] = _Wiring(
+                self._jobs, "a first stage's pull socket, which jobs go to"
+            )
         # Not IMMEDIATE: with it, jobs queued for a first-stage instance that
         # leaves cleanly were lost (measured), while without it they reach the
         # instance, which serves them before it closes. The price: a killed
@@ -613,7 +636,9 @@ class LoopClient(Caller, Closing):
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.route)
         if self._watch_wiring:
-            self._wiring[socket] = _Wiring(socket)
+            self._wiring[socket] = _Wiring(
+                socket, "a last stage's push socket, which results come from"
+            )
         socket.connect(address)
         return socket
 
@@ -630,10 +655,7 @@ class LoopClient(Caller, Closing):
         jobs = self._wiring.get(self._jobs) if self._jobs is not None else None
         refused = None if jobs is None else jobs.refused()
         if refused is not None:
-            self._miswired = PylmError(
-                f"the peer at {refused} closed the connection in the ZeroMQ handshake: it is"
-                f" not a first stage's pull socket, which jobs go to. {_ARGUMENTS}"
-            )
+            self._miswired = PylmError(refused)
             raise self._miswired
         self._stop_watching()
         self._greeted = True
@@ -652,11 +674,7 @@ class LoopClient(Caller, Closing):
             if wiring is not None and wiring.monitor in ready:
                 refused = wiring.refused()
                 if refused is not None:
-                    self._miswired = PylmError(
-                        f"the peer at {refused} closed the connection in the ZeroMQ handshake:"
-                        f" it is not a last stage's push socket, which results come from."
-                        f" {_ARGUMENTS}"
-                    )
+                    self._miswired = PylmError(refused)
                     raise self._miswired
             if socket not in ready:
                 if left <= 0:
