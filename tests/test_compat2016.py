@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from pylm.errors import (
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import Registry
+from pylm.security import generate_keys
 from pylm.standalone import AsyncClient, Client, Server
 from pylm.testing import wait_for
 
@@ -241,6 +243,23 @@ def test_master_cache_from_its_client(master: Master) -> None:
             client.get(key)
         with pytest.raises(UnknownKey):
             client.delete(key)
+
+
+def test_master_cache_in_plain_with_keys_in_the_environment(
+    pylm_registry: Registry,
+    serve: Serve,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client by name with PYLM_CURVE_KEYS set talks in plain to a master
+    that registered no key: its cache calls too."""
+    _, secret = generate_keys("client", tmp_path)
+    serve(Master("plain_m", registry=pylm_registry, log_stdout=False))
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(secret))
+    with ParallelClient("plain_m", registry=pylm_registry, timeout=10) as client:
+        assert client.curve is None
+        key = client.set(b"v")
+        assert client.get(key) == b"v"
 
 
 def test_master_counts_and_answers_a_malformed_cache_request(

@@ -12,13 +12,13 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
+from pylm.cache import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, check_messages, pong_info, read_answer
 from pylm.chained.client import JobResult
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
 from pylm.security import Curve
-from pylm.standalone.client import Client as _CacheCaller
 from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ class Client(Caller, Closing):
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         self._running = False
-        self._cache: _CacheCaller | None = None
         self.dropped = 0  # answers that belong to no job in flight (late ones)
 
     # ------------------------------------------------------------------ calls
@@ -167,38 +166,46 @@ class Client(Caller, Closing):
     def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
         """Store ``value`` in the master's cache under ``key`` (or a key the
         master makes); return the key."""
-        return self._cache_client().set(value, key, timeout=timeout)
+        protocol.check_payload(value, self._calls.max_payload)
+        return self._cache_call("set", encode_set(bytes(value), key), timeout).decode("utf-8")
 
     def get(self, key: str, *, timeout: float | None = None) -> bytes:
         """The value under ``key`` in the master's cache;
         :class:`~pylm.errors.UnknownKey` if there is none."""
-        return self._cache_client().get(key, timeout=timeout)
+        return self._cache_call("get", encode_key(key), timeout)
 
     def delete(self, key: str, *, timeout: float | None = None) -> None:
         """Remove ``key`` from the master's cache;
         :class:`~pylm.errors.UnknownKey` if it is not there."""
-        self._cache_client().delete(key, timeout=timeout)
+        self._cache_call("delete", encode_key(key), timeout)
 
-    def _cache_client(self) -> _CacheCaller:
-        """A client of the cache of one master instance (each keeps its own;
-        the same one while it is listed), on a socket of its own: cache calls
-        never read the results of jobs, and work while jobs are out."""
+    def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
+        """One call to the cache of one master instance (each keeps its own;
+        the same one while it is listed), on a socket of its own, secured as
+        the jobs' one: cache calls never read the results of jobs, and work
+        while jobs are out."""
         if self._socket is None:
             raise RuntimeError("the client is closed")
-        cache = self._cache
-        if cache is not None and cache.connection not in self.endpoints:  # that master left
-            cache.close()
-            cache = self._cache = None
-        if cache is None:
-            cache = self._cache = _CacheCaller(
-                min(self.endpoints),
-                self.server_name,
-                timeout=self.timeout,
-                max_payload=self._calls.max_payload,
-                context=self._socket.context,
-                curve=self.curve and Curve(self.curve.keys, server_key=self.server_key),
-            )
-        return cache
+        if not self._running and self._peers is not None and self._peers.changed:
+            self._rewire(self._socket)
+        if self._cache_endpoint not in self.endpoints:
+            self._cache_endpoint = min(self.endpoints)
+        socket = self._side_socket((self._cache_endpoint,), self._socket)
+        seconds = self._timeout_of(timeout)
+        msg_id, frames = cache_request(self._calls, function, payload, seconds)
+        try:
+            socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+        except zmq.Again:
+            raise self._timeout_error(function, seconds) from None
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not socket.poll(max(1, int(left * 1000))):
+                break
+            message = read_answer(socket.recv_multipart())
+            if message is not None and message.msg_id == msg_id:
+                return protocol.result_of(message)
+            self.dropped += 1  # the answer to a cache call that timed out
+        raise self._timeout_error(function, seconds)
 
     # ------------------------------------------------------------------ the loop
 
@@ -318,6 +325,3 @@ class Client(Caller, Closing):
         self._stop_following()
         close_socket(self._socket)
         self._socket = None
-        cache, self._cache = self._cache, None
-        if cache is not None:
-            cache.close()
