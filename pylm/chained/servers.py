@@ -65,7 +65,10 @@ MAX_BACKLOG = 100_000  # results a last stage keeps for clients not reading, in 
 _ROUTER_RETRY_MS = 10  # how soon a last stage tries again to send to a full client
 _REWIRE_MS = 200  # how often a stage following the registry looks for changes
 _IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
-_DRAIN_QUIET = 3 * _REWIRE_MS / 1000  # s of quiet input before a leaving stage closes
+# s of quiet input before a leaving stage closes: the stages before it apply
+# a change of the registry before serving what they read next (see _serve),
+# so they stop sending here within the watch's delay and the round they are in.
+_DRAIN_QUIET = 0.2
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
 _BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
@@ -218,13 +221,17 @@ class _Stage(BaseServer):
             while self.served < self.messages:
                 if debug:
                     self.logger.debug("%s Waiting for a message", self.name)
-                for socket, _ in poll(self._poll_timeout):
+                ready = poll(self._poll_timeout)
+                # Rewired before serving: what is read after the registry
+                # reported a change goes by the new wiring, however long the
+                # poll waited (an instance leaving drains only _DRAIN_QUIET).
+                self._rewire()
+                for socket, _ in ready:
                     if socket is pull:
                         self._drain(pull, debug)
                     else:
                         self._serve_other(socket)
                 self._tick()
-                self._rewire()
         except _Stopping:
             if self.registration is not None:
                 self._drain_before_leaving(pull, debug)
@@ -237,8 +244,10 @@ class _Stage(BaseServer):
         quiet_since = time.monotonic()
         give_up = quiet_since + _DRAIN_MAX
         self._send_deadline = give_up  # nor may a full next stage hold the stop up
-        while time.monotonic() - quiet_since < _DRAIN_QUIET and time.monotonic() < give_up:
-            if pull.poll(50, zmq.POLLIN):
+        while (left := _DRAIN_QUIET - (time.monotonic() - quiet_since)) > 0:
+            if time.monotonic() >= give_up:
+                break
+            if pull.poll(max(1, min(50, round(left * 1000))), zmq.POLLIN):
                 self._drain(pull, debug)
                 quiet_since = time.monotonic()
             self._rewire()

@@ -48,7 +48,8 @@ _REPLY_PREFIX = protocol.REPLY_PREFIX
 _NO_DEADLINE = bytes(8)
 _SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
-_QUIET = 0.3  # s of quiet input before a leaving worker says goodbye
+_QUIET = 0.2  # s of quiet input before a leaving worker says goodbye (the master
+# stops sending on its leaving notice, which comes straight over the job socket)
 _LEAVE_MAX = 5.0  # s a leaving worker serves at most
 _BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
 
@@ -302,8 +303,10 @@ class Worker(BaseServer):
             self._say(socket, {"leaving": True, "free": 0})
         quiet_since = time.monotonic()
         give_up = quiet_since + _LEAVE_MAX
-        while time.monotonic() - quiet_since < _QUIET and time.monotonic() < give_up:
-            for socket, _ in self._poller.poll(50):
+        while (left := _QUIET - (time.monotonic() - quiet_since)) > 0:
+            if time.monotonic() >= give_up:
+                break
+            for socket, _ in self._poller.poll(max(1, min(50, round(left * 1000)))):
                 if socket is not self._control:
                     self._drain(socket)
                     quiet_since = time.monotonic()
