@@ -7,7 +7,9 @@ users."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +32,7 @@ __all__ = [
     "LocalEtcd",
     "LocalEtcdCluster",
     "end_process",
+    "etcd_log_cause",
     "find_etcd",
     "free_port",
 ]
@@ -86,6 +89,38 @@ def end_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None
             process.wait()
 
 
+# capnslog (etcd 3.4): "2024-01-02 03:04:05.678901 C | etcdmain: listen tcp ..."
+_CAPNSLOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ ([A-Z]) \| (.*)")
+_SEVERITY = {"C": 3, "fatal": 3, "panic": 3, "dpanic": 3, "E": 2, "error": 2}
+
+
+def etcd_log_cause(log: str) -> str:
+    """The line of an etcd log that says why etcd stopped: the last of its
+    most severe lines (fatal, else error), read from etcd 3.4's text lines
+    or 3.5's JSON ones (their message and error); else its last line."""
+    cause, worst, last = "", 0, "(an empty log)"
+    for line in log.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        last, level = line, ""
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                level = str(entry.get("level", ""))
+                error = entry.get("error")
+                last = str(entry.get("msg", line)) + (f": {error}" if error else "")
+        elif match := _CAPNSLOG.match(line):
+            level, last = match.groups()
+        severity = _SEVERITY.get(level, 0)
+        if severity and severity >= worst:
+            cause, worst = last, severity
+    return cause or last
+
+
 class LocalEtcd:
     """Starts a single-member etcd and stops it; a context manager.
 
@@ -121,6 +156,7 @@ class LocalEtcd:
         self._process: subprocess.Popen[bytes] | None = None
         self._root_password: str | None = None
         self._log: Path | None = None
+        self._log_start = 0  # where this run's lines begin in the log (it is appended to)
 
     @property
     def url(self) -> str:
@@ -179,6 +215,7 @@ class LocalEtcd:
                 command.append("--client-cert-auth")
         command += self.extra_args
         with open(self._log, "ab") as log:
+            self._log_start = log.tell()
             self._process = subprocess.Popen(
                 command,
                 stdout=log,
@@ -277,7 +314,9 @@ class LocalEtcd:
         deadline = time.monotonic() + timeout
         while True:
             if self._process is not None and self._process.poll() is not None:
-                raise RegistryError(f"etcd exited with {self._process.returncode}: {self._tail()}")
+                raise RegistryError(
+                    f"etcd exited with {self._process.returncode}: {self.log_cause()}"
+                )
             try:
                 with urllib.request.urlopen(f"{client}/health", timeout=1) as answer:
                     if b'"true"' in answer.read():
@@ -286,13 +325,18 @@ class LocalEtcd:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RegistryError(f"etcd not healthy within {timeout:g} s: {self._tail()}")
+                raise RegistryError(f"etcd not healthy within {timeout:g} s: {self.log_cause()}")
             time.sleep(0.05)  # polling a process we do not own an event for
 
-    def _tail(self) -> str:
+    def log_cause(self) -> str:
+        """What the log of etcd's last start says went wrong (its most
+        severe line, the last of those), and where the whole log is."""
         if self._log is None or not self._log.exists():
             return "(no log)"
-        return self._log.read_text(errors="replace")[-2000:]
+        with open(self._log, "rb") as log:
+            log.seek(self._log_start)
+            text = log.read().decode(errors="replace")
+        return f"{etcd_log_cause(text)} (etcd's log: {self._log})"
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop etcd (the data stays until :meth:`cleanup`, for a restart)."""
