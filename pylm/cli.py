@@ -12,17 +12,20 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pylm import __version__
 from pylm.errors import PylmError
 
 if TYPE_CHECKING:
+    from pylm.base import BaseServer
     from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["main", "read_topology"]
+__all__ = ["load_server_class", "main", "read_topology"]
 
 
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -44,17 +47,33 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> float:
+    """An argument that is a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pylm", description="pylm: clusters of microservers over ZeroMQ"
-    )
+    parser = _Parser(prog="pylm", description="pylm: clusters of microservers over ZeroMQ")
     parser.add_argument("--version", action="version", version=f"pylm {__version__}")
     _global_options(parser, defaults=True)
     # The same options after a command (`pylm ls --registry ...`): set only
     # when given there, so that they override those before it.
-    late = argparse.ArgumentParser(add_help=False)
+    late = _Parser(add_help=False)
     _global_options(late, defaults=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of:")
     commands.add_parser = functools.partial(commands.add_parser, parents=[late])  # type: ignore[method-assign]
 
     etcd = commands.add_parser(
@@ -66,35 +85,58 @@ def build_parser() -> argparse.ArgumentParser:
     etcd.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
     etcd.add_argument("--port", type=int, default=2379, help="client port (2379; 0: any free port)")
     etcd.add_argument(
-        "--data-dir", default=".pylm/etcd", help="where etcd keeps its data (.pylm/etcd)"
+        "--data-dir",
+        default=".pylm/etcd",
+        metavar="FOLDER",
+        help="where etcd keeps its data and its log, etcd.log (.pylm/etcd)",
     )
 
     for name in ("ls", "topology"):
         show = commands.add_parser(
-            name, help="the registered servers as a graph: stages, instances, next stage"
+            name,
+            help="the registered servers as a graph: stages, instances, next stage"
+            + (" (and set, apply or export the wiring)" if name == "topology" else ""),
         )
         show.add_argument("--json", action="store_true", help="machine-readable output")
         show.add_argument("--watch", action="store_true", help="print again on every change")
         if name == "topology":
-            actions = show.add_subparsers(dest="action", metavar="ACTION")
+            actions = show.add_subparsers(
+                dest="action", metavar="ACTION", help="without one: show the servers"
+            )
             actions.add_parser = functools.partial(actions.add_parser, parents=[late])  # type: ignore[method-assign]
             wire = actions.add_parser("set", help="set the next stage of a server")
-            wire.add_argument("name")
-            wire.add_argument("--next", required=True, metavar="SERVER.FUNCTION")
+            wire.add_argument("name", help="the server (stage) whose results are to go on")
+            wire.add_argument(
+                "--next",
+                required=True,
+                metavar="SERVER.FUNCTION",
+                help="where they go: the next stage's name and the function to call there",
+            )
             apply = actions.add_parser(
                 "apply", help="set the wiring of a pipeline from a TOML file"
             )
-            apply.add_argument("file", type=Path)
+            apply.add_argument(
+                "file",
+                type=Path,
+                help="a topology file: a [stages.NAME] table with next = 'SERVER.FUNCTION'"
+                " per stage (TOML; YAML if it ends in .yaml or .yml)",
+            )
             actions.add_parser(
                 "export",
                 help="print the cluster's wiring as a TOML file `topology apply` takes (a backup)",
             )
 
     call = commands.add_parser("call", help="call a function of a registered server")
-    call.add_argument("name")
-    call.add_argument("function")
-    call.add_argument("payload", help="sent as UTF-8 bytes")
-    call.add_argument("--timeout", type=float, default=10.0)
+    call.add_argument("name", help="the server's name, as registered (see pylm ls)")
+    call.add_argument("function", help="the function to call on it")
+    call.add_argument("payload", help="the message to send, as UTF-8 bytes")
+    call.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the answer (10); a name with no instance fails after 1 s",
+    )
 
     commands.add_parser(
         "demo", help="run a registry-backed pipeline end to end on a local etcd it starts"
@@ -104,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "keys",
         help="make a CURVE key pair: FOLDER/NAME.key (public) and FOLDER/NAME.key_secret",
     )
-    keys.add_argument("name")
-    keys.add_argument("folder", type=Path)
+    keys.add_argument("name", help="the key pair's name: the file names' stem")
+    keys.add_argument("folder", type=Path, help="where to write the two files (made if needed)")
 
     sd = commands.add_parser(
         "sd",
@@ -120,15 +162,48 @@ def build_parser() -> argparse.ArgumentParser:
     top = commands.add_parser(
         "top", help="live view of the cluster: rates, errors, latency, read from the servers"
     )
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between reads (2)")
-    top.add_argument("--once", action="store_true", help="print one view and exit")
+    top.add_argument(
+        "--interval",
+        type=_positive,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between reads, over which rates are measured (2)",
+    )
+    top.add_argument(
+        "--once",
+        action="store_true",
+        help="print one view, after one interval (to measure the rates), and exit",
+    )
 
-    run = commands.add_parser("run", help="start a server with only a name (Ctrl-C stops it)")
-    run.add_argument("target", help="path/to/file.py:Class or package.module:Class")
-    run.add_argument("--name", required=True)
-    run.add_argument("--ttl", type=float, help="lease of the registration in seconds (10)")
+    run = commands.add_parser(
+        "run",
+        help="start a server with only a name (Ctrl-C stops it)",
+        description="Import a server class and serve one instance of it, registered under NAME,"
+        " until Ctrl-C or SIGTERM (it deregisters, serves what is on its way, then stops)."
+        " A file is imported as `python FILE` would (its folder and the current folder on the"
+        " path; a file inside a package, with its package), a module as `python -m` would.",
+    )
+    run.add_argument(
+        "target",
+        metavar="TARGET",
+        help="the server class: path/to/file.py:Class or package.module:Class",
+    )
+    run.add_argument(
+        "--name",
+        required=True,
+        help="the name the server registers under, which clients call it by:"
+        " letters, digits, _ - . (e.g. step1)",
+    )
+    run.add_argument(
+        "--ttl",
+        type=_positive,
+        metavar="SECONDS",
+        help="lease of the registration: how long the record outlives a server that is killed (10)",
+    )
     run.add_argument("--host", help="interface to bind (default: $PYLM_HOST or 127.0.0.1)")
-    run.add_argument("--master", help="for a Worker: the name of its master (or hub)")
+    run.add_argument(
+        "--master", metavar="NAME", help="for a Worker: the name of its master (or hub)"
+    )
     run.add_argument(
         "--rolling",
         action="store_true",
@@ -136,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
         " functions (without it, such a server is refused)",
     )
     return parser
+
+
+def _stop_on_signals(*also: threading.Event) -> threading.Event:
+    """An event that SIGINT (Ctrl-C) and SIGTERM set (and ``also`` the
+    given ones, to wake a thread waiting on them), for commands that run
+    until stopped and then clean up."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        for event in (stop, *also):
+            event.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Ignored when inherited so (a job started with & by a script), as
+        # Python itself leaves it: the script's Ctrl-C is not for this one.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+    return stop
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -158,14 +251,12 @@ def show_topology(args: argparse.Namespace) -> int:
             latest.append(records)
             changed.set()
 
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
+        stop = _stop_on_signals(changed)
         following = registry.follow(None, on_change)
         try:
-            while not stop.is_set():
-                if changed.wait(0.2):
-                    changed.clear()
+            while changed.wait() and not stop.is_set():
+                changed.clear()
+                if latest:
                     _print_topology(registry, latest[-1], args.json)
                     del latest[:-1]
         finally:
@@ -376,39 +467,220 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
-def run_server(args: argparse.Namespace) -> int:
-    target, colon, class_name = args.target.rpartition(":")
-    if not colon or not target or not class_name:
-        raise PylmError(f"server {args.target!r} must be path/to/file.py:Class or module:Class")
-    if target.endswith(".py") or "/" in target:
-        spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        if spec is None or spec.loader is None:
-            raise PylmError(f"cannot load {target!r}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+def _shown(path: Path) -> str:
+    """``path`` as the user would write it: relative to the current folder
+    when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _on_path(folder: Path) -> None:
+    """Put ``folder`` first on ``sys.path`` (once)."""
+    entry = str(folder)
+    if entry in sys.path:
+        sys.path.remove(entry)
+    sys.path.insert(0, entry)
+
+
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised: the file and line of the innermost frame
+    that is Python code of a file (not importlib's, nor this module's)."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith("<") and frame.filename != __file__
+    ]
+    return f"{_shown(Path(frames[-1].filename))}, line {frames[-1].lineno}" if frames else ""
+
+
+def _import_failed(exc: BaseException, what: str) -> PylmError:
+    """One line for an import of user code that raised ``exc``: where, and what."""
+    if isinstance(exc, SyntaxError):
+        where = f"{_shown(Path(exc.filename))}, line {exc.lineno}" if exc.filename else what
+        return PylmError(f"{where}: {exc.msg} (importing {what})")
+    where = _where(exc) or what
+    if isinstance(exc, ModuleNotFoundError):
+        return PylmError(
+            f"{where}: {exc} (importing {what}; pylm run looks in the file's folder, the current"
+            " folder and the installed packages: install it, or run from the folder that has it)"
+        )
+    if isinstance(exc, ImportError):
+        return PylmError(f"{where}: {exc} (importing {what})")
+    return PylmError(f"{where}: {type(exc).__name__}: {exc} (raised while importing {what})")
+
+
+def _import_file(spec: str) -> ModuleType:
+    """Import a .py file as ``python FILE`` would find its neighbours: its
+    folder first on the path (for a file inside a package, the folder above
+    the package, and it is imported as ``package.module``, so that its
+    relative imports work)."""
+    path = Path(spec)
+    if not path.exists():
+        raise PylmError(
+            f"no file {spec!r} (in {Path.cwd()}): give the path of a .py file, relative to"
+            " the current folder or absolute, or a module as package.module:Class"
+        )
+    if path.is_dir() or path.suffix != ".py":
+        raise PylmError(f"{spec!r} is not a .py file: give path/to/file.py:Class")
+    path = path.resolve()
+    root, parts = path.parent, [path.stem]
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    name = ".".join(parts)
+    _on_path(Path.cwd())
+    _on_path(root)
+    if len(parts) > 1:  # a module of a package: imported as one, relative imports and all
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            raise _import_failed(exc, spec) from None
     else:
-        module = importlib.import_module(target)
-    server_class = getattr(module, class_name, None)
-    if server_class is None:
-        raise PylmError(f"{target!r} has no class {class_name!r}")
+        if name in sys.modules or name in sys.builtin_module_names:
+            raise PylmError(
+                f"{spec!r} cannot be imported as module {name!r}: Python has a module of that"
+                " name already; rename the file"
+            )
+        found = importlib.util.spec_from_file_location(name, path)
+        assert found is not None and found.loader is not None  # a .py file always has one
+        module = importlib.util.module_from_spec(found)
+        sys.modules[name] = module  # a neighbour importing it gets this one
+        try:
+            found.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise _import_failed(exc, spec) from None
+    if module.__file__ is None or Path(module.__file__).resolve() != path:
+        raise PylmError(
+            f"{spec!r} imports as {name!r}, which Python finds elsewhere"
+            f" ({module.__file__}): rename the file or the package"
+        )
+    return module
+
+
+def _import_module(spec: str) -> ModuleType:
+    """Import ``package.module`` as ``python -m`` would: the current folder first."""
+    _on_path(Path.cwd())
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (spec == exc.name or spec.startswith(exc.name + ".")):
+            raise PylmError(
+                f"no module named {exc.name!r} (looked in {Path.cwd()} and the installed"
+                " packages): give a module that is there, or a file as path/to/file.py:Class"
+            ) from None
+        raise _import_failed(exc, spec) from None
+    except ValueError as exc:  # a relative name, an empty part ("a..b")
+        raise PylmError(f"{spec!r} is not a module name ({exc})") from None
+    except Exception as exc:
+        raise _import_failed(exc, spec) from None
+
+
+def _server_classes(module: ModuleType) -> list[str]:
+    """The names of the pylm server classes ``module`` defines."""
+    from pylm.base import BaseServer
+
+    return sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseServer)
+        and value.__module__ == module.__name__
+    )
+
+
+def load_server_class(target: str) -> type[BaseServer]:
+    """The pylm server class ``target`` names: ``path/to/file.py:Class`` or
+    ``package.module:Class`` (``Class`` may be dotted, a class in a class).
+    The file's (or package's) folder and the current folder go first on
+    ``sys.path``. Anything wrong raises :class:`PylmError` saying what, in one
+    line, for the command line."""
+    from pylm.base import BaseServer
+
+    spec, colon, attribute = target.rpartition(":")
+    if not colon or not spec or not attribute:
+        example = "myapp.py:MyServer"
+        if target.endswith(".py") and Path(target).is_file():  # which class, then?
+            module = _import_file(target)
+            example = ", ".join(f"{target}:{name}" for name in _server_classes(module)) or example
+        raise PylmError(
+            f"{target!r} does not say which class to run: give FILE.py:CLASS or"
+            f" MODULE:CLASS (such as {example})"
+        )
+    is_file = spec.endswith(".py") or "/" in spec or os.sep in spec
+    module = _import_file(spec) if is_file else _import_module(spec)
+
+    def server_classes() -> str:
+        found = _server_classes(module)
+        if not found:
+            return f"{spec} defines no pylm server class"
+        return f"its server classes: {', '.join(found)}"
+
+    value: object = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise PylmError(f"{spec} has no {attribute!r} ({server_classes()})") from None
+    if not isinstance(value, type) or not issubclass(value, BaseServer) or value is BaseServer:
+        what = "a class" if isinstance(value, type) else f"a {type(value).__name__}"
+        raise PylmError(
+            f"{attribute!r} in {spec} is {what}, not a pylm server class (a subclass of"
+            f" pylm.standalone.Server, pylm.chained.Server, pylm.parallel.Worker...;"
+            f" {server_classes()})"
+        )
+    return value
+
+
+def run_server(args: argparse.Namespace) -> int:
+    import zmq
+
+    from pylm.names import check_name
     from pylm.parallel import Worker
 
-    options = {"registry": args.registry, "ttl": args.ttl, "host": args.host}
+    check_name(args.name, "--name")
+    if args.master is not None:
+        check_name(args.master, "--master")
+    server_class = load_server_class(args.target)
+    class_name = server_class.__name__
+    options: dict[str, Any] = {"registry": args.registry, "ttl": args.ttl, "host": args.host}
     if args.rolling:  # only when given: a class of the user's may not take it
         options["rolling"] = True
-    if isinstance(server_class, type) and issubclass(server_class, Worker):
-        if not args.master:
-            raise PylmError(f"{class_name} is a worker: give its master with --master NAME")
-        server = server_class(args.name, args.master, **options)
-    else:
-        server = server_class(args.name, **options)
+    is_worker = issubclass(server_class, Worker)
+    if is_worker and not args.master:
+        raise PylmError(f"{class_name} is a worker: give its master with --master NAME")
+    if args.master and not is_worker:
+        raise PylmError(f"--master is for workers; {class_name} is a {server_class.kind} server")
+    try:
+        if is_worker:
+            server = server_class(args.name, args.master, **options)  # type: ignore[call-arg]
+        else:
+            server = server_class(args.name, **options)
+    except PylmError:
+        raise
+    except Exception as exc:
+        # A constructor of the user's that takes other arguments, say.
+        raise PylmError(
+            f"{class_name}({args.name!r}, ...) failed: {type(exc).__name__}: {exc}"
+            f" (pylm run creates it as {class_name}(NAME, registry=..., ttl=..., host=...))"
+        ) from None
     # SIGTERM (systemd, Docker, Kubernetes) and Ctrl-C stop it cleanly: it
     # deregisters, then serves what is still on its way, then closes.
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    server.start(background=True)
+    stop = _stop_on_signals()
+    try:
+        server.start(background=True)
+    except PylmError:
+        raise
+    except (OSError, zmq.ZMQError, TimeoutError) as exc:
+        raise PylmError(f"server {args.name!r} could not start: {exc}") from None
+    except Exception as exc:  # in the user's code (its class's _open, say) or pylm's
+        where = _where(exc)
+        raise PylmError(
+            f"server {args.name!r} could not start: {type(exc).__name__}: {exc}"
+            + (f" ({where})" if where else "")
+        ) from None
     while not stop.wait(0.5):
         if not server.running:
             break  # it ended by itself (its messages limit, or a crash: stop() raises)
@@ -417,21 +689,36 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_etcd(args: argparse.Namespace) -> int:
+    from pylm.errors import RegistryError
     from pylm.registry.local import LocalEtcd, free_port
 
-    server = LocalEtcd(host=args.host, data_dir=Path(args.data_dir))
-    server.client_port = args.port or free_port(args.host)
-    server.peer_port = free_port(args.host)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    server.start()
+    data_dir = Path(args.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PylmError(f"--data-dir {args.data_dir!r} is a file: give a folder for etcd's data")
+    server = LocalEtcd(host=args.host, data_dir=data_dir)
+    stop = _stop_on_signals()
+    try:
+        server.client_port = args.port or free_port(args.host)
+        server.peer_port = free_port(args.host)
+        server.start()
+    except RegistryError as exc:
+        hint = ""
+        if "address already in use" in str(exc) and f"{args.host}:{args.port}" in str(exc):
+            hint = (
+                f" (an etcd running there already? use it: export"
+                f" PYLM_REGISTRY=etcd://{args.host}:{args.port}; or take a free port:"
+                " pylm etcd --port 0)"
+            )
+        raise PylmError(f"etcd did not start: {exc}{hint}") from None
+    except OSError as exc:  # a folder it may not write, an interface it cannot listen on
+        where = f": {exc.filename}" if exc.filename else f" ({args.host})"
+        raise PylmError(f"etcd did not start: {exc.strerror or exc}{where}") from None
     try:
         print(f"etcd is running; data in {server.data_dir}")
         print(f"export PYLM_REGISTRY={server.url}", flush=True)
         while not stop.wait(0.5):
             if not server.running:
-                print("etcd stopped by itself", file=sys.stderr)
+                print(f"pylm: etcd stopped by itself: {server.log_cause()}", file=sys.stderr)
                 return 1
     finally:
         server.stop()
@@ -441,9 +728,7 @@ def run_etcd(args: argparse.Namespace) -> int:
 def serve_sd(args: argparse.Namespace) -> int:
     from pylm.sd import ServiceDiscovery
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = _stop_on_signals()
     with _registry(args) as registry:
         registry.instances()  # fail now, clearly, if etcd cannot be reached
         with ServiceDiscovery(registry, host=args.host, port=args.port, file=args.file) as sd:
@@ -459,28 +744,39 @@ def serve_sd(args: argparse.Namespace) -> int:
 def show_top(args: argparse.Namespace) -> int:
     from pylm import top
 
-    if not args.interval > 0:
-        raise PylmError(f"--interval must be positive, got {args.interval}")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with _registry(args) as registry:
-        records = registry.instances()
-        texts, _ = top.fetch(record.metrics for record in records if record.metrics)
-        before, began = top.snapshot(texts), time.monotonic()
-        while not stop.wait(args.interval):
+    # Ctrl-C raises KeyboardInterrupt here (Python's own handler), which also
+    # ends a read of a metrics endpoint that is slow to answer; SIGTERM too.
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    clear = sys.stdout.isatty() and not args.once
+    try:
+        with _registry(args) as registry:
             records = registry.instances()
             texts, answered = top.fetch(record.metrics for record in records if record.metrics)
-            after, now = top.snapshot(texts), time.monotonic()
-            table = top.rows(records, before, after, now - began, answered)
-            view = top.render(table, registry.config.cluster, now - began)
-            if sys.stdout.isatty() and not args.once:
-                print("\x1b[H\x1b[2J", end="")  # clear the screen
-            print(view, flush=True)
-            if args.once:
-                break
-            before, began = after, now
-    return 0
+            before, began = top.snapshot(texts), time.monotonic()
+            if not args.once:  # at once: who is there; the rates after the first interval
+                table = top.rows(records, before, before, 0.0, answered)
+                _draw(
+                    top.render(table, registry.config.cluster, args.interval, measured=False), clear
+                )
+            while True:
+                time.sleep(max(0.0, began + args.interval - time.monotonic()))
+                records = registry.instances()
+                texts, answered = top.fetch(record.metrics for record in records if record.metrics)
+                after, now = top.snapshot(texts), time.monotonic()
+                table = top.rows(records, before, after, now - began, answered)
+                _draw(top.render(table, registry.config.cluster, now - began), clear)
+                if args.once:
+                    return 0
+                before, began = after, now
+    except KeyboardInterrupt:
+        return 0
+
+
+def _draw(view: str, clear: bool) -> None:
+    if clear:
+        print("\x1b[H\x1b[2J", end="")  # the screen, cleared
+    print(view, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
         # complain again when it flushes stdout at exit, so point it elsewhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C in a command that does not wait for it (pylm call, or one
+        # still starting): what it opened is closed on the way out.
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:

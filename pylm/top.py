@@ -4,7 +4,8 @@
 Every few seconds it lists the registered instances, reads the metrics
 endpoint of each process once, and shows per server: instances, next stage,
 calls per second, errors per second, latency quantiles over the interval
-(from the histogram buckets' increase) and messages in flight.
+(from the histogram buckets' increase) and messages in flight. Its first
+view comes at once, before the first interval, without the rates.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Row:
     kind: str
     instances: int
     next: str
-    calls_per_second: float
-    errors_per_second: float
+    calls_per_second: float | None  # None: not measured yet (the first view)
+    errors_per_second: float | None
     p50: float | None
     p99: float | None
     in_flight: float
@@ -94,7 +95,8 @@ def rows(
     seconds: float,
     endpoints_read: dict[str, bool],
 ) -> list[Row]:
-    """One row per registered server name, with rates between two snapshots."""
+    """One row per registered server name, with rates between two snapshots
+    ``seconds`` apart (none when ``seconds`` is 0: a first view)."""
     by_name: dict[str, list[InstanceRecord]] = {}
     for record in records:
         by_name.setdefault(record.name, []).append(record)
@@ -112,10 +114,10 @@ def rows(
                 kind=group[0].kind,
                 instances=len(group),
                 next=next((record.next for record in group if record.next), None) or "",
-                calls_per_second=max(0.0, new.calls - old.calls) / seconds,
-                errors_per_second=max(0.0, new.errors - old.errors) / seconds,
-                p50=quantile(0.5, increase),
-                p99=quantile(0.99, increase),
+                calls_per_second=max(0.0, new.calls - old.calls) / seconds if seconds else None,
+                errors_per_second=max(0.0, new.errors - old.errors) / seconds if seconds else None,
+                p50=quantile(0.5, increase) if seconds else None,
+                p99=quantile(0.99, increase) if seconds else None,
                 in_flight=new.in_flight,
                 reachable=sum(endpoints_read.get(url, False) for url in urls),
             )
@@ -133,18 +135,24 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.2f}s"
 
 
-def render(table: list[Row], cluster: str, seconds: float) -> str:
-    """The rows as a text table."""
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render(table: list[Row], cluster: str, seconds: float, *, measured: bool = True) -> str:
+    """The rows as a text table, their rates measured over ``seconds``
+    (not ``measured``: a first view, the rates to come after ``seconds``)."""
     header = (
         f"{'SERVER':<20} {'KIND':<13} {'INST':>4} {'NEXT':<16} {'CALLS/S':>9} {'ERR/S':>7}"
         f" {'P50':>8} {'P99':>8} {'IN-FLIGHT':>9}"
     )
-    lines = [f"pylm top: cluster {cluster!r}, rates over {seconds:.1f} s", "", header]
+    rates = f"rates over {seconds:.1f} s" if measured else f"rates in {seconds:.1f} s"
+    lines = [f"pylm top: cluster {cluster!r}, {rates}", "", header]
     for row in table:
         unread = "" if row.reachable else "  (metrics unreachable)"
         lines.append(
             f"{row.server:<20} {row.kind:<13} {row.instances:>4} {row.next:<16}"
-            f" {row.calls_per_second:>9.1f} {row.errors_per_second:>7.1f}"
+            f" {_rate(row.calls_per_second):>9} {_rate(row.errors_per_second):>7}"
             f" {_duration(row.p50):>8} {_duration(row.p99):>8} {row.in_flight:>9.0f}{unread}"
         )
     if not table:

