@@ -515,3 +515,37 @@ def test_global_options_may_come_after_the_command(pylm_etcd: LocalEtcd, pylm_cl
     elsewhere = run("--cluster", "nowhere", "--registry", pylm_etcd.url, "topology", "export",
                     "--cluster", pylm_cluster)  # fmt: skip
     assert elsewhere.returncode == 0 and "step2.bar" in elsewhere.stdout, elsewhere.stderr
+
+
+def test_the_monitoring_example_runs_as_its_docs_say(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> None:
+    """docs/monitoring.md: pylm run examples/monitoring/app.py:Greeter, and
+    load.py's calls to it, answered and failed, as pylm top shows them."""
+    env = environment(PYLM_REGISTRY=pylm_etcd.url, PYLM_CLUSTER=pylm_cluster)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pylm", "run", "examples/monitoring/app.py:Greeter",
+         "--name", "greeter"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    load = None
+    try:
+        wait_for(lambda: bool(pylm_registry.instances("greeter")), 20, "the greeter registering")
+        load = subprocess.Popen(
+            [sys.executable, "examples/monitoring/load.py", "200"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        shown = pylm_here("top", "--once", "--interval", "1", env=env)
+        row = next(line for line in shown.stdout.splitlines() if line.startswith("greeter "))
+        calls, errors = (float(field) for field in row.split()[3:5])
+        assert calls > 0 and errors > 0, shown.stdout
+        load.send_signal(signal.SIGINT)
+        out, err = load.communicate(timeout=15)
+        answered, failed = (int(word) for word in out.split() if word.isdigit())
+        assert answered > 0 and failed > 0 and load.returncode == 0, (out, err)
+    finally:
+        if load is not None and load.poll() is None:
+            load.kill()
+            load.wait(10)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
