@@ -65,6 +65,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    """An argument that is zero or a positive number of seconds."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pylm", description="pylm: clusters of microservers over ZeroMQ")
     parser.add_argument("--version", action="version", version=f"pylm {__version__}")
@@ -135,7 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=10.0,
         metavar="SECONDS",
-        help="how long to wait for the answer (10); a name with no instance fails after 1 s",
+        help="how long to wait for the answer (10)",
+    )
+    call.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for a first instance of the name (1): more when the server is"
+        " starting at the same time, as in a script that runs pylm run ... & first",
     )
 
     commands.add_parser(
@@ -425,7 +440,8 @@ def call_server(args: argparse.Namespace) -> int:
 
     with _registry(args) as registry:
         # A name with no instance fails fast, as a by-name client does, with its hint.
-        records = registry.wait_for_instances(args.name, min(args.timeout, DEFAULT_WAIT))
+        wait = min(args.timeout, DEFAULT_WAIT) if args.wait is None else args.wait
+        records = registry.wait_for_instances(args.name, wait)
         payload = args.payload.encode("utf-8")
         if records[0].kind == "master":
             from pylm.parallel import Client as ParallelClient

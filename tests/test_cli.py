@@ -66,7 +66,8 @@ def test_run_ls_call(pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path) ->
         text=True,
     )  # fmt: skip
     try:
-        called = pylm(pylm_etcd, pylm_cluster, "call", "greeter", "hello", "world")
+        # The server starts as the call is made: --wait covers its start.
+        called = pylm(pylm_etcd, pylm_cluster, "call", "greeter", "hello", "world", "--wait", "30")
         assert called.returncode == 0, called.stderr
         assert called.stdout.strip() == "hello world"
         shown = pylm(pylm_etcd, pylm_cluster, "ls", "--json")
