@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_CACHE_LIMIT",
     "ENTRY_BYTES",
     "Cache",
+    "CacheCalls",
     "CacheClient",
     "cache_request",
     "encode_key",
@@ -206,7 +207,36 @@ def cache_request(
     return msg_id, protocol.encode(protocol.CACHE, msg_id, payload, target, deadline=deadline)
 
 
-class CacheClient(Closing):
+class CacheCalls:
+    """``set``, ``get`` and ``delete`` on the cache of the server a client
+    reaches. The client supplies the one call they all make,
+    :meth:`_cache_call`, and its :class:`~pylm.calls.Calls` (for the largest
+    value it may send)."""
+
+    _calls: Calls
+
+    def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
+        """Store ``value`` in the server's cache under ``key`` (or a key the
+        server makes); return the key. Over the cache's limit:
+        :class:`~pylm.errors.PayloadTooLarge`."""
+        protocol.check_payload(value, self._calls.max_payload)
+        return self._cache_call("set", encode_set(bytes(value), key), timeout).decode("utf-8")
+
+    def get(self, key: str, *, timeout: float | None = None) -> bytes:
+        """The value under ``key`` in the server's cache;
+        :class:`~pylm.errors.UnknownKey` if there is none."""
+        return self._cache_call("get", encode_key(key), timeout)
+
+    def delete(self, key: str, *, timeout: float | None = None) -> None:
+        """Remove ``key`` from the server's cache;
+        :class:`~pylm.errors.UnknownKey` if it is not there."""
+        self._cache_call("delete", encode_key(key), timeout)
+
+    def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
+        raise NotImplementedError
+
+
+class CacheClient(CacheCalls, Closing):
     """Reaches the cache of server ``server_name`` at ``db_address`` (a
     chained stage's cache port)."""
 
@@ -224,19 +254,11 @@ class CacheClient(Closing):
         self._client = Client(
             db_address, server_name, timeout=timeout, context=context, curve=curve
         )
+        self._calls = self._client._calls
 
-    def set(self, value: bytes, key: str | None = None) -> str:
-        """Store ``value`` (under ``key``, or a new key); return the key."""
-        protocol.check_payload(value, self._client._calls.max_payload)
-        return self._client.job("set", encode_set(bytes(value), key)).decode("utf-8")
-
-    def get(self, key: str) -> bytes:
-        """The value under ``key``; :class:`~pylm.errors.UnknownKey` if none."""
-        return self._client.job("get", encode_key(key))
-
-    def delete(self, key: str) -> None:
-        """Forget ``key``; :class:`~pylm.errors.UnknownKey` if it is not there."""
-        self._client.job("delete", encode_key(key))
+    def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
+        # A stage's cache port takes REQUESTs for set/get/delete.
+        return self._client.job(function, payload, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()

@@ -12,7 +12,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.cache import cache_request, encode_key, encode_set
+from pylm.cache import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, check_messages, pong_info, read_answer
 from pylm.chained.client import JobResult
 from pylm.discovery import DEFAULT_WAIT
@@ -35,7 +35,7 @@ _unpack_id = protocol.unpack_id
 _Outcome = tuple[int, "bytes | None", "PylmError | None", bool]
 
 
-class Client(Caller, Closing):
+class Client(CacheCalls, Caller, Closing):
     """Sends jobs to a master, which gives them to its workers::
 
         client = Client('master')                          # from the registry
@@ -162,22 +162,6 @@ class Client(Caller, Closing):
         raise self._timeout_error("ping", seconds)
 
     # ------------------------------------------------------------------ cache
-
-    def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
-        """Store ``value`` in the master's cache under ``key`` (or a key the
-        master makes); return the key."""
-        protocol.check_payload(value, self._calls.max_payload)
-        return self._cache_call("set", encode_set(bytes(value), key), timeout).decode("utf-8")
-
-    def get(self, key: str, *, timeout: float | None = None) -> bytes:
-        """The value under ``key`` in the master's cache;
-        :class:`~pylm.errors.UnknownKey` if there is none."""
-        return self._cache_call("get", encode_key(key), timeout)
-
-    def delete(self, key: str, *, timeout: float | None = None) -> None:
-        """Remove ``key`` from the master's cache;
-        :class:`~pylm.errors.UnknownKey` if it is not there."""
-        self._cache_call("delete", encode_key(key), timeout)
 
     def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
         """One call to the cache of one master instance (each keeps its own;

@@ -10,7 +10,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
-from pylm.cache import cache_request, encode_key, encode_set
+from pylm.cache import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
@@ -32,7 +32,7 @@ _time = time.time
 _perf_counter = time.perf_counter
 
 
-class Client(Caller, Closing):
+class Client(CacheCalls, Caller, Closing):
     """Calls functions of one server and waits for each answer::
 
         client = Client('tcp://127.0.0.1:5555', 'my_server')
@@ -167,23 +167,6 @@ class Client(Caller, Closing):
         return pong_info(protocol.result_of(answer))
 
     # ------------------------------------------------------------------ cache
-
-    def set(self, value: bytes, key: str | None = None, *, timeout: float | None = None) -> str:
-        """Store ``value`` in the server's cache under ``key`` (or a key the
-        server makes); return the key. Over the cache's limit:
-        :class:`~pylm.errors.PayloadTooLarge`."""
-        protocol.check_payload(value, self._calls.max_payload)
-        return self._cache_call("set", encode_set(bytes(value), key), timeout).decode("utf-8")
-
-    def get(self, key: str, *, timeout: float | None = None) -> bytes:
-        """The value under ``key`` in the server's cache;
-        :class:`~pylm.errors.UnknownKey` if there is none."""
-        return self._cache_call("get", encode_key(key), timeout)
-
-    def delete(self, key: str, *, timeout: float | None = None) -> None:
-        """Remove ``key`` from the server's cache;
-        :class:`~pylm.errors.UnknownKey` if it is not there."""
-        self._cache_call("delete", encode_key(key), timeout)
 
     def _cache_call(self, function: str, payload: bytes, timeout: float | None) -> bytes:
         seconds = self._timeout_of(timeout)
