@@ -541,14 +541,16 @@ def _import_file(spec: str) -> ModuleType:
     if path.is_dir() or path.suffix != ".py":
         raise PylmError(f"{spec!r} is not a .py file: give path/to/file.py:Class")
     path = path.resolve()
-    root, parts = path.parent, [path.stem]
+    # A package's __init__.py is the package itself: imported as
+    # package.__init__, it would run a second time, as another module.
+    root, parts = path.parent, [] if path.name == "__init__.py" else [path.stem]
     while (root / "__init__.py").is_file():
         parts.insert(0, root.name)
         root = root.parent
     name = ".".join(parts)
     _on_path(Path.cwd())
     _on_path(root)
-    if len(parts) > 1:  # a module of a package: imported as one, relative imports and all
+    if (path.parent / "__init__.py").is_file():  # in a package: as its module (relative imports)
         try:
             module = importlib.import_module(name)
         except Exception as exc:

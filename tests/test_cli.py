@@ -230,6 +230,21 @@ def test_run_failures_are_one_line(tmp_path: Path, args: list[str], expected: st
     assert line.startswith("pylm") and expected in line, line
 
 
+def test_a_package_s_init_file_is_imported_once(tmp_path: Path) -> None:
+    """shop/__init__.py:Greeter is the package shop, not a second module
+    shop.__init__ running the same file again."""
+    package = tmp_path / "shop"
+    package.mkdir()
+    (package / "__init__.py").write_text('print("run as", __name__)\n' + SERVER_MODULE)
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", "from pylm.cli import load_server_class\n"
+         "print(load_server_class('shop/__init__.py:Greeter').__module__)"],
+        cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["run as shop", "shop"]
+
+
 def test_every_argument_and_option_has_help() -> None:
     """So that a new one cannot come without."""
     from pylm.cli import build_parser
