@@ -35,16 +35,29 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
+# new_enough PYTHON: it runs and is 3.11 or newer.
+new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+
 # make_venv: create .venv with the system's python3 unless a working one is there.
 make_venv() {
-    if [ -x .venv/bin/python ] && .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    if [ -x .venv/bin/python ] && .venv/bin/python -c '' 2>/dev/null; then
+        # A venv that runs is kept (it may be the user's own, say uv's, which has no pip);
+        # one whose Python is gone (an upgrade removed it) is made anew below.
+        new_enough .venv/bin/python || fail "the venv .venv has" \
+            "$(.venv/bin/python --version 2>&1); pylm needs Python 3.11 or newer:" \
+            "remove .venv (rm -rf .venv) for a new one, or set PYTHON"
+        .venv/bin/python -m pip --version >/dev/null 2>&1 && return
+        say "installing pip into .venv (python -m ensurepip)"
+        .venv/bin/python -m ensurepip --upgrade >/dev/null \
+            || fail ".venv has no pip and ensurepip could not install it: remove .venv" \
+                "(rm -rf .venv) for a new one, or install pip into it"
         return
     fi
     if ! have python3; then
         can_apt || fail "no python3: install it with: sudo apt-get install python3 python3-venv"
         apt_install "to run pylm" python3 python3-venv
     fi
-    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    new_enough python3 \
         || fail "pylm needs Python 3.11 or newer; python3 is $(python3 --version 2>&1)" \
             "(set PYTHON to a newer one)"
     rm -rf .venv
@@ -78,6 +91,9 @@ use_python() {
         PY=$PWD/.venv/bin/python
         say "using the project venv .venv"
     fi
+    "$PY" -c '' 2>/dev/null || fail "cannot run $PY"
+    new_enough "$PY" || fail "pylm needs Python 3.11 or newer; $PY is $("$PY" --version 2>&1)" \
+        "(activate a venv of a newer Python, or set PYTHON to one)"
     local scripts
     scripts=$("$PY" -c 'import sys, sysconfig
 if sys.prefix != sys.base_prefix:
