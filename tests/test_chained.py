@@ -133,6 +133,27 @@ def test_generator_of_many_jobs(pipeline: Pipeline) -> None:
     )
 
 
+def test_a_slow_payload_source_gets_its_results_as_they_come(pipeline: Pipeline) -> None:
+    """A source that yields a payload every 0.1 s for 1.5 s, with a 1 s job
+    timeout: each job is answered in milliseconds, so none may time out, and
+    results come out while the source still runs (job() reads what came back
+    between payloads)."""
+    source_done = threading.Event()
+
+    def slowly() -> Iterator[bytes]:
+        for i in range(15):
+            time.sleep(0.1)  # a slow producer, not synchronisation
+            yield b"%d" % i
+        source_done.set()
+
+    with pipeline.client() as client:
+        outcomes = [
+            (r.error, source_done.is_set()) for r in client.results("foo", slowly(), timeout=1)
+        ]
+    assert [error for error, _ in outcomes] == [None] * 15
+    assert not outcomes[0][1], "no result came out before the source ended"
+
+
 def test_many_clients_in_threads_get_exactly_their_own(pipeline: Pipeline) -> None:
     clients, jobs = 6, 500
     outcomes: dict[int, list[bytes]] = {}

@@ -78,6 +78,7 @@ def _bucket(seconds: float) -> int:
 _unpack_id = protocol.unpack_id
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _HEAD_SIZE = protocol.HEAD_SIZE
+_SEND_SLICE = 0.05  # s a job() call sends for before it reads what came back
 
 
 def _resolve_pipeline(
@@ -432,7 +433,11 @@ class LoopClient(Caller, Closing):
                     self._peers is not None and self._peers.changed
                 ):
                     self._follow(poller, timeout)
-                # Send while there is room: up to `batch` small jobs per message.
+                # Send while there is room: up to `batch` small jobs per message,
+                # for one slice of time: a slow payload source must not keep
+                # results unread, deadlines unchecked, registry changes unapplied.
+                sliced = False
+                slice_ends = clock() + _SEND_SLICE
                 while not exhausted and len(in_flight) < self.max_in_flight:
                     if waiting is None:
                         group: list[int] = []
@@ -477,11 +482,15 @@ class LoopClient(Caller, Closing):
                             jobs.send_multipart(waiting[1], zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    deadline = clock() + timeout
+                    now = clock()
+                    deadline = now + timeout
                     for msg_id in waiting[0]:
                         in_flight[msg_id] = (index, deadline)
                         index += 1
                     waiting = None
+                    if now >= slice_ends:
+                        sliced = True  # more may go at once, after reading results
+                        break
                 if exhausted and not in_flight:
                     return
                 # Wait for results (or room to send), up to the oldest deadline.
@@ -492,7 +501,7 @@ class LoopClient(Caller, Closing):
                     continue
                 if waiting is not None:
                     poller.register(jobs, zmq.POLLOUT)
-                ready = dict(poller.poll(max(1, int((oldest - now) * 1000))))
+                ready = dict(poller.poll(0 if sliced else max(1, int((oldest - now) * 1000))))
                 if waiting is not None:
                     poller.unregister(jobs)
                 for socket in self._results:
