@@ -102,6 +102,28 @@ def test_eval_job_and_stream(master: Master, serve: Callable[[Tagger], Tagger]) 
         assert client.ping()["workers"] == 1
 
 
+def test_a_slow_payload_source_gets_its_results_as_they_come(
+    master: Master, serve: Callable[[Tagger], Tagger]
+) -> None:
+    """A source that yields a payload every 0.1 s for 1.5 s, with a 1 s job
+    timeout: no job may time out, and results come out while it still runs."""
+    serve(tagger(master, "w1"))
+    source_done = threading.Event()
+
+    def slowly() -> Iterator[bytes]:
+        for i in range(15):
+            time.sleep(0.1)  # a slow producer, not synchronisation
+            yield b"%d" % i
+        source_done.set()
+
+    with client_of(master) as client:
+        outcomes = [
+            (r.error, source_done.is_set()) for r in client.results("who", slowly(), timeout=1)
+        ]
+    assert [error for error, _ in outcomes] == [None] * 15
+    assert not outcomes[0][1], "no result came out before the source ended"
+
+
 def test_names_only_through_the_registry(
     pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:

@@ -24,6 +24,8 @@ from pylm.transport import close_socket, default_context
 if TYPE_CHECKING:
     from pylm.registry import Registry
 
+_SEND_SLICE = 0.05  # s a job() call sends for before it reads what came back
+
 __all__ = ["Client", "JobResult"]
 
 DEFAULT_IN_FLIGHT = 1000
@@ -217,6 +219,10 @@ class Client(CacheCalls, Caller, Closing):
             held_id = 0
             clock = time.monotonic
             while True:
+                # Send for one slice of time at most: a slow payload source
+                # must not keep results unread and deadlines unchecked.
+                sliced = False
+                slice_ends = clock() + _SEND_SLICE
                 while not exhausted and len(in_flight) < self.max_in_flight:
                     if held is None:
                         payload = next(payloads, None)
@@ -228,9 +234,13 @@ class Client(CacheCalls, Caller, Closing):
                         socket.send_multipart(held, zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    in_flight[held_id] = [index, clock() + timeout, time.perf_counter()]
+                    now = clock()
+                    in_flight[held_id] = [index, now + timeout, time.perf_counter()]
                     index += 1
                     held = None
+                    if now >= slice_ends:
+                        sliced = True  # more may go at once, after reading results
+                        break
                 if exhausted and not in_flight:
                     return
                 now = clock()
@@ -239,7 +249,7 @@ class Client(CacheCalls, Caller, Closing):
                     yield from self._expire(in_flight, now, function, timeout)
                     continue
                 events = socket.poll(
-                    max(1, int((oldest - now) * 1000)),
+                    0 if sliced else max(1, int((oldest - now) * 1000)),
                     zmq.POLLIN | (zmq.POLLOUT if held is not None else 0),
                 )
                 if events & zmq.POLLIN:
