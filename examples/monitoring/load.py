@@ -1,6 +1,8 @@
-"""Calls the server of app.py by name, steadily, until Ctrl-C: mostly
-answered, one call in fifty an error, so that the metrics, ``pylm top`` and
-the dashboards have something to show.
+"""Calls the server of app.py by name, steadily, until stopped (Ctrl-C, or
+``kill`` when started with ``&``): mostly answered, one call in fifty an
+error, so that the metrics, ``pylm top`` and the dashboards have something to
+show. While no instance answers (the server stopped or restarting), it counts
+the calls that time out and goes on.
 
 Run: python examples/monitoring/load.py [CALLS_PER_SECOND] [NAME]   (50, greeter)
 """
@@ -8,7 +10,7 @@ Run: python examples/monitoring/load.py [CALLS_PER_SECOND] [NAME]   (50, greeter
 import sys
 import time
 
-from pylm import RemoteError
+from pylm import RemoteError, RequestTimeout
 from pylm.standalone import Client
 
 
@@ -24,6 +26,8 @@ def main(rate, name):
                     answered += 1
                 except RemoteError:
                     failed += 1
+                except RequestTimeout:
+                    failed += 1  # no instance answered in time: it shows as such in pylm top
                 # The next call at its time: a steady rate, whatever the answers take.
                 time.sleep(max(0.0, began + (answered + failed) / rate - time.monotonic()))
         except KeyboardInterrupt:
