@@ -222,16 +222,22 @@ class BaseServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, *, background: bool = False, timeout: float = 10.0) -> None:
-        """Serve. Blocks until :meth:`stop` (or the ``messages`` limit) unless
-        ``background`` is true; then it returns once the server is ready,
-        raising whatever kept it from getting ready within ``timeout``."""
+        """Serve. Blocks until :meth:`stop`, Ctrl-C (KeyboardInterrupt) or the
+        ``messages`` limit, unless ``background`` is true; then it returns once
+        the server is ready, raising whatever kept it from getting ready within
+        ``timeout``."""
         with self._lock:
             if self._started:
                 raise RuntimeError(f"server {self.name!r} was already started; create a new one")
             self._started = True
             self._done.clear()
         if not background:
-            self._run()
+            try:
+                self._run()
+            except KeyboardInterrupt:
+                # Ctrl-C is how a server in the foreground is stopped: _run has
+                # deregistered it, closed its sockets and said so; start() returns.
+                pass
             return
         self._thread = threading.Thread(
             target=self._run, name=f"pylm-server-{self.name}", daemon=True

@@ -387,3 +387,45 @@ def test_pylm_call_of_a_missing_name_fails_fast_with_the_hint(
         f" {pylm_etcd.url} (waited 1 s); `pylm --registry {pylm_etcd.url} --cluster"
         f" {pylm_cluster} ls` lists the servers registered there\n"
     )
+
+
+def test_ctrl_c_stops_a_blocking_start_without_a_traceback(tmp_path: Path) -> None:
+    """The README's quick start: ``python server.py``, then Ctrl-C. The server
+    says it stopped, start() returns, the script ends with status 0."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from pylm.standalone import Server
+
+            class Echo(Server):
+                def echo(self, message):
+                    return message
+
+            Echo("foreground", "tcp://127.0.0.1:0", metrics=False).start()
+            print("start() returned", flush=True)
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()  # the serving line: it is ready
+        assert "foreground (standalone) serving: " in first, first
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "foreground (standalone) stopped after serving 0" in out
+    assert out.rstrip().endswith("start() returned")

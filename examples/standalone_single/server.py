@@ -17,7 +17,4 @@ class MyServer(Server):
 if __name__ == "__main__":
     address = sys.argv[1] if len(sys.argv) > 1 else "tcp://127.0.0.1:5555"
     server = MyServer("my_server", address)
-    try:
-        server.start()
-    except KeyboardInterrupt:
-        pass
+    server.start()  # serves until Ctrl-C
