@@ -655,6 +655,7 @@ def load_server_class(target: str) -> type[BaseServer]:
 def run_server(args: argparse.Namespace) -> int:
     import zmq
 
+    from pylm.errors import RegistryError, ServerCrashed
     from pylm.names import check_name
     from pylm.parallel import Worker
 
@@ -688,7 +689,13 @@ def run_server(args: argparse.Namespace) -> int:
     # deregisters, then serves what is still on its way, then closes.
     stop = _stop_on_signals()
     try:
-        server.start(background=True)
+        # Longer than a worker waits for its master (10 s), so that it is
+        # that wait which says what is missing.
+        server.start(background=True, timeout=30.0)
+    except ServerCrashed as exc:  # it failed while start() was giving up
+        raise _start_failed(args, exc.__cause__ or exc) from None
+    except RegistryError as exc:  # no master, etcd unreachable...
+        raise _start_failed(args, exc) from None
     except PylmError:
         raise
     except (OSError, zmq.ZMQError, TimeoutError) as exc:
@@ -702,8 +709,24 @@ def run_server(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         if not server.running:
             break  # it ended by itself (its messages limit, or a crash: stop() raises)
-    server.stop()
+    try:
+        server.stop()
+    except ServerCrashed as exc:
+        cause = exc.__cause__
+        what = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+        raise PylmError(f"server {args.name!r} crashed: {what}") from None
     return 0
+
+
+def _start_failed(args: argparse.Namespace, exc: BaseException) -> PylmError:
+    """One line for a server that could not start: what is wrong, from ``exc``."""
+    from pylm.errors import NoInstance
+
+    if isinstance(exc, NoInstance) and args.master is not None and exc.server == args.master:
+        return PylmError(f"worker {args.name!r} has no master to join: {exc}")
+    if isinstance(exc, PylmError):
+        return PylmError(f"server {args.name!r} could not start: {exc}")
+    return PylmError(f"server {args.name!r} could not start: {type(exc).__name__}: {exc}")
 
 
 def run_etcd(args: argparse.Namespace) -> int:

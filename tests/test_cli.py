@@ -493,6 +493,23 @@ def test_run_a_worker_and_stop_it_with_sigterm(
         master.stop()
 
 
+def test_a_worker_without_its_master_says_what_it_waits_for(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path
+) -> None:
+    module = tmp_path / "upper.py"
+    module.write_text(WORKER_MODULE)
+    done = pylm(
+        pylm_etcd, pylm_cluster, "run", f"{module}:Upper", "--name", "w1", "--master", "nomaster"
+    )
+    # While it waits (10 s), one line says for what; then one line says what is wrong.
+    assert f"w1: waiting for master 'nomaster' in cluster '{pylm_cluster}'" in done.stdout
+    line = one_line(done)
+    assert line.startswith(
+        "pylm: worker 'w1' has no master to join: no instance of server 'nomaster'"
+    )
+    assert "crashed" not in line and "NoInstance(" not in line
+
+
 def test_pylm_alone_is_a_usage_error_and_python_m_pylm_works() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "pylm"], capture_output=True, text=True, timeout=30

@@ -169,7 +169,23 @@ class Worker(BaseServer):
 
     def _find_masters(self) -> list[str]:
         registry = self._registry_client()
-        records = registry.wait_for_instances(self.master, 10.0)
+        # A master that is not there within a second: say what this waits for.
+        waiting = threading.Timer(
+            1.0,
+            self.logger.info,
+            (
+                "%s: waiting for master %r in cluster %r (pylm ls lists what is registered)",
+                self.name,
+                self.master,
+                registry.config.cluster,
+            ),
+        )
+        waiting.daemon = True
+        waiting.start()
+        try:
+            records = registry.wait_for_instances(self.master, 10.0)
+        finally:
+            waiting.cancel()
         self._master_key = curve_key(self.master, records, self.curve) or self._master_key
         if not any("workers" in record.endpoints for record in records):
             raise RegistryError(f"{self.master!r} is not a master: it has no workers endpoint")
