@@ -459,6 +459,16 @@ class BaseServer:
         mine = sorted(set(self.functions))
         if self.rolling or not others:
             return
+        kinds = sorted({record.kind for record in others} - {self.kind})
+        if kinds:
+            raise InterfaceMismatch(
+                f"server {self.name!r} is a {self.kind} server, but the live instances of"
+                f" {self.name!r} are {' and '.join(kinds)}: their clients and senders speak to"
+                " that kind only. Give it another name, or, if it replaces them on purpose,"
+                " start it with rolling=True (pylm run --rolling)",
+                functions=mine,
+                live={record.instance: list(record.functions) for record in others},
+            )
         versions: dict[tuple[str, ...], list[InstanceRecord]] = {}
         for record in others:
             versions.setdefault(tuple(sorted(set(record.functions))), []).append(record)

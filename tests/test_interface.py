@@ -69,6 +69,25 @@ def test_other_functions_under_a_live_name_are_refused(pylm_registry: Registry) 
         pass
 
 
+class Stage(chained.LastServer):
+    """The same function as Old, but a pipeline's last stage."""
+
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+
+def test_another_kind_of_server_under_a_live_name_is_refused(pylm_registry: Registry) -> None:
+    with Old("kinds", log_stdout=False, registry=pylm_registry):
+        (old,) = pylm_registry.instances("kinds")
+        other = Stage("kinds", log_stdout=False, registry=pylm_registry)
+        with pytest.raises(InterfaceMismatch) as refused:
+            other.start(background=True)
+        other.stop()
+        assert "server 'kinds' is a chained-last server" in str(refused.value)
+        assert "live instances of 'kinds' are standalone" in str(refused.value)
+        assert [r.instance for r in pylm_registry.instances("kinds")] == [old.instance]
+
+
 def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(pylm_registry: Registry) -> None:
     with (
         Old("roll", log_stdout=False, registry=pylm_registry),
