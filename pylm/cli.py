@@ -443,7 +443,15 @@ def call_server(args: argparse.Namespace) -> int:
         wait = min(args.timeout, DEFAULT_WAIT) if args.wait is None else args.wait
         records = registry.wait_for_instances(args.name, wait)
         payload = args.payload.encode("utf-8")
-        if records[0].kind == "master":
+        kind = records[0].kind
+        if kind == "worker":
+            raise PylmError(_call_a_master(args, registry))
+        if kind not in ("master", "hub", "sink", "standalone") and not kind.startswith("chained"):
+            raise PylmError(
+                f"{args.name!r} is a {kind} server, which pylm call cannot call (it calls"
+                " standalone servers, masters, hubs, sinks and chained stages)"
+            )
+        if kind == "master":
             from pylm.parallel import Client as ParallelClient
 
             with ParallelClient(args.name, registry=registry, timeout=args.timeout) as master:
@@ -463,6 +471,38 @@ def call_server(args: argparse.Namespace) -> int:
     for result in results:
         print(result.decode("utf-8", "replace"))
     return 0
+
+
+def _call_a_master(args: argparse.Namespace, registry: Registry) -> str:
+    """What to say to a call of a worker: workers take their jobs from a
+    master (or hub), which is what to call; its name, when the cluster has
+    only one (a worker's record does not name its master)."""
+    import shlex
+
+    masters = sorted(
+        {
+            (record.kind, record.name)
+            for record in registry.instances()
+            if record.kind in ("master", "hub")
+        }
+    )
+    rest = f"{shlex.quote(args.function)} {shlex.quote(args.payload)}"
+    if len(masters) == 1:
+        kind, name = masters[0]
+        return (
+            f"{args.name!r} is a worker (of {kind} {name!r}): call its {kind}:"
+            f" pylm call {shlex.quote(name)} {rest}"
+        )
+    if masters:
+        names = ", ".join(name for _, name in masters)
+        return (
+            f"{args.name!r} is a worker, which takes its jobs from a master: call its master"
+            f" (one of {names}): pylm call MASTER {rest}"
+        )
+    return (
+        f"{args.name!r} is a worker, which takes its jobs from a master: call its master"
+        f" (none is registered now; pylm ls lists what is): pylm call MASTER {rest}"
+    )
 
 
 def make_keys(args: argparse.Namespace) -> int:

@@ -444,6 +444,11 @@ def test_call_a_master_and_show_branches_and_tees(
         called = pylm(pylm_etcd, pylm_cluster, "call", "m", "count", "3")
         assert called.returncode == 0, called.stderr
         assert called.stdout.splitlines() == ["0", "1", "2"]
+        # A worker is not called: its master is, and the line says so.
+        worker = one_line(pylm(pylm_etcd, pylm_cluster, "call", "w", "count", "3"))
+        assert (
+            worker == "pylm: 'w' is a worker (of master 'm'): call its master: pylm call m count 3"
+        )
         text = pylm(pylm_etcd, pylm_cluster, "topology").stdout
         assert "step [chained] -> last.g  (tee last.g)  1 instance(s)" in text
         assert "m [master]  1 instance(s)" in text and "w [worker]  1 instance(s)" in text
