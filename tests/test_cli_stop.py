@@ -160,7 +160,7 @@ COMMANDS = {
     "run a master": (["run", "pylm.parallel:Master", "--name", "m2"], "m2"),
     "run a worker": (["run", "servers.py:Upper", "--name", "upper", "--master", "m"], "upper"),
     "etcd": (["etcd", "--port", "0", "--data-dir", "etcd"], "export PYLM_REGISTRY="),
-    "sd": (["sd", "--port", "0"], "Ctrl-C stops it"),
+    "sd": (["sd", "--port", "0"], "Ctrl-C or SIGTERM stops it"),
     "top": (["top", "--interval", "60"], "pylm top: cluster"),
     "ls --watch": (["ls", "--watch"], "(no servers registered)"),
 }
