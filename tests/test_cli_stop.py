@@ -56,9 +56,11 @@ class Command:
     """A pylm command running in a process group of its own, its output
     lines (stdout and stderr) read as they come."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, env: dict[str, str], program: str = "pylm"
+    ) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pylm", *args],
+            [sys.executable, "-m", program, *args],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
@@ -249,3 +251,58 @@ def test_top_draws_its_first_screen_at_once(
             assert running.ctrl_c() < STOP_WITHIN
         finally:
             running.end()
+
+
+DEMO = """
+import sys
+import threading
+
+from pylm.demo import run_demo
+
+
+def payloads():
+    yield b"one"
+    print("first job sent", flush=True)
+    threading.Event().wait()  # until Ctrl-C
+
+
+sys.exit(run_demo(payloads()))
+"""
+
+
+def test_ctrl_c_on_the_demo_stops_its_servers_then_its_etcd(tmp_path: Path) -> None:
+    (tmp_path / "slow_demo.py").write_text(DEMO)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TMPDIR": str(temp)}
+    running = Command([], tmp_path, env, program="slow_demo")
+    try:
+        running.wait_line("first job sent", timeout=60)
+        running.ctrl_c()
+        output = running.output()
+        assert running.process.returncode == 130, output
+        assert "Traceback" not in output, output
+        # The servers deregistered while etcd still ran; the only warning
+        # there may be is true: the interrupted job's result had no reader.
+        warnings = [line for line in output.splitlines() if "WARNING" in line]
+        assert all("results dropped on stop" in line for line in warnings), output
+        assert output.count("interrupted") == 1, output
+        # Every process it started ended (they all have its TMPDIR), and its folder is gone.
+        wait_for(lambda: not _with_env(f"TMPDIR={temp}"), 10, "the demo's processes ending")
+        assert list(temp.iterdir()) == []
+    finally:
+        running.end()
+
+
+def _with_env(entry: str) -> list[int]:
+    """The processes whose environment has ``entry``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, gone, or not ours
+            continue
+        if entry.encode() in environ:
+            found.append(int(proc.name))
+    return found
