@@ -1016,7 +1016,8 @@ class LastServer(_Stage):
         router, self._router = self._router, None
         if self._parked_count:
             self.logger.warning(
-                "%s: %d results dropped on stop: their clients never connected",
+                "%s: %d results dropped on stop: their clients were not connected"
+                " (not yet, or no longer)",
                 self.name,
                 self._parked_count,
             )
