@@ -8,7 +8,7 @@
 # command comes first on the PATH the tests see, as the venv's bin folder does. The monitoring tests need Prometheus, one HTTP test wrk,
 # the multi-host tests iproute2 and root: as root they are installed with
 # apt-get when missing; otherwise those tests skip, saying what would install
-# them.
+# them (under CI=true they fail instead: a CI run never passes by skipping).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/env.sh

@@ -7,7 +7,9 @@ runs an agent (``netns_agent.py``) that calls functions of a module the test
 names, so what runs on a host is a real process inside that namespace.
 :meth:`Network.partition` cuts a host off the bridge, :meth:`Network.heal`
 joins it again. Everything is removed on close, processes included.
-Needs root and ``ip`` (iproute2); :func:`available` tells.
+Needs root and ``ip`` (iproute2); :func:`available` tells, naming what
+would install it, and the tests pass its answer to ``prerequisites.missing``:
+a skip, or under ``CI=true`` a failure.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import selectors
-import shutil
 import socket
 import subprocess
 import threading
@@ -16,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from prerequisites import needs_wrk
 
 from pylm.exporter import Exporter
 from pylm.httpd import HttpService, QuietHandler
@@ -270,7 +270,7 @@ def test_failures_are_a_500_and_a_warning_and_hang_ups_a_debug_line(
     assert hung_up and all(r.levelno == logging.DEBUG for r in hung_up)
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk: sudo apt-get install wrk")
+@needs_wrk
 def test_wrk_with_64_connections_gets_only_answers(echo: Echo) -> None:
     with Exporter("127.0.0.1", 0) as endpoint:
         done = subprocess.run(

