@@ -23,6 +23,7 @@ from pylm.testing import SOAK
 
 HERE = Path(__file__).resolve().parent
 JOBS = int(10_000 * SOAK)  # 10,000 jobs; more in soak mode
+WINDOW = 500  # a client's jobs in flight at most
 
 
 class Step(Server):
@@ -52,15 +53,24 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
             time.sleep(0.05)
         total = JOBS
         outcomes = []
-        with LoopClient("step", registry=pylm_registry, announce=False, timeout=3) as client:
+        with LoopClient(
+            "step", registry=pylm_registry, announce=False, timeout=3, max_in_flight=WINDOW
+        ) as client:
             for outcome in client.results("tag", (b"%d" % n for n in range(total))):
                 outcomes.append(outcome)
+                assert len(outcomes) > 2_000 or outcome.error is None, "failed before the kill"
                 if len(outcomes) == 2_000:
                     doomed.send_signal(signal.SIGKILL)  # holding jobs in its queues
         indexes = Counter(outcome.index for outcome in outcomes)
         assert len(outcomes) == total and set(indexes) == set(range(total))  # each once
         failed = [o for o in outcomes if o.error is not None]
         assert all(isinstance(o.error, RequestTimeout) for o in failed)  # typed, not silent
+        # A floor of results: both stages served until the kill (checked
+        # above), and the survivor serves everything once the doomed stage
+        # leaves routing (its lease: 1 s). A lost job holds its slot for the
+        # 3 s timeout, so each timeout lets at most one window of jobs be
+        # lost (one is, in practice): 3 windows leave the doomed stage 9 s.
+        assert len(failed) <= 3 * WINDOW, f"{len(failed)} of {total} jobs timed out"
         for outcome in outcomes:
             if outcome.error is None:
                 assert outcome.value == b"%d>step>done" % outcome.index

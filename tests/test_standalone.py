@@ -150,12 +150,37 @@ def test_context_manager_and_restart_refused() -> None:
         server.start(background=True)
 
 
+def serving_threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"pylm-server-{name}"]
+
+
+@pytest.mark.timeout(30)
 def test_stop_before_start_and_twice_is_harmless() -> None:
-    server = quiet()
-    server.stop()
-    with server:
-        pass
-    server.stop()
+    """stop() before start() returns at once and starts nothing; stopping a
+    stopped server again returns, raises nothing and leaves nothing behind:
+    no serving thread, its port free; and it still starts only once."""
+    early = quiet(name="stopped_early")
+    try:
+        early.stop(timeout=5)  # nothing to wait for: a TimeoutError would say it waited
+        assert not early.running and not serving_threads("stopped_early")
+    finally:
+        early.stop(timeout=5)
+    server = quiet(name="stopped_twice")
+    try:
+        with server:
+            with Client(server.address, "stopped_twice") as client:
+                assert client.job("foo", b"1") == b"you sent me 1"
+        server.stop(timeout=5)
+        server.stop(timeout=5)
+        assert not server.running and not serving_threads("stopped_twice")
+        with zmq.Context.instance().socket(zmq.ROUTER) as probe:
+            probe.setsockopt(zmq.LINGER, 0)
+            probe.bind(server.address)  # the server released its port
+        with pytest.raises(RuntimeError, match="already started; create a new one"):
+            server.start(background=True)
+        assert not server.running and not serving_threads("stopped_twice")
+    finally:
+        server.stop(timeout=5)
 
 
 def test_several_servers_in_one_process(serve: Serve) -> None:
