@@ -12,7 +12,8 @@ removal makes it fail.
   backlog; the rest is dropped and counted as ``undeliverable``;
 - a scattered job whose part fails: the client gets that error, its queued
   parts never run, its other parts' results never reach ``gather``; a hook
-  that raises is named in the error (``<function>/scatter``, ``gather``).
+  that raises is named in the error (``<function>/scatter``, ``gather``);
+- every instance of one master name gets every worker.
 """
 
 from __future__ import annotations
@@ -366,3 +367,39 @@ def test_a_hook_that_raises_is_named_in_the_clients_error(serve: Callable[..., o
             client.eval("part", b"gbad")
         assert gather.value.remote_message == "gather refuses GBAD"
         assert client.eval("part", b"fine") == b"FINE"
+
+
+# ---------------------------------------------------------------- several instances
+
+
+class Who(Worker):
+    def who(self, message: bytes) -> bytes:
+        return self.name.encode() + b":" + message
+
+
+@pytest.mark.timeout(60)
+def test_every_instance_of_a_master_name_gets_every_worker(
+    pylm_registry: Registry, serve: Callable[..., object]
+) -> None:
+    """Two masters of one name, two workers and a client by that name only:
+    each instance, asked at its own address, counts both workers (each
+    worker connects to every instance), and the client's jobs, spread over
+    the instances, give every result once. Fails when a worker connects to
+    one instance only (``Worker._find_masters``)."""
+    name = unique("m")
+    instances = [
+        serve(Master(name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+        for _ in range(2)
+    ]
+    assert len(pylm_registry.instances(name)) == 2
+    workers = [unique("w1"), unique("w2")]
+    for worker in workers:
+        serve(Who(worker, name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    for master in instances:
+        with Client(master.front, name, timeout=10) as direct:
+            wait_for(lambda: direct.ping()["workers"] == 2, 10, f"both workers at {master.front}")
+    with Client(name, registry=pylm_registry, timeout=10) as client:
+        results = list(client.job("who", [b"%d" % n for n in range(300)]))
+    payloads = Counter(result.split(b":")[1] for result in results)
+    assert len(results) == 300 and len(payloads) == 300
+    assert {result.split(b":")[0].decode() for result in results} <= set(workers)
