@@ -229,6 +229,8 @@ class BaseServer:
         with self._lock:
             if self._started:
                 raise RuntimeError(f"server {self.name!r} was already started; create a new one")
+            if self._stopping:  # it would bind, then serve nothing: its loop sees the stop
+                raise RuntimeError(f"server {self.name!r} was stopped; create a new one")
             self._started = True
             self._done.clear()
         if not background:

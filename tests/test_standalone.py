@@ -163,6 +163,9 @@ def test_stop_before_start_and_twice_is_harmless() -> None:
     try:
         early.stop(timeout=5)  # nothing to wait for: a TimeoutError would say it waited
         assert not early.running and not serving_threads("stopped_early")
+        with pytest.raises(RuntimeError, match="was stopped; create a new one"):
+            early.start(background=True)  # it would bind and answer nothing
+        assert not early.running and not serving_threads("stopped_early")
     finally:
         early.stop(timeout=5)
     server = quiet(name="stopped_twice")
