@@ -1080,6 +1080,8 @@ class LastServer(_Stage):
             self._backlog.flush()
             if not self._backlog:
                 self._poll_timeout = self._idle_timeout
+        if self._parked_count:  # expired ones go with their warning, traffic or not
+            self._expire_parked(time.monotonic())
 
     def _park(self, route: bytes, frames: list[bytes]) -> None:
         """Keep a result for a client not connected yet, for a while."""
@@ -1100,11 +1102,11 @@ class LastServer(_Stage):
     def _release(self, route: bytes) -> None:
         """The client ``route`` is connected: send it what waited for it."""
         assert self._router is not None
+        self._expire_parked(time.monotonic())  # what expired is not sent late
         waiting = self._parked.pop(route, [])
         self._parked_count -= len(waiting)
         for _, frames in waiting:
             self._to_client(route, frames)  # parked again if it left meanwhile
-        self._expire_parked(time.monotonic())
 
     def _expire_parked(self, now: float) -> None:
         for route in [route for route, parked in self._parked.items() if parked[0][0] < now]:
