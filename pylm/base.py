@@ -461,6 +461,7 @@ class BaseServer:
         mine = sorted(set(self.functions))
         if self.rolling or not others:
             return
+        live = {record.instance: list(record.functions) for record in others}
         kinds = sorted({record.kind for record in others} - {self.kind})
         if kinds:
             raise InterfaceMismatch(
@@ -469,7 +470,7 @@ class BaseServer:
                 " that kind only. Give it another name, or, if it replaces them on purpose,"
                 " start it with rolling=True (pylm run --rolling)",
                 functions=mine,
-                live={record.instance: list(record.functions) for record in others},
+                live=live,
             )
         versions: dict[tuple[str, ...], list[InstanceRecord]] = {}
         for record in others:
@@ -482,17 +483,17 @@ class BaseServer:
             more = f" and {len(group) - 3} more" if len(group) > 3 else ""
             return ", ".join(shown) + more
 
-        live = "; ".join(
+        shown = "; ".join(
             f"[{', '.join(functions)}] (instance {where(group)})"
             for functions, group in sorted(versions.items())
         )
         raise InterfaceMismatch(
             f"server {self.name!r} has functions [{', '.join(mine)}], but the live instances"
-            f" of {self.name!r} have {live}: by-name clients would share their calls among"
+            f" of {self.name!r} have {shown}: by-name clients would share their calls among"
             " programs that cannot answer all of them. Give it another name, or, if it is a"
             " new version rolling out, start it with rolling=True (pylm run --rolling)",
             functions=mine,
-            live={record.instance: list(record.functions) for record in others},
+            live=live,
         )
 
     def _registry_client(self) -> Registry:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "SEND_SLICE",
     "Caller",
     "Calls",
     "check_messages",
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0
+# s a streaming client's job() sends for before it reads what came back: a
+# slow payload source must not keep results unread and deadlines unchecked.
+SEND_SLICE = 0.05
 
 _pack_id_deadline = protocol.pack_id_deadline
 

@@ -54,22 +54,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _positive(text: str) -> float:
-    """An argument that is a positive number of seconds."""
+def _seconds(text: str, *, zero: bool) -> float:
+    """An argument that is a finite number of seconds, positive (or, with
+    ``zero``, zero too)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        kind = "zero or a positive" if zero else "a positive"
+        raise argparse.ArgumentTypeError(f"must be {kind} number of seconds, got {text!r}")
     return value
+
+
+def _positive(text: str) -> float:
+    """An argument that is a positive number of seconds."""
+    return _seconds(text, zero=False)
 
 
 def _non_negative(text: str) -> float:
     """An argument that is zero or a positive number of seconds."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return _positive(text)
+    return _seconds(text, zero=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import (
     DEFAULT_TIMEOUT,
+    SEND_SLICE,
     Caller,
     check_messages,
     curve_key,
@@ -78,7 +79,6 @@ def _bucket(seconds: float) -> int:
 _unpack_id = protocol.unpack_id
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _HEAD_SIZE = protocol.HEAD_SIZE
-_SEND_SLICE = 0.05  # s a job() call sends for before it reads what came back
 
 
 def _resolve_pipeline(
@@ -437,7 +437,7 @@ class LoopClient(Caller, Closing):
                 # for one slice of time: a slow payload source must not keep
                 # results unread, deadlines unchecked, registry changes unapplied.
                 sliced = False
-                slice_ends = clock() + _SEND_SLICE
+                slice_ends = clock() + SEND_SLICE
                 while not exhausted and len(in_flight) < self.max_in_flight:
                     if waiting is None:
                         group: list[int] = []

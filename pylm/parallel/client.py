@@ -13,7 +13,7 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheCalls, cache_request
-from pylm.calls import DEFAULT_TIMEOUT, Caller, check_messages, pong_info, read_answer
+from pylm.calls import DEFAULT_TIMEOUT, SEND_SLICE, Caller, check_messages, pong_info, read_answer
 from pylm.chained.client import JobResult
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
@@ -23,8 +23,6 @@ from pylm.transport import close_socket, default_context
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
-
-_SEND_SLICE = 0.05  # s a job() call sends for before it reads what came back
 
 __all__ = ["Client", "JobResult"]
 
@@ -153,15 +151,7 @@ class Client(CacheCalls, Caller, Closing):
         socket = self._open_socket()
         msg_id, frames = self._calls.ping(seconds)
         socket.send_multipart(frames)
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if not socket.poll(max(1, int(left * 1000))):
-                break
-            message = read_answer(socket.recv_multipart())
-            if message is not None and message.msg_id == msg_id:
-                return pong_info(protocol.result_of(message))
-            self.dropped += 1
-        raise self._timeout_error("ping", seconds)
+        return pong_info(self._answer(socket, msg_id, seconds, "ping"))
 
     # ------------------------------------------------------------------ cache
 
@@ -183,6 +173,11 @@ class Client(CacheCalls, Caller, Closing):
             socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
         except zmq.Again:
             raise self._timeout_error(function, seconds) from None
+        return self._answer(socket, msg_id, seconds, function)
+
+    def _answer(self, socket: zmq.Socket, msg_id: int, seconds: float, what: str) -> bytes:
+        """The result of request ``msg_id`` on ``socket`` (a ping or a cache
+        call); answers to others (that timed out) are dropped and counted."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             if not socket.poll(max(1, int(left * 1000))):
@@ -190,8 +185,8 @@ class Client(CacheCalls, Caller, Closing):
             message = read_answer(socket.recv_multipart())
             if message is not None and message.msg_id == msg_id:
                 return protocol.result_of(message)
-            self.dropped += 1  # the answer to a cache call that timed out
-        raise self._timeout_error(function, seconds)
+            self.dropped += 1
+        raise self._timeout_error(what, seconds)
 
     # ------------------------------------------------------------------ the loop
 
@@ -222,7 +217,7 @@ class Client(CacheCalls, Caller, Closing):
                 # Send for one slice of time at most: a slow payload source
                 # must not keep results unread and deadlines unchecked.
                 sliced = False
-                slice_ends = clock() + _SEND_SLICE
+                slice_ends = clock() + SEND_SLICE
                 while not exhausted and len(in_flight) < self.max_in_flight:
                     if held is None:
                         payload = next(payloads, None)
