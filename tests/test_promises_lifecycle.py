@@ -1,0 +1,383 @@
+"""The lifecycle promises of docs/hub.md, docs/tee.md, docs/chained.md,
+docs/parallel.md and docs/operations.md that no other test guarded, observed
+from outside: the results clients get, what side branches keep, the logs
+servers write, how long ``stop()`` takes (issue 20).
+
+- a hub in the registry that is stopped waits for its workers' answers to
+  the jobs on its books: every job's result reaches the client, and nothing
+  is logged as unanswered;
+- a stage in the registry that is stopped while its next stage stays full
+  drops a message with a warning and returns within its 5 s of draining;
+- a tee's side branch that does not read holds the main line up, and no copy
+  is dropped to relieve it: every copy reaches the side branch once it reads;
+- the jobs of a client that knows a master by name spread over every
+  instance of that name, and every result arrives once.
+
+Each test names the mechanism whose removal makes it fail
+(scripts/mutants/lifecycle.toml applies those removals).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+import zmq
+
+from pylm import protocol
+from pylm.chained import LastServer, LoopClient, Sink
+from pylm.chained import Server as Stage
+from pylm.parallel import Client, Hub, Master, Worker
+from pylm.registry import Registry
+from pylm.testing import wait_for
+
+ANY = "tcp://127.0.0.1:0"
+BEAT = 0.2  # s between heartbeats
+
+
+def unique(prefix: str) -> str:
+    """A server name no other test of this process uses (loggers and metrics
+    are by name)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+@pytest.fixture
+def ipc_folder() -> Iterator[str]:
+    """A fresh folder for ipc:// endpoints (short paths: socket paths are
+    limited). ipc keeps the kernel's buffers small (about 200 KiB a
+    connection), so that a reader that does not read fills them quickly."""
+    folder = tempfile.mkdtemp(prefix="pylm-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a hub's stop()
+
+
+class Gated(Worker):
+    """A worker whose jobs wait for the test's gate; ``entered`` counts the
+    jobs it has begun."""
+
+    def __init__(self, *args: object, gate: threading.Event, **options: object) -> None:
+        super().__init__(*args, **options)  # type: ignore[arg-type]
+        self.gate = gate
+        self.entered = 0
+        self.lock = threading.Lock()
+
+    def hold(self, message: bytes) -> bytes:
+        with self.lock:
+            self.entered += 1
+        self.gate.wait(30)
+        return b"done " + message
+
+
+class Last(LastServer):
+    def keep(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_hub_waits_for_its_workers_answers(
+    pylm_registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub holds 4 jobs on its books (one running on its worker, held
+    there by a gate, one more the worker holds in its 2 slots, 2 queued)
+    when it is stopped: it deregisters, and only
+    once it has (the gate opens then) does the worker answer. Every job's
+    result still reaches the client, stop() returns only after that, and
+    the hub logs no job as unanswered. Fails without the hub's wait for its
+    workers' answers (``Hub._drain_before_leaving``)."""
+    hub_name, last_name = unique("hub"), unique("last")
+    caplog.set_level(logging.WARNING, logger=hub_name)
+    gate = threading.Event()
+    last = Last(last_name, registry=pylm_registry, log_stdout=False)
+    hub = Hub(
+        hub_name,
+        next_call=f"{last_name}.keep",
+        registry=pylm_registry,
+        heartbeat=BEAT,
+        log_stdout=False,
+    )
+    worker = Gated(
+        unique("w"),
+        hub_name,
+        gate=gate,
+        slots=2,
+        heartbeat=BEAT,
+        registry=pylm_registry,
+        log_stdout=False,
+    )
+    results: list[object] = []
+    stopped = threading.Event()
+
+    def stop_hub() -> None:
+        hub.stop(timeout=20)
+        stopped.set()
+
+    stopper = threading.Thread(target=stop_hub)
+    try:
+        for server in (last, hub, worker):
+            server.start(background=True)
+        with LoopClient(hub_name, registry=pylm_registry, announce=False, timeout=5) as client:
+            reader = threading.Thread(
+                target=lambda: results.extend(
+                    client.results("hold", [b"%d" % n for n in range(4)], timeout=5)
+                )
+            )
+            reader.start()
+            try:
+                wait_for(lambda: worker.entered == 1, 15, "the worker running a job")
+                stopper.start()
+                wait_for(lambda: not pylm_registry.instances(hub_name), 15, "the hub deregistered")
+                assert not stopped.is_set(), "stop() returned with jobs on the hub's books"
+                gate.set()
+            finally:
+                gate.set()
+                reader.join(30)
+        stopper.join(30)
+        assert stopped.is_set()
+        values = sorted(result.value for result in results)  # type: ignore[attr-defined]
+        errors = [result.error for result in results if result.error]  # type: ignore[attr-defined]
+        assert errors == []
+        assert values == [b"done %d" % n for n in range(4)]
+        assert not warned(caplog, "unanswered")
+    finally:
+        gate.set()
+        if stopper.is_alive():
+            stopper.join(30)
+        for server in (worker, hub, last):
+            server.stop()
+
+
+# ---------------------------------------------------------------- a full next stage
+
+
+class Forward(Stage):
+    def fwd(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.mark.timeout(60)
+def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
+    pylm_registry: Registry, ipc_folder: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registered stage whose next stage never reads: the stage, then its
+    input, fill up (a sender finds no room). stop() drains for at most 5 s,
+    then drops what it cannot pass on, logs that it does (``leaving with the
+    next stage still full: a message is dropped``) and returns. Fails when
+    a leaving stage waits on a full next stage without end (the send
+    deadline set in ``Server._drain_before_leaving``)."""
+    name = unique("step")
+    caplog.set_level(logging.WARNING, logger=name)
+    context = zmq.Context.instance()
+    stuck = context.socket(zmq.PULL)  # the next stage: bound, never read
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.bind(f"ipc://{ipc_folder}/next")
+    stage = Forward(
+        name,
+        f"ipc://{ipc_folder}/in",
+        f"ipc://{ipc_folder}/next",
+        "nobody.reads",
+        ANY,
+        log_stdout=False,
+        hwm=1,
+        registry=pylm_registry,
+    )
+    feed = context.socket(zmq.PUSH)
+    feed.setsockopt(zmq.LINGER, 0)
+    feed.setsockopt(zmq.SNDHWM, 1)
+    payload = b"x" * 65536
+    sent = 0
+
+    def full() -> bool:
+        """Send one more job; True when the stage's input has no room."""
+        nonlocal sent
+        message = protocol.encode(protocol.REQUEST, sent, payload, f"{name}.fwd".encode(), b"")
+        try:
+            feed.send_multipart(message, zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+        sent += 1
+        return False
+
+    try:
+        stage.start(background=True)
+        feed.connect(f"ipc://{ipc_folder}/in")
+        wait_for(full, 20, "the stage's input full behind a next stage that never reads")
+        began = time.monotonic()
+        stage.stop(timeout=15)  # TimeoutError if it waits on without end
+        took = time.monotonic() - began
+        assert not stage.running
+        assert warned(caplog, "leaving with the next stage still full: a message is dropped")
+        assert took < 12, f"stop() took {took:.1f} s (5 s of draining at most)"
+    finally:
+        # A stage still waiting (the mechanism broken) is let go: read its output.
+        give_up = time.monotonic() + 20
+        while stage.running and time.monotonic() < give_up:
+            if stuck.poll(50):
+                stuck.recv_multipart()
+        stage.stop()
+        feed.close()
+        stuck.close()
+
+
+# ---------------------------------------------------------------- a tee's side branch
+
+
+class Copy(Stage):
+    def copy(self, message: bytes) -> bytes:
+        return message
+
+
+class Receipt(LastServer):
+    def issue(self, message: bytes) -> bytes:
+        return b"ok %d" % len(message)
+
+
+class Archive(Sink):
+    """A side branch's sink that reads nothing until the test's gate opens,
+    then keeps every copy."""
+
+    def __init__(self, *args: object, gate: threading.Event, **options: object) -> None:
+        super().__init__(*args, **options)  # type: ignore[arg-type]
+        self.gate = gate
+        self.kept: list[bytes] = []
+        self.lock = threading.Lock()
+        self.entered = threading.Event()
+
+    def keep(self, message: bytes) -> bytes:
+        self.entered.set()
+        self.gate.wait(30)
+        with self.lock:
+            self.kept.append(message[:8])
+        return message
+
+
+@pytest.mark.timeout(60)
+def test_a_side_branch_that_does_not_read_holds_the_main_line_and_loses_no_copy(
+    ipc_folder: str,
+) -> None:
+    """A stage tees 60 results of 64 KiB to a sink that reads nothing until
+    a gate opens. Meanwhile the client gets fewer than half of its results
+    (the teeing stage waits for room in the side branch before its next
+    job); once the gate opens, the client gets all 60 and the sink keeps
+    all 60 copies, each once. Fails when a tee drops a copy it has no room
+    for (the ``_send`` of copies in ``Server._succeed``).
+
+    While the gate is shut, the test waits up to 3 s for the client to get
+    every result, which happens only if copies are dropped; that wait
+    decides nothing when the promise holds (the count is bounded by the
+    side branch's buffers however long it waits)."""
+    total = 60
+    gate = threading.Event()
+    at = f"ipc://{ipc_folder}"
+    archive = Archive("archive", f"{at}/a", f"{at}/ap", ANY, gate=gate, log_stdout=False, hwm=1)
+    receipt = Receipt("receipt", f"{at}/r", f"{at}/rp", ANY, log_stdout=False)
+    orders = Copy(
+        "orders",
+        f"{at}/o",
+        f"{at}/r",
+        "receipt.issue",
+        ANY,
+        tee={"archive.keep": f"{at}/a"},
+        log_stdout=False,
+        hwm=1,
+    )
+    servers = [archive, receipt, orders]
+    results: list[bytes] = []
+    every = threading.Event()
+    failures: list[BaseException] = []
+
+    def payloads() -> Iterator[bytes]:
+        for n in range(total):
+            yield b"%08d" % n + b"x" * 65528
+
+    def run(client: LoopClient) -> None:
+        try:
+            for result in client.job("copy", payloads(), timeout=40):
+                results.append(result)
+            every.set()
+        except BaseException as exc:
+            failures.append(exc)
+
+    try:
+        for server in servers:
+            server.start(background=True)
+        with LoopClient(
+            receipt.push, orders.address, orders.db, "orders", announce=False
+        ) as client:
+            reader = threading.Thread(target=run, args=(client,))
+            reader.start()
+            try:
+                assert archive.entered.wait(20), "no copy reached the side branch"
+                every.wait(3)  # set only if the main line ran free
+                held = len(results)
+                gate.set()
+                reader.join(40)
+            finally:
+                gate.set()
+                reader.join(40)
+        assert failures == []
+        assert held < total // 2, f"the client got {held} of {total} results with the tee full"
+        assert sorted(results) == [b"ok 65536"] * total
+        wait_for(lambda: len(archive.kept) >= total, 20, "every copy in the side branch")
+        assert sorted(archive.kept) == [b"%08d" % n for n in range(total)]
+    finally:
+        gate.set()
+        for server in reversed(servers):
+            server.stop()
+
+
+# ---------------------------------------------------------------- instances of a master
+
+
+class Marked(Master):
+    """A master whose results say which instance passed them on."""
+
+    def __init__(self, *args: object, marker: bytes, **options: object) -> None:
+        super().__init__(*args, **options)  # type: ignore[arg-type]
+        self.marker = marker
+
+    def gather(self, message: bytes) -> Iterator[bytes]:
+        yield self.marker + b"|" + message
+
+
+class Echo(Worker):
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.mark.timeout(60)
+def test_a_clients_jobs_spread_over_every_instance_of_a_master_name(
+    pylm_registry: Registry, serve: Callable[..., object]
+) -> None:
+    """Three masters of one name, a worker, and a client that knows only the
+    name: each instance passes on a share of the client's 300 jobs (at least
+    a tenth; round-robin gives a third each), and every result arrives once.
+    Fails when a client sends to one instance only (the connection to every
+    endpoint in ``pylm.parallel.Client``)."""
+    name = unique("m")
+    markers = [b"m%d" % n for n in range(3)]
+    for marker in markers:
+        serve(Marked(name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False, marker=marker))
+    wait_for(lambda: len(pylm_registry.instances(name)) == 3, 10, "three instances listed")
+    serve(Echo(unique("w"), name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
+    with Client(name, registry=pylm_registry, timeout=10) as client:
+        results = list(client.job("echo", [b"%d" % n for n in range(300)]))
+    by = Counter(result.split(b"|")[0] for result in results)
+    payloads = Counter(result.split(b"|")[1] for result in results)
+    assert len(results) == 300 and sorted(payloads) == sorted(b"%d" % n for n in range(300))
+    assert set(by) == set(markers), f"instances that served: {dict(by)}"
+    assert min(by.values()) >= 30, f"jobs by instance: {dict(by)}"
