@@ -6,10 +6,14 @@ servers write, how long ``stop()`` takes (issue 20).
 - a hub in the registry that is stopped waits for its workers' answers to
   the jobs on its books: every job's result reaches the client, and nothing
   is logged as unanswered;
+- ... and when they do not come within its wait (10 s), it logs how many
+  jobs it leaves unanswered, and returns;
+- a hub with a full queue reads no more of its input, and drops nothing;
 - a stage in the registry that is stopped while its next stage stays full
   drops a message with a warning and returns within its 5 s of draining;
 - a tee's side branch that does not read holds the main line up, and no copy
   is dropped to relieve it: every copy reaches the side branch once it reads;
+  so does a tee stage found by name that has no instance yet;
 - the jobs of a client that knows a master by name spread over every
   instance of that name, and every result arrives once.
 
@@ -30,10 +34,13 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from prometheus_client import REGISTRY
 
+import pylm.parallel.hub
 from pylm import protocol
 from pylm.chained import LastServer, LoopClient, Sink
 from pylm.chained import Server as Stage
+from pylm.errors import RequestTimeout
 from pylm.parallel import Client, Hub, Master, Worker
 from pylm.registry import Registry
 from pylm.testing import wait_for
@@ -46,6 +53,24 @@ def unique(prefix: str) -> str:
     """A server name no other test of this process uses (loggers and metrics
     are by name)."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def queued(server: str) -> float:
+    """Jobs waiting for a worker at ``server``, as its /metrics gives them."""
+    value = REGISTRY.get_sample_value("pylm_jobs_queued", {"server": server})
+    assert value is not None, f"no pylm_jobs_queued for {server}"
+    return value
+
+
+def happens(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``condition()`` comes true within ``seconds``: to give a
+    broken mechanism the time to show, never to decide a test that holds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -80,6 +105,11 @@ class Gated(Worker):
             self.entered += 1
         self.gate.wait(30)
         return b"done " + message
+
+
+class Echo(Worker):
+    def echo(self, message: bytes) -> bytes:
+        return message
 
 
 class Last(LastServer):
@@ -160,6 +190,107 @@ def test_a_stopped_hub_waits_for_its_workers_answers(
             server.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_stopped_hub_logs_the_jobs_it_leaves_unanswered(
+    pylm_registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub stopped with 4 jobs on its books whose worker does not answer
+    (its gate stays shut) waits for them for its leave time (10 s; 1 s here),
+    then returns, logs ``leaving with 4 job(s) unanswered``, and those jobs
+    time out at their client. Fails without the hub's bound on that wait or
+    without its warning."""
+    monkeypatch.setattr(pylm.parallel.hub, "_LEAVE_MAX", 1.0)
+    hub_name, last_name = unique("hub"), unique("last")
+    caplog.set_level(logging.WARNING, logger=hub_name)
+    gate = threading.Event()
+    last = Last(last_name, registry=pylm_registry, log_stdout=False)
+    hub = Hub(
+        hub_name,
+        next_call=f"{last_name}.keep",
+        registry=pylm_registry,
+        heartbeat=BEAT,
+        log_stdout=False,
+    )
+    worker = Gated(
+        unique("w"),
+        hub_name,
+        gate=gate,
+        slots=2,
+        heartbeat=BEAT,
+        registry=pylm_registry,
+        log_stdout=False,
+    )
+    results: list[object] = []
+    try:
+        for server in (last, hub, worker):
+            server.start(background=True)
+        with LoopClient(hub_name, registry=pylm_registry, announce=False, timeout=3) as client:
+            reader = threading.Thread(
+                target=lambda: results.extend(
+                    client.results("hold", [b"%d" % n for n in range(4)], timeout=3)
+                )
+            )
+            reader.start()
+            try:
+                wait_for(lambda: worker.entered == 1, 15, "the worker running a job")
+                hub.stop(timeout=20)  # TimeoutError if it waits on without end
+                assert warned(caplog, "leaving with 4 job(s) unanswered")
+            finally:
+                reader.join(30)
+        errors = [result.error for result in results]  # type: ignore[attr-defined]
+        assert len(errors) == 4 and all(isinstance(error, RequestTimeout) for error in errors)
+    finally:
+        gate.set()
+        for server in (worker, hub, last):
+            server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_hub_with_a_full_queue_reads_no_more_and_drops_nothing(
+    pylm_registry: Registry, serve: Callable[..., object]
+) -> None:
+    """A hub with no worker and ``max_queued=5`` given 50 jobs queues 5 and
+    reads no more (its ``pylm_jobs_queued`` is 5); once a worker joins, all
+    50 results reach the client, each once. Fails when the hub reads its
+    input past a full queue (the ``full`` check in ``Hub._drain``)."""
+    hub_name, last_name = unique("hub"), unique("last")
+    serve(Last(last_name, registry=pylm_registry, log_stdout=False))
+    hub = serve(
+        Hub(
+            hub_name,
+            next_call=f"{last_name}.keep",
+            registry=pylm_registry,
+            heartbeat=BEAT,
+            max_queued=5,
+            log_stdout=False,
+        )
+    )
+    results: list[bytes] = []
+    failures: list[BaseException] = []
+    with LoopClient(hub_name, registry=pylm_registry, announce=False, timeout=10) as client:
+
+        def run() -> None:
+            try:
+                results.extend(client.job("echo", [b"%d" % n for n in range(50)]))
+            except BaseException as exc:
+                failures.append(exc)
+
+        reader = threading.Thread(target=run)
+        reader.start()
+        try:
+            wait_for(lambda: queued(hub_name) >= 5, 15, "a full queue at the hub")
+            # A hub past its bound reads on at once: 1 s to show it, which
+            # decides nothing when the bound holds.
+            happens(lambda: queued(hub_name) > 5, 1.0)
+            assert queued(hub_name) == 5
+            assert hub.full  # type: ignore[attr-defined]
+            serve(Echo(unique("w"), hub_name, registry=pylm_registry, log_stdout=False))
+        finally:
+            reader.join(40)
+    assert failures == []
+    assert sorted(results) == sorted(b"%d" % n for n in range(50))
+
+
 # ---------------------------------------------------------------- a full next stage
 
 
@@ -180,7 +311,7 @@ def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
     deadline set in ``Server._drain_before_leaving``)."""
     name = unique("step")
     caplog.set_level(logging.WARNING, logger=name)
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     stuck = context.socket(zmq.PULL)  # the next stage: bound, never read
     stuck.setsockopt(zmq.LINGER, 0)
     stuck.setsockopt(zmq.RCVHWM, 1)
@@ -315,6 +446,7 @@ def test_a_side_branch_that_does_not_read_holds_the_main_line_and_loses_no_copy(
     try:
         for server in servers:
             server.start(background=True)
+        assert receipt.push and orders.address and orders.db
         with LoopClient(
             receipt.push, orders.address, orders.db, "orders", announce=False
         ) as client:
@@ -340,6 +472,79 @@ def test_a_side_branch_that_does_not_read_holds_the_main_line_and_loses_no_copy(
             server.stop()
 
 
+class Tally(Sink):
+    """A side branch's sink that keeps every copy."""
+
+    def __init__(self, *args: object, **options: object) -> None:
+        super().__init__(*args, **options)  # type: ignore[arg-type]
+        self.kept: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def keep(self, message: bytes) -> bytes:
+        with self.lock:
+            self.kept.append(message)
+        return message
+
+
+@pytest.mark.timeout(60)
+def test_a_tee_stage_not_registered_yet_holds_the_main_line_and_gets_every_copy(
+    pylm_registry: Registry,
+) -> None:
+    """A stage tees by name to a side stage that has no instance yet: the
+    client gets at most the first of its 10 results (the stage waits before
+    its next job), and once the side stage registers, all 10 results and all
+    10 copies arrive. Fails when a tee drops a copy it cannot send (the
+    ``_send`` of copies in ``Server._succeed``).
+
+    While the side stage is absent, the test waits up to 2 s for the client
+    to get every result, which happens only if copies are dropped."""
+    orders, receipt, archive = unique("orders"), unique("receipt"), unique("archive")
+    total = 10
+    main = [
+        Receipt(receipt, registry=pylm_registry, log_stdout=False),
+        Copy(
+            orders,
+            next_call=f"{receipt}.issue",
+            tee=f"{archive}.keep",
+            registry=pylm_registry,
+            log_stdout=False,
+        ),
+    ]
+    side = Tally(archive, registry=pylm_registry, log_stdout=False)
+    results: list[bytes] = []
+    every = threading.Event()
+    failures: list[BaseException] = []
+
+    def run(client: LoopClient) -> None:
+        try:
+            results.extend(client.job("copy", [b"%d" % n for n in range(total)], timeout=30))
+            every.set()
+        except BaseException as exc:
+            failures.append(exc)
+
+    try:
+        for server in main:
+            server.start(background=True)
+        with LoopClient(orders, registry=pylm_registry, announce=False) as client:
+            reader = threading.Thread(target=run, args=(client,))
+            reader.start()
+            try:
+                every.wait(2)  # set only if the main line ran free
+                held = len(results)
+                side.start(background=True)
+            finally:
+                reader.join(40)
+        assert failures == []
+        assert held <= 1, f"the client got {held} of {total} results with no tee stage"
+        assert sorted(results) == [b"ok %d" % len(b"%d" % n) for n in range(total)]
+        wait_for(lambda: len(side.kept) >= total, 20, "every copy in the side branch")
+        assert sorted(side.kept) == sorted(b"%d" % n for n in range(total))
+    finally:
+        side.stop()
+        for server in reversed(main):
+            server.stop()
+
+
 # ---------------------------------------------------------------- instances of a master
 
 
@@ -352,11 +557,6 @@ class Marked(Master):
 
     def gather(self, message: bytes) -> Iterator[bytes]:
         yield self.marker + b"|" + message
-
-
-class Echo(Worker):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 @pytest.mark.timeout(60)
