@@ -29,9 +29,9 @@ def test_name_only_pipeline_in_any_start_order(
         "last": lambda: Last("last", registry=pylm_registry, log_stdout=False),
     }  # ... or given by the stage itself (step2)
     stages = [makers[name]() for name in order]
-    for stage in stages:
-        stage.start(background=True)
     try:
+        for stage in stages:
+            stage.start(background=True)
         with LoopClient("step1", registry=pylm_registry, announce=False) as client:
             assert list(client.job("foo", [b"a message"])) == [
                 b"ACK: got it too, after you sent me a message"
@@ -56,8 +56,6 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(pylm_registry: Registr
     first_step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
     step1 = Step1("step1", next_call="step2.bar", registry=pylm_registry, log_stdout=False)
     second_step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
-    for stage in (last, first_step2, step1):
-        stage.start(background=True)
     produced = threading.Event()
     total = 3000
 
@@ -68,18 +66,26 @@ def test_live_rewiring_join_and_leave_without_losing_jobs(pylm_registry: Registr
             yield b"%d" % i
 
     results: list[bytes] = []
-    client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
-    thread = threading.Thread(target=lambda: results.extend(client.job("foo", payloads())))
+    client: LoopClient | None = None
+    thread: threading.Thread | None = None
     try:
+        for stage in (last, first_step2, step1):
+            stage.start(background=True)
+        client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
+        jobs = client.job("foo", payloads())
+        thread = threading.Thread(target=lambda: results.extend(jobs))
         thread.start()
         assert produced.wait(20)
         second_step2.start(background=True)  # joins mid-stream ...
-        wait_for(lambda: second_step2.address in step1.next_instances, 5, "step1 connecting to it")
+        wait_for(lambda: second_step2.address in step1.next_instances, 20, "step1 connecting to it")
         first_step2.stop()  # ... and the first one leaves
         thread.join(60)
     finally:
-        client.close()
-        for stage in (step1, second_step2, last):
+        if client is not None:
+            client.close()
+        if thread is not None:
+            thread.join(60)
+        for stage in (step1, first_step2, second_step2, last):
             stage.stop()
     assert sorted(results) == sorted(
         b"ACK: got it too, after you sent me %d" % i for i in range(total)
@@ -93,13 +99,14 @@ def test_loop_client_follows_last_stage_instances(pylm_registry: Registry) -> No
     new_last = Last("last", registry=pylm_registry, log_stdout=False)
     step1 = Step1("step1", next_call="step2.bar", registry=pylm_registry, log_stdout=False)
     step2 = Step2("step2", next_call="last.baz", registry=pylm_registry, log_stdout=False)
-    for stage in (old_last, step2, step1):
-        stage.start(background=True)
-    client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
+    client: LoopClient | None = None
     try:
+        for stage in (old_last, step2, step1):
+            stage.start(background=True)
+        client = LoopClient("step1", registry=pylm_registry, announce=False, max_in_flight=50)
         assert list(client.job("foo", [b"0"])) == [b"ACK: got it too, after you sent me 0"]
         new_last.start(background=True)
-        wait_for(lambda: new_last.address in step2.next_instances, 5, "step2 connecting to it")
+        wait_for(lambda: new_last.address in step2.next_instances, 20, "step2 connecting to it")
         old_last.stop()
         total = 500
         results = list(client.job("foo", (b"%d" % i for i in range(total)), timeout=20))
@@ -108,6 +115,7 @@ def test_loop_client_follows_last_stage_instances(pylm_registry: Registry) -> No
         )
         assert client.push_addresses == [new_last.push]
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         for stage in (step1, step2, new_last, old_last):
             stage.stop()

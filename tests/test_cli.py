@@ -27,6 +27,17 @@ class Greeter(Server):
 """
 
 
+def ended(process: subprocess.Popen[str], timeout: float = 30) -> int:
+    """``process``'s exit code once it ends; if it does not end within
+    ``timeout`` seconds it is killed (nothing left behind) and the wait fails."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+        raise
+
+
 def pylm(
     etcd: LocalEtcd, cluster: str, *args: str, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
@@ -79,7 +90,7 @@ def test_run_ls_call(pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path) ->
         assert "s left" in text
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+        assert ended(server) == 0, server.stderr.read() if server.stderr else ""
     empty = pylm(pylm_etcd, pylm_cluster, "ls")
     assert "(no servers registered)" in empty.stdout
 
@@ -175,7 +186,7 @@ def test_run_imports_files_and_modules_as_python_does(
                 assert called.stdout.strip() == "hello you", called.stderr
         finally:
             server.send_signal(signal.SIGINT)
-            assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+            assert ended(server) == 0, server.stderr.read() if server.stderr else ""
 
 
 FILES = {
@@ -432,7 +443,7 @@ def test_topology_watch_prints_changes(pylm_etcd: LocalEtcd, pylm_cluster: str) 
         wait_line("(no servers registered)")  # gone again once it closed
     finally:
         watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(15) == 0
+        assert ended(watcher) == 0
         reader.join(5)
 
 
@@ -461,9 +472,9 @@ def test_call_a_master_and_show_branches_and_tees(
         Last("last", registry=pylm_registry, log_stdout=False),
         Step("step", next_call="last.g", tee="last.g", registry=pylm_registry, log_stdout=False),
     ]
-    for server in servers:
-        server.start(background=True)
     try:
+        for server in servers:
+            server.start(background=True)
         called = pylm(pylm_etcd, pylm_cluster, "call", "m", "count", "3")
         assert called.returncode == 0, called.stderr
         assert called.stdout.splitlines() == ["0", "1", "2"]
@@ -609,4 +620,4 @@ def test_the_monitoring_example_runs_as_its_docs_say(
             load.kill()
             load.wait(10)
         server.send_signal(signal.SIGINT)
-        assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+        assert ended(server) == 0, server.stderr.read() if server.stderr else ""

@@ -279,7 +279,12 @@ def test_pylm_run_prints_the_start_and_stop_lines(
         (record,) = pylm_registry.instances("ran")
     finally:
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
+        try:
+            out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()  # nothing left behind
+                process.wait(10)
     assert process.returncode == 0, err
     started = [line for line in out.splitlines() if " - ran - INFO - " in line]
     assert len(started) == 2, out
@@ -380,7 +385,7 @@ def test_pylm_call_of_a_missing_name_fails_fast_with_the_hint(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=30,
     )  # fmt: skip
-    assert time.monotonic() - began < 8  # the call's --timeout is 10 s
+    assert time.monotonic() - began < 10  # not the call's --timeout (10 s): its 1 s wait
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (
         f"pylm: no instance of server 'ghost' is registered in cluster {pylm_cluster!r} at"

@@ -272,9 +272,15 @@ def test_pylm_run_rolling_and_ls_shows_both_versions(
         )  # fmt: skip
         assert called.returncode == 0 and called.stdout.strip() == "bye now", called.stderr
     finally:
+        codes = []
         for process in (new, old):
             if process is not None:
                 process.send_signal(signal.SIGINT)
-                assert process.wait(15) == 0
+                try:
+                    codes.append(process.wait(30))
+                except subprocess.TimeoutExpired:
+                    process.kill()  # nothing left behind
+                    codes.append(process.wait(10))
                 if process.stderr is not None:
                     process.stderr.close()
+        assert set(codes) == {0}, codes

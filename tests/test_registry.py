@@ -183,8 +183,10 @@ def test_killed_server_disappears_when_its_lease_expires(
         assert [r.name for r in pylm_registry.instances()] == ["doomed"]
         os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
     finally:
+        if child.is_alive():
+            child.kill()  # the test failed before its kill: nothing left behind
         child.join(10)
-    wait_for(lambda: pylm_registry.instances() == [], 5, "the killed server's record expiring")
+    wait_for(lambda: pylm_registry.instances() == [], 15, "the killed server's record expiring")
 
 
 def test_unreachable_registry_is_a_clear_error() -> None:
@@ -229,4 +231,11 @@ def test_records_of_one_registry_and_ttl_share_one_lease(pylm_registry: Registry
     assert second.registered and second.failures == 0 and other.registered
     second.close()
     other.close()
-    assert pylm_registry.instances() == [] and pylm_registry._leases == {}
+    assert pylm_registry.instances() == []
+    # etcd's own view: both leases were revoked with their last records (a
+    # lease left to expire would still have its TTL, up to 3 s).
+    for lease in {found["s0"], found["s2"]}:
+        info = pylm_registry._call(
+            pylm_registry._etcd(lambda client, lease=lease: client.get_lease_info(lease))
+        )
+        assert info.TTL == -1, f"lease {lease} still lives ({info.TTL} s)"
