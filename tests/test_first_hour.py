@@ -313,7 +313,7 @@ def test_a_name_without_instance_fails_fast_with_a_hint(
     with pytest.raises(NoInstance) as raised:
         MAKERS[kind]("ghost", registry=pylm_registry)  # timeout: 10 s by default
     took = time.monotonic() - began
-    assert 1.0 <= took < 5, took  # waited 1 s for an instance, not a call's timeout
+    assert 1.0 <= took < 10, took  # waited 1 s for an instance, not a call's timeout (10 s)
     error = raised.value
     assert isinstance(error, RegistryError) and isinstance(error, LookupError)
     assert (error.server, error.cluster, error.registry) == ("ghost", pylm_cluster, pylm_etcd.url)

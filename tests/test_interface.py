@@ -98,8 +98,9 @@ def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(pylm_registry
         with new:
             # The client follows the registry: once it knows of the new
             # instance, a function only the new version has goes there only.
-            wait_for(lambda: client._peers is not None and client._peers.changed, 10,
-                     "the client hearing of the new instance")  # fmt: skip
+            # (it rewires at a call: echo, which both versions have)
+            wait_for(lambda: client.job("echo", b"w") != b"" and len(client.endpoints) == 2,
+                     10, "the client hearing of the new instance")  # fmt: skip
             assert [client.job("extra", b"%d" % i) for i in range(40)] == [
                 b"extra %d" % i for i in range(40)
             ]
@@ -117,8 +118,8 @@ def test_a_rolling_version_gets_only_the_calls_it_alone_can_answer(pylm_registry
             ):
                 assert len(pylm_registry.instances("roll")) == 4
         # The new version gone: one interface again, every call to every instance.
-        wait_for(lambda: client._peers is not None and client._peers.changed, 10,
-                 "the client hearing the new instance left")  # fmt: skip
+        wait_for(lambda: client.job("echo", b"w") != b"" and len(client.endpoints) == 1,
+                 10, "the client hearing the new instance left")  # fmt: skip
         assert {client.job("echo", b"z") for _ in range(10)} == {b"old z"}
 
 
