@@ -1,0 +1,162 @@
+"""Promises of docs/guarantees.md that no other test proved, observed from
+outside: what a user sees in an error message and on the command line, what
+a server answers, what its /metrics serves.
+
+Each test was checked to fail with the mechanism it guards removed (the
+mutants of scripts/mutants/docs.toml).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pylm.errors import RegistryUnavailable
+from pylm.registry import LocalEtcd, Registry
+from pylm.registry.local import free_port
+from pylm.standalone import Client, Server
+from pylm.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+PASSWORD = "s3cret-pw"
+
+
+class Echo(Server):
+    def echo(self, message: bytes) -> bytes:
+        return message
+
+
+def test_a_registry_password_never_shows_in_an_error() -> None:
+    """docs/registry.md: passwords never appear in error messages or on the
+    command line; they are shown as ***. An etcd that cannot be reached, as
+    a Registry, a name-only server, a by-name client and `pylm ls` say it."""
+    url = f"etcd://root:{PASSWORD}@127.0.0.1:{free_port()}"
+    shown = "etcd://root:***@127.0.0.1:"
+    messages = []
+    with pytest.raises(RegistryUnavailable) as registry_error:
+        with Registry(url, cluster="masked", timeout=0.5) as registry:
+            registry.instances()
+    messages.append(str(registry_error.value))
+    server = Echo("echo", registry=url, log_stdout=False)
+    with pytest.raises(RegistryUnavailable) as server_error:
+        server.start(background=True)
+    server.stop()
+    messages.append(str(server_error.value))
+    with pytest.raises(RegistryUnavailable) as client_error:
+        Client("echo", registry=url, timeout=0.5)
+    messages.append(str(client_error.value))
+    listing = subprocess.run(
+        [sys.executable, "-m", "pylm", "--registry", url, "--registry-timeout", "0.5", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listing.returncode != 0
+    messages.append(listing.stdout + listing.stderr)
+    for message in messages:
+        assert shown in message, message
+        assert PASSWORD not in message, message
+
+
+CHATTY = """
+import sys
+from pylm.standalone import Server
+
+class Chatty(Server):
+    def chat(self, message):
+        for number in range(int(message)):
+            self.logger.warning("line %d", number)
+        return b"said " + message
+
+server = Chatty("chatty", "tcp://127.0.0.1:0", sys.argv[1], log_stdout=False)
+server.start(background=True)
+print(server.address, flush=True)
+sys.stdin.read()  # until the test closes it
+server.stop(timeout=5)
+"""
+
+
+def test_a_log_collector_that_is_not_there_never_holds_a_server_up(free_tcp_address: str) -> None:
+    """docs/operations.md: a server's log_address PUSH socket queues 10,000
+    lines; more are dropped rather than block the server. With no collector
+    at its log_address, a server that logs 20,000 lines answers every call
+    and stops when asked. (The server runs in a process of its own, so that
+    one that blocks is killed, not left behind.)"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHATTY, free_tcp_address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        address = child.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        with Client(address, "chatty", timeout=10) as client:
+            for _ in range(4):
+                assert client.job("chat", b"5000") == b"said 5000"
+            assert client.job("chat", b"0") == b"said 0"
+        child.stdin.close()
+        assert child.wait(10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def registry_samples(url: str, server: str) -> dict[str, float]:
+    """The pylm_registry_* samples of one server, as its /metrics serves them."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("pylm_registry_") and sample.labels.get("server") == server
+    }
+
+
+def test_an_etcd_outage_shows_in_the_registry_metrics() -> None:
+    """docs/operations.md, etcd down: pylm_registry_reachable drops to 0 and
+    pylm_registry_keepalive_failures_total grows; the server counts itself
+    unregistered (pylm_registry_registered 0). When etcd is back, both are 1
+    again, and the server is listed again."""
+    name = f"steady-{uuid.uuid4().hex[:8]}"
+    with LocalEtcd() as etcd, Registry(etcd.url, cluster="metered", timeout=2) as registry:
+        server = Echo(name, registry=registry, ttl=1, log_stdout=False, metrics=True)
+        with server:
+            url = server.metrics_url
+            assert url is not None
+            before = registry_samples(url, name)
+            assert before["pylm_registry_reachable"] == 1
+            assert before["pylm_registry_registered"] == 1
+            assert before["pylm_registry_keepalive_failures_total"] == 0
+            etcd.stop()
+
+            def lost() -> bool:
+                now = registry_samples(url, name)
+                return (
+                    now["pylm_registry_reachable"] == 0
+                    and now["pylm_registry_registered"] == 0
+                    and now["pylm_registry_keepalive_failures_total"] > 0
+                )
+
+            wait_for(lost, 15, "the metrics to show etcd lost")
+            etcd.start()
+
+            def back() -> bool:
+                now = registry_samples(url, name)
+                return now["pylm_registry_reachable"] == 1 and now["pylm_registry_registered"] == 1
+
+            wait_for(back, 15, "the metrics to show etcd back")
+            assert [record.name for record in registry.instances(name)] == [name]
