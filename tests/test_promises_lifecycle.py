@@ -9,6 +9,8 @@ servers write, how long ``stop()`` takes (issue 20).
 - ... and when they do not come within its wait (10 s), it logs how many
   jobs it leaves unanswered, and returns;
 - a hub with a full queue reads no more of its input, and drops nothing;
+- a hub drops an input stream that has had no news for a while, with a
+  warning;
 - a stage in the registry that is stopped while its next stage stays full
   drops a message with a warning and returns within its 5 s of draining;
 - a tee's side branch that does not read holds the main line up, and no copy
@@ -36,6 +38,7 @@ import pytest
 import zmq
 from prometheus_client import REGISTRY
 
+import pylm.parallel.dispatch
 import pylm.parallel.hub
 from pylm import protocol
 from pylm.chained import LastServer, LoopClient, Sink
@@ -289,6 +292,52 @@ def test_a_hub_with_a_full_queue_reads_no_more_and_drops_nothing(
             reader.join(40)
     assert failures == []
     assert sorted(results) == sorted(b"%d" % n for n in range(50))
+
+
+@pytest.mark.timeout(60)
+def test_a_hubs_input_stream_with_no_news_is_dropped_with_a_warning(
+    raw_socket: Callable[[int], zmq.Socket],
+    serve: Callable[..., object],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An earlier stage sends a hub one item of a stream (flagged MORE) and
+    then nothing, neither items nor its END: the hub passes the item's
+    result on (flagged MORE), and once the stream has had no news for
+    STREAM_IDLE (10 minutes; 0.5 s here) drops it with a warning. Fails
+    without the expiry of idle input streams (``Dispatcher._expire_streams``)."""
+    monkeypatch.setattr(pylm.parallel.dispatch, "STREAM_IDLE", 0.5)
+    name = unique("hub")
+    caplog.set_level(logging.WARNING, logger=name)
+    after = raw_socket(zmq.PULL)  # the next stage
+    port = after.bind_to_random_port("tcp://127.0.0.1")
+    hub = Hub(
+        name,
+        ANY,
+        f"tcp://127.0.0.1:{port}",
+        "next.stage",
+        ANY,
+        workers_address=ANY,
+        heartbeat=BEAT,
+        log_stdout=False,
+    )
+    serve(hub)
+    assert hub.address and hub.back
+    serve(Echo(unique("w"), name, hub.back, heartbeat=BEAT, log_stdout=False))
+    before = raw_socket(zmq.PUSH)  # the earlier stage
+    before.connect(hub.address)
+    item = protocol.encode(
+        protocol.REQUEST, 7, b"item", f"{name}.echo".encode(), b"route", 0.0, protocol.MORE
+    )
+    before.send_multipart(item)
+    passed = protocol.decode(after.recv_multipart())
+    assert (passed.kind, passed.payload, passed.route) == (protocol.REQUEST, b"item", b"route")
+    assert passed.flags & protocol.MORE
+    wait_for(
+        lambda: warned(caplog, "a stream idle for 0.5 s dropped (1 of"),
+        15,
+        "the idle stream's warning",
+    )
 
 
 # ---------------------------------------------------------------- a full next stage
