@@ -385,6 +385,7 @@ class BaseServer:
         sees the earlier and is refused (both are, if each sees the other)."""
         from pylm import __version__
         from pylm.registry import DEFAULT_TTL, InstanceRecord
+        from pylm.registry.records import MalformedRecord
 
         self._listening = dict(endpoints)
         if self.registry_option is None and not required:
@@ -420,6 +421,9 @@ class BaseServer:
                 self.stats.registry = registry
         except InterfaceMismatch:
             raise
+        except MalformedRecord as exc:  # a record every reader would skip
+            message = f"server {self.name!r} cannot register: its record's {exc}"
+            raise RegistryError(message) from exc
         except RegistryError as exc:
             raise type(exc)(  # the same kind of error: unavailable, access denied...
                 f"server {self.name!r} cannot register: {exc}"

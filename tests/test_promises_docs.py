@@ -11,13 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pylm.errors import RegistryUnavailable
+from pylm.errors import CurveRefused, RegistryError, RegistryUnavailable
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
+from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client, Server
 from pylm.testing import wait_for
 
@@ -160,3 +162,46 @@ def test_an_etcd_outage_shows_in_the_registry_metrics() -> None:
 
             wait_for(back, 15, "the metrics to show etcd back")
             assert [record.name for record in registry.instances(name)] == [name]
+
+
+def test_a_missing_allow_folder_lets_in_only_the_servers_own_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/security.md: an allow folder that does not exist is not an
+    error; it reads as an empty list, and the server then refuses every
+    client except its own key (a server always lets in its own public key,
+    so servers that share one pair let each other in)."""
+    generate_keys("server", tmp_path)
+    generate_keys("stranger", tmp_path)
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(tmp_path / "server.key_secret"))
+    monkeypatch.setenv("PYLM_CURVE_ALLOW", str(tmp_path / "no-such-folder"))
+    server = Echo("guarded", "tcp://127.0.0.1:0", log_stdout=False)
+    server.start(background=True)
+    try:
+        assert server.address is not None
+        public = Keys.load(tmp_path / "server.key").public
+        stranger = Curve(Keys.load(tmp_path / "stranger.key_secret"), server_key=public)
+        with Client(server.address, "guarded", curve=stranger, timeout=0.5) as client:
+            with pytest.raises(CurveRefused, match="refused this client's key"):
+                client.job("echo", b"let me in")
+        same_pair = Curve(Keys.load(tmp_path / "server.key_secret"), server_key=public)
+        with Client(server.address, "guarded", curve=same_pair, timeout=5) as client:
+            assert client.job("echo", b"one of us") == b"one of us"
+    finally:
+        server.stop(timeout=5)
+
+
+def test_a_record_others_would_skip_is_refused_at_start_naming_the_field(
+    pylm_registry: Registry,
+) -> None:
+    """docs/operations.md: a server refuses to register a record others
+    would skip; start() raises, naming the field (here 1,025 functions, over
+    the schema's 1,024), and nothing is registered."""
+    functions = {f"f{number}": (lambda self, message: message) for number in range(1025)}
+    wide = type("Wide", (Server,), functions)("wide", registry=pylm_registry, log_stdout=False)
+    try:
+        with pytest.raises(RegistryError, match=r"'wide' cannot register: .*field 'functions'"):
+            wide.start(background=True)
+    finally:
+        wide.stop(timeout=5)
+    assert pylm_registry.instances("wide") == []
