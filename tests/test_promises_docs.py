@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from pylm import protocol
 from pylm.errors import CurveRefused, RegistryError, RegistryUnavailable
+from pylm.parallel import Hub
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
 from pylm.security import Curve, Keys, generate_keys
@@ -114,12 +119,15 @@ def test_a_log_collector_that_is_not_there_never_holds_a_server_up(free_tcp_addr
                 stream.close()
 
 
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text: str = answer.read().decode()
+    return text
+
+
 def registry_samples(url: str, server: str) -> dict[str, float]:
     """The pylm_registry_* samples of one server, as its /metrics serves them."""
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        text = answer.read().decode()
+    text = get_text(url)
     return {
         sample.name: sample.value
         for family in text_string_to_metric_families(text)
@@ -205,3 +213,51 @@ def test_a_record_others_would_skip_is_refused_at_start_naming_the_field(
     finally:
         wide.stop(timeout=5)
     assert pylm_registry.instances("wide") == []
+
+
+def test_a_hub_keeps_10000_input_streams_open_and_refuses_the_next(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """docs/operations.md: a master or hub keeps 10,000 input streams open at
+    most; a new one over it gets an ERROR (down the pipeline, to its client)
+    and is counted as malformed, reason `limit`. 10,001 streams each open
+    with an item (no worker takes them); only the last is refused."""
+    name = f"hub-{uuid.uuid4().hex[:8]}"  # its own series in this process's metrics
+    next_stage = raw_socket(zmq.PULL)
+    port = next_stage.bind_to_random_port("tcp://127.0.0.1")
+    hub = Hub(
+        name,
+        "tcp://127.0.0.1:0",
+        f"tcp://127.0.0.1:{port}",
+        "last.done",
+        "tcp://127.0.0.1:0",
+        workers_address="tcp://127.0.0.1:0",
+        max_queued=20_000,
+        log_stdout=False,
+        metrics=True,
+    )
+    hub.start(background=True)
+    try:
+        assert hub.address is not None and hub.metrics_url is not None
+        earlier = raw_socket(zmq.PUSH)
+        earlier.connect(hub.address)
+        for msg_id in range(10_001):
+            item = protocol.encode(
+                protocol.REQUEST, msg_id, b"x", f"{name}.f".encode(), b"client", flags=protocol.MORE
+            )
+            earlier.send_multipart(item)
+        assert next_stage.poll(10_000), "no ERROR for the stream over the limit"
+        refused = protocol.decode(next_stage.recv_multipart())
+        assert (refused.kind, refused.msg_id, refused.route) == (protocol.ERROR, 10_000, b"client")
+        assert b"10000 input streams open" in refused.payload
+        assert next_stage.poll(200) == 0  # the other 10,000 were taken
+        malformed = [
+            sample.value
+            for family in text_string_to_metric_families(get_text(hub.metrics_url))
+            for sample in family.samples
+            if sample.name == "pylm_messages_malformed_total"
+            and sample.labels == {"server": name, "reason": "limit"}
+        ]
+        assert malformed == [1]
+    finally:
+        hub.stop(timeout=5)
