@@ -20,7 +20,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm import protocol
-from pylm.errors import CurveRefused, RegistryError, RegistryUnavailable
+from pylm.chained import Server as Stage
+from pylm.errors import CurveRefused, PylmError, RegistryError, RegistryUnavailable
 from pylm.parallel import Hub
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
@@ -261,3 +262,80 @@ def test_a_hub_keeps_10000_input_streams_open_and_refuses_the_next(
         assert malformed == [1]
     finally:
         hub.stop(timeout=5)
+
+
+class Wrap(Stage):
+    """A stage that wraps each payload, and refuses b"bad"."""
+
+    def f(self, message: bytes) -> bytes:
+        if message == b"bad":
+            raise ValueError("bad payload")
+        return b"f(" + message + b")"
+
+
+def test_a_tee_copy_is_the_result_with_no_route_and_no_more_flag(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """docs/tee.md: for every result a stage sends on, each tee call gets a
+    REQUEST whose payload is the stage's result, with the job's message id,
+    no route (nobody waits for it) and no MORE flag (a stream's item is
+    copied as a job of its own). ENDs and errors are not copied, nor is
+    anything when the stage's function failed. The main line's message
+    keeps its route and flag."""
+    main, side = raw_socket(zmq.PULL), raw_socket(zmq.PULL)
+    main_port = main.bind_to_random_port("tcp://127.0.0.1")
+    side_port = side.bind_to_random_port("tcp://127.0.0.1")
+    stage = Wrap(
+        "wrap",
+        "tcp://127.0.0.1:0",
+        f"tcp://127.0.0.1:{main_port}",
+        "last.done",
+        "tcp://127.0.0.1:0",
+        tee={"audit.keep": f"tcp://127.0.0.1:{side_port}"},
+        log_stdout=False,
+    )
+    stage.start(background=True)
+    try:
+        assert stage.address is not None
+        earlier = raw_socket(zmq.PUSH)
+        earlier.connect(stage.address)
+        route = b"client"
+        sent = [
+            protocol.encode(protocol.REQUEST, 1, b"item", b"wrap.f", route, flags=protocol.MORE),
+            protocol.encode(protocol.REQUEST, 2, b"job", b"wrap.f", route),
+            protocol.encode(protocol.REQUEST, 3, b"bad", b"wrap.f", route),
+            protocol.encode(protocol.END, 1, (1).to_bytes(8, "big"), route=route),
+            protocol.encode_error(4, PylmError("upstream"), route),
+            protocol.encode(protocol.REQUEST, 99, b"last", b"wrap.f", route),
+        ]
+        for frames in sent:
+            earlier.send_multipart(frames)
+        copies: list[protocol.Message] = []
+        while not copies or copies[-1].msg_id != 99:  # one socket: in the order sent
+            assert side.poll(10_000), f"copies so far: {copies}"
+            copies.append(protocol.decode(side.recv_multipart()))
+        assert [
+            (c.kind, c.msg_id, c.target, c.route, c.flags & protocol.MORE, c.payload)
+            for c in copies
+        ] == [
+            (protocol.REQUEST, 1, b"audit.keep", b"", 0, b"f(item)"),
+            (protocol.REQUEST, 2, b"audit.keep", b"", 0, b"f(job)"),
+            (protocol.REQUEST, 99, b"audit.keep", b"", 0, b"f(last)"),
+        ]
+        assert side.poll(200) == 0
+        passed: list[protocol.Message] = []
+        while not passed or passed[-1].msg_id != 99:
+            assert main.poll(10_000), f"passed on so far: {passed}"
+            passed.append(protocol.decode(main.recv_multipart()))
+        item = passed[0]
+        assert (item.msg_id, item.route, item.flags & protocol.MORE) == (1, route, protocol.MORE)
+        assert sorted((m.msg_id, m.kind) for m in passed) == [
+            (1, protocol.REQUEST),
+            (1, protocol.END),
+            (2, protocol.REQUEST),
+            (3, protocol.ERROR),
+            (4, protocol.ERROR),
+            (99, protocol.REQUEST),
+        ]
+    finally:
+        stage.stop(timeout=5)
