@@ -20,9 +20,10 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm import protocol
+from pylm.cache import CacheClient
 from pylm.chained import Server as Stage
 from pylm.errors import CurveRefused, PylmError, RegistryError, RegistryUnavailable
-from pylm.parallel import Hub
+from pylm.parallel import Hub, Worker
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
 from pylm.security import Curve, Keys, generate_keys
@@ -339,3 +340,75 @@ def test_a_tee_copy_is_the_result_with_no_route_and_no_more_flag(
         ]
     finally:
         stage.stop(timeout=5)
+
+
+class Echoer(Worker):
+    def work(self, message: bytes) -> bytes:
+        return b"done " + message
+
+
+def test_a_hub_with_a_full_queue_reads_no_more_input_and_loses_nothing(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """docs/hub.md, backpressure: a hub queues at most max_queued jobs
+    waiting for a worker, then stops reading its input (pylm_jobs_queued
+    stays at max_queued), while still serving its cache; once a worker
+    joins, every job is run and sent on, each once. Nothing is dropped."""
+    name = f"hub-{uuid.uuid4().hex[:8]}"  # its own series in this process's metrics
+    next_stage = raw_socket(zmq.PULL)
+    port = next_stage.bind_to_random_port("tcp://127.0.0.1")
+    hub = Hub(
+        name,
+        "tcp://127.0.0.1:0",
+        f"tcp://127.0.0.1:{port}",
+        "last.done",
+        "tcp://127.0.0.1:0",
+        workers_address="tcp://127.0.0.1:0",
+        max_queued=5,
+        log_stdout=False,
+        metrics=True,
+    )
+    hub.start(background=True)
+    worker = None
+    try:
+        assert hub.address is not None and hub.db is not None and hub.back is not None
+        url = hub.metrics_url
+        assert url is not None
+
+        def queued() -> float:
+            (value,) = [
+                sample.value
+                for family in text_string_to_metric_families(get_text(url))
+                for sample in family.samples
+                if sample.name == "pylm_jobs_queued" and sample.labels == {"server": name}
+            ]
+            return value
+
+        earlier = raw_socket(zmq.PUSH)
+        earlier.connect(hub.address)
+        for msg_id in range(50):
+            job = b"%d" % msg_id
+            earlier.send_multipart(
+                protocol.encode(protocol.REQUEST, msg_id, job, f"{name}.work".encode(), b"c")
+            )
+        wait_for(lambda: queued() >= 5, 10, "the hub's queue to fill")
+        # The cache is served by the same loop that reads the input: once it
+        # answers, the hub has had its chance to read more, and took none.
+        with CacheClient(hub.db, name, timeout=5) as cache:
+            assert cache.set(b"still served", "k") == "k"
+            assert cache.get("k") == b"still served"
+        assert queued() == 5
+        worker = Echoer("w", name, hub.back, log_stdout=False)
+        worker.start(background=True)
+        results: list[protocol.Message] = []
+        while len(results) < 50:
+            assert next_stage.poll(10_000), f"{len(results)} results only"
+            results.append(protocol.decode(next_stage.recv_multipart()))
+        assert sorted((m.msg_id, m.payload, m.route, m.target) for m in results) == [
+            (msg_id, b"done %d" % msg_id, b"c", b"last.done") for msg_id in range(50)
+        ]
+        assert next_stage.poll(200) == 0
+    finally:
+        if worker is not None:
+            worker.stop(timeout=5)
+        hub.stop(timeout=5)
