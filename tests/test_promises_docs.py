@@ -412,3 +412,28 @@ def test_a_hub_with_a_full_queue_reads_no_more_input_and_loses_nothing(
         if worker is not None:
             worker.stop(timeout=5)
         hub.stop(timeout=5)
+
+
+def test_a_stage_whose_wiring_is_malformed_does_not_start(pylm_registry: Registry) -> None:
+    """docs/operations.md: a stage whose own wiring (config/<name>) is
+    malformed does not start: start() raises a RegistryError naming the
+    field, and the stage registers nothing. (The wiring is written here as
+    anyone with write access to etcd could, past pylm's own checks.)"""
+    name = f"wired-{uuid.uuid4().hex[:8]}"
+    key = f"{pylm_registry.config.prefix}config/{name}".encode()
+    pylm_registry._call(pylm_registry._etcd(lambda etcd: etcd.put(key, b'{"next": 5}')))
+    stage = Wrap(name, registry=pylm_registry, log_stdout=False)
+    try:
+        with pytest.raises(RegistryError, match=rf"config/{name}: field 'next' must be a string"):
+            stage.start(background=True)
+    finally:
+        stage.stop(timeout=5)
+    assert pylm_registry.instances(name) == []
+
+
+def test_a_worker_is_given_its_masters_name_not_an_address() -> None:
+    """docs/parallel.md: a worker's master is the master's name; an address
+    is refused with ValueError, before anything starts."""
+    for master in ("tcp://127.0.0.1:5556", "ipc:///tmp/master", ""):
+        with pytest.raises(ValueError, match="master must be the master's name"):
+            Echoer("w", master, log_stdout=False)
