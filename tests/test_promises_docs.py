@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -22,8 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from pylm import protocol
 from pylm.cache import CacheClient
 from pylm.chained import Server as Stage
-from pylm.errors import CurveRefused, PylmError, RegistryError, RegistryUnavailable
-from pylm.parallel import Hub, Worker
+from pylm.errors import (
+    CurveRefused,
+    PylmError,
+    RegistryError,
+    RegistryUnavailable,
+    RequestTimeout,
+)
+from pylm.parallel import Client as JobClient
+from pylm.parallel import Hub, JobResult, Master, Worker
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
 from pylm.security import Curve, Keys, generate_keys
@@ -437,3 +445,73 @@ def test_a_worker_is_given_its_masters_name_not_an_address() -> None:
     for master in ("tcp://127.0.0.1:5556", "ipc:///tmp/master", ""):
         with pytest.raises(ValueError, match="master must be the master's name"):
             Echoer("w", master, log_stdout=False)
+
+
+class Holder(Worker):
+    """A worker whose `hold` runs until the test releases it."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def hold(self, message: bytes) -> bytes:
+        Holder.started.set()
+        Holder.release.wait(30)
+        return b"held " + message
+
+    def fast(self, message: bytes) -> bytes:
+        return b"fast " + message
+
+
+def test_a_master_restarted_on_its_address_takes_no_answer_to_its_predecessors_jobs() -> None:
+    """docs/parallel.md, wire protocol: job numbers count from a random
+    number, so that a master restarted on the same address takes no answer
+    to its predecessor's jobs. A worker still running a job of the first
+    master answers it to the second, whose own job waits in its queue: the
+    second master's client gets its own job's result, not that answer."""
+    Holder.started.clear()
+    Holder.release.clear()
+    first = Master("m", "tcp://127.0.0.1:0", "tcp://127.0.0.1:0", heartbeat=0.2, log_stdout=False)
+    first.start(background=True)
+    second = None
+    worker = None
+    old_outcomes: list[JobResult] = []
+    new_outcomes: list[JobResult] = []
+    old_call = None
+    old_client = None
+    try:
+        front, back = first.front, first.back
+        assert front is not None and back is not None
+        worker = Holder("w", "m", back, heartbeat=0.2, log_stdout=False)
+        worker.start(background=True)
+        old_client = JobClient(front, "m", timeout=3)
+
+        def old_job() -> None:
+            old_outcomes.extend(old_client.results("hold", [b"old"]))
+
+        old_call = threading.Thread(target=old_job)
+        old_call.start()
+        assert Holder.started.wait(10), "the worker never ran the first master's job"
+        first.stop(timeout=5)
+        second = Master("m", front, back, heartbeat=0.2, log_stdout=False)
+        second.start(background=True)
+        with JobClient(front, "m", timeout=10) as client:
+            results = client.results("fast", [b"new"])
+            first_result = threading.Thread(target=lambda: new_outcomes.extend(results))
+            first_result.start()
+            wait_for(lambda: second is not None and second.queued == 1, 10, "the new job queued")
+            Holder.release.set()  # the old job's answer goes to the second master
+            first_result.join(15)
+        old_call.join(10)
+        (new,) = new_outcomes
+        assert (new.value, new.error) == (b"fast new", None)
+        (old,) = old_outcomes
+        assert isinstance(old.error, RequestTimeout)  # its master is gone
+    finally:
+        Holder.release.set()
+        if old_call is not None:
+            old_call.join(10)
+        if old_client is not None:
+            old_client.close()
+        for server in (worker, second, first):
+            if server is not None:
+                server.stop(timeout=5)
