@@ -8,6 +8,7 @@ mutants of scripts/mutants/docs.toml).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from pylm.parallel import Client as JobClient
 from pylm.parallel import Hub, JobResult, Master, Worker
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
+from pylm.sd import ServiceDiscovery
 from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client, Server
 from pylm.testing import wait_for
@@ -515,3 +517,40 @@ def test_a_master_restarted_on_its_address_takes_no_answer_to_its_predecessors_j
         for server in (worker, second, first):
             if server is not None:
                 server.stop(timeout=5)
+
+
+def test_pylm_sd_shows_an_etcd_outage_and_keeps_its_targets() -> None:
+    """docs/operations.md, etcd down: `pylm sd`'s pylm_registry_up drops to
+    0 (alert PylmSdDown) and it keeps serving the targets it knows; when
+    etcd is back, pylm_registry_up is 1 again."""
+    name = f"sd-{uuid.uuid4().hex[:8]}"
+    with (
+        LocalEtcd() as etcd,
+        Registry(etcd.url, cluster="sd-outage", timeout=1) as registry,
+        Echo(name, registry=registry, log_stdout=False, metrics=True) as server,
+        ServiceDiscovery(registry, port=0) as discovery,
+    ):
+        assert server.metrics_url is not None
+        target = server.metrics_url.split("/")[2]
+        metrics = f"http://{discovery.host}:{discovery.port}/metrics"
+
+        def up() -> float:
+            (value,) = [
+                sample.value
+                for family in text_string_to_metric_families(get_text(metrics))
+                for sample in family.samples
+                if sample.name == "pylm_registry_up"
+            ]
+            return value
+
+        def targets() -> list[str]:
+            return [t for group in json.loads(get_text(discovery.url)) for t in group["targets"]]
+
+        wait_for(lambda: targets() == [target], 10, "the server as a target")
+        assert up() == 1
+        etcd.stop()
+        wait_for(lambda: up() == 0, 15, "pylm_registry_up at 0")
+        assert targets() == [target]
+        etcd.start()
+        wait_for(lambda: up() == 1, 15, "pylm_registry_up at 1 again")
+        assert targets() == [target]
