@@ -302,6 +302,7 @@ class BaseServer:
 
     def _run(self) -> None:
         endpoint = None
+        announced = False  # whether the serving line may be out: the stopped line follows it
         try:
             if self.stats is not None:
                 publish(self.stats)
@@ -312,6 +313,7 @@ class BaseServer:
                 self.stats.ready = True
             # Logged before start(background=True) returns, so that it is
             # always the first line of a server's life.
+            announced = True  # (not _ready: a Ctrl-C between the two skipped the stopped line)
             self.logger.info("%s", self._started_line())
             self._ready.set()
             self._settled.set()
@@ -335,7 +337,7 @@ class BaseServer:
                     withdraw(self.stats)
                 if endpoint is not None:
                     endpoint.release()
-                if self._ready.is_set():  # it served: say it no longer does
+                if announced:  # it said it serves: say it no longer does
                     self.logger.info(
                         "%s (%s) stopped after serving %d message(s)",
                         self.name,
