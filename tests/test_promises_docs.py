@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pylm import protocol
 from pylm.cache import CacheClient
+from pylm.chained import LoopClient
 from pylm.chained import Server as Stage
 from pylm.errors import (
     CurveRefused,
@@ -554,3 +555,59 @@ def test_pylm_sd_shows_an_etcd_outage_and_keeps_its_targets() -> None:
         etcd.start()
         wait_for(lambda: up() == 1, 15, "pylm_registry_up at 1 again")
         assert targets() == [target]
+
+
+def test_a_loop_client_ends_a_stream_once_its_end_and_all_its_items_are_in(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """docs/hub.md, what the LoopClient does: an END announcing n items ends
+    the job once n items are in, in whatever order the items and the END
+    came (stage instances may reorder them); a stream of no items ends the
+    job with no result. Here a last stage (raw sockets) sends a job's END
+    before its two items, and another job's END of no items."""
+    first, last, cache = raw_socket(zmq.PULL), raw_socket(zmq.ROUTER), raw_socket(zmq.ROUTER)
+    first_port = first.bind_to_random_port("tcp://127.0.0.1")
+    last_port = last.bind_to_random_port("tcp://127.0.0.1")
+    cache_port = cache.bind_to_random_port("tcp://127.0.0.1")
+    client = LoopClient(
+        f"tcp://127.0.0.1:{last_port}",
+        f"tcp://127.0.0.1:{first_port}",
+        f"tcp://127.0.0.1:{cache_port}",
+        "step1",
+        announce=False,
+        timeout=10,
+    )
+    outcomes: list[JobResult] = []
+    running = threading.Thread(
+        target=lambda: outcomes.extend(client.results("f", [b"two items", b"none"]))
+    )
+    try:
+        running.start()
+        assert last.poll(10_000), "no greeting"
+        peer, *greeting = last.recv_multipart()
+        hello = protocol.decode(greeting)
+        pong = b'{"name": "last", "kind": "chained-last"}'
+        last.send_multipart([peer, *protocol.encode(protocol.PONG, hello.msg_id, pong)])
+        jobs = []
+        for _ in range(2):
+            assert first.poll(10_000), "no job"
+            jobs.append(protocol.decode(first.recv_multipart()))
+        stream, empty = sorted(jobs, key=lambda job: job.payload, reverse=True)
+        assert stream.payload == b"two items" and stream.route == peer
+        answers = [
+            protocol.encode(protocol.END, stream.msg_id, (2).to_bytes(8, "big")),
+            protocol.encode(protocol.REPLY, stream.msg_id, b"item 1", flags=protocol.MORE),
+            protocol.encode(protocol.END, empty.msg_id, (0).to_bytes(8, "big")),
+            protocol.encode(protocol.REPLY, stream.msg_id, b"item 2", flags=protocol.MORE),
+        ]
+        for answer in answers:
+            last.send_multipart([peer, *answer])
+        running.join(10)
+        assert not running.is_alive(), "the jobs never ended"
+        assert sorted((o.index, o.value, o.error) for o in outcomes) == [
+            (0, b"item 1", None),
+            (0, b"item 2", None),
+        ]
+    finally:
+        client.close()
+        running.join(10)
