@@ -6,6 +6,8 @@ servers write, how long ``stop()`` takes (issue 20).
 - a hub in the registry that is stopped waits for its workers' answers to
   the jobs on its books: every job's result reaches the client, and nothing
   is logged as unanswered;
+- ... also when it is one of two instances of its name (its workers still
+  answer it after it left the registry);
 - ... and when they do not come within its wait (10 s), it logs how many
   jobs it leaves unanswered, and returns;
 - a hub with a full queue reads no more of its input, and drops nothing;
@@ -41,6 +43,7 @@ from prometheus_client import REGISTRY
 import pylm.parallel.dispatch
 import pylm.parallel.hub
 from pylm import protocol
+from pylm.base import BaseServer
 from pylm.chained import LastServer, LoopClient, Sink
 from pylm.chained import Server as Stage
 from pylm.errors import RequestTimeout
@@ -140,6 +143,7 @@ def test_a_stopped_hub_waits_for_its_workers_answers(
         next_call=f"{last_name}.keep",
         registry=pylm_registry,
         heartbeat=BEAT,
+        misses=50,  # a worker slowed by a loaded machine is not declared dead
         log_stdout=False,
     )
     worker = Gated(
@@ -194,6 +198,72 @@ def test_a_stopped_hub_waits_for_its_workers_answers(
 
 
 @pytest.mark.timeout(60)
+def test_stopping_one_of_two_hub_instances_loses_no_job(pylm_registry: Registry) -> None:
+    """Two instances of one hub name share a worker; one instance is stopped
+    while it has jobs on its books (the worker holds one behind a gate).
+    The worker sees that instance leave the registry, and still answers the
+    jobs it gives it while it drains and waits: every one of the client's 10
+    jobs gives its result, none times out. Failed when a worker disconnected
+    from a master instance as soon as it left the registry (its answers and
+    heartbeats stopped, so the leaving hub declared it dead and left with
+    its jobs unanswered); fails without the worker's grace for a master that
+    left (``Worker._follow``)."""
+    hub_name, last_name = unique("hub"), unique("last")
+    gate = threading.Event()
+    last = Last(last_name, registry=pylm_registry, log_stdout=False)
+    hubs = [
+        Hub(
+            hub_name,
+            next_call=f"{last_name}.keep",
+            registry=pylm_registry,
+            heartbeat=BEAT,
+            misses=50,  # a worker slowed by a loaded machine is not declared dead
+            log_stdout=False,
+        )
+        for _ in range(2)
+    ]
+    worker = Gated(
+        unique("w"), hub_name, gate=gate, heartbeat=BEAT, registry=pylm_registry, log_stdout=False
+    )
+    results: list[object] = []
+    stopper = threading.Thread(target=hubs[0].stop, kwargs={"timeout": 30})
+    try:
+        for server in (last, *hubs):
+            server.start(background=True)
+        wait_for(lambda: len(pylm_registry.instances(hub_name)) == 2, 15, "both hubs listed")
+        worker.start(background=True)
+        with LoopClient(hub_name, registry=pylm_registry, announce=False, timeout=5) as client:
+            reader = threading.Thread(
+                target=lambda: results.extend(
+                    client.results("hold", [b"%d" % n for n in range(10)], timeout=5)
+                )
+            )
+            reader.start()
+            try:
+                wait_for(lambda: worker.entered == 1, 15, "the worker running a job")
+                stopper.start()
+                wait_for(
+                    lambda: len(pylm_registry.instances(hub_name)) == 1, 15, "one hub deregistered"
+                )
+                gate.set()
+            finally:
+                gate.set()
+                reader.join(30)
+        stopper.join(40)
+        errors = [result.error for result in results if result.error]  # type: ignore[attr-defined]
+        assert errors == []
+        values = sorted(result.value for result in results)  # type: ignore[attr-defined]
+        assert values == sorted(b"done %d" % n for n in range(10))
+    finally:
+        gate.set()
+        if stopper.is_alive():
+            stopper.join(40)
+        everyone: list[BaseServer] = [worker, *hubs, last]
+        for each in everyone:
+            each.stop()
+
+
+@pytest.mark.timeout(60)
 def test_a_stopped_hub_logs_the_jobs_it_leaves_unanswered(
     pylm_registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -212,6 +282,7 @@ def test_a_stopped_hub_logs_the_jobs_it_leaves_unanswered(
         next_call=f"{last_name}.keep",
         registry=pylm_registry,
         heartbeat=BEAT,
+        misses=50,  # its worker is never declared dead here: only the leave time ends the wait
         log_stdout=False,
     )
     worker = Gated(
@@ -310,6 +381,7 @@ def test_a_hubs_input_stream_with_no_news_is_dropped_with_a_warning(
     name = unique("hub")
     caplog.set_level(logging.WARNING, logger=name)
     after = raw_socket(zmq.PULL)  # the next stage
+    after.setsockopt(zmq.RCVTIMEO, 30000)
     port = after.bind_to_random_port("tcp://127.0.0.1")
     hub = Hub(
         name,
@@ -352,8 +424,9 @@ class Forward(Stage):
 def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
     pylm_registry: Registry, ipc_folder: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A registered stage whose next stage never reads: the stage, then its
-    input, fill up (a sender finds no room). stop() drains for at most 5 s,
+    """A registered stage whose next stage never reads, fed without a pause:
+    the stage, then its input, fill up (the sender finds no room). stop()
+    drains for at most 5 s,
     then drops what it cannot pass on, logs that it does (``leaving with the
     next stage still full: a message is dropped``) and returns. Fails when
     a leaving stage waits on a full next stage without end (the send
@@ -375,27 +448,32 @@ def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
         hwm=1,
         registry=pylm_registry,
     )
-    feed = context.socket(zmq.PUSH)
+    feed = context.socket(zmq.PUSH)  # the earlier stage: it sends on and on, used by feeder
     feed.setsockopt(zmq.LINGER, 0)
     feed.setsockopt(zmq.SNDHWM, 1)
+    feed.setsockopt(zmq.SNDTIMEO, 50)
     payload = b"x" * 65536
-    sent = 0
+    blocked = threading.Event()  # the feed found no room once
+    done = threading.Event()
 
-    def full() -> bool:
-        """Send one more job; True when the stage's input has no room."""
-        nonlocal sent
-        message = protocol.encode(protocol.REQUEST, sent, payload, f"{name}.fwd".encode(), b"")
-        try:
-            feed.send_multipart(message, zmq.NOBLOCK)
-        except zmq.Again:
-            return True
-        sent += 1
-        return False
+    def feeder() -> None:
+        """Send jobs until told to stop, so that the stage's input does not
+        go quiet: it stays full, and the drain keeps finding jobs to pass on."""
+        sent = 0
+        while not done.is_set():
+            message = protocol.encode(protocol.REQUEST, sent, payload, f"{name}.fwd".encode(), b"")
+            try:
+                feed.send_multipart(message)
+                sent += 1
+            except zmq.Again:
+                blocked.set()
 
+    feeding = threading.Thread(target=feeder)
     try:
         stage.start(background=True)
         feed.connect(f"ipc://{ipc_folder}/in")
-        wait_for(full, 20, "the stage's input full behind a next stage that never reads")
+        feeding.start()
+        assert blocked.wait(20), "the stage's input never filled up"
         began = time.monotonic()
         stage.stop(timeout=15)  # TimeoutError if it waits on without end
         took = time.monotonic() - began
@@ -403,6 +481,9 @@ def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
         assert warned(caplog, "leaving with the next stage still full: a message is dropped")
         assert took < 12, f"stop() took {took:.1f} s (5 s of draining at most)"
     finally:
+        done.set()
+        if feeding.is_alive():
+            feeding.join(10)
         # A stage still waiting (the mechanism broken) is let go: read its output.
         give_up = time.monotonic() + 20
         while stage.running and time.monotonic() < give_up:

@@ -52,6 +52,10 @@ _QUIET = 0.2  # s of quiet input before a leaving worker says goodbye (the maste
 # stops sending on its leaving notice, which comes straight over the job socket)
 _LEAVE_MAX = 5.0  # s a leaving worker serves at most
 _BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
+# s a worker still serves (and beats to) a master instance gone from the
+# registry: a hub that is stopped deregisters first, then serves its input
+# for up to 5 s and waits up to 10 s for its workers' answers.
+_LEFT_GRACE = 16.0
 
 
 class _Stream(Exception):
@@ -136,6 +140,7 @@ class Worker(BaseServer):
         self._control: zmq.Socket | None = None
         self._poller = zmq.Poller()
         self._peers: Peers | None = None
+        self._left: dict[str, float] = {}  # master instances gone from the registry: when to drop
         self._busy = False
         self._gone = False  # said goodbye
         self._rehello = threading.Event()
@@ -302,11 +307,20 @@ class Worker(BaseServer):
         master forgot this worker."""
         if self._peers is not None and self._peers.changed:
             joined, left = self._peers.take()
-            for address in left:
+            for address in left:  # answered a while yet: a hub that stops waits for them
                 if address in self._sockets:
-                    self._disconnect(address)
+                    self._left[address] = time.monotonic() + _LEFT_GRACE
             for address in joined:
-                self._connect(address)
+                self._left.pop(address, None)
+                if address not in self._sockets:
+                    self._connect(address)
+        if self._left:
+            now = time.monotonic()
+            for address, when in list(self._left.items()):
+                if now >= when:
+                    del self._left[address]
+                    if address in self._sockets:
+                        self._disconnect(address)
         if self._rehello.is_set():
             self._rehello.clear()
             for socket in self._sockets.values():
