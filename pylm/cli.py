@@ -270,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How often a main thread that waits looks for a signal: Python runs its
+# handlers in the main thread, which a signal caught by another thread (the
+# registry's, ZeroMQ's, gRPC's) does not wake; it did not stop for 10 s or more.
+_SIGNAL_SLICE = 0.05
+
+
 def _stop_on_signals(*also: threading.Event) -> threading.Event:
     """An event that SIGINT (Ctrl-C) and SIGTERM set (and ``also`` the
     given ones, to wake a thread waiting on them), for commands that run
@@ -311,7 +317,9 @@ def show_topology(args: argparse.Namespace) -> int:
         stop = _stop_on_signals(changed)
         following = registry.follow(None, on_change)
         try:
-            while changed.wait() and not stop.is_set():
+            while not stop.is_set():
+                if not changed.wait(_SIGNAL_SLICE):
+                    continue
                 changed.clear()
                 if latest:
                     _print_topology(registry, latest[-1], args.json)
@@ -790,7 +798,7 @@ def run_server(args: argparse.Namespace) -> int:
             f"server {args.name!r} could not start: {type(exc).__name__}: {exc}"
             + (f" ({where})" if where else "")
         ) from None
-    while not stop.wait(0.5):
+    while not stop.wait(_SIGNAL_SLICE):
         if not server.running:
             break  # it ended by itself (its messages limit, or a crash: stop() raises)
     try:
@@ -841,7 +849,7 @@ def run_etcd(args: argparse.Namespace) -> int:
     try:
         print(f"etcd is running; data in {server.data_dir}")
         print(f"export PYLM_REGISTRY={server.url}", flush=True)
-        while not stop.wait(0.5):
+        while not stop.wait(_SIGNAL_SLICE):
             if not server.running:
                 print(f"pylm: etcd stopped by itself: {server.log_cause()}", file=sys.stderr)
                 return 1
@@ -862,7 +870,8 @@ def serve_sd(args: argparse.Namespace) -> int:
             if args.file is not None:
                 print(f"writing file_sd targets to {args.file}")
             print("Ctrl-C or SIGTERM stops it", flush=True)
-            stop.wait()
+            while not stop.wait(_SIGNAL_SLICE):
+                pass
     return 0
 
 

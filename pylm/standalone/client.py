@@ -205,8 +205,12 @@ class Client(CacheCalls, Caller, Closing):
         to earlier calls; RequestTimeout at ``deadline`` (perf_counter time)."""
         while True:
             left = deadline - _perf_counter()
-            if left <= 0 or not socket.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 raise self._timeout_error(what, self._socket_timeout / 1000)
+            # In slices: Ctrl-C caught by another thread (the registry's) does
+            # not wake this one; between slices Python runs its handler.
+            if not socket.poll(max(1, min(int(left * 1000), 50))):
+                continue
             frames = socket.recv_multipart()
             body = frames[1:] if frames[0] == b"" else frames
             if body and _answers(body, msg_id):
