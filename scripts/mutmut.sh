@@ -51,7 +51,7 @@ else
     trap 'rm -rf "$work"' EXIT
 fi
 (cd "$root" && git ls-files -z --cached --others --exclude-standard) \
-    | (cd "$root" && tar -c --null -T - 2>/dev/null) | tar -x -C "$work"
+    | (cd "$root" && tar -c --null --ignore-failed-read -T - 2>/dev/null) | tar -x -C "$work"
 
 cd "$work"
 export PYLM_SOAK=${PYLM_SOAK:-0.25}
