@@ -57,6 +57,21 @@ def test_stage_benchmark_smoke_run(tmp_path: Path) -> None:
         assert rounds["cpu_us"][mode][0] > 0
 
 
+@pytest.mark.timeout(120)
+def test_ab_runs_a_benchmark_with_both_sides() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "HEAD", "--rounds", "1", "--", "bench.stage", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "round 1/1: old (" in run.stderr and "round 1/1: new (" in run.stderr
+    for mode in ("on", "off"):
+        assert f"| stage, metrics {mode} |" in run.stdout
+
+
 @pytest.mark.timeout(170)
 def test_registry_benchmark_smoke_run(tmp_path: Path) -> None:
     out = tmp_path / "registry.json"
