@@ -17,8 +17,8 @@ import urllib.request
 
 from prometheus_client import REGISTRY, generate_latest
 
-from pylm.exporter import Exporter
-from pylm.metrics import BUCKETS, ServerStats, publish, withdraw
+from pylm.telemetry.counting import BUCKETS, ServerStats, publish, withdraw
+from pylm.telemetry.exporter import Exporter
 
 
 def populate(servers: int, functions: int) -> list[ServerStats]:

@@ -18,7 +18,7 @@ What runs
     processes are laid out so that the last ones hold exactly ``--kill``
     servers: those are the victims of the kill at the end. A real Prometheus
     scrapes every process's ``/metrics`` through pylm's service discovery
-    (:class:`~pylm.sd.ServiceDiscovery`, http_sd), and scrapes the discovery's
+    (:class:`~pylm.telemetry.sd.ServiceDiscovery`, http_sd), and scrapes the discovery's
     own metrics. A client process drives jobs through every pipeline, master
     and standalone server of the other processes, one thread per kind, one
     job at a time, ``--rate`` jobs a second each, from the start of the
@@ -111,9 +111,9 @@ from bench.registry_nodes import rss_kib
 from bench.scale_nodes import CHAIN, KINDS, POOL, Group, mixed_main, traffic_main
 
 if TYPE_CHECKING:
-    from pylm.prometheus import LocalPrometheus
     from pylm.registry import InstanceRecord, LocalEtcd, Registry
-    from pylm.sd import ServiceDiscovery
+    from pylm.telemetry.prometheus import LocalPrometheus
+    from pylm.telemetry.sd import ServiceDiscovery
 
 PACKAGES = ("pyzmq", "pylm", "aetcd", "grpcio", "prometheus-client")
 CLUSTER = "scale"
@@ -344,9 +344,9 @@ class Scale:
         self.started.update(descendants())
 
     def run(self) -> None:
-        from pylm.prometheus import LocalPrometheus
         from pylm.registry import Registry
-        from pylm.sd import ServiceDiscovery
+        from pylm.telemetry.prometheus import LocalPrometheus
+        from pylm.telemetry.sd import ServiceDiscovery
 
         with ExitStack() as stack:
             etcd = stack.enter_context(fresh_etcd(self.children))  # children stop before it

@@ -39,13 +39,14 @@ from pylm.errors import (
     UnknownFunction,
     UnknownServer,
 )
-from pylm.exporter import exporter
 from pylm.handshakes import watch
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
-from pylm.metrics import (
+from pylm.names import check_name
+from pylm.security import Curve
+from pylm.telemetry.counting import (
     BUCKETS as _BUCKETS,
 )
-from pylm.metrics import (
+from pylm.telemetry.counting import (
     UNKNOWN_FUNCTION,
     FunctionStats,
     ServerStats,
@@ -53,8 +54,7 @@ from pylm.metrics import (
     publish,
     withdraw,
 )
-from pylm.names import check_name
-from pylm.security import Curve
+from pylm.telemetry.exporter import exporter
 from pylm.transport import bind, default_context, public_host
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class BaseServer:
         # Log lines about what peers and functions do wrong, at most one a
         # second per cause (_log_limited): a flood of either must not flood the log.
         self._limiters: dict[str, RateLimiter] = {}
-        # Metrics: plain counters written by the serving thread (pylm.metrics).
+        # Metrics: plain counters written by the serving thread (pylm.telemetry.counting).
         self.stats: ServerStats | None = None
         self.metrics_url: str | None = None  # where this process serves /metrics, once started
         if metrics_enabled(metrics):
@@ -713,7 +713,7 @@ class BaseServer:
 
     def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None:
         """Count a message that is dropped or refused for not following the
-        protocol, under ``reason`` (one of :data:`pylm.metrics.MALFORMED_REASONS`),
+        protocol, under ``reason`` (one of :data:`pylm.telemetry.counting.MALFORMED_REASONS`),
         and log ``detail``, at most once a second per reason."""
         if self.stats is not None:
             self.stats.malformed += 1

@@ -17,9 +17,9 @@ import zmq
 from pylm import protocol
 from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
-from pylm.metrics import ClientStats, FunctionStats, metrics_enabled
 from pylm.names import check_name
 from pylm.security import Curve, Handshakes
+from pylm.telemetry.counting import ClientStats, FunctionStats, metrics_enabled
 from pylm.transport import check_address
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Calls:
         # so far, for the clients' fast paths
         self.targets: dict[str, tuple[bytes, bytes, FunctionStats | None]] = {}
         self.inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)  # one-frame payloads
-        # What the calls took and how they ended (pylm.metrics), unless metrics are off.
+        # What the calls took and how they ended (pylm.telemetry.counting), unless metrics are off.
         self.stats = ClientStats(server_name) if metrics_enabled() else None
 
     def finished(self, function: str, began: float, size_in: int, size_out: int | None) -> None:

@@ -859,7 +859,7 @@ def run_etcd(args: argparse.Namespace) -> int:
 
 
 def serve_sd(args: argparse.Namespace) -> int:
-    from pylm.sd import ServiceDiscovery
+    from pylm.telemetry.sd import ServiceDiscovery
 
     stop = _stop_on_signals()
     with _registry(args) as registry:
@@ -876,7 +876,7 @@ def serve_sd(args: argparse.Namespace) -> int:
 
 
 def show_top(args: argparse.Namespace) -> int:
-    from pylm import top
+    from pylm.telemetry import top
 
     # Ctrl-C raises KeyboardInterrupt here (Python's own handler), which also
     # ends a read of a metrics endpoint that is slow to answer; SIGTERM too.

@@ -15,12 +15,12 @@ from pylm.chained import Server as Stage
 from pylm.errors import PylmError
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
-from pylm.prometheus import LocalPrometheus
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
-from pylm.sd import ServiceDiscovery
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
+from pylm.telemetry.prometheus import LocalPrometheus
+from pylm.telemetry.sd import ServiceDiscovery
 
 TTL = 2.0
 state: dict[str, Any] = {"servers": [], "closing": []}

@@ -15,8 +15,8 @@ import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pylm.prometheus import PROMETHEUS_HINT, find_prometheus
 from pylm.registry.local import ETCD_HINT, find_etcd
+from pylm.telemetry.prometheus import PROMETHEUS_HINT, find_prometheus
 from pylm.testing import missing
 
 __all__ = [

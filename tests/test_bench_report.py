@@ -52,7 +52,7 @@ def test_profile_summary_groups_samples_by_innermost_frame(tmp_path: Path) -> No
             f"<module> (x.py:1);serve ({serving}:2) 80",
             "<module> (x.py:1);Socket.send (zmq/sugar/socket.py:713) 10",
             "<module> (x.py:1);BaseServer._call (pylm/base.py:1) 6",
-            "<module> (x.py:1);FunctionStats.done (pylm/metrics.py:1) 4",
+            "<module> (x.py:1);FunctionStats.done (pylm/telemetry/counting.py:1) 4",
             "garbage line",
         ]
     )

@@ -391,12 +391,12 @@ def test_document_blocks_run_as_pasted(session: tuple[Session, list[Block]]) -> 
         runner.run(block)
     runner.check_background()
     if skipped:
-        from pylm.prometheus import PROMETHEUS_HINT
+        from pylm.telemetry.prometheus import PROMETHEUS_HINT
 
         missing(f"blocks {', '.join(skipped)} need prometheus ({PROMETHEUS_HINT})")
 
 
 def _have_prometheus() -> bool:
-    from pylm.prometheus import find_prometheus
+    from pylm.telemetry.prometheus import find_prometheus
 
     return find_prometheus() is not None

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 from prerequisites import needs_wrk
 
-from pylm.exporter import Exporter
-from pylm.httpd import HttpService, QuietHandler
 from pylm.standalone import Server
+from pylm.telemetry.exporter import Exporter
+from pylm.telemetry.httpd import HttpService, QuietHandler
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,11 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.errors import RemoteError, UnknownFunction
-from pylm.metrics import BUSY, SAMPLE_EVERY, FunctionStats, Sampling
 from pylm.registry import InstanceRecord, Registry
-from pylm.sd import ServiceDiscovery, scrape_targets
 from pylm.standalone import Client
 from pylm.standalone import Server as StandaloneServer
+from pylm.telemetry.counting import BUSY, SAMPLE_EVERY, FunctionStats, Sampling
+from pylm.telemetry.sd import ServiceDiscovery, scrape_targets
 
 pytestmark = pytest.mark.timeout(60)
 ANY = "tcp://127.0.0.1:0"
@@ -97,7 +97,7 @@ def test_metrics_count_a_known_workload_exactly() -> None:
     assert value(found, "pylm_calls_total", server=name, function="echo", outcome="error") == 0
     assert value(found, "pylm_calls_total", server=name, function="fail", outcome="error") == 2
     assert value(found, "pylm_calls_total", server=name, function="(unknown)", outcome="error") == 1
-    # Calls this close together are timed one in SAMPLE_EVERY (pylm.metrics); all are counted.
+    # Calls this close together are timed one in SAMPLE_EVERY (counting); all counted.
     timed = value(found, "pylm_call_duration_seconds_count", server=name, function="echo")
     assert 1 <= timed <= 10
     assert (
@@ -167,7 +167,7 @@ def test_pipeline_stages_count_what_they_pass_on() -> None:
 
 def test_busy_stages_time_a_sample_and_count_every_call() -> None:
     """64 jobs in one BATCH: every stage and the client count all 64 and time
-    the first and every SAMPLE_EVERY-th (pylm.metrics)."""
+    the first and every SAMPLE_EVERY-th (pylm.telemetry.counting)."""
     first, last = unique("double"), unique("count")
     timed = 64 // SAMPLE_EVERY
     with Count(last, ANY, ANY, ANY, log_stdout=False) as end:
@@ -365,7 +365,7 @@ def test_protocol_ping_still_answers_with_metrics_on() -> None:
 
 
 def test_top_quantiles_follow_prometheus_interpolation() -> None:
-    from pylm.top import quantile
+    from pylm.telemetry.top import quantile
 
     increase = {0.001: 50.0, 0.01: 90.0, 0.1: 100.0, float("inf"): 100.0}
     assert quantile(0.5, increase) == pytest.approx(0.001)

@@ -11,9 +11,9 @@ import pytest
 
 import pylm
 from pylm.errors import RegistryError
-from pylm.prometheus import LocalPrometheus, PrometheusError, find_prometheus
 from pylm.registry import InstanceRecord, LocalEtcd, Registry
 from pylm.registry.local import find_etcd
+from pylm.telemetry.prometheus import LocalPrometheus, PrometheusError, find_prometheus
 
 
 def test_the_etcd_on_path_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

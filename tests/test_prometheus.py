@@ -21,9 +21,9 @@ import pytest
 from prerequisites import needs_prometheus
 
 from pylm.chained import LoopClient
-from pylm.prometheus import LocalPrometheus
 from pylm.registry import LocalEtcd, Registry
-from pylm.sd import ServiceDiscovery
+from pylm.telemetry.prometheus import LocalPrometheus
+from pylm.telemetry.sd import ServiceDiscovery
 
 pytestmark = [
     pytest.mark.timeout(150),

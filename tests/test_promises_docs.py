@@ -36,9 +36,9 @@ from pylm.parallel import Client as JobClient
 from pylm.parallel import Hub, JobResult, Master, Worker
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
-from pylm.sd import ServiceDiscovery
 from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client, Server
+from pylm.telemetry.sd import ServiceDiscovery
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,9 +15,9 @@ import aetcd
 import pytest
 
 from pylm.errors import RegistryError, RegistryUnavailable
-from pylm.metrics import malformed_records
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
 from pylm.registry.local import free_port
+from pylm.telemetry.counting import malformed_records
 from pylm.testing import wait_for
 from pylm.transport import public_host
 

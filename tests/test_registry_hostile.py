@@ -21,12 +21,12 @@ import pytest
 from pylm.chained import LoopClient
 from pylm.demo import Last, Step1, Step2
 from pylm.errors import RegistryError
-from pylm.metrics import malformed_records
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import InstanceRecord, LocalEtcd, Registry
-from pylm.sd import ServiceDiscovery
 from pylm.standalone import Client, Server
+from pylm.telemetry.counting import malformed_records
+from pylm.telemetry.sd import ServiceDiscovery
 from pylm.testing import wait_for
 
 

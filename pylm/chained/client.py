@@ -37,8 +37,8 @@ from pylm.errors import (
     RequestTimeout,
 )
 from pylm.lifecycle import Closing
-from pylm.metrics import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.security import Curve
+from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -554,7 +554,7 @@ class LoopClient(Caller, Closing):
                     outcomes.append((entry[0], body[_HEAD_SIZE:], None))
                     if numbers is None:
                         continue
-                    # numbers.done(...), inline, timing a sample (pylm.metrics.SAMPLE_EVERY)
+                    # numbers.done(...), inline, timing a sample (SAMPLE_EVERY)
                     if len(outcomes) & _UNTIMED_MASK == 1:
                         took = sent_before - entry[1]
                         numbers.seconds += took

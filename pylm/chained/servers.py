@@ -35,8 +35,8 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.calls import curve_key
 from pylm.errors import ProtocolError, PylmError, RegistryError
-from pylm.metrics import SAMPLE_EVERY, Sampling
 from pylm.security import Curve
+from pylm.telemetry.counting import SAMPLE_EVERY, Sampling
 from pylm.transport import (
     Backlog,
     check_address,
@@ -139,7 +139,7 @@ class _Stage(BaseServer):
         self._poll_timeout: int = _IDLE_MS
         self._send_deadline: float | None = None  # set while leaving
         self._plain = True  # one output, no copies: the fast paths apply
-        self._sampling = Sampling()  # which calls are timed (pylm.metrics)
+        self._sampling = Sampling()  # which calls are timed (pylm.telemetry.counting)
 
     # ------------------------------------------------------------------ sockets
 

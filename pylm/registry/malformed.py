@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pylm.logs import RateLimiter
-from pylm.metrics import malformed_records
 from pylm.registry.records import REASONS, InstanceRecord, MalformedRecord, StageConfig
+from pylm.telemetry.counting import malformed_records
 
 _Record = TypeVar("_Record")
 

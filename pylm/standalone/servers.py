@@ -25,7 +25,7 @@ from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError
-from pylm.metrics import Sampling
+from pylm.telemetry.counting import Sampling
 from pylm.transport import (
     check_address,
     close_listener,
@@ -139,7 +139,7 @@ class Server(BaseServer):
         limit = self.messages
         served = self.served
         stats = self.stats
-        sampling, untimed = Sampling(), 0  # which calls are timed (pylm.metrics)
+        sampling, untimed = Sampling(), 0  # which calls are timed (pylm.telemetry.counting)
         draining = False  # stopping: deregistered, serving what clients still send
         give_up = 0.0
         # Waiting for the next message is bounded (RCVTIMEO), though stop()

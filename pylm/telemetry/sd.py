@@ -41,8 +41,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import RegistryError
-from pylm.httpd import HttpService, QuietHandler
-from pylm.metrics import registry_record_families
+from pylm.telemetry.counting import registry_record_families
+from pylm.telemetry.httpd import HttpService, QuietHandler
 
 if TYPE_CHECKING:
     import concurrent.futures

@@ -4,9 +4,9 @@ for whoever asks whether the servers here are alive and ready.
 One endpoint per process, shared by every server in it: the first server
 that starts opens it (on its host, or ``PYLM_METRICS_HOST``; port
 ``PYLM_METRICS_PORT`` or a free one), every server registers its URL, and
-the last one to stop closes it. It is served by :class:`pylm.httpd.HttpService`:
+the last one to stop closes it. It is served by :class:`pylm.telemetry.httpd.HttpService`:
 one thread whatever the number of clients, with a read timeout, a cap on
-the request's size and on the connections open (see :mod:`pylm.httpd`).
+the request's size and on the connections open (see :mod:`pylm.telemetry.httpd`).
 
 ``/metrics`` serves prometheus-client's default registry (pylm's metrics,
 the process and platform collectors, and any metric of the user's own), in
@@ -25,8 +25,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import PylmError
-from pylm.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
-from pylm.metrics import live_servers
+from pylm.telemetry.counting import live_servers
+from pylm.telemetry.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
 
 __all__ = ["Exporter", "exporter"]
 
@@ -53,7 +53,7 @@ class _Handler(QuietHandler):
 class Exporter:
     """``/metrics`` and ``/healthz`` on ``host:port``, shared by users
     counted with :meth:`acquire` and :meth:`release`. ``timeout`` and
-    ``max_connections``: the limits of :class:`~pylm.httpd.HttpService`."""
+    ``max_connections``: the limits of :class:`~pylm.telemetry.httpd.HttpService`."""
 
     def __init__(
         self,
