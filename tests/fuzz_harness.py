@@ -25,6 +25,7 @@ from collections.abc import Callable
 import zmq
 from fuzz_strategies import ROGUE_ID, Hostile
 from prometheus_client import REGISTRY
+from servers import Doer, Echo
 
 from pylm import protocol
 from pylm.base import BaseServer
@@ -32,19 +33,13 @@ from pylm.cache import CacheClient
 from pylm.chained import LastServer, LoopClient, Server, Sink
 from pylm.errors import PylmError
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Hub, Master, Worker
+from pylm.parallel import Hub, Master
 from pylm.standalone import Client
-from pylm.standalone import Server as RepServer
 
 ANY = "tcp://127.0.0.1:0"
 CHECK_TIMEOUT = float(os.environ.get("PYLM_FUZZ_CHECK_TIMEOUT") or 1.5)  # s per check call
 HEARTBEAT = 0.1  # s: a rogue "worker" that never answers loses its jobs fast
 RUNAWAY = 300 * 2**20  # bytes of growth at which the watchdog stops the servers
-
-
-class Echo(RepServer):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 class Step(Server):
@@ -58,11 +53,6 @@ class Last(LastServer):
 
 
 class Drain(Sink):
-    def echo(self, message: bytes) -> bytes:
-        return message
-
-
-class Doer(Worker):
     def echo(self, message: bytes) -> bytes:
         return message
 

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
+from servers import Last, Step
 
 from pylm.chained import LastServer, LoopClient, Server, Sink
 from pylm.errors import RemoteError
@@ -17,11 +18,6 @@ from pylm.registry import Registry
 
 ANY = "tcp://127.0.0.1:0"
 BEAT = 0.2
-
-
-class Step(Server):
-    def tag(self, message: bytes) -> bytes:
-        return message + b">step"
 
 
 class Router(Server):
@@ -52,11 +48,6 @@ class Collect(Sink):
     def done(self, message: bytes) -> bytes:
         with self.lock:
             self.kept.append(message)
-        return message + b">done"
-
-
-class Last(LastServer):
-    def done(self, message: bytes) -> bytes:
         return message + b">done"
 
 

@@ -13,27 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from servers import Echo, Last, Step
 
-from pylm.chained import LastServer, LoopClient, Server
+from pylm.chained import LoopClient
 from pylm.errors import RequestTimeout
 from pylm.registry import LocalEtcd, LocalEtcdCluster, Registry
 from pylm.standalone import Client
-from pylm.standalone import Server as RepServer
 from pylm.testing import SOAK
 
 HERE = Path(__file__).resolve().parent
 JOBS = int(10_000 * SOAK)  # 10,000 jobs; more in soak mode
 WINDOW = 500  # a client's jobs in flight at most
-
-
-class Step(Server):
-    def tag(self, message: bytes) -> bytes:
-        return message + b">step"
-
-
-class Last(LastServer):
-    def done(self, message: bytes) -> bytes:
-        return message + b">done"
 
 
 @pytest.mark.timeout(120 * SOAK)
@@ -114,11 +104,6 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
         for process in workers:
             process.kill()
             process.wait(10)
-
-
-class Echo(RepServer):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 @pytest.mark.timeout(120 * SOAK)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from servers import Doubler, Echo
 
 from pylm import NoInstance
 from pylm.base import BaseServer
@@ -23,17 +24,12 @@ from pylm.chained import LastServer, LoopClient
 from pylm.chained import Server as Stage
 from pylm.errors import RegistryError
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Master, Worker
+from pylm.parallel import Master
 from pylm.registry import LocalEtcd, Registry
-from pylm.standalone import AsyncClient, Client, Server
+from pylm.standalone import AsyncClient, Client
 from pylm.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Echo(Server):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 class Upper(Stage):
@@ -44,11 +40,6 @@ class Upper(Stage):
 class Done(LastServer):
     def done(self, message: bytes) -> bytes:
         return message + b"!"
-
-
-class Doubler(Worker):
-    def double(self, message: bytes) -> bytes:
-        return message * 2
 
 
 def lines(caplog: pytest.LogCaptureFixture, name: str, words: str) -> list[str]:

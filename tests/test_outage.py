@@ -15,40 +15,19 @@ import time
 from collections.abc import Callable
 
 import pytest
+from servers import Doubler, Echo, Last, Step
 
 from pylm.base import BaseServer
-from pylm.chained import LastServer, LoopClient
-from pylm.chained import Server as Stage
+from pylm.chained import LoopClient
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Master, Worker
+from pylm.parallel import Master
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Client
-from pylm.standalone import Server as RepServer
 from pylm.testing import SOAK, wait_for
 
 OUTAGE = float(os.environ.get("PYLM_OUTAGE_SECONDS") or 60 * SOAK)
 BACK_WITHIN = 2.0  # seconds from etcd's return to every server registered again
 TTL = 3.0
-
-
-class Echo(RepServer):
-    def echo(self, message: bytes) -> bytes:
-        return message
-
-
-class Step(Stage):
-    def tag(self, message: bytes) -> bytes:
-        return message + b">step"
-
-
-class Last(LastServer):
-    def done(self, message: bytes) -> bytes:
-        return message + b">done"
-
-
-class Doubler(Worker):
-    def double(self, message: bytes) -> bytes:
-        return message * 2
 
 
 class Load:

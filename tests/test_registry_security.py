@@ -15,18 +15,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from servers import Echo
 
 from pylm.errors import RegistryAccessDenied, RegistryError, RegistryUnavailable
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
 from pylm.registry.local import EtcdTLS
-from pylm.standalone import Client, Server
+from pylm.standalone import Client
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Echo(Server):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 class Authority:

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from servers import Doer, Last, Step
 
-from pylm.chained import LastServer, LoopClient, Server
+from pylm.chained import LoopClient
 from pylm.errors import CurveRefused, PylmError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Master, Worker
+from pylm.parallel import Master
 from pylm.registry import Registry
 from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client
@@ -29,21 +30,6 @@ class Counted(RepServer):
 
     def echo(self, message: bytes) -> bytes:
         type(self).calls += 1
-        return message
-
-
-class Step(Server):
-    def tag(self, message: bytes) -> bytes:
-        return message + b">step"
-
-
-class Last(LastServer):
-    def done(self, message: bytes) -> bytes:
-        return message + b">done"
-
-
-class Doer(Worker):
-    def echo(self, message: bytes) -> bytes:
         return message
 
 
