@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-import pylm.chained.servers
+import pylm.chained.last
 from pylm import protocol
 from pylm.chained import LastServer, LoopClient
 from pylm.chained import Server as Stage
@@ -351,7 +351,7 @@ def test_parked_results_expire_with_a_warning(
     PARK_SECONDS (10 s; 1 s here), then drops it with a warning, with no other
     traffic needed: the client connecting later gets only what was sent after
     it connected."""
-    monkeypatch.setattr(pylm.chained.servers, "PARK_SECONDS", 1.0)
+    monkeypatch.setattr(pylm.chained.last, "PARK_SECONDS", 1.0)
     caplog.set_level(logging.WARNING, logger="last")
     last = Last(
         "last",

@@ -1,6 +1,8 @@
 """Chained servers: pipelines of servers and the client that feeds them."""
 
 from pylm.chained.client import JobResult, LoopClient
-from pylm.chained.servers import LastServer, Server, Sink
+from pylm.chained.last import LastServer
+from pylm.chained.server import Server
+from pylm.chained.sink import Sink
 
 __all__ = ["JobResult", "LastServer", "LoopClient", "Server", "Sink"]

@@ -1,0 +1,182 @@
+"""The outlet: where a stage sends on to one next stage (a PUSH socket
+connected to that stage's instances, given or followed in the registry), and
+which instance gets a stream's items."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import struct
+import threading
+import zlib
+from typing import TYPE_CHECKING
+
+import zmq
+
+from pylm import protocol
+from pylm.calls import curve_key
+from pylm.security import Curve
+from pylm.transport import close_socket
+
+if TYPE_CHECKING:
+    from pylm.registry import InstanceRecord, Registry
+
+__all__ = ["Outlet"]
+
+_pack_id = struct.Struct(">Q").pack
+
+
+class Outlet:
+    """Where a stage sends on to one next stage: a PUSH socket connected to
+    the stage's instances, given or followed in the registry (the registry's
+    thread notes changes, the serving thread applies them)."""
+
+    def __init__(self, call: str, addresses: list[str]) -> None:
+        self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
+        self._key: bytes | None = None  # the next stage's CURVE key, from its records
+        self._warned_plain = False  # logged that CURVE is on but the next stage has no key
+        self._warned_keys = False  # logged that the next stage requires CURVE, and no keys here
+        if not isinstance(call, str):
+            raise TypeError(
+                f"a next call must be a str like 'step2.bar', got {type(call).__name__}"
+            )
+        protocol.split_target(call.encode("utf-8"))  # ProtocolError if not server.function
+        self.call = call
+        self.target = call.encode("utf-8")
+        self.server = call.rpartition(".")[0]
+        self.addresses = addresses
+        self.socket: zmq.Socket | None = None
+        self._wanted: set[str] | None = None  # the instances the registry lists
+        self.connected: set[str] = set()  # ... connected to
+        self._lock = threading.Lock()
+        self._following: concurrent.futures.Future[None] | None = None
+        # One socket per instance for streams (see for_stream), made when needed.
+        self._sticky: dict[str, zmq.Socket] = {}
+        self._instances = sorted(addresses)
+        self._context: zmq.Context | None = None
+        self._hwm = 0
+
+    def open(
+        self,
+        context: zmq.Context,
+        hwm: int,
+        registry: Registry | None,
+        logger: logging.Logger | None = None,
+    ) -> zmq.Socket:
+        """Connect to the given addresses, or (with ``registry``) to the
+        instances registered now, and follow them."""
+        self._context, self._hwm = context, hwm
+        if registry is not None:
+            self._key = curve_key(self.server, registry.instances(self.server), self.curve)
+        elif self.curve is not None:  # by address: never plain text in silence
+            where = ", ".join(self.addresses)
+            self.curve.require_server_key(f"next stage {self.server!r} at {where}")
+        socket = self._push_socket()
+        self.socket = socket
+        for address in self.addresses:
+            socket.connect(address)
+        if registry is not None:
+            self._changed(registry.instances(self.server))  # connect at once ...
+            self.rewire(logger)
+            self._following = registry.follow(self.server, self._changed)  # ... and follow
+        return socket
+
+    def _changed(self, records: list[InstanceRecord]) -> None:
+        # While a new version of the next stage rolls out (its instances
+        # differ in functions), only those with the function of this call
+        # get its jobs; an instance without it could only fail them.
+        function = self.call.rpartition(".")[2]
+        having = [record for record in records if function in record.functions]
+        wanted = {r.endpoints["pull"] for r in having or records if "pull" in r.endpoints}
+        if not wanted:
+            # Every record gone (instances stopping, or leases expired while
+            # etcd was out of reach): keep the connections, as clients do
+            # (pylm.discovery); instances that did stop are not sent to anyway.
+            return
+        key = next((record.curve.encode() for record in records if record.curve), None)
+        with self._lock:
+            self._wanted = wanted
+            self._key = key or self._key
+
+    def rewire(self, logger: logging.Logger | None) -> bool:
+        """Apply what the registry said; True if an instance joined."""
+        with self._lock:
+            wanted, self._wanted = self._wanted, None
+        if wanted is None or self.socket is None:
+            return False
+        joined = wanted - self.connected
+        if joined:
+            self._secure(self.socket)  # the key may have come with these instances
+            if self.curve is not None and not (self._key or self.curve.server_key):
+                if logger is not None and not self._warned_plain:
+                    logger.warning(
+                        "next stage %s registered no CURVE key: this stage, with CURVE,"
+                        " sends to it in plain text",
+                        self.server,
+                    )
+                self._warned_plain = True
+            # A key in the records, and none here (open() refuses that
+            # when the key is there first).
+            if self.curve is None and self._key and logger is not None and not self._warned_keys:
+                self._warned_keys = True
+                logger.error(
+                    "next stage %s requires CURVE and this stage has no keys"
+                    " (PYLM_CURVE_KEYS): what it sends there is refused, and those jobs"
+                    " time out; restart it with keys",
+                    self.server,
+                )
+        for address in joined:
+            self.socket.connect(address)
+            if logger is not None:
+                logger.info("next stage %s: instance %s joined", self.server, address)
+        for address in self.connected - wanted:
+            try:
+                self.socket.disconnect(address)
+            except zmq.ZMQError:
+                pass  # never connected in libzmq's eyes: nothing to undo
+            if logger is not None:
+                logger.info("next stage %s: instance %s left", self.server, address)
+        self.connected = wanted
+        self._instances = sorted(wanted | set(self.addresses))
+        for address in [a for a in self._sticky if a not in wanted]:
+            close_socket(self._sticky.pop(address))
+        return bool(joined)
+
+    def _push_socket(self) -> zmq.Socket:
+        assert self._context is not None
+        socket: zmq.Socket = self._context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, self._hwm)
+        self._secure(socket)
+        return socket
+
+    def _secure(self, socket: zmq.Socket) -> None:
+        """CURVE, with the next stage's key (given, or from its records), once known."""
+        if self.curve is not None and (self._key or self.curve.server_key):
+            self.curve.connect(socket, self._key)
+
+    def for_stream(self, route: bytes, msg_id: int) -> zmq.Socket:
+        """The socket for a job's stream items, its END and ERROR: all of
+        them go to one instance of the next stage, chosen from the job, so
+        that a hub there sees the whole stream (the others, round-robin)."""
+        assert self.socket is not None
+        instances = self._instances
+        if len(instances) <= 1:
+            return self.socket
+        address = instances[zlib.crc32(route + _pack_id(msg_id)) % len(instances)]
+        socket = self._sticky.get(address)
+        if socket is None:
+            socket = self._sticky[address] = self._push_socket()
+            socket.connect(address)
+        return socket
+
+    def stop_following(self) -> None:
+        following, self._following = self._following, None
+        if following is not None:
+            following.cancel()
+
+    def take_sockets(self) -> list[zmq.Socket | None]:
+        sockets: list[zmq.Socket | None] = [self.socket, *self._sticky.values()]
+        self.socket = None
+        self._sticky.clear()
+        return sockets

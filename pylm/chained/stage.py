@@ -1,0 +1,451 @@
+"""The stage loop every chained server runs: read jobs from the PULL
+input, run the function each names, hand the result to the stage's output
+(the next stage for a :class:`~pylm.chained.server.Server`, the client for a
+:class:`~pylm.chained.last.LastServer`), and serve the cache between batches.
+
+A job enters the first stage's PULL socket as a REQUEST whose *route* is the
+routing id of the client that sent it. Each stage runs the named function
+and sends the result on, keeping message id, route and deadline; the last
+stage answers the client the route names. An error anywhere (unknown
+function, user exception, non-bytes result) travels on down the chain as an
+ERROR with the same route, so it reaches the client that sent the job while
+the pipeline keeps flowing.
+
+Every stage also serves its cache (``set/get/delete``, see
+:mod:`pylm.cache`) on ``db_address``. Sockets have high-water marks: a slow
+stage makes the stages before it wait, and in the end the client, instead
+of letting queues grow.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import struct
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import zmq
+
+from pylm import protocol
+from pylm.base import BaseServer, ServerOptions
+from pylm.cache import Cache
+from pylm.errors import ProtocolError, PylmError
+from pylm.telemetry.counting import SAMPLE_EVERY, Sampling
+from pylm.transport import check_address, close_listener, read_envelope, recv_message, rest_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["DEFAULT_HWM", "Stage", "Stopping", "addresses"]
+
+DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
+IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
+# s of quiet input before a leaving stage closes: the stages before it apply
+# a change of the registry before serving what they read next (see _serve),
+# so they stop sending here within the watch's delay and the round they are in.
+_DRAIN_QUIET = 0.2
+_DRAIN_MAX = 5.0  # s a leaving stage serves at most
+BATCH = 256  # messages read in a row before the loop looks at its other sockets
+_UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
+FRAME_SLACK = 64 * 1024
+_HEAD_SIZE = protocol.HEAD_SIZE
+_SPLIT = protocol.SPLIT_PAYLOAD
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_unpack_sizes = struct.Struct(">HH").unpack_from  # target and route sizes, at offset 5
+_BATCH_PREFIX = protocol.BATCH_PREFIX
+_unpack_id = protocol.unpack_id
+
+
+class Stopping(Exception):
+    """Raised inside the loop when stop() asked it to end."""
+
+
+def addresses(value: str | Sequence[str], what: str) -> list[str]:
+    """One address or several, checked; at least one."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise ValueError(f"{what} needs at least one address")
+    return [check_address(item, what) for item in items]
+
+
+class Stage(BaseServer):
+    """What every stage shares: a PULL input, a cache, one serving loop."""
+
+    _pylm_framework = True
+
+    def __init__(
+        self,
+        name: str,
+        pull_address: str | None,
+        db_address: str | None,
+        log_address: str | None,
+        perf_address: str | None,
+        ping_address: str | None,
+        log_level: int,
+        messages: int,
+        *,
+        hwm: int,
+        **options: Unpack[ServerOptions],
+    ) -> None:
+        super().__init__(
+            name,
+            log_level=log_level,
+            log_address=log_address,
+            messages=messages,
+            ignored={"perf_address": perf_address, "ping_address": ping_address},
+            **options,
+        )
+        self.pull_address = pull_address and check_address(pull_address, "pull_address")
+        self.db_address = db_address and check_address(db_address, "db_address")
+        self.hwm = hwm
+        self.cache = Cache(name)
+        self.address: str | None = None  # where the PULL socket listens
+        self.db: str | None = None  # where the cache listens
+        self._pull: zmq.Socket | None = None
+        self._db_socket: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._following: concurrent.futures.Future[None] | None = None
+        # ms a wait for input lasts at most (stop() wakes it anyway); shorter
+        # when the registry may rewire the stage, or results wait to be sent.
+        self._poll_timeout: int = IDLE_MS
+        self._send_deadline: float | None = None  # set while leaving
+        self._plain = True  # one output, no copies: the fast paths apply
+        self._sampling = Sampling()  # which calls are timed (pylm.telemetry.counting)
+
+    # ------------------------------------------------------------------ sockets
+
+    def _open(self) -> None:
+        pull = self._secure(self.context.socket(zmq.PULL))
+        self._pull = pull
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, self.hwm)
+        pull.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
+        self.address = self._listen(pull, self.pull_address or self._any_port())
+        # A ROUTER, its envelopes read here (see pylm.standalone.servers):
+        # junk from one peer costs only its own message.
+        db = self._secure(self.context.socket(zmq.ROUTER))
+        self._db_socket = db
+        db.setsockopt(zmq.LINGER, 0)
+        db.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
+        db.bind(self._control_address)  # stop() wakes the loop through it
+        self.db = self._listen(db, self.db_address or self._any_port())
+        self._open_output()
+        self._poller.register(pull, zmq.POLLIN)
+        self._poller.register(db, zmq.POLLIN)
+        self._register(
+            self._endpoints(),
+            required=self._name_only(),
+            next=self._next(),
+            branches=self._branches(),
+            tee=self._tee_calls(),
+        )
+
+    def _any_port(self) -> str:
+        return f"tcp://{self.host}:0"
+
+    def _endpoints(self) -> dict[str, str]:
+        assert self.address is not None and self.db is not None
+        return {"pull": self.address, "db": self.db}
+
+    def _name_only(self) -> bool:
+        return self.pull_address is None or self.db_address is None
+
+    def _next(self) -> str | None:
+        return None
+
+    def _branches(self) -> list[str]:
+        """Next calls besides the first (registry record)."""
+        return []
+
+    def _tee_calls(self) -> list[str]:
+        """Calls that get a copy of every result (registry record)."""
+        return []
+
+    def _deregister(self) -> None:
+        self._stop_following()  # before the registry it runs on may close
+        super()._deregister()
+
+    def _stop_following(self) -> None:
+        following, self._following = self._following, None
+        if following is not None:
+            following.cancel()
+
+    def _close(self) -> None:
+        self._stop_following()
+        for socket in (self._pull, self._db_socket, *self._outputs()):
+            close_listener(socket)  # a last stage's output listens too
+        self._pull = self._db_socket = None
+
+    def _open_output(self) -> None:
+        raise NotImplementedError
+
+    def _outputs(self) -> list[zmq.Socket | None]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+
+    def _serve(self) -> None:
+        pull, poll = self._pull, self._poller.poll
+        assert pull is not None
+        debug = self.logger.isEnabledFor(logging.DEBUG)
+        try:
+            while self.served < self.messages:
+                if debug:
+                    self.logger.debug("%s Waiting for a message", self.name)
+                ready = poll(self._poll_timeout)
+                # Rewired before serving: what is read after the registry
+                # reported a change goes by the new wiring, however long the
+                # poll waited (an instance leaving drains only _DRAIN_QUIET).
+                self._rewire()
+                for socket, _ in ready:
+                    if socket is pull:
+                        self._drain(pull, debug)
+                    else:
+                        self._serve_other(socket)
+                self._tick()
+        except Stopping:
+            if self.registration is not None:
+                self._drain_before_leaving(pull, debug)
+
+    def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
+        """A registered stage leaves cleanly: it deregisters, so that the
+        stages before it stop sending to it, and serves what still arrives
+        until its input has been quiet for a moment."""
+        self._deregister()
+        quiet_since = time.monotonic()
+        give_up = quiet_since + _DRAIN_MAX
+        self._send_deadline = give_up  # nor may a full next stage hold the stop up
+        while (left := _DRAIN_QUIET - (time.monotonic() - quiet_since)) > 0:
+            if time.monotonic() >= give_up:
+                break
+            if pull.poll(max(1, min(50, round(left * 1000))), zmq.POLLIN):
+                self._drain(pull, debug)
+                quiet_since = time.monotonic()
+            self._rewire()
+
+    def _tick(self) -> None:
+        """Called after every round of the loop (subclasses' timers)."""
+
+    def _rewire(self) -> bool:
+        """Apply changes the registry reported (in the serving thread, which
+        owns the sockets); True if it connected to a new instance. Nothing to
+        do for a stage with fixed addresses."""
+        return False
+
+    def _drain(self, pull: zmq.Socket, debug: bool) -> None:
+        received, passed = self._drain_batch(pull, debug)
+        if self.stats is not None:  # counted in locals, added once a batch
+            self.stats.received += received
+            self.stats.sent += passed
+
+    def _drain_batch(self, pull: zmq.Socket, debug: bool) -> tuple[int, int]:
+        """Serve the messages waiting, up to a batch; how many were read and
+        how many of them the fast path passed on."""
+        recv, call = pull.recv, self._call
+        received = passed = 0
+        counting, sampling = self.stats is not None, self._sampling
+        untimed = sampling.untimed
+        for _ in range(min(BATCH, self.messages - self.served)):
+            try:
+                # One recv per message: the head tells whether a payload
+                # frame follows (asking the socket costs more than the rest).
+                body = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            received += 1
+            if debug:
+                self.logger.debug("%s Got a message", self.name)
+            if body[:5] == _BATCH_PREFIX:
+                carried, sent_on = self._serve_batch(body)
+                received += carried - 1
+                passed += sent_on
+                continue
+            if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
+                # Fast path: a one-frame REQUEST with a route.
+                target_size, route_size = _unpack_sizes(body, 5)
+                start = _HEAD_SIZE + target_size
+                end = start + route_size
+                if route_size and end <= len(body):
+                    self.served += 1
+                    if debug:
+                        self._looking_for(body[_HEAD_SIZE:start])
+                    if untimed:
+                        untimed -= 1
+                        timed = False
+                    else:
+                        timed = True
+                        if counting:
+                            untimed = sampling.untimed_next()
+                    try:
+                        result = call(body[_HEAD_SIZE:start], body[end:], timed)
+                    except PylmError as error:
+                        self._fail(protocol.decode([body]), error)
+                    else:
+                        self._emit(body, start, end, result)
+                    passed += 1
+                    continue
+            self._handle([body, *rest_of(pull)])
+        sampling.untimed = untimed
+        return received, passed
+
+    def _serve_batch(self, body: bytes) -> tuple[int, int]:
+        """Serve the jobs of a BATCH and send their results on together, as
+        a BATCH again; (jobs carried, results sent in the batch)."""
+        try:
+            jobs = protocol.unpack_batch(body)
+        except ProtocolError as error:
+            self._drop("batch", f"{error} (no route back: dropped)", [body])
+            return 1, 0
+        if not self._plain:  # branches or tees: the general path, job by job
+            for job in jobs:
+                self._handle([job])
+            return len(jobs), 0
+        outputs: list[tuple[bytes, bytes]] = []  # (route, message) in order
+        call = self._call
+        for index, job in enumerate(jobs):
+            if job[:5] == _FAST and len(job) >= _HEAD_SIZE:
+                target_size, route_size = _unpack_sizes(job, 5)
+                start = _HEAD_SIZE + target_size
+                end = start + route_size
+                if route_size and end <= len(job):
+                    self.served += 1
+                    try:
+                        result = call(job[_HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
+                    except PylmError as error:
+                        failure = protocol.encode_error(
+                            _unpack_id(job, 9)[0], error, self._error_route(job[start:end])
+                        )
+                        if len(failure) == 1:
+                            outputs.append((job[start:end], failure[0]))
+                        else:  # too large for a batch: on its own
+                            self._fail(protocol.decode([job]), error)
+                        continue
+                    if len(result) > _SPLIT:  # too large for a batch: on its own
+                        self._emit(job, start, end, result)
+                    else:
+                        outputs.append((job[start:end], self._output(job, start, end, result)))
+                    continue
+            self._handle([job])  # anything else: one by one, as ever
+        self._emit_batch(outputs)
+        return len(jobs), len(outputs)
+
+    # Subclass hooks for batches.
+    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
+        """The message that carries the result of the one-frame request
+        ``body`` (route ``body[start:end]``) on."""
+        raise NotImplementedError
+
+    def _error_route(self, route: bytes) -> bytes:
+        """The route an error message carries (the next stage needs it)."""
+        raise NotImplementedError
+
+    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
+        raise NotImplementedError
+
+    def _serve_other(self, socket: zmq.Socket) -> None:
+        """Serve a socket other than the input: here the cache (and stop)."""
+        if socket is self._db_socket:
+            self._serve_db()
+
+    def _serve_db(self) -> None:
+        """Answer the cache requests waiting, up to a batch (and see stop()'s call)."""
+        db = self._db_socket
+        assert db is not None
+        for _ in range(BATCH):
+            try:
+                frames = recv_message(db)
+            except zmq.Again:
+                return
+            parts = read_envelope(frames)
+            if parts is None:
+                self._drop("envelope", "a cache request in no envelope known", frames)
+                continue
+            envelope, message = parts
+            if len(message) == 1 and self._is_control(message[0]):
+                raise Stopping
+            try:
+                request = protocol.decode(message)
+            except ProtocolError as error:
+                self._drop("head", f"{error} (a cache request)", message)
+                answer = protocol.encode_error(protocol.salvage_msg_id(message) or 0, error)
+            else:
+                try:
+                    answer = self.cache.answer(request)
+                except ProtocolError as error:
+                    reason = "payload" if request.kind == protocol.REQUEST else "kind"
+                    self._drop(reason, f"{error} (a cache request)", message)
+                    answer = protocol.encode_error(request.msg_id, error)
+            # A ROUTER drops what a peer that is gone or not reading cannot take.
+            db.send_multipart([*envelope, *answer], zmq.NOBLOCK)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except ProtocolError as error:
+            self._drop("head", f"{error} (no route back: dropped)", frames)
+            return
+        if message.kind == protocol.END and len(message.payload) not in (0, 8):
+            problem = ProtocolError(
+                f"an END's count is 8 bytes (or none), got {len(message.payload)}"
+            )
+            self._drop("payload", str(problem), frames)
+            if message.route:
+                self._fail(message, problem)  # its client hears why the stream ends
+        elif message.kind in (protocol.ERROR, protocol.END):
+            if message.route:
+                self._pass_on(message, frames)  # an earlier stage failed, or a stream ended
+            elif message.kind == protocol.ERROR:
+                self._unrouted_error(protocol.decode_error(message.payload))
+        elif message.kind != protocol.REQUEST:
+            if not message.route:
+                self._drop("route", "a message without a route cannot be answered", frames)
+                return
+            problem = ProtocolError(
+                f"stage {self.name!r} takes REQUEST, ERROR and END, not"
+                f" {protocol.KIND_NAMES[message.kind]}"
+            )
+            self._fail(message, problem)
+        else:
+            # A REQUEST; one without a route (a tee's copy) runs and goes on
+            # unanswered; one flagged MORE (a stream's item) stays flagged.
+            self.served += 1
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self._looking_for(message.target)
+            try:
+                result = self._call(message.target, message.payload)
+            except PylmError as error:
+                if message.route:
+                    self._fail(message, error)
+                else:
+                    self._unrouted_error(error)
+            else:
+                self._succeed(message, result)
+        if self.stats is not None:
+            self.stats.sent += 1
+
+    def _unrouted_error(self, error: PylmError) -> None:
+        """A job without a route (a tee's copy) failed: nobody to tell but the log."""
+        self._log_limited(
+            "unrouted", logging.WARNING, "%s: a job without a route failed: %s", self.name, error
+        )
+
+    def _looking_for(self, target: bytes) -> None:
+        function = target.rpartition(b".")[2].decode("utf-8", "replace")
+        self.logger.debug("Looking for %s", function)
+
+    # Subclass hooks: where results and errors go.
+    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        """Send on the result of the fast path's request ``body``, whose
+        route is ``body[start:end]``."""
+        raise NotImplementedError
+
+    def _succeed(self, message: protocol.Message, result: bytes) -> None:
+        raise NotImplementedError
+
+    def _fail(self, message: protocol.Message, error: PylmError) -> None:
+        raise NotImplementedError
+
+    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
+        raise NotImplementedError
