@@ -92,19 +92,24 @@ __all__ = [
     "BATCH_HEAD",
     "BATCH_PREFIX",
     "CACHE",
+    "DEFAULT_MAX_PAYLOAD",
     "END",
     "ERROR",
     "FIELDS",
     "HEAD_SIZE",
+    "ID_BYTES",
     "KIND_NAMES",
+    "LEAD",
     "MAGIC",
     "MAX_BATCH_MESSAGES",
     "MAX_ERROR_DETAIL",
     "MORE",
+    "ONE_FRAME_REQUEST",
     "PAYLOAD_FRAME",
     "PING",
     "PONG",
     "REPLY",
+    "REPLY_LEAD",
     "REPLY_PREFIX",
     "REQUEST",
     "SPLIT_PAYLOAD",
@@ -116,9 +121,17 @@ __all__ = [
     "encode",
     "encode_error",
     "error_detail",
+    "forward",
+    "has_payload_frame",
     "pack_batch",
     "pack_id_deadline",
+    "pack_sizes",
+    "read_id",
+    "read_id_deadline",
+    "read_sizes",
     "reply_head",
+    "reply_payload",
+    "reply_to",
     "request_prefix",
     "result_of",
     "salvage_msg_id",
@@ -126,6 +139,7 @@ __all__ = [
     "unpack_batch",
     "unpack_head",
     "unpack_id",
+    "with_id",
 ]
 
 MAGIC = b"PL"
@@ -154,6 +168,8 @@ KIND_NAMES = {
 PAYLOAD_FRAME = 0x01
 MORE = 0x02
 SPLIT_PAYLOAD = 64 * 1024  # senders put larger payloads in a frame of their own
+DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+"""The largest payload servers take and clients send, unless told otherwise."""
 
 _HEAD = struct.Struct(">2sBBBHHQd")
 HEAD_SIZE = _HEAD.size  # 25
@@ -236,29 +252,99 @@ def encode(
     return [head + target + route + payload]
 
 
-# Pieces for hot paths that build or read the most common messages, a
+# ------------------------------------------------------------------ hot paths
+# Pieces for the loops that read and build the most common messages, a
 # one-frame REQUEST or REPLY, without going through encode() and decode().
+# Constants, slices and bound ``struct`` methods cost nothing over literal
+# offsets; callers bind them to locals. A message read with them is one whose
+# LEAD matched and whose length was checked against HEAD_SIZE.
 _ID_DEADLINE = struct.Struct(">Qd")
 pack_id_deadline = _ID_DEADLINE.pack
 unpack_id = struct.Struct(">Q").unpack_from  # the message id is at offset 9
+_pack_id = struct.Struct(">Q").pack
+_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
+pack_sizes = _SIZES.pack
+read_sizes = struct.Struct(">5xHH").unpack_from
+"""``(target size, route size)`` of a head."""
+read_id = struct.Struct(">9xQ").unpack_from
+"""``(message id,)`` of a head."""
+read_id_deadline = struct.Struct(">9xQd").unpack_from
+"""``(message id, deadline)`` of a head."""
+
+LEAD = slice(0, 5)
+"""Magic, version, kind and flags: ``body[LEAD]`` is ONE_FRAME_REQUEST or
+BATCH_PREFIX for the messages hot loops take themselves."""
+REPLY_LEAD = slice(0, 9)
+"""The head up to the id: ``body[REPLY_LEAD]`` is REPLY_PREFIX for a one-frame
+REPLY without target or route, whose payload starts at HEAD_SIZE."""
+ID_BYTES = slice(9, 17)
+"""The message id, as bytes."""
+_ID_DEADLINE_BYTES = slice(9, 25)
+_STAMP_ID = slice(0, 8)  # the id in pack_id_deadline()'s bytes
+_NO_DEADLINE = bytes(8)
+
+ONE_FRAME_REQUEST = MAGIC + bytes([VERSION, REQUEST, 0])
+"""``body[LEAD]`` of a REQUEST whose payload is in its one frame."""
 
 
-def request_prefix(target: bytes) -> bytes:
+def request_prefix(target: bytes, route: bytes = b"") -> bytes:
     """The bytes before the id of a one-frame REQUEST for ``target``: a
-    request body is ``prefix + pack_id_deadline(id, deadline) + target + payload``."""
-    return _HEAD.pack(MAGIC, VERSION, REQUEST, 0, len(target), 0, 0, 0.0)[:9]
+    request body is ``prefix + pack_id_deadline(id, deadline) + target +
+    route + payload``."""
+    return ONE_FRAME_REQUEST + _SIZES.pack(len(target), len(route))
 
 
 REPLY_PREFIX = _HEAD.pack(MAGIC, VERSION, REPLY, 0, 0, 0, 0, 0.0)[:9]
 """The first 9 bytes of a one-frame REPLY; its payload starts at HEAD_SIZE."""
 
 
+def reply_to(request: bytes, result: bytes) -> bytes:
+    """A one-frame REPLY carrying ``result`` (of at most SPLIT_PAYLOAD
+    bytes) that answers the one-frame REQUEST ``request``: its id bytes are
+    the request's, as they came."""
+    return b"".join((REPLY_PREFIX, request[ID_BYTES], _NO_DEADLINE, result))
+
+
+def forward(request: bytes, target: bytes, route: bytes, payload: bytes) -> bytes:
+    """A one-frame REQUEST for ``target`` with ``route`` and ``payload``
+    (of at most SPLIT_PAYLOAD bytes) that keeps the id and deadline bytes of
+    the one-frame REQUEST ``request``: a stage passing a job on."""
+    return b"".join(
+        (
+            ONE_FRAME_REQUEST,
+            _SIZES.pack(len(target), len(route)),
+            request[_ID_DEADLINE_BYTES],
+            target,
+            route,
+            payload,
+        )
+    )
+
+
+def with_id(body: bytes, msg_id: int) -> bytes:
+    """``body``, a message's first frame, with message id ``msg_id``."""
+    return b"".join((body[:9], _pack_id(msg_id & _MAX_ID), body[17:]))
+
+
+def reply_payload(answer: bytes, stamp: bytes) -> bytes | None:
+    """The payload of ``answer`` when it is a one-frame REPLY to the request
+    whose id and deadline are ``stamp`` (pack_id_deadline()'s bytes); else None."""
+    if answer[REPLY_LEAD] == REPLY_PREFIX and answer[ID_BYTES] == stamp[_STAMP_ID]:
+        return answer[HEAD_SIZE:]
+    return None
+
+
+def has_payload_frame(head: bytes) -> bool:
+    """Whether the message whose first frame is ``head`` says a payload frame
+    follows (False for a frame too short to say)."""
+    return len(head) > 4 and bool(head[4] & PAYLOAD_FRAME)
+
+
 BATCH_HEAD = _HEAD.pack(MAGIC, VERSION, BATCH, 0, 0, 0, 0, 0.0)
 """The head of a BATCH: several one-frame messages in one, each preceded by
 its length (4 bytes, big-endian), as its payload."""
-BATCH_PREFIX = BATCH_HEAD[:5]  # how a hot loop tells a BATCH: magic, version, kind, flags
+BATCH_PREFIX = BATCH_HEAD[LEAD]  # how a hot loop tells a BATCH: magic, version, kind, flags
 _LENGTH = struct.Struct(">I")
-_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
 _pack_length = _LENGTH.pack
 
 

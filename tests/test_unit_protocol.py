@@ -108,6 +108,51 @@ def test_the_hot_path_pieces_build_what_encode_builds() -> None:
     assert protocol.BATCH_PREFIX == b"PL\x01\x06\x00"
 
 
+def test_the_hot_path_readers_read_what_encode_wrote() -> None:
+    body = protocol.encode(protocol.REQUEST, 2**64 - 3, b"pay", b"s.f", b"route", 99.5)[0]
+    assert body[protocol.LEAD] == protocol.ONE_FRAME_REQUEST == b"PL\x01\x01\x00"
+    assert protocol.read_sizes(body) == (3, 5)
+    assert protocol.read_id(body) == (2**64 - 3,)
+    assert protocol.read_id_deadline(body) == (2**64 - 3, 99.5)
+    assert body[protocol.ID_BYTES] == (2**64 - 3).to_bytes(8, "big")
+    assert protocol.request_prefix(b"s.f", b"route") == body[:9]
+    assert protocol.pack_sizes(3, 5) == body[5:9]
+    assert protocol.encode(protocol.REPLY, 1)[0][protocol.REPLY_LEAD] == protocol.REPLY_PREFIX
+
+
+def test_the_hot_path_builders_build_what_encode_builds() -> None:
+    request = protocol.encode(protocol.REQUEST, 77, b"in", b"s.f", b"back", 12.25)[0]
+    reply = protocol.encode(protocol.REPLY, 77, b"out")
+    assert [protocol.reply_to(request, b"out")] == reply
+    forwarded = protocol.encode(protocol.REQUEST, 77, b"out", b"next.g", b"back", 12.25)
+    assert [protocol.forward(request, b"next.g", b"back", b"out")] == forwarded
+    renumbered = protocol.encode(protocol.REQUEST, 2**64 - 1, b"in", b"s.f", b"back", 12.25)
+    assert [protocol.with_id(request, 2**64 - 1)] == renumbered
+    assert protocol.with_id(request, 2**64 + 5) == protocol.with_id(request, 5)
+
+
+def test_reply_payload_takes_only_a_one_frame_reply_to_its_own_id() -> None:
+    stamp = protocol.pack_id_deadline(8, 5.0)
+    assert protocol.reply_payload(protocol.encode(protocol.REPLY, 8, b"r")[0], stamp) == b"r"
+    assert protocol.reply_payload(protocol.encode(protocol.REPLY, 8)[0], stamp) == b""
+    for other in (
+        protocol.encode(protocol.REPLY, 9, b"r")[0],  # another call's
+        protocol.encode(protocol.ERROR, 8, b"{}")[0],
+        protocol.encode(protocol.REPLY, 8, b"r", flags=protocol.MORE)[0],
+        protocol.REPLY_PREFIX + stamp[:7],  # cut inside the id
+        b"",
+    ):
+        assert protocol.reply_payload(other, stamp) is None
+
+
+def test_has_payload_frame_reads_the_flags() -> None:
+    split = protocol.encode(protocol.REPLY, 1, bytes(protocol.SPLIT_PAYLOAD + 1))
+    assert protocol.has_payload_frame(split[0])
+    assert not protocol.has_payload_frame(protocol.encode(protocol.REPLY, 1, b"r")[0])
+    assert not protocol.has_payload_frame(split[0][:4])
+    assert protocol.has_payload_frame(split[0][:5])
+
+
 # ---------------------------------------------------------------------- batches
 
 
