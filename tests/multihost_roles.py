@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from servers import Doubler
+
 from pylm.base import BaseServer
 from pylm.chained import LastServer, LoopClient
 from pylm.chained import Server as Stage
 from pylm.errors import PylmError
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Master, Worker
+from pylm.parallel import Master
 from pylm.registry import LocalEtcd, Registry
 from pylm.registry.local import free_port
 from pylm.standalone import Client
@@ -70,11 +72,6 @@ class Step(Stage):
 class Last(LastServer):
     def done(self, message: bytes) -> bytes:
         return message + b">last"
-
-
-class Doubler(Worker):
-    def double(self, message: bytes) -> bytes:
-        return message * 2
 
 
 def _registry(url: str, cluster: str) -> Registry:

@@ -16,18 +16,13 @@ from collections.abc import Iterator
 
 import pytest
 from prerequisites import needs_wrk
+from servers import Echo
 
-from pylm.standalone import Server
 from pylm.telemetry.exporter import Exporter
 from pylm.telemetry.httpd import HttpService, QuietHandler
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Echo(Server):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from servers import Echo
 
 from pylm import protocol
 from pylm.cache import CacheClient
@@ -44,11 +45,6 @@ from pylm.testing import wait_for
 pytestmark = pytest.mark.timeout(60)
 
 PASSWORD = "s3cret-pw"
-
-
-class Echo(Server):
-    def echo(self, message: bytes) -> bytes:
-        return message
 
 
 def test_a_registry_password_never_shows_in_an_error() -> None:
