@@ -10,11 +10,18 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout
+from pylm.protocol import (
+    DEFAULT_MAX_PAYLOAD,
+    HEAD_SIZE,
+    REPLY_LEAD,
+    REPLY_PREFIX,
+    has_payload_frame,
+    read_id,
+)
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
 
@@ -25,8 +32,6 @@ __all__ = ["AsyncClient"]
 
 _SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
 _RETIRED = 8  # side sockets of earlier instance lists still read, at most
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_unpack_id = protocol.unpack_id
 
 
 class AsyncClient(Caller):
@@ -254,9 +259,9 @@ class AsyncClient(Caller):
                     break
                 body = first if first else recv()  # a server's REP would add a delimiter
                 message: protocol.Message | None
-                if body[:9] == _REPLY_PREFIX:  # fast path: a one-frame REPLY
-                    message = protocol.Message(protocol.REPLY, _unpack_id(body, 9)[0], body[25:])
-                elif len(body) > 4 and body[4] & protocol.PAYLOAD_FRAME:
+                if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE:  # a one-frame REPLY
+                    message = protocol.Message(protocol.REPLY, read_id(body)[0], body[HEAD_SIZE:])
+                elif has_payload_frame(body):
                     message = read_answer([body, recv()])
                 else:
                     message = read_answer([body])

@@ -9,12 +9,21 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.protocol import (
+    DEFAULT_MAX_PAYLOAD,
+    HEAD_SIZE,
+    REPLY_LEAD,
+    REPLY_PREFIX,
+    has_payload_frame,
+    pack_id_deadline,
+    read_id,
+    reply_payload,
+)
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context, send_frame
 
@@ -23,11 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Client"]
 
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_HEAD_SIZE = protocol.HEAD_SIZE
 _SNDMORE = zmq.SNDMORE
-_unpack_id = protocol.unpack_id
-_pack_id_deadline = protocol.pack_id_deadline
 _time = time.time
 _perf_counter = time.perf_counter
 
@@ -94,7 +99,7 @@ class Client(CacheCalls, Caller, Closing):
         # line here costs a few per cent of the round-trip rate.
         began = _perf_counter()
         msg_id = next(calls.ids)
-        stamp = _pack_id_deadline(msg_id, _time() + self.timeout)
+        stamp = pack_id_deadline(msg_id, _time() + self.timeout)
         body = b"".join((entry[0], stamp, entry[1], message))
         lock = self._lock
         lock.acquire()
@@ -105,12 +110,13 @@ class Client(CacheCalls, Caller, Closing):
             try:
                 send_frame(socket, body)
                 answer = socket.recv()
-                if answer[:9] == _REPLY_PREFIX and answer[9:17] == stamp[:8]:
+                result = reply_payload(answer, stamp)
+                if result is not None:
                     numbers = entry[2]
                     if numbers is not None:
                         took = _perf_counter() - began
-                        numbers.done(took, len(message), len(answer) - _HEAD_SIZE)
-                    return answer[_HEAD_SIZE:]
+                        numbers.done(took, len(message), len(result))
+                    return result
                 if not answer:  # a delimiter first: the answer of a REP
                     answer = socket.recv()
                 received = self._rest_of(socket, answer)
@@ -147,8 +153,8 @@ class Client(CacheCalls, Caller, Closing):
     ) -> bytes:
         """The result the answer carries, or the error it raises; counted."""
         head = answers[0]
-        if head[:9] == _REPLY_PREFIX:
-            result = head[_HEAD_SIZE:]
+        if head[REPLY_LEAD] == REPLY_PREFIX:
+            result = head[HEAD_SIZE:]
         else:
             try:
                 result = protocol.result_of(protocol.decode(answers))
@@ -221,7 +227,7 @@ class Client(CacheCalls, Caller, Closing):
         """An answer that is not to this call: a pylm one is a late answer to
         an earlier call, dropped and counted; anything else raises, since a
         REP answers each request once (this was the answer, and no pylm one)."""
-        if head[:2] != protocol.MAGIC or len(head) < _HEAD_SIZE:
+        if not head.startswith(protocol.MAGIC) or len(head) < HEAD_SIZE:
             raise ProtocolError(
                 f"server {self.server_name!r} at {self.connection} answered {what!r} with"
                 f" something that is not pylm: {head[:40]!r}"
@@ -232,7 +238,7 @@ class Client(CacheCalls, Caller, Closing):
     def _rest_of(socket: zmq.Socket, head: bytes) -> list[bytes]:
         """An answer's frames after its head ``head``: the head says whether a
         payload frame follows (asking the socket would cost more)."""
-        if len(head) > 4 and head[4] & protocol.PAYLOAD_FRAME:
+        if has_payload_frame(head):
             return [head, socket.recv()]
         return [head]
 
@@ -251,8 +257,4 @@ class Client(CacheCalls, Caller, Closing):
 def _answers(frames: list[bytes], msg_id: int) -> bool:
     """Whether ``frames`` are a well-formed answer to message ``msg_id``."""
     head = frames[0]
-    return (
-        len(head) >= _HEAD_SIZE
-        and head[:2] == protocol.MAGIC
-        and protocol.unpack_id(head, 9)[0] == msg_id
-    )
+    return len(head) >= HEAD_SIZE and head.startswith(protocol.MAGIC) and read_id(head)[0] == msg_id

@@ -13,7 +13,6 @@ CACHE requests (``Client.set/get/delete``) reach the server's cache
 from __future__ import annotations
 
 import logging
-import struct
 import sys
 import time
 from functools import partial
@@ -25,6 +24,7 @@ from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError
+from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
 from pylm.telemetry.counting import Sampling
 from pylm.transport import (
     check_address,
@@ -40,13 +40,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Server"]
 
-# A request the fast path takes: version 1, REQUEST, no flags.
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_HEAD_SIZE = protocol.HEAD_SIZE
-_SIZES = struct.Struct(">HH")  # target and route sizes, at offset 5
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_NO_DEADLINE = bytes(8)
-_SPLIT = protocol.SPLIT_PAYLOAD
 # Frames other than the payload are small; this slack bounds them.
 _FRAME_SLACK = 64 * 1024
 _DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
@@ -134,8 +127,7 @@ class Server(BaseServer):
         socket = self._socket
         assert socket is not None
         recv, send, call = partial(_recv, socket), partial(send_frame, socket), self._call
-        unpack_sizes = _SIZES.unpack_from
-        join = b"".join
+        reply_to = protocol.reply_to
         limit = self.messages
         served = self.served
         stats = self.stats
@@ -173,9 +165,9 @@ class Server(BaseServer):
                     self._drop("envelope", "an empty message", [peer, b""])
                     continue
                 body = frame.bytes
-                if not frame.more and body[:5] == _FAST and len(body) >= _HEAD_SIZE:
-                    target_size, route_size = unpack_sizes(body, 5)
-                    start = _HEAD_SIZE + target_size
+                if not frame.more and body[LEAD] == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE:
+                    target_size, route_size = read_sizes(body)
+                    start = HEAD_SIZE + target_size
                     if start + route_size <= len(body):
                         # Fast path: a one-frame REQUEST. The reply reuses the
                         # request's id bytes as they are.
@@ -188,21 +180,21 @@ class Server(BaseServer):
                             if stats is not None:
                                 untimed = sampling.untimed_next()
                         try:
-                            result = call(body[_HEAD_SIZE:start], body[start + route_size :], timed)
+                            result = call(body[HEAD_SIZE:start], body[start + route_size :], timed)
                         except PylmError as error:
-                            msg_id = protocol.unpack_id(body, 9)[0]
+                            msg_id = read_id(body)[0]
                             envelope = [peer, b""] if delimiter else [peer]
                             self._answer(envelope, protocol.encode_error(msg_id, error))
                             continue
-                        if len(result) <= _SPLIT:
+                        if len(result) <= SPLIT_PAYLOAD:
                             send(peer, _SNDMORE)
                             if delimiter:
                                 send(b"", _SNDMORE)
-                            send(join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                            send(reply_to(body, result))
                             if stats is not None:
                                 stats.sent += 1
                             continue
-                        msg_id = protocol.unpack_id(body, 9)[0]
+                        msg_id = read_id(body)[0]
                         envelope = [peer, b""] if delimiter else [peer]
                         self._answer(envelope, protocol.encode(protocol.REPLY, msg_id, result))
                         continue
