@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "SEND_SLICE",
     "Caller",
     "Calls",
-    "check_messages",
     "check_timeout",
     "curve_key",
     "pong_info",
@@ -38,9 +35,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0
-# s a streaming client's job() sends for before it reads what came back: a
-# slow payload source must not keep results unread and deadlines unchecked.
-SEND_SLICE = 0.05
 
 _pack_id_deadline = protocol.pack_id_deadline
 
@@ -50,16 +44,6 @@ def check_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
-
-
-def check_messages(messages: object) -> int:
-    """The results a streaming call ends after (``job(..., messages=N)``, the
-    2016 option): a non-negative int, or None for no limit."""
-    if messages is None:
-        return sys.maxsize
-    if isinstance(messages, bool) or not isinstance(messages, int) or messages < 0:
-        raise ValueError(f"messages must be a non-negative int or None, got {messages!r}")
-    return messages
 
 
 class Calls:
@@ -79,14 +63,19 @@ class Calls:
         self.stats = ClientStats(server_name) if metrics_enabled() else None
 
     def finished(self, function: str, began: float, size_in: int, size_out: int | None) -> None:
-        """Count a call that got an answer: a result (``size_out``) or an
-        error (None)."""
+        """Count a call begun at ``began`` (``perf_counter()``) that got an
+        answer: a result (``size_out``) or an error (None)."""
+        self.took(function, perf_counter() - began, size_in, size_out)
+
+    def took(self, function: str, seconds: float, size_in: int, size_out: int | None) -> None:
+        """Count a call that got an answer in ``seconds``: a result
+        (``size_out``) or an error (None)."""
         if self.stats is not None:
             numbers = self.stats.function(function)
             if size_out is None:
-                numbers.failed(perf_counter() - began, size_in)
+                numbers.failed(seconds, size_in)
             else:
-                numbers.done(perf_counter() - began, size_in, size_out)
+                numbers.done(seconds, size_in, size_out)
 
     def timed_out(self, function: str) -> None:
         if self.stats is not None:
@@ -276,33 +265,20 @@ class Caller:
         if registry is not None:
             registry.close()
 
-    def _expired_jobs(
-        self,
-        in_flight: MutableMapping[int, Any],
-        now: float,
-        function: str,
-        timeout: float,
-    ) -> list[tuple[int, int, RequestTimeout]]:
-        """Take the jobs whose deadline has passed out of ``in_flight`` (id ->
-        entry whose items 0 and 1 are the job's index and deadline), count
-        them, and give (id, index, error) for each."""
-        expired = [(msg_id, entry[0]) for msg_id, entry in in_flight.items() if entry[1] <= now]
-        for msg_id, _ in expired:
-            del in_flight[msg_id]
+    def _job_timeout(self, function: str, timeout: float) -> Callable[[int, int], RequestTimeout]:
+        """The error a job of ``function`` (index, timed out with how many
+        others) ends with when it has no result within ``timeout``; counted."""
+
+        def timed_out(index: int, together: int) -> RequestTimeout:
             self._calls.timed_out(function)
-        return [
-            (
-                msg_id,
-                index,
-                self._no_answer(
-                    f"no result for job {index} ({function!r} on {self.server_name!r} via"
-                    f" {self.connection}) within {timeout:g} s;"
-                    f" {len(expired)} job(s) timed out together",
-                    "; ",
-                ),
+            return self._no_answer(
+                f"no result for job {index} ({function!r} on {self.server_name!r} via"
+                f" {self.connection}) within {timeout:g} s;"
+                f" {together} job(s) timed out together",
+                "; ",
             )
-            for msg_id, index in expired
-        ]
+
+        return timed_out
 
     def _timeout_of(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else check_timeout(timeout)

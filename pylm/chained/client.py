@@ -8,9 +8,7 @@ import os
 import struct
 import time
 from bisect import bisect_left
-from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zmq
@@ -21,9 +19,7 @@ from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import (
     DEFAULT_TIMEOUT,
-    SEND_SLICE,
     Caller,
-    check_messages,
     curve_key,
     pong_info,
     read_answer,
@@ -40,6 +36,17 @@ from pylm.lifecycle import Closing
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
+from pylm.window import (
+    BLOCKED,
+    DONE,
+    FULL,
+    SLICED,
+    JobResult,
+    Outcome,
+    Window,
+    job_results,
+    values,
+)
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -50,7 +57,6 @@ DEFAULT_IN_FLIGHT = 1000
 LAST_KINDS = ("chained-last", "sink")  # the kinds of stage that answer clients
 MAX_BATCH = 1024  # jobs per message at most
 
-_Outcome = tuple[int, "bytes | None", "PylmError | None"]  # index, value, error
 _FAST_REQUEST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
 _pack_sizes = struct.Struct(">HH").pack
 _pack_id_deadline = protocol.pack_id_deadline
@@ -169,17 +175,6 @@ class _Wiring:
         except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
             pass
         self.monitor.close(linger=0)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """The outcome of one job of :meth:`LoopClient.results`: ``index`` is the
-    payload's position in the iterable; exactly one of ``value`` and ``error``
-    is set."""
-
-    index: int
-    value: bytes | None
-    error: PylmError | None
 
 
 class LoopClient(Caller, Closing):
@@ -304,7 +299,6 @@ class LoopClient(Caller, Closing):
         self._running = False
         self._ids = itertools.count(1)
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
-        self._items: dict[int, tuple[int, int | None]] = {}  # job id -> items seen, announced
         if announce:
             print("Client with the following connections:")
             for address in self.push_addresses:
@@ -377,37 +371,23 @@ class LoopClient(Caller, Closing):
         raise :class:`~pylm.errors.RequestTimeout`. ``messages``: end after
         that many results (the 2016 meaning), though jobs are still out;
         their results are dropped when they come."""
-        limit = check_messages(messages)
-        if not limit:
-            return
-        outcomes = self._run(function, iter(payloads), self._timeout_of(timeout))
-        try:
-            for _, value, error in outcomes:
-                if error is not None:
-                    raise error
-                assert value is not None
-                yield value
-                limit -= 1
-                if not limit:
-                    return
-        finally:
-            outcomes.close()
+        return values(
+            lambda: self._run(function, iter(payloads), self._timeout_of(timeout)), messages
+        )
 
     def results(
         self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
     ) -> Iterator[JobResult]:
         """Like :meth:`job`, but yield a :class:`JobResult` for every job,
         failed or not, and for jobs that time out; never raise for one job."""
-        for index, value, error in self._run(function, iter(payloads), self._timeout_of(timeout)):
-            yield JobResult(index, value, error)
+        return job_results(lambda: self._run(function, iter(payloads), self._timeout_of(timeout)))
 
     def _run(
         self, function: str, payloads: Iterator[bytes], timeout: float
-    ) -> Generator[_Outcome, None, None]:
+    ) -> Generator[Outcome, None, None]:
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
         self._running = True
-        in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # id -> index, deadline
         try:
             jobs = self._jobs
             if jobs is None:
@@ -419,6 +399,8 @@ class LoopClient(Caller, Closing):
             prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
             tail = target + self.route
             inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
+            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
+            add, batch = window.add, self.batch
             poller = zmq.Poller()
             for socket in self._results:
                 poller.register(socket, zmq.POLLIN)
@@ -426,24 +408,23 @@ class LoopClient(Caller, Closing):
             waiting: tuple[list[int], list[bytes]] | None = None
             carried: bytes | None = None  # a large payload taken, to go on its own next
             ids, clock, wall = self._ids, time.monotonic, time.time
-            index = 0
             exhausted = False
-            while True:
+
+            def send(room: int, until: float) -> int:
+                """Up to ``batch`` small jobs per message while there is room."""
+                nonlocal waiting, carried, exhausted
                 if (self._last is not None and self._last.changed) or (
                     self._peers is not None and self._peers.changed
                 ):
                     self._follow(poller, timeout)
-                # Send while there is room: up to `batch` small jobs per message,
-                # for one slice of time: a slow payload source must not keep
-                # results unread, deadlines unchecked, registry changes unapplied.
-                sliced = False
-                slice_ends = clock() + SEND_SLICE
-                while not exhausted and len(in_flight) < self.max_in_flight:
+                while room > 0:
                     if waiting is None:
+                        if exhausted:
+                            return DONE
                         group: list[int] = []
                         bodies: list[bytes] = []
-                        room = min(self.max_in_flight - len(in_flight), self.batch)
-                        while len(bodies) < room:
+                        take = min(room, batch)
+                        while len(bodies) < take:
                             payload = carried if carried is not None else next(payloads, None)
                             carried = None
                             if payload is None:
@@ -472,7 +453,7 @@ class LoopClient(Caller, Closing):
                                 break
                         if waiting is None:
                             if not bodies:
-                                break
+                                return DONE
                             message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
                             waiting = (group, [message])
                     try:
@@ -481,53 +462,41 @@ class LoopClient(Caller, Closing):
                         else:
                             jobs.send_multipart(waiting[1], zmq.NOBLOCK)
                     except zmq.Again:
-                        break
+                        return BLOCKED
                     now = clock()
-                    deadline = now + timeout
-                    for msg_id in waiting[0]:
-                        in_flight[msg_id] = (index, deadline)
-                        index += 1
+                    add(waiting[0], now)
+                    room -= len(waiting[0])
                     waiting = None
-                    if now >= slice_ends:
-                        sliced = True  # more may go at once, after reading results
-                        break
-                if exhausted and not in_flight:
-                    return
-                # Wait for results (or room to send), up to the oldest deadline.
-                now = clock()
-                oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
-                if oldest <= now:
-                    yield from self._expire(in_flight, now, function, timeout)
-                    continue
+                    if now >= until:
+                        return SLICED
+                return FULL
+
+            def wait(ms: int) -> list[Outcome]:
                 if waiting is not None:
                     poller.register(jobs, zmq.POLLOUT)
-                ready = dict(poller.poll(0 if sliced else max(1, int((oldest - now) * 1000))))
+                ready = dict(poller.poll(ms))
                 if waiting is not None:
                     poller.unregister(jobs)
+                outcomes: list[Outcome] = []
                 for socket in self._results:
                     if socket in ready:
-                        yield from self._collect(socket, in_flight, numbers, timeout)
+                        outcomes += self._collect(socket, window, numbers)
+                return outcomes
+
+            yield from window.run(send, wait)
         finally:
             self._running = False
-            # Jobs left out (messages=N reached, an error raised): the items
-            # counted of their streams go with them.
-            for msg_id in in_flight:
-                self._items.pop(msg_id, None)
 
     def _collect(
-        self,
-        socket: zmq.Socket,
-        in_flight: OrderedDict[int, tuple[int, float]],
-        numbers: FunctionStats | None,
-        timeout: float,
-    ) -> list[_Outcome]:
-        """Every result waiting on ``socket``; counted in ``numbers`` (a job's
-        time: now less its deadline less the timeout)."""
-        outcomes: list[_Outcome] = []
-        recv, pop = socket.recv, in_flight.pop
+        self, socket: zmq.Socket, window: Window, numbers: FunctionStats | None
+    ) -> list[Outcome]:
+        """Every result waiting on ``socket``; counted in ``numbers``."""
+        outcomes: list[Outcome] = []
+        recv, jobs = socket.recv, window.jobs
+        pop = jobs.pop
         # One clock reading for the results drained together (they were all
-        # there by then): a job took now - (its deadline - timeout).
-        sent_before = time.monotonic() + timeout
+        # there by then): a job took now - its sending time.
+        now = time.monotonic()
         bodies: list[bytes] = []  # the rest of a BATCH of results being read
         while True:
             in_batch = bool(bodies)
@@ -551,12 +520,12 @@ class LoopClient(Caller, Closing):
                 if entry is None:
                     self.dropped += 1
                 else:
-                    outcomes.append((entry[0], body[_HEAD_SIZE:], None))
+                    outcomes.append((entry.index, body[_HEAD_SIZE:], None, True))
                     if numbers is None:
                         continue
-                    # numbers.done(...), inline, timing a sample (SAMPLE_EVERY)
+                    # numbers.done(...), inline, timing a sample (pylm.metrics.SAMPLE_EVERY)
                     if len(outcomes) & _UNTIMED_MASK == 1:
-                        took = sent_before - entry[1]
+                        took = now - entry.sent
                         numbers.seconds += took
                         numbers.buckets[0 if took <= _FIRST_BOUND else _bucket(took)] += 1
                     else:
@@ -565,69 +534,31 @@ class LoopClient(Caller, Closing):
                 continue
             frames = [body] if in_batch else [body, *rest_of(socket)]
             message = read_answer(frames)
-            entry = None if message is None else in_flight.get(message.msg_id)
+            entry = None if message is None else jobs.get(message.msg_id)
             if entry is None or message is None:
                 self.dropped += 1
                 continue
             if message.kind == protocol.REPLY and message.flags & protocol.MORE:
                 # An item of a job that gives several results (a Hub's).
-                outcomes.append((entry[0], message.payload, None))
-                self._stream_item(in_flight, message.msg_id, entry, None, timeout)
+                outcomes.append((entry.index, message.payload, None, False))
+                window.tally(message.msg_id, entry, None)
                 continue
             if message.kind == protocol.END:
                 count = _COUNT.unpack(message.payload)[0] if len(message.payload) == 8 else 0
-                self._stream_item(in_flight, message.msg_id, entry, count, timeout)
+                window.tally(message.msg_id, entry, count)
                 continue
             pop(message.msg_id)
-            self._items.pop(message.msg_id, None)
-            took = sent_before - entry[1]
+            took = now - entry.sent
             try:
                 result = protocol.result_of(message)
             except PylmError as error:
-                outcomes.append((entry[0], None, error))
+                outcomes.append((entry.index, None, error, True))
                 if numbers is not None:
                     numbers.failed(took, 0)
             else:
-                outcomes.append((entry[0], result, None))
+                outcomes.append((entry.index, result, None, True))
                 if numbers is not None:
                     numbers.done(took, 0, len(result))
-
-    def _stream_item(
-        self,
-        in_flight: OrderedDict[int, tuple[int, float]],
-        msg_id: int,
-        entry: tuple[int, float],
-        count: int | None,
-        timeout: float,
-    ) -> None:
-        """Count an item of job ``msg_id`` (``count`` None), or its END
-        announcing ``count`` items; the job is over once both are in, in
-        whatever order they came (stage instances may reorder them)."""
-        items, announced = self._items.get(msg_id, (0, None))
-        if count is None:
-            items += 1
-        else:
-            announced = count
-        if announced is not None and items >= announced:
-            del in_flight[msg_id]
-            self._items.pop(msg_id, None)
-        else:  # a stream lives while it flows
-            self._items[msg_id] = (items, announced)
-            in_flight[msg_id] = (entry[0], time.monotonic() + timeout)
-            in_flight.move_to_end(msg_id)
-
-    def _expire(
-        self,
-        in_flight: OrderedDict[int, tuple[int, float]],
-        now: float,
-        function: str,
-        timeout: float,
-    ) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
-        for msg_id, index, error in self._expired_jobs(in_flight, now, function, timeout):
-            self._items.pop(msg_id, None)
-            outcomes.append((index, None, error))
-        return outcomes
 
     def _secure(self, socket: zmq.Socket, server_key: bytes | None = None) -> zmq.Socket:
         return self._secure_stage(socket, server_key or self.server_key)  # the first stage

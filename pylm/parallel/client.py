@@ -4,7 +4,6 @@ receives their results, the items of streaming jobs as they come."""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,13 +12,23 @@ import zmq
 from pylm import protocol
 from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheCalls, cache_request
-from pylm.calls import DEFAULT_TIMEOUT, SEND_SLICE, Caller, check_messages, pong_info, read_answer
-from pylm.chained.client import JobResult
+from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
+from pylm.window import (
+    BLOCKED,
+    DONE,
+    FULL,
+    SLICED,
+    JobResult,
+    Outcome,
+    Window,
+    job_results,
+    values,
+)
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -30,9 +39,6 @@ DEFAULT_IN_FLIGHT = 1000
 _REPLY_PREFIX = protocol.REPLY_PREFIX
 _HEAD_SIZE = protocol.HEAD_SIZE
 _unpack_id = protocol.unpack_id
-
-# One outcome: (job index, value, error, whether the job is over)
-_Outcome = tuple[int, "bytes | None", "PylmError | None", bool]
 
 
 class Client(CacheCalls, Caller, Closing):
@@ -114,32 +120,16 @@ class Client(CacheCalls, Caller, Closing):
         raises its typed error and ends the iteration. ``messages``: end
         after that many results (the 2016 meaning), though jobs are still
         out; their results are dropped when they come."""
-        limit = check_messages(messages)
-        if not limit:
-            return
-        outcomes = self._run(function, iter(payloads), self._timeout_of(timeout))
-        try:
-            for _, value, error, _ in outcomes:
-                if error is not None:
-                    raise error
-                if value is not None:
-                    yield value
-                    limit -= 1
-                    if not limit:
-                        return
-        finally:
-            outcomes.close()
+        return values(
+            lambda: self._run(function, iter(payloads), self._timeout_of(timeout)), messages
+        )
 
     def results(
         self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
     ) -> Iterator[JobResult]:
         """Like :meth:`job`, but a :class:`JobResult` per result or failure,
         never raising for one job; ``index`` is the payload's position."""
-        for index, value, error, _ in self._run(
-            function, iter(payloads), self._timeout_of(timeout)
-        ):
-            if value is not None or error is not None:
-                yield JobResult(index, value, error)
+        return job_results(lambda: self._run(function, iter(payloads), self._timeout_of(timeout)))
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the master how it is: name, workers connected, jobs queued."""
@@ -199,67 +189,55 @@ class Client(CacheCalls, Caller, Closing):
 
     def _run(
         self, function: str, payloads: Iterator[bytes], timeout: float
-    ) -> Generator[_Outcome, None, None]:
+    ) -> Generator[Outcome, None, None]:
         if self._running:
             raise RuntimeError("this Client is already running jobs; use one per thread")
         self._running = True
         try:
             socket = self._open_socket()
-            calls = self._calls
-            # id -> [index, deadline, began]
-            in_flight: OrderedDict[int, list[Any]] = OrderedDict()
-            index = 0
-            exhausted = False
+            request = self._calls.request
+            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
+            add = window.add
             held: list[bytes] | None = None  # a request the socket had no room for
             held_id = 0
+            exhausted = False
             clock = time.monotonic
-            while True:
-                # Send for one slice of time at most: a slow payload source
-                # must not keep results unread and deadlines unchecked.
-                sliced = False
-                slice_ends = clock() + SEND_SLICE
-                while not exhausted and len(in_flight) < self.max_in_flight:
+
+            def send(room: int, until: float) -> int:
+                nonlocal held, held_id, exhausted
+                while room > 0:
                     if held is None:
-                        payload = next(payloads, None)
+                        payload = None if exhausted else next(payloads, None)
                         if payload is None:
                             exhausted = True
-                            break
-                        held_id, held = calls.request(function, payload, timeout)
+                            return DONE
+                        held_id, held = request(function, payload, timeout)
                     try:
                         socket.send_multipart(held, zmq.NOBLOCK)
                     except zmq.Again:
-                        break
+                        return BLOCKED
                     now = clock()
-                    in_flight[held_id] = [index, now + timeout, time.perf_counter()]
-                    index += 1
+                    add((held_id,), now)
+                    room -= 1
                     held = None
-                    if now >= slice_ends:
-                        sliced = True  # more may go at once, after reading results
-                        break
-                if exhausted and not in_flight:
-                    return
-                now = clock()
-                oldest = next(iter(in_flight.values()))[1] if in_flight else now + timeout
-                if oldest <= now:
-                    yield from self._expire(in_flight, now, function, timeout)
-                    continue
-                events = socket.poll(
-                    0 if sliced else max(1, int((oldest - now) * 1000)),
-                    zmq.POLLIN | (zmq.POLLOUT if held is not None else 0),
-                )
-                if events & zmq.POLLIN:
-                    yield from self._collect(socket, in_flight, function, timeout)
+                    if now >= until:
+                        return SLICED
+                return FULL
+
+            def wait(ms: int) -> list[Outcome]:
+                events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
+                return self._collect(socket, window, function) if events & zmq.POLLIN else []
+
+            yield from window.run(send, wait)
         finally:
             self._running = False
 
-    def _collect(
-        self,
-        socket: zmq.Socket,
-        in_flight: OrderedDict[int, list[Any]],
-        function: str,
-        timeout: float,
-    ) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
+    def _collect(self, socket: zmq.Socket, window: Window, function: str) -> list[Outcome]:
+        """The outcomes of the answers waiting on ``socket`` (1,024 at most:
+        deadlines are checked between drains)."""
+        outcomes: list[Outcome] = []
+        jobs, took = window.jobs, self._calls.took
+        now = time.monotonic()  # one clock reading for the answers drained together
         for _ in range(1024):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -267,48 +245,37 @@ class Client(CacheCalls, Caller, Closing):
                 break
             body = frames[0]
             if body[:9] == _REPLY_PREFIX and len(frames) == 1:  # fast path: a final REPLY
-                entry = in_flight.pop(_unpack_id(body, 9)[0], None)
-                if entry is None:
+                job = jobs.pop(_unpack_id(body, 9)[0], None)
+                if job is None:
                     self.dropped += 1
                     continue
-                value = body[_HEAD_SIZE + body[7] * 256 + body[8] :]
-                outcomes.append((entry[0], value, None, True))
-                self._calls.finished(function, entry[2], 0, len(value))
+                value = body[_HEAD_SIZE:]  # no target nor route: REPLY_PREFIX says so
+                outcomes.append((job.index, value, None, True))
+                took(function, now - job.sent, 0, len(value))
                 continue
             message = read_answer(frames)
-            entry = None if message is None else in_flight.get(message.msg_id)
-            if message is None or entry is None:
+            job = None if message is None else jobs.get(message.msg_id)
+            if message is None or job is None:
                 self.dropped += 1
                 continue
             if message.kind == protocol.REPLY and message.flags & protocol.MORE:
-                entry[1] = time.monotonic() + timeout  # a stream lives while it flows
-                in_flight.move_to_end(message.msg_id)
-                outcomes.append((entry[0], message.payload, None, False))
+                window.flowing(message.msg_id, job)
+                outcomes.append((job.index, message.payload, None, False))
                 continue
-            del in_flight[message.msg_id]
+            del jobs[message.msg_id]
             if message.kind == protocol.END:
-                outcomes.append((entry[0], None, None, True))
-                self._calls.finished(function, entry[2], 0, 0)
+                outcomes.append((job.index, None, None, True))
+                took(function, now - job.sent, 0, 0)
                 continue
             try:
                 value = protocol.result_of(message)
             except PylmError as error:
-                outcomes.append((entry[0], None, error, True))
-                self._calls.finished(function, entry[2], 0, None)
+                outcomes.append((job.index, None, error, True))
+                took(function, now - job.sent, 0, None)
             else:
-                outcomes.append((entry[0], value, None, True))
-                self._calls.finished(function, entry[2], 0, len(value))
+                outcomes.append((job.index, value, None, True))
+                took(function, now - job.sent, 0, len(value))
         return outcomes
-
-    def _expire(
-        self,
-        in_flight: OrderedDict[int, list[Any]],
-        now: float,
-        function: str,
-        timeout: float,
-    ) -> list[_Outcome]:
-        expired = self._expired_jobs(in_flight, now, function, timeout)
-        return [(index, None, error, True) for _, index, error in expired]
 
     def close(self) -> None:
         self._stop_following()
