@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS, SEQ
+from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -41,12 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker"]
 
-_HEAD_SIZE = protocol.HEAD_SIZE
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_SIZES = struct.Struct(">HH")
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_NO_DEADLINE = bytes(8)
-_SPLIT = protocol.SPLIT_PAYLOAD
 _FRAME_SLACK = 64 * 1024
 _QUIET = 0.2  # s of quiet input before a leaving worker says goodbye (the master
 # stops sending on its leaving notice, which comes straight over the job socket)
@@ -280,7 +274,7 @@ class Worker(BaseServer):
                         return
                     for socket, _ in poller.poll(int(min(left, 0.1) * 1000) + 1):
                         answer = socket.recv_multipart()
-                        if answer and answer[-1][:2] == protocol.MAGIC:
+                        if answer and answer[-1].startswith(protocol.MAGIC):
                             self._rehello.set()  # the master does not know this worker
                 if self._beating.is_set():
                     return
@@ -348,6 +342,7 @@ class Worker(BaseServer):
 
     def _drain(self, socket: zmq.Socket) -> None:
         recv, send, call = socket.recv, partial(send_frame, socket), self._call
+        reply_to = protocol.reply_to
         for _ in range(64):
             try:
                 body = recv(zmq.NOBLOCK)
@@ -357,22 +352,22 @@ class Worker(BaseServer):
                 self.stats.received += 1
             self._busy = True
             try:
-                if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
-                    target_size, route_size = _SIZES.unpack_from(body, 5)
-                    start = _HEAD_SIZE + target_size
+                if body[LEAD] == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE:
+                    target_size, route_size = read_sizes(body)
+                    start = HEAD_SIZE + target_size
                     if start + route_size <= len(body):
                         self.served += 1
                         try:
-                            result = call(body[_HEAD_SIZE:start], body[start + route_size :])
+                            result = call(body[HEAD_SIZE:start], body[start + route_size :])
                         except PylmError as error:
                             self._answer(socket, protocol.encode_error(self._id(body), error))
                             continue
                         except _Stream as stream:
-                            self._stream(socket, self._id(body), body[_HEAD_SIZE:start], stream)
+                            self._stream(socket, self._id(body), body[HEAD_SIZE:start], stream)
                             continue
-                        if len(result) <= _SPLIT:
+                        if len(result) <= SPLIT_PAYLOAD:
                             try:
-                                send(b"".join((_REPLY_PREFIX, body[9:17], _NO_DEADLINE, result)))
+                                send(reply_to(body, result))
                             except zmq.Again:
                                 self._undelivered(socket, self._id(body))
                                 continue
@@ -389,7 +384,7 @@ class Worker(BaseServer):
 
     @staticmethod
     def _id(body: bytes) -> int:
-        return int(protocol.unpack_id(body, 9)[0])
+        return int(read_id(body)[0])
 
     def _other(self, socket: zmq.Socket, frames: list[bytes]) -> None:
         try:
