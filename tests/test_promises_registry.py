@@ -385,3 +385,22 @@ def test_parked_results_expire_with_a_warning(
         assert (answer.kind, answer.msg_id, answer.payload) == (protocol.REPLY, 2, b"ACK: kept")
     finally:
         last.stop()
+
+
+@pytest.mark.timeout(30)
+def test_wiring_and_leases_stay_in_their_cluster(
+    pylm_registry: Registry, other_registry: Registry
+) -> None:
+    """Two clusters on one etcd wire a stage of the same name each their
+    own way: each reads only its own wiring (all of it, or one stage's),
+    and only its own instances' leases."""
+    pylm_registry.set_config("step1", next="mine.f")
+    other_registry.set_config("step1", next="theirs.g")
+    other_registry.set_config("only_theirs", next="x.y")
+    assert {name: c.next for name, c in pylm_registry.configs().items()} == {"step1": "mine.f"}
+    config = pylm_registry.stage_config("step1")
+    assert config is not None and config.next == "mine.f"
+    assert pylm_registry.stage_config("only_theirs") is None
+    with Marked("echo", b"mine", registry=pylm_registry):
+        assert len(pylm_registry.leases_left("echo")) == 1
+        assert other_registry.leases_left() == {}
