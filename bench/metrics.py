@@ -17,8 +17,9 @@ import urllib.request
 
 from prometheus_client import REGISTRY, generate_latest
 
-from pylm.telemetry.counting import BUCKETS, ServerStats, publish, withdraw
+from pylm.telemetry.counting import BUCKETS, ServerStats
 from pylm.telemetry.exporter import Exporter
+from pylm.telemetry.exposition import publish, withdraw
 
 
 def populate(servers: int, functions: int) -> list[ServerStats]:

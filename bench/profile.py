@@ -15,7 +15,8 @@ groups the samples of each process by where the innermost frame is:
 * **pylm**: pylm's own Python code (framing, dispatch, bookkeeping);
 * **socket calls**: pyzmq's send/recv/poll, including the time the calling
   thread spends in libzmq under them (libzmq's own I/O thread is not seen);
-* **metrics**: pylm's counting (``pylm/telemetry/counting.py``, prometheus-client);
+* **metrics**: pylm's counting and its exposition (``pylm/telemetry/counting.py``,
+  ``exposition.py``), prometheus-client;
 * **other**: the standard library, the benchmark's own loop.
 
 and lists the innermost functions with the most samples. py-spy without
@@ -95,7 +96,11 @@ def classify(frames: list[str]) -> str:
     counts as a socket call."""
     path, line = location(frames[-1]) if frames else ("", 0)
     where = "/" + path
-    if "/pylm/telemetry/counting.py" in where or "/prometheus_client/" in where:
+    if (
+        "/pylm/telemetry/counting.py" in where
+        or "/pylm/telemetry/exposition.py" in where
+        or "/prometheus_client/" in where
+    ):
         return "metrics"
     if "/zmq/" in where or SOCKET_CALL.search(code_at(path, line)):
         return "socket calls"

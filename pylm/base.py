@@ -51,10 +51,9 @@ from pylm.telemetry.counting import (
     FunctionStats,
     ServerStats,
     metrics_enabled,
-    publish,
-    withdraw,
 )
 from pylm.telemetry.exporter import exporter
+from pylm.telemetry.exposition import publish, withdraw
 from pylm.transport import bind, default_context, public_host
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, R
 from pylm.names import check_name
 from pylm.security import Curve, Handshakes
 from pylm.telemetry.counting import ClientStats, FunctionStats, metrics_enabled
+from pylm.telemetry.exposition import publish_client
 from pylm.transport import check_address
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class Calls:
         self.targets: dict[str, tuple[bytes, bytes, FunctionStats | None]] = {}
         self.inline_limit = min(max_payload, protocol.SPLIT_PAYLOAD)  # one-frame payloads
         # What the calls took and how they ended (pylm.telemetry.counting), unless metrics are off.
-        self.stats = ClientStats(server_name) if metrics_enabled() else None
+        self.stats = publish_client(ClientStats(server_name)) if metrics_enabled() else None
 
     def finished(self, function: str, began: float, size_in: int, size_out: int | None) -> None:
         """Count a call begun at ``began`` (``perf_counter()``) that got an

@@ -17,7 +17,7 @@ import pytest
 from pylm.errors import RegistryError, RegistryUnavailable
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
 from pylm.registry.local import free_port
-from pylm.telemetry.counting import malformed_records
+from pylm.registry.malformed import malformed_records
 from pylm.testing import wait_for
 from pylm.transport import public_host
 

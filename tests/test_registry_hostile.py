@@ -24,8 +24,8 @@ from pylm.errors import RegistryError
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import InstanceRecord, LocalEtcd, Registry
+from pylm.registry.malformed import malformed_records
 from pylm.standalone import Client, Server
-from pylm.telemetry.counting import malformed_records
 from pylm.telemetry.sd import ServiceDiscovery
 from pylm.testing import wait_for
 

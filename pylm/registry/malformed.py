@@ -19,11 +19,17 @@ from typing import Any, TypeVar
 
 from pylm.logs import RateLimiter
 from pylm.registry.records import REASONS, InstanceRecord, MalformedRecord, StageConfig
-from pylm.telemetry.counting import malformed_records
+from pylm.telemetry.exposition import read_record_counts_from
 
 _Record = TypeVar("_Record")
 
-__all__ = ["parse_config_row", "parse_instance_row", "skip"]
+__all__ = [
+    "MalformedRecords",
+    "malformed_records",
+    "parse_config_row",
+    "parse_instance_row",
+    "skip",
+]
 
 log = logging.getLogger("pylm.registry")
 
@@ -32,7 +38,40 @@ _SEEN_LIMIT = 4096  # bad key versions remembered, so a re-read is not counted a
 _lock = threading.Lock()
 _seen: OrderedDict[tuple[bytes, int], None] = OrderedDict()
 _limiters = {reason: RateLimiter(1.0) for reason in REASONS}
-malformed_records().declare(REASONS)
+
+
+class MalformedRecords:
+    """Counts of registry records skipped, by reason (a small fixed set:
+    :data:`pylm.registry.records.REASONS`). Process-wide, like the registry
+    clients that count them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def declare(self, reasons: tuple[str, ...]) -> None:
+        """Export these reasons from the start, at 0 (rate() needs a start)."""
+        with self._lock:
+            for reason in reasons:
+                self._counts.setdefault(reason, 0)
+
+    def count(self, reason: str) -> None:
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+_MALFORMED_RECORDS = MalformedRecords()
+_MALFORMED_RECORDS.declare(REASONS)
+read_record_counts_from(_MALFORMED_RECORDS.counts)
+
+
+def malformed_records() -> MalformedRecords:
+    """This process's counts of registry records skipped."""
+    return _MALFORMED_RECORDS
 
 
 def skip(row: Any, error: MalformedRecord) -> None:
@@ -48,7 +87,7 @@ def skip(row: Any, error: MalformedRecord) -> None:
         limiter = _limiters[error.reason]
         allowed = limiter.allow()
         held = limiter.take_suppressed() if allowed else 0
-    malformed_records().count(error.reason)
+    _MALFORMED_RECORDS.count(error.reason)
     if allowed:
         more = f" ({held} more skipped for this reason since the last such line)" if held else ""
         log.warning(

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import PylmError
-from pylm.telemetry.counting import live_servers
+from pylm.telemetry.exposition import live_servers
 from pylm.telemetry.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
 
 __all__ = ["Exporter", "exporter"]

@@ -41,7 +41,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import RegistryError
-from pylm.telemetry.counting import registry_record_families
+from pylm.registry.malformed import malformed_records
+from pylm.telemetry.exposition import registry_record_families
 from pylm.telemetry.httpd import HttpService, QuietHandler
 
 if TYPE_CHECKING:
@@ -196,7 +197,9 @@ class ServiceDiscovery:
         up.add_metric([cluster], int(reachable))
         yield instances
         yield up
-        yield from registry_record_families()  # what this process skipped
+        yield from registry_record_families(
+            malformed_records().counts()
+        )  # what this process skipped
 
     def _render_metrics(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)
