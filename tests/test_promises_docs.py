@@ -35,8 +35,8 @@ from pylm.errors import (
 )
 from pylm.parallel import Client as JobClient
 from pylm.parallel import Hub, JobResult, Master, Worker
+from pylm.processes import free_port
 from pylm.registry import LocalEtcd, Registry
-from pylm.registry.local import free_port
 from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client, Server
 from pylm.telemetry.sd import ServiceDiscovery
@@ -414,7 +414,12 @@ def test_a_hub_with_a_full_queue_reads_no_more_input_and_loses_nothing(
         assert sorted((m.msg_id, m.payload, m.route, m.target) for m in results) == [
             (msg_id, b"done %d" % msg_id, b"c", b"last.done") for msg_id in range(50)
         ]
-        assert next_stage.poll(200) == 0
+        # Nothing more comes for those 50: a last job's result is the next thing out.
+        earlier.send_multipart(
+            protocol.encode(protocol.REQUEST, 50, b"50", f"{name}.work".encode(), b"c")
+        )
+        assert next_stage.poll(10_000), "no result for the last job"
+        assert protocol.decode(next_stage.recv_multipart()).msg_id == 50
     finally:
         if worker is not None:
             worker.stop(timeout=5)
