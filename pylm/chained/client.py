@@ -15,7 +15,6 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheClient
 from pylm.calls import (
     DEFAULT_TIMEOUT,
@@ -33,6 +32,16 @@ from pylm.errors import (
     RequestTimeout,
 )
 from pylm.lifecycle import Closing
+from pylm.protocol import (
+    BATCH_PREFIX,
+    DEFAULT_MAX_PAYLOAD,
+    HEAD_SIZE,
+    LEAD,
+    REPLY_LEAD,
+    REPLY_PREFIX,
+    pack_id_deadline,
+    read_id,
+)
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
@@ -57,12 +66,8 @@ DEFAULT_IN_FLIGHT = 1000
 LAST_KINDS = ("chained-last", "sink")  # the kinds of stage that answer clients
 MAX_BATCH = 1024  # jobs per message at most
 
-_FAST_REQUEST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_pack_sizes = struct.Struct(">HH").pack
-_pack_id_deadline = protocol.pack_id_deadline
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
-_BATCH_PREFIX = protocol.BATCH_PREFIX
 _COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
 _WIRING_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -80,11 +85,6 @@ _ARGUMENTS = (
 
 def _bucket(seconds: float) -> int:
     return bisect_left(BUCKETS, seconds)
-
-
-_unpack_id = protocol.unpack_id
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_HEAD_SIZE = protocol.HEAD_SIZE
 
 
 def _resolve_pipeline(
@@ -396,7 +396,7 @@ class LoopClient(Caller, Closing):
             self._greet(timeout)
             _, target, numbers = self._calls._target(function)
             # Every job's body is prefix + id and deadline + tail + payload.
-            prefix = _FAST_REQUEST + _pack_sizes(len(target), len(self.route))
+            prefix = protocol.request_prefix(target, self.route)
             tail = target + self.route
             inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
             window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
@@ -432,7 +432,7 @@ class LoopClient(Caller, Closing):
                                 break
                             if type(payload) is bytes and len(payload) <= inline_limit:
                                 msg_id = next(ids)
-                                stamp = _pack_id_deadline(msg_id, wall() + timeout)
+                                stamp = pack_id_deadline(msg_id, wall() + timeout)
                                 bodies.append(b"".join((prefix, stamp, tail, payload)))
                                 group.append(msg_id)
                             elif bodies:
@@ -507,7 +507,7 @@ class LoopClient(Caller, Closing):
                     body = recv(zmq.NOBLOCK)
                 except zmq.Again:
                     return outcomes
-                if body[:5] == _BATCH_PREFIX:
+                if body[LEAD] == BATCH_PREFIX:
                     try:
                         bodies = protocol.unpack_batch(body)
                     except ProtocolError:
@@ -515,12 +515,12 @@ class LoopClient(Caller, Closing):
                         continue
                     bodies.reverse()  # popped from the end: in order
                     continue
-            if body[:9] == _REPLY_PREFIX:  # fast path: a one-frame REPLY
-                entry = pop(_unpack_id(body, 9)[0], None)
+            if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE:  # a one-frame REPLY
+                entry = pop(read_id(body)[0], None)
                 if entry is None:
                     self.dropped += 1
                 else:
-                    outcomes.append((entry.index, body[_HEAD_SIZE:], None, True))
+                    outcomes.append((entry.index, body[HEAD_SIZE:], None, True))
                     if numbers is None:
                         continue
                     # numbers.done(...), inline, timing a sample (pylm.metrics.SAMPLE_EVERY)
@@ -530,7 +530,7 @@ class LoopClient(Caller, Closing):
                         numbers.buckets[0 if took <= _FIRST_BOUND else _bucket(took)] += 1
                     else:
                         numbers.untimed += 1
-                    numbers.bytes_out += len(body) - _HEAD_SIZE
+                    numbers.bytes_out += len(body) - HEAD_SIZE
                 continue
             frames = [body] if in_batch else [body, *rest_of(socket)]
             message = read_answer(frames)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pylm import protocol
-from pylm.base import DEFAULT_MAX_PAYLOAD
 from pylm.cache import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
+from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
 from pylm.window import (
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Client", "JobResult"]
 
 DEFAULT_IN_FLIGHT = 1000
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_HEAD_SIZE = protocol.HEAD_SIZE
-_unpack_id = protocol.unpack_id
 
 
 class Client(CacheCalls, Caller, Closing):
@@ -244,12 +241,13 @@ class Client(CacheCalls, Caller, Closing):
             except zmq.Again:
                 break
             body = frames[0]
-            if body[:9] == _REPLY_PREFIX and len(frames) == 1:  # fast path: a final REPLY
-                job = jobs.pop(_unpack_id(body, 9)[0], None)
+            if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE and len(frames) == 1:
+                # fast path: a final REPLY in one frame
+                job = jobs.pop(read_id(body)[0], None)
                 if job is None:
                     self.dropped += 1
                     continue
-                value = body[_HEAD_SIZE:]  # no target nor route: REPLY_PREFIX says so
+                value = body[HEAD_SIZE:]  # no target nor route: REPLY_PREFIX says so
                 outcomes.append((job.index, value, None, True))
                 took(function, now - job.sent, 0, len(value))
                 continue
