@@ -823,7 +823,8 @@ def _start_failed(args: argparse.Namespace, exc: BaseException) -> PylmError:
 
 def run_etcd(args: argparse.Namespace) -> int:
     from pylm.errors import RegistryError
-    from pylm.registry.local import LocalEtcd, free_port
+    from pylm.processes import free_port
+    from pylm.registry.local import LocalEtcd
 
     data_dir = Path(args.data_dir)
     if data_dir.exists() and not data_dir.is_dir():

@@ -17,8 +17,8 @@ from pylm.chained import Server as Stage
 from pylm.errors import PylmError
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master
+from pylm.processes import free_port
 from pylm.registry import LocalEtcd, Registry
-from pylm.registry.local import free_port
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
 from pylm.telemetry.prometheus import LocalPrometheus

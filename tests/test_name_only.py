@@ -13,8 +13,8 @@ import pytest
 
 import pylm
 from pylm.errors import RegistryError
+from pylm.processes import free_port
 from pylm.registry import LocalEtcd, Registry
-from pylm.registry.local import free_port
 from pylm.standalone import AsyncClient, Client, Server
 
 Serve = Callable[[Any], Any]

