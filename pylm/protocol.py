@@ -92,6 +92,7 @@ __all__ = [
     "BATCH_HEAD",
     "BATCH_PREFIX",
     "CACHE",
+    "COUNT",
     "DEFAULT_MAX_PAYLOAD",
     "END",
     "ERROR",
@@ -123,6 +124,7 @@ __all__ = [
     "error_detail",
     "forward",
     "has_payload_frame",
+    "one_frame_request",
     "pack_batch",
     "pack_id_deadline",
     "pack_sizes",
@@ -286,6 +288,10 @@ _NO_DEADLINE = bytes(8)
 ONE_FRAME_REQUEST = MAGIC + bytes([VERSION, REQUEST, 0])
 """``body[LEAD]`` of a REQUEST whose payload is in its one frame."""
 
+COUNT = struct.Struct(">Q")
+"""An END's payload, the number of items its job gave; also the number of an
+item in the route of a worker's REPLY flagged MORE."""
+
 
 def request_prefix(target: bytes, route: bytes = b"") -> bytes:
     """The bytes before the id of a one-frame REQUEST for ``target``: a
@@ -303,6 +309,23 @@ def reply_to(request: bytes, result: bytes) -> bytes:
     bytes) that answers the one-frame REQUEST ``request``: its id bytes are
     the request's, as they came."""
     return b"".join((REPLY_PREFIX, request[ID_BYTES], _NO_DEADLINE, result))
+
+
+def one_frame_request(
+    msg_id: int, deadline: float, target: bytes, route: bytes, payload: bytes
+) -> bytes:
+    """What ``encode(REQUEST, msg_id, payload, target, route, deadline)[0]``
+    is for a payload of at most SPLIT_PAYLOAD bytes, built faster."""
+    return b"".join(
+        (
+            ONE_FRAME_REQUEST,
+            _SIZES.pack(len(target), len(route)),
+            _ID_DEADLINE.pack(msg_id, deadline),
+            target,
+            route,
+            payload,
+        )
+    )
 
 
 def forward(request: bytes, target: bytes, route: bytes, payload: bytes) -> bytes:

@@ -129,6 +129,8 @@ def test_the_hot_path_builders_build_what_encode_builds() -> None:
     renumbered = protocol.encode(protocol.REQUEST, 2**64 - 1, b"in", b"s.f", b"back", 12.25)
     assert [protocol.with_id(request, 2**64 - 1)] == renumbered
     assert protocol.with_id(request, 2**64 + 5) == protocol.with_id(request, 5)
+    built = protocol.one_frame_request(2**64 - 1, 3.5, b"s.f", b"back", b"in")
+    assert [built] == protocol.encode(protocol.REQUEST, 2**64 - 1, b"in", b"s.f", b"back", 3.5)
 
 
 def test_reply_payload_takes_only_a_one_frame_reply_to_its_own_id() -> None:

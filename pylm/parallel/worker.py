@@ -31,8 +31,16 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
-from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS, SEQ
-from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
+from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS
+from pylm.protocol import (
+    COUNT,
+    HEAD_SIZE,
+    LEAD,
+    ONE_FRAME_REQUEST,
+    SPLIT_PAYLOAD,
+    read_id,
+    read_sizes,
+)
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -422,7 +430,7 @@ class Worker(BaseServer):
                 if not self._answer(
                     socket,
                     protocol.encode(
-                        protocol.REPLY, msg_id, item, route=SEQ.pack(items), flags=protocol.MORE
+                        protocol.REPLY, msg_id, item, route=COUNT.pack(items), flags=protocol.MORE
                     ),
                 ):
                     close = getattr(stream.items, "close", None)
