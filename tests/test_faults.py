@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from prerequisites import needs_etcd
 from servers import Echo, Last, Step
 
 from pylm.chained import LoopClient
@@ -106,6 +107,7 @@ def test_sigkilled_worker_during_10000_jobs_loses_none_and_repeats_none(
             process.wait(10)
 
 
+@needs_etcd
 @pytest.mark.timeout(120 * SOAK)
 def test_a_three_member_etcd_cluster_loses_a_member_then_its_leader() -> None:
     with LocalEtcdCluster(3) as etcd:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prerequisites import needs_etcd
 
 import pylm
 from pylm.errors import RegistryError
@@ -122,6 +123,7 @@ def test_no_instance_registered_is_a_clear_error(pylm_registry: Registry) -> Non
         Client("tcp://127.0.0.1:5555")
 
 
+@needs_etcd
 def test_serving_goes_on_while_etcd_is_down() -> None:
     with LocalEtcd() as etcd, Registry(etcd.url, cluster="outage", timeout=2) as registry:
         server = Echo("steady", log_stdout=False, registry=registry, ttl=1)

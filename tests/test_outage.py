@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from prerequisites import needs_etcd
 from servers import Doubler, Echo, Last, Step
 
 from pylm.base import BaseServer
@@ -68,6 +69,7 @@ class Load:
             thread.join(30)
 
 
+@needs_etcd
 @pytest.mark.timeout(OUTAGE + 120)
 def test_etcd_stopped_under_load_fails_no_call_and_servers_register_again() -> None:
     with LocalEtcd() as etcd, Registry(etcd.url, cluster="outage", timeout=2) as registry:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from prerequisites import needs_etcd
 from prometheus_client.parser import text_string_to_metric_families
 from servers import Echo
 
@@ -145,6 +146,7 @@ def registry_samples(url: str, server: str) -> dict[str, float]:
     }
 
 
+@needs_etcd
 def test_an_etcd_outage_shows_in_the_registry_metrics() -> None:
     """docs/operations.md, etcd down: pylm_registry_reachable drops to 0 and
     pylm_registry_keepalive_failures_total grows; the server counts itself
@@ -521,6 +523,7 @@ def test_a_master_restarted_on_its_address_takes_no_answer_to_its_predecessors_j
                 server.stop(timeout=5)
 
 
+@needs_etcd
 def test_pylm_sd_shows_an_etcd_outage_and_keeps_its_targets() -> None:
     """docs/operations.md, etcd down: `pylm sd`'s pylm_registry_up drops to
     0 (alert PylmSdDown) and it keeps serving the targets it knows; when

@@ -13,6 +13,7 @@ import urllib.request
 
 import aetcd
 import pytest
+from prerequisites import needs_etcd
 
 from pylm.errors import RegistryError, RegistryUnavailable
 from pylm.processes import free_port
@@ -198,6 +199,7 @@ def test_unreachable_registry_is_a_clear_error() -> None:
             registry.register(record())
 
 
+@needs_etcd
 def test_registration_survives_an_etcd_outage(tmp_path: object) -> None:
     with LocalEtcd() as etcd, Registry(etcd.url, cluster="outage", timeout=2) as registry:
         registration = registry.register(record(), ttl=1)

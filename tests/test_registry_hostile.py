@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prerequisites import needs_etcd
 
 from pylm.chained import LoopClient
 from pylm.demo import Last, Step1, Step2
@@ -240,6 +241,7 @@ def test_a_stage_puts_its_deleted_wiring_back(pylm_registry: Registry) -> None:
     wait_for(lambda: "keep_config" not in keepers(pylm_registry), 10, "the stopped stage lets go")
 
 
+@needs_etcd
 def test_wiring_outlives_an_etcd_data_loss() -> None:
     """A fresh etcd on the same address: servers register again, and a stage
     wired from the registry puts its wiring back, so that a stage started

@@ -325,6 +325,7 @@ def test_timeout_leaves_client_usable(serve: Serve) -> None:
         assert isinstance(RequestTimeout("x"), TimeoutError)
 
 
+@pytest.mark.timeout(10)  # a client that never times out fails here, not in 60 s
 def test_timeout_without_server(free_tcp_address: str) -> None:
     with Client(free_tcp_address, "nobody", timeout=0.2) as client:
         for _ in range(2):
