@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import zmq
 from fuzz_strategies import ROGUE_ID, Hostile
+from helpers import ANY
 from prometheus_client import REGISTRY
 from servers import Doer, Echo
 
@@ -36,7 +37,6 @@ from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Hub, Master
 from pylm.standalone import Client
 
-ANY = "tcp://127.0.0.1:0"
 CHECK_TIMEOUT = float(os.environ.get("PYLM_FUZZ_CHECK_TIMEOUT") or 1.5)  # s per check call
 HEARTBEAT = 0.1  # s: a rogue "worker" that never answers loses its jobs fast
 RUNAWAY = 300 * 2**20  # bytes of growth at which the watchdog stops the servers

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import ANY, trickle
 
 import pylm.chained.client
 import pylm.chained.servers
@@ -29,7 +30,6 @@ from pylm.standalone import Client
 from pylm.testing import wait_for
 
 Serve = Callable[[Any], Any]
-ANY = "tcp://127.0.0.1:0"
 
 
 class Step1(Server):
@@ -139,16 +139,10 @@ def test_a_slow_payload_source_gets_its_results_as_they_come(pipeline: Pipeline)
     results come out while the source still runs (job() reads what came back
     between payloads)."""
     source_done = threading.Event()
-
-    def slowly() -> Iterator[bytes]:
-        for i in range(15):
-            time.sleep(0.1)  # a slow producer, not synchronisation
-            yield b"%d" % i
-        source_done.set()
-
+    source = trickle(15, 0.1, source_done)
     with pipeline.client() as client:
         outcomes = [
-            (r.error, source_done.is_set()) for r in client.results("foo", slowly(), timeout=1)
+            (r.error, source_done.is_set()) for r in client.results("foo", source, timeout=1)
         ]
     assert [error for error, _ in outcomes] == [None] * 15
     assert not outcomes[0][1], "no result came out before the source ended"

@@ -6,8 +6,11 @@ names, ``job(..., messages=N)`` on the streaming clients, and a cache with
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,11 +19,13 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import ANY
 
 from pylm import protocol
 from pylm.cache import encode_set
 from pylm.chained import LastServer, LoopClient
 from pylm.chained import Server as Stage
+from pylm.demo import Last, Step1
 from pylm.errors import (
     PayloadTooLarge,
     ProtocolError,
@@ -29,25 +34,14 @@ from pylm.errors import (
     UnknownKey,
 )
 from pylm.parallel import Client as ParallelClient
-from pylm.parallel import Master, Worker
+from pylm.parallel import Hub, Master, Worker
 from pylm.registry import Registry
 from pylm.security import generate_keys
 from pylm.standalone import AsyncClient, Client, Server
 from pylm.testing import wait_for
 
 Serve = Callable[[Any], Any]
-ANY = "tcp://127.0.0.1:0"
 BEAT = 0.2
-
-
-class Step1(Stage):
-    def foo(self, message: bytes) -> bytes:
-        return b"you sent me " + message
-
-
-class Last(LastServer):
-    def baz(self, message: bytes) -> bytes:
-        return b"ACK: " + message
 
 
 class Pipeline:
@@ -83,6 +77,58 @@ def master(serve: Serve) -> Master:
     master = serve(Master("m", ANY, ANY, heartbeat=BEAT, log_stdout=False))
     serve(Squarer("w", "m", master.back, heartbeat=BEAT, log_stdout=False))
     return master
+
+
+# ------------------------------------------------------ positional options
+
+
+# Each server's positional parameters, in the 2016 order (docs/migrating.md).
+OPTIONS_2016 = ["log_address", "perf_address", "ping_address", "log_level", "messages"]
+PARALLEL_2016 = ["log_address", "log_level", "messages"]
+POSITIONAL_2016 = [
+    (Server, ["name", "rep_address", *OPTIONS_2016]),
+    (Stage, ["name", "pull_address", "next_address", "next_call", "db_address", *OPTIONS_2016]),
+    (LastServer, ["name", "pull_address", "push_address", "db_address", *OPTIONS_2016]),
+    (Master, ["name", "front_address", "workers_address", *PARALLEL_2016]),
+    (Worker, ["name", "master", "workers_address", *PARALLEL_2016]),
+    (Hub, ["name", "pull_address", "next_address", "next_call", "db_address", *PARALLEL_2016]),
+]
+OPTION_DEFAULTS = {
+    "log_address": None,
+    "perf_address": None,
+    "ping_address": None,
+    "log_level": logging.INFO,
+    "messages": sys.maxsize,
+}
+
+
+@pytest.mark.parametrize(("server", "names"), POSITIONAL_2016, ids=lambda x: getattr(x, "kind", ""))
+def test_every_server_keeps_the_2016_positional_options_in_place(
+    server: type, names: list[str]
+) -> None:
+    parameters = inspect.signature(server).parameters.values()
+    positional = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [p.name for p in positional] == names
+    for parameter in positional:
+        if parameter.name in OPTION_DEFAULTS:
+            assert parameter.default == OPTION_DEFAULTS[parameter.name], parameter.name
+
+
+def test_the_2016_perf_and_ping_addresses_warn_on_every_server_that_takes_them() -> None:
+    nowhere = "tcp://127.0.0.1:9"
+    made = {
+        "standalone": lambda *old: Server("s", ANY, None, *old, log_stdout=False),
+        "chained": lambda *old: Stage("s", ANY, nowhere, "n.f", ANY, None, *old, log_stdout=False),
+        "last": lambda *old: LastServer("s", ANY, ANY, ANY, None, *old, log_stdout=False),
+    }
+    for kind, make in made.items():
+        with pytest.warns(DeprecationWarning, match="perf_address='tcp://x:1' is ignored"):
+            make("tcp://x:1")
+        with pytest.warns(DeprecationWarning, match="ping_address='tcp://x:2' is ignored"):
+            make(None, "tcp://x:2")
+        with pytest.raises(ValueError, match="messages must be a non-negative int, got -1"):
+            make(None, None, logging.INFO, -1)
+        assert make(None, None, logging.DEBUG, 3).messages == 3, kind
 
 
 # ------------------------------------------------------------------ LoopClient

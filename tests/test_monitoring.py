@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from helpers import ANY
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm.chained import LastServer, LoopClient, Server
@@ -24,7 +25,6 @@ from pylm.telemetry.counting import BUSY, SAMPLE_EVERY, FunctionStats, Sampling
 from pylm.telemetry.sd import ServiceDiscovery, scrape_targets
 
 pytestmark = pytest.mark.timeout(60)
-ANY = "tcp://127.0.0.1:0"
 
 
 class Echo(StandaloneServer):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import ANY, lazy_dealer, trickle
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm import protocol
@@ -30,7 +31,6 @@ from pylm.testing import wait_for
 
 HERE = Path(__file__).resolve().parent
 BEAT = 0.2  # s between heartbeats: a dead worker is noticed within 0.6 s
-ANY = "tcp://127.0.0.1:0"
 
 
 class Tagger(Worker):
@@ -113,16 +113,10 @@ def test_a_slow_payload_source_gets_its_results_as_they_come(
     timeout: no job may time out, and results come out while it still runs."""
     serve(tagger(master, "w1"))
     source_done = threading.Event()
-
-    def slowly() -> Iterator[bytes]:
-        for i in range(15):
-            time.sleep(0.1)  # a slow producer, not synchronisation
-            yield b"%d" % i
-        source_done.set()
-
+    source = trickle(15, 0.1, source_done)
     with client_of(master) as client:
         outcomes = [
-            (r.error, source_done.is_set()) for r in client.results("who", slowly(), timeout=1)
+            (r.error, source_done.is_set()) for r in client.results("who", source, timeout=1)
         ]
     assert [error for error, _ in outcomes] == [None] * 15
     assert not outcomes[0][1], "no result came out before the source ended"
@@ -542,11 +536,7 @@ def test_a_client_that_stops_reading_holds_nobody_else_up(
 ) -> None:
     serve(tagger(master, "w1"))
     serve(tagger(master, "w2"))
-    lazy = zmq.Context.instance().socket(zmq.DEALER)
-    lazy.setsockopt(zmq.LINGER, 0)
-    lazy.setsockopt(zmq.RCVHWM, 10)
-    lazy.setsockopt(zmq.RCVBUF, 4096)
-    lazy.connect(master.front)
+    lazy = lazy_dealer(master.front)
     try:
         # A stream of 20,000 items of 1 KiB that nobody reads.
         lazy.send_multipart(protocol.encode(protocol.REQUEST, 1, b"20000", b"m.kib"))

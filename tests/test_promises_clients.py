@@ -11,11 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers import ANY
 
 from pylm.errors import RequestTimeout
 from pylm.standalone import Client, Server
-
-ANY = "tcp://127.0.0.1:0"
 
 
 @pytest.mark.timeout(30)

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers import ANY
 
 from pylm.chained import LastServer, LoopClient, Server
 from pylm.parallel import Client, Master, Worker
 
-ANY = "tcp://127.0.0.1:0"
 WINDOW = 5
 TOTAL = 200
 

@@ -25,13 +25,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
-import zmq
+from helpers import ANY, lazy_dealer, unique
 from prometheus_client import REGISTRY
 
 from pylm import protocol
@@ -42,12 +41,6 @@ from pylm.testing import wait_for
 
 HERE = Path(__file__).resolve().parent
 BEAT = 0.2  # s between heartbeats: a dead worker is noticed within 0.6 s
-ANY = "tcp://127.0.0.1:0"
-
-
-def unique(prefix: str) -> str:
-    """A server name no other test of this process uses (metrics are by name)."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def sample(metric: str, **labels: str) -> float:
@@ -239,11 +232,7 @@ def test_a_client_that_does_not_read_gets_its_share_of_the_backlog_the_rest_is_c
     master = serve(Master(name, ANY, ANY, heartbeat=BEAT, log_stdout=False))
     serve(Kib(worker, name, master.back, heartbeat=BEAT, log_stdout=False))
     items = 50_000
-    lazy = zmq.Context.instance().socket(zmq.DEALER)
-    lazy.setsockopt(zmq.LINGER, 0)
-    lazy.setsockopt(zmq.RCVHWM, 10)
-    lazy.setsockopt(zmq.RCVBUF, 4096)
-    lazy.connect(master.front)
+    lazy = lazy_dealer(master.front)
     try:
         lazy.send_multipart(
             protocol.encode(protocol.REQUEST, 1, b"%d" % items, f"{name}.kib".encode())

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import ANY
 from servers import Doer, Last, Step
 
 from pylm.chained import LoopClient
@@ -21,8 +22,6 @@ from pylm.security import Curve, Keys, generate_keys
 from pylm.standalone import Client
 from pylm.standalone import Server as RepServer
 from pylm.testing import wait_for
-
-ANY = "tcp://127.0.0.1:0"
 
 
 class Counted(RepServer):
