@@ -150,15 +150,17 @@ class Cache(MutableMapping[str, bytes]):
                 function=function,
             )
         if function == "set":
-            if len(payload) < 2:
+            start = _KEY_SIZE.size
+            if len(payload) < start:
                 raise ProtocolError("cache set without a key size")
             (size,) = _KEY_SIZE.unpack_from(payload)
-            if 2 + size > len(payload):
+            end = start + size
+            if end > len(payload):
                 raise ProtocolError(
                     f"cache set claims a key of {size} bytes in a payload of {len(payload)}"
                 )
-            key = self._key(payload[2 : 2 + size]) if size else uuid.uuid4().hex
-            value = payload[2 + size :]
+            key = self._key(payload[start:end]) if size else uuid.uuid4().hex
+            value = payload[end:]
             old = self.get(key)
             held = self.size() - (0 if old is None else len(key) + len(old) + ENTRY_BYTES)
             if held + len(key) + len(value) + ENTRY_BYTES > self.limit:

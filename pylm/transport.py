@@ -178,7 +178,7 @@ def read_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None
     follows it (a DEALER sending the message as it is), else the routing ids
     up to and including the first empty frame (a REQ, or a DEALER sending
     the delimiter a REQ would). None when neither fits."""
-    if len(frames) >= 2 and frames[1][:2] == MAGIC:
+    if len(frames) >= 2 and frames[1].startswith(MAGIC):
         return frames[:1], frames[1:]
     for index in range(1, len(frames) - 1):
         if not frames[index]:
