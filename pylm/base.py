@@ -42,6 +42,7 @@ from pylm.errors import (
 from pylm.handshakes import watch
 from pylm.logs import PushLogHandler, RateLimiter, server_logger
 from pylm.names import check_name
+from pylm.protocol import DEFAULT_MAX_PAYLOAD
 from pylm.security import Curve
 from pylm.telemetry.counting import (
     BUCKETS as _BUCKETS,
@@ -61,9 +62,7 @@ if TYPE_CHECKING:
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
-__all__ = ["DEFAULT_MAX_PAYLOAD", "BaseServer", "ServerOptions", "exposed_functions"]
-
-DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+__all__ = ["BaseServer", "ServerOptions", "exposed_functions"]
 
 Function = Callable[[bytes], Any]
 
