@@ -24,8 +24,8 @@ from pylm.errors import NoInstance, RegistryAccessDenied, RegistryError, Registr
 from pylm.lifecycle import Closing
 from pylm.logs import RateLimiter
 from pylm.registry.config import RegistryConfig
-from pylm.registry.etcd import open_client
-from pylm.registry.lease import SharedLease, closed_under_us
+from pylm.registry.etcd import closed_under_us, open_client
+from pylm.registry.lease import Leases, SharedLease
 from pylm.registry.malformed import parse_config_row, parse_instance_row, skip
 from pylm.registry.records import (
     InstanceRecord,
@@ -88,7 +88,7 @@ class Registry(Closing):
         self._client: aetcd.Client | None = None
         self._endpoint = 0
         self._registrations: list[Registration] = []
-        self._leases: dict[float, SharedLease] = {}  # by TTL, on the loop's thread only
+        self._leases = Leases(self._etcd)  # on the loop's thread only
         self._closed = False
         self.reachable = True  # whether etcd answered the last request (for metrics)
         self.watch_restarts = 0  # followings that had to start again
@@ -433,11 +433,7 @@ class Registry(Closing):
         InstanceRecord.from_json(record.to_json(), registration.key)
 
         async def join() -> None:
-            lease = self._leases.get(ttl)
-            if lease is None:
-                lease = self._leases[ttl] = SharedLease(self, ttl)
-            registration._lease = lease
-            await lease.join(registration)
+            registration._lease = await self._leases.join(registration, ttl)
 
         self._call(join())
         self._registrations.append(registration)

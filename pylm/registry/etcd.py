@@ -8,6 +8,7 @@ authentication on top.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aetcd
@@ -16,7 +17,14 @@ from aetcd import rpc, watcher
 
 from pylm.registry.config import RegistryConfig
 
-__all__ = ["SecureClient", "open_client"]
+__all__ = ["SecureClient", "closed_under_us", "open_client"]
+
+
+def closed_under_us() -> bool:
+    """Whether a ``CancelledError`` just caught comes from grpc (a call whose
+    channel another task closed), not from cancelling the current task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 class SecureClient(aetcd.Client):  # type: ignore[misc]

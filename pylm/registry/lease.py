@@ -11,49 +11,78 @@ grants a new one and puts every record under it again.
 
 Everything here runs on the registry's event loop; an :class:`asyncio.Lock`
 keeps a keep-alive round, a record joining and one leaving from
-interleaving.
+interleaving. The registry gives :class:`Leases` the one way it reaches etcd
+(an :data:`Etcd` callable) and its records as :class:`Member` objects; this
+module knows nothing else of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pylm.errors import RegistryError
+from pylm.registry.etcd import closed_under_us
 
 if TYPE_CHECKING:
     import aetcd
 
-    from pylm.registry.client import Registration, Registry
+    from pylm.registry.records import InstanceRecord
 
-__all__ = ["RETRY", "SharedLease", "closed_under_us"]
+__all__ = ["RETRY", "Etcd", "Leases", "Member", "SharedLease"]
 
 log = logging.getLogger("pylm.registry")
 
 RETRY = 0.5  # seconds between attempts to register again while etcd is unreachable
 
+Etcd = Callable[[Callable[["aetcd.Client"], Awaitable[Any]]], Awaitable[Any]]
+"""Runs ``operation(client)`` on an etcd endpoint that answers; raises
+:class:`RegistryError` when none does (:meth:`pylm.registry.Registry._etcd`)."""
 
-def closed_under_us() -> bool:
-    """Whether a ``CancelledError`` just caught comes from grpc (a call whose
-    channel another task closed), not from cancelling the current task."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
+
+class Member(Protocol):
+    """A record kept under a lease (:class:`pylm.registry.Registration`)."""
+
+    key: str
+    record: InstanceRecord
+    registered: bool  # whether etcd holds the record, as far as we know: set here
+    failures: int  # keep-alive rounds that could not reach etcd: counted here
+
+
+class Leases:
+    """The shared leases of one registry, one per TTL."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self._etcd = etcd
+        self._by_ttl: dict[float, SharedLease] = {}
+
+    async def join(self, member: Member, ttl: float) -> SharedLease:
+        """Put ``member``'s record under the lease of ``ttl`` seconds (see
+        :meth:`SharedLease.join`); the lease, for ``member`` to leave."""
+        lease = self._by_ttl.get(ttl)
+        if lease is None:
+            lease = self._by_ttl[ttl] = SharedLease(self._etcd, ttl, self._by_ttl)
+        await lease.join(member)
+        return lease
 
 
 class SharedLease:
-    """The lease of ``ttl`` seconds the registrations in ``members`` share."""
+    """The lease of ``ttl`` seconds the records in ``members`` share; it
+    leaves ``leases`` when its last member does."""
 
-    def __init__(self, registry: Registry, ttl: float) -> None:
-        self.registry = registry
+    def __init__(self, etcd: Etcd, ttl: float, leases: dict[float, SharedLease]) -> None:
+        self._etcd = etcd
+        self._leases = leases
         self.ttl = ttl
-        self.members: list[Registration] = []
+        self.members: list[Member] = []
         self.lease: Any = None  # aetcd's Lease, while granted
         self.alive = False  # whether etcd holds the lease, as far as we know
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
-    async def join(self, registration: Registration) -> None:
+    async def join(self, registration: Member) -> None:
         """Put ``registration``'s record under the lease (granted first if
         need be); raises :class:`RegistryError` if etcd cannot be reached."""
         async with self._lock:
@@ -64,7 +93,7 @@ class SharedLease:
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._keep_alive())
 
-    async def leave(self, registration: Registration) -> None:
+    async def leave(self, registration: Member) -> None:
         """Remove ``registration``'s record; the last to leave revokes the lease."""
         async with self._lock:
             if registration in self.members:
@@ -72,7 +101,7 @@ class SharedLease:
             registration.registered = False
             last = not self.members
             if last:
-                self.registry._leases.pop(self.ttl, None)
+                self._leases.pop(self.ttl, None)
                 task, self._task = self._task, None
                 if task is not None:
                     task.cancel()
@@ -89,16 +118,16 @@ class SharedLease:
                     except Exception as exc:  # expired already: nothing to revoke
                         log.debug("lease %x not revoked: %r", lease.id, exc)
 
-            await self.registry._etcd(remove)
+            await self._etcd(remove)
 
     async def _grant(self) -> None:
         ttl = round(self.ttl)
-        self.lease = await self.registry._etcd(lambda client: client.lease(ttl))
+        self.lease = await self._etcd(lambda client: client.lease(ttl))
         self.alive = True
 
-    async def _put(self, registration: Registration) -> None:
+    async def _put(self, registration: Member) -> None:
         key, value, lease = registration.key.encode(), registration.record.to_json(), self.lease
-        await self.registry._etcd(lambda client: client.put(key, value, lease=lease))
+        await self._etcd(lambda client: client.put(key, value, lease=lease))
         registration.registered = True
 
     async def _keep_alive(self) -> None:
@@ -121,7 +150,7 @@ class SharedLease:
                 # the one the lease was made with (Lease.refresh): that one may be
                 # a member that is down, or a client closed since.
                 lease_id = self.lease.id
-                response = await self.registry._etcd(lambda client: client.refresh_lease(lease_id))
+                response = await self._etcd(lambda client: client.refresh_lease(lease_id))
                 if response.TTL <= 0:
                     self._lost()  # expired meanwhile: a new lease, the records again
             if not self.alive:
