@@ -21,6 +21,9 @@ from pylm.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_WITHIN = 0.5  # s from Ctrl-C to the command's exit
+# pylm etcd waits for etcd, which syncs its data to disk as it stops: disk time, which a
+# loaded machine stretches (0.55 s seen) and the CPU-wait correction cannot see.
+ETCD_STOP_WITHIN = 2.0
 
 SERVERS = """
 import threading
@@ -250,7 +253,8 @@ def test_ctrl_c_ends_the_command_at_once(
         output = running.output()
         assert running.process.returncode == 0, output
         assert "Traceback" not in output, output
-        assert took < STOP_WITHIN, f"{command}: {took:.3f} s from Ctrl-C to exit"
+        limit = ETCD_STOP_WITHIN if command == "etcd" else STOP_WITHIN
+        assert took < limit, f"{command}: {took:.3f} s from Ctrl-C to exit"
         wait_for(running.group_gone, 5, "every process of the command ending")  # etcd's too
         if command.startswith("run "):
             assert pylm_registry.instances(args[3]) == []  # it deregistered
