@@ -135,6 +135,7 @@ class Window:
         self,
         send: Callable[[int, float], int],
         wait: Callable[[int], Iterable[Outcome]],
+        finished: Callable[[], None],
     ) -> Generator[Outcome, None, None]:
         """The outcomes of the jobs a client sends, as they come, until
         ``send`` has no more and every job out has its outcome.
@@ -144,21 +145,25 @@ class Window:
         it says what stopped it (:data:`SLICED`, :data:`FULL`,
         :data:`BLOCKED`, :data:`DONE`). ``wait(ms)`` waits up to ``ms``
         milliseconds for answers (and, after BLOCKED, for room on the
-        socket) and gives the outcomes of those that came."""
+        socket) and gives the outcomes of those that came. ``finished()``
+        is called when the run ends, however it ends."""
         jobs, size, clock = self.jobs, self.size, time.monotonic
-        while True:
-            stop = send(size - len(jobs), clock() + SEND_SLICE)
-            if stop == DONE and not jobs:
-                return
-            now = clock()
-            if jobs:
-                oldest = next(iter(jobs.values())).deadline
-                if oldest <= now:
-                    yield from self.expire(now)
-                    continue
-            else:
-                oldest = now + self.timeout
-            yield from wait(0 if stop == SLICED else max(1, int((oldest - now) * 1000)))
+        try:
+            while True:
+                stop = send(size - len(jobs), clock() + SEND_SLICE)
+                if stop == DONE and not jobs:
+                    return
+                now = clock()
+                if jobs:
+                    oldest = next(iter(jobs.values())).deadline
+                    if oldest <= now:
+                        yield from self.expire(now)
+                        continue
+                else:
+                    oldest = now + self.timeout
+                yield from wait(0 if stop == SLICED else max(1, int((oldest - now) * 1000)))
+        finally:
+            finished()
 
 
 @dataclass(frozen=True)

@@ -388,7 +388,7 @@ class LoopClient(Caller, Closing):
         if self._running:
             raise RuntimeError("this LoopClient is already running jobs; use one per thread")
         self._running = True
-        try:
+        try:  # until the window's run begins, which ends with self._finished
             jobs = self._jobs
             if jobs is None:
                 raise RuntimeError("the client is closed")
@@ -405,7 +405,7 @@ class LoopClient(Caller, Closing):
             for socket in self._results:
                 poller.register(socket, zmq.POLLIN)
             # Jobs the pipeline had no room for yet: their ids and frames.
-            waiting: tuple[list[int], list[bytes]] | None = None
+            waiting: tuple[list[int], bytes | list[bytes]] | None = None
             carried: bytes | None = None  # a large payload taken, to go on its own next
             ids, clock, wall = self._ids, time.monotonic, time.time
             exhausted = False
@@ -449,18 +449,19 @@ class LoopClient(Caller, Closing):
                                     self.route,
                                     wall() + timeout,
                                 )
-                                waiting = ([msg_id], frames)
+                                waiting = ([msg_id], frames[0] if len(frames) == 1 else frames)
                                 break
                         if waiting is None:
                             if not bodies:
                                 return DONE
                             message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
-                            waiting = (group, [message])
+                            waiting = (group, message)
                     try:
-                        if len(waiting[1]) == 1:
-                            send_frame(jobs, waiting[1][0], zmq.NOBLOCK)
+                        outgoing = waiting[1]
+                        if isinstance(outgoing, bytes):
+                            send_frame(jobs, outgoing, zmq.NOBLOCK)
                         else:
-                            jobs.send_multipart(waiting[1], zmq.NOBLOCK)
+                            jobs.send_multipart(outgoing, zmq.NOBLOCK)
                     except zmq.Again:
                         return BLOCKED
                     now = clock()
@@ -483,9 +484,13 @@ class LoopClient(Caller, Closing):
                         outcomes += self._collect(socket, window, numbers)
                 return outcomes
 
-            yield from window.run(send, wait)
-        finally:
+        except BaseException:
             self._running = False
+            raise
+        return window.run(send, wait, self._finished)
+
+    def _finished(self) -> None:
+        self._running = False
 
     def _collect(
         self, socket: zmq.Socket, window: Window, numbers: FunctionStats | None

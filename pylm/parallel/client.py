@@ -190,7 +190,7 @@ class Client(CacheCalls, Caller, Closing):
         if self._running:
             raise RuntimeError("this Client is already running jobs; use one per thread")
         self._running = True
-        try:
+        try:  # until the window's run begins, which ends with self._finished
             socket = self._open_socket()
             request = self._calls.request
             window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
@@ -225,9 +225,13 @@ class Client(CacheCalls, Caller, Closing):
                 events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
                 return self._collect(socket, window, function) if events & zmq.POLLIN else []
 
-            yield from window.run(send, wait)
-        finally:
+        except BaseException:
             self._running = False
+            raise
+        return window.run(send, wait, self._finished)
+
+    def _finished(self) -> None:
+        self._running = False
 
     def _collect(self, socket: zmq.Socket, window: Window, function: str) -> list[Outcome]:
         """The outcomes of the answers waiting on ``socket`` (1,024 at most:
