@@ -535,7 +535,7 @@ def test_a_side_branch_that_does_not_read_holds_the_main_line_and_loses_no_copy(
     (the teeing stage waits for room in the side branch before its next
     job); once the gate opens, the client gets all 60 and the sink keeps
     all 60 copies, each once. Fails when a tee drops a copy it has no room
-    for (the ``_send`` of copies in ``Server._succeed``).
+    for (the ``put`` of copies in ``ToNextStage.send``).
 
     While the gate is shut, the test waits up to 3 s for the client to get
     every result, which happens only if copies are dropped; that wait
@@ -624,7 +624,7 @@ def test_a_tee_stage_not_registered_yet_holds_the_main_line_and_gets_every_copy(
     client gets at most the first of its 10 results (the stage waits before
     its next job), and once the side stage registers, all 10 results and all
     10 copies arrive. Fails when a tee drops a copy it cannot send (the
-    ``_send`` of copies in ``Server._succeed``).
+    ``put`` of copies in ``ToNextStage.send``).
 
     While the side stage is absent, the test waits up to 2 s for the client
     to get every result, which happens only if copies are dropped."""

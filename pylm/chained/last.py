@@ -1,7 +1,7 @@
 """The :class:`LastServer`: the stage that answers the client of every
-job, through a ROUTER socket its clients connect to, never waiting for a
-client that does not read (a backlog), and keeping results a while for a
-client not connected yet (parked)."""
+job, through a ROUTER socket its clients connect to and greet; its output,
+:class:`ToClients`, never waits for a client that does not read (a backlog)
+and keeps results a while for a client not connected yet (parked)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import ServerOptions
+from pylm.chained.output import Output
 from pylm.chained.stage import DEFAULT_HWM, FRAME_SLACK, IDLE_MS, Stage
 from pylm.errors import ProtocolError, PylmError
 from pylm.transport import Backlog, check_address, recv_message, send_frame
@@ -21,7 +22,7 @@ from pylm.transport import Backlog, check_address, recv_message, send_frame
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["MAX_BACKLOG", "PARK_LIMIT", "PARK_SECONDS", "LastServer"]
+__all__ = ["MAX_BACKLOG", "PARK_LIMIT", "PARK_SECONDS", "LastServer", "ToClients"]
 
 # A last stage keeps results for a client not connected yet (one that found
 # the stage in the registry after its jobs got there) this long, this many.
@@ -42,6 +43,7 @@ class LastServer(Stage):
 
     _pylm_framework = True
     kind = "chained-last"
+    _output: ToClients
 
     def __init__(
         self,
@@ -73,13 +75,7 @@ class LastServer(Stage):
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results
         self._router: zmq.Socket | None = None
-        # Results for clients not connected (yet): a client that found this
-        # instance in the registry after its jobs got here greets it soon.
-        self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
-        self._parked_count = 0
-        # Results for clients that are not reading, sent when they have room
-        # (one that left meanwhile: as for one not here yet).
-        self._backlog = Backlog(MAX_BACKLOG, self._park)
+        self._output = ToClients(self)
         self._idle_timeout = IDLE_MS
 
     def _open_output(self) -> None:
@@ -89,7 +85,7 @@ class LastServer(Stage):
         router.setsockopt(zmq.SNDHWM, self.hwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown client: an error, not silence
         router.setsockopt(zmq.MAXMSGSIZE, FRAME_SLACK)  # clients only say hello
-        self._backlog.socket = router
+        self._output.attach(router)
         self.push = self._listen(router, self.push_address or self._any_port())
         self._poller.register(router, zmq.POLLIN)
         self._idle_timeout = self._poll_timeout
@@ -102,17 +98,8 @@ class LastServer(Stage):
         return super()._name_only() or self.push_address is None
 
     def _outputs(self) -> list[zmq.Socket | None]:
-        router, self._router = self._router, None
-        if self._parked_count:
-            self.logger.warning(
-                "%s: %d results dropped on stop: their clients were not connected"
-                " (not yet, or no longer)",
-                self.name,
-                self._parked_count,
-            )
-            self._parked.clear()
-            self._parked_count = 0
-        return [router]
+        self._router = None
+        return self._output.close()
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         if socket is self._router:
@@ -136,66 +123,157 @@ class LastServer(Stage):
         if message.kind == protocol.PING:
             # Through the backlog, as results go: a client that does not
             # read makes the stage wait for nobody.
-            self._to_client(frames[0], protocol.encode(protocol.PONG, message.msg_id, self._pong()))
-            self._release(frames[0])
+            pong = protocol.encode(protocol.PONG, message.msg_id, self._pong())
+            self._output.put(frames[0], pong)
+            self._output.release(frames[0])
         else:
             self._drop("kind", "clients only send PING on the results socket", frames)
 
-    def _to_client(self, route: bytes, frames: list[bytes]) -> None:
-        """Send to a client without waiting: a client whose queue is full (it
-        is not reading) gets its results later from a backlog, while the
-        other clients are served. Past MAX_BACKLOG results waiting in all, or
-        a quarter of that for one client, the result is dropped (counted and
-        logged): a stage never waits for a client."""
+    def _tick(self) -> None:
+        output = self._output
+        output.tick()
+        # Results wait for a client: wake up soon to send them.
+        self._poll_timeout = _ROUTER_RETRY_MS if output.waiting else self._idle_timeout
+
+
+class ToClients(Output):
+    """The output of a last stage: each result goes back to the client its
+    job's route names, through the stage's ROUTER socket, without waiting: a
+    client whose queue is full (it is not reading) gets its results later
+    from a backlog, while the other clients are served; a client not
+    connected (yet) gets them when it greets the stage, within PARK_SECONDS."""
+
+    def __init__(self, stage: LastServer) -> None:
+        self._stage = stage
+        self._router: zmq.Socket | None = None
+        # Results for clients not connected (yet): a client that found this
+        # instance in the registry after its jobs got here greets it soon.
+        self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
+        self._parked_count = 0
+        # Results for clients that are not reading, sent when they have room
+        # (one that left meanwhile: as for one not here yet).
+        self._backlog = Backlog(MAX_BACKLOG, self._park)
+
+    def attach(self, router: zmq.Socket) -> None:
+        """Send through ``router``, the socket the clients connect to."""
+        self._router = router
+        self._backlog.socket = router
+
+    @property
+    def waiting(self) -> bool:
+        """Whether results wait for a client that had no room."""
+        return bool(self._backlog)
+
+    def close(self) -> list[zmq.Socket | None]:
+        router, self._router = self._router, None
+        if self._parked_count:
+            stage = self._stage
+            stage.logger.warning(
+                "%s: %d results dropped on stop: their clients were not connected"
+                " (not yet, or no longer)",
+                stage.name,
+                self._parked_count,
+            )
+            self._parked.clear()
+            self._parked_count = 0
+        return [router]
+
+    def send_fast(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        router = self._router
+        assert router is not None
+        if len(result) > _SPLIT:
+            self.send(protocol.decode([body]), result)
+            return
+        route = body[start:end]
+        reply = self.fast_message(body, start, end, result)
+        if self._backlog.holds(route):
+            self.put(route, [reply])  # after what waits for that client
+            return
+        try:
+            send_frame(router, route, _FIRST)  # the whole message goes, or none of it
+        except zmq.ZMQError:  # full, or an unknown client: the careful way
+            self.put(route, [reply])
+            return
+        send_frame(router, reply)
+
+    def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
+        return b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
+
+    def error_route(self, route: bytes) -> bytes:
+        return b""  # the client needs no route
+
+    def send_batch(self, results: list[tuple[bytes, bytes]]) -> None:
+        by_client: dict[bytes, list[bytes]] = {}
+        for route, message in results:
+            by_client.setdefault(route, []).append(message)
+        for route, messages in by_client.items():
+            batch = messages[0] if len(messages) == 1 else protocol.pack_batch(messages)
+            self.put(route, [batch])
+
+    def send(self, message: protocol.Message, result: bytes) -> None:
+        if not message.route:
+            return  # a job nobody waits for (a tee's copy): its result stays here
+        flags = message.flags & protocol.MORE
+        reply = protocol.encode(protocol.REPLY, message.msg_id, result, flags=flags)
+        self.put(message.route, reply)
+
+    def send_error(self, message: protocol.Message, error: PylmError) -> None:
+        self.put(message.route, protocol.encode_error(message.msg_id, error))
+
+    def forward(self, message: protocol.Message, frames: list[bytes]) -> None:
+        self.put(message.route, protocol.encode(message.kind, message.msg_id, message.payload))
+
+    def put(self, route: bytes, frames: list[bytes]) -> None:
+        """Send to a client without waiting (see the class). Past MAX_BACKLOG
+        results waiting in all, or a quarter of that for one client, the
+        result is dropped (counted and logged): a stage never waits for a
+        client."""
         if not self._backlog.offer(route, frames):
-            if self.stats is not None:  # results: those of a BATCH count one by one
+            stage = self._stage
+            if stage.stats is not None:  # results: those of a BATCH count one by one
                 batch = frames[0][:5] == _BATCH_PREFIX
-                self.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
-            self._log_limited(
+                stage.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
+            stage._log_limited(
                 "backlog-full",
                 logging.WARNING,
                 "%s: a result for client %s dropped: it takes none, and %d results wait for"
                 " it (%d for all clients)",
-                self.name,
+                stage.name,
                 route.hex(),
                 len(self._backlog.waiting(route)),
                 self._backlog.size,
             )
-        if self._backlog:
-            self._poll_timeout = _ROUTER_RETRY_MS  # wake up to send what waits
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         if self._backlog:
             self._backlog.flush()
-            if not self._backlog:
-                self._poll_timeout = self._idle_timeout
         if self._parked_count:  # expired ones go with their warning, traffic or not
             self._expire_parked(time.monotonic())
 
-    def _park(self, route: bytes, frames: list[bytes]) -> None:
-        """Keep a result for a client not connected yet, for a while."""
-        now = time.monotonic()
-        self._expire_parked(now)
-        if self._parked_count >= PARK_LIMIT:
-            self.logger.warning(
-                "%s: result for client %s dropped: it is not connected (and %d results"
-                " already wait for clients)",
-                self.name,
-                route.hex(),
-                self._parked_count,
-            )
-            return
-        self._parked.setdefault(route, []).append((now + PARK_SECONDS, frames))
-        self._parked_count += 1
-
-    def _release(self, route: bytes) -> None:
+    def release(self, route: bytes) -> None:
         """The client ``route`` is connected: send it what waited for it."""
         assert self._router is not None
         self._expire_parked(time.monotonic())  # what expired is not sent late
         waiting = self._parked.pop(route, [])
         self._parked_count -= len(waiting)
         for _, frames in waiting:
-            self._to_client(route, frames)  # parked again if it left meanwhile
+            self.put(route, frames)  # parked again if it left meanwhile
+
+    def _park(self, route: bytes, frames: list[bytes]) -> None:
+        """Keep a result for a client not connected yet, for a while."""
+        now = time.monotonic()
+        self._expire_parked(now)
+        if self._parked_count >= PARK_LIMIT:
+            self._stage.logger.warning(
+                "%s: result for client %s dropped: it is not connected (and %d results"
+                " already wait for clients)",
+                self._stage.name,
+                route.hex(),
+                self._parked_count,
+            )
+            return
+        self._parked.setdefault(route, []).append((now + PARK_SECONDS, frames))
+        self._parked_count += 1
 
     def _expire_parked(self, now: float) -> None:
         for route in [route for route, parked in self._parked.items() if parked[0][0] < now]:
@@ -207,58 +285,10 @@ class LastServer(Stage):
                 self._parked[route] = kept
             else:
                 del self._parked[route]
-            self.logger.warning(
+            self._stage.logger.warning(
                 "%s: %d results for client %s dropped: it did not connect within %g s",
-                self.name,
+                self._stage.name,
                 dropped,
                 route.hex(),
                 PARK_SECONDS,
             )
-
-    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
-        router = self._router
-        assert router is not None
-        if len(result) > _SPLIT:
-            self._succeed(protocol.decode([body]), result)
-            return
-        route = body[start:end]
-        reply = self._output(body, start, end, result)
-        if self._backlog.holds(route):
-            self._to_client(route, [reply])  # after what waits for that client
-            return
-        try:
-            send_frame(router, route, _FIRST)  # the whole message goes, or none of it
-        except zmq.ZMQError:  # full, or an unknown client: the careful way
-            self._to_client(route, [reply])
-            return
-        send_frame(router, reply)
-
-    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        return b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
-
-    def _error_route(self, route: bytes) -> bytes:
-        return b""  # the client needs no route
-
-    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
-        by_client: dict[bytes, list[bytes]] = {}
-        for route, message in outputs:
-            by_client.setdefault(route, []).append(message)
-        for route, messages in by_client.items():
-            batch = messages[0] if len(messages) == 1 else protocol.pack_batch(messages)
-            self._to_client(route, [batch])
-
-    def _succeed(self, message: protocol.Message, result: bytes) -> None:
-        if not message.route:
-            return  # a job nobody waits for (a tee's copy): its result stays here
-        flags = message.flags & protocol.MORE
-        reply = protocol.encode(protocol.REPLY, message.msg_id, result, flags=flags)
-        self._to_client(message.route, reply)
-
-    def _fail(self, message: protocol.Message, error: PylmError) -> None:
-        self._to_client(message.route, protocol.encode_error(message.msg_id, error))
-
-    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
-        """An ERROR or an END from an earlier stage: on to the client."""
-        self._to_client(
-            message.route, protocol.encode(message.kind, message.msg_id, message.payload)
-        )

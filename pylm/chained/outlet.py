@@ -1,6 +1,8 @@
-"""The outlet: where a stage sends on to one next stage (a PUSH socket
-connected to that stage's instances, given or followed in the registry), and
-which instance gets a stream's items."""
+"""Routing to next stages: an :class:`Outlet` is where a stage sends on to
+one next stage (a PUSH socket connected to that stage's instances, given or
+followed in the registry, and which instance gets a stream's items);
+:class:`ToNextStage` is the output of a stage with a next stage, over its
+outlets: the next stage, the branches, the tees."""
 
 from __future__ import annotations
 
@@ -8,22 +10,30 @@ import concurrent.futures
 import logging
 import struct
 import threading
+import time
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import zmq
 
 from pylm import protocol
 from pylm.calls import curve_key
+from pylm.chained.output import Output
+from pylm.errors import PylmError
 from pylm.security import Curve
-from pylm.transport import close_socket
+from pylm.transport import close_socket, send_frame
 
 if TYPE_CHECKING:
+    from pylm.chained.server import Server
     from pylm.registry import InstanceRecord, Registry
 
-__all__ = ["Outlet"]
+__all__ = ["Outlet", "ToNextStage"]
 
 _pack_id = struct.Struct(">Q").pack
+_SPLIT = protocol.SPLIT_PAYLOAD
+_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
+_pack_sizes = struct.Struct(">HH").pack  # target and route sizes, at offset 5
 
 
 class Outlet:
@@ -180,3 +190,154 @@ class Outlet:
         self.socket = None
         self._sticky.clear()
         return sockets
+
+
+class ToNextStage(Output):
+    """The output of a :class:`~pylm.chained.server.Server` (and a hub): each
+    result goes on to the next stage, as the payload of its call, or to the
+    branch ``handle_stream`` chooses, and a copy to each tee; an error or an
+    END goes on after the stream items of its job. A full next stage makes
+    the stage wait (serving its cache meanwhile): backpressure, not loss."""
+
+    def __init__(self, outlets: list[Outlet], tees: list[Outlet], stage: Server) -> None:
+        self.tees = tees
+        self._stage = stage
+        self.socket: zmq.Socket | None = None  # the first next stage's PUSH socket
+        self.set_outlets(outlets)
+
+    def set_outlets(self, outlets: list[Outlet]) -> None:
+        """The next stage (the first outlet) and the branches."""
+        self.outlets = outlets
+        self.target = outlets[0].target if outlets else b""  # the first next stage's call
+        self._by_call = {o.call: o for o in outlets} | {o.server: o for o in outlets}
+        self.plain = len(outlets) <= 1 and not self.tees
+
+    def all(self) -> list[Outlet]:
+        """The outlets and the tees."""
+        return self.outlets + self.tees
+
+    def open(self, context: zmq.Context, hwm: int, registry: Callable[[], Registry]) -> bool:
+        """Connect every outlet (to its addresses, or to the instances in
+        ``registry()``, followed); True if any follows the registry."""
+        stage = self._stage
+        following = False
+        for outlet in self.all():
+            found = None if outlet.addresses else registry()
+            following = following or found is not None
+            outlet.curve = stage.curve
+            outlet.open(context, hwm, found, stage.logger)
+        self.socket = self.outlets[0].socket
+        return following
+
+    def rewire(self) -> bool:
+        joined = False
+        for outlet in self.all():
+            joined = outlet.rewire(self._stage.logger) or joined
+        return joined
+
+    def stop_following(self) -> None:
+        for outlet in self.all():
+            outlet.stop_following()
+
+    def close(self) -> list[zmq.Socket | None]:
+        self.socket = None
+        return [socket for outlet in self.all() for socket in outlet.take_sockets()]
+
+    def send_fast(self, body: bytes, start: int, end: int, result: bytes) -> None:
+        socket = self.socket
+        assert socket is not None
+        if len(result) > _SPLIT or not self.plain:
+            self.send(protocol.decode([body]), result)
+            return
+        out = self.fast_message(body, start, end, result)
+        try:
+            send_frame(socket, out, zmq.NOBLOCK)
+        except zmq.Again:
+            self.put(socket, [out])
+
+    def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
+        # The id and deadline bytes (9 to 25) go on as they came.
+        sizes = _pack_sizes(len(self.target), end - start)
+        return b"".join((_FAST, sizes, body[9:25], self.target, body[start:end], result))
+
+    def error_route(self, route: bytes) -> bytes:
+        return route
+
+    def send_batch(self, results: list[tuple[bytes, bytes]]) -> None:
+        socket = self.socket
+        assert socket is not None
+        if not results:
+            return
+        out = results[0][1] if len(results) == 1 else protocol.pack_batch([m for _, m in results])
+        try:
+            send_frame(socket, out, zmq.NOBLOCK)
+        except zmq.Again:
+            self.put(socket, [out])
+
+    def send(self, message: protocol.Message, result: bytes) -> None:
+        outlet = self.outlets[0]
+        payload = result
+        if len(self.outlets) > 1:
+            try:
+                call, payload = self._stage.handle_stream(result)
+                chosen = self._by_call.get(call)
+                if chosen is None:
+                    raise ValueError(
+                        f"handle_stream chose {call!r}, not one of {[o.call for o in self.outlets]}"
+                    )
+                if not isinstance(payload, bytes):
+                    raise TypeError(f"handle_stream gave {type(payload).__name__}, not bytes")
+            except Exception as exc:
+                self._stage._failed_choice(message, exc)
+                return
+            outlet = chosen
+        assert outlet.socket is not None
+        more = message.flags & protocol.MORE
+        frames = protocol.encode(
+            protocol.REQUEST,
+            message.msg_id,
+            payload,
+            outlet.target,
+            message.route,
+            message.deadline,
+            more,
+        )
+        socket = outlet.for_stream(message.route, message.msg_id) if more else outlet.socket
+        self.put(socket, frames)
+        for tee in self.tees:  # copies nobody answers: no route, no MORE
+            assert tee.socket is not None
+            copy = protocol.encode(
+                protocol.REQUEST, message.msg_id, result, tee.target, b"", message.deadline
+            )
+            self.put(tee.socket, copy)
+
+    def send_error(self, message: protocol.Message, error: PylmError) -> None:
+        frames = protocol.encode_error(message.msg_id, error, message.route)
+        self.after_stream(message.route, message.msg_id, frames)
+
+    def forward(self, message: protocol.Message, frames: list[bytes]) -> None:
+        self.after_stream(message.route, message.msg_id, frames)
+
+    def after_stream(self, route: bytes, msg_id: int, frames: list[bytes]) -> None:
+        """Send what ends a job (an ERROR, an END) after its stream's items,
+        to the instance of the next stage that got them."""
+        self.put(self.outlets[0].for_stream(route, msg_id), frames)
+
+    def put(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
+        """Send to a next stage's socket, waiting while it is full (the stage
+        serves its cache and watches for stop meanwhile); False if the
+        message was dropped because the stage is leaving."""
+        while True:
+            try:
+                socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                return True
+            except zmq.Again:
+                if self.rewire():
+                    continue  # the instance to send to has just joined: try again now
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._stage.logger.warning(
+                        "%s: leaving with the next stage still full: a message is dropped",
+                        self._stage.name,
+                    )
+                    return False
+                self._stage._wait_for_room(socket)

@@ -1,6 +1,7 @@
 """The stage loop every chained server runs: read jobs from the PULL
 input, run the function each names, hand the result to the stage's output
-(the next stage for a :class:`~pylm.chained.server.Server`, the client for a
+(:mod:`pylm.chained.output`: the next stage for a
+:class:`~pylm.chained.server.Server`, the clients for a
 :class:`~pylm.chained.last.LastServer`), and serve the cache between batches.
 
 A job enters the first stage's PULL socket as a REQUEST whose *route* is the
@@ -31,6 +32,7 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
+from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
 from pylm.telemetry.counting import SAMPLE_EVERY, Sampling
 from pylm.transport import check_address, close_listener, read_envelope, recv_message, rest_of
@@ -47,6 +49,7 @@ IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks aga
 # so they stop sending here within the watch's delay and the round they are in.
 _DRAIN_QUIET = 0.2
 _DRAIN_MAX = 5.0  # s a leaving stage serves at most
+REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 FRAME_SLACK = 64 * 1024
@@ -71,9 +74,11 @@ def addresses(value: str | Sequence[str], what: str) -> list[str]:
 
 
 class Stage(BaseServer):
-    """What every stage shares: a PULL input, a cache, one serving loop."""
+    """What every stage shares: a PULL input, a cache, one serving loop that
+    hands every result to the stage's output."""
 
     _pylm_framework = True
+    _output: Output  # where results go: set by the kind of stage
 
     def __init__(
         self,
@@ -110,8 +115,6 @@ class Stage(BaseServer):
         # ms a wait for input lasts at most (stop() wakes it anyway); shorter
         # when the registry may rewire the stage, or results wait to be sent.
         self._poll_timeout: int = IDLE_MS
-        self._send_deadline: float | None = None  # set while leaving
-        self._plain = True  # one output, no copies: the fast paths apply
         self._sampling = Sampling()  # which calls are timed (pylm.telemetry.counting)
 
     # ------------------------------------------------------------------ sockets
@@ -182,7 +185,7 @@ class Stage(BaseServer):
         raise NotImplementedError
 
     def _outputs(self) -> list[zmq.Socket | None]:
-        raise NotImplementedError
+        return self._output.close()
 
     # ------------------------------------------------------------------ the loop
 
@@ -216,7 +219,7 @@ class Stage(BaseServer):
         self._deregister()
         quiet_since = time.monotonic()
         give_up = quiet_since + _DRAIN_MAX
-        self._send_deadline = give_up  # nor may a full next stage hold the stop up
+        self._output.deadline = give_up  # nor may a full next stage hold the stop up
         while (left := _DRAIN_QUIET - (time.monotonic() - quiet_since)) > 0:
             if time.monotonic() >= give_up:
                 break
@@ -230,9 +233,8 @@ class Stage(BaseServer):
 
     def _rewire(self) -> bool:
         """Apply changes the registry reported (in the serving thread, which
-        owns the sockets); True if it connected to a new instance. Nothing to
-        do for a stage with fixed addresses."""
-        return False
+        owns the sockets); True if it connected to a new instance."""
+        return self._output.rewire()
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
         received, passed = self._drain_batch(pull, debug)
@@ -244,6 +246,8 @@ class Stage(BaseServer):
         """Serve the messages waiting, up to a batch; how many were read and
         how many of them the fast path passed on."""
         recv, call = pull.recv, self._call
+        output = self._output
+        send_fast = output.send_fast
         received = passed = 0
         counting, sampling = self.stats is not None, self._sampling
         untimed = sampling.untimed
@@ -281,9 +285,9 @@ class Stage(BaseServer):
                     try:
                         result = call(body[_HEAD_SIZE:start], body[end:], timed)
                     except PylmError as error:
-                        self._fail(protocol.decode([body]), error)
+                        output.send_error(protocol.decode([body]), error)
                     else:
-                        self._emit(body, start, end, result)
+                        send_fast(body, start, end, result)
                     passed += 1
                     continue
             self._handle([body, *rest_of(pull)])
@@ -298,11 +302,12 @@ class Stage(BaseServer):
         except ProtocolError as error:
             self._drop("batch", f"{error} (no route back: dropped)", [body])
             return 1, 0
-        if not self._plain:  # branches or tees: the general path, job by job
+        output = self._output
+        if not output.plain:  # branches or tees: the general path, job by job
             for job in jobs:
                 self._handle([job])
             return len(jobs), 0
-        outputs: list[tuple[bytes, bytes]] = []  # (route, message) in order
+        results: list[tuple[bytes, bytes]] = []  # (route, message) in order
         call = self._call
         for index, job in enumerate(jobs):
             if job[:5] == _FAST and len(job) >= _HEAD_SIZE:
@@ -315,34 +320,23 @@ class Stage(BaseServer):
                         result = call(job[_HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
                     except PylmError as error:
                         failure = protocol.encode_error(
-                            _unpack_id(job, 9)[0], error, self._error_route(job[start:end])
+                            _unpack_id(job, 9)[0], error, output.error_route(job[start:end])
                         )
                         if len(failure) == 1:
-                            outputs.append((job[start:end], failure[0]))
+                            results.append((job[start:end], failure[0]))
                         else:  # too large for a batch: on its own
-                            self._fail(protocol.decode([job]), error)
+                            output.send_error(protocol.decode([job]), error)
                         continue
                     if len(result) > _SPLIT:  # too large for a batch: on its own
-                        self._emit(job, start, end, result)
+                        output.send_fast(job, start, end, result)
                     else:
-                        outputs.append((job[start:end], self._output(job, start, end, result)))
+                        results.append(
+                            (job[start:end], output.fast_message(job, start, end, result))
+                        )
                     continue
             self._handle([job])  # anything else: one by one, as ever
-        self._emit_batch(outputs)
-        return len(jobs), len(outputs)
-
-    # Subclass hooks for batches.
-    def _output(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        """The message that carries the result of the one-frame request
-        ``body`` (route ``body[start:end]``) on."""
-        raise NotImplementedError
-
-    def _error_route(self, route: bytes) -> bytes:
-        """The route an error message carries (the next stage needs it)."""
-        raise NotImplementedError
-
-    def _emit_batch(self, outputs: list[tuple[bytes, bytes]]) -> None:
-        raise NotImplementedError
+        output.send_batch(results)
+        return len(jobs), len(results)
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         """Serve a socket other than the input: here the cache (and stop)."""
@@ -392,10 +386,10 @@ class Stage(BaseServer):
             )
             self._drop("payload", str(problem), frames)
             if message.route:
-                self._fail(message, problem)  # its client hears why the stream ends
+                self._output.send_error(message, problem)  # its client hears why the stream ends
         elif message.kind in (protocol.ERROR, protocol.END):
             if message.route:
-                self._pass_on(message, frames)  # an earlier stage failed, or a stream ended
+                self._output.forward(message, frames)  # an earlier stage failed, or a stream ended
             elif message.kind == protocol.ERROR:
                 self._unrouted_error(protocol.decode_error(message.payload))
         elif message.kind != protocol.REQUEST:
@@ -406,7 +400,7 @@ class Stage(BaseServer):
                 f"stage {self.name!r} takes REQUEST, ERROR and END, not"
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
-            self._fail(message, problem)
+            self._output.send_error(message, problem)
         else:
             # A REQUEST; one without a route (a tee's copy) runs and goes on
             # unanswered; one flagged MORE (a stream's item) stays flagged.
@@ -417,11 +411,11 @@ class Stage(BaseServer):
                 result = self._call(message.target, message.payload)
             except PylmError as error:
                 if message.route:
-                    self._fail(message, error)
+                    self._output.send_error(message, error)
                 else:
                     self._unrouted_error(error)
             else:
-                self._succeed(message, result)
+                self._output.send(message, result)
         if self.stats is not None:
             self.stats.sent += 1
 
@@ -435,17 +429,11 @@ class Stage(BaseServer):
         function = target.rpartition(b".")[2].decode("utf-8", "replace")
         self.logger.debug("Looking for %s", function)
 
-    # Subclass hooks: where results and errors go.
-    def _emit(self, body: bytes, start: int, end: int, result: bytes) -> None:
-        """Send on the result of the fast path's request ``body``, whose
-        route is ``body[start:end]``."""
-        raise NotImplementedError
-
-    def _succeed(self, message: protocol.Message, result: bytes) -> None:
-        raise NotImplementedError
-
-    def _fail(self, message: protocol.Message, error: PylmError) -> None:
-        raise NotImplementedError
-
-    def _pass_on(self, message: protocol.Message, frames: list[bytes]) -> None:
-        raise NotImplementedError
+    def _wait_for_room(self, socket: zmq.Socket) -> None:
+        """Wait a while for ``socket`` (a full next stage) to take messages,
+        serving the cache (and watching for stop) meanwhile."""
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLOUT)
+        poller.register(self._db_socket, zmq.POLLIN)
+        if self._db_socket in dict(poller.poll(REWIRE_MS)):
+            self._serve_db()

@@ -237,15 +237,16 @@ class Hub(Dispatcher, Server):
 
     def _deliver_fast(self, job: _Job, body: bytes) -> None:
         result = body[_HEAD_SIZE:]
-        if not self._plain or not job.origin:
+        output = self._output
+        if not output.plain or not job.origin:
             message = protocol.Message(
                 protocol.REQUEST, job.msg_id, result, b"", job.origin, job.deadline
             )
-            self._succeed(message, result)
+            output.send(message, result)
             return
-        push = self._push
+        push = output.socket
         assert push is not None
-        target = self._next_target
+        target = output.target
         out = b"".join(
             (
                 _FAST,
@@ -259,7 +260,7 @@ class Hub(Dispatcher, Server):
         try:
             push.send(out, zmq.NOBLOCK)
         except zmq.Again:
-            self._send(push, [out])
+            output.put(push, [out])
         if self.stats is not None:
             self.stats.sent += 1
 
@@ -270,12 +271,12 @@ class Hub(Dispatcher, Server):
             message = protocol.Message(
                 protocol.REQUEST, msg_id, payload, b"", origin, deadline, flags
             )
-            self._succeed(message, payload)
+            self._output.send(message, payload)
         elif kind == protocol.ERROR:
             self._deliver_error(origin, msg_id, payload)
         elif origin:  # END: towards the client, on the path its items took
             end = protocol.encode(protocol.END, msg_id, payload, route=origin, deadline=deadline)
-            self._send(self._outlets[0].for_stream(origin, msg_id), end)
+            self._output.after_stream(origin, msg_id, end)
         if self.stats is not None:
             self.stats.sent += 1
 
@@ -284,4 +285,4 @@ class Hub(Dispatcher, Server):
             self._unrouted_error(protocol.decode_error(payload))
             return
         error = protocol.encode(protocol.ERROR, msg_id, payload, route=origin)
-        self._send(self._outlets[0].for_stream(origin, msg_id), error)
+        self._output.after_stream(origin, msg_id, error)
