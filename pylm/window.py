@@ -18,18 +18,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from enum import IntEnum
 
 from pylm.errors import PylmError
 
 __all__ = [
-    "BLOCKED",
-    "DONE",
-    "FULL",
     "SEND_SLICE",
-    "SLICED",
     "Job",
     "JobResult",
     "Outcome",
+    "Stop",
     "Stream",
     "Window",
     "check_messages",
@@ -41,11 +39,15 @@ __all__ = [
 # source must not keep results unread and deadlines unchecked.
 SEND_SLICE = 0.05
 
-# What ended a client's turn to send (the value of its ``send``).
-SLICED = 0  # its time slice: more may go at once, after reading answers
-FULL = 1  # no room in the window
-BLOCKED = 2  # the socket is full: wait for it (the client polls for room)
-DONE = 3  # no more payloads
+
+class Stop(IntEnum):
+    """What ended a client's turn to send (the value of its ``send``)."""
+
+    SLICED = 0  # its time slice: more may go at once, after reading answers
+    FULL = 1  # no room in the window
+    BLOCKED = 2  # the socket is full: wait for it (the client polls for room)
+    DONE = 3  # no more payloads
+
 
 # One outcome: (job index, value, error, whether the job is over). A
 # streaming job's items are not over; an END that ends one has no value.
@@ -133,7 +135,7 @@ class Window:
 
     def run(
         self,
-        send: Callable[[int, float], int],
+        send: Callable[[int, float], Stop],
         wait: Callable[[int], Iterable[Outcome]],
         finished: Callable[[], None],
     ) -> Generator[Outcome, None, None]:
@@ -142,8 +144,7 @@ class Window:
 
         ``send(room, until)`` sends up to ``room`` jobs, recording them with
         :meth:`add`, until the clock (``time.monotonic()``) passes ``until``;
-        it says what stopped it (:data:`SLICED`, :data:`FULL`,
-        :data:`BLOCKED`, :data:`DONE`). ``wait(ms)`` waits up to ``ms``
+        it says what stopped it (a :class:`Stop`). ``wait(ms)`` waits up to ``ms``
         milliseconds for answers (and, after BLOCKED, for room on the
         socket) and gives the outcomes of those that came. ``finished()``
         is called when the run ends, however it ends."""
@@ -151,7 +152,7 @@ class Window:
         try:
             while True:
                 stop = send(size - len(jobs), clock() + SEND_SLICE)
-                if stop == DONE and not jobs:
+                if stop is Stop.DONE and not jobs:
                     return
                 now = clock()
                 if jobs:
@@ -161,7 +162,7 @@ class Window:
                         continue
                 else:
                     oldest = now + self.timeout
-                yield from wait(0 if stop == SLICED else max(1, int((oldest - now) * 1000)))
+                yield from wait(0 if stop is Stop.SLICED else max(1, int((oldest - now) * 1000)))
         finally:
             finished()
 

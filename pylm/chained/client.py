@@ -45,17 +45,7 @@ from pylm.protocol import (
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import (
-    BLOCKED,
-    DONE,
-    FULL,
-    SLICED,
-    JobResult,
-    Outcome,
-    Window,
-    job_results,
-    values,
-)
+from pylm.window import JobResult, Outcome, Stop, Window, job_results, values
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -410,7 +400,7 @@ class LoopClient(Caller, Closing):
             ids, clock, wall = self._ids, time.monotonic, time.time
             exhausted = False
 
-            def send(room: int, until: float) -> int:
+            def send(room: int, until: float) -> Stop:
                 """Up to ``batch`` small jobs per message while there is room."""
                 nonlocal waiting, carried, exhausted
                 if (self._last is not None and self._last.changed) or (
@@ -420,7 +410,7 @@ class LoopClient(Caller, Closing):
                 while room > 0:
                     if waiting is None:
                         if exhausted:
-                            return DONE
+                            return Stop.DONE
                         group: list[int] = []
                         bodies: list[bytes] = []
                         take = min(room, batch)
@@ -453,7 +443,7 @@ class LoopClient(Caller, Closing):
                                 break
                         if waiting is None:
                             if not bodies:
-                                return DONE
+                                return Stop.DONE
                             message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
                             waiting = (group, message)
                     try:
@@ -463,14 +453,14 @@ class LoopClient(Caller, Closing):
                         else:
                             jobs.send_multipart(outgoing, zmq.NOBLOCK)
                     except zmq.Again:
-                        return BLOCKED
+                        return Stop.BLOCKED
                     now = clock()
                     add(waiting[0], now)
                     room -= len(waiting[0])
                     waiting = None
                     if now >= until:
-                        return SLICED
-                return FULL
+                        return Stop.SLICED
+                return Stop.FULL
 
             def wait(ms: int) -> list[Outcome]:
                 if waiting is not None:

@@ -18,17 +18,7 @@ from pylm.lifecycle import Closing
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import (
-    BLOCKED,
-    DONE,
-    FULL,
-    SLICED,
-    JobResult,
-    Outcome,
-    Window,
-    job_results,
-    values,
-)
+from pylm.window import JobResult, Outcome, Stop, Window, job_results, values
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -200,26 +190,26 @@ class Client(CacheCalls, Caller, Closing):
             exhausted = False
             clock = time.monotonic
 
-            def send(room: int, until: float) -> int:
+            def send(room: int, until: float) -> Stop:
                 nonlocal held, held_id, exhausted
                 while room > 0:
                     if held is None:
                         payload = None if exhausted else next(payloads, None)
                         if payload is None:
                             exhausted = True
-                            return DONE
+                            return Stop.DONE
                         held_id, held = request(function, payload, timeout)
                     try:
                         socket.send_multipart(held, zmq.NOBLOCK)
                     except zmq.Again:
-                        return BLOCKED
+                        return Stop.BLOCKED
                     now = clock()
                     add((held_id,), now)
                     room -= 1
                     held = None
                     if now >= until:
-                        return SLICED
-                return FULL
+                        return Stop.SLICED
+                return Stop.FULL
 
             def wait(ms: int) -> list[Outcome]:
                 events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
