@@ -22,6 +22,7 @@ import uuid
 import warnings
 from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
+from dataclasses import dataclass
 from time import perf_counter as _perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
-__all__ = ["BaseServer", "ServerOptions", "exposed_functions"]
+__all__ = ["BaseServer", "Options2016", "ServerOptions", "exposed_functions"]
 
 Function = Callable[[bytes], Any]
 
@@ -79,6 +80,22 @@ class ServerOptions(TypedDict, total=False):
     metrics: bool | None
     curve: Curve | None
     rolling: bool
+
+
+@dataclass(frozen=True)
+class Options2016:
+    """The options a 2016 pylm server took positionally after its addresses.
+    Every server still takes them there, in this order (docs/migrating.md),
+    and hands them to :class:`BaseServer` as one object. ``messages``: serve
+    that many requests, then stop. ``perf_address`` and ``ping_address``
+    (standalone and chained servers only) are accepted and ignored, with a
+    DeprecationWarning for each one given."""
+
+    log_address: str | None = None
+    perf_address: str | None = None
+    ping_address: str | None = None
+    log_level: int = logging.INFO
+    messages: int = sys.maxsize
 
 
 def exposed_functions(cls: type) -> list[str]:
@@ -121,6 +138,7 @@ class BaseServer:
         self,
         name: str,
         *,
+        options2016: Options2016 | None = None,
         log_level: int = logging.INFO,
         log_stdout: bool = True,
         log_address: str | None = None,
@@ -135,9 +153,8 @@ class BaseServer:
         curve: Curve | None = None,
         rolling: bool = False,
     ) -> None:
-        """``messages``: serve that many requests, then stop. ``ignored``:
-        options of the 2016 pylm that are accepted and ignored, with a
-        DeprecationWarning for each one given. ``registry`` (a
+        """``options2016``: the options every server takes positionally
+        (:class:`Options2016`; default: none given). ``registry`` (a
         :class:`~pylm.registry.Registry` or an ``etcd://`` address; default
         ``PYLM_REGISTRY``), ``host`` (the interface name-only servers bind;
         default ``PYLM_HOST`` or 127.0.0.1) and ``ttl`` (the lease of the
@@ -150,9 +167,16 @@ class BaseServer:
         check_name(name)
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
+        if options2016 is None:  # the master and the stages: theirs one by one, for now
+            ignored = ignored or {}
+            perf, ping = ignored.get("perf_address"), ignored.get("ping_address")
+            options2016 = Options2016(log_address, perf, ping, log_level, messages)
+        old = options2016
+        messages = old.messages
         if not isinstance(messages, int) or messages < 0:
             raise ValueError(f"messages must be a non-negative int, got {messages!r}")
-        for option, value in (ignored or {}).items():
+        ignored = {"perf_address": old.perf_address, "ping_address": old.ping_address}
+        for option, value in ignored.items():
             if value is not None:
                 warnings.warn(
                     f"{option}={value!r} is ignored: pylm servers answer pings in the protocol"
@@ -176,10 +200,10 @@ class BaseServer:
         self.served = 0
         self.max_payload = max_payload
         self.context = default_context(context)
-        self.logger = server_logger(name, log_level, log_stdout)
+        self.logger = server_logger(name, old.log_level, log_stdout)
         self._log_handler: PushLogHandler | None = None
-        if log_address is not None:
-            self._log_handler = PushLogHandler(log_address, self.context)
+        if old.log_address is not None:
+            self._log_handler = PushLogHandler(old.log_address, self.context)
             self.logger.addHandler(self._log_handler)
 
         self.functions: tuple[str, ...] = tuple(exposed_functions(type(self)))

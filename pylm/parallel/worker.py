@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import BaseServer, ServerOptions
+from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
@@ -107,13 +107,8 @@ class Worker(BaseServer):
         heartbeat: float = DEFAULT_HEARTBEAT,
         **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            name,
-            log_level=log_level,
-            log_address=log_address,
-            messages=messages,
-            **options,
-        )
+        old = Options2016(log_address, log_level=log_level, messages=messages)
+        super().__init__(name, options2016=old, **options)
         if not isinstance(master, str) or not master or "://" in master:
             raise ValueError(f"master must be the master's name, got {master!r}")
         if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import BaseServer, ServerOptions
+from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache import Cache
 from pylm.errors import ProtocolError, PylmError
 from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
@@ -89,14 +89,8 @@ class Server(BaseServer):
         messages: int = sys.maxsize,
         **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            name,
-            log_level=log_level,
-            log_address=log_address,
-            messages=messages,
-            ignored={"perf_address": perf_address, "ping_address": ping_address},
-            **options,
-        )
+        old = Options2016(log_address, perf_address, ping_address, log_level, messages)
+        super().__init__(name, options2016=old, **options)
         self.rep_address = (
             None if rep_address is None else check_address(rep_address, "rep_address")
         )
