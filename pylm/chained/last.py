@@ -17,6 +17,7 @@ from pylm.base import ServerOptions
 from pylm.chained.output import Output
 from pylm.chained.stage import DEFAULT_HWM, FRAME_SLACK, IDLE_MS, Stage
 from pylm.errors import ProtocolError, PylmError
+from pylm.protocol import SPLIT_PAYLOAD
 from pylm.transport import Backlog, check_address, recv_message, send_frame
 
 if TYPE_CHECKING:
@@ -30,9 +31,6 @@ PARK_SECONDS = 10.0
 PARK_LIMIT = 10_000
 MAX_BACKLOG = 100_000  # results a last stage keeps for clients not reading, in all
 _ROUTER_RETRY_MS = 10  # how soon a last stage tries again to send to a full client
-_SPLIT = protocol.SPLIT_PAYLOAD
-_NO_DEADLINE = bytes(8)
-_BATCH_PREFIX = protocol.BATCH_PREFIX
 _FIRST = zmq.SNDMORE | zmq.NOBLOCK
 
 
@@ -181,7 +179,7 @@ class ToClients(Output):
     def send_fast(self, body: bytes, start: int, end: int, result: bytes) -> None:
         router = self._router
         assert router is not None
-        if len(result) > _SPLIT:
+        if len(result) > SPLIT_PAYLOAD:
             self.send(protocol.decode([body]), result)
             return
         route = body[start:end]
@@ -197,7 +195,7 @@ class ToClients(Output):
         send_frame(router, reply)
 
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        return b"".join((protocol.REPLY_PREFIX, body[9:17], _NO_DEADLINE, result))
+        return protocol.reply_to(body, result)
 
     def error_route(self, route: bytes) -> bytes:
         return b""  # the client needs no route
@@ -231,7 +229,7 @@ class ToClients(Output):
         if not self._backlog.offer(route, frames):
             stage = self._stage
             if stage.stats is not None:  # results: those of a BATCH count one by one
-                batch = frames[0][:5] == _BATCH_PREFIX
+                batch = frames[0][protocol.LEAD] == protocol.BATCH_PREFIX
                 stage.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
             stage._log_limited(
                 "backlog-full",

@@ -21,6 +21,7 @@ from pylm import protocol
 from pylm.calls import curve_key
 from pylm.chained.output import Output
 from pylm.errors import PylmError
+from pylm.protocol import SPLIT_PAYLOAD
 from pylm.security import Curve
 from pylm.transport import close_socket, send_frame
 
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["Outlet", "ToNextStage"]
 
 _pack_id = struct.Struct(">Q").pack
-_SPLIT = protocol.SPLIT_PAYLOAD
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_pack_sizes = struct.Struct(">HH").pack  # target and route sizes, at offset 5
 
 
 class Outlet:
@@ -246,7 +244,7 @@ class ToNextStage(Output):
     def send_fast(self, body: bytes, start: int, end: int, result: bytes) -> None:
         socket = self.socket
         assert socket is not None
-        if len(result) > _SPLIT or not self.plain:
+        if len(result) > SPLIT_PAYLOAD or not self.plain:
             self.send(protocol.decode([body]), result)
             return
         out = self.fast_message(body, start, end, result)
@@ -256,9 +254,7 @@ class ToNextStage(Output):
             self.put(socket, [out])
 
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        # The id and deadline bytes (9 to 25) go on as they came.
-        sizes = _pack_sizes(len(self.target), end - start)
-        return b"".join((_FAST, sizes, body[9:25], self.target, body[start:end], result))
+        return protocol.forward(body, self.target, body[start:end], result)
 
     def error_route(self, route: bytes) -> bytes:
         return route

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import struct
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -34,6 +33,15 @@ from pylm.base import BaseServer, ServerOptions
 from pylm.cache import Cache
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
+from pylm.protocol import (
+    BATCH_PREFIX,
+    HEAD_SIZE,
+    LEAD,
+    ONE_FRAME_REQUEST,
+    SPLIT_PAYLOAD,
+    read_id,
+    read_sizes,
+)
 from pylm.telemetry.counting import SAMPLE_EVERY, Sampling
 from pylm.transport import check_address, close_listener, read_envelope, recv_message, rest_of
 
@@ -53,12 +61,6 @@ REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 FRAME_SLACK = 64 * 1024
-_HEAD_SIZE = protocol.HEAD_SIZE
-_SPLIT = protocol.SPLIT_PAYLOAD
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_unpack_sizes = struct.Struct(">HH").unpack_from  # target and route sizes, at offset 5
-_BATCH_PREFIX = protocol.BATCH_PREFIX
-_unpack_id = protocol.unpack_id
 
 
 class Stopping(Exception):
@@ -261,20 +263,21 @@ class Stage(BaseServer):
             received += 1
             if debug:
                 self.logger.debug("%s Got a message", self.name)
-            if body[:5] == _BATCH_PREFIX:
+            lead = body[LEAD]
+            if lead == BATCH_PREFIX:
                 carried, sent_on = self._serve_batch(body)
                 received += carried - 1
                 passed += sent_on
                 continue
-            if body[:5] == _FAST and len(body) >= _HEAD_SIZE:
+            if lead == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE:
                 # Fast path: a one-frame REQUEST with a route.
-                target_size, route_size = _unpack_sizes(body, 5)
-                start = _HEAD_SIZE + target_size
+                target_size, route_size = read_sizes(body)
+                start = HEAD_SIZE + target_size
                 end = start + route_size
                 if route_size and end <= len(body):
                     self.served += 1
                     if debug:
-                        self._looking_for(body[_HEAD_SIZE:start])
+                        self._looking_for(body[HEAD_SIZE:start])
                     if untimed:
                         untimed -= 1
                         timed = False
@@ -283,7 +286,7 @@ class Stage(BaseServer):
                         if counting:
                             untimed = sampling.untimed_next()
                     try:
-                        result = call(body[_HEAD_SIZE:start], body[end:], timed)
+                        result = call(body[HEAD_SIZE:start], body[end:], timed)
                     except PylmError as error:
                         output.send_error(protocol.decode([body]), error)
                     else:
@@ -310,24 +313,24 @@ class Stage(BaseServer):
         results: list[tuple[bytes, bytes]] = []  # (route, message) in order
         call = self._call
         for index, job in enumerate(jobs):
-            if job[:5] == _FAST and len(job) >= _HEAD_SIZE:
-                target_size, route_size = _unpack_sizes(job, 5)
-                start = _HEAD_SIZE + target_size
+            if job[LEAD] == ONE_FRAME_REQUEST and len(job) >= HEAD_SIZE:
+                target_size, route_size = read_sizes(job)
+                start = HEAD_SIZE + target_size
                 end = start + route_size
                 if route_size and end <= len(job):
                     self.served += 1
                     try:
-                        result = call(job[_HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
+                        result = call(job[HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
                     except PylmError as error:
                         failure = protocol.encode_error(
-                            _unpack_id(job, 9)[0], error, output.error_route(job[start:end])
+                            read_id(job)[0], error, output.error_route(job[start:end])
                         )
                         if len(failure) == 1:
                             results.append((job[start:end], failure[0]))
                         else:  # too large for a batch: on its own
                             output.send_error(protocol.decode([job]), error)
                         continue
-                    if len(result) > _SPLIT:  # too large for a batch: on its own
+                    if len(result) > SPLIT_PAYLOAD:  # too large for a batch: on its own
                         output.send_fast(job, start, end, result)
                     else:
                         results.append(
