@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -39,6 +38,7 @@ import zmq
 
 from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
+from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
 from pylm.transport import recv_message
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "MAX_SLOTS",
     "MAX_STREAMS",
     "MAX_WORKERS",
-    "SEQ",
     "STREAM_IDLE",
     "Dispatcher",
     "Gathering",
@@ -65,12 +64,7 @@ MAX_STREAMS = 10_000  # input streams (items from an earlier stage) open at once
 MAX_WORKERS = 10_000  # workers a master or hub takes at once
 MAX_HELLO = 4096  # bytes of a worker's PING payload
 MAX_NAME = 256  # characters of a worker's name
-SEQ = struct.Struct(">Q")  # an item's number (in a worker's route), an END's count (payload)
 
-_HEAD_SIZE = protocol.HEAD_SIZE
-_REPLY_PREFIX = protocol.REPLY_PREFIX
-_pack_id = struct.Struct(">Q").pack
-_unpack_id = protocol.unpack_id
 _BATCH = 256  # messages read in a row before looking at the other socket
 _WORKER_LINES = 20  # lines a second at most about workers joining, and leaving
 
@@ -324,12 +318,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ jobs in
 
-    def _take_fast(self, origin: bytes, msg_id: int, deadline: float, pieces: list[bytes]) -> None:
-        """Book a single job: ``pieces`` are a REQUEST's first 9 bytes, the
-        rest of its first frame after the id, and any payload frame."""
+    def _take_fast(self, origin: bytes, msg_id: int, deadline: float, frames: list[bytes]) -> None:
+        """Book a single job: ``frames`` are its REQUEST, whose message id
+        the job's number replaces (the worker answers that number)."""
         self._numbers += 1
         number = self._numbers
-        body = [pieces[0] + _pack_id(number) + pieces[1], *pieces[2:]]
+        body = [with_id(frames[0], number), *frames[1:]]
         self._jobs[number] = _Job(origin, msg_id, deadline, body, None)
         self._queue.append(number)
 
@@ -342,8 +336,7 @@ class Dispatcher:
             body = protocol.encode(
                 protocol.REQUEST, 0, message.payload, message.target, b"", message.deadline
             )
-            pieces = [body[0][:9], body[0][17:], *body[1:]]
-            self._take_fast(origin, message.msg_id, message.deadline, pieces)
+            self._take_fast(origin, message.msg_id, message.deadline, body)
             return
         if stream_item:
             found = self._stream(origin, message.msg_id, message.deadline)
@@ -365,11 +358,11 @@ class Dispatcher:
             self._close_if_done(parent)
             return
         for part in parts:
-            body = protocol.encode(protocol.REQUEST, 0, part, message.target, b"", message.deadline)
             self._numbers += 1
             number = self._numbers
-            first = body[0]
-            frames = [first[:9] + _pack_id(number) + first[17:], *body[1:]]
+            frames = protocol.encode(
+                protocol.REQUEST, number, part, message.target, b"", message.deadline
+            )
             self._jobs[number] = _Job(origin, message.msg_id, message.deadline, frames, parent)
             self._queue.append(number)
             parent.open += 1
@@ -379,7 +372,7 @@ class Dispatcher:
         """An input stream's END: it announced that many items. A count of
         the wrong size is counted as malformed with or without a route (as
         a chained stage does); only a routed stream fails and is told."""
-        if len(message.payload) not in (0, SEQ.size):
+        if len(message.payload) not in (0, COUNT.size):
             problem = ProtocolError(
                 f"an END's count is 8 bytes (or none), got {len(message.payload)}:"
                 f" stream {message.msg_id} fails"
@@ -393,7 +386,7 @@ class Dispatcher:
             return
         if not origin:
             return  # a tee's copy: nobody waits for its end
-        count = SEQ.unpack(message.payload)[0] if message.payload else 0
+        count = COUNT.unpack(message.payload)[0] if message.payload else 0
         parent = self._stream(origin, message.msg_id, message.deadline)
         if parent is not None:
             parent.expected = count
@@ -493,9 +486,9 @@ class Dispatcher:
             sender, body = frames[0], frames[1]
             if not body and self._is_control(frames[-1]):  # stop()'s [b"", token]
                 return True
-            if body[:9] == _REPLY_PREFIX and len(frames) == 2 and len(body) >= _HEAD_SIZE:
+            if body[REPLY_LEAD] == REPLY_PREFIX and len(frames) == 2 and len(body) >= HEAD_SIZE:
                 # Fast path: a one-frame, final REPLY.
-                number = _unpack_id(body, 9)[0]
+                number = read_id(body)[0]
                 job = self._jobs.pop(number, None)
                 self._free_slot(sender, number)
                 if job is None:
@@ -504,7 +497,7 @@ class Dispatcher:
                     self.served += 1
                     self._deliver_fast(job, body)
                 else:
-                    self._result(job, body[_HEAD_SIZE:], final=True)
+                    self._result(job, body[HEAD_SIZE:], final=True)
                 continue
             self._worker_message(sender, frames[1:])
         return False
@@ -522,7 +515,7 @@ class Dispatcher:
         number = message.msg_id
         if kind == protocol.REPLY and message.flags & protocol.MORE:
             job = self._jobs.get(number)
-            seq = SEQ.unpack(message.route)[0] if len(message.route) == SEQ.size else 0
+            seq = COUNT.unpack(message.route)[0] if len(message.route) == COUNT.size else 0
             if job is None or seq != job.next_seq:
                 self.duplicates += 1
                 return
@@ -545,7 +538,7 @@ class Dispatcher:
         elif kind == protocol.END:
             if job.parent is None:
                 self.served += 1
-                count = SEQ.pack(job.next_seq)
+                count = COUNT.pack(job.next_seq)
                 self._deliver(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
             else:
                 self._part_closed(job.parent)
@@ -607,7 +600,7 @@ class Dispatcher:
         if held is not None and not parent.failed:
             self._gather(parent, held, last=True)
         if not parent.failed:
-            count = SEQ.pack(parent.outputs)
+            count = COUNT.pack(parent.outputs)
             self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
 
     def _fail_parent(self, parent: _Parent, error: PylmError | bytes) -> None:

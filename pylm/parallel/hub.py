@@ -19,7 +19,6 @@ END once the earlier END and all its items are through.
 from __future__ import annotations
 
 import logging
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,15 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
+from pylm.protocol import (
+    BATCH_PREFIX,
+    HEAD_SIZE,
+    LEAD,
+    ONE_FRAME_REQUEST,
+    one_frame_request,
+    read_id_deadline,
+    read_sizes,
+)
 from pylm.transport import check_address, rest_of
 
 if TYPE_CHECKING:
@@ -46,11 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Hub"]
 
-_HEAD_SIZE = protocol.HEAD_SIZE
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_BATCH_PREFIX = protocol.BATCH_PREFIX
-_SIZES = struct.Struct(">HH")
-_ID_DEADLINE = struct.Struct(">Qd")
 _FRAME_SLACK = 64 * 1024
 _BATCH = 256
 _LEAVE_MAX = 10.0  # s a leaving hub waits at most for its workers' answers
@@ -173,16 +176,17 @@ class Hub(Dispatcher, Server):
             except zmq.Again:
                 break
             received += 1
-            if body[:5] == _FAST and len(body) >= _HEAD_SIZE and self._direct:
-                target_size, route_size = _SIZES.unpack_from(body, 5)
-                start = _HEAD_SIZE + target_size
+            lead = body[LEAD]
+            if lead == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE and self._direct:
+                target_size, route_size = read_sizes(body)
+                start = HEAD_SIZE + target_size
                 if start + route_size <= len(body):
-                    msg_id, deadline = _ID_DEADLINE.unpack_from(body, 9)
+                    msg_id, deadline = read_id_deadline(body)
                     route = body[start : start + route_size]
-                    self._take_fast(route, msg_id, deadline, [body[:9], body[17:]])
+                    self._take_fast(route, msg_id, deadline, [body])
                     continue
             frames = [body, *rest_of(pull)]
-            if body[:5] == _BATCH_PREFIX:
+            if lead == BATCH_PREFIX:
                 self._take_batch(body)
             else:
                 self._take_message(frames)
@@ -236,7 +240,7 @@ class Hub(Dispatcher, Server):
     # ------------------------------------------------------------------ answers
 
     def _deliver_fast(self, job: _Job, body: bytes) -> None:
-        result = body[_HEAD_SIZE:]
+        result = body[HEAD_SIZE:]
         output = self._output
         if not output.plain or not job.origin:
             message = protocol.Message(
@@ -247,16 +251,7 @@ class Hub(Dispatcher, Server):
         push = output.socket
         assert push is not None
         target = output.target
-        out = b"".join(
-            (
-                _FAST,
-                _SIZES.pack(len(target), len(job.origin)),
-                _ID_DEADLINE.pack(job.msg_id, job.deadline),
-                target,
-                job.origin,
-                result,
-            )
-        )
+        out = one_frame_request(job.msg_id, job.deadline, target, job.origin, result)
         try:
             push.send(out, zmq.NOBLOCK)
         except zmq.Again:

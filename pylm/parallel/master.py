@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -52,6 +51,7 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     _Job,
 )
+from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, read_id_deadline, read_sizes, with_id
 from pylm.transport import Backlog, check_address, close_listener, recv_message
 
 if TYPE_CHECKING:
@@ -61,9 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["Master"]
 
 _FRAME_SLACK = 64 * 1024
-_HEAD_SIZE = protocol.HEAD_SIZE
-_FAST = protocol.MAGIC + bytes([protocol.VERSION, protocol.REQUEST, 0])
-_unpack_id_deadline = struct.Struct(">Qd").unpack_from
 _BATCH = 256
 MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
 
@@ -190,13 +187,13 @@ class Master(Dispatcher, BaseServer):
             client, body = frames[0], frames[1]
             if (
                 self._direct
-                and body[:5] == _FAST
+                and body[LEAD] == ONE_FRAME_REQUEST
                 and len(frames) == 2
-                and len(body) >= _HEAD_SIZE
-                and _HEAD_SIZE + body[5] * 256 + body[6] + body[7] * 256 + body[8] <= len(body)
+                and len(body) >= HEAD_SIZE
+                and HEAD_SIZE + sum(read_sizes(body)) <= len(body)
             ):  # a one-frame REQUEST whose target and route fit in it
-                msg_id, deadline = _unpack_id_deadline(body, 9)
-                self._take_fast(client, msg_id, deadline, [body[:9], body[17:]])
+                msg_id, deadline = read_id_deadline(body)
+                self._take_fast(client, msg_id, deadline, [body])
                 continue
             self._client_message(client, frames[1:])
 
@@ -238,9 +235,7 @@ class Master(Dispatcher, BaseServer):
     # ------------------------------------------------------------------ answers
 
     def _deliver_fast(self, job: _Job, body: bytes) -> None:
-        self._to_client(
-            job.origin, [b"".join((body[:9], struct.pack(">Q", job.msg_id), body[17:]))]
-        )
+        self._to_client(job.origin, [with_id(body, job.msg_id)])
 
     def _deliver(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
