@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
+from helpers import ANY
 from servers import Last, Step
 
 from pylm.chained import LastServer, LoopClient, Server, Sink
@@ -16,7 +17,6 @@ from pylm.errors import RemoteError
 from pylm.parallel import Hub, Worker
 from pylm.registry import Registry
 
-ANY = "tcp://127.0.0.1:0"
 BEAT = 0.2
 
 

@@ -32,12 +32,12 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from helpers import ANY, unique
 from prometheus_client import REGISTRY
 
 import pylm.parallel.dispatch
@@ -51,14 +51,7 @@ from pylm.parallel import Client, Hub, Master, Worker
 from pylm.registry import Registry
 from pylm.testing import wait_for
 
-ANY = "tcp://127.0.0.1:0"
 BEAT = 0.2  # s between heartbeats
-
-
-def unique(prefix: str) -> str:
-    """A server name no other test of this process uses (loggers and metrics
-    are by name)."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def queued(server: str) -> float:
