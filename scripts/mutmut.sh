@@ -20,8 +20,7 @@
 # Mutants left alive that cannot change behaviour (equivalent), counted as not
 # killed all the same (mutmut numbers them; these are what they change):
 #   protocol.encode: default flags 1 (the PAYLOAD_FRAME bit, always set or
-#     cleared by encode itself); request_prefix: id 1 or deadline 1.0 (sliced
-#     off by [:9]); "UTF-8" for "utf-8" (one codec, twice in protocol, once in
+#     cleared by encode itself); "UTF-8" for "utf-8" (one codec, twice in protocol, once in
 #     each to_json); decode_error: default size/limit 1 for 0 (both valid, and
 #     the default is only validated, never used).
 #   records: check_name(name, None) in _server_name (InvalidName's text is

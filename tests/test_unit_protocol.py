@@ -118,6 +118,7 @@ def test_the_hot_path_readers_read_what_encode_wrote() -> None:
     assert protocol.request_prefix(b"s.f", b"route") == body[:9]
     assert protocol.pack_sizes(3, 5) == body[5:9]
     assert protocol.encode(protocol.REPLY, 1)[0][protocol.REPLY_LEAD] == protocol.REPLY_PREFIX
+    assert protocol.DEFAULT_MAX_PAYLOAD == 32 * 1024 * 1024  # docs/protocol.md: 32 MiB
 
 
 def test_the_hot_path_builders_build_what_encode_builds() -> None:
