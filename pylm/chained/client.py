@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import struct
 import time
 from bisect import bisect_left
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -34,6 +33,7 @@ from pylm.errors import (
 from pylm.lifecycle import Closing
 from pylm.protocol import (
     BATCH_PREFIX,
+    COUNT,
     DEFAULT_MAX_PAYLOAD,
     HEAD_SIZE,
     LEAD,
@@ -58,7 +58,6 @@ MAX_BATCH = 1024  # jobs per message at most
 
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
-_COUNT = struct.Struct(">Q")  # an END's payload: the items the job gave
 _WIRING_EVENTS = (
     zmq.EVENT_CONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -539,7 +538,8 @@ class LoopClient(Caller, Closing):
                 window.tally(message.msg_id, entry, None)
                 continue
             if message.kind == protocol.END:
-                count = _COUNT.unpack(message.payload)[0] if len(message.payload) == 8 else 0
+                payload = message.payload
+                count = COUNT.unpack(payload)[0] if len(payload) == COUNT.size else 0
                 window.tally(message.msg_id, entry, count)
                 continue
             pop(message.msg_id)
