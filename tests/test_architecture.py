@@ -26,9 +26,9 @@ OWNER = PYLM / "protocol.py"
 # LoopClient's window): remove the entry once pylm/chained/ uses protocol's pieces.
 IN_CONVERSION = ("chained/",)
 
-# Formats that are not the head's: the cache's payload (its own documented
-# layout, pylm/cache.py) and socket options.
-OWN_FORMATS = {"cache.py": {">H"}}
+# Formats that are not the head's: the cache's set payload, a key size first
+# (its own documented layout, in the cache's modules pylm/cache*.py).
+OWN_FORMATS = {"cache": {">H"}}
 
 OFFSETS = {2, 5, 7, 9, 17, 25}  # ends of magic, lead, target size, reply lead, id, head
 FIELD_BYTES = {2, 3, 4, 5, 6, 7, 8}  # version .. route size, read one byte at a time
@@ -95,7 +95,10 @@ def problems(name: str, tree: ast.Module) -> Iterator[str]:
                     for arg in node.args[:1]
                     if isinstance(arg, ast.Constant) and isinstance(arg.value, str)
                 }
-                if not formats or not formats <= OWN_FORMATS.get(name, set()):
+                owned = set().union(
+                    *(kept for prefix, kept in OWN_FORMATS.items() if name.startswith(prefix))
+                )
+                if not formats or not formats <= owned:
                     yield f"{where}: struct.{function.attr} of its own: protocol owns the formats"
             if (
                 isinstance(function, ast.Name)
