@@ -11,8 +11,7 @@ The rules:
   it back. ``from pylm.a import b`` counts as an import of ``pylm.a.b`` when
   ``b`` is a module, else of ``pylm.a``; importing ``pylm.a.b`` also runs
   ``pylm/a/__init__.py`` (an edge to ``pylm.a``) unless the importer is
-  inside ``pylm.a`` already. One cycle is known and listed in
-  ``KNOWN_CYCLES`` with its way out; any other fails the test, named.
+  inside ``pylm.a`` already. A cycle fails the test, named.
 * **Layers run one way**, from the bottom up: the protocol (``pylm.protocol``)
   imports nothing of pylm but its errors; the registry (``pylm.registry``)
   and telemetry (``pylm.telemetry``) import no server or client module
@@ -40,15 +39,6 @@ SERVERS_AND_CLIENTS = (
 )
 LOWER_LAYERS = ("pylm.protocol", "pylm.registry", "pylm.telemetry")
 PROTOCOL_MAY_IMPORT = {"pylm.errors"}
-# Edges left out of the cycle check, each with the way to remove it.
-KNOWN_CYCLES = {
-    # CacheClient (pylm.cache, documented there in docs/migrating.md) builds
-    # on the standalone Client, whose package runs pylm.standalone.servers,
-    # which keeps a Cache: a function-level import today. Way out: the
-    # server-side Cache in a module of its own, pylm.cache the facade.
-    ("pylm.cache", "pylm.standalone.client"),
-    ("pylm.cache", "pylm.standalone"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -153,7 +143,7 @@ def test_the_graph_sees_every_kind_of_import() -> None:
     assert "pylm.telemetry.counting" in edges["pylm.calls"]  # module level
     assert "pylm.telemetry.top" in edges["pylm.cli"]  # in a function, `from pkg import mod`
     assert "pylm.registry" not in edges["pylm.discovery"]  # under TYPE_CHECKING only
-    assert "pylm.standalone" in edges["pylm.cache"]  # the package of pylm.standalone.client
+    assert "pylm.standalone" in edges["pylm.cache"]  # runs pylm.standalone.client's package
     assert "pylm.standalone" not in edges["pylm.standalone.servers"]  # running already
 
 
@@ -164,11 +154,7 @@ def test_find_cycle_names_the_cycle() -> None:
 
 
 def test_no_import_cycles_in_pylm() -> None:
-    edges = graph()
-    for importer, target in KNOWN_CYCLES:
-        assert target in edges[importer], f"{importer} no longer imports {target}: drop it"
-        edges[importer].discard(target)
-    cycle = find_cycle(edges)
+    cycle = find_cycle(graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 

@@ -30,7 +30,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
-from pylm.cache import Cache
+from pylm.cache_store import Cache
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
 from pylm.protocol import (

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from pylm import protocol
-from pylm.cache import CacheCalls, cache_request
+from pylm.cache_calls import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError

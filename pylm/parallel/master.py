@@ -42,7 +42,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, ServerOptions
-from pylm.cache import Cache
+from pylm.cache_store import Cache
 from pylm.errors import ProtocolError
 from pylm.parallel.dispatch import (
     DEFAULT_HEARTBEAT,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 import zmq
 
 from pylm import protocol
-from pylm.cache import cache_request, encode_key, encode_set
+from pylm.cache_calls import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout

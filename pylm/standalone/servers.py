@@ -22,7 +22,7 @@ import zmq
 
 from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
-from pylm.cache import Cache
+from pylm.cache_store import Cache
 from pylm.errors import ProtocolError, PylmError
 from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
 from pylm.telemetry.counting import Sampling
