@@ -153,6 +153,11 @@ class LocalEtcd:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The etcd process's id while it runs; None before start and after stop."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def start(self, timeout: float = 20.0, *, wait: bool = True) -> LocalEtcd:
         """Start etcd; with ``wait``, return once it is healthy (a member of
         a cluster is healthy only once a majority runs: start them all first)."""
