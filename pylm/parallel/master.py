@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import BaseServer, ServerOptions
+from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
 from pylm.errors import ProtocolError
 from pylm.parallel.dispatch import (
@@ -100,14 +100,8 @@ class Master(Dispatcher, BaseServer):
         max_queued: int = DEFAULT_MAX_QUEUED,
         **options: Unpack[ServerOptions],
     ) -> None:
-        BaseServer.__init__(
-            self,
-            name,
-            log_level=log_level,
-            log_address=log_address,
-            messages=messages,
-            **options,
-        )
+        old = Options2016(log_address, log_level=log_level, messages=messages)
+        BaseServer.__init__(self, name, options2016=old, **options)
         self._init_dispatch(heartbeat, misses, max_queued)
         self.front_address = front_address and check_address(front_address, "front_address")
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
