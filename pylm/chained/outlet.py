@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import struct
 import threading
 import time
 import zlib
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["Outlet", "ToNextStage"]
-
-_pack_id = struct.Struct(">Q").pack
 
 
 class Outlet:
@@ -171,12 +168,17 @@ class Outlet:
         instances = self._instances
         if len(instances) <= 1:
             return self.socket
-        address = instances[zlib.crc32(route + _pack_id(msg_id)) % len(instances)]
+        address = instances[zlib.crc32(route + msg_id.to_bytes(8, "big")) % len(instances)]
         socket = self._sticky.get(address)
         if socket is None:
             socket = self._sticky[address] = self._push_socket()
             socket.connect(address)
         return socket
+
+    @property
+    def following(self) -> concurrent.futures.Future[None] | None:
+        """The registry's following of the next stage (None: not followed)."""
+        return self._following
 
     def stop_following(self) -> None:
         following, self._following = self._following, None
@@ -226,6 +228,15 @@ class ToNextStage(Output):
             outlet.open(context, hwm, found, stage.logger)
         self.socket = self.outlets[0].socket
         return following
+
+    def next_call(self) -> str | None:
+        return self.outlets[0].call if self.outlets else None
+
+    def branch_calls(self) -> list[str]:
+        return [outlet.call for outlet in self.outlets[1:]]
+
+    def tee_calls(self) -> list[str]:
+        return [outlet.call for outlet in self.tees]
 
     def rewire(self) -> bool:
         joined = False

@@ -63,9 +63,24 @@ class Output:
         """Pass on an earlier stage's ERROR, or the END of a job's stream."""
         raise NotImplementedError
 
+    def next_call(self) -> str | None:
+        """The call results go to (the stage's registry record says it)."""
+        return None
+
+    def branch_calls(self) -> list[str]:
+        """The next calls besides the first (registry record)."""
+        return []
+
+    def tee_calls(self) -> list[str]:
+        """The calls that get a copy of every result (registry record)."""
+        return []
+
     def rewire(self) -> bool:
         """Apply what the registry said about the peers; True if one joined."""
         return False
+
+    def stop_following(self) -> None:
+        """Stop following the peers in the registry (before it closes)."""
 
     def tick(self) -> None:
         """Called after every round of the stage's loop (timers)."""

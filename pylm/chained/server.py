@@ -129,8 +129,7 @@ class Server(Stage):
     @property
     def next_call(self) -> str | None:
         """The (first) next stage's call."""
-        outlets = self._output.outlets
-        return outlets[0].call if outlets else None
+        return self._output.next_call()
 
     @property
     def next_instances(self) -> set[str]:
@@ -151,15 +150,6 @@ class Server(Stage):
             or any(not outlet.addresses for outlet in self._output.all())
         )
 
-    def _next(self) -> str | None:
-        return self.next_call
-
-    def _branches(self) -> list[str]:
-        return [outlet.call for outlet in self._output.outlets[1:]]
-
-    def _tee_calls(self) -> list[str]:
-        return [outlet.call for outlet in self._output.tees]
-
     def _connects_to(self) -> list[str]:
         def at(outlet: Outlet) -> str:
             addresses = sorted(outlet.connected | set(outlet.addresses))
@@ -177,7 +167,7 @@ class Server(Stage):
             output.set_outlets([Outlet(config.next, [])])
         if output.open(self.context, self.hwm, self._registry_client):
             self._poll_timeout = REWIRE_MS
-        following = output.outlets[0]._following
+        following = output.outlets[0].following
         if config is not None and following is not None:
             # The wiring came from the registry: keep it there (put back if
             # etcd loses it), on the registry's thread, for as long as this
@@ -203,10 +193,6 @@ class Server(Stage):
                 f" `pylm topology set {self.name} --next <server>.<function>`"
             )
         return config
-
-    def _stop_following(self) -> None:
-        super()._stop_following()
-        self._output.stop_following()
 
     def _failed_choice(self, message: protocol.Message, exc: Exception) -> None:
         """``handle_stream`` failed for a result: its job fails."""

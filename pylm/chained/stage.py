@@ -20,7 +20,6 @@ of letting queues grow.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
@@ -113,7 +112,6 @@ class Stage(BaseServer):
         self._pull: zmq.Socket | None = None
         self._db_socket: zmq.Socket | None = None
         self._poller = zmq.Poller()
-        self._following: concurrent.futures.Future[None] | None = None
         # ms a wait for input lasts at most (stop() wakes it anyway); shorter
         # when the registry may rewire the stage, or results wait to be sent.
         self._poll_timeout: int = IDLE_MS
@@ -139,12 +137,13 @@ class Stage(BaseServer):
         self._open_output()
         self._poller.register(pull, zmq.POLLIN)
         self._poller.register(db, zmq.POLLIN)
+        output = self._output
         self._register(
             self._endpoints(),
             required=self._name_only(),
-            next=self._next(),
-            branches=self._branches(),
-            tee=self._tee_calls(),
+            next=output.next_call(),
+            branches=output.branch_calls(),
+            tee=output.tee_calls(),
         )
 
     def _any_port(self) -> str:
@@ -157,25 +156,12 @@ class Stage(BaseServer):
     def _name_only(self) -> bool:
         return self.pull_address is None or self.db_address is None
 
-    def _next(self) -> str | None:
-        return None
-
-    def _branches(self) -> list[str]:
-        """Next calls besides the first (registry record)."""
-        return []
-
-    def _tee_calls(self) -> list[str]:
-        """Calls that get a copy of every result (registry record)."""
-        return []
-
     def _deregister(self) -> None:
         self._stop_following()  # before the registry it runs on may close
         super()._deregister()
 
     def _stop_following(self) -> None:
-        following, self._following = self._following, None
-        if following is not None:
-            following.cancel()
+        self._output.stop_following()
 
     def _close(self) -> None:
         self._stop_following()
@@ -193,6 +179,7 @@ class Stage(BaseServer):
 
     def _serve(self) -> None:
         pull, poll = self._pull, self._poller.poll
+        rewire = self._output.rewire  # in this thread, which owns the sockets
         assert pull is not None
         debug = self.logger.isEnabledFor(logging.DEBUG)
         try:
@@ -203,7 +190,7 @@ class Stage(BaseServer):
                 # Rewired before serving: what is read after the registry
                 # reported a change goes by the new wiring, however long the
                 # poll waited (an instance leaving drains only _DRAIN_QUIET).
-                self._rewire()
+                rewire()
                 for socket, _ in ready:
                     if socket is pull:
                         self._drain(pull, debug)
@@ -228,15 +215,10 @@ class Stage(BaseServer):
             if pull.poll(max(1, min(50, round(left * 1000))), zmq.POLLIN):
                 self._drain(pull, debug)
                 quiet_since = time.monotonic()
-            self._rewire()
+            self._output.rewire()
 
     def _tick(self) -> None:
         """Called after every round of the loop (subclasses' timers)."""
-
-    def _rewire(self) -> bool:
-        """Apply changes the registry reported (in the serving thread, which
-        owns the sockets); True if it connected to a new instance."""
-        return self._output.rewire()
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
         received, passed = self._drain_batch(pull, debug)
