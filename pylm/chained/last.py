@@ -17,7 +17,7 @@ from pylm.base import ServerOptions
 from pylm.chained.output import Output
 from pylm.chained.stage import DEFAULT_HWM, FRAME_SLACK, IDLE_MS, Stage
 from pylm.errors import ProtocolError, PylmError
-from pylm.protocol import SPLIT_PAYLOAD
+from pylm.protocol import SPLIT_PAYLOAD, reply_to
 from pylm.transport import Backlog, check_address, recv_message, send_frame
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class ToClients(Output):
             self.send(protocol.decode([body]), result)
             return
         route = body[start:end]
-        reply = self.fast_message(body, start, end, result)
+        reply = reply_to(body, result)  # fast_message, inlined
         if self._backlog.holds(route):
             self.put(route, [reply])  # after what waits for that client
             return
@@ -195,7 +195,7 @@ class ToClients(Output):
         send_frame(router, reply)
 
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        return protocol.reply_to(body, result)
+        return reply_to(body, result)
 
     def error_route(self, route: bytes) -> bytes:
         return b""  # the client needs no route

@@ -21,6 +21,7 @@ from pylm.calls import curve_key
 from pylm.chained.output import Output
 from pylm.errors import PylmError
 from pylm.protocol import SPLIT_PAYLOAD
+from pylm.protocol import forward as forward_request
 from pylm.security import Curve
 from pylm.transport import close_socket, send_frame
 
@@ -34,7 +35,11 @@ __all__ = ["Outlet", "ToNextStage"]
 class Outlet:
     """Where a stage sends on to one next stage: a PUSH socket connected to
     the stage's instances, given or followed in the registry (the registry's
-    thread notes changes, the serving thread applies them)."""
+    thread notes changes, the serving thread applies them).
+
+    Every message to that stage leaves through :attr:`socket` (libzmq picks
+    the instance, round-robin) or :meth:`for_stream` (the instance a job's
+    stream goes to): the choice of instance is made here and nowhere else."""
 
     def __init__(self, call: str, addresses: list[str]) -> None:
         self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
@@ -258,14 +263,14 @@ class ToNextStage(Output):
         if len(result) > SPLIT_PAYLOAD or not self.plain:
             self.send(protocol.decode([body]), result)
             return
-        out = self.fast_message(body, start, end, result)
+        out = forward_request(body, self.target, body[start:end], result)  # fast_message, inlined
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:
             self.put(socket, [out])
 
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
-        return protocol.forward(body, self.target, body[start:end], result)
+        return forward_request(body, self.target, body[start:end], result)
 
     def error_route(self, route: bytes) -> bytes:
         return route
