@@ -22,10 +22,6 @@ from pathlib import Path
 PYLM = Path(__file__).resolve().parent.parent / "pylm"
 OWNER = PYLM / "protocol.py"
 
-# Converted by another hand this session (issue 21, the chained split and the
-# LoopClient's window): remove the entry once pylm/chained/ uses protocol's pieces.
-IN_CONVERSION = ("chained/",)
-
 # Formats that are not the head's: the cache's set payload, a key size first
 # (its own documented layout, in the cache's modules pylm/cache*.py).
 OWN_FORMATS = {"cache": {">H"}}
@@ -50,7 +46,7 @@ OLD_COPIES = {
 def modules() -> Iterator[tuple[str, ast.Module]]:
     for path in sorted(PYLM.rglob("*.py")):
         name = path.relative_to(PYLM).as_posix()
-        if path == OWNER or name.startswith(IN_CONVERSION):
+        if path == OWNER:
             continue
         yield name, ast.parse(path.read_text(encoding="utf-8"), str(path))
 
