@@ -139,13 +139,9 @@ class BaseServer:
         name: str,
         *,
         options2016: Options2016 | None = None,
-        log_level: int = logging.INFO,
         log_stdout: bool = True,
-        log_address: str | None = None,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         context: zmq.Context | None = None,
-        messages: int = sys.maxsize,
-        ignored: dict[str, str | None] | None = None,
         registry: Registry | str | None = None,
         host: str | None = None,
         ttl: float | None = None,
@@ -167,11 +163,7 @@ class BaseServer:
         check_name(name)
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
-        if options2016 is None:  # the master and the stages: theirs one by one, for now
-            ignored = ignored or {}
-            perf, ping = ignored.get("perf_address"), ignored.get("ping_address")
-            options2016 = Options2016(log_address, perf, ping, log_level, messages)
-        old = options2016
+        old = options2016 or Options2016()
         messages = old.messages
         if not isinstance(messages, int) or messages < 0:
             raise ValueError(f"messages must be a non-negative int, got {messages!r}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import ServerOptions
+from pylm.base import Options2016, ServerOptions
 from pylm.chained.output import Output
 from pylm.chained.stage import DEFAULT_HWM, FRAME_SLACK, IDLE_MS, Stage
 from pylm.errors import ProtocolError, PylmError
@@ -62,11 +62,7 @@ class LastServer(Stage):
             name,
             pull_address,
             db_address,
-            log_address,
-            perf_address,
-            ping_address,
-            log_level,
-            messages,
+            Options2016(log_address, perf_address, ping_address, log_level, messages),
             hwm=hwm,
             **options,
         )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pylm import protocol
-from pylm.base import ServerOptions
+from pylm.base import Options2016, ServerOptions
 from pylm.chained.outlet import Outlet, ToNextStage
 from pylm.chained.stage import DEFAULT_HWM, REWIRE_MS, Stage, addresses
 from pylm.errors import RegistryError
@@ -88,11 +88,7 @@ class Server(Stage):
             name,
             pull_address,
             db_address,
-            log_address,
-            perf_address,
-            ping_address,
-            log_level,
-            messages,
+            Options2016(log_address, perf_address, ping_address, log_level, messages),
             hwm=hwm,
             **options,
         )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import BaseServer, ServerOptions
+from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
@@ -86,23 +86,12 @@ class Stage(BaseServer):
         name: str,
         pull_address: str | None,
         db_address: str | None,
-        log_address: str | None,
-        perf_address: str | None,
-        ping_address: str | None,
-        log_level: int,
-        messages: int,
+        options2016: Options2016,
         *,
         hwm: int,
         **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            name,
-            log_level=log_level,
-            log_address=log_address,
-            messages=messages,
-            ignored={"perf_address": perf_address, "ping_address": ping_address},
-            **options,
-        )
+        super().__init__(name, options2016=options2016, **options)
         self.pull_address = pull_address and check_address(pull_address, "pull_address")
         self.db_address = db_address and check_address(db_address, "db_address")
         self.hwm = hwm
