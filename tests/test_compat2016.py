@@ -131,6 +131,19 @@ def test_the_2016_perf_and_ping_addresses_warn_on_every_server_that_takes_them()
         assert make(None, None, logging.DEBUG, 3).messages == 3, kind
 
 
+def test_the_parallel_servers_take_log_level_and_messages_in_place() -> None:
+    made = [
+        lambda *old: Master("m", ANY, ANY, None, *old, log_stdout=False),
+        lambda *old: Worker("w", "m", ANY, None, *old, log_stdout=False),
+        lambda *old: Hub("h", ANY, "tcp://127.0.0.1:9", "n.f", ANY, None, *old, log_stdout=False),
+    ]
+    for make in made:
+        with pytest.raises(ValueError, match="messages must be a non-negative int, got -1"):
+            make(logging.INFO, -1)
+        server = make(logging.DEBUG, 3)
+        assert (server.messages, server.logger.level) == (3, logging.DEBUG)
+
+
 # ------------------------------------------------------------------ LoopClient
 
 
