@@ -58,14 +58,8 @@ class LastServer(Stage):
         hwm: int = DEFAULT_HWM,
         **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            name,
-            pull_address,
-            db_address,
-            Options2016(log_address, perf_address, ping_address, log_level, messages),
-            hwm=hwm,
-            **options,
-        )
+        old = Options2016(log_address, perf_address, ping_address, log_level, messages)
+        super().__init__(name, pull_address, db_address, old, hwm=hwm, **options)
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results
         self._router: zmq.Socket | None = None

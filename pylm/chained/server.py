@@ -84,14 +84,8 @@ class Server(Stage):
         hwm: int = DEFAULT_HWM,
         **options: Unpack[ServerOptions],
     ) -> None:
-        super().__init__(
-            name,
-            pull_address,
-            db_address,
-            Options2016(log_address, perf_address, ping_address, log_level, messages),
-            hwm=hwm,
-            **options,
-        )
+        old = Options2016(log_address, perf_address, ping_address, log_level, messages)
+        super().__init__(name, pull_address, db_address, old, hwm=hwm, **options)
         calls = _calls(next_call, "next_call")
         if len(calls) > 1 and type(self).handle_stream is Server.handle_stream:
             raise TypeError(
