@@ -1,16 +1,21 @@
 """Small things several test files use: an OS-chosen address, unique server
-names, a slow payload source, a client socket that does not read."""
+names, a slow payload source, a client socket that does not read, clients
+calling through a scale-down."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import zmq
 
-__all__ = ["ANY", "lazy_dealer", "trickle", "unique"]
+from pylm.registry import Registry
+from pylm.standalone import Client
+from pylm.testing import wait_for
+
+__all__ = ["ANY", "calls_through_a_scale_down", "lazy_dealer", "trickle", "unique"]
 
 ANY = "tcp://127.0.0.1:0"  # a port the OS picks: the server says which
 
@@ -40,3 +45,54 @@ def lazy_dealer(address: str) -> zmq.Socket:
     lazy.setsockopt(zmq.RCVBUF, 4096)
     lazy.connect(address)
     return lazy
+
+
+def calls_through_a_scale_down(
+    registry: Registry, name: str, markers: set[bytes], leave: Callable[[], None]
+) -> list[BaseException]:
+    """Four by-name clients of ``name`` call its ``who`` without a pause;
+    once each has had every answer of ``markers`` (each instance answers its
+    own), ``leave()`` takes one instance away, then each client makes 50
+    calls more. The calls' failures (none, when leaving drains)."""
+    clients: list[Client] = []
+    done, left = threading.Event(), threading.Event()
+    answers: list[list[bytes]] = [[] for _ in range(4)]
+    after_leave = [0] * len(answers)
+    failures: list[BaseException] = []
+
+    def call(index: int) -> None:
+        try:
+            while not done.is_set():
+                was_left = left.is_set()
+                answers[index].append(clients[index].job("who", b""))
+                if was_left:
+                    after_leave[index] += 1
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(answers))]
+    try:
+        for _ in answers:
+            clients.append(Client(name, registry=registry, timeout=5, wait=10))
+        for thread in threads:
+            thread.start()
+        wait_for(
+            lambda: bool(failures) or all(markers <= set(a) for a in answers),
+            30,
+            "every client reaching every instance",
+        )
+        leave()
+        left.set()
+        wait_for(
+            lambda: bool(failures) or min(after_leave) >= 50,
+            30,
+            "50 calls per client after one instance left",
+        )
+    finally:
+        done.set()
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(30)
+        for client in clients:
+            client.close()
+    return failures

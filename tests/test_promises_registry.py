@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from helpers import calls_through_a_scale_down
 
 import pylm.chained.last
 from pylm import protocol
@@ -160,51 +161,13 @@ def test_stopping_one_of_two_instances_fails_no_call(pylm_registry: Registry) ->
     is stopped with stop(); it deregisters, then drains, so no call times out."""
     leaving = Marked("echo", b"leaving", registry=pylm_registry)
     staying = Marked("echo", b"staying", registry=pylm_registry)
-    clients: list[Client] = []
-    done = threading.Event()
-    stopped = threading.Event()
-    answers: list[list[bytes]] = [[] for _ in range(4)]
-    after_stop = [0] * len(answers)
-    failures: list[BaseException] = []
-
-    def call(index: int) -> None:
-        client = clients[index]
-        try:
-            while not done.is_set():
-                was_stopped = stopped.is_set()
-                answers[index].append(client.job("who", b""))
-                if was_stopped:
-                    after_stop[index] += 1
-        except BaseException as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(answers))]
     try:
         for server in (leaving, staying):
             server.start(background=True)
-        for _ in answers:
-            clients.append(Client("echo", registry=pylm_registry, timeout=5, wait=10))
-        for thread in threads:
-            thread.start()
-        wait_for(
-            lambda: bool(failures) or all({b"leaving", b"staying"} <= set(a) for a in answers),
-            20,
-            "every client reaching both instances",
-        )
-        leaving.stop()
-        stopped.set()
-        wait_for(
-            lambda: bool(failures) or min(after_stop) >= 50,
-            30,
-            "50 calls per client after the stop",
+        failures = calls_through_a_scale_down(
+            pylm_registry, "echo", {b"leaving", b"staying"}, leaving.stop
         )
     finally:
-        done.set()
-        for thread in threads:
-            if thread.is_alive():
-                thread.join(30)
-        for client in clients:
-            client.close()
         for server in (leaving, staying):
             server.stop()
     assert failures == []
