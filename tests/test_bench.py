@@ -144,3 +144,16 @@ def test_scale_benchmark_smoke_run(tmp_path: Path) -> None:
         except OSError:
             continue
         assert command.replace(b"\0", b" ").decode().strip() != process["command"], process
+
+
+@pytest.mark.timeout(120)
+def test_failover_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "failover.json"
+    stdout = smoke_run("failover", out)
+    assert "| undisturbed | 2,000 | 2,000 | 0 |" in stdout
+    undisturbed, disturbed = json.loads(out.read_text())
+    assert undisturbed["right"] == undisturbed["jobs"] == 2_000
+    # every job once: a right result or a typed error, never twice, never another's
+    assert disturbed["right"] + disturbed["failed"] == disturbed["jobs"]
+    assert disturbed["duplicated"] == disturbed["wrong"] == 0
+    assert set(disturbed["errors"]) <= {"RequestTimeout"}
