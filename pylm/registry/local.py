@@ -19,11 +19,11 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 from pylm.errors import RegistryError
+from pylm.lifecycle import Started
 from pylm.processes import end_process, free_port
 
 __all__ = [
@@ -101,7 +101,7 @@ def etcd_log_cause(log: str) -> str:
     return cause or last
 
 
-class LocalEtcd:
+class LocalEtcd(Started):
     """Starts a single-member etcd and stops it; a context manager.
 
     ``url`` is the ``PYLM_REGISTRY`` value that reaches it, such as
@@ -158,7 +158,7 @@ class LocalEtcd:
         """The etcd process's id while it runs; None before start and after stop."""
         return self._process.pid if self.running and self._process is not None else None
 
-    def start(self, timeout: float = 20.0, *, wait: bool = True) -> LocalEtcd:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> Self:
         """Start etcd; with ``wait``, return once it is healthy (a member of
         a cluster is healthy only once a majority runs: start them all first)."""
         path = find_etcd(self.binary)
@@ -329,23 +329,15 @@ class LocalEtcd:
         end_process(process, timeout)
 
     def cleanup(self) -> None:
+        """Stop etcd and remove the data folder it made (leaving ``with`` does this)."""
         self.stop()
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    def __enter__(self) -> LocalEtcd:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    close = cleanup
 
 
-class LocalEtcdCluster:
+class LocalEtcdCluster(Started):
     """Starts a local etcd cluster of ``size`` members (loopback, free
     ports, temporary folders) and stops it; a context manager. ``url`` names
     every member, so a :class:`~pylm.registry.Registry` tries them in turn."""
@@ -363,7 +355,7 @@ class LocalEtcdCluster:
     def url(self) -> str:
         return "etcd://" + ",".join(f"{self.host}:{m.client_port}" for m in self.members)
 
-    def start(self, timeout: float = 30.0) -> LocalEtcdCluster:
+    def start(self, timeout: float = 30.0) -> Self:
         for member in self.members:
             member.client_port = free_port(self.host)
             member.peer_port = free_port(self.host)
@@ -395,13 +387,4 @@ class LocalEtcdCluster:
         for member in self.members:
             member.cleanup()
 
-    def __enter__(self) -> LocalEtcdCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    close = cleanup

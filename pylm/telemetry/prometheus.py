@@ -13,10 +13,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pylm.errors import PylmError
+from pylm.lifecycle import Started
 from pylm.processes import end_process, free_port
 
 __all__ = ["PROMETHEUS_HINT", "LocalPrometheus", "PrometheusError", "find_prometheus"]
@@ -36,7 +36,7 @@ def find_prometheus(binary: str = "prometheus") -> str | None:
     return shutil.which(binary)
 
 
-class LocalPrometheus:
+class LocalPrometheus(Started):
     """Runs ``prometheus`` with ``config`` (the text of a prometheus.yml;
     relative ``rule_files`` resolve against ``config_dir``, default a
     temporary folder) and stops it; a context manager."""
@@ -61,7 +61,7 @@ class LocalPrometheus:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> LocalPrometheus:
+    def start(self, timeout: float = 30.0) -> Self:
         path = find_prometheus(self.binary)
         if path is None:
             raise PrometheusError(f"no {self.binary!r} binary on PATH: {PROMETHEUS_HINT}")
@@ -135,6 +135,7 @@ class LocalPrometheus:
             time.sleep(0.2)  # Prometheus scrapes on its own clock
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop Prometheus and remove its folder (leaving ``with`` does this)."""
         process, self._process = self._process, None
         end_process(process, timeout)
         if self._folder is not None:
@@ -143,13 +144,4 @@ class LocalPrometheus:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
 
-    def __enter__(self) -> LocalPrometheus:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    close = stop
