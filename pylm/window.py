@@ -4,8 +4,9 @@ when each may wait for an answer, room to send more, the count of a
 streaming job's items, and the loop that sends, waits for answers and ends
 the jobs past their deadline with :class:`~pylm.errors.RequestTimeout`.
 
-A client gives the loop what differs between clients: how jobs are
-encoded and sent (``send``) and how answers are read (``wait``). Every job
+A client (a :class:`JobClient`) gives the loop what differs between
+clients: how jobs are encoded and sent (``send``) and how answers are read
+(``wait``). Every job
 out has a :class:`Job` record in :attr:`Window.jobs` until its outcome; a
 job's fate (answered, expired) is decided here, so a client's books, such
 as re-sending a job whose instance died, belong in this class too.
@@ -19,12 +20,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING, ClassVar
 
 from pylm.errors import PylmError
 
 __all__ = [
     "SEND_SLICE",
     "Job",
+    "JobClient",
     "JobResult",
     "Outcome",
     "Stop",
@@ -218,3 +221,76 @@ def job_results(start: Callable[[], Generator[Outcome, None, None]]) -> Iterator
     for index, value, error, _ in start():
         if value is not None or error is not None:
             yield JobResult(index, value, error)
+
+
+Send = Callable[[int, float], Stop]
+Wait = Callable[[int], Iterable[Outcome]]
+
+
+class JobClient:
+    """``job()`` and ``results()`` of a client whose jobs go out through a
+    :class:`Window`, one run at a time. The client readies a run in
+    :meth:`_open`, which returns its ``send`` and ``wait`` (see
+    :meth:`Window.run`); the rest of a run is the same for every client."""
+
+    max_in_flight: int
+    _running: bool
+    _kind: ClassVar[str]  # the client's class, as its errors name it
+
+    if TYPE_CHECKING:  # given by pylm.calls.Caller, a base of every client
+
+        def _timeout_of(self, timeout: float | None) -> float: ...
+
+        def _job_timeout(
+            self, function: str, timeout: float
+        ) -> Callable[[int, int], PylmError]: ...
+
+    def job(
+        self,
+        function: str,
+        payloads: Iterable[bytes],
+        *,
+        timeout: float | None = None,
+        messages: int | None = None,
+    ) -> Iterator[bytes]:
+        """Send a job per payload and yield every result as it arrives, in
+        any order (a streaming job's items in their order). A failed job
+        raises its typed error and ends the iteration; a job without a
+        result within ``timeout`` of being sent raises
+        :class:`~pylm.errors.RequestTimeout`. ``messages``: end after that
+        many results (the 2016 meaning), though jobs are still out; their
+        results are dropped when they come."""
+        return values(
+            lambda: self._run(function, iter(payloads), self._timeout_of(timeout)), messages
+        )
+
+    def results(
+        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
+    ) -> Iterator[JobResult]:
+        """Like :meth:`job`, but a :class:`JobResult` per result or failure,
+        timeouts included, never raising for one job; ``index`` is the
+        payload's position."""
+        return job_results(lambda: self._run(function, iter(payloads), self._timeout_of(timeout)))
+
+    def _run(
+        self, function: str, payloads: Iterator[bytes], timeout: float
+    ) -> Generator[Outcome, None, None]:
+        if self._running:
+            raise RuntimeError(f"this {self._kind} is already running jobs; use one per thread")
+        self._running = True
+        try:  # until the window's run begins, which ends with self._finished
+            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
+            send, wait = self._open(function, payloads, timeout, window)
+        except BaseException:
+            self._running = False
+            raise
+        return window.run(send, wait, self._finished)
+
+    def _open(
+        self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
+    ) -> tuple[Send, Wait]:
+        """Ready a run of jobs of ``function``: its ``send`` and ``wait``."""
+        raise NotImplementedError
+
+    def _finished(self) -> None:
+        self._running = False

@@ -7,7 +7,7 @@ import itertools
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import zmq
@@ -45,7 +45,7 @@ from pylm.protocol import (
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import JobResult, Outcome, Stop, Window, job_results, values
+from pylm.window import JobClient, JobResult, Outcome, Send, Stop, Wait, Window
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -166,7 +166,7 @@ class _Wiring:
         self.monitor.close(linger=0)
 
 
-class LoopClient(Caller, Closing):
+class LoopClient(Caller, JobClient, Closing):
     """Sends jobs to the first stage of a pipeline and receives their results
     from the last stage::
 
@@ -194,6 +194,8 @@ class LoopClient(Caller, Closing):
     many at a time, so leave it at 1 for an iterable that waits between items.
     A LoopClient is for one thread at a time.
     """
+
+    _kind = "LoopClient"
 
     def __init__(
         self,
@@ -346,140 +348,104 @@ class LoopClient(Caller, Closing):
 
     # ------------------------------------------------------------------ jobs
 
-    def job(
-        self,
-        function: str,
-        payloads: Iterable[bytes],
-        *,
-        timeout: float | None = None,
-        messages: int | None = None,
-    ) -> Iterator[bytes]:
-        """Send a job per payload and yield the results as they arrive, in
-        any order. A failed job raises its typed error (and ends the
-        iteration); jobs without a result within ``timeout`` of being sent
-        raise :class:`~pylm.errors.RequestTimeout`. ``messages``: end after
-        that many results (the 2016 meaning), though jobs are still out;
-        their results are dropped when they come."""
-        return values(
-            lambda: self._run(function, iter(payloads), self._timeout_of(timeout)), messages
-        )
+    def _open(
+        self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
+    ) -> tuple[Send, Wait]:
+        jobs = self._jobs
+        if jobs is None:
+            raise RuntimeError("the client is closed")
+        self._follow(None, timeout)
+        self._greet(timeout)
+        _, target, numbers = self._calls._target(function)
+        # Every job's body is prefix + id and deadline + tail + payload.
+        prefix = protocol.request_prefix(target, self.route)
+        tail = target + self.route
+        inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
+        add, batch = window.add, self.batch
+        poller = zmq.Poller()
+        for socket in self._results:
+            poller.register(socket, zmq.POLLIN)
+        # Jobs the pipeline had no room for yet: their ids and frames.
+        waiting: tuple[list[int], bytes | list[bytes]] | None = None
+        carried: bytes | None = None  # a large payload taken, to go on its own next
+        ids, clock, wall = self._ids, time.monotonic, time.time
+        exhausted = False
 
-    def results(
-        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
-    ) -> Iterator[JobResult]:
-        """Like :meth:`job`, but yield a :class:`JobResult` for every job,
-        failed or not, and for jobs that time out; never raise for one job."""
-        return job_results(lambda: self._run(function, iter(payloads), self._timeout_of(timeout)))
-
-    def _run(
-        self, function: str, payloads: Iterator[bytes], timeout: float
-    ) -> Generator[Outcome, None, None]:
-        if self._running:
-            raise RuntimeError("this LoopClient is already running jobs; use one per thread")
-        self._running = True
-        try:  # until the window's run begins, which ends with self._finished
-            jobs = self._jobs
-            if jobs is None:
-                raise RuntimeError("the client is closed")
-            self._follow(None, timeout)
-            self._greet(timeout)
-            _, target, numbers = self._calls._target(function)
-            # Every job's body is prefix + id and deadline + tail + payload.
-            prefix = protocol.request_prefix(target, self.route)
-            tail = target + self.route
-            inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
-            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
-            add, batch = window.add, self.batch
-            poller = zmq.Poller()
-            for socket in self._results:
-                poller.register(socket, zmq.POLLIN)
-            # Jobs the pipeline had no room for yet: their ids and frames.
-            waiting: tuple[list[int], bytes | list[bytes]] | None = None
-            carried: bytes | None = None  # a large payload taken, to go on its own next
-            ids, clock, wall = self._ids, time.monotonic, time.time
-            exhausted = False
-
-            def send(room: int, until: float) -> Stop:
-                """Up to ``batch`` small jobs per message while there is room."""
-                nonlocal waiting, carried, exhausted
-                if (self._last is not None and self._last.changed) or (
-                    self._peers is not None and self._peers.changed
-                ):
-                    self._follow(poller, timeout)
-                while room > 0:
-                    if waiting is None:
-                        if exhausted:
-                            return Stop.DONE
-                        group: list[int] = []
-                        bodies: list[bytes] = []
-                        take = min(room, batch)
-                        while len(bodies) < take:
-                            payload = carried if carried is not None else next(payloads, None)
-                            carried = None
-                            if payload is None:
-                                exhausted = True
-                                break
-                            if type(payload) is bytes and len(payload) <= inline_limit:
-                                msg_id = next(ids)
-                                stamp = pack_id_deadline(msg_id, wall() + timeout)
-                                bodies.append(b"".join((prefix, stamp, tail, payload)))
-                                group.append(msg_id)
-                            elif bodies:
-                                carried = payload  # a large one goes on its own, next
-                                break
-                            else:
-                                protocol.check_payload(payload, self._calls.max_payload)
-                                msg_id = next(ids)
-                                frames = protocol.encode(
-                                    protocol.REQUEST,
-                                    msg_id,
-                                    bytes(payload),
-                                    target,
-                                    self.route,
-                                    wall() + timeout,
-                                )
-                                waiting = ([msg_id], frames[0] if len(frames) == 1 else frames)
-                                break
-                        if waiting is None:
-                            if not bodies:
-                                return Stop.DONE
-                            message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
-                            waiting = (group, message)
-                    try:
-                        outgoing = waiting[1]
-                        if isinstance(outgoing, bytes):
-                            send_frame(jobs, outgoing, zmq.NOBLOCK)
+        def send(room: int, until: float) -> Stop:
+            """Up to ``batch`` small jobs per message while there is room."""
+            nonlocal waiting, carried, exhausted
+            if (self._last is not None and self._last.changed) or (
+                self._peers is not None and self._peers.changed
+            ):
+                self._follow(poller, timeout)
+            while room > 0:
+                if waiting is None:
+                    if exhausted:
+                        return Stop.DONE
+                    group: list[int] = []
+                    bodies: list[bytes] = []
+                    take = min(room, batch)
+                    while len(bodies) < take:
+                        payload = carried if carried is not None else next(payloads, None)
+                        carried = None
+                        if payload is None:
+                            exhausted = True
+                            break
+                        if type(payload) is bytes and len(payload) <= inline_limit:
+                            msg_id = next(ids)
+                            stamp = pack_id_deadline(msg_id, wall() + timeout)
+                            bodies.append(b"".join((prefix, stamp, tail, payload)))
+                            group.append(msg_id)
+                        elif bodies:
+                            carried = payload  # a large one goes on its own, next
+                            break
                         else:
-                            jobs.send_multipart(outgoing, zmq.NOBLOCK)
-                    except zmq.Again:
-                        return Stop.BLOCKED
-                    now = clock()
-                    add(waiting[0], now)
-                    room -= len(waiting[0])
-                    waiting = None
-                    if now >= until:
-                        return Stop.SLICED
-                return Stop.FULL
+                            protocol.check_payload(payload, self._calls.max_payload)
+                            msg_id = next(ids)
+                            frames = protocol.encode(
+                                protocol.REQUEST,
+                                msg_id,
+                                bytes(payload),
+                                target,
+                                self.route,
+                                wall() + timeout,
+                            )
+                            waiting = ([msg_id], frames[0] if len(frames) == 1 else frames)
+                            break
+                    if waiting is None:
+                        if not bodies:
+                            return Stop.DONE
+                        message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
+                        waiting = (group, message)
+                try:
+                    outgoing = waiting[1]
+                    if isinstance(outgoing, bytes):
+                        send_frame(jobs, outgoing, zmq.NOBLOCK)
+                    else:
+                        jobs.send_multipart(outgoing, zmq.NOBLOCK)
+                except zmq.Again:
+                    return Stop.BLOCKED
+                now = clock()
+                add(waiting[0], now)
+                room -= len(waiting[0])
+                waiting = None
+                if now >= until:
+                    return Stop.SLICED
+            return Stop.FULL
 
-            def wait(ms: int) -> list[Outcome]:
-                if waiting is not None:
-                    poller.register(jobs, zmq.POLLOUT)
-                ready = dict(poller.poll(ms))
-                if waiting is not None:
-                    poller.unregister(jobs)
-                outcomes: list[Outcome] = []
-                for socket in self._results:
-                    if socket in ready:
-                        outcomes += self._collect(socket, window, numbers)
-                return outcomes
+        def wait(ms: int) -> list[Outcome]:
+            if waiting is not None:
+                poller.register(jobs, zmq.POLLOUT)
+            ready = dict(poller.poll(ms))
+            if waiting is not None:
+                poller.unregister(jobs)
+            outcomes: list[Outcome] = []
+            for socket in self._results:
+                if socket in ready:
+                    outcomes += self._collect(socket, window, numbers)
+            return outcomes
 
-        except BaseException:
-            self._running = False
-            raise
-        return window.run(send, wait, self._finished)
-
-    def _finished(self) -> None:
-        self._running = False
+        return send, wait
 
     def _collect(
         self, socket: zmq.Socket, window: Window, numbers: FunctionStats | None

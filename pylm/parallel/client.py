@@ -4,7 +4,7 @@ receives their results, the items of streaming jobs as they come."""
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -18,7 +18,7 @@ from pylm.lifecycle import Closing
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import JobResult, Outcome, Stop, Window, job_results, values
+from pylm.window import JobClient, JobResult, Outcome, Send, Stop, Wait, Window
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -28,7 +28,7 @@ __all__ = ["Client", "JobResult"]
 DEFAULT_IN_FLIGHT = 1000
 
 
-class Client(CacheCalls, Caller, Closing):
+class Client(CacheCalls, Caller, JobClient, Closing):
     """Sends jobs to a master, which gives them to its workers::
 
         client = Client('master')                          # from the registry
@@ -46,6 +46,7 @@ class Client(CacheCalls, Caller, Closing):
     """
 
     endpoint_role = "front"
+    _kind = "Client"
 
     def __init__(
         self,
@@ -93,30 +94,6 @@ class Client(CacheCalls, Caller, Closing):
     ) -> Iterator[bytes]:
         """Run one job and yield its results: one, or a generator function's items."""
         return self.job(function, (payload,), timeout=timeout)
-
-    def job(
-        self,
-        function: str,
-        payloads: Iterable[bytes],
-        *,
-        timeout: float | None = None,
-        messages: int | None = None,
-    ) -> Iterator[bytes]:
-        """Send a job per payload and yield every result as it arrives, in
-        any order (a streaming job's items in their order). A failed job
-        raises its typed error and ends the iteration. ``messages``: end
-        after that many results (the 2016 meaning), though jobs are still
-        out; their results are dropped when they come."""
-        return values(
-            lambda: self._run(function, iter(payloads), self._timeout_of(timeout)), messages
-        )
-
-    def results(
-        self, function: str, payloads: Iterable[bytes], *, timeout: float | None = None
-    ) -> Iterator[JobResult]:
-        """Like :meth:`job`, but a :class:`JobResult` per result or failure,
-        never raising for one job; ``index`` is the payload's position."""
-        return job_results(lambda: self._run(function, iter(payloads), self._timeout_of(timeout)))
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the master how it is: name, workers connected, jobs queued."""
@@ -174,54 +151,41 @@ class Client(CacheCalls, Caller, Closing):
             self._rewire(self._socket)
         return self._socket
 
-    def _run(
-        self, function: str, payloads: Iterator[bytes], timeout: float
-    ) -> Generator[Outcome, None, None]:
-        if self._running:
-            raise RuntimeError("this Client is already running jobs; use one per thread")
-        self._running = True
-        try:  # until the window's run begins, which ends with self._finished
-            socket = self._open_socket()
-            request = self._calls.request
-            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
-            add = window.add
-            held: list[bytes] | None = None  # a request the socket had no room for
-            held_id = 0
-            exhausted = False
-            clock = time.monotonic
+    def _open(
+        self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
+    ) -> tuple[Send, Wait]:
+        socket = self._open_socket()
+        request, add, clock = self._calls.request, window.add, time.monotonic
+        held: list[bytes] | None = None  # a request the socket had no room for
+        held_id = 0
+        exhausted = False
 
-            def send(room: int, until: float) -> Stop:
-                nonlocal held, held_id, exhausted
-                while room > 0:
-                    if held is None:
-                        payload = None if exhausted else next(payloads, None)
-                        if payload is None:
-                            exhausted = True
-                            return Stop.DONE
-                        held_id, held = request(function, payload, timeout)
-                    try:
-                        socket.send_multipart(held, zmq.NOBLOCK)
-                    except zmq.Again:
-                        return Stop.BLOCKED
-                    now = clock()
-                    add((held_id,), now)
-                    room -= 1
-                    held = None
-                    if now >= until:
-                        return Stop.SLICED
-                return Stop.FULL
+        def send(room: int, until: float) -> Stop:
+            nonlocal held, held_id, exhausted
+            while room > 0:
+                if held is None:
+                    payload = None if exhausted else next(payloads, None)
+                    if payload is None:
+                        exhausted = True
+                        return Stop.DONE
+                    held_id, held = request(function, payload, timeout)
+                try:
+                    socket.send_multipart(held, zmq.NOBLOCK)
+                except zmq.Again:
+                    return Stop.BLOCKED
+                now = clock()
+                add((held_id,), now)
+                room -= 1
+                held = None
+                if now >= until:
+                    return Stop.SLICED
+            return Stop.FULL
 
-            def wait(ms: int) -> list[Outcome]:
-                events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
-                return self._collect(socket, window, function) if events & zmq.POLLIN else []
+        def wait(ms: int) -> list[Outcome]:
+            events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
+            return self._collect(socket, window, function) if events & zmq.POLLIN else []
 
-        except BaseException:
-            self._running = False
-            raise
-        return window.run(send, wait, self._finished)
-
-    def _finished(self) -> None:
-        self._running = False
+        return send, wait
 
     def _collect(self, socket: zmq.Socket, window: Window, function: str) -> list[Outcome]:
         """The outcomes of the answers waiting on ``socket`` (1,024 at most:
