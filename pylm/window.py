@@ -4,7 +4,7 @@ when each may wait for an answer, room to send more, the count of a
 streaming job's items, and the loop that sends, waits for answers and ends
 the jobs past their deadline with :class:`~pylm.errors.RequestTimeout`.
 
-A client (a :class:`JobClient`) gives the loop what differs between
+A client (a :class:`WindowedClient`) gives the loop what differs between
 clients: how jobs are encoded and sent (``send``) and how answers are read
 (``wait``). Every job
 out has a :class:`Job` record in :attr:`Window.jobs` until its outcome; a
@@ -27,12 +27,12 @@ from pylm.errors import PylmError
 __all__ = [
     "SEND_SLICE",
     "Job",
-    "JobClient",
     "JobResult",
     "Outcome",
     "Stop",
     "Stream",
     "Window",
+    "WindowedClient",
     "check_messages",
     "job_results",
     "values",
@@ -227,7 +227,7 @@ Send = Callable[[int, float], Stop]
 Wait = Callable[[int], Iterable[Outcome]]
 
 
-class JobClient:
+class WindowedClient:
     """``job()`` and ``results()`` of a client whose jobs go out through a
     :class:`Window`, one run at a time. The client readies a run in
     :meth:`_open`, which returns its ``send`` and ``wait`` (see

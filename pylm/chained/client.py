@@ -45,7 +45,7 @@ from pylm.protocol import (
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import JobClient, JobResult, Outcome, Send, Stop, Wait, Window
+from pylm.window import JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -166,7 +166,7 @@ class _Wiring:
         self.monitor.close(linger=0)
 
 
-class LoopClient(Caller, JobClient, Closing):
+class LoopClient(Caller, WindowedClient, Closing):
     """Sends jobs to the first stage of a pipeline and receives their results
     from the last stage::
 

@@ -18,7 +18,7 @@ from pylm.lifecycle import Closing
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import JobClient, JobResult, Outcome, Send, Stop, Wait, Window
+from pylm.window import JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -28,7 +28,7 @@ __all__ = ["Client", "JobResult"]
 DEFAULT_IN_FLIGHT = 1000
 
 
-class Client(CacheCalls, Caller, JobClient, Closing):
+class Client(CacheCalls, Caller, WindowedClient, Closing):
     """Sends jobs to a master, which gives them to its workers::
 
         client = Client('master')                          # from the registry
