@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import (
@@ -124,112 +125,98 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
-def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
-    info = GaugeMetricFamily(
-        "pylm_server_info",
+_Kind = type[CounterMetricFamily] | type[GaugeMetricFamily] | type[HistogramMetricFamily]
+# A family: its type, its help and its labels after "server", the first of all.
+_Spec = tuple[_Kind, str, *tuple[str, ...]]
+
+# fmt: off
+_SERVER_FAMILIES: dict[str, _Spec] = {
+    "pylm_server_info": (GaugeMetricFamily,
         "A running pylm server instance (value 1) and what it is",
-        labels=["server", "kind", "version", "instance_id"],
-    )
-    started = GaugeMetricFamily(
-        "pylm_server_start_time_seconds",
-        "When the server's first instance in this process started, Unix time",
-        labels=["server"],
-    )
-    ready = GaugeMetricFamily(
-        "pylm_server_ready",
-        "Instances of the server in this process that are serving",
-        labels=["server"],
-    )
-    received = CounterMetricFamily(
-        "pylm_messages_received", "Messages read from the server's input", labels=["server"]
-    )
-    malformed = CounterMetricFamily(
-        "pylm_messages_malformed",
-        "Messages dropped or refused for not following the protocol, by reason",
-        labels=["server", "reason"],
-    )
-    sent = CounterMetricFamily(
-        "pylm_messages_sent",
-        "Messages sent on: to the next stage or to clients",
-        labels=["server", "to"],
-    )
-    in_flight = GaugeMetricFamily(
-        "pylm_in_flight_messages", "Messages read and not yet answered or passed on",
-        labels=["server"],
-    )  # fmt: skip
-    calls = CounterMetricFamily(
-        "pylm_calls", "Function calls run by the server, by outcome",
-        labels=["server", "function", "outcome"],
-    )  # fmt: skip
-    duration = HistogramMetricFamily(
-        "pylm_call_duration_seconds",
-        "Time the server's function took",
-        labels=["server", "function"],
-    )
-    bytes_in = CounterMetricFamily(
-        "pylm_received_bytes", "Payload bytes received by functions", labels=["server"]
-    )
-    bytes_out = CounterMetricFamily(
-        "pylm_sent_bytes", "Payload bytes functions returned", labels=["server"]
-    )
-    registered = GaugeMetricFamily(
-        "pylm_registry_registered",
-        "Instances of the server in this process whose record etcd holds, as far as they know",
-        labels=["server"],
-    )
-    keepalive_failures = CounterMetricFamily(
-        "pylm_registry_keepalive_failures",
-        "Lease keep-alive rounds that could not reach etcd",
-        labels=["server"],
-    )
-    reachable = GaugeMetricFamily(
-        "pylm_registry_reachable",
-        "Whether etcd answered the server's last registry request (1) or not (0)",
-        labels=["server"],
-    )
-    watch_restarts = CounterMetricFamily(
-        "pylm_registry_watch_restarts",
-        "Times the server's registry watches had to start again (etcd unreachable)",
-        labels=["server"],
-    )
-    workers = GaugeMetricFamily(
-        "pylm_workers", "Workers connected to the master or hub", labels=["server"]
-    )
-    queued = GaugeMetricFamily(
-        "pylm_jobs_queued", "Jobs waiting for a free worker", labels=["server"]
-    )
-    running = GaugeMetricFamily(
-        "pylm_jobs_running", "Jobs given to a worker and not answered yet", labels=["server"]
-    )
-    redispatched = CounterMetricFamily(
-        "pylm_jobs_redispatched",
-        "Jobs given to another worker because theirs was lost (no heartbeat, or left)",
-        labels=["server"],
-    )
-    dropped = CounterMetricFamily(
-        "pylm_results_dropped",
+        "kind", "version", "instance_id"),
+    "pylm_server_start_time_seconds": (GaugeMetricFamily,
+        "When the server's first instance in this process started, Unix time"),
+    "pylm_server_ready": (GaugeMetricFamily,
+        "Instances of the server in this process that are serving"),
+    "pylm_messages_received": (CounterMetricFamily, "Messages read from the server's input"),
+    "pylm_messages_malformed": (CounterMetricFamily,
+        "Messages dropped or refused for not following the protocol, by reason", "reason"),
+    "pylm_messages_sent": (CounterMetricFamily,
+        "Messages sent on: to the next stage or to clients", "to"),
+    "pylm_in_flight_messages": (GaugeMetricFamily,
+        "Messages read and not yet answered or passed on"),
+    "pylm_calls": (CounterMetricFamily,
+        "Function calls run by the server, by outcome", "function", "outcome"),
+    "pylm_call_duration_seconds": (HistogramMetricFamily,
+        "Time the server's function took", "function"),
+    "pylm_received_bytes": (CounterMetricFamily, "Payload bytes received by functions"),
+    "pylm_sent_bytes": (CounterMetricFamily, "Payload bytes functions returned"),
+    "pylm_registry_registered": (GaugeMetricFamily,
+        "Instances of the server in this process whose record etcd holds, as far as they know"),
+    "pylm_registry_keepalive_failures": (CounterMetricFamily,
+        "Lease keep-alive rounds that could not reach etcd"),
+    "pylm_registry_reachable": (GaugeMetricFamily,
+        "Whether etcd answered the server's last registry request (1) or not (0)"),
+    "pylm_registry_watch_restarts": (CounterMetricFamily,
+        "Times the server's registry watches had to start again (etcd unreachable)"),
+    "pylm_workers": (GaugeMetricFamily, "Workers connected to the master or hub"),
+    "pylm_jobs_queued": (GaugeMetricFamily, "Jobs waiting for a free worker"),
+    "pylm_jobs_running": (GaugeMetricFamily, "Jobs given to a worker and not answered yet"),
+    "pylm_jobs_redispatched": (CounterMetricFamily,
+        "Jobs given to another worker because theirs was lost (no heartbeat, or left)"),
+    "pylm_results_dropped": (CounterMetricFamily,
         "Worker answers not passed on: a duplicate of an answered job, or no receiver",
-        labels=["server", "reason"],
-    )
+        "reason"),
+}
+
+_CLIENT_FAMILIES: dict[str, _Spec] = {
+    "pylm_client_requests": (CounterMetricFamily,
+        "Calls made by clients in this process, by server, function and outcome",
+        "function", "outcome"),
+    "pylm_client_request_duration_seconds": (HistogramMetricFamily,
+        "Time from sending a call to its answer, seen by the client", "function"),
+    "pylm_client_timeouts": (CounterMetricFamily,
+        "Calls that got no answer within their timeout", "function"),
+}
+# fmt: on
+
+
+def _families(specs: dict[str, _Spec]) -> dict[str, Any]:
+    """A new, empty family for each of ``specs``, by name, in their order."""
+    return {
+        name: kind(name, documentation, labels=["server", *labels])
+        for name, (kind, documentation, *labels) in specs.items()
+    }
+
+
+def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
+    family = _families(_SERVER_FAMILIES)
     by_name: dict[str, list[ServerStats]] = {}
     for stats in servers:
         by_name.setdefault(stats.name, []).append(stats)
-        info.add_metric([stats.name, stats.kind, stats.version, stats.instance], 1)
+        family["pylm_server_info"].add_metric(
+            [stats.name, stats.kind, stats.version, stats.instance], 1
+        )
     for name, group in sorted(by_name.items()):
-        started.add_metric([name], min(stats.started for stats in group))
-        ready.add_metric([name], sum(stats.ready for stats in group))
-        received.add_metric([name], sum(stats.received for stats in group))
+        family["pylm_server_start_time_seconds"].add_metric(
+            [name], min(stats.started for stats in group)
+        )
+        family["pylm_server_ready"].add_metric([name], sum(stats.ready for stats in group))
+        family["pylm_messages_received"].add_metric([name], sum(s.received for s in group))
+        malformed = family["pylm_messages_malformed"]
         for reason in MALFORMED_REASONS:
             count = sum(stats.malformed_by[reason] for stats in group)
             malformed.add_metric([name, reason], count)
         malformed.add_metric([name, "handshake"], sum(s.handshakes_failed for s in group))
+        sent = family["pylm_messages_sent"]
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
-        in_flight.add_metric([name], sum(stats.in_flight for stats in group))
+        family["pylm_in_flight_messages"].add_metric([name], sum(s.in_flight for s in group))
         functions: dict[str, FunctionStats] = {}
         for stats in group:
             for function, numbers in list(stats.functions.items()):
                 functions.setdefault(function, FunctionStats()).add(numbers)
+        calls, duration = family["pylm_calls"], family["pylm_call_duration_seconds"]
         for function, totals in sorted(functions.items()):
             if function == UNKNOWN_FUNCTION and not (totals.ok or totals.errors):
                 continue  # no call to an unknown function: no series for it
@@ -238,46 +225,36 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
             _histogram(duration, [name, function], totals.buckets, totals.seconds)
         total_in = sum(totals.bytes_in for totals in functions.values())
         total_out = sum(totals.bytes_out for totals in functions.values())
-        bytes_in.add_metric([name], total_in)
-        bytes_out.add_metric([name], total_out)
+        family["pylm_received_bytes"].add_metric([name], total_in)
+        family["pylm_sent_bytes"].add_metric([name], total_out)
+        registered = family["pylm_registry_registered"]
+        keepalive_failures = family["pylm_registry_keepalive_failures"]
         registrations = [stats.registration for stats in group if stats.registration is not None]
         registered.add_metric([name], sum(bool(r.registered) for r in registrations))
         keepalive_failures.add_metric([name], sum(r.failures for r in registrations))
         registries = [stats.registry for stats in group if stats.registry is not None]
         if registries:
+            reachable = family["pylm_registry_reachable"]
             reachable.add_metric([name], min(int(r.reachable) for r in registries))
-            watch_restarts.add_metric([name], sum(r.watch_restarts for r in registries))
+            family["pylm_registry_watch_restarts"].add_metric(
+                [name], sum(r.watch_restarts for r in registries)
+            )
+        dropped = family["pylm_results_dropped"]
         books = [stats.dispatcher for stats in group if stats.dispatcher is not None]
         if books:
-            workers.add_metric([name], sum(b.workers for b in books))
-            queued.add_metric([name], sum(b.queued for b in books))
-            running.add_metric([name], sum(b.running_jobs for b in books))
-            redispatched.add_metric([name], sum(b.redispatched for b in books))
+            family["pylm_workers"].add_metric([name], sum(b.workers for b in books))
+            family["pylm_jobs_queued"].add_metric([name], sum(b.queued for b in books))
+            family["pylm_jobs_running"].add_metric([name], sum(b.running_jobs for b in books))
+            family["pylm_jobs_redispatched"].add_metric([name], sum(b.redispatched for b in books))
             dropped.add_metric([name, "duplicate"], sum(b.duplicates for b in books))
         undeliverable = sum(b.undeliverable for b in books)
         undeliverable += sum(stats.undeliverable for stats in group)
         dropped.add_metric([name, "undeliverable"], undeliverable)
-    yield from (info, started, ready, received, malformed, sent, in_flight, calls, duration)
-    yield from (bytes_in, bytes_out, registered, keepalive_failures, reachable, watch_restarts)
-    yield from (workers, queued, running, redispatched, dropped)
+    yield from family.values()
 
 
 def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
-    requests = CounterMetricFamily(
-        "pylm_client_requests",
-        "Calls made by clients in this process, by server, function and outcome",
-        labels=["server", "function", "outcome"],
-    )
-    duration = HistogramMetricFamily(
-        "pylm_client_request_duration_seconds",
-        "Time from sending a call to its answer, seen by the client",
-        labels=["server", "function"],
-    )
-    timeouts = CounterMetricFamily(
-        "pylm_client_timeouts",
-        "Calls that got no answer within their timeout",
-        labels=["server", "function"],
-    )
+    family = _families(_CLIENT_FAMILIES)
     merged: dict[tuple[str, str], FunctionStats] = {}
     timed_out: dict[tuple[str, str], int] = {}
     for stats in clients:
@@ -285,13 +262,19 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
             merged.setdefault((stats.server, function), FunctionStats()).add(numbers)
         for function, count in list(stats.timeouts.items()):
             timed_out[stats.server, function] = timed_out.get((stats.server, function), 0) + count
+    requests = family["pylm_client_requests"]
     for (server, function), totals in sorted(merged.items()):
         requests.add_metric([server, function, "ok"], totals.ok)
         requests.add_metric([server, function, "error"], totals.errors)
-        _histogram(duration, [server, function], totals.buckets, totals.seconds)
+        _histogram(
+            family["pylm_client_request_duration_seconds"],
+            [server, function],
+            totals.buckets,
+            totals.seconds,
+        )
     for (server, function), count in sorted(timed_out.items()):
-        timeouts.add_metric([server, function], count)
-    yield from (requests, duration, timeouts)
+        family["pylm_client_timeouts"].add_metric([server, function], count)
+    yield from family.values()
 
 
 _COLLECTOR = _Collector()
