@@ -11,6 +11,7 @@ from pylm.errors import (
     PylmError,
     RemoteError,
     UnknownFunction,
+    UnknownKey,
     UnknownServer,
 )
 
@@ -110,23 +111,25 @@ def test_check_payload_types_and_limit() -> None:
     assert (info.value.size, info.value.limit) == (11, 10)
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        UnknownFunction("no f", server="s", function="f"),
-        UnknownServer("no s", server="s", function="f"),
-        RemoteError(
-            "boom",
-            remote_type="ValueError",
-            remote_message="bad",
-            remote_traceback="Traceback...",
-            server="s",
-            function="f",
-        ),
-        PayloadTooLarge("big", size=10, limit=5),
-        ProtocolError("mangled"),
-    ],
-)
+# One error of each kind the wire carries (tests/test_unit_protocol.py uses them too).
+WIRE_ERRORS = [
+    UnknownFunction("no f", server="s", function="f"),
+    UnknownServer("no s", server="s", function="f"),
+    RemoteError(
+        "boom",
+        remote_type="ValueError",
+        remote_message="bad value",
+        remote_traceback="Traceback...",
+        server="s",
+        function="f",
+    ),
+    PayloadTooLarge("big", size=10, limit=5),
+    ProtocolError("mangled"),
+    UnknownKey("no key 'k'", server="s", key="k"),
+]
+
+
+@pytest.mark.parametrize("error", WIRE_ERRORS)
 def test_errors_round_trip(error: PylmError) -> None:
     message = protocol.decode(protocol.encode_error(5, error))
     assert (message.kind, message.msg_id) == (protocol.ERROR, 5)

@@ -11,6 +11,7 @@ from array import array
 from typing import Any
 
 import pytest
+from test_protocol import WIRE_ERRORS
 
 from pylm import protocol
 from pylm.errors import (
@@ -257,24 +258,7 @@ def test_check_payload_gives_the_hint_for_text_only() -> None:
 # ---------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        UnknownFunction("no f", server="s", function="f"),
-        UnknownServer("no s", server="s", function="f"),
-        RemoteError(
-            "boom",
-            remote_type="ValueError",
-            remote_message="bad value",
-            remote_traceback="Traceback...",
-            server="s",
-            function="f",
-        ),
-        PayloadTooLarge("big", size=10, limit=5),
-        ProtocolError("mangled"),
-        UnknownKey("no key 'k'", server="s", key="k"),
-    ],
-)
+@pytest.mark.parametrize("error", WIRE_ERRORS)
 def test_every_error_round_trips_through_a_route(error: PylmError) -> None:
     message = protocol.decode(protocol.encode_error(5, error, route=b"back"))
     assert (message.kind, message.msg_id, message.route) == (protocol.ERROR, 5, b"back")
