@@ -97,6 +97,7 @@ __all__ = [
     "END",
     "ERROR",
     "FIELDS",
+    "FRAME_SLACK",
     "HEAD_SIZE",
     "ID_BYTES",
     "KIND_NAMES",
@@ -172,6 +173,10 @@ MORE = 0x02
 SPLIT_PAYLOAD = 64 * 1024  # senders put larger payloads in a frame of their own
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 """The largest payload servers take and clients send, unless told otherwise."""
+FRAME_SLACK = 64 * 1024
+"""Room in a frame beyond the payload, for its head, target and route: a
+server's sockets take frames up to its ``max_payload`` plus this (libzmq's
+``MAXMSGSIZE`` drops a peer that sends a larger one before pylm reads it)."""
 
 _HEAD = struct.Struct(">2sBBBHHQd")
 HEAD_SIZE = _HEAD.size  # 25

@@ -14,14 +14,16 @@ import zmq
 
 from pylm import protocol
 from pylm.base import Options2016, ServerOptions
-from pylm.chained.output import Output
-from pylm.chained.stage import DEFAULT_HWM, FRAME_SLACK, IDLE_MS, Stage
+from pylm.chained.output import LimitedLog, Output
+from pylm.chained.stage import DEFAULT_HWM, IDLE_MS, Stage
 from pylm.errors import ProtocolError, PylmError
-from pylm.protocol import SPLIT_PAYLOAD, reply_to
+from pylm.protocol import FRAME_SLACK, SPLIT_PAYLOAD, reply_to
 from pylm.transport import Backlog, check_address, recv_message, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from pylm.telemetry.counting import ServerStats
 
 __all__ = ["MAX_BACKLOG", "PARK_LIMIT", "PARK_SECONDS", "LastServer", "ToClients"]
 
@@ -63,7 +65,9 @@ class LastServer(Stage):
         self.push_address = push_address and check_address(push_address, "push_address")
         self.push: str | None = None  # where clients connect for results
         self._router: zmq.Socket | None = None
-        self._output = ToClients(self)
+        self._output = ToClients(
+            name=name, logger=self.logger, stats=self.stats, log_limited=self._log_limited
+        )
         self._idle_timeout = IDLE_MS
 
     def _open_output(self) -> None:
@@ -129,10 +133,25 @@ class ToClients(Output):
     job's route names, through the stage's ROUTER socket, without waiting: a
     client whose queue is full (it is not reading) gets its results later
     from a backlog, while the other clients are served; a client not
-    connected (yet) gets them when it greets the stage, within PARK_SECONDS."""
+    connected (yet) gets them when it greets the stage, within PARK_SECONDS.
 
-    def __init__(self, stage: LastServer) -> None:
-        self._stage = stage
+    What it needs of its stage comes in as arguments: the stage's ``name``
+    and ``logger``, its counters (``stats``, None when not counting: a
+    result dropped counts as undeliverable) and its rate-limited log line
+    (``log_limited``, for drops that may come in a flood)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        logger: logging.Logger,
+        stats: ServerStats | None,
+        log_limited: LimitedLog,
+    ) -> None:
+        self.name = name
+        self.logger = logger
+        self.stats = stats
+        self._log_limited = log_limited
         self._router: zmq.Socket | None = None
         # Results for clients not connected (yet): a client that found this
         # instance in the registry after its jobs got here greets it soon.
@@ -155,11 +174,10 @@ class ToClients(Output):
     def close(self) -> list[zmq.Socket | None]:
         router, self._router = self._router, None
         if self._parked_count:
-            stage = self._stage
-            stage.logger.warning(
+            self.logger.warning(
                 "%s: %d results dropped on stop: their clients were not connected"
                 " (not yet, or no longer)",
-                stage.name,
+                self.name,
                 self._parked_count,
             )
             self._parked.clear()
@@ -217,16 +235,15 @@ class ToClients(Output):
         result is dropped (counted and logged): a stage never waits for a
         client."""
         if not self._backlog.offer(route, frames):
-            stage = self._stage
-            if stage.stats is not None:  # results: those of a BATCH count one by one
+            if self.stats is not None:  # results: those of a BATCH count one by one
                 batch = frames[0][protocol.LEAD] == protocol.BATCH_PREFIX
-                stage.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
-            stage._log_limited(
+                self.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
+            self._log_limited(
                 "backlog-full",
                 logging.WARNING,
                 "%s: a result for client %s dropped: it takes none, and %d results wait for"
                 " it (%d for all clients)",
-                stage.name,
+                self.name,
                 route.hex(),
                 len(self._backlog.waiting(route)),
                 self._backlog.size,
@@ -252,10 +269,10 @@ class ToClients(Output):
         now = time.monotonic()
         self._expire_parked(now)
         if self._parked_count >= PARK_LIMIT:
-            self._stage.logger.warning(
+            self.logger.warning(
                 "%s: result for client %s dropped: it is not connected (and %d results"
                 " already wait for clients)",
-                self._stage.name,
+                self.name,
                 route.hex(),
                 self._parked_count,
             )
@@ -273,9 +290,9 @@ class ToClients(Output):
                 self._parked[route] = kept
             else:
                 del self._parked[route]
-            self._stage.logger.warning(
+            self.logger.warning(
                 "%s: %d results for client %s dropped: it did not connect within %g s",
-                self._stage.name,
+                self.name,
                 dropped,
                 route.hex(),
                 PARK_SECONDS,

@@ -18,7 +18,7 @@ import zmq
 
 from pylm import protocol
 from pylm.calls import curve_key
-from pylm.chained.output import Output
+from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
 from pylm.protocol import SPLIT_PAYLOAD
 from pylm.protocol import forward as forward_request
@@ -26,7 +26,6 @@ from pylm.security import Curve
 from pylm.transport import close_socket, send_frame
 
 if TYPE_CHECKING:
-    from pylm.chained.server import Server
     from pylm.registry import InstanceRecord, Registry
 
 __all__ = ["Outlet", "ToNextStage"]
@@ -200,13 +199,40 @@ class Outlet:
 class ToNextStage(Output):
     """The output of a :class:`~pylm.chained.server.Server` (and a hub): each
     result goes on to the next stage, as the payload of its call, or to the
-    branch ``handle_stream`` chooses, and a copy to each tee; an error or an
-    END goes on after the stream items of its job. A full next stage makes
-    the stage wait (serving its cache meanwhile): backpressure, not loss."""
+    branch ``choose`` picks, and a copy to each tee; an error or an END goes
+    on after the stream items of its job. A full next stage makes the stage
+    wait (``wait_for_room``: it serves its cache meanwhile): backpressure,
+    not loss.
 
-    def __init__(self, outlets: list[Outlet], tees: list[Outlet], stage: Server) -> None:
+    What it needs of its stage comes in as arguments: the stage's ``name``,
+    ``logger`` and ``curve`` (its CURVE settings, for the outlets); with
+    branches, ``choose`` (the stage's ``handle_stream``: a result's call and
+    payload), ``remote_error`` (the error a failing ``choose`` gives the
+    job, as for a failing function) and ``unrouted`` (what becomes of the
+    error of a job without a route: a tee's copy)."""
+
+    def __init__(
+        self,
+        outlets: list[Outlet],
+        tees: list[Outlet],
+        *,
+        name: str,
+        logger: logging.Logger,
+        curve: Curve | None,
+        wait_for_room: WaitForRoom,
+        choose: Callable[[bytes], tuple[str, bytes]],
+        remote_error: Callable[[bytes, Exception], PylmError],
+        unrouted: Callable[[PylmError], None],
+    ) -> None:
         self.tees = tees
-        self._stage = stage
+        self.name = name
+        self.logger = logger
+        self.curve = curve
+        self._wait_for_room = wait_for_room
+        self._choose = choose
+        self._remote_error = remote_error
+        self._unrouted = unrouted
+        self._choice = name.encode("utf-8") + b".handle_stream"  # who failed, when choose fails
         self.socket: zmq.Socket | None = None  # the first next stage's PUSH socket
         self.set_outlets(outlets)
 
@@ -224,13 +250,12 @@ class ToNextStage(Output):
     def open(self, context: zmq.Context, hwm: int, registry: Callable[[], Registry]) -> bool:
         """Connect every outlet (to its addresses, or to the instances in
         ``registry()``, followed); True if any follows the registry."""
-        stage = self._stage
         following = False
         for outlet in self.all():
             found = None if outlet.addresses else registry()
             following = following or found is not None
-            outlet.curve = stage.curve
-            outlet.open(context, hwm, found, stage.logger)
+            outlet.curve = self.curve
+            outlet.open(context, hwm, found, self.logger)
         self.socket = self.outlets[0].socket
         return following
 
@@ -246,7 +271,7 @@ class ToNextStage(Output):
     def rewire(self) -> bool:
         joined = False
         for outlet in self.all():
-            joined = outlet.rewire(self._stage.logger) or joined
+            joined = outlet.rewire(self.logger) or joined
         return joined
 
     def stop_following(self) -> None:
@@ -291,7 +316,7 @@ class ToNextStage(Output):
         payload = result
         if len(self.outlets) > 1:
             try:
-                call, payload = self._stage.handle_stream(result)
+                call, payload = self._choose(result)
                 chosen = self._by_call.get(call)
                 if chosen is None:
                     raise ValueError(
@@ -299,8 +324,12 @@ class ToNextStage(Output):
                     )
                 if not isinstance(payload, bytes):
                     raise TypeError(f"handle_stream gave {type(payload).__name__}, not bytes")
-            except Exception as exc:
-                self._stage._failed_choice(message, exc)
+            except Exception as exc:  # the job fails, as for a failing function
+                error = self._remote_error(self._choice, exc)
+                if message.route:
+                    self.send_error(message, error)
+                else:
+                    self._unrouted(error)
                 return
             outlet = chosen
         assert outlet.socket is not None
@@ -347,9 +376,9 @@ class ToNextStage(Output):
                 if self.rewire():
                     continue  # the instance to send to has just joined: try again now
                 if self.deadline is not None and time.monotonic() > self.deadline:
-                    self._stage.logger.warning(
+                    self.logger.warning(
                         "%s: leaving with the next stage still full: a message is dropped",
-                        self._stage.name,
+                        self.name,
                     )
                     return False
-                self._stage._wait_for_room(socket)
+                self._wait_for_room(socket)

@@ -11,16 +11,38 @@ an earlier stage's ERROR or END with ``forward``.
 
 Which peer gets a message (its liveness, the pick among instances) is the
 output's business alone: the loop only hands results over.
+
+An output knows nothing of the stage class: what it needs of its stage (its
+name, its logger, a rate-limited log line, its counters, how to wait for a
+full peer) comes in through its constructor, typed by the names declared
+here, so that an output can be built, read and tested on its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import zmq
 
 from pylm import protocol
 from pylm.errors import PylmError
 
-__all__ = ["Output"]
+__all__ = ["LimitedLog", "Output", "WaitForRoom"]
+
+
+class LimitedLog(Protocol):
+    """A stage's log line for a cause that may repeat (a flood of failing
+    peers or jobs): at most about one a second per ``cause``, the lines held
+    back counted in the next (``BaseServer._log_limited``)."""
+
+    def __call__(self, cause: str, level: int, message: str, *args: object) -> None: ...
+
+
+#: How a stage waits a while for a full peer's ``socket`` to take messages,
+#: serving what it must meanwhile (its cache, a stop): an output's sends
+#: call it between attempts.
+WaitForRoom = Callable[[zmq.Socket], None]
 
 
 class Output:

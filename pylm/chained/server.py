@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pylm import protocol
 from pylm.base import Options2016, ServerOptions
 from pylm.chained.outlet import Outlet, ToNextStage
 from pylm.chained.stage import DEFAULT_HWM, REWIRE_MS, Stage, addresses
@@ -114,7 +113,17 @@ class Server(Stage):
             tees = [Outlet(call, addresses(tee[call], "tee")) for call in tee]
         else:
             tees = [Outlet(call, []) for call in _calls(tee, "tee")]
-        self._output = ToNextStage(outlets, tees, self)
+        self._output = ToNextStage(
+            outlets,
+            tees,
+            name=name,
+            logger=self.logger,
+            curve=self.curve,
+            wait_for_room=self._wait_for_room,
+            choose=self.handle_stream,
+            remote_error=self._remote_error,
+            unrouted=self._unrouted_error,
+        )
 
     @property
     def next_call(self) -> str | None:
@@ -183,11 +192,3 @@ class Server(Stage):
                 f" `pylm topology set {self.name} --next <server>.<function>`"
             )
         return config
-
-    def _failed_choice(self, message: protocol.Message, exc: Exception) -> None:
-        """``handle_stream`` failed for a result: its job fails."""
-        error = self._remote_error(self.name.encode() + b".handle_stream", exc)
-        if message.route:
-            self._output.send_error(message, error)
-        else:
-            self._unrouted_error(error)

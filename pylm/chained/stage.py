@@ -34,6 +34,7 @@ from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
 from pylm.protocol import (
     BATCH_PREFIX,
+    FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
     ONE_FRAME_REQUEST,
@@ -59,7 +60,6 @@ _DRAIN_MAX = 5.0  # s a leaving stage serves at most
 REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
-FRAME_SLACK = 64 * 1024
 
 
 class Stopping(Exception):

@@ -34,6 +34,7 @@ from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS
 from pylm.protocol import (
     COUNT,
+    FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
     ONE_FRAME_REQUEST,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker"]
 
-_FRAME_SLACK = 64 * 1024
 _QUIET = 0.2  # s of quiet input before a leaving worker says goodbye (the master
 # stops sending on its leaving notice, which comes straight over the job socket)
 _LEAVE_MAX = 5.0  # s a leaving worker serves at most
@@ -198,7 +198,7 @@ class Worker(BaseServer):
         socket = self._to_master(self.context.socket(zmq.DEALER))
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTING_ID, self.identity)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
         socket.setsockopt(zmq.SNDTIMEO, self._send_millis)
         socket.connect(address)
         self._sockets[address] = socket
