@@ -226,6 +226,27 @@ def test_a_record_others_would_skip_is_refused_at_start_naming_the_field(
     assert pylm_registry.instances("wide") == []
 
 
+def hub_before(raw_socket: Callable[[int], zmq.Socket], max_queued: int) -> tuple[Hub, zmq.Socket]:
+    """A started hub with a name of its own (its own series in this
+    process's metrics) that sends on to ``last.done`` through the PULL
+    socket it returns."""
+    next_stage = raw_socket(zmq.PULL)
+    port = next_stage.bind_to_random_port("tcp://127.0.0.1")
+    hub = Hub(
+        f"hub-{uuid.uuid4().hex[:8]}",
+        "tcp://127.0.0.1:0",
+        f"tcp://127.0.0.1:{port}",
+        "last.done",
+        "tcp://127.0.0.1:0",
+        workers_address="tcp://127.0.0.1:0",
+        max_queued=max_queued,
+        log_stdout=False,
+        metrics=True,
+    )
+    hub.start(background=True)
+    return hub, next_stage
+
+
 def test_a_hub_keeps_10000_input_streams_open_and_refuses_the_next(
     raw_socket: Callable[[int], zmq.Socket],
 ) -> None:
@@ -233,21 +254,8 @@ def test_a_hub_keeps_10000_input_streams_open_and_refuses_the_next(
     most; a new one over it gets an ERROR (down the pipeline, to its client)
     and is counted as malformed, reason `limit`. 10,001 streams each open
     with an item (no worker takes them); only the last is refused."""
-    name = f"hub-{uuid.uuid4().hex[:8]}"  # its own series in this process's metrics
-    next_stage = raw_socket(zmq.PULL)
-    port = next_stage.bind_to_random_port("tcp://127.0.0.1")
-    hub = Hub(
-        name,
-        "tcp://127.0.0.1:0",
-        f"tcp://127.0.0.1:{port}",
-        "last.done",
-        "tcp://127.0.0.1:0",
-        workers_address="tcp://127.0.0.1:0",
-        max_queued=20_000,
-        log_stdout=False,
-        metrics=True,
-    )
-    hub.start(background=True)
+    hub, next_stage = hub_before(raw_socket, max_queued=20_000)
+    name = hub.name
     try:
         assert hub.address is not None and hub.metrics_url is not None
         earlier = raw_socket(zmq.PUSH)
@@ -363,21 +371,8 @@ def test_a_hub_with_a_full_queue_reads_no_more_input_and_loses_nothing(
     waiting for a worker, then stops reading its input (pylm_jobs_queued
     stays at max_queued), while still serving its cache; once a worker
     joins, every job is run and sent on, each once. Nothing is dropped."""
-    name = f"hub-{uuid.uuid4().hex[:8]}"  # its own series in this process's metrics
-    next_stage = raw_socket(zmq.PULL)
-    port = next_stage.bind_to_random_port("tcp://127.0.0.1")
-    hub = Hub(
-        name,
-        "tcp://127.0.0.1:0",
-        f"tcp://127.0.0.1:{port}",
-        "last.done",
-        "tcp://127.0.0.1:0",
-        workers_address="tcp://127.0.0.1:0",
-        max_queued=5,
-        log_stdout=False,
-        metrics=True,
-    )
-    hub.start(background=True)
+    hub, next_stage = hub_before(raw_socket, max_queued=5)
+    name = hub.name
     worker = None
     try:
         assert hub.address is not None and hub.db is not None and hub.back is not None

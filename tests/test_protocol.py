@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pylm import protocol
-from pylm.errors import (
-    PayloadTooLarge,
-    ProtocolError,
-    PylmError,
-    RemoteError,
-    UnknownFunction,
-    UnknownKey,
-    UnknownServer,
-)
+from pylm import errors, protocol
+from pylm.errors import PayloadTooLarge, ProtocolError, PylmError
 
 
 def test_request_round_trip_in_one_frame() -> None:
@@ -113,9 +105,9 @@ def test_check_payload_types_and_limit() -> None:
 
 # One error of each kind the wire carries (tests/test_unit_protocol.py uses them too).
 WIRE_ERRORS = [
-    UnknownFunction("no f", server="s", function="f"),
-    UnknownServer("no s", server="s", function="f"),
-    RemoteError(
+    errors.UnknownFunction("no f", server="s", function="f"),
+    errors.UnknownServer("no s", server="s", function="f"),
+    errors.RemoteError(
         "boom",
         remote_type="ValueError",
         remote_message="bad value",
@@ -125,7 +117,7 @@ WIRE_ERRORS = [
     ),
     PayloadTooLarge("big", size=10, limit=5),
     ProtocolError("mangled"),
-    UnknownKey("no key 'k'", server="s", key="k"),
+    errors.UnknownKey("no key 'k'", server="s", key="k"),
 ]
 
 
