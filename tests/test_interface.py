@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pylm import chained
+from pylm.base import BaseServer
 from pylm.errors import InterfaceMismatch, RegistryError
 from pylm.registry import Registry
 from pylm.standalone import AsyncClient, Client, Server
@@ -44,20 +45,25 @@ class OldAgain(Server):
         return b"again " + message
 
 
+def refused_start(server: BaseServer) -> InterfaceMismatch:
+    """The refusal of ``server``'s start (stopped after it)."""
+    with pytest.raises(InterfaceMismatch) as refused:
+        server.start(background=True)
+    server.stop()
+    return refused.value
+
+
 def test_other_functions_under_a_live_name_are_refused(pylm_registry: Registry) -> None:
     with Old("svc", log_stdout=False, registry=pylm_registry):
         (old,) = pylm_registry.instances("svc")
-        other = New("svc", log_stdout=False, registry=pylm_registry)
-        with pytest.raises(InterfaceMismatch) as refused:
-            other.start(background=True)
-        other.stop()
-        message = str(refused.value)
+        refused = refused_start(New("svc", log_stdout=False, registry=pylm_registry))
+        message = str(refused)
         assert "server 'svc' has functions [echo, extra]" in message
         assert f"have [echo] (instance {old.instance} on {old.host} pid {old.pid})" in message
         assert "rolling=True" in message and "pylm run --rolling" in message
-        assert isinstance(refused.value, RegistryError)
-        assert refused.value.functions == ["echo", "extra"]
-        assert refused.value.live == {old.instance: ["echo"]}
+        assert isinstance(refused, RegistryError)
+        assert refused.functions == ["echo", "extra"]
+        assert refused.live == {old.instance: ["echo"]}
         assert [r.instance for r in pylm_registry.instances("svc")] == [
             old.instance
         ]  # never listed
@@ -79,12 +85,9 @@ class Stage(chained.LastServer):
 def test_another_kind_of_server_under_a_live_name_is_refused(pylm_registry: Registry) -> None:
     with Old("kinds", log_stdout=False, registry=pylm_registry):
         (old,) = pylm_registry.instances("kinds")
-        other = Stage("kinds", log_stdout=False, registry=pylm_registry)
-        with pytest.raises(InterfaceMismatch) as refused:
-            other.start(background=True)
-        other.stop()
-        assert "server 'kinds' is a chained-last server" in str(refused.value)
-        assert "live instances of 'kinds' are standalone" in str(refused.value)
+        refused = refused_start(Stage("kinds", log_stdout=False, registry=pylm_registry))
+        assert "server 'kinds' is a chained-last server" in str(refused)
+        assert "live instances of 'kinds' are standalone" in str(refused)
         assert [r.instance for r in pylm_registry.instances("kinds")] == [old.instance]
 
 
