@@ -1,71 +1,50 @@
-"""What every pylm server shares: name, logger, lifecycle and dispatch.
+"""What every pylm server shares: its lifecycle, and the parts it is made of.
 
 A server's serving loop runs in one thread, which owns the server's sockets.
 :meth:`BaseServer.start` runs that loop in the calling thread (the 2016
 behaviour: it blocks) or, with ``background=True``, in a thread the server
 owns; :meth:`BaseServer.stop` ends it from any thread.
 
-Only the public methods that the user's own classes define can be called
-remotely: nothing starting with ``_``, nothing the framework classes define,
-nothing inherited from ``object``.
+The parts, each with its own module: :class:`~pylm.exposed.Exposed` (the
+user's functions and calling them), :class:`~pylm.registrar.Registrar`
+(registration), :class:`~pylm.telemetry.exporter.Exposure` (the server's
+metrics on the process's endpoint), :class:`~pylm.control.Control` (how
+:meth:`~BaseServer.stop` wakes the loop) and :class:`~pylm.logs.LimitedLog`
+(rate-limited lines about misbehaving peers and functions). The protected
+methods the server kinds call (``_call``, ``_register``, ``_drop``...) hand
+on to them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
-import traceback
-import uuid
 import warnings
-from bisect import bisect_left as _bisect_left
-from collections.abc import Callable
 from dataclasses import dataclass
-from time import perf_counter as _perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+from typing import TYPE_CHECKING, ClassVar, TypedDict
 
 import zmq
 
-from pylm import protocol
-from pylm.errors import (
-    InterfaceMismatch,
-    PayloadTooLarge,
-    PylmError,
-    RegistryError,
-    RemoteError,
-    ServerCrashed,
-    UnknownFunction,
-    UnknownServer,
-)
+from pylm.control import Control
+from pylm.errors import PayloadTooLarge, PylmError, RemoteError, ServerCrashed
+from pylm.exposed import Exposed, Function, exposed_functions
 from pylm.handshakes import watch
-from pylm.logs import PushLogHandler, RateLimiter, server_logger
+from pylm.logs import LimitedLog, PushLogHandler, server_logger
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD
+from pylm.registrar import Registrar
 from pylm.security import Curve
-from pylm.telemetry.counting import (
-    BUCKETS as _BUCKETS,
-)
-from pylm.telemetry.counting import (
-    UNKNOWN_FUNCTION,
-    FunctionStats,
-    ServerStats,
-    metrics_enabled,
-)
-from pylm.telemetry.exporter import exporter
-from pylm.telemetry.exposition import publish, withdraw
-from pylm.transport import bind, default_context, public_host
+from pylm.telemetry.counting import FunctionStats, ServerStats, metrics_enabled
+from pylm.telemetry.exporter import Exposure
+from pylm.transport import bind, default_context
 
 if TYPE_CHECKING:
-    from pylm.registry import InstanceRecord, Registration, Registry
-
-_FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
+    from pylm.registry import Registration, Registry
 
 __all__ = ["BaseServer", "Options2016", "ServerOptions", "exposed_functions"]
-
-Function = Callable[[bytes], Any]
 
 
 class ServerOptions(TypedDict, total=False):
@@ -96,34 +75,6 @@ class Options2016:
     ping_address: str | None = None
     log_level: int = logging.INFO
     messages: int = sys.maxsize
-
-
-def exposed_functions(cls: type) -> list[str]:
-    """Names of the functions a server class exposes, sorted.
-
-    A framework class marks itself with ``_pylm_framework = True`` in its own
-    body; everything those classes define is off limits, and so is every name
-    starting with ``_``.
-    """
-    reserved: set[str] = set(dir(object))
-    user_classes = []
-    for klass in cls.__mro__:
-        if klass is object:
-            continue
-        if klass.__dict__.get("_pylm_framework", False):
-            reserved.update(klass.__dict__)
-        else:
-            user_classes.append(klass)
-    names = set()
-    for klass in user_classes:
-        for name, value in klass.__dict__.items():
-            if name.startswith("_") or name in reserved:
-                continue
-            if isinstance(value, (staticmethod, classmethod)):
-                value = value.__func__
-            if callable(value) and not isinstance(value, type):
-                names.add(name)
-    return sorted(names)
 
 
 class BaseServer:
@@ -180,14 +131,7 @@ class BaseServer:
         # CURVE (pylm.security): given, or from PYLM_CURVE_KEYS; None: plain TCP.
         self.curve = curve if curve is not None else Curve.from_env()
         self.host = host or os.environ.get("PYLM_HOST", "127.0.0.1")
-        self.registry_option = registry
-        self.rolling = bool(rolling)
-        self._public_host: str | None = None  # what a wildcard bind is advertised as
-        self.ttl = ttl
-        self.registry: Registry | None = None  # set while registered
-        self.registration: Registration | None = None
         self._listening: dict[str, str] = {}  # role -> bound address, for the start line
-        self._owns_registry = False
         self.messages = messages
         self.served = 0
         self.max_payload = max_payload
@@ -199,30 +143,44 @@ class BaseServer:
             self.logger.addHandler(self._log_handler)
 
         self.functions: tuple[str, ...] = tuple(exposed_functions(type(self)))
-        prefix = name.encode("utf-8") + b"."
-        # Log lines about what peers and functions do wrong, at most one a
-        # second per cause (_log_limited): a flood of either must not flood the log.
-        self._limiters: dict[str, RateLimiter] = {}
         # Metrics: plain counters written by the serving thread (pylm.telemetry.counting).
         self.stats: ServerStats | None = None
-        self.metrics_url: str | None = None  # where this process serves /metrics, once started
         if metrics_enabled(metrics):
             from pylm import __version__
 
             self.stats = ServerStats(name, self.kind, self.functions, __version__, self.sends_to)
-        # One lookup per call finds a function and where its calls are counted.
-        self._table: dict[bytes, tuple[Function, FunctionStats | None]] = {
-            prefix + fn.encode("utf-8"): (
-                getattr(self, fn),
-                None if self.stats is None else self.stats.functions[fn],
-            )
-            for fn in self.functions
-        }
+        self.metrics_url: str | None = None  # where this process serves /metrics, once started
 
-        # Lifecycle. The control address and token let stop() wake the
-        # serving loop from another thread without sharing a socket.
-        self._control_address = f"inproc://pylm-control-{uuid.uuid4().hex}"
-        self._control_token = b"pylm-stop-" + os.urandom(16)
+        # The parts. A fixed set of causes, and one per function, for the log.
+        self._limited_log = LimitedLog(self.logger, len(self.functions) + 64)
+        self._exposed = Exposed(
+            self,
+            name,
+            self.kind,
+            self.functions,
+            self.stats,
+            max_payload,
+            self._limited_log,
+            result_bytes=self._result_bytes,
+            unknown=self._dispatch_error,
+        )
+        self._call = self._exposed.call  # bound once: the hot path takes no extra hop
+        self._registrar = Registrar(
+            name,
+            self.kind,
+            self.functions,
+            self.logger,
+            registry=registry,
+            ttl=ttl,
+            rolling=bool(rolling),
+            curve=self.curve,
+            stats=self.stats,
+        )
+        self._exposure = Exposure(self.stats, self.host)
+        self._wakeup = Control(self.context, self.curve)
+        self._control_address = self._wakeup.address  # the loop binds it
+        self._is_control = self._wakeup.is_control
+
         self._lock = threading.Lock()
         self._started = False
         self._ready = threading.Event()
@@ -276,7 +234,7 @@ class BaseServer:
             started = self._started
             self._stopping = True
         if started and not self._done.is_set():
-            self._wake()
+            self._wakeup.wake()
             if threading.current_thread() is not self._thread:
                 if not self._done.wait(timeout):
                     raise TimeoutError(f"server {self.name!r} did not stop within {timeout} s")
@@ -315,16 +273,14 @@ class BaseServer:
         return self._settled.wait(timeout)
 
     def _run(self) -> None:
-        endpoint = None
+        """Expose the metrics, open (bind, and register: the server kinds
+        call :meth:`_register` once bound), serve; then, in reverse,
+        deregister, close, withdraw the metrics."""
         announced = False  # whether the serving line may be out: the stopped line follows it
         try:
-            if self.stats is not None:
-                publish(self.stats)
-                endpoint = exporter(self.host)
-                self.metrics_url = self._advertised(endpoint.acquire())
+            self.metrics_url = self._exposure.open(self._registrar.advertised)
             self._open()
-            if self.stats is not None:
-                self.stats.ready = True
+            self._exposure.ready = True
             # Logged before start(background=True) returns, so that it is
             # always the first line of a server's life.
             announced = True  # (not _ready: a Ctrl-C between the two skipped the stopped line)
@@ -341,16 +297,12 @@ class BaseServer:
             else:
                 raise
         finally:
-            if self.stats is not None:
-                self.stats.ready = False
+            self._exposure.ready = False
             try:
                 self._deregister()  # first, so that clients stop picking this instance
                 self._close()
             finally:
-                if self.stats is not None:
-                    withdraw(self.stats)
-                if endpoint is not None:
-                    endpoint.release()
+                self._exposure.close()
                 if announced:  # it said it serves: say it no longer does
                     self.logger.info(
                         "%s (%s) stopped after serving %d message(s)",
@@ -361,200 +313,32 @@ class BaseServer:
                 self._done.set()
                 self._settled.set()
 
-    def _wake(self) -> None:
-        socket = self.context.socket(zmq.DEALER)
-        try:
-            socket.setsockopt(zmq.LINGER, 1000)
-            if self.curve is not None:  # the loop's socket takes CURVE clients only
-                self.curve.connect(socket, self.curve.keys.public)
-            socket.connect(self._control_address)
-            # The empty delimiter lets REP and ROUTER receivers alike read it.
-            socket.send_multipart([b"", self._control_token], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the loop is gone already; nothing to wake
-        finally:
-            socket.close()
+    def _started_line(self) -> str:
+        """The one line a server logs when it starts serving: its name and
+        kind, where it listens and connects, its registry, its metrics."""
+        where = [f"{role} {address}" for role, address in self._listening.items()]
+        where += self._connects_to()
+        return (
+            f"{self.name} ({self.kind}) serving: {', '.join(where) or 'no address'};"
+            f" {self._registrar.describe()}; metrics {self.metrics_url or 'off'}"
+        )
 
-    def _is_control(self, body: bytes) -> bool:
-        return body == self._control_token
+    # Subclass hooks, called in the serving thread.
+    def _open(self) -> None:
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ registry
+    def _serve(self) -> None:
+        raise NotImplementedError
 
-    def _register(
-        self,
-        endpoints: dict[str, str],
-        required: bool,
-        next: str | None = None,
-        branches: list[str] | None = None,
-        tee: list[str] | None = None,
-    ) -> None:
-        """Register this instance, in the serving thread once bound. A server
-        started with only a name needs the registry (``required``) and fails
-        at once without it; one with explicit addresses registers only when
-        given a ``registry``.
-
-        One name, one interface: unless :attr:`rolling`, a server whose
-        functions no live instance of its name has is refused
-        (:class:`InterfaceMismatch`). Checked before registering, and again
-        after, against the instances registered meanwhile: of two such
-        servers starting at the same moment, the later to register always
-        sees the earlier and is refused (both are, if each sees the other)."""
-        from pylm import __version__
-        from pylm.registry import DEFAULT_TTL, InstanceRecord
-        from pylm.registry.records import MalformedRecord
-
-        self._listening = dict(endpoints)
-        if self.registry_option is None and not required:
-            return
-        try:
-            registry = self._registry_client()
-            self._check_interface(registry.instances(self.name), None)
-            record = InstanceRecord(
-                self.name,
-                self.kind,
-                {role: self._advertised(address) for role, address in endpoints.items()},
-                next=next,
-                branches=branches or [],
-                tee=tee or [],
-                functions=list(self.functions),
-                metrics=self.metrics_url,
-                curve=None if self.curve is None else self.curve.public_key,
-                version=__version__,
-            )
-            self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
-            try:
-                self._check_interface(registry.instances(self.name), record.instance)
-            except InterfaceMismatch:
-                registration, self.registration = self.registration, None
-                try:
-                    registration.close()
-                except RegistryError:
-                    pass  # it expires with its lease
-                raise
-            if self.stats is not None:
-                self.stats.instance = record.instance
-                self.stats.registration = self.registration
-                self.stats.registry = registry
-        except InterfaceMismatch:
-            raise
-        except MalformedRecord as exc:  # a record every reader would skip
-            message = f"server {self.name!r} cannot register: its record's {exc}"
-            raise RegistryError(message) from exc
-        except RegistryError as exc:
-            raise type(exc)(  # the same kind of error: unavailable, access denied...
-                f"server {self.name!r} cannot register: {exc}"
-                + (
-                    " (it was started with only a name, so it needs the registry)"
-                    if required
-                    else ""
-                )
-            ) from exc
-        self.logger.debug("%s registered as %s", self.name, self.registration.key)
+    def _close(self) -> None:
+        raise NotImplementedError
 
     def _connects_to(self) -> list[str]:
         """What the start line says this server connects to, besides the
         addresses it listens on: ``["next step2.bar at tcp://..."]``."""
         return []
 
-    def _started_line(self) -> str:
-        """The one line a server logs when it starts serving: its name and
-        kind, where it listens and connects, its registry, its metrics."""
-        where = [f"{role} {address}" for role, address in self._listening.items()]
-        where += self._connects_to()
-        registry = self.registry
-        if self.registration is not None and registry is not None:
-            registered = f"cluster {registry.config.cluster!r} at {registry.config.url}"
-        else:
-            registered = "not registered"
-        return (
-            f"{self.name} ({self.kind}) serving: {', '.join(where) or 'no address'};"
-            f" {registered}; metrics {self.metrics_url or 'off'}"
-        )
-
-    def _check_interface(self, records: list[InstanceRecord], own: str | None) -> None:
-        """Raise :class:`InterfaceMismatch` unless :attr:`rolling`, or some
-        instance in ``records`` (other than ``own``) has this server's
-        functions, or there is none. Matching one is enough: more instances
-        of a version already rolling out need no flag, nor do instances of
-        the old version restarting meanwhile."""
-        others = [record for record in records if record.instance != own]
-        mine = sorted(set(self.functions))
-        if self.rolling or not others:
-            return
-        live = {record.instance: list(record.functions) for record in others}
-        kinds = sorted({record.kind for record in others} - {self.kind})
-        if kinds:
-            raise InterfaceMismatch(
-                f"server {self.name!r} is a {self.kind} server, but the live instances of"
-                f" {self.name!r} are {' and '.join(kinds)}: their clients and senders speak to"
-                " that kind only. Give it another name, or, if it replaces them on purpose,"
-                " start it with rolling=True (pylm run --rolling)",
-                functions=mine,
-                live=live,
-            )
-        versions: dict[tuple[str, ...], list[InstanceRecord]] = {}
-        for record in others:
-            versions.setdefault(tuple(sorted(set(record.functions))), []).append(record)
-        if tuple(mine) in versions:
-            return
-
-        def where(group: list[InstanceRecord]) -> str:
-            shown = [f"{r.instance} on {r.host} pid {r.pid}" for r in group[:3]]
-            more = f" and {len(group) - 3} more" if len(group) > 3 else ""
-            return ", ".join(shown) + more
-
-        shown = "; ".join(
-            f"[{', '.join(functions)}] (instance {where(group)})"
-            for functions, group in sorted(versions.items())
-        )
-        raise InterfaceMismatch(
-            f"server {self.name!r} has functions [{', '.join(mine)}], but the live instances"
-            f" of {self.name!r} have {shown}: by-name clients would share their calls among"
-            " programs that cannot answer all of them. Give it another name, or, if it is a"
-            " new version rolling out, start it with rolling=True (pylm run --rolling)",
-            functions=mine,
-            live=live,
-        )
-
-    def _registry_client(self) -> Registry:
-        """The registry this server uses: the one it was given, or one it
-        opens (from ``PYLM_REGISTRY``) and closes when it stops."""
-        from pylm.registry import Registry
-
-        if self.registry is None:
-            option = self.registry_option
-            if isinstance(option, Registry):
-                self.registry = option
-            else:
-                self.registry = Registry(option)
-                self._owns_registry = True
-        return self.registry
-
-    def _advertised(self, address: str) -> str:
-        """The address others reach a bound ``address`` (``tcp://...``, or
-        the ``http://...`` URL of the metrics) at: a wildcard host is
-        replaced by this host's name."""
-        scheme, _, rest = address.partition("://")
-        host, colon, _ = rest.partition("/")[0].rpartition(":")
-        if colon and host in ("0.0.0.0", "*", "[::]"):
-            if self._public_host is None:
-                self._public_host = public_host(self._registry_endpoints())
-            return f"{scheme}://{self._public_host}:{rest[len(host) + 1 :]}"
-        return address
-
-    def _registry_endpoints(self) -> tuple[tuple[str, int], ...]:
-        """The etcd endpoints this server registers at, none if it has no registry."""
-        from pylm.registry import Registry, RegistryConfig
-
-        option = self.registry if self.registry is not None else self.registry_option
-        try:
-            if isinstance(option, Registry):
-                return option.config.endpoints
-            if option is None:
-                return RegistryConfig.from_env().endpoints
-            return RegistryConfig.parse(option).endpoints
-        except (RegistryError, ValueError):
-            return ()
+    # ------------------------------------------------------------------ sockets
 
     def _listen(self, socket: zmq.Socket, address: str) -> str:
         """Bind ``socket`` (see :func:`pylm.transport.bind`) and count the
@@ -570,160 +354,80 @@ class BaseServer:
             self.curve.serve(socket)
         return socket
 
+    # ------------------------------------------------------------------ registration
+
+    @property
+    def registry(self) -> Registry | None:
+        """The registry, while registered."""
+        return self._registrar.registry
+
+    @property
+    def registration(self) -> Registration | None:
+        return self._registrar.registration
+
+    @property
+    def registry_option(self) -> Registry | str | None:
+        return self._registrar.option
+
+    @property
+    def ttl(self) -> float | None:
+        return self._registrar.ttl
+
+    @property
+    def rolling(self) -> bool:
+        return self._registrar.rolling
+
+    def _register(
+        self,
+        endpoints: dict[str, str],
+        required: bool,
+        next: str | None = None,
+        branches: list[str] | None = None,
+        tee: list[str] | None = None,
+    ) -> None:
+        """Register this instance, in the serving thread once bound
+        (:meth:`pylm.registrar.Registrar.register`); ``endpoints`` are also
+        what the start line says the server listens on."""
+        self._listening = dict(endpoints)
+        self._registrar.register(
+            endpoints, required, metrics=self.metrics_url, next=next, branches=branches, tee=tee
+        )
+
+    def _registry_client(self) -> Registry:
+        return self._registrar.client()
+
     def _deregister(self) -> None:
-        registration, self.registration = self.registration, None
-        registry, self.registry = self.registry, None
-        try:
-            if registration is not None:
-                registration.close()
-        except RegistryError as exc:
-            self.logger.warning(
-                "%s: record not removed (it expires with its lease): %s", self.name, exc
-            )
-        finally:
-            if registry is not None and self._owns_registry:
-                registry.close()
-                self._owns_registry = False
-
-    # Subclass hooks, called in the serving thread.
-    def _open(self) -> None:
-        raise NotImplementedError
-
-    def _serve(self) -> None:
-        raise NotImplementedError
-
-    def _close(self) -> None:
-        raise NotImplementedError
+        self._registrar.close()
 
     # ------------------------------------------------------------------ dispatch
 
-    def _call(self, target: bytes, payload: bytes, timed: bool = True) -> bytes:
-        """Run the function ``target`` names on ``payload``; raise a
-        :class:`PylmError` subclass that describes any failure. The call is
-        counted (when the server counts); ``timed=False``: without reading
-        its duration (the clock is most of the counting's cost)."""
-        entry = self._table.get(target)
-        if entry is None:
-            if self.stats is not None:
-                self.stats.functions[UNKNOWN_FUNCTION].failed(0.0, len(payload))
-            raise self._dispatch_error(target)
-        function, stats = entry
-        size = len(payload)
-        if size > self.max_payload:
-            if stats is not None:
-                stats.failed(0.0, size)
-            raise self._too_large(target, payload)
-        if stats is None or not timed:  # no clock: not counting, or counting only
-            try:
-                result = function(payload)
-            except Exception as exc:
-                if stats is not None:
-                    stats.failed(None, size)
-                raise self._remote_error(target, exc) from None
-            if type(result) is not bytes:
-                try:
-                    result = self._result_bytes(target, result)
-                except PylmError:
-                    if stats is not None:
-                        stats.failed(None, size)
-                    raise
-            if stats is not None:
-                stats.untimed += 1
-                stats.bytes_in += size
-                stats.bytes_out += len(result)
-            return result
-        start = _perf_counter()
-        try:
-            result = function(payload)
-        except Exception as exc:
-            stats.failed(_perf_counter() - start, size)
-            raise self._remote_error(target, exc) from None
-        if type(result) is not bytes:
-            try:
-                result = self._result_bytes(target, result)
-            except PylmError:
-                stats.failed(_perf_counter() - start, size)
-                raise
-        # stats.done(...), inline: this runs for every message
-        took = _perf_counter() - start
-        stats.seconds += took
-        stats.buckets[0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)] += 1
-        stats.bytes_in += size
-        stats.bytes_out += len(result)
-        return result
+    @property
+    def _table(self) -> dict[bytes, tuple[Function, FunctionStats | None]]:
+        """Target -> (function, its stats): what :meth:`_call` looks up."""
+        return self._exposed.table
+
+    @_table.setter
+    def _table(self, table: dict[bytes, tuple[Function, FunctionStats | None]]) -> None:
+        self._exposed.table = table
 
     def _too_large(self, target: bytes, payload: bytes) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"payload of {len(payload)} bytes for {target.decode('utf-8', 'replace')!r}"
-            f" is larger than the limit of server {self.name!r}, {self.max_payload} bytes",
-            size=len(payload),
-            limit=self.max_payload,
-        )
+        return self._exposed.too_large(target, payload)
 
     def _result_bytes(self, target: bytes, result: object) -> bytes:
         """A function's result that is not ``bytes``: as bytes if it is
         bytes-like, else the error to send back."""
-        if isinstance(result, (bytearray, memoryview)):
-            return bytes(result)
-        _, function_name = protocol.split_target(target)
-        raise RemoteError(
-            f"function {function_name!r} on server {self.name!r} returned"
-            f" {type(result).__name__}, expected bytes",
-            remote_type="TypeError",
-            remote_message=f"returned {type(result).__name__}, expected bytes",
-            server=self.name,
-            function=function_name,
-        )
+        return self._exposed.result_bytes(target, result)
 
     def _dispatch_error(self, target: bytes) -> PylmError:
-        server, function = protocol.split_target(target)  # ProtocolError if malformed
-        if server != self.name:
-            return UnknownServer(
-                f"request for server {server!r} (function {function!r})"
-                f" reached server {self.name!r}",
-                server=server,
-                function=function,
-            )
-        return UnknownFunction(
-            f"unknown function {function!r} on server {self.name!r};"
-            f" it has {', '.join(self.functions) or 'no functions'}",
-            server=self.name,
-            function=function,
-        )
+        return self._exposed.unknown(target)
 
     def _remote_error(self, target: bytes, exc: Exception) -> RemoteError:
-        _, function = protocol.split_target(target)
-        # Skip the framework's own frame: the caller wants the user's code.
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        self._log_limited(
-            f"raised-{function}",
-            logging.ERROR,
-            "function %r raised %s: %s",
-            function,
-            type(exc).__name__,
-            exc,
-        )
-        return RemoteError(
-            f"function {function!r} on server {self.name!r} raised {type(exc).__name__}: {exc}",
-            remote_type=type(exc).__name__,
-            remote_message=str(exc),
-            remote_traceback=text,
-            server=self.name,
-            function=function,
-        )
+        return self._exposed.remote_error(target, exc)
 
     def _pong(self) -> bytes:
-        from pylm import __version__
+        return self._exposed.pong()
 
-        info = {
-            "name": self.name,
-            "kind": self.kind,
-            "functions": list(self.functions),
-            "pid": os.getpid(),
-            "version": __version__,
-        }
-        return json.dumps(info).encode("utf-8")
+    # ------------------------------------------------------------------ misbehaving peers
 
     def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None:
         """Count a message that is dropped or refused for not following the
@@ -733,7 +437,7 @@ class BaseServer:
             self.stats.malformed += 1
             self.stats.malformed_by[reason] += 1
         first = bytes(frames[-1][:40]) if frames else b""
-        self._log_limited(
+        self._limited_log.log(
             f"malformed-{reason}",
             logging.WARNING,
             "dropped a malformed message (%s) of %d frame(s): %s; last frame starts %r",
@@ -746,17 +450,8 @@ class BaseServer:
     def _log_limited(
         self, cause: str, level: int, message: str, *args: object, burst: int = 1
     ) -> None:
-        """Log at most ``burst`` lines a second for ``cause``; a line tells how
-        many were held back since the previous one."""
-        limiter = self._limiters.get(cause)
-        if limiter is None:
-            if len(self._limiters) >= len(self.functions) + 64:  # a fixed set, and functions
-                self._limiters.clear()
-            limiter = self._limiters[cause] = RateLimiter(burst=burst)
-        if limiter.allow():
-            held = limiter.take_suppressed()
-            extra = f" ({held} more like it since the last report)" if held else ""
-            self.logger.log(level, message + "%s", *args, extra)
+        """Log at most ``burst`` lines a second for ``cause`` (:class:`LimitedLog`)."""
+        self._limited_log.log(cause, level, message, *args, burst=burst)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} functions={list(self.functions)}>"

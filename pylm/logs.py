@@ -17,7 +17,7 @@ import time
 
 import zmq
 
-__all__ = ["LOG_FORMAT", "PushLogHandler", "RateLimiter", "server_logger"]
+__all__ = ["LOG_FORMAT", "LimitedLog", "PushLogHandler", "RateLimiter", "server_logger"]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
@@ -137,3 +137,28 @@ class RateLimiter:
     def take_suppressed(self) -> int:
         count, self.suppressed = self.suppressed, 0
         return count
+
+
+class LimitedLog:
+    """A server's log lines about what peers and functions do wrong: at most
+    ``burst`` a second per cause, so that a flood of either cannot flood the
+    log. A line tells how many were held back since the previous one.
+
+    Causes are a fixed set plus one per function (``raised-<function>``):
+    past ``max_causes`` the limiters start over rather than grow."""
+
+    def __init__(self, logger: logging.Logger, max_causes: int) -> None:
+        self.logger = logger
+        self.max_causes = max_causes
+        self._limiters: dict[str, RateLimiter] = {}
+
+    def log(self, cause: str, level: int, message: str, *args: object, burst: int = 1) -> None:
+        limiter = self._limiters.get(cause)
+        if limiter is None:
+            if len(self._limiters) >= self.max_causes:
+                self._limiters.clear()
+            limiter = self._limiters[cause] = RateLimiter(burst=burst)
+        if limiter.allow():
+            held = limiter.take_suppressed()
+            extra = f" ({held} more like it since the last report)" if held else ""
+            self.logger.log(level, message + "%s", *args, extra)

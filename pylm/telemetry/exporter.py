@@ -7,6 +7,8 @@ that starts opens it (on its host, or ``PYLM_METRICS_HOST``; port
 the last one to stop closes it. It is served by :class:`pylm.telemetry.httpd.HttpService`:
 one thread whatever the number of clients, with a read timeout, a cap on
 the request's size and on the connections open (see :mod:`pylm.telemetry.httpd`).
+A server holds it through its :class:`Exposure`, which also publishes the
+server's counters while it runs.
 
 ``/metrics`` serves prometheus-client's default registry (pylm's metrics,
 the process and platform collectors, and any metric of the user's own), in
@@ -20,15 +22,17 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
 from pylm.errors import PylmError
-from pylm.telemetry.exposition import live_servers
+from pylm.telemetry.counting import ServerStats
+from pylm.telemetry.exposition import live_servers, publish, withdraw
 from pylm.telemetry.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
 
-__all__ = ["Exporter", "exporter"]
+__all__ = ["Exporter", "Exposure", "exporter"]
 
 
 class _Handler(QuietHandler):
@@ -135,3 +139,45 @@ def exporter(host: str) -> Exporter:
         if found is None:
             found = _EXPORTERS[host] = Exporter(host, _configured_port())
         return found
+
+
+class Exposure:
+    """One server's metrics: its :class:`ServerStats` published to
+    Prometheus and the process's endpoint held while it runs. ``stats``
+    None (metrics off): every step does nothing.
+
+    :meth:`open` publishes and acquires the endpoint; :attr:`ready` says on
+    ``/healthz`` whether the server serves; :meth:`close` withdraws and
+    releases, whatever :meth:`open` got done."""
+
+    def __init__(self, stats: ServerStats | None, host: str) -> None:
+        self.stats = stats
+        self.host = host
+        self._endpoint: Exporter | None = None
+
+    def open(self, advertise: Callable[[str], str]) -> str | None:
+        """Publish and acquire; returns the URL of ``/metrics`` as others
+        reach it (``advertise`` turns a wildcard host into this host's name)."""
+        if self.stats is None:
+            return None
+        publish(self.stats)
+        endpoint = exporter(self.host)
+        url = endpoint.acquire()
+        self._endpoint = endpoint
+        return advertise(url)
+
+    @property
+    def ready(self) -> bool:
+        return self.stats is not None and self.stats.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        if self.stats is not None:
+            self.stats.ready = value
+
+    def close(self) -> None:
+        if self.stats is not None:
+            withdraw(self.stats)
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            endpoint.release()
