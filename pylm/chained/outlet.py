@@ -41,7 +41,8 @@ class Outlet:
     stream goes to): the choice of instance is made here and nowhere else."""
 
     def __init__(self, call: str, addresses: list[str]) -> None:
-        self.curve: Curve | None = None  # the stage's CURVE settings, set before open()
+        self.curve: Curve | None = None  # the stage's CURVE settings, given to open()
+        self._logger = logging.getLogger(__name__)  # the stage's, once open() gives it
         self._key: bytes | None = None  # the next stage's CURVE key, from its records
         self._warned_plain = False  # logged that CURVE is on but the next stage has no key
         self._warned_keys = False  # logged that the next stage requires CURVE, and no keys here
@@ -70,11 +71,14 @@ class Outlet:
         context: zmq.Context,
         hwm: int,
         registry: Registry | None,
-        logger: logging.Logger | None = None,
+        curve: Curve | None,
+        logger: logging.Logger,
     ) -> zmq.Socket:
         """Connect to the given addresses, or (with ``registry``) to the
-        instances registered now, and follow them."""
+        instances registered now, and follow them; with the stage's CURVE
+        settings, telling its ``logger`` of instances that join and leave."""
         self._context, self._hwm = context, hwm
+        self.curve, self._logger = curve, logger
         if registry is not None:
             self._key = curve_key(self.server, registry.instances(self.server), self.curve)
         elif self.curve is not None:  # by address: never plain text in silence
@@ -86,7 +90,7 @@ class Outlet:
             socket.connect(address)
         if registry is not None:
             self._changed(registry.instances(self.server))  # connect at once ...
-            self.rewire(logger)
+            self.rewire()
             self._following = registry.follow(self.server, self._changed)  # ... and follow
         return socket
 
@@ -107,17 +111,18 @@ class Outlet:
             self._wanted = wanted
             self._key = key or self._key
 
-    def rewire(self, logger: logging.Logger | None) -> bool:
+    def rewire(self) -> bool:
         """Apply what the registry said; True if an instance joined."""
         with self._lock:
             wanted, self._wanted = self._wanted, None
         if wanted is None or self.socket is None:
             return False
+        logger = self._logger
         joined = wanted - self.connected
         if joined:
             self._secure(self.socket)  # the key may have come with these instances
             if self.curve is not None and not (self._key or self.curve.server_key):
-                if logger is not None and not self._warned_plain:
+                if not self._warned_plain:
                     logger.warning(
                         "next stage %s registered no CURVE key: this stage, with CURVE,"
                         " sends to it in plain text",
@@ -126,7 +131,7 @@ class Outlet:
                 self._warned_plain = True
             # A key in the records, and none here (open() refuses that
             # when the key is there first).
-            if self.curve is None and self._key and logger is not None and not self._warned_keys:
+            if self.curve is None and self._key and not self._warned_keys:
                 self._warned_keys = True
                 logger.error(
                     "next stage %s requires CURVE and this stage has no keys"
@@ -136,15 +141,13 @@ class Outlet:
                 )
         for address in joined:
             self.socket.connect(address)
-            if logger is not None:
-                logger.info("next stage %s: instance %s joined", self.server, address)
+            logger.info("next stage %s: instance %s joined", self.server, address)
         for address in self.connected - wanted:
             try:
                 self.socket.disconnect(address)
             except zmq.ZMQError:
                 pass  # never connected in libzmq's eyes: nothing to undo
-            if logger is not None:
-                logger.info("next stage %s: instance %s left", self.server, address)
+            logger.info("next stage %s: instance %s left", self.server, address)
         self.connected = wanted
         self._instances = sorted(wanted | set(self.addresses))
         for address in [a for a in self._sticky if a not in wanted]:
@@ -254,8 +257,7 @@ class ToNextStage(Output):
         for outlet in self.all():
             found = None if outlet.addresses else registry()
             following = following or found is not None
-            outlet.curve = self.curve
-            outlet.open(context, hwm, found, self.logger)
+            outlet.open(context, hwm, found, self.curve, self.logger)
         self.socket = self.outlets[0].socket
         return following
 
@@ -271,7 +273,7 @@ class ToNextStage(Output):
     def rewire(self) -> bool:
         joined = False
         for outlet in self.all():
-            joined = outlet.rewire(self.logger) or joined
+            joined = outlet.rewire() or joined
         return joined
 
     def stop_following(self) -> None:
