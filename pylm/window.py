@@ -245,6 +245,13 @@ class WindowedClient:
             self, function: str, timeout: float
         ) -> Callable[[int, int], PylmError]: ...
 
+    def _init_window(self, max_in_flight: int) -> None:
+        """At most ``max_in_flight`` jobs out at once (a positive int); no run started."""
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        self.max_in_flight = max_in_flight
+        self._running = False
+
     def job(
         self,
         function: str,

@@ -256,13 +256,11 @@ class LoopClient(Caller, WindowedClient, Closing):
         self.push_addresses = [check_address(address, "push_address") for address in pushes]
         if not self.push_addresses:
             raise ValueError("push_address needs at least one address")
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        self._init_window(max_in_flight)
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be an int from 1 to {MAX_BATCH}, got {batch!r}")
         self.batch = batch
         self.db_address = check_address(db_address, "db_address")
-        self.max_in_flight = max_in_flight
         # The route: the results sockets' routing id, which every job carries
         # so that the last stage knows where its result goes.
         self.route = b"pylm-" + os.urandom(12)
@@ -287,7 +285,6 @@ class LoopClient(Caller, WindowedClient, Closing):
             self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None
         self._greeted = False
-        self._running = False
         self._ids = itertools.count(1)
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
         if announce:

@@ -62,9 +62,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         wait: float = DEFAULT_WAIT,
     ) -> None:
         super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
-        self.max_in_flight = max_in_flight
+        self._init_window(max_in_flight)
         self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
         self._socket.setsockopt(zmq.LINGER, 0)
         # No receive limit: the jobs in flight bound what comes, and a full
@@ -72,7 +70,6 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         self._socket.setsockopt(zmq.RCVHWM, 0)
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
-        self._running = False
         self.dropped = 0  # answers that belong to no job in flight (late ones)
 
     # ------------------------------------------------------------------ calls
