@@ -85,7 +85,7 @@ def test_a_dead_worker_that_was_only_slow_gives_every_result_once(
     result, it answers the jobs it held: each such answer is dropped and
     counted as a duplicate, none reaches the client. Fails without the
     re-dispatch of a lost worker's jobs (``Dispatcher._lost``) or without
-    closing a job on its first answer (``_jobs.pop`` in ``_drain_workers``)."""
+    closing a job on its first answer (``_jobs.pop`` in ``Dispatcher.drain``)."""
     name = unique("m")
     serve(Master(name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
     script = str(HERE / "parallel_worker.py")
@@ -313,7 +313,7 @@ def test_a_failed_part_ends_its_job_its_other_parts_go_nowhere(
     ``bad`` fails and the client gets its error at once; ``q1`` and ``q2``,
     still queued, never run (the next job runs first); ``hold``'s result,
     when it comes, never reaches gather. The master serves on. Fails when
-    the queued parts of a failed job are dispatched (``Dispatcher._dispatch``)
+    the queued parts of a failed job are dispatched (``Dispatcher.dispatch``)
     or when a failed job's results are gathered (``Dispatcher._result``)."""
     ran: list[bytes] = []
     release = threading.Event()

@@ -20,8 +20,12 @@ as items flagged MORE, and once every part is answered (and, for an input
 stream, its END has come with every item it announced) an END carrying the
 number of items closes the parent.
 
-The host (Master or Hub) owns the sockets and says how answers leave:
-:meth:`Dispatcher._deliver_fast` and :meth:`Dispatcher._deliver`.
+A :class:`Dispatcher` is an object its owner (a Master or a Hub) builds
+with what it needs of it: how answers leave (``reply``, ``answer``), the
+owner's counting, log and error shaping, and the user's hooks. The owner
+holds the sockets; :class:`Dispatching` is what both owners show of their
+dispatcher to their users (the hooks ``scatter`` and ``gather``, the books
+read-only).
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import zmq
 
@@ -40,6 +44,9 @@ from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
 from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
 from pylm.transport import recv_message
+
+if TYPE_CHECKING:
+    from pylm.telemetry.counting import ServerStats
 
 __all__ = [
     "DEFAULT_HEARTBEAT",
@@ -49,9 +56,13 @@ __all__ = [
     "MAX_STREAMS",
     "MAX_WORKERS",
     "STREAM_IDLE",
+    "Answer",
     "Dispatcher",
+    "Dispatching",
     "Gathering",
     "Hello",
+    "LimitedLog",
+    "Reply",
     "parse_hello",
 ]
 
@@ -133,7 +144,7 @@ def _count(info: dict[str, Any], field: str, default: int, low: int, high: int) 
 
 
 class Gathering:
-    """What :meth:`Dispatcher.gather` may want to know of the result it is
+    """What :meth:`Dispatching.gather` may want to know of the result it is
     given, as ``self.gathering``: the ``job`` it belongs to (a number unique
     in this server) and whether it is the ``last`` result of that job."""
 
@@ -207,24 +218,73 @@ class _Worker:
         self.generation = generation
 
 
-class Dispatcher:
-    """Mixed into a server that hands jobs to workers (see the module).
+class Reply(Protocol):
+    """Sends on the one-frame final REPLY ``body`` a worker gave a single
+    job (its head carries the job's number: the host puts ``msg_id`` back)."""
 
-    The host calls :meth:`_init_dispatch` in its constructor, binds
-    ``_back`` (a ROUTER for workers), feeds jobs in with :meth:`_take_fast`,
-    :meth:`_take` and :meth:`_take_end`, reads the workers' socket with
-    :meth:`_drain_workers`, and calls :meth:`_dispatch` and
-    :meth:`_check_workers` from its loop.
+    def __call__(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None: ...
+
+
+class Answer(Protocol):
+    """Sends on an answer (REPLY, ERROR or END, by ``kind``) of the input
+    ``msg_id`` that came from ``origin``."""
+
+    def __call__(
+        self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
+    ) -> None: ...
+
+
+class LimitedLog(Protocol):
+    """The host's rate-limited log (:meth:`pylm.base.BaseServer._log_limited`)."""
+
+    def __call__(
+        self, cause: str, level: int, message: str, *args: object, burst: int = 1
+    ) -> None: ...
+
+
+Hook = Callable[[bytes], Iterable[bytes]]  # scatter or gather
+
+
+def _identity(message: bytes) -> Iterable[bytes]:
+    return (message,)
+
+
+def _never(body: bytes) -> bool:
+    return False
+
+
+class Dispatcher:
+    """The books of the jobs a Master or a Hub hands to workers (see the
+    module). Its owner opens the workers' socket (a ROUTER) and sets
+    :attr:`socket`, feeds jobs in with :meth:`take_fast`, :meth:`take` and
+    :meth:`take_end`, has it read the socket with :meth:`drain`, and calls
+    :meth:`dispatch` and :meth:`check_workers` from its loop. Answers leave
+    through the owner's ``reply`` and ``answer``; ``finished`` is called
+    once per input whose last answer is out (the owner counts it served).
+    ``drop``, ``log`` and ``remote_error`` are the owner's counting of
+    malformed messages, rate-limited log and error shaping; ``is_control``
+    tells its wake-up token on the workers' socket. ``scatter`` and
+    ``gather`` are the owner's hooks, None when not overridden.
     """
 
-    _pylm_framework = True
-
-    # From the host (BaseServer).
-    name: str
-    served: int
-    logger: logging.Logger
-
-    def _init_dispatch(self, heartbeat: float, misses: int, max_queued: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        reply: Reply,
+        answer: Answer,
+        finished: Callable[[], None],
+        drop: Callable[[str, str, list[bytes]], None],
+        log: LimitedLog,
+        remote_error: Callable[[bytes, Exception], RemoteError],
+        is_control: Callable[[bytes], bool] = _never,
+        scatter: Hook | None = None,
+        gather: Hook | None = None,
+        stats: ServerStats | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        misses: int = DEFAULT_MISSES,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         if not heartbeat > 0:
@@ -233,11 +293,21 @@ class Dispatcher:
             raise ValueError(f"misses must be a positive int, got {misses!r}")
         if not isinstance(max_queued, int) or max_queued < 1:
             raise ValueError(f"max_queued must be a positive int, got {max_queued!r}")
+        self.name = name
+        self._reply = reply
+        self._answer = answer
+        self._finished = finished
+        self._drop = drop
+        self._log_limited = log
+        self._remote_error = remote_error
+        self._is_control = is_control
+        self._scatter = scatter or _identity
+        self._gather_hook = gather or _identity
         self.heartbeat = float(heartbeat)
         self.worker_timeout = self.heartbeat * misses
         self.max_queued = max_queued
         self.gathering = Gathering()
-        self._back: zmq.Socket | None = None
+        self.socket: zmq.Socket | None = None  # the workers' ROUTER, while open
         self._workers: dict[bytes, _Worker] = {}
         self._free: deque[tuple[_Worker, int]] = deque()  # one entry per free slot
         self._stale = 0  # entries of _free that are void (their worker left or is full)
@@ -245,54 +315,17 @@ class Dispatcher:
         self._jobs: dict[int, _Job] = {}
         self._streams: dict[tuple[bytes, int], _Parent] = {}  # input streams under way
         self._generations = 0
-        self._splits = type(self).scatter is not Dispatcher.scatter
-        self._gathers = type(self).gather is not Dispatcher.gather
-        self._direct = not (self._splits or self._gathers)  # single jobs, no hooks
+        self._splits = scatter is not None
+        self._gathers = gather is not None
+        self.direct = not (self._splits or self._gathers)  # single jobs, no hooks
         # Job numbers start anywhere: a restarted master on the same address
         # does not take an answer to its predecessor's job for one of its own.
         self._numbers = int.from_bytes(os.urandom(7), "big")
         self.redispatched = 0  # jobs given to another worker after theirs was lost
         self.duplicates = 0  # answers dropped because their job was answered already
-        self.undeliverable = 0  # answers whose receiver had gone
-        stats = getattr(self, "stats", None)
+        self.undeliverable = 0  # answers whose receiver had gone (counted by the owner)
         if stats is not None:
             stats.dispatcher = self  # exported with the server's metrics
-
-    # ------------------------------------------------------------------ hooks
-
-    def scatter(self, message: bytes) -> Iterable[bytes]:
-        """One input into the payloads of the jobs workers run; by default
-        the input as it is."""
-        return (message,)
-
-    def gather(self, message: bytes) -> Iterable[bytes]:
-        """A worker's result into zero or more results to send on; by
-        default the result as it is. ``self.gathering`` tells the job the
-        result belongs to and whether it is its last."""
-        return (message,)
-
-    # Host hooks: where answers go.
-    def _deliver_fast(self, job: _Job, body: bytes) -> None:
-        """Send on the one-frame final REPLY ``body`` a worker gave ``job``."""
-        raise NotImplementedError
-
-    def _deliver(
-        self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
-    ) -> None:
-        """Send on an answer (REPLY, ERROR or END) of the input ``msg_id``."""
-        raise NotImplementedError
-
-    if TYPE_CHECKING:  # from the host (BaseServer)
-
-        def _drop(self, reason: str, detail: str, frames: list[bytes]) -> None: ...
-
-        def _log_limited(
-            self, cause: str, level: int, message: str, *args: object, burst: int = 1
-        ) -> None: ...
-
-        def _remote_error(self, target: bytes, exc: Exception) -> RemoteError: ...
-
-        def _is_control(self, body: bytes) -> bool: ...
 
     # ------------------------------------------------------------------ state
 
@@ -316,9 +349,19 @@ class Dispatcher:
         """Whether the queue holds ``max_queued`` jobs: take no more input."""
         return len(self._queue) >= self.max_queued
 
+    @property
+    def open_jobs(self) -> int:
+        """Jobs on the books: waiting for a worker or held by one."""
+        return len(self._jobs)
+
+    @property
+    def open_streams(self) -> int:
+        """Input streams under way (their END or items still to come)."""
+        return len(self._streams)
+
     # ------------------------------------------------------------------ jobs in
 
-    def _take_fast(self, origin: bytes, msg_id: int, deadline: float, frames: list[bytes]) -> None:
+    def take_fast(self, origin: bytes, msg_id: int, deadline: float, frames: list[bytes]) -> None:
         """Book a single job: ``frames`` are its REQUEST, whose message id
         the job's number replaces (the worker answers that number)."""
         self._numbers += 1
@@ -327,16 +370,16 @@ class Dispatcher:
         self._jobs[number] = _Job(origin, msg_id, deadline, body, None)
         self._queue.append(number)
 
-    def _take(self, origin: bytes, message: protocol.Message) -> None:
+    def take(self, origin: bytes, message: protocol.Message) -> None:
         """Book a REQUEST: a single job, or the parts of a parent. An item
         of a stream without a route (a tee's copy) is a job of its own:
         nobody counts its stream."""
         stream_item = bool(message.flags & protocol.MORE) and bool(origin)
-        if self._direct and not stream_item:
+        if self.direct and not stream_item:
             body = protocol.encode(
                 protocol.REQUEST, 0, message.payload, message.target, b"", message.deadline
             )
-            self._take_fast(origin, message.msg_id, message.deadline, body)
+            self.take_fast(origin, message.msg_id, message.deadline, body)
             return
         if stream_item:
             found = self._stream(origin, message.msg_id, message.deadline)
@@ -352,7 +395,7 @@ class Dispatcher:
             self._close_if_done(parent)
             return
         try:
-            parts = [_as_bytes(part, "scatter") for part in self.scatter(message.payload)]
+            parts = [_as_bytes(part, "scatter") for part in self._scatter(message.payload)]
         except Exception as exc:  # the user's hook failed: the client hears of it
             self._fail_parent(parent, self._remote_error(message.target + b"/scatter", exc))
             self._close_if_done(parent)
@@ -368,7 +411,7 @@ class Dispatcher:
             parent.open += 1
         self._close_if_done(parent)
 
-    def _take_end(self, origin: bytes, message: protocol.Message) -> None:
+    def take_end(self, origin: bytes, message: protocol.Message) -> None:
         """An input stream's END: it announced that many items. A count of
         the wrong size is counted as malformed with or without a route (as
         a chained stage does); only a routed stream fails and is told."""
@@ -380,9 +423,9 @@ class Dispatcher:
             self._drop("payload", str(problem), [message.payload])
             if not origin:
                 return  # a tee's copy: no stream here, nobody to tell
-            self._stream_failed(origin, message.msg_id)
+            self.stream_failed(origin, message.msg_id)
             payload = protocol.error_detail(problem)
-            self._deliver(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
+            self._answer(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
             return
         if not origin:
             return  # a tee's copy: nobody waits for its end
@@ -404,7 +447,7 @@ class Dispatcher:
                     " stream refused"
                 )
                 self._drop("limit", str(problem), [])
-                self._deliver(
+                self._answer(
                     origin, msg_id, deadline, protocol.ERROR, protocol.error_detail(problem), 0
                 )
                 return None
@@ -413,7 +456,7 @@ class Dispatcher:
         parent.touched = time.monotonic()
         return parent
 
-    def _stream_failed(self, origin: bytes, msg_id: int) -> None:
+    def stream_failed(self, origin: bytes, msg_id: int) -> None:
         """An ERROR for an input stream: it ends there (later items are dropped)."""
         parent = self._streams.pop((origin, msg_id), None)
         if parent is not None:
@@ -436,9 +479,9 @@ class Dispatcher:
                     parent.expected,
                 )
 
-    def _dispatch(self) -> None:
+    def dispatch(self) -> None:
         """Give waiting jobs to workers with a free slot, oldest job first."""
-        queue, free, jobs, back = self._queue, self._free, self._jobs, self._back
+        queue, free, jobs, back = self._queue, self._free, self._jobs, self.socket
         assert back is not None
         while queue and free:
             worker, generation = free.popleft()
@@ -471,10 +514,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ answers
 
-    def _drain_workers(self) -> bool:
+    def drain(self) -> bool:
         """Read the workers' answers, up to a batch; True if stop() asked
         (a master's stop() wakes it through this socket)."""
-        back = self._back
+        back = self.socket
         assert back is not None
         for _ in range(_BATCH):
             try:
@@ -494,8 +537,8 @@ class Dispatcher:
                 if job is None:
                     self.duplicates += 1
                 elif job.parent is None and job.next_seq == 0:
-                    self.served += 1
-                    self._deliver_fast(job, body)
+                    self._finished()
+                    self._reply(job.origin, job.msg_id, job.deadline, body)
                 else:
                     self._result(job, body[HEAD_SIZE:], final=True)
                 continue
@@ -531,20 +574,20 @@ class Dispatcher:
             self.duplicates += 1
         elif kind == protocol.REPLY:
             if job.parent is None and job.next_seq == 0:
-                self.served += 1
-                self._deliver(job.origin, job.msg_id, job.deadline, kind, message.payload, 0)
+                self._finished()
+                self._answer(job.origin, job.msg_id, job.deadline, kind, message.payload, 0)
             else:
                 self._result(job, message.payload, final=True)
         elif kind == protocol.END:
             if job.parent is None:
-                self.served += 1
+                self._finished()
                 count = COUNT.pack(job.next_seq)
-                self._deliver(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
+                self._answer(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
             else:
                 self._part_closed(job.parent)
         elif job.parent is None:
-            self.served += 1
-            self._deliver(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
+            self._finished()
+            self._answer(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
         else:
             self._fail_parent(job.parent, message.payload)
             self._part_closed(job.parent)
@@ -554,7 +597,7 @@ class Dispatcher:
         items: on, flagged MORE, through gather() for a parent's part."""
         parent = job.parent
         if parent is None:  # a single job whose function streams
-            self._deliver(
+            self._answer(
                 job.origin, job.msg_id, job.deadline, protocol.REPLY, result, protocol.MORE
             )
             return
@@ -573,7 +616,7 @@ class Dispatcher:
         self.gathering.job = parent.number
         self.gathering.last = last
         try:
-            outputs = [_as_bytes(output, "gather") for output in self.gather(result)]
+            outputs = [_as_bytes(output, "gather") for output in self._gather_hook(result)]
         except Exception as exc:
             self._fail_parent(parent, self._remote_error(f"{self.name}.gather".encode(), exc))
             return
@@ -582,7 +625,7 @@ class Dispatcher:
 
     def _send_item(self, parent: _Parent, output: bytes) -> None:
         parent.outputs += 1
-        self._deliver(
+        self._answer(
             parent.origin, parent.msg_id, parent.deadline, protocol.REPLY, output, protocol.MORE
         )
 
@@ -595,13 +638,13 @@ class Dispatcher:
         if not parent.done:
             return
         self._streams.pop((parent.origin, parent.msg_id), None)
-        self.served += 1
+        self._finished()
         held, parent.held = parent.held, None
         if held is not None and not parent.failed:
             self._gather(parent, held, last=True)
         if not parent.failed:
             count = COUNT.pack(parent.outputs)
-            self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
+            self._answer(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
 
     def _fail_parent(self, parent: _Parent, error: PylmError | bytes) -> None:
         """The first failure of a parent's part goes on; the parent's other
@@ -610,7 +653,7 @@ class Dispatcher:
             return
         parent.failed = True
         payload = error if isinstance(error, bytes) else protocol.error_detail(error)
-        self._deliver(parent.origin, parent.msg_id, parent.deadline, protocol.ERROR, payload, 0)
+        self._answer(parent.origin, parent.msg_id, parent.deadline, protocol.ERROR, payload, 0)
 
     # ------------------------------------------------------------------ workers
 
@@ -638,10 +681,10 @@ class Dispatcher:
         worker = self._workers.get(address)
         if sender != address:  # a heartbeat
             if worker is None:  # of a worker not known here: ask for a hello
-                assert self._back is not None
+                assert self.socket is not None
                 pong = protocol.encode(protocol.PONG, 0, b'{"known": false}')
                 try:  # never waiting for a peer that does not read
-                    self._back.send_multipart([sender, *pong], zmq.NOBLOCK)
+                    self.socket.send_multipart([sender, *pong], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # full or gone: its next heartbeat asks again
                 return
@@ -700,7 +743,7 @@ class Dispatcher:
             self._free.extend(live)
             self._stale = 0
 
-    def _check_workers(self) -> None:
+    def check_workers(self) -> None:
         now = time.monotonic()
         if self._streams:
             self._expire_streams(now)
@@ -731,3 +774,88 @@ class Dispatcher:
             len(pending),
             burst=_WORKER_LINES,
         )
+
+
+class Dispatching:
+    """What a :class:`~pylm.parallel.Master` and a :class:`~pylm.parallel.Hub`
+    show of the :class:`Dispatcher` they own (``self.dispatcher``): the
+    hooks their users override, and the books, read-only."""
+
+    _pylm_framework = True
+
+    dispatcher: Dispatcher
+
+    def scatter(self, message: bytes) -> Iterable[bytes]:
+        """One input into the payloads of the jobs workers run; by default
+        the input as it is."""
+        return (message,)
+
+    def gather(self, message: bytes) -> Iterable[bytes]:
+        """A worker's result into zero or more results to send on; by
+        default the result as it is. ``self.gathering`` tells the job the
+        result belongs to and whether it is its last."""
+        return (message,)
+
+    def _hooks(self) -> tuple[Hook | None, Hook | None]:
+        """``scatter`` and ``gather`` for a :class:`Dispatcher`: None unless
+        overridden, so that jobs without hooks take the fast path."""
+        kind = type(self)
+        return (
+            self.scatter if kind.scatter is not Dispatching.scatter else None,
+            self.gather if kind.gather is not Dispatching.gather else None,
+        )
+
+    @property
+    def gathering(self) -> Gathering:
+        """The job and lastness of the result :meth:`gather` is given."""
+        return self.dispatcher.gathering
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between a worker's heartbeats."""
+        return self.dispatcher.heartbeat
+
+    @property
+    def worker_timeout(self) -> float:
+        """Seconds of silence before a worker is declared dead."""
+        return self.dispatcher.worker_timeout
+
+    @property
+    def max_queued(self) -> int:
+        """Jobs waiting for a worker, at most."""
+        return self.dispatcher.max_queued
+
+    @property
+    def workers(self) -> int:
+        """Workers connected now."""
+        return self.dispatcher.workers
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a worker."""
+        return self.dispatcher.queued
+
+    @property
+    def running_jobs(self) -> int:
+        """Jobs a worker holds."""
+        return self.dispatcher.running_jobs
+
+    @property
+    def full(self) -> bool:
+        """Whether the queue holds ``max_queued`` jobs: no more input is read."""
+        return self.dispatcher.full
+
+    @property
+    def redispatched(self) -> int:
+        """Jobs given to another worker after theirs was lost."""
+        return self.dispatcher.redispatched
+
+    @property
+    def duplicates(self) -> int:
+        """Answers dropped because their job was answered already."""
+        return self.dispatcher.duplicates
+
+    @property
+    def undeliverable(self) -> int:
+        """Answers dropped because their receiver had gone."""
+        return self.dispatcher.undeliverable

@@ -35,7 +35,7 @@ from pylm.parallel.dispatch import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_MISSES,
     Dispatcher,
-    _Job,
+    Dispatching,
 )
 from pylm.protocol import (
     BATCH_PREFIX,
@@ -59,7 +59,7 @@ _BATCH = 256
 _LEAVE_MAX = 10.0  # s a leaving hub waits at most for its workers' answers
 
 
-class Hub(Dispatcher, Server):
+class Hub(Dispatching, Server):
     """A pipeline stage whose jobs run on workers::
 
         Hub('hub', next_call='last.collect').start()         # names only, registry
@@ -111,7 +111,22 @@ class Hub(Dispatcher, Server):
             hwm=hwm,
             **options,
         )
-        self._init_dispatch(heartbeat, misses, max_queued)
+        scatter, gather = self._hooks()
+        self.dispatcher = Dispatcher(
+            name,
+            reply=self._deliver_fast,
+            answer=self._deliver,
+            finished=self._finished,
+            drop=self._drop,
+            log=self._log_limited,
+            remote_error=self._remote_error,
+            stats=self.stats,
+            heartbeat=heartbeat,
+            misses=misses,
+            max_queued=max_queued,
+            scatter=scatter,
+            gather=gather,
+        )
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
         self.back: str | None = None  # where workers connect, once bound
         self._reading = True  # whether the input is polled (not while the queue is full)
@@ -121,7 +136,7 @@ class Hub(Dispatcher, Server):
 
     def _open_output(self) -> None:
         back = self._secure(self.context.socket(zmq.ROUTER))
-        self._back = back
+        self.dispatcher.socket = back
         back.setsockopt(zmq.LINGER, 0)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         back.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
@@ -140,25 +155,26 @@ class Hub(Dispatcher, Server):
         return super()._name_only() or self.workers_address is None
 
     def _outputs(self) -> list[zmq.Socket | None]:
-        back, self._back = self._back, None
+        back, self.dispatcher.socket = self.dispatcher.socket, None
         return [*super()._outputs(), back]
 
     # ------------------------------------------------------------------ the loop
 
     def _serve_other(self, socket: zmq.Socket) -> None:
-        if socket is self._back:
-            self._drain_workers()
+        if socket is self.dispatcher.socket:
+            self.dispatcher.drain()
         else:
             super()._serve_other(socket)
 
     def _tick(self) -> None:
-        self._dispatch()
+        dispatcher = self.dispatcher
+        dispatcher.dispatch()
         now = time.monotonic()
         if now >= self._next_check:
-            self._check_workers()
-            self._next_check = now + self.heartbeat / 4
+            dispatcher.check_workers()
+            self._next_check = now + dispatcher.heartbeat / 4
         pull = self._pull
-        if pull is not None and self._reading == self.full:  # backpressure
+        if pull is not None and self._reading == dispatcher.full:  # backpressure
             if self._reading:
                 self._poller.unregister(pull)
             else:
@@ -167,9 +183,10 @@ class Hub(Dispatcher, Server):
 
     def _drain(self, pull: zmq.Socket, debug: bool) -> None:
         """Book the jobs waiting on the input, up to a batch or a full queue."""
+        dispatcher = self.dispatcher
         received = 0
         for _ in range(_BATCH):
-            if self.full:
+            if dispatcher.full:
                 break
             try:
                 body = pull.recv(zmq.NOBLOCK)
@@ -177,13 +194,13 @@ class Hub(Dispatcher, Server):
                 break
             received += 1
             lead = body[LEAD]
-            if lead == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE and self._direct:
+            if lead == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE and dispatcher.direct:
                 target_size, route_size = read_sizes(body)
                 start = HEAD_SIZE + target_size
                 if start + route_size <= len(body):
                     msg_id, deadline = read_id_deadline(body)
                     route = body[start : start + route_size]
-                    self._take_fast(route, msg_id, deadline, [body])
+                    dispatcher.take_fast(route, msg_id, deadline, [body])
                     continue
             frames = [body, *rest_of(pull)]
             if lead == BATCH_PREFIX:
@@ -192,7 +209,7 @@ class Hub(Dispatcher, Server):
                 self._take_message(frames)
         if self.stats is not None:
             self.stats.received += received
-        self._dispatch()
+        dispatcher.dispatch()
 
     def _take_batch(self, body: bytes) -> None:
         try:
@@ -214,11 +231,11 @@ class Hub(Dispatcher, Server):
                 too_large = self._too_large(message.target, message.payload)
                 self._deliver_error(message.route, message.msg_id, protocol.error_detail(too_large))
             else:
-                self._take(message.route, message)
+                self.dispatcher.take(message.route, message)
         elif message.kind == protocol.END:
-            self._take_end(message.route, message)
+            self.dispatcher.take_end(message.route, message)
         elif message.kind == protocol.ERROR:
-            self._stream_failed(message.route, message.msg_id)
+            self.dispatcher.stream_failed(message.route, message.msg_id)
             self._deliver_error(message.route, message.msg_id, message.payload)
         else:
             kind = protocol.KIND_NAMES[message.kind]
@@ -229,29 +246,28 @@ class Hub(Dispatcher, Server):
         the workers' answers to the jobs on the books."""
         super()._drain_before_leaving(pull, debug)
         give_up = time.monotonic() + _LEAVE_MAX
-        back = self._back
-        while self._jobs and self._workers and time.monotonic() < give_up and back is not None:
+        books = self.dispatcher
+        back = books.socket
+        while books.open_jobs and books.workers and time.monotonic() < give_up and back is not None:
             if back.poll(50, zmq.POLLIN):
-                self._drain_workers()
+                books.drain()
             self._tick()
-        if self._jobs:
-            self.logger.warning("%s: leaving with %d job(s) unanswered", self.name, len(self._jobs))
+        if books.open_jobs:
+            self.logger.warning("%s: leaving with %d job(s) unanswered", self.name, books.open_jobs)
 
     # ------------------------------------------------------------------ answers
 
-    def _deliver_fast(self, job: _Job, body: bytes) -> None:
+    def _deliver_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
         result = body[HEAD_SIZE:]
         output = self._output
-        if not output.plain or not job.origin:
-            message = protocol.Message(
-                protocol.REQUEST, job.msg_id, result, b"", job.origin, job.deadline
-            )
+        if not output.plain or not origin:
+            message = protocol.Message(protocol.REQUEST, msg_id, result, b"", origin, deadline)
             output.send(message, result)
             return
         push = output.socket
         assert push is not None
         target = output.target
-        out = one_frame_request(job.msg_id, job.deadline, target, job.origin, result)
+        out = one_frame_request(msg_id, deadline, target, origin, result)
         try:
             push.send(out, zmq.NOBLOCK)
         except zmq.Again:
@@ -274,6 +290,9 @@ class Hub(Dispatcher, Server):
             self._output.after_stream(origin, msg_id, end)
         if self.stats is not None:
             self.stats.sent += 1
+
+    def _finished(self) -> None:
+        self.served += 1
 
     def _deliver_error(self, origin: bytes, msg_id: int, payload: bytes) -> None:
         if not origin:

@@ -49,7 +49,7 @@ from pylm.parallel.dispatch import (
     DEFAULT_MAX_QUEUED,
     DEFAULT_MISSES,
     Dispatcher,
-    _Job,
+    Dispatching,
 )
 from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, read_id_deadline, read_sizes, with_id
 from pylm.transport import Backlog, check_address, close_listener, recv_message
@@ -65,7 +65,7 @@ _BATCH = 256
 MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
 
 
-class Master(Dispatcher, BaseServer):
+class Master(Dispatching, BaseServer):
     """Distributes jobs to workers. Start it with only a name (workers and
     clients find it in the registry) or with explicit addresses::
 
@@ -75,7 +75,7 @@ class Master(Dispatcher, BaseServer):
     ``front_address``: where clients connect; ``workers_address``: where
     workers connect. Subclasses may define the hooks ``scatter`` (one job
     into several) and ``gather`` (results into outputs), see
-    :class:`~pylm.parallel.dispatch.Dispatcher`. ``heartbeat``: seconds
+    :class:`~pylm.parallel.dispatch.Dispatching`. ``heartbeat``: seconds
     between a worker's heartbeats, ``misses``: heartbeats missed before a
     worker is declared dead; ``max_queued``: jobs waiting for a worker at
     most (then the master reads no more from clients). ``self.cache`` is the
@@ -102,7 +102,23 @@ class Master(Dispatcher, BaseServer):
     ) -> None:
         old = Options2016(log_address, log_level=log_level, messages=messages)
         BaseServer.__init__(self, name, options2016=old, **options)
-        self._init_dispatch(heartbeat, misses, max_queued)
+        scatter, gather = self._hooks()
+        self.dispatcher = Dispatcher(
+            name,
+            reply=self._deliver_fast,
+            answer=self._deliver,
+            finished=self._finished,
+            drop=self._drop,
+            log=self._log_limited,
+            remote_error=self._remote_error,
+            is_control=self._is_control,
+            stats=self.stats,
+            heartbeat=heartbeat,
+            misses=misses,
+            max_queued=max_queued,
+            scatter=scatter,
+            gather=gather,
+        )
         self.front_address = front_address and check_address(front_address, "front_address")
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
         self.cache = Cache(name)
@@ -119,7 +135,7 @@ class Master(Dispatcher, BaseServer):
     def _open(self) -> None:
         front = self._secure(self.context.socket(zmq.ROUTER))
         back = self._secure(self.context.socket(zmq.ROUTER))
-        self._front, self._back = front, back
+        self._front, self.dispatcher.socket = front, back
         self._backlog.socket = front
         for socket in (front, back):
             socket.setsockopt(zmq.LINGER, 0)
@@ -135,40 +151,42 @@ class Master(Dispatcher, BaseServer):
 
     def _close(self) -> None:
         close_listener(self._front)
-        close_listener(self._back)
-        self._front = self._back = None
+        close_listener(self.dispatcher.socket)
+        self._front = self.dispatcher.socket = None
 
     # ------------------------------------------------------------------ the loop
 
     def _serve(self) -> None:
-        front, back = self._front, self._back
+        dispatcher = self.dispatcher
+        front, back = self._front, dispatcher.socket
         assert front is not None and back is not None
         reading = zmq.Poller()  # both sockets
         reading.register(front, zmq.POLLIN)
         reading.register(back, zmq.POLLIN)
         full = zmq.Poller()  # the queue is full: only the workers
         full.register(back, zmq.POLLIN)
-        timeout = max(1, int(self.heartbeat * 250))  # ms: a quarter of a heartbeat
-        next_check = time.monotonic() + self.heartbeat / 4
+        timeout = max(1, int(dispatcher.heartbeat * 250))  # ms: a quarter of a heartbeat
+        next_check = time.monotonic() + dispatcher.heartbeat / 4
         while self.served < self.messages:
             wait = 10 if self._backlog else timeout  # a backlog: try again soon
-            events = dict((full if self.full else reading).poll(wait))
-            if back in events and self._drain_workers():
+            events = dict((full if dispatcher.full else reading).poll(wait))
+            if back in events and dispatcher.drain():
                 return
             if front in events:
                 self._drain_clients(front)
-            self._dispatch()
+            dispatcher.dispatch()
             if self._backlog:
                 self._backlog.flush()
                 self._count_sent()
             if time.monotonic() >= next_check:
-                self._check_workers()
-                next_check = time.monotonic() + self.heartbeat / 4
+                dispatcher.check_workers()
+                next_check = time.monotonic() + dispatcher.heartbeat / 4
 
     def _drain_clients(self, front: zmq.Socket) -> None:
         """Read what clients sent, up to a batch or a full queue."""
+        dispatcher = self.dispatcher
         for _ in range(_BATCH):
-            if self.full:
+            if dispatcher.full:
                 return
             try:
                 frames = recv_message(front)
@@ -180,14 +198,14 @@ class Master(Dispatcher, BaseServer):
                 continue
             client, body = frames[0], frames[1]
             if (
-                self._direct
+                dispatcher.direct
                 and body[LEAD] == ONE_FRAME_REQUEST
                 and len(frames) == 2
                 and len(body) >= HEAD_SIZE
                 and HEAD_SIZE + sum(read_sizes(body)) <= len(body)
             ):  # a one-frame REQUEST whose target and route fit in it
                 msg_id, deadline = read_id_deadline(body)
-                self._take_fast(client, msg_id, deadline, [body])
+                dispatcher.take_fast(client, msg_id, deadline, [body])
                 continue
             self._client_message(client, frames[1:])
 
@@ -224,12 +242,12 @@ class Master(Dispatcher, BaseServer):
             too_large = self._too_large(message.target, message.payload)
             self._to_client(client, protocol.encode_error(message.msg_id, too_large))
             return
-        self._take(client, message)
+        self.dispatcher.take(client, message)
 
     # ------------------------------------------------------------------ answers
 
-    def _deliver_fast(self, job: _Job, body: bytes) -> None:
-        self._to_client(job.origin, [with_id(body, job.msg_id)])
+    def _deliver_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
+        self._to_client(origin, [with_id(body, msg_id)])
 
     def _deliver(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
@@ -244,12 +262,15 @@ class Master(Dispatcher, BaseServer):
             self._undeliverable(client, "the backlog of slow clients is full")
         self._count_sent()
 
+    def _finished(self) -> None:
+        self.served += 1
+
     def _count_sent(self) -> None:
         if self.stats is not None:
             self.stats.sent = self._backlog.sent
 
     def _undeliverable(self, client: bytes, why: str) -> None:
-        self.undeliverable += 1
+        self.dispatcher.undeliverable += 1
         self._log_limited(
             "undeliverable",
             logging.WARNING,
@@ -261,5 +282,5 @@ class Master(Dispatcher, BaseServer):
 
     def _pong(self) -> bytes:
         info = json.loads(super()._pong())
-        info.update(workers=len(self._workers), queued=len(self._queue))
+        info.update(workers=self.dispatcher.workers, queued=self.dispatcher.queued)
         return json.dumps(info).encode("utf-8")
