@@ -4,9 +4,11 @@ one process."""
 
 from __future__ import annotations
 
+import ast
 import logging
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -18,6 +20,21 @@ from pylm.errors import PylmError, RemoteError
 from pylm.telemetry.counting import ServerStats
 
 logger = logging.getLogger("pylm.test.outputs")
+CHAINED = Path(__file__).resolve().parent.parent / "pylm" / "chained"
+STAGES = {"pylm.base", "pylm.chained.stage", "pylm.chained.server", "pylm.chained.last"}
+
+
+def test_the_outputs_and_outlets_import_no_stage_not_even_for_types() -> None:
+    for module in ("output.py", "outlet.py"):
+        tree = ast.parse((CHAINED / module).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        assert not imported & STAGES, f"pylm/chained/{module} imports {imported & STAGES}"
 
 
 @pytest.fixture
