@@ -1,9 +1,10 @@
 """Small things several test files use: an OS-chosen address, unique server
-names, a slow payload source, a client socket that does not read, clients
+names, the pylm command line, a slow payload source, a client socket that does not read, clients
 calling through a scale-down."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -11,11 +12,18 @@ from collections.abc import Callable, Iterator
 
 import zmq
 
-from pylm.registry import Registry
+from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Client
 from pylm.testing import wait_for
 
-__all__ = ["ANY", "calls_through_a_scale_down", "lazy_dealer", "trickle", "unique"]
+__all__ = [
+    "ANY",
+    "calls_through_a_scale_down",
+    "lazy_dealer",
+    "pylm_command",
+    "trickle",
+    "unique",
+]
 
 ANY = "tcp://127.0.0.1:0"  # a port the OS picks: the server says which
 
@@ -24,6 +32,12 @@ def unique(prefix: str) -> str:
     """A server name no other test of this process uses (loggers and metrics
     are by name)."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def pylm_command(etcd: LocalEtcd, cluster: str, *args: str) -> list[str]:
+    """The command line ``pylm --registry ETCD --cluster CLUSTER ARGS...``,
+    run by this Python."""
+    return [sys.executable, "-m", "pylm.cli", "--registry", etcd.url, "--cluster", cluster, *args]
 
 
 def trickle(count: int, pause: float, done: threading.Event) -> Iterator[bytes]:

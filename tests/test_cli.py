@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import pylm_command
 from prerequisites import needs_etcd
 
 from pylm.registry import LocalEtcd, Registry
@@ -42,7 +43,7 @@ def pylm(
     etcd: LocalEtcd, cluster: str, *args: str, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pylm.cli", "--registry", etcd.url, "--cluster", cluster, *args],
+        pylm_command(etcd, cluster, *args),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -69,12 +70,11 @@ def test_run_ls_call(pylm_etcd: LocalEtcd, pylm_cluster: str, tmp_path: Path) ->
     module = tmp_path / "greeter.py"
     module.write_text(SERVER_MODULE)
     server = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "run", f"{module}:Greeter", "--name", "greeter"],
+        pylm_command(pylm_etcd, pylm_cluster, "run", f"{module}:Greeter", "--name", "greeter"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     try:
         # The server starts as the call is made: --wait covers its start.
         called = pylm(pylm_etcd, pylm_cluster, "call", "greeter", "hello", "world", "--wait", "30")
@@ -420,12 +420,11 @@ def test_topology_watch_prints_changes(pylm_etcd: LocalEtcd, pylm_cluster: str) 
     from pylm.registry import InstanceRecord
 
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "topology", "--watch"],
+        pylm_command(pylm_etcd, pylm_cluster, "topology", "--watch"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
     lines: queue.Queue[str] = queue.Queue()
     assert watcher.stdout is not None
     reader = threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout])  # type: ignore[union-attr]
@@ -511,8 +510,8 @@ def test_run_a_worker_and_stop_it_with_sigterm(
     master = Master("m", registry=pylm_registry, log_stdout=False)
     master.start(background=True)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "run", f"{module}:Upper", "--name", "upper", "--master", "m", "--ttl", "30"],
+        pylm_command(pylm_etcd, pylm_cluster, "run", f"{module}:Upper", "--name", "upper",
+                     "--master", "m", "--ttl", "30"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

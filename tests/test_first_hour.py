@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import pylm_command
 from servers import Doubler, Echo
 
 from pylm import NoInstance
@@ -258,13 +259,14 @@ def test_pylm_run_prints_the_start_and_stop_lines(
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYLM_METRICS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "run", f"{tmp_path / 'echoapp.py'}:Echo", "--name", "ran"],
+        pylm_command(
+            pylm_etcd, pylm_cluster, "run", f"{tmp_path / 'echoapp.py'}:Echo", "--name", "ran"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-    )  # fmt: skip
+    )
     try:
         wait_for(lambda: bool(pylm_registry.instances("ran")), 20, "the server registered")
         (record,) = pylm_registry.instances("ran")
@@ -369,13 +371,12 @@ def test_pylm_call_of_a_missing_name_fails_fast_with_the_hint(
 ) -> None:
     began = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "call", "ghost", "f", "x"],
+        pylm_command(pylm_etcd, pylm_cluster, "call", "ghost", "f", "x"),
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=30,
-    )  # fmt: skip
+    )
     assert time.monotonic() - began < 10  # not the call's --timeout (10 s): its 1 s wait
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (

@@ -4,9 +4,9 @@ whole names only (a real etcd)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+from helpers import pylm_command
 
 from pylm.errors import InvalidName
 from pylm.names import NAME_RULE, check_name
@@ -72,8 +72,7 @@ def test_lookups_match_whole_names_only(pylm_registry: Registry) -> None:
 
 def test_the_command_line_refuses_a_bad_name(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "topology", "set", "a/b", "--next", "step2.bar"],
+        pylm_command(pylm_etcd, pylm_cluster, "topology", "set", "a/b", "--next", "step2.bar"),
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode != 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import calls_through_a_scale_down
+from helpers import calls_through_a_scale_down, pylm_command
 
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Server
@@ -41,12 +40,13 @@ def test_sigterm_under_pylm_run_fails_no_call(
     module.write_text(SERVER_MODULE)
     staying = Marked("marked", registry=pylm_registry, log_stdout=False)
     leaving = subprocess.Popen(
-        [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster", pylm_cluster,
-         "run", f"{module}:Marked", "--name", "marked", "--ttl", "30"],
+        pylm_command(
+            pylm_etcd, pylm_cluster, "run", f"{module}:Marked", "--name", "marked", "--ttl", "30"
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    )  # fmt: skip
+    )
 
     def sigterm() -> None:
         leaving.send_signal(signal.SIGTERM)

@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import pylm_command
 from prerequisites import needs_etcd
 
 from pylm.chained import LoopClient
@@ -172,8 +172,7 @@ def test_tools_and_clients_skip_hostile_records(
 
         def pylm(*args: str) -> subprocess.CompletedProcess[str]:
             done = subprocess.run(
-                [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url,
-                 "--cluster", pylm_cluster, *args],
+                pylm_command(pylm_etcd, pylm_cluster, *args),
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             assert done.returncode == 0, done.stderr
@@ -284,8 +283,7 @@ def test_topology_export_then_apply_restores_the_wiring(
 
     def pylm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "pylm.cli", "--registry", pylm_etcd.url, "--cluster",
-             pylm_cluster, "topology", *args],
+            pylm_command(pylm_etcd, pylm_cluster, "topology", *args),
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
 
