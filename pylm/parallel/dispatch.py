@@ -30,18 +30,18 @@ read-only).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import zmq
 
 from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
+from pylm.parallel.hello import MAX_SLOTS, parse_hello
 from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
 from pylm.transport import recv_message
 
@@ -52,7 +52,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MISSES",
-    "MAX_SLOTS",
+    "MAX_SLOTS",  # from pylm.parallel.hello: the worker checks its slots against it
     "MAX_STREAMS",
     "MAX_WORKERS",
     "STREAM_IDLE",
@@ -60,21 +60,16 @@ __all__ = [
     "Dispatcher",
     "Dispatching",
     "Gathering",
-    "Hello",
     "LimitedLog",
     "Reply",
-    "parse_hello",
 ]
 
 DEFAULT_HEARTBEAT = 1.0  # s between a worker's heartbeats
 DEFAULT_MISSES = 3  # heartbeats missed before a worker is declared dead
 DEFAULT_MAX_QUEUED = 10_000  # jobs waiting for a worker, at most
 STREAM_IDLE = 600.0  # s an input stream may go without news before it is dropped
-MAX_SLOTS = 1024  # slots a worker may claim
 MAX_STREAMS = 10_000  # input streams (items from an earlier stage) open at once
 MAX_WORKERS = 10_000  # workers a master or hub takes at once
-MAX_HELLO = 4096  # bytes of a worker's PING payload
-MAX_NAME = 256  # characters of a worker's name
 
 _BATCH = 256  # messages read in a row before looking at the other socket
 _WORKER_LINES = 20  # lines a second at most about workers joining, and leaving
@@ -86,61 +81,6 @@ def _as_bytes(value: object, hook: str) -> bytes:
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{hook} gave {type(value).__name__}, expected bytes")
-
-
-class Hello(NamedTuple):
-    """What a worker's PING says (its JSON payload), parsed: see :func:`parse_hello`."""
-
-    name: str
-    slots: int
-    free: int
-    leaving: bool
-    bye: bool
-
-
-def parse_hello(payload: bytes, route: bytes) -> Hello:
-    """The fields of a worker's hello, heartbeat, leaving notice or goodbye:
-    a JSON object of at most :data:`MAX_HELLO` bytes with ``name`` (text of
-    :data:`MAX_NAME` characters at most), ``slots`` (an int from 1 to
-    :data:`MAX_SLOTS`, default 1), ``free`` (an int from 0 to ``slots``,
-    default ``slots``), ``leaving`` and ``bye`` (booleans, default false);
-    other fields are ignored. ``route``, the worker's job socket, must be
-    1 to 255 bytes. :class:`ProtocolError` naming the field and value otherwise."""
-    if not 0 < len(route) <= 255:
-        raise ProtocolError(
-            f"a worker's PING must name its job socket (1-255 bytes), got {len(route)}"
-        )
-    if len(payload) > MAX_HELLO:
-        raise ProtocolError(f"a worker's PING of {len(payload)} bytes, more than {MAX_HELLO}")
-    try:
-        info: Any = json.loads(payload or b"{}")
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise ProtocolError(
-            f"a worker's PING is not JSON ({exc}): {bytes(payload[:80])!r}"
-        ) from None
-    if not isinstance(info, dict):
-        raise ProtocolError(f"a worker's PING is not a JSON object: {bytes(payload[:80])!r}")
-    name = info.get("name", "")
-    if not isinstance(name, str) or len(name) > MAX_NAME:
-        raise ProtocolError(
-            f"a worker's name must be text of {MAX_NAME} characters at most, got {name!r:.80}"
-        )
-    slots = _count(info, "slots", 1, 1, MAX_SLOTS)
-    free = _count(info, "free", slots, 0, slots)
-    flags = [info.get(field, False) for field in ("leaving", "bye")]
-    for field, value in zip(("leaving", "bye"), flags, strict=True):
-        if not isinstance(value, bool):
-            raise ProtocolError(f"a worker's {field!r} must be true or false, got {value!r:.80}")
-    return Hello(name, slots, free, flags[0], flags[1])
-
-
-def _count(info: dict[str, Any], field: str, default: int, low: int, high: int) -> int:
-    value = info.get(field, default)
-    if type(value) is not int or not low <= value <= high:  # bool is no count
-        raise ProtocolError(
-            f"a worker's {field!r} must be an int from {low} to {high}, got {value!r:.80}"
-        )
-    return value
 
 
 class Gathering:
