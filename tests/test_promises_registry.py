@@ -23,7 +23,7 @@ import pytest
 import zmq
 from helpers import calls_through_a_scale_down
 
-import pylm.chained.last
+import pylm.chained.to_clients
 from pylm import protocol
 from pylm.chained import LastServer, LoopClient
 from pylm.chained import Server as Stage
@@ -314,7 +314,7 @@ def test_parked_results_expire_with_a_warning(
     PARK_SECONDS (10 s; 1 s here), then drops it with a warning, with no other
     traffic needed: the client connecting later gets only what was sent after
     it connected."""
-    monkeypatch.setattr(pylm.chained.last, "PARK_SECONDS", 1.0)
+    monkeypatch.setattr(pylm.chained.to_clients, "PARK_SECONDS", 1.0)
     caplog.set_level(logging.WARNING, logger="last")
     last = Last(
         "last",

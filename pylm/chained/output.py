@@ -4,7 +4,7 @@ The stage loop (:mod:`pylm.chained.stage`) reads a job, runs the function it
 names and hands the result to the stage's output, whose kind says where
 results go: :class:`~pylm.chained.outlet.ToNextStage` sends them on to the
 next stage (and to a branch, and a copy to each tee; a hub's workers' results
-too), :class:`~pylm.chained.last.ToClients` answers the clients. One verb
+too), :class:`~pylm.chained.to_clients.ToClients` answers the clients. One verb
 hands a result on, ``send``: ``send_fast`` and ``send_batch`` are the same
 act on the fast paths' bytes. An error for a job goes with ``send_error``,
 an earlier stage's ERROR or END with ``forward``.
