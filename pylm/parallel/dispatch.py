@@ -21,7 +21,7 @@ stream, its END has come with every item it announced) an END carrying the
 number of items closes the parent.
 
 A :class:`Dispatcher` is an object its owner (a Master or a Hub) builds
-with what it needs of it: how answers leave (``reply``, ``answer``), the
+with what it needs of it: how answers leave (``send``, ``send_fast``), the
 owner's counting, log and error shaping, and the user's hooks. The owner
 holds the sockets; :class:`Dispatching` is what both owners show of their
 dispatcher to their users (the hooks ``scatter`` and ``gather``, the books
@@ -56,12 +56,12 @@ __all__ = [
     "MAX_STREAMS",
     "MAX_WORKERS",
     "STREAM_IDLE",
-    "Answer",
     "Dispatcher",
     "Dispatching",
     "Gathering",
     "LimitedLog",
-    "Reply",
+    "Send",
+    "SendFast",
 ]
 
 DEFAULT_HEARTBEAT = 1.0  # s between a worker's heartbeats
@@ -158,14 +158,14 @@ class _Worker:
         self.generation = generation
 
 
-class Reply(Protocol):
+class SendFast(Protocol):
     """Sends on the one-frame final REPLY ``body`` a worker gave a single
-    job (its head carries the job's number: the host puts ``msg_id`` back)."""
+    job (its head carries the job's number: the owner puts ``msg_id`` back)."""
 
     def __call__(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None: ...
 
 
-class Answer(Protocol):
+class Send(Protocol):
     """Sends on an answer (REPLY, ERROR or END, by ``kind``) of the input
     ``msg_id`` that came from ``origin``."""
 
@@ -175,7 +175,7 @@ class Answer(Protocol):
 
 
 class LimitedLog(Protocol):
-    """The host's rate-limited log (:meth:`pylm.base.BaseServer._log_limited`)."""
+    """The owner's rate-limited log (:meth:`pylm.base.BaseServer._log_limited`)."""
 
     def __call__(
         self, cause: str, level: int, message: str, *args: object, burst: int = 1
@@ -199,7 +199,7 @@ class Dispatcher:
     :attr:`socket`, feeds jobs in with :meth:`take_fast`, :meth:`take` and
     :meth:`take_end`, has it read the socket with :meth:`drain`, and calls
     :meth:`dispatch` and :meth:`check_workers` from its loop. Answers leave
-    through the owner's ``reply`` and ``answer``; ``finished`` is called
+    through the owner's ``send`` and ``send_fast``; ``finished`` is called
     once per input whose last answer is out (the owner counts it served).
     ``drop``, ``log`` and ``remote_error`` are the owner's counting of
     malformed messages, rate-limited log and error shaping; ``is_control``
@@ -211,8 +211,8 @@ class Dispatcher:
         self,
         name: str,
         *,
-        reply: Reply,
-        answer: Answer,
+        send: Send,
+        send_fast: SendFast,
         finished: Callable[[], None],
         drop: Callable[[str, str, list[bytes]], None],
         log: LimitedLog,
@@ -234,8 +234,8 @@ class Dispatcher:
         if not isinstance(max_queued, int) or max_queued < 1:
             raise ValueError(f"max_queued must be a positive int, got {max_queued!r}")
         self.name = name
-        self._reply = reply
-        self._answer = answer
+        self._send = send
+        self._send_fast = send_fast
         self._finished = finished
         self._drop = drop
         self._log_limited = log
@@ -365,7 +365,7 @@ class Dispatcher:
                 return  # a tee's copy: no stream here, nobody to tell
             self.stream_failed(origin, message.msg_id)
             payload = protocol.error_detail(problem)
-            self._answer(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
+            self._send(origin, message.msg_id, message.deadline, protocol.ERROR, payload, 0)
             return
         if not origin:
             return  # a tee's copy: nobody waits for its end
@@ -387,7 +387,7 @@ class Dispatcher:
                     " stream refused"
                 )
                 self._drop("limit", str(problem), [])
-                self._answer(
+                self._send(
                     origin, msg_id, deadline, protocol.ERROR, protocol.error_detail(problem), 0
                 )
                 return None
@@ -478,7 +478,7 @@ class Dispatcher:
                     self.duplicates += 1
                 elif job.parent is None and job.next_seq == 0:
                     self._finished()
-                    self._reply(job.origin, job.msg_id, job.deadline, body)
+                    self._send_fast(job.origin, job.msg_id, job.deadline, body)
                 else:
                     self._result(job, body[HEAD_SIZE:], final=True)
                 continue
@@ -515,19 +515,19 @@ class Dispatcher:
         elif kind == protocol.REPLY:
             if job.parent is None and job.next_seq == 0:
                 self._finished()
-                self._answer(job.origin, job.msg_id, job.deadline, kind, message.payload, 0)
+                self._send(job.origin, job.msg_id, job.deadline, kind, message.payload, 0)
             else:
                 self._result(job, message.payload, final=True)
         elif kind == protocol.END:
             if job.parent is None:
                 self._finished()
                 count = COUNT.pack(job.next_seq)
-                self._answer(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
+                self._send(job.origin, job.msg_id, job.deadline, protocol.END, count, 0)
             else:
                 self._part_closed(job.parent)
         elif job.parent is None:
             self._finished()
-            self._answer(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
+            self._send(job.origin, job.msg_id, job.deadline, protocol.ERROR, message.payload, 0)
         else:
             self._fail_parent(job.parent, message.payload)
             self._part_closed(job.parent)
@@ -537,9 +537,7 @@ class Dispatcher:
         items: on, flagged MORE, through gather() for a parent's part."""
         parent = job.parent
         if parent is None:  # a single job whose function streams
-            self._answer(
-                job.origin, job.msg_id, job.deadline, protocol.REPLY, result, protocol.MORE
-            )
+            self._send(job.origin, job.msg_id, job.deadline, protocol.REPLY, result, protocol.MORE)
             return
         if self._gathers:
             # The parent's latest result waits for the next one (or for the
@@ -565,7 +563,7 @@ class Dispatcher:
 
     def _send_item(self, parent: _Parent, output: bytes) -> None:
         parent.outputs += 1
-        self._answer(
+        self._send(
             parent.origin, parent.msg_id, parent.deadline, protocol.REPLY, output, protocol.MORE
         )
 
@@ -584,7 +582,7 @@ class Dispatcher:
             self._gather(parent, held, last=True)
         if not parent.failed:
             count = COUNT.pack(parent.outputs)
-            self._answer(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
+            self._send(parent.origin, parent.msg_id, parent.deadline, protocol.END, count, 0)
 
     def _fail_parent(self, parent: _Parent, error: PylmError | bytes) -> None:
         """The first failure of a parent's part goes on; the parent's other
@@ -593,7 +591,7 @@ class Dispatcher:
             return
         parent.failed = True
         payload = error if isinstance(error, bytes) else protocol.error_detail(error)
-        self._answer(parent.origin, parent.msg_id, parent.deadline, protocol.ERROR, payload, 0)
+        self._send(parent.origin, parent.msg_id, parent.deadline, protocol.ERROR, payload, 0)
 
     # ------------------------------------------------------------------ workers
 

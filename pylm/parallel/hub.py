@@ -114,8 +114,8 @@ class Hub(Dispatching, Server):
         scatter, gather = self._hooks()
         self.dispatcher = Dispatcher(
             name,
-            reply=self._deliver_fast,
-            answer=self._deliver,
+            send=self._send,
+            send_fast=self._send_fast,
             finished=self._finished,
             drop=self._drop,
             log=self._log_limited,
@@ -229,14 +229,14 @@ class Hub(Dispatching, Server):
         if message.kind == protocol.REQUEST:
             if len(message.payload) > self.max_payload:
                 too_large = self._too_large(message.target, message.payload)
-                self._deliver_error(message.route, message.msg_id, protocol.error_detail(too_large))
+                self._send_error(message.route, message.msg_id, protocol.error_detail(too_large))
             else:
                 self.dispatcher.take(message.route, message)
         elif message.kind == protocol.END:
             self.dispatcher.take_end(message.route, message)
         elif message.kind == protocol.ERROR:
             self.dispatcher.stream_failed(message.route, message.msg_id)
-            self._deliver_error(message.route, message.msg_id, message.payload)
+            self._send_error(message.route, message.msg_id, message.payload)
         else:
             kind = protocol.KIND_NAMES[message.kind]
             self._drop("kind", f"a hub takes REQUEST, ERROR and END, not {kind}", frames)
@@ -257,7 +257,7 @@ class Hub(Dispatching, Server):
 
     # ------------------------------------------------------------------ answers
 
-    def _deliver_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
+    def _send_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
         result = body[HEAD_SIZE:]
         output = self._output
         if not output.plain or not origin:
@@ -275,7 +275,7 @@ class Hub(Dispatching, Server):
         if self.stats is not None:
             self.stats.sent += 1
 
-    def _deliver(
+    def _send(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
     ) -> None:
         if kind == protocol.REPLY:
@@ -284,7 +284,7 @@ class Hub(Dispatching, Server):
             )
             self._output.send(message, payload)
         elif kind == protocol.ERROR:
-            self._deliver_error(origin, msg_id, payload)
+            self._send_error(origin, msg_id, payload)
         elif origin:  # END: towards the client, on the path its items took
             end = protocol.encode(protocol.END, msg_id, payload, route=origin, deadline=deadline)
             self._output.after_stream(origin, msg_id, end)
@@ -294,7 +294,7 @@ class Hub(Dispatching, Server):
     def _finished(self) -> None:
         self.served += 1
 
-    def _deliver_error(self, origin: bytes, msg_id: int, payload: bytes) -> None:
+    def _send_error(self, origin: bytes, msg_id: int, payload: bytes) -> None:
         if not origin:
             self._unrouted_error(protocol.decode_error(payload))
             return

@@ -105,8 +105,8 @@ class Master(Dispatching, BaseServer):
         scatter, gather = self._hooks()
         self.dispatcher = Dispatcher(
             name,
-            reply=self._deliver_fast,
-            answer=self._deliver,
+            send=self._send,
+            send_fast=self._send_fast,
             finished=self._finished,
             drop=self._drop,
             log=self._log_limited,
@@ -246,10 +246,10 @@ class Master(Dispatching, BaseServer):
 
     # ------------------------------------------------------------------ answers
 
-    def _deliver_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
+    def _send_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
         self._to_client(origin, [with_id(body, msg_id)])
 
-    def _deliver(
+    def _send(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
     ) -> None:
         self._to_client(origin, protocol.encode(kind, msg_id, payload, flags=flags))
