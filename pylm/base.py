@@ -413,12 +413,15 @@ class BaseServer:
     def _too_large(self, target: bytes, payload: bytes) -> PayloadTooLarge:
         return self._exposed.too_large(target, payload)
 
+    # _result_bytes and _dispatch_error are hooks: Exposed.call calls them, so
+    # that a server kind may override them (a worker's generators, its master's name).
     def _result_bytes(self, target: bytes, result: object) -> bytes:
         """A function's result that is not ``bytes``: as bytes if it is
         bytes-like, else the error to send back."""
         return self._exposed.result_bytes(target, result)
 
     def _dispatch_error(self, target: bytes) -> PylmError:
+        """The error for a target that names no function here."""
         return self._exposed.unknown(target)
 
     def _remote_error(self, target: bytes, exc: Exception) -> RemoteError:
