@@ -14,10 +14,18 @@ import logging
 import sys
 import threading
 import time
+from typing import Protocol
 
 import zmq
 
-__all__ = ["LOG_FORMAT", "LimitedLog", "PushLogHandler", "RateLimiter", "server_logger"]
+__all__ = [
+    "LOG_FORMAT",
+    "LimitedLog",
+    "LogLimited",
+    "PushLogHandler",
+    "RateLimiter",
+    "server_logger",
+]
 
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 
@@ -137,6 +145,15 @@ class RateLimiter:
     def take_suppressed(self) -> int:
         count, self.suppressed = self.suppressed, 0
         return count
+
+
+class LogLimited(Protocol):
+    """The callable form of :meth:`LimitedLog.log` (a server's
+    ``_log_limited``), which the parts a server hands it to take."""
+
+    def __call__(
+        self, cause: str, level: int, message: str, *args: object, burst: int = 1
+    ) -> None: ...
 
 
 class LimitedLog:

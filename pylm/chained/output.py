@@ -21,22 +21,13 @@ here, so that an output can be built, read and tested on its own.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import zmq
 
 from pylm import protocol
 from pylm.errors import PylmError
 
-__all__ = ["LimitedLog", "Output", "WaitForRoom"]
-
-
-class LimitedLog(Protocol):
-    """A stage's log line for a cause that may repeat (a flood of failing
-    peers or jobs): at most about one a second per ``cause``, the lines held
-    back counted in the next (``BaseServer._log_limited``)."""
-
-    def __call__(self, cause: str, level: int, message: str, *args: object) -> None: ...
+__all__ = ["Output", "WaitForRoom"]
 
 
 #: How a stage waits a while for a full peer's ``socket`` to take messages,

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.chained.output import LimitedLog, Output
+from pylm.chained.output import Output
 from pylm.errors import PylmError
+from pylm.logs import LogLimited
 from pylm.protocol import SPLIT_PAYLOAD, reply_to
 from pylm.transport import Backlog, send_frame
 
@@ -48,7 +49,7 @@ class ToClients(Output):
         name: str,
         logger: logging.Logger,
         stats: ServerStats | None,
-        log_limited: LimitedLog,
+        log_limited: LogLimited,
     ) -> None:
         self.name = name
         self.logger = logger

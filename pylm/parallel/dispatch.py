@@ -41,6 +41,7 @@ import zmq
 
 from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
+from pylm.logs import LogLimited
 from pylm.parallel.hello import MAX_SLOTS, parse_hello
 from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
 from pylm.transport import recv_message
@@ -59,7 +60,6 @@ __all__ = [
     "Dispatcher",
     "Dispatching",
     "Gathering",
-    "LimitedLog",
     "Send",
     "SendFast",
 ]
@@ -174,14 +174,6 @@ class Send(Protocol):
     ) -> None: ...
 
 
-class LimitedLog(Protocol):
-    """The owner's rate-limited log (:meth:`pylm.base.BaseServer._log_limited`)."""
-
-    def __call__(
-        self, cause: str, level: int, message: str, *args: object, burst: int = 1
-    ) -> None: ...
-
-
 Hook = Callable[[bytes], Iterable[bytes]]  # scatter or gather
 
 
@@ -215,7 +207,7 @@ class Dispatcher:
         send_fast: SendFast,
         finished: Callable[[], None],
         drop: Callable[[str, str, list[bytes]], None],
-        log: LimitedLog,
+        log: LogLimited,
         remote_error: Callable[[bytes, Exception], RemoteError],
         is_control: Callable[[bytes], bool] = _never,
         scatter: Hook | None = None,

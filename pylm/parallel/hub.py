@@ -39,6 +39,7 @@ from pylm.parallel.dispatch import (
 )
 from pylm.protocol import (
     BATCH_PREFIX,
+    FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
     ONE_FRAME_REQUEST,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Hub"]
 
-_FRAME_SLACK = 64 * 1024
 _BATCH = 256
 _LEAVE_MAX = 10.0  # s a leaving hub waits at most for its workers' answers
 
@@ -139,7 +139,7 @@ class Hub(Dispatching, Server):
         self.dispatcher.socket = back
         back.setsockopt(zmq.LINGER, 0)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        back.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        back.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
         self.back = self._listen(back, self.workers_address or self._any_port())
         self._poller.register(back, zmq.POLLIN)
         super()._open_output()

@@ -51,7 +51,15 @@ from pylm.parallel.dispatch import (
     Dispatcher,
     Dispatching,
 )
-from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, read_id_deadline, read_sizes, with_id
+from pylm.protocol import (
+    FRAME_SLACK,
+    HEAD_SIZE,
+    LEAD,
+    ONE_FRAME_REQUEST,
+    read_id_deadline,
+    read_sizes,
+    with_id,
+)
 from pylm.transport import Backlog, check_address, close_listener, recv_message
 
 if TYPE_CHECKING:
@@ -60,7 +68,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Master"]
 
-_FRAME_SLACK = 64 * 1024
 _BATCH = 256
 MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
 
@@ -140,7 +147,7 @@ class Master(Dispatching, BaseServer):
         for socket in (front, back):
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+            socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
         back.bind(self._control_address)  # stop() wakes the loop through it (always read)
         self.front = self._listen(front, self.front_address or f"tcp://{self.host}:0")
         self.back = self._listen(back, self.workers_address or f"tcp://{self.host}:0")

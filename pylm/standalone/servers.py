@@ -24,7 +24,15 @@ from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
 from pylm.errors import ProtocolError, PylmError
-from pylm.protocol import HEAD_SIZE, LEAD, ONE_FRAME_REQUEST, SPLIT_PAYLOAD, read_id, read_sizes
+from pylm.protocol import (
+    FRAME_SLACK,
+    HEAD_SIZE,
+    LEAD,
+    ONE_FRAME_REQUEST,
+    SPLIT_PAYLOAD,
+    read_id,
+    read_sizes,
+)
 from pylm.telemetry.counting import Sampling
 from pylm.transport import (
     check_address,
@@ -41,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["Server"]
 
 # Frames other than the payload are small; this slack bounds them.
-_FRAME_SLACK = 64 * 1024
 _DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
 _DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
 _IDLE_MS = 1000  # ms a wait for the next message lasts at most (then it waits again)
@@ -107,7 +114,7 @@ class Server(BaseServer):
         socket = self._secure(self.context.socket(zmq.ROUTER))
         self._socket = socket
         socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + _FRAME_SLACK)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.max_payload + FRAME_SLACK)
         socket.bind(self._control_address)
         self.address = self._listen(socket, self.rep_address or f"tcp://{self.host}:0")
         self.logger.debug("%s listening on %s", self.name, self.address)
