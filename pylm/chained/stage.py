@@ -21,7 +21,6 @@ of letting queues grow.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
+from pylm.lifecycle import Drain
 from pylm.protocol import (
     BATCH_PREFIX,
     FRAME_SLACK,
@@ -52,11 +52,6 @@ __all__ = ["DEFAULT_HWM", "Stage", "Stopping", "addresses"]
 
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
-# s of quiet input before a leaving stage closes: the stages before it apply
-# a change of the registry before serving what they read next (see _serve),
-# so they stop sending here within the watch's delay and the round they are in.
-_DRAIN_QUIET = 0.2
-_DRAIN_MAX = 5.0  # s a leaving stage serves at most
 REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
@@ -195,15 +190,12 @@ class Stage(BaseServer):
         stages before it stop sending to it, and serves what still arrives
         until its input has been quiet for a moment."""
         self._deregister()
-        quiet_since = time.monotonic()
-        give_up = quiet_since + _DRAIN_MAX
-        self._output.deadline = give_up  # nor may a full next stage hold the stop up
-        while (left := _DRAIN_QUIET - (time.monotonic() - quiet_since)) > 0:
-            if time.monotonic() >= give_up:
-                break
-            if pull.poll(max(1, min(50, round(left * 1000))), zmq.POLLIN):
+        drain = Drain()
+        self._output.deadline = drain.give_up  # nor may a full next stage hold the stop up
+        while (wait := drain.wait_ms()) is not None:
+            if pull.poll(wait, zmq.POLLIN):
                 self._drain(pull, debug)
-                quiet_since = time.monotonic()
+                drain.heard()
             self._output.rewire()
 
     def _tick(self) -> None:

@@ -31,6 +31,7 @@ from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
+from pylm.lifecycle import Drain
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS
 from pylm.protocol import (
     COUNT,
@@ -50,9 +51,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker"]
 
-_QUIET = 0.2  # s of quiet input before a leaving worker says goodbye (the master
-# stops sending on its leaving notice, which comes straight over the job socket)
-_LEAVE_MAX = 5.0  # s a leaving worker serves at most
 _BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
 # s a worker still serves (and beats to) a master instance gone from the
 # registry: a hub that is stopped deregisters first, then serves its input
@@ -328,15 +326,12 @@ class Worker(BaseServer):
         self._deregister()
         for socket in self._sockets.values():
             self._say(socket, {"leaving": True, "free": 0})
-        quiet_since = time.monotonic()
-        give_up = quiet_since + _LEAVE_MAX
-        while (left := _QUIET - (time.monotonic() - quiet_since)) > 0:
-            if time.monotonic() >= give_up:
-                break
-            for socket, _ in self._poller.poll(max(1, min(50, round(left * 1000)))):
+        drain = Drain()  # the master stops sending on the leaving notice
+        while (wait := drain.wait_ms()) is not None:
+            for socket, _ in self._poller.poll(wait):
                 if socket is not self._control:
                     self._drain(socket)
-                    quiet_since = time.monotonic()
+                    drain.heard()
                 else:
                     self._control.recv_multipart()
         for socket in self._sockets.values():

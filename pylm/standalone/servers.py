@@ -24,6 +24,7 @@ from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
 from pylm.errors import ProtocolError, PylmError
+from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.protocol import (
     FRAME_SLACK,
     HEAD_SIZE,
@@ -49,8 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["Server"]
 
 # Frames other than the payload are small; this slack bounds them.
-_DRAIN_QUIET = 0.2  # s of quiet before a leaving instance found by name closes
-_DRAIN_MAX = 5.0  # s it serves at most after leaving the registry
 _IDLE_MS = 1000  # ms a wait for the next message lasts at most (then it waits again)
 _SNDMORE = zmq.SNDMORE
 # pyzmq's compiled recv; ``_recv(socket, 0, False)`` gives a Frame, whose
@@ -145,7 +144,7 @@ class Server(BaseServer):
                     peer = recv()
                 except zmq.Again:
                     if draining:
-                        return  # quiet for _DRAIN_QUIET: the clients have moved on
+                        return  # quiet for DRAIN_QUIET: the clients have moved on
                     continue
                 if draining and time.monotonic() > give_up:
                     return
@@ -211,8 +210,8 @@ class Server(BaseServer):
                     # they see it leave the registry. Leave it first, then
                     # serve until they stop sending.
                     self._deregister()
-                    draining, give_up = True, time.monotonic() + _DRAIN_MAX
-                    socket.setsockopt(zmq.RCVTIMEO, round(_DRAIN_QUIET * 1000))
+                    draining, give_up = True, time.monotonic() + DRAIN_MAX
+                    socket.setsockopt(zmq.RCVTIMEO, round(DRAIN_QUIET * 1000))
                     continue
                 served += self._handle_other(frames)
         finally:
