@@ -20,7 +20,7 @@ from pylm import protocol
 from pylm.calls import curve_key
 from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
-from pylm.protocol import SPLIT_PAYLOAD
+from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
 from pylm.transport import close_socket, send_frame
@@ -291,6 +291,23 @@ class ToNextStage(Output):
             self.send(protocol.decode([body]), result)
             return
         out = forward_request(body, self.target, body[start:end], result)  # fast_message, inlined
+        try:
+            send_frame(socket, out, zmq.NOBLOCK)
+        except zmq.Again:
+            self.put(socket, [out])
+
+    def send_result(self, route: bytes, msg_id: int, deadline: float, result: bytes) -> None:
+        """Send on a job's one result that was made here, not read with its
+        request (a hub's, from its worker): one frame when nothing but the
+        next stage gets it."""
+        socket = self.socket
+        assert socket is not None
+        if not self.plain or not route:
+            self.send(
+                protocol.Message(protocol.REQUEST, msg_id, result, b"", route, deadline), result
+            )
+            return
+        out = one_frame_request(msg_id, deadline, self.target, route, result)
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:

@@ -43,7 +43,6 @@ from pylm.protocol import (
     HEAD_SIZE,
     LEAD,
     ONE_FRAME_REQUEST,
-    one_frame_request,
     read_id_deadline,
     read_sizes,
 )
@@ -258,20 +257,7 @@ class Hub(Dispatching, Server):
     # ------------------------------------------------------------------ answers
 
     def _send_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
-        result = body[HEAD_SIZE:]
-        output = self._output
-        if not output.plain or not origin:
-            message = protocol.Message(protocol.REQUEST, msg_id, result, b"", origin, deadline)
-            output.send(message, result)
-            return
-        push = output.socket
-        assert push is not None
-        target = output.target
-        out = one_frame_request(msg_id, deadline, target, origin, result)
-        try:
-            push.send(out, zmq.NOBLOCK)
-        except zmq.Again:
-            output.put(push, [out])
+        self._output.send_result(origin, msg_id, deadline, body[HEAD_SIZE:])
         if self.stats is not None:
             self.stats.sent += 1
 
