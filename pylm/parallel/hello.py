@@ -1,15 +1,17 @@
-"""A worker's hello, heartbeat, leaving notice and goodbye, as a master or a
-hub reads them: a PING whose route names the worker's job socket and whose
-payload is a JSON object (see :func:`parse_hello`)."""
+"""A worker's hello, heartbeat, leaving notice and goodbye: a PING whose
+route names the worker's job socket and whose payload is a JSON object,
+built by the worker (:func:`hello`) and read by a master or a hub
+(:func:`parse_hello`)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, NamedTuple
 
+from pylm import protocol
 from pylm.errors import ProtocolError
 
-__all__ = ["MAX_HELLO", "MAX_NAME", "MAX_SLOTS", "Hello", "parse_hello"]
+__all__ = ["MAX_HELLO", "MAX_NAME", "MAX_SLOTS", "Hello", "hello", "parse_hello"]
 
 MAX_SLOTS = 1024  # slots a worker may claim
 MAX_HELLO = 4096  # bytes of a worker's PING payload
@@ -24,6 +26,20 @@ class Hello(NamedTuple):
     free: int
     leaving: bool
     bye: bool
+
+
+def hello(
+    route: bytes, name: str, slots: int, free: int, *, leaving: bool = False, bye: bool = False
+) -> list[bytes]:
+    """The frames of a worker's PING: ``route`` its job socket's identity,
+    ``free`` of its ``slots`` free; ``leaving`` (it takes no more jobs) or
+    ``bye`` (it is gone) when it says so."""
+    info: dict[str, object] = {"name": name, "slots": slots, "free": free}
+    if leaving:
+        info["leaving"] = True
+    if bye:
+        info["bye"] = True
+    return protocol.encode(protocol.PING, 0, json.dumps(info).encode(), route=route)
 
 
 def parse_hello(payload: bytes, route: bytes) -> Hello:

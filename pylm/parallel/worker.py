@@ -14,7 +14,6 @@ says so, and the worker says hello again from its job socket.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -32,7 +31,8 @@ from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
 from pylm.lifecycle import Drain
-from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES, MAX_SLOTS
+from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
+from pylm.parallel.hello import MAX_SLOTS, hello
 from pylm.protocol import (
     COUNT,
     FRAME_SLACK,
@@ -202,7 +202,7 @@ class Worker(BaseServer):
         self._sockets[address] = socket
         self.masters = list(self._sockets)
         self._poller.register(socket, zmq.POLLIN)
-        self._say(socket, {})
+        self._say(socket)
 
     def _to_master(self, socket: zmq.Socket) -> zmq.Socket:
         """Make ``socket`` (about to connect to a master) a CURVE client, when CURVE is on."""
@@ -216,14 +216,15 @@ class Worker(BaseServer):
         self._poller.unregister(socket)
         socket.close(linger=linger)
 
-    def _say(self, socket: zmq.Socket, extra: dict[str, object]) -> None:
+    def _say(self, socket: zmq.Socket, *, leaving: bool = False, bye: bool = False) -> None:
         """Send the master a PING about this worker (hello, leaving, bye)."""
-        info = {"name": self.name, "slots": self.slots, "free": self.slots, **extra}
-        ping = protocol.encode(protocol.PING, 0, json.dumps(info).encode(), route=self.identity)
+        free = 0 if leaving else self.slots
+        ping = hello(self.identity, self.name, self.slots, free, leaving=leaving, bye=bye)
         try:
             socket.send_multipart(ping, zmq.NOBLOCK)
         except zmq.Again:  # the master reads nothing: its heartbeat checks will tell it
-            self.logger.warning("%s: a master is not reading; %s not sent", self.name, info)
+            said = "goodbye" if bye else "leaving notice" if leaving else "hello"
+            self.logger.warning("%s: a master is not reading; %s not sent", self.name, said)
 
     def _deregister(self) -> None:
         peers, self._peers = self._peers, None
@@ -237,7 +238,7 @@ class Worker(BaseServer):
             self._beater.join(5.0)
         for address in list(self._sockets):
             if not self._gone:  # stopped otherwise than by stop(): say goodbye now
-                self._say(self._sockets[address], {"bye": True})
+                self._say(self._sockets[address], bye=True)
             self._disconnect(address, _BYE_LINGER)  # the goodbye goes out first
         close_socket(self._control)
         self._control = None
@@ -262,8 +263,7 @@ class Worker(BaseServer):
                     poller.unregister(sockets[address])
                     close_socket(sockets.pop(address))
                 free = self.slots - (1 if self._busy else 0)
-                info = json.dumps({"name": self.name, "slots": self.slots, "free": free})
-                beat = protocol.encode(protocol.PING, 0, info.encode(), route=self.identity)
+                beat = hello(self.identity, self.name, self.slots, free)
                 for socket in sockets.values():
                     try:
                         socket.send_multipart(beat, zmq.NOBLOCK)
@@ -319,13 +319,13 @@ class Worker(BaseServer):
         if self._rehello.is_set():
             self._rehello.clear()
             for socket in self._sockets.values():
-                self._say(socket, {})
+                self._say(socket)
 
     def _leave(self) -> None:
         """Leave cleanly: no new jobs, finish those here, then goodbye."""
         self._deregister()
         for socket in self._sockets.values():
-            self._say(socket, {"leaving": True, "free": 0})
+            self._say(socket, leaving=True)
         drain = Drain()  # the master stops sending on the leaving notice
         while (wait := drain.wait_ms()) is not None:
             for socket, _ in self._poller.poll(wait):
@@ -335,7 +335,7 @@ class Worker(BaseServer):
                 else:
                     self._control.recv_multipart()
         for socket in self._sockets.values():
-            self._say(socket, {"bye": True})
+            self._say(socket, bye=True)
         self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
