@@ -11,25 +11,13 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from pylm import protocol
 from pylm.cache import CacheClient
-from pylm.calls import (
-    DEFAULT_TIMEOUT,
-    Caller,
-    curve_key,
-    pong_info,
-    read_answer,
-)
-from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
-from pylm.errors import (
-    CurveRefused,
-    ProtocolError,
-    PylmError,
-    RegistryError,
-    RequestTimeout,
-)
+from pylm.calls import DEFAULT_TIMEOUT, Caller, read_answer
+from pylm.chained.wiring import Pipeline, Wiring, find_pipeline
+from pylm.discovery import DEFAULT_WAIT, check_wait
+from pylm.errors import CurveRefused, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.protocol import (
     BATCH_PREFIX,
@@ -48,122 +36,19 @@ from pylm.transport import check_address, close_socket, default_context, rest_of
 from pylm.window import JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
 
 if TYPE_CHECKING:
-    from pylm.registry import InstanceRecord, Registry
+    from pylm.registry import Registry
 
 __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
-LAST_KINDS = ("chained-last", "sink")  # the kinds of stage that answer clients
 MAX_BATCH = 1024  # jobs per message at most
 
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
-_WIRING_EVENTS = (
-    zmq.EVENT_CONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_DISCONNECTED
-)
-_ARGUMENTS = (
-    "LoopClient takes the last stage's push_address as push_address (the first"
-    " argument: results come from there) and the first stage's pull_address as"
-    " pull_address (the second: jobs go there)"
-)
 
 
 def _bucket(seconds: float) -> int:
     return bisect_left(BUCKETS, seconds)
-
-
-def _resolve_pipeline(
-    registry: Registry, first: str, wait: float
-) -> tuple[list[InstanceRecord], str, str, list[InstanceRecord]]:
-    """From the registry: the first stage's instances, its cache address,
-    and the last stage's name and instances, found by following each
-    stage's ``next`` (waiting up to ``wait`` seconds for each stage)."""
-    records = registry.wait_for_instances(first, wait)
-    firsts = records
-    db = next((record.endpoints["db"] for record in records if "db" in record.endpoints), None)
-    if not any("pull" in record.endpoints for record in records) or db is None:
-        raise RegistryError(f"{first!r} is not a chained stage: it has no pull and db endpoints")
-    seen = {first}
-    while True:
-        if all(record.kind in LAST_KINDS for record in records):
-            return firsts, db, records[0].name, records
-        following = next((record.next for record in records if record.next), None)
-        if not following:
-            raise RegistryError(
-                f"stage {records[0].name!r} has no next stage and is not a last stage"
-            )
-        name = following.rpartition(".")[0]
-        if name in seen:
-            raise RegistryError(f"the pipeline from {first!r} loops back to {name!r}")
-        seen.add(name)
-        records = registry.wait_for_instances(name, wait)
-
-
-class _Wiring:
-    """Watches the connections of a client's socket to addresses it was
-    given, until the client's greeting: a connection that ends in the
-    ZeroMQ handshake, before it succeeded, for a protocol error (libzmq
-    reports no HANDSHAKE_FAILED_NO_DETAIL then) reached a socket of a kind
-    this one cannot talk to (a PULL where a ROUTER should be: addresses
-    swapped), and libzmq does not try that connection again. One the peer
-    merely closed (HANDSHAKE_FAILED_NO_DETAIL: a proxy whose backend is not
-    up, a server stopping) is tried again, and is no sign of wrong wiring.
-    One that failed for a mechanism mismatch reached a server that takes
-    CURVE only (a client by address without keys is watched), and is named
-    as such."""
-
-    def __init__(self, socket: zmq.Socket, expected: str) -> None:
-        self.socket = socket
-        self.expected = expected  # what the peer should be: "a last stage's push socket, ..."
-        # An address of its own: pyzmq's default is named after the socket's
-        # file descriptor, which a newer socket may reuse.
-        address = f"inproc://pylm-wiring-{os.urandom(8).hex()}"
-        self.monitor: zmq.Socket = socket.get_monitor_socket(_WIRING_EVENTS, address)
-        self._shook: dict[bytes, bool] = {}  # endpoint -> handshake done, since connected
-        self._secured: set[bytes] = set()  # endpoints whose peer uses another mechanism
-
-    def refused(self) -> str | None:
-        """Why a peer refused the connection in the handshake, if one did:
-        where it is, and what that says."""
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.ZMQError:  # none waiting (Again), or closed
-                return None
-            endpoint, kind = event["endpoint"], event["event"]
-            if kind == zmq.EVENT_CONNECTED:
-                self._shook[endpoint] = False
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._shook[endpoint] = True
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self._shook.pop(endpoint, None)  # closed by the peer: retried
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                    self._secured.add(endpoint)
-            elif self._shook.get(endpoint) is False:  # disconnected in the handshake
-                where = bytes(endpoint).decode(errors="replace")
-                if endpoint in self._secured:
-                    return (
-                        f"the peer at {where} refused this client's plain connection: it"
-                        " takes CURVE connections only. Give the client curve= (or set"
-                        " PYLM_CURVE_KEYS) with its keys and the server's public key"
-                        " (docs/security.md)"
-                    )
-                return (
-                    f"the peer at {where} closed the connection in the ZeroMQ handshake: it is"
-                    f" not {self.expected}. {_ARGUMENTS}"
-                )
-
-    def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
-            pass
-        self.monitor.close(linger=0)
 
 
 class LoopClient(Caller, WindowedClient, Closing):
@@ -215,13 +100,8 @@ class LoopClient(Caller, WindowedClient, Closing):
         curve: Curve | None = None,
         wait: float = DEFAULT_WAIT,
     ) -> None:
-        firsts: Peers | None = None
-        self._wiring: dict[zmq.Socket, _Wiring] = {}  # sockets given addresses, until greeted
-        self._miswired: PylmError | None = None
+        pipeline: Pipeline | None = None
         curve = curve if curve is not None else Curve.from_env()
-        keys: tuple[bytes | None, bytes | None] = (None, None)  # CURVE: first and last stage
-        self._last: Peers | None = None  # the last stage's instances, when followed
-        owned: Registry | None = None
         if pull_address is None and db_address is None and server_name is None:
             # Only the first stage's name: the rest comes from the registry,
             # followed from then on (stages' instances joining or leaving).
@@ -231,30 +111,28 @@ class LoopClient(Caller, WindowedClient, Closing):
                     " push_address, pull_address, db_address and server_name"
                 )
             server_name = push_address
-            firsts, db_address, self._last, owned, keys = self._follow_pipeline(
-                server_name, registry, check_wait(wait), curve
-            )
-            push_address = self._last.endpoints
-            pull_address = firsts.endpoints[0]
+            pipeline = find_pipeline(server_name, registry, check_wait(wait), curve)
+            push_address = pipeline.lasts.endpoints
+            pull_address = pipeline.firsts.endpoints[0]
+            db_address = pipeline.db
         if pull_address is None or db_address is None or server_name is None:
             raise ValueError("pull_address, db_address and server_name go together")
         super().__init__(pull_address, server_name, timeout, max_payload, curve=curve, wait=wait)
         # CURVE keys of the first and the last stage: by name, from their records
         # (None: that stage takes plain connections); by address, from the settings.
-        self._by_name = firsts is not None
-        if self._by_name:
-            self.server_key, self._last_key = keys
+        self._by_name = pipeline is not None
+        if pipeline is not None:
+            self.server_key, last_key = pipeline.first_key, pipeline.last_key
+            if (pipeline.first_key, pipeline.last_key) == (None, None):
+                self.curve = None  # the pipeline takes plain connections: so does this client
+            self._peers, self._registry = pipeline.firsts, pipeline.registry
+            self.endpoints = pipeline.firsts.endpoints
+            self.connection = ",".join(pipeline.firsts.endpoints)
         else:
-            self._last_key = self.server_key
-        if self._by_name and keys == (None, None):
-            self.curve = None  # the pipeline takes plain connections: so does this client
-        if firsts is not None:
-            self._peers, self._registry = firsts, owned
-            self.endpoints = firsts.endpoints
-            self.connection = ",".join(firsts.endpoints)
+            last_key = self.server_key
         pushes = [push_address] if isinstance(push_address, str) else list(push_address)
-        self.push_addresses = [check_address(address, "push_address") for address in pushes]
-        if not self.push_addresses:
+        addresses = [check_address(address, "push_address") for address in pushes]
+        if not addresses:
             raise ValueError("push_address needs at least one address")
         self._init_window(max_in_flight)
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -266,17 +144,24 @@ class LoopClient(Caller, WindowedClient, Closing):
         self.route = b"pylm-" + os.urandom(12)
         context = default_context(context)
         self._context = context
-        # Addresses given (not from the registry) may be wrong; CURVE's own
-        # handshake failures are watched already (Caller._no_answer).
-        self._watch_wiring = not self._by_name and self.curve is None
-        self._results = [self._result_socket(address) for address in self.push_addresses]
+        self._ids = itertools.count(1)
+        self._wiring = Wiring(
+            addresses,
+            context=context,
+            route=self.route,
+            lasts=None if pipeline is None else pipeline.lasts,
+            # Addresses given (not from the registry) may be wrong; CURVE's own
+            # handshake failures are watched already (Caller._no_answer).
+            watch=not self._by_name and self.curve is None,
+            secure=lambda socket: self._secure_stage(socket, last_key),
+            forget=self._handshakes.forget,
+            no_answer=self._no_answer,
+            ids=self._ids,
+        )
         self._jobs: zmq.Socket | None = self._secure(context.socket(zmq.PUSH))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
-        if self._watch_wiring:
-            self._wiring[self._jobs] = _Wiring(
-                self._jobs, "a first stage's pull socket, which jobs go to"
-            )
+        self._wiring.watch_jobs(self._jobs)
         # Not IMMEDIATE: with it, jobs queued for a first-stage instance that
         # leaves cleanly were lost (measured), while without it they reach the
         # instance, which serves them before it closes. The price: a killed
@@ -284,8 +169,6 @@ class LoopClient(Caller, WindowedClient, Closing):
         for endpoint in self.endpoints:  # several first-stage instances: round-robin
             self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None
-        self._greeted = False
-        self._ids = itertools.count(1)
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
         if announce:
             print("Client with the following connections:")
@@ -293,29 +176,10 @@ class LoopClient(Caller, WindowedClient, Closing):
                 print(f" *Listening to input from {address}")
             print(f" *Sending jobs to {self.connection}")
 
-    @staticmethod
-    def _follow_pipeline(
-        first: str, registry: Registry | str | None, wait: float, curve: Curve | None
-    ) -> tuple[Peers, str, Peers, Registry | None, tuple[bytes | None, bytes | None]]:
-        from pylm.registry import Registry
-
-        client = registry if isinstance(registry, Registry) else Registry(registry)
-        try:
-            firsts, db, last, lasts = _resolve_pipeline(client, first, wait)
-            if not any("push" in record.endpoints for record in lasts):
-                raise RegistryError(f"the last stage {last!r} has no push endpoint")
-            keys = curve_key(first, firsts, curve), curve_key(last, lasts, curve)
-        except BaseException:
-            if client is not registry:
-                client.close()
-            raise
-        return (
-            Peers(client, first, "pull", firsts),
-            db,
-            Peers(client, last, "push", lasts),
-            None if client is registry else client,
-            keys,
-        )
+    @property
+    def push_addresses(self) -> list[str]:
+        """The last stage's addresses this client receives results from."""
+        return self._wiring.addresses
 
     def _follow(self, poller: zmq.Poller | None, timeout: float) -> None:
         """Apply what the registry says of the first and last stages now:
@@ -323,25 +187,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         stage instance (a new one is greeted before going on)."""
         if self._peers is not None and self._peers.changed and self._jobs is not None:
             self._rewire(self._jobs)
-        if self._last is None or not self._last.changed:
-            return
-        joined, left = self._last.take()
-        for address in left:
-            index = self.push_addresses.index(address)
-            socket = self._results.pop(index)
-            self.push_addresses.pop(index)
-            if poller is not None:
-                poller.unregister(socket)
-            self._handshakes.forget(socket)
-            close_socket(socket)
-        deadline = time.monotonic() + timeout
-        for address in joined:
-            socket = self._result_socket(address)
-            self._results.append(socket)
-            self.push_addresses.append(address)
-            self._greet_one(socket, address, deadline, timeout)
-            if poller is not None:
-                poller.register(socket, zmq.POLLIN)
+        self.dropped += self._wiring.follow(poller, timeout)
 
     # ------------------------------------------------------------------ jobs
 
@@ -352,15 +198,17 @@ class LoopClient(Caller, WindowedClient, Closing):
         if jobs is None:
             raise RuntimeError("the client is closed")
         self._follow(None, timeout)
-        self._greet(timeout)
+        self.dropped += self._wiring.greet(timeout)
         _, target, numbers = self._calls._target(function)
         # Every job's body is prefix + id and deadline + tail + payload.
         prefix = protocol.request_prefix(target, self.route)
         tail = target + self.route
         inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
         add, batch = window.add, self.batch
+        wiring = self._wiring
+        results = wiring.sockets  # changed in place as the last stage's instances change
         poller = zmq.Poller()
-        for socket in self._results:
+        for socket in results:
             poller.register(socket, zmq.POLLIN)
         # Jobs the pipeline had no room for yet: their ids and frames.
         waiting: tuple[list[int], bytes | list[bytes]] | None = None
@@ -371,9 +219,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         def send(room: int, until: float) -> Stop:
             """Up to ``batch`` small jobs per message while there is room."""
             nonlocal waiting, carried, exhausted
-            if (self._last is not None and self._last.changed) or (
-                self._peers is not None and self._peers.changed
-            ):
+            if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
             while room > 0:
                 if waiting is None:
@@ -437,7 +283,7 @@ class LoopClient(Caller, WindowedClient, Closing):
             if waiting is not None:
                 poller.unregister(jobs)
             outcomes: list[Outcome] = []
-            for socket in self._results:
+            for socket in results:
                 if socket in ready:
                     outcomes += self._collect(socket, window, numbers)
             return outcomes
@@ -528,87 +374,6 @@ class LoopClient(Caller, WindowedClient, Closing):
             return socket
         return super()._secure(socket, key)
 
-    def _result_socket(self, address: str) -> zmq.Socket:
-        """A socket receiving results from the last stage instance at ``address``."""
-        socket: zmq.Socket = self._secure_stage(self._context.socket(zmq.DEALER), self._last_key)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.ROUTING_ID, self.route)
-        if self._watch_wiring:
-            self._wiring[socket] = _Wiring(
-                socket, "a last stage's push socket, which results come from"
-            )
-        socket.connect(address)
-        return socket
-
-    def _greet(self, timeout: float) -> None:
-        """Make sure every last stage knows this client before jobs go out:
-        a ROUTER drops messages for a client it has not heard from."""
-        if self._greeted:
-            return
-        if self._miswired is not None:
-            raise self._miswired
-        deadline = time.monotonic() + timeout
-        for socket, address in zip(self._results, self.push_addresses, strict=True):
-            self._greet_one(socket, address, deadline, timeout)
-        jobs = self._wiring.get(self._jobs) if self._jobs is not None else None
-        refused = None if jobs is None else jobs.refused()
-        if refused is not None:
-            self._miswired = PylmError(refused)
-            raise self._miswired
-        self._stop_watching()
-        self._greeted = True
-
-    def _greet_one(self, socket: zmq.Socket, address: str, deadline: float, timeout: float) -> None:
-        msg_id = next(self._ids)
-        socket.send_multipart(protocol.encode(protocol.PING, msg_id))
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        wiring = self._wiring.get(socket)
-        if wiring is not None:
-            poller.register(wiring.monitor, zmq.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            ready = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
-            if wiring is not None and wiring.monitor in ready:
-                refused = wiring.refused()
-                if refused is not None:
-                    self._miswired = PylmError(refused)
-                    raise self._miswired
-            if socket not in ready:
-                if left <= 0:
-                    raise self._no_answer(
-                        f"the last stage at {address} did not answer within {timeout:g} s"
-                    )
-                continue
-            message = read_answer(socket.recv_multipart())
-            if message is not None and message.msg_id == msg_id:
-                self._check_last(message, address)
-                return
-            self.dropped += 1
-
-    def _check_last(self, answer: protocol.Message, address: str) -> None:
-        """Raise if the greeting's answer comes from a server of another
-        kind than a last stage (a stage's db_address given as push_address)."""
-        if answer.kind != protocol.PONG:
-            return
-        try:
-            info = pong_info(answer.payload)
-        except ProtocolError:
-            return
-        kind = info.get("kind")
-        if isinstance(kind, str) and kind not in LAST_KINDS:
-            what = "a stage's cache (its db_address)" if kind == "cache" else f"a {kind} server"
-            self._miswired = PylmError(
-                f"the server at {address} is {what} named {str(info.get('name'))!r},"
-                f" not a last stage. {_ARGUMENTS}"
-            )
-            raise self._miswired
-
-    def _stop_watching(self) -> None:
-        wiring, self._wiring = list(self._wiring.values()), {}
-        for watched in wiring:
-            watched.close()
-
     def _no_answer(self, text: str, separator: str = ": ") -> RequestTimeout:
         error = super()._no_answer(text, separator)
         if isinstance(error, CurveRefused) or self._by_name:
@@ -648,14 +413,8 @@ class LoopClient(Caller, WindowedClient, Closing):
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        self._stop_watching()
-        last, self._last = self._last, None
-        if last is not None:
-            last.close()
+        self._wiring.close()
         self._stop_following()
-        for socket in self._results:
-            close_socket(socket)
-        self._results = []
         close_socket(self._jobs)
         self._jobs = None
         if self._cache is not None:
