@@ -27,6 +27,14 @@ SHARED_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserve
 # (request.getfixturevalue), after the leftover check took its snapshot.
 SHARED_PIDS: set[int] = set()
 
+# The tests press Ctrl-C on the commands they start, as a terminal would. A
+# shell that starts the test run in the background (``cmd &``, nohup) starts
+# it with SIGINT ignored, which its children would inherit, and an ignored
+# SIGINT is what a command run that way is meant to have: no Ctrl-C. Taking
+# the default back here gives every child the terminal's default instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="session")
 def pylm_etcd(pylm_etcd: LocalEtcd) -> LocalEtcd:
