@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = 2_000 if args.quick else args.jobs
     sig = signal.SIGKILL if args.signal == "KILL" else signal.SIGSTOP
 
+    from pylm.processes import end_process
     from pylm.registry import LocalEtcd, Registry
 
     cluster = f"failover-{uuid.uuid4().hex[:8]}"
@@ -196,14 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             for child in children:
                 if child.poll() is None:
-                    child.send_signal(signal.SIGCONT)
-                    child.terminate()
-            for child in children:
-                try:
-                    child.wait(15)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                    child.send_signal(signal.SIGCONT)  # a stopped child ends only once continued
+                end_process(child, 15)
     print(table(runs))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")

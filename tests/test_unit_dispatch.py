@@ -56,8 +56,9 @@ def context() -> Generator[zmq.Context, None, None]:
     context.destroy(linger=0)
 
 
-def books(context: zmq.Context, owner: Owner, **options: Any) -> Dispatcher:
-    dispatcher = Dispatcher(
+def dispatcher_of(owner: Owner, **options: Any) -> Dispatcher:
+    """A Dispatcher whose answers, drops and errors go to ``owner``."""
+    return Dispatcher(
         "books",
         send=owner.send,
         send_fast=owner.send_fast,
@@ -67,6 +68,10 @@ def books(context: zmq.Context, owner: Owner, **options: Any) -> Dispatcher:
         remote_error=owner.remote_error,
         **options,
     )
+
+
+def books(context: zmq.Context, owner: Owner, **options: Any) -> Dispatcher:
+    dispatcher = dispatcher_of(owner, **options)
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.bind(f"inproc://books-{id(dispatcher)}")
@@ -190,15 +195,5 @@ def test_a_scatter_that_raises_fails_the_job_with_the_owners_error(
     "options", [{"heartbeat": 0}, {"heartbeat": True}, {"misses": 0}, {"max_queued": 0}]
 )
 def test_settings_out_of_range_are_refused(options: dict[str, Any]) -> None:
-    owner = Owner()
     with pytest.raises(ValueError):
-        Dispatcher(
-            "books",
-            send=owner.send,
-            send_fast=owner.send_fast,
-            finished=owner.finish,
-            drop=owner.drop,
-            log=owner.log,
-            remote_error=owner.remote_error,
-            **options,
-        )
+        dispatcher_of(Owner(), **options)
