@@ -53,7 +53,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_QUEUED",
     "DEFAULT_MISSES",
-    "MAX_SLOTS",  # from pylm.parallel.hello: the worker checks its slots against it
+    "MAX_SLOTS",  # declared in pylm.parallel.hello; still importable from here, as before
     "MAX_STREAMS",
     "MAX_WORKERS",
     "STREAM_IDLE",
