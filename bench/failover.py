@@ -68,6 +68,9 @@ class Run:
     wrong: int
     seconds: float
     longest_gap: float
+    resent: int  # jobs the client sent again
+    refused: int  # jobs that seemed lost when the retry budget had no token
+    copies: int  # later copies of results, dropped by the client
 
 
 def serve(name: str, next_call: str | None) -> None:
@@ -103,7 +106,7 @@ def run(name: str, jobs: int, doomed: subprocess.Popen[bytes] | None, sig: int) 
 
     counts: Counter[int] = Counter()
     errors: Counter[str] = Counter()
-    right = wrong = 0
+    right = wrong = seen = 0
     gap = 0.0
     start = last = time.monotonic()
     with LoopClient("first", announce=False) as client:
@@ -111,14 +114,16 @@ def run(name: str, jobs: int, doomed: subprocess.Popen[bytes] | None, sig: int) 
             now = time.monotonic()
             gap, last = max(gap, now - last), now
             counts[outcome.index] += 1
+            seen += 1
             if outcome.error is not None:
                 errors[type(outcome.error).__name__] += 1
             elif outcome.value == b"%09d" % outcome.index + b"." * (PAYLOAD - 9):
                 right += 1
             else:
                 wrong += 1
-            if doomed is not None and sum(counts.values()) == jobs // 5:
+            if doomed is not None and seen == jobs // 5:
                 doomed.send_signal(sig)
+        books = client.books
     return Run(
         name=name,
         jobs=jobs,
@@ -129,13 +134,17 @@ def run(name: str, jobs: int, doomed: subprocess.Popen[bytes] | None, sig: int) 
         wrong=wrong,
         seconds=round(last - start, 3),
         longest_gap=round(gap, 3),
+        resent=books.retried,
+        refused=books.refused,
+        copies=books.duplicates,
     )
 
 
 def table(runs: Sequence[Run]) -> str:
     lines = [
-        "| run | jobs | right | failed | twice | wrong | s | extra s | longest gap s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | jobs | right | failed | twice | wrong | s | extra s | longest gap s"
+        " | sent again | copies dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = runs[0].seconds
     for r in runs:
@@ -144,6 +153,7 @@ def table(runs: Sequence[Run]) -> str:
         lines.append(
             f"| {r.name} | {r.jobs:,} | {r.right:,} | {failed} | {r.duplicated} | {r.wrong} |"
             f" {r.seconds:.2f} | {r.seconds - base:+.2f} | {r.longest_gap:.2f} |"
+            f" {r.resent:,} | {r.copies:,} |"
         )
     return "\n".join(lines)
 

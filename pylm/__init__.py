@@ -5,6 +5,7 @@ Servers are classes whose public methods take and return bytes; see
 """
 
 from pylm.errors import (
+    InstanceLost,
     InvalidName,
     NoInstance,
     PayloadTooLarge,
@@ -23,6 +24,7 @@ from pylm.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "InstanceLost",
     "InvalidName",
     "NoInstance",
     "PayloadTooLarge",

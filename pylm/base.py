@@ -170,6 +170,7 @@ class BaseServer:
             self.kind,
             self.functions,
             self.logger,
+            idempotent=self._exposed.idempotent,
             registry=registry,
             ttl=ttl,
             rolling=bool(rolling),

@@ -16,8 +16,9 @@ import zmq
 from pylm import protocol
 from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
+from pylm.liveness import Connections, to_live_peers
 from pylm.names import check_name
-from pylm.security import Curve, Handshakes
+from pylm.security import Curve
 from pylm.telemetry.counting import ClientStats, FunctionStats, metrics_enabled
 from pylm.telemetry.exposition import publish_client
 from pylm.transport import check_address
@@ -151,7 +152,8 @@ class Caller:
         # key from its registry record, or from the settings.
         self.curve = curve if curve is not None else Curve.from_env()
         self.server_key = None if self.curve is None else self.curve.server_key
-        self._handshakes = Handshakes()  # a CURVE server refusing this client
+        # A CURVE server refusing this client; connections that dropped.
+        self._connections = Connections()
         if server_name is None:
             if not isinstance(connection, str) or "://" in connection:
                 raise ValueError(
@@ -199,7 +201,7 @@ class Caller:
         CURVE is on, and watch its handshakes."""
         if self.curve is not None:
             self.curve.connect(socket, server_key or self.server_key)
-            self._handshakes.watch(socket)
+            self._connections.watch(socket, refusals=True)
         return socket
 
     def _rewire(self, socket: zmq.Socket) -> None:
@@ -241,7 +243,7 @@ class Caller:
         ``socket``; kept until the instances change."""
         side = self._side.get(endpoints)
         if side is None:
-            side = self._secure(socket.context.socket(zmq.DEALER))
+            side = self._secure(to_live_peers(socket.context.socket(zmq.DEALER)))
             for option in (zmq.LINGER, zmq.RCVHWM, zmq.SNDTIMEO, zmq.RCVTIMEO):
                 side.setsockopt(option, socket.getsockopt(option))
             for endpoint in endpoints:
@@ -257,7 +259,7 @@ class Caller:
 
     def _stop_following(self) -> None:
         """Stop following the registry (and watching handshakes): the client closes."""
-        self._handshakes.close()
+        self._connections.close()
         self._close_side()
         peers, self._peers = self._peers, None
         if peers is not None:
@@ -266,15 +268,19 @@ class Caller:
         if registry is not None:
             registry.close()
 
-    def _job_timeout(self, function: str, timeout: float) -> Callable[[int, int], RequestTimeout]:
+    def _job_timeout(
+        self, function: str, timeout: float
+    ) -> Callable[[int, int, int], RequestTimeout]:
         """The error a job of ``function`` (index, timed out with how many
-        others) ends with when it has no result within ``timeout``; counted."""
+        others, sent how many times) ends with when it has no result within
+        ``timeout``; counted."""
 
-        def timed_out(index: int, together: int) -> RequestTimeout:
+        def timed_out(index: int, together: int, attempts: int) -> RequestTimeout:
             self._calls.timed_out(function)
+            sent = "once" if attempts == 1 else f"{attempts} times"
             return self._no_answer(
                 f"no result for job {index} ({function!r} on {self.server_name!r} via"
-                f" {self.connection}) within {timeout:g} s;"
+                f" {self.connection}) within {timeout:g} s, sent {sent};"
                 f" {together} job(s) timed out together",
                 "; ",
             )
@@ -293,7 +299,7 @@ class Caller:
     def _no_answer(self, text: str, separator: str = ": ") -> RequestTimeout:
         """The error for a call that got no answer: :class:`CurveRefused`,
         saying why, if a server refused this client's handshake."""
-        refused = self._handshakes.refusal()
+        refused = self._connections.refusal()
         if refused is not None:
             return CurveRefused(f"{text}{separator}{refused}")
         return RequestTimeout(text)

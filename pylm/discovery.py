@@ -72,6 +72,9 @@ class Peers:
         # The functions of each endpoint's instance, and whether they differ.
         self.functions = self._functions_of(records)
         self.partial = _partial(self.functions)
+        # The functions every instance marks idempotent: a call of one may be sent again.
+        self.idempotent = _idempotent(records)
+        self._latest_idempotent = self.idempotent
         self._latest = self.endpoints
         self._latest_functions = self.functions
         self._news: list[str] | None = None
@@ -107,10 +110,16 @@ class Peers:
         """From the registry's thread: note the new address list."""
         endpoints = self._endpoints_of(records)
         functions = self._functions_of(records)
+        idempotent = _idempotent(records)
         with self._lock:
-            if endpoints and (endpoints != self._latest or functions != self._latest_functions):
+            if endpoints and (
+                endpoints != self._latest
+                or functions != self._latest_functions
+                or idempotent != self._latest_idempotent
+            ):
                 self._latest = endpoints
                 self._latest_functions = functions
+                self._latest_idempotent = idempotent
                 self._news = endpoints
                 self._news_functions = functions
 
@@ -120,9 +129,11 @@ class Peers:
         with self._lock:
             news, self._news = self._news, None
             functions = self._news_functions
+            idempotent = self._latest_idempotent
         if news is None:
             return [], []
         self.functions = functions
+        self.idempotent = idempotent
         self.partial = _partial(functions)
         joined = [endpoint for endpoint in news if endpoint not in self.endpoints]
         left = [endpoint for endpoint in self.endpoints if endpoint not in news]
@@ -152,6 +163,13 @@ class Peers:
         following, self._following = self._following, None
         if following is not None:
             following.cancel()
+
+
+def _idempotent(records: list[InstanceRecord]) -> frozenset[str]:
+    """The functions every one of ``records`` marks idempotent."""
+    if not records:
+        return frozenset()
+    return frozenset.intersection(*(frozenset(record.idempotent) for record in records))
 
 
 def _partial(functions: dict[str, frozenset[str]]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "CurveRefused",
+    "InstanceLost",
     "InterfaceMismatch",
     "InvalidName",
     "NoInstance",
@@ -120,6 +121,13 @@ class CurveRefused(RequestTimeout):
     handshake meanwhile: its public key is not on the server's allow-list,
     or the server's key it was given is wrong. (A :class:`RequestTimeout`
     too, as the call itself only ran out of time.)"""
+
+
+class InstanceLost(RequestTimeout):
+    """No reply arrived, and a connection to an instance of the server
+    dropped while the call was out: the call may have run there. Raised for
+    a call the client does not send again (its function is not declared
+    idempotent); a :class:`RequestTimeout` too."""
 
 
 class ServerCrashed(PylmError):

@@ -6,7 +6,10 @@ that goes back to the caller. Also the server's answer to a PING.
 
 Only the public methods that the user's own classes define can be called
 remotely: nothing starting with ``_``, nothing the framework classes define,
-nothing inherited from ``object`` (:func:`exposed_functions`).
+nothing inherited from ``object`` (:func:`exposed_functions`). A function
+marked :func:`idempotent` is one its clients may call again when they cannot
+tell whether a call ran (its instance died with the call in flight); the
+mark travels in the registry record and in the answer to a PING.
 
 :meth:`Exposed.call` is every server's hot path: it runs once per message,
 so the counting is inline and the clock is read only when it counts.
@@ -21,7 +24,7 @@ import traceback
 from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
 from time import perf_counter as _perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 from pylm import protocol
 from pylm.errors import PayloadTooLarge, PylmError, RemoteError, UnknownFunction, UnknownServer
@@ -29,11 +32,28 @@ from pylm.logs import LimitedLog
 from pylm.telemetry.counting import BUCKETS as _BUCKETS
 from pylm.telemetry.counting import UNKNOWN_FUNCTION, FunctionStats, ServerStats
 
-__all__ = ["Exposed", "Function", "exposed_functions"]
+__all__ = ["Exposed", "Function", "exposed_functions", "idempotent"]
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
 Function = Callable[[bytes], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+_IDEMPOTENT = "__pylm_idempotent__"
+
+
+def idempotent(function: F) -> F:
+    """Mark an exposed function as safe to run twice for one call: a client
+    whose call was on an instance that died sends it again to another
+    (without the mark, it gets :class:`~pylm.errors.InstanceLost`, saying
+    the call may have run)::
+
+        class Lookup(Server):
+            @idempotent
+            def get(self, key: bytes) -> bytes: ...
+    """
+    setattr(function, _IDEMPOTENT, True)
+    return function
 
 
 def exposed_functions(cls: type) -> list[str]:
@@ -90,6 +110,10 @@ class Exposed:
         self.name = name
         self.kind = kind
         self.functions = functions
+        # Those marked @idempotent: clients may send a call of them again.
+        self.idempotent = tuple(
+            fn for fn in functions if getattr(getattr(server, fn), _IDEMPOTENT, False) is True
+        )
         self.stats = stats
         self.max_payload = max_payload
         self.log = log
@@ -231,6 +255,7 @@ class Exposed:
             "name": self.name,
             "kind": self.kind,
             "functions": list(self.functions),
+            "idempotent": list(self.idempotent),
             "pid": os.getpid(),
             "version": __version__,
         }

@@ -32,7 +32,8 @@ class Registrar:
     registry's default); ``rolling``: a new version rolling out, whose
     functions may differ from the live instances'. ``stats`` (when the
     server counts) learns its instance and registration, for ``/healthz``
-    and the registry's metrics."""
+    and the registry's metrics. ``idempotent``: the functions marked so,
+    which the record names."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Registrar:
         functions: tuple[str, ...],
         logger: logging.Logger,
         *,
+        idempotent: tuple[str, ...] = (),
         registry: Registry | str | None,
         ttl: float | None,
         rolling: bool,
@@ -50,6 +52,7 @@ class Registrar:
         self.name = name
         self.kind = kind
         self.functions = functions
+        self.idempotent = idempotent
         self.logger = logger
         self.option = registry
         self.ttl = ttl
@@ -100,6 +103,7 @@ class Registrar:
                 branches=branches or [],
                 tee=tee or [],
                 functions=list(self.functions),
+                idempotent=list(self.idempotent),
                 metrics=metrics,
                 curve=None if self.curve is None else self.curve.public_key,
                 version=__version__,

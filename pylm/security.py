@@ -32,9 +32,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["Curve", "Handshakes", "Keys", "generate_keys"]
+__all__ = ["Curve", "Keys", "generate_keys"]
 
 ALLOW_ANY = "any"
 
@@ -168,59 +167,3 @@ def _authenticator(context: zmq.Context) -> ThreadAuthenticator:
             found = _AUTHENTICATORS[id(context)] = ThreadAuthenticator(context)
             found.start()
         return found
-
-
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-
-
-class Handshakes:
-    """Watches the CURVE handshakes of a client's sockets (libzmq's monitor
-    events), so that a client the server refuses can say so instead of only
-    timing out. libzmq does not retry a connection whose handshake failed,
-    so a refusal stands until the client is made again."""
-
-    def __init__(self) -> None:
-        self._monitors: list[tuple[zmq.Socket, zmq.Socket]] = []
-        self._refused: str | None = None
-
-    def watch(self, socket: zmq.Socket) -> None:
-        self._monitors.append((socket, socket.get_monitor_socket(_HANDSHAKE_FAILED)))
-
-    def refusal(self) -> str | None:
-        """How a handshake of a watched socket failed, if one did."""
-        for _, monitor in self._monitors:
-            while True:
-                try:
-                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
-                except zmq.ZMQError:  # none waiting (Again), or closed
-                    break
-                endpoint = event["endpoint"].decode(errors="replace")
-                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    how = f"refused this client's key (ZAP status {event['value']})"
-                else:
-                    how = "failed the CURVE handshake (wrong server key, or not a CURVE server)"
-                self._refused = f"the server at {endpoint} {how}"
-        return self._refused
-
-    def forget(self, socket: zmq.Socket) -> None:
-        """Stop watching ``socket`` (before it closes)."""
-        for pair in [pair for pair in self._monitors if pair[0] is socket]:
-            self._monitors.remove(pair)
-            self._end(*pair)
-
-    def close(self) -> None:
-        for pair in self._monitors:
-            self._end(*pair)
-        self._monitors.clear()
-
-    @staticmethod
-    def _end(socket: zmq.Socket, monitor: zmq.Socket) -> None:
-        try:
-            socket.disable_monitor()
-        except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
-            pass
-        monitor.close(linger=0)

@@ -13,6 +13,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from pylm.errors import PylmError
+from pylm.liveness import heartbeats
 from pylm.protocol import MAGIC
 
 __all__ = [
@@ -71,6 +72,7 @@ def bind(socket: zmq.Socket, address: str) -> str:
     address names the chosen one.
     """
     check_address(address)
+    heartbeats(socket)  # a live server says so, however far behind (pylm.liveness)
     if address.startswith("tcp://"):
         host, _, port = address[len("tcp://") :].rpartition(":")
         if port == "0":

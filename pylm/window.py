@@ -1,19 +1,33 @@
 """The in-flight window of the streaming clients (:class:`~pylm.chained.LoopClient`
 and the parallel :class:`~pylm.parallel.Client`): which jobs are out, until
 when each may wait for an answer, room to send more, the count of a
-streaming job's items, and the loop that sends, waits for answers and ends
-the jobs past their deadline with :class:`~pylm.errors.RequestTimeout`.
+streaming job's items, the loop that sends, waits for answers and ends
+the jobs past their deadline with :class:`~pylm.errors.RequestTimeout`; and
+the client's books, which send a job that seems lost again and deliver its
+first answer only.
 
 A client (a :class:`WindowedClient`) gives the loop what differs between
 clients: how jobs are encoded and sent (``send``) and how answers are read
-(``wait``). Every job
-out has a :class:`Job` record in :attr:`Window.jobs` until its outcome; a
-job's fate (answered, expired) is decided here, so a client's books, such
-as re-sending a job whose instance died, belong in this class too.
+(``wait``). Every job out has a :class:`Job` record in :attr:`Window.jobs`
+until its outcome; a job's fate (answered, sent again, expired) is decided
+here.
+
+A job seems lost once it has waited :data:`RETRY_FLOOR` seconds (or
+:data:`RETRY_FACTOR` times the longest recent answer time, if longer; its
+*grace*) since it was last sent, while a job sent after its first sending
+has been answered: the path works, and this job fell out of it (its
+instance died, or froze). A pipeline that is merely full answers nothing
+sent later either, and gets no copies. It is then sent again, with the same
+id and deadline, if the client's :class:`RetryBudget` has a token; the
+first answer is the job's result, later copies are dropped and counted
+(:attr:`Books.duplicates`). A job of a stream that has begun (its first
+item came) is never sent again. Execution is at least once: a first copy
+may still run somewhere; the client delivers one result per job.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -25,10 +39,15 @@ from typing import TYPE_CHECKING, ClassVar
 from pylm.errors import PylmError
 
 __all__ = [
+    "RETRY_FACTOR",
+    "RETRY_FLOOR",
     "SEND_SLICE",
+    "Body",
+    "Books",
     "Job",
     "JobResult",
     "Outcome",
+    "RetryBudget",
     "Stop",
     "Stream",
     "Window",
@@ -41,6 +60,11 @@ __all__ = [
 # s a client sends for before it reads what came back: a slow payload
 # source must not keep results unread and deadlines unchecked.
 SEND_SLICE = 0.05
+
+# A job seems lost after RETRY_FLOOR s, or RETRY_FACTOR times the longest
+# recent answer time if longer (see the module's doc).
+RETRY_FLOOR = 0.5
+RETRY_FACTOR = 4.0
 
 
 class Stop(IntEnum):
@@ -56,17 +80,24 @@ class Stop(IntEnum):
 # streaming job's items are not over; an END that ends one has no value.
 Outcome = tuple[int, bytes | None, PylmError | None, bool]
 
+# What carries one job alone: a one-frame request, or its frames.
+Body = bytes | list[bytes]
+
 
 class Job:
     """One job out: its payload's position in the client's iterable, when
-    it times out (``time.monotonic()``), and when it was sent."""
+    it times out (``time.monotonic()``), when it was first and last sent,
+    the message that carries it (to send it again; None once it cannot be:
+    its stream has begun), and how many times it was sent."""
 
-    __slots__ = ("deadline", "index", "sent")
+    __slots__ = ("attempts", "body", "deadline", "first", "index", "sent")
 
-    def __init__(self, index: int, deadline: float, sent: float) -> None:
+    def __init__(self, index: int, deadline: float, sent: float, body: Body | None) -> None:
         self.index = index
         self.deadline = deadline
-        self.sent = sent
+        self.first = self.sent = sent
+        self.body = body
+        self.attempts = 1
 
 
 class Stream(Job):
@@ -76,40 +107,190 @@ class Stream(Job):
     __slots__ = ("announced", "items")
 
     def __init__(self, job: Job) -> None:
-        super().__init__(job.index, job.deadline, job.sent)
+        super().__init__(job.index, job.deadline, job.sent, None)
+        self.first = job.first
+        self.attempts = job.attempts
         self.items = 0
         self.announced: int | None = None
+
+
+class RetryBudget:
+    """How many jobs a client may send again: a token per job sent again;
+    ``ratio`` of a token earned per job answered and ``per_second`` tokens
+    a second, at most ``burst`` kept (gRPC's retry throttling, in spirit),
+    so that a sick cluster is not flooded with copies."""
+
+    __slots__ = ("_at", "burst", "per_second", "ratio", "tokens")
+
+    def __init__(self, burst: float, ratio: float = 0.1, per_second: float = 5.0) -> None:
+        self.burst = burst
+        self.ratio = ratio
+        self.per_second = per_second
+        self.tokens = burst
+        self._at = time.monotonic()
+
+    def earn(self, answered: int) -> None:
+        """``answered`` jobs got their answer."""
+        self.tokens = min(self.burst, self.tokens + answered * self.ratio)
+
+    def spend(self, now: float) -> bool:
+        """Take a token, if there is one once the time's share is in."""
+        tokens = min(self.burst, self.tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1
+        return True
+
+
+_RESENT_KEPT = 1 << 16  # ids of jobs sent again remembered, to name their copies
+
+
+class Books:
+    """What a client keeps across its runs of jobs: its retry budget (None:
+    jobs are never sent again), the ids of the jobs it sent again (bounded:
+    an answer to one that is no longer out is a duplicate), and the counts."""
+
+    __slots__ = ("budget", "duplicates", "refused", "resent", "retried", "slow")
+
+    def __init__(self, budget: RetryBudget | None) -> None:
+        self.budget = budget
+        self.slow = 0.0  # the longest recent answer time, s, decaying
+        self.resent: OrderedDict[int, None] = OrderedDict()
+        self.retried = 0  # jobs sent again
+        self.refused = 0  # times the budget had no token for a job that seemed lost
+        self.duplicates = 0  # later copies of answers, dropped
+
+    def unknown(self, msg_id: int) -> bool:
+        """An answer to no job out: True (and counted) if it is a copy of a
+        job sent again."""
+        if msg_id in self.resent:
+            self.duplicates += 1
+            return True
+        return False
+
+    def note_resent(self, msg_id: int) -> None:
+        resent = self.resent
+        resent[msg_id] = None
+        if len(resent) > _RESENT_KEPT:
+            resent.popitem(last=False)
 
 
 class Window:
     """At most ``size`` jobs out at once, each ending with an answer or,
     after ``timeout`` seconds without one, with the error
-    ``timed_out(index, together)`` gives (``together``: the jobs that
-    timed out at once). One per run of a client's jobs."""
+    ``timed_out(index, together, attempts)`` gives (``together``: the jobs
+    that timed out at once). Jobs that seem lost are sent again as the
+    ``books`` allow. One per run of a client's jobs."""
 
-    __slots__ = ("_sent", "_timed_out", "jobs", "size", "timeout")
+    __slots__ = (
+        "_answered",
+        "_earliest",
+        "_sent",
+        "_timed_out",
+        "again",
+        "books",
+        "jobs",
+        "size",
+        "timeout",
+    )
 
     def __init__(
-        self, size: int, timeout: float, timed_out: Callable[[int, int], PylmError]
+        self,
+        size: int,
+        timeout: float,
+        timed_out: Callable[[int, int, int], PylmError],
+        books: Books | None = None,
     ) -> None:
-        # message id -> job, the oldest deadline first
+        # message id -> job, in the order they were last sent (a job sent
+        # again is moved to the end), but that a flowing stream is too
         self.jobs: OrderedDict[int, Job] = OrderedDict()
         self.size = size
         self.timeout = timeout
         self._timed_out = timed_out
+        self.books = books if books is not None else Books(None)
         self._sent = 0  # jobs sent so far: the next one's index
+        # Jobs to send again: the client's send sends them before new ones,
+        # then calls resent().
+        self.again: list[tuple[int, Job]] = []
+        self._answered = -math.inf  # the latest sending time of a job answered
+        self._earliest = math.inf  # the earliest deadline of a job moved to the end
 
-    def add(self, ids: Iterable[int], now: float) -> None:
-        """Jobs just sent at ``now``, as messages ``ids``, in payload order."""
+    def add(self, ids: Iterable[int], bodies: Iterable[Body], now: float) -> None:
+        """Jobs just sent at ``now``, as messages ``ids``, in payload order,
+        each carried alone by its body in ``bodies``."""
         jobs, index, deadline = self.jobs, self._sent, now + self.timeout
-        for msg_id in ids:
-            jobs[msg_id] = Job(index, deadline, now)
+        for msg_id, body in zip(ids, bodies, strict=True):
+            jobs[msg_id] = Job(index, deadline, now, body)
             index += 1
         self._sent = index
 
+    def answered(self, job: Job, now: float, count: int) -> None:
+        """``count`` jobs were answered by ``now``, ``job`` the last of them:
+        the path works for the jobs sent before it, and answers take this
+        long. Called once per answers read together."""
+        if job.sent > self._answered:
+            self._answered = job.sent
+        books = self.books
+        took, slow = now - job.sent, books.slow
+        books.slow = took if took > slow else slow + (took - slow) / 64
+        budget = books.budget
+        if budget is not None:
+            budget.earn(count)
+
+    def grace(self) -> float:
+        """How long a job waits for its answer before it seems lost."""
+        return max(RETRY_FLOOR, RETRY_FACTOR * self.books.slow)
+
+    def retry_at(self) -> float:
+        """When the oldest job will seem lost (inf: not before an answer)."""
+        if self.books.budget is None or not self.jobs:
+            return math.inf
+        job = next(iter(self.jobs.values()))
+        if job.first < self._answered:
+            return job.sent + self.grace()
+        return math.inf
+
+    def overdue(self, now: float) -> None:
+        """Take the jobs that seem lost into :attr:`again`, as many as the
+        budget allows; the others wait another grace (counted as refused)."""
+        budget = self.books.budget
+        if budget is None:
+            return
+        grace, answered, jobs = self.grace(), self._answered, self.jobs
+        due: list[tuple[int, Job]] = []
+        for msg_id, job in jobs.items():
+            if now - job.sent <= grace or job.first >= answered:
+                break
+            if job.body is not None:  # else a stream that has begun: it waits
+                due.append((msg_id, job))
+        for msg_id, job in due:
+            jobs.move_to_end(msg_id)
+            job.sent = now  # not due again before another grace
+            if job.deadline < self._earliest:
+                self._earliest = job.deadline
+            if budget.spend(now):
+                self.again.append((msg_id, job))
+            else:
+                self.books.refused += 1
+
+    def resent(self, ids: Iterable[int], now: float) -> None:
+        """Jobs of :attr:`again` just sent again at ``now``."""
+        jobs, books = self.jobs, self.books
+        for msg_id in ids:
+            job = jobs.get(msg_id)
+            if job is not None:
+                job.sent = now
+                job.attempts += 1
+                books.retried += 1
+                books.note_resent(msg_id)
+
     def flowing(self, msg_id: int, job: Job) -> None:
-        """An item of streaming job ``msg_id`` came: a stream lives while it flows."""
+        """An item of streaming job ``msg_id`` came: a stream lives while it
+        flows, and is not sent again."""
         job.deadline = time.monotonic() + self.timeout
+        job.body = None
         self.jobs.move_to_end(msg_id)
 
     def tally(self, msg_id: int, job: Job, count: int | None) -> None:
@@ -130,11 +311,20 @@ class Window:
     def expire(self, now: float) -> list[Outcome]:
         """Take the jobs whose deadline has passed out, each with its error."""
         jobs = self.jobs
-        expired = [(msg_id, job.index) for msg_id, job in jobs.items() if job.deadline <= now]
+        expired = [(msg_id, job) for msg_id, job in jobs.items() if job.deadline <= now]
         for msg_id, _ in expired:
             del jobs[msg_id]
-        together = len(expired)
-        return [(index, None, self._timed_out(index, together), True) for _, index in expired]
+        self._earliest = min(
+            (job.deadline for job in jobs.values() if job.attempts > 1 or job.body is None),
+            default=math.inf,
+        )
+        if self.again:
+            self.again = [(msg_id, job) for msg_id, job in self.again if msg_id in jobs]
+        together, timed_out = len(expired), self._timed_out
+        return [
+            (job.index, None, timed_out(job.index, together, job.attempts), True)
+            for _, job in expired
+        ]
 
     def run(
         self,
@@ -159,13 +349,23 @@ class Window:
                     return
                 now = clock()
                 if jobs:
-                    oldest = next(iter(jobs.values())).deadline
-                    if oldest <= now:
+                    wake = next(iter(jobs.values())).deadline
+                    if self._earliest < wake:
+                        wake = self._earliest
+                    if wake <= now:
                         yield from self.expire(now)
                         continue
+                    retry = self.retry_at()
+                    if retry <= now:
+                        self.overdue(now)
+                        if self.again:
+                            continue  # sent again before anything new
+                        retry = self.retry_at()  # those refused wait another grace
+                    if retry < wake:
+                        wake = retry
                 else:
-                    oldest = now + self.timeout
-                yield from wait(0 if stop is Stop.SLICED else max(1, int((oldest - now) * 1000)))
+                    wake = now + self.timeout
+                yield from wait(0 if stop is Stop.SLICED else max(1, int((wake - now) * 1000)))
         finally:
             finished()
 
@@ -234,6 +434,7 @@ class WindowedClient:
     :meth:`Window.run`); the rest of a run is the same for every client."""
 
     max_in_flight: int
+    books: Books  # the retry budget and counts, across runs
     _running: bool
     _kind: ClassVar[str]  # the client's class, as its errors name it
 
@@ -243,13 +444,24 @@ class WindowedClient:
 
         def _job_timeout(
             self, function: str, timeout: float
-        ) -> Callable[[int, int], PylmError]: ...
+        ) -> Callable[[int, int, int], PylmError]: ...
 
-    def _init_window(self, max_in_flight: int) -> None:
-        """At most ``max_in_flight`` jobs out at once (a positive int); no run started."""
-        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+    def _init_window(self, max_in_flight: int, retry: bool) -> None:
+        """At most ``max_in_flight`` jobs out at once (a positive int); jobs
+        that seem lost sent again if ``retry``: the budget keeps three
+        windows' worth of tokens (a window lost, and lost again while the
+        instance that froze is still in its senders' rotation); no run
+        started."""
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
             raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+        if not isinstance(retry, bool):
+            raise TypeError(f"retry must be True or False, got {retry!r}")
         self.max_in_flight = max_in_flight
+        self.books = Books(RetryBudget(max(10, 3 * max_in_flight)) if retry else None)
         self._running = False
 
     def job(
@@ -286,7 +498,9 @@ class WindowedClient:
             raise RuntimeError(f"this {self._kind} is already running jobs; use one per thread")
         self._running = True
         try:  # until the window's run begins, which ends with self._finished
-            window = Window(self.max_in_flight, timeout, self._job_timeout(function, timeout))
+            window = Window(
+                self.max_in_flight, timeout, self._job_timeout(function, timeout), self.books
+            )
             send, wait = self._open(function, payloads, timeout, window)
         except BaseException:
             self._running = False

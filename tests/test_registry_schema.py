@@ -43,6 +43,7 @@ def valid() -> dict[str, Any]:
         "branches": ["other.f"],
         "tee": [],
         "functions": ["foo", "_private_ok"],
+        "idempotent": ["foo"],
         "metrics": "http://10.0.0.1:9100/metrics",
         "curve": CURVE_KEY,
         "version": "1.0.0",

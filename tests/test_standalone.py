@@ -69,7 +69,7 @@ def test_seed_example(serve: Serve) -> None:
 def test_import_paths() -> None:
     assert pylm.standalone.servers.Server is Server
     assert pylm.standalone.client.Client is Client
-    assert set(pylm.standalone.__all__) == {"Server", "Client", "AsyncClient"}
+    assert set(pylm.standalone.__all__) == {"Server", "Client", "AsyncClient", "idempotent"}
 
 
 def test_log_line_format(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:

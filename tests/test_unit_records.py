@@ -167,6 +167,19 @@ def test_values_at_the_limits_are_accepted_as_they_are(field: str, value: object
         assert type(record.started) is float
 
 
+def test_a_record_of_a_server_older_than_idempotent_parses_with_none() -> None:
+    data = valid()
+    del data["idempotent"]
+    assert parse(data).idempotent == []
+    assert refusal(with_field("idempotent", "foo")) == (
+        "type",
+        "idempotent",
+        "foo",
+        "field 'idempotent' must be a list, got 'foo'",
+    )
+    assert refusal(with_field("idempotent", ["1f"]))[:2] == ("value", "idempotent")
+
+
 def test_a_parsed_record_has_every_field_of_its_json() -> None:
     record = parse(valid())
     assert record == InstanceRecord(
@@ -180,6 +193,7 @@ def test_a_parsed_record_has_every_field_of_its_json() -> None:
         branches=["other.f"],
         tee=[],
         functions=["foo", "_private_ok"],
+        idempotent=["foo"],
         metrics="http://10.0.0.1:9100/metrics",
         curve=CURVE_KEY,
         version="1.0.0",

@@ -8,17 +8,31 @@ from collections.abc import Generator
 import pytest
 
 from pylm.errors import PylmError, RequestTimeout
-from pylm.window import JobResult, Outcome, Stop, Window, job_results, values
+from pylm.window import (
+    RETRY_FLOOR,
+    Books,
+    JobResult,
+    Outcome,
+    RetryBudget,
+    Stop,
+    Window,
+    job_results,
+    values,
+)
 
 
-def timed_out(index: int, together: int) -> PylmError:
-    return RequestTimeout(f"job {index}, {together} together")
+def timed_out(index: int, together: int, attempts: int) -> PylmError:
+    return RequestTimeout(f"job {index}, {together} together, {attempts} attempt(s)")
+
+
+def add(window: Window, ids: list[int], now: float) -> None:
+    window.add(ids, [b"job %d" % msg_id for msg_id in ids], now)
 
 
 def test_jobs_are_numbered_in_payload_order_across_messages() -> None:
     window = Window(10, 5.0, timed_out)
-    window.add([7, 8], 1.0)
-    window.add([9], 2.0)
+    add(window, [7, 8], 1.0)
+    add(window, [9], 2.0)
     assert [(i, job.index, job.deadline, job.sent) for i, job in window.jobs.items()] == [
         (7, 0, 6.0, 1.0),
         (8, 1, 6.0, 1.0),
@@ -28,12 +42,12 @@ def test_jobs_are_numbered_in_payload_order_across_messages() -> None:
 
 def test_expire_takes_out_only_the_jobs_past_their_deadline() -> None:
     window = Window(10, 5.0, timed_out)
-    window.add([1, 2], 0.0)
-    window.add([3], 1.0)
+    add(window, [1, 2], 0.0)
+    add(window, [3], 1.0)
     outcomes = window.expire(5.0)
     assert [(index, value, str(error), over) for index, value, error, over in outcomes] == [
-        (0, None, "job 0, 2 together", True),
-        (1, None, "job 1, 2 together", True),
+        (0, None, "job 0, 2 together, 1 attempt(s)", True),
+        (1, None, "job 1, 2 together, 1 attempt(s)", True),
     ]
     assert list(window.jobs) == [3]
 
@@ -41,7 +55,7 @@ def test_expire_takes_out_only_the_jobs_past_their_deadline() -> None:
 @pytest.mark.parametrize("order", [["end", "item", "item"], ["item", "end", "item"]])
 def test_a_stream_ends_once_its_end_and_every_item_are_in(order: list[str]) -> None:
     window = Window(10, 5.0, timed_out)
-    window.add([1], 0.0)
+    add(window, [1], 0.0)
     for step, kind in enumerate(order):
         assert 1 in window.jobs, step
         window.tally(1, window.jobs[1], 2 if kind == "end" else None)
@@ -50,7 +64,7 @@ def test_a_stream_ends_once_its_end_and_every_item_are_in(order: list[str]) -> N
 
 def test_a_stream_lives_while_it_flows() -> None:
     window = Window(10, 5.0, timed_out)
-    window.add([1, 2], 0.0)
+    add(window, [1, 2], 0.0)
     window.tally(1, window.jobs[1], None)
     assert list(window.jobs) == [2, 1]  # the oldest deadline first
     assert window.jobs[1].deadline > 5.0
@@ -72,7 +86,7 @@ def run(size: int, payloads: int, answer: bool) -> tuple[list[Outcome], list[int
             msg_id = next(sent, None)
             if msg_id is None:
                 return Stop.DONE
-            window.add([msg_id], 0.0 if not answer else 1e12)
+            add(window, [msg_id], 0.0 if not answer else 1e12)
         return Stop.FULL
 
     def wait(ms: int) -> list[Outcome]:
@@ -125,3 +139,95 @@ def test_job_results_give_results_items_and_failures_not_ends() -> None:
         JobResult(0, b"a", None),
         JobResult(1, None, error),
     ]
+
+
+def retrying(burst: float = 100) -> Window:
+    return Window(100, 10.0, timed_out, Books(RetryBudget(burst, per_second=0)))
+
+
+def test_a_job_passed_by_later_answers_is_sent_again_after_its_grace() -> None:
+    window = retrying()
+    add(window, [1, 2], 0.0)
+    add(window, [3], 0.001)
+    window.answered(window.jobs.pop(3), 0.01, 1)  # a later job answered: the path works
+    assert window.retry_at() == RETRY_FLOOR  # the answer took 9 ms: the floor rules
+    window.overdue(RETRY_FLOOR / 2)
+    assert window.again == []
+    window.overdue(RETRY_FLOOR + 0.1)
+    assert [msg_id for msg_id, _ in window.again] == [1, 2]
+    assert window.again[0][1].body == b"job 1"  # the same message, the same id
+    window.resent([1, 2], RETRY_FLOOR + 0.2)
+    assert [window.jobs[i].attempts for i in (1, 2)] == [2, 2]
+    assert window.books.retried == 2
+    window.jobs.pop(1)
+    assert window.books.unknown(1)  # its second answer: a duplicate, counted
+    assert not window.books.unknown(99)  # an answer to a job never sent again: not one
+    assert window.books.duplicates == 1
+
+
+def test_no_job_is_sent_again_before_a_later_one_is_answered() -> None:
+    window = retrying()
+    add(window, [1, 2], 0.0)
+    window.answered(window.jobs.pop(1), 5.0, 1)  # slow, but in order: nothing is lost
+    assert window.retry_at() > 5.0 + RETRY_FLOOR  # 4 x the 5 s an answer takes
+    window.overdue(6.0)
+    assert window.again == []
+
+
+def test_a_job_sent_again_and_lost_again_is_sent_once_more_after_another_grace() -> None:
+    window = retrying()
+    add(window, [1], 0.0)
+    add(window, [2], 0.1)
+    window.answered(window.jobs.pop(2), 0.11, 1)
+    window.overdue(1.0)
+    window.resent([msg_id for msg_id, _ in window.again], 1.0)
+    window.again.clear()
+    assert window.retry_at() == 1.0 + RETRY_FLOOR  # answered later than its first sending
+    window.overdue(1.0 + RETRY_FLOOR + 0.01)
+    assert [msg_id for msg_id, _ in window.again] == [1]
+
+
+def test_a_full_pipeline_that_answers_nothing_later_gets_no_copies() -> None:
+    window = retrying()
+    add(window, [1], 0.0)
+    add(window, [2, 3], 0.1)
+    window.answered(window.jobs.pop(1), 0.11, 1)  # then nothing: full, or frozen
+    window.overdue(60.0)
+    assert window.again == []
+
+
+def test_a_stream_that_began_is_never_sent_again() -> None:
+    window = retrying()
+    add(window, [1, 2], 0.0)
+    add(window, [3], 0.001)
+    window.tally(1, window.jobs[1], None)  # an item of job 1
+    window.answered(window.jobs.pop(3), 0.01, 1)
+    window.overdue(5.0)
+    assert [msg_id for msg_id, _ in window.again] == [2]
+
+
+def test_the_budget_refuses_retries_beyond_its_tokens_and_the_job_expires_named() -> None:
+    window = retrying(burst=1)
+    add(window, [1, 2], 0.0)
+    add(window, [3], 0.001)
+    window.answered(window.jobs.pop(3), 0.01, 0)
+    window.overdue(1.0)
+    assert [msg_id for msg_id, _ in window.again] == [1]
+    assert window.books.refused == 1  # job 2 waits: no token
+    window.resent([1], 1.0)
+    outcomes = window.expire(10.5)
+    assert sorted(str(error) for _, _, error, _ in outcomes) == [
+        "job 0, 2 together, 2 attempt(s)",
+        "job 1, 2 together, 1 attempt(s)",
+    ]
+
+
+def test_the_budget_earns_a_tenth_of_a_token_per_answer_and_some_per_second() -> None:
+    budget = RetryBudget(5, ratio=0.1, per_second=2.0)
+    budget.tokens, budget._at = 0.0, 0.0
+    assert not budget.spend(0.25)  # half a token
+    assert budget.spend(0.5)  # one
+    budget.earn(10)
+    assert budget.spend(0.5)
+    budget.earn(1000)
+    assert budget.tokens == 5  # at most the burst

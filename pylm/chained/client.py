@@ -19,6 +19,7 @@ from pylm.chained.wiring import Pipeline, Wiring, find_pipeline
 from pylm.discovery import DEFAULT_WAIT, check_wait
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.liveness import to_live_peers
 from pylm.protocol import (
     BATCH_PREFIX,
     COUNT,
@@ -33,7 +34,7 @@ from pylm.protocol import (
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
+from pylm.window import Body, Job, JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -77,6 +78,9 @@ class LoopClient(Caller, WindowedClient, Closing):
     and so do their results, stage after stage; for many small jobs this
     multiplies the throughput. The payloads are taken from the iterable that
     many at a time, so leave it at 1 for an iterable that waits between items.
+    ``retry``: a job that seems lost (an instance on its path died or froze)
+    is sent again and its first result delivered, later copies dropped
+    (:mod:`pylm.window` says when; execution is then at least once).
     A LoopClient is for one thread at a time.
     """
 
@@ -94,6 +98,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         batch: int = 1,
         hwm: int = 1000,
+        retry: bool = True,
         announce: bool = True,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
@@ -134,7 +139,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         addresses = [check_address(address, "push_address") for address in pushes]
         if not addresses:
             raise ValueError("push_address needs at least one address")
-        self._init_window(max_in_flight)
+        self._init_window(max_in_flight, retry)
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be an int from 1 to {MAX_BATCH}, got {batch!r}")
         self.batch = batch
@@ -154,19 +159,18 @@ class LoopClient(Caller, WindowedClient, Closing):
             # handshake failures are watched already (Caller._no_answer).
             watch=not self._by_name and self.curve is None,
             secure=lambda socket: self._secure_stage(socket, last_key),
-            forget=self._handshakes.forget,
+            forget=self._connections.forget,
             no_answer=self._no_answer,
             ids=self._ids,
         )
-        self._jobs: zmq.Socket | None = self._secure(context.socket(zmq.PUSH))
+        self._jobs: zmq.Socket | None = self._secure(to_live_peers(context.socket(zmq.PUSH)))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
         self._wiring.watch_jobs(self._jobs)
-        # Not IMMEDIATE: with it, jobs queued for a first-stage instance that
-        # leaves cleanly were lost (measured), while without it they reach the
-        # instance, which serves them before it closes. The price: a killed
-        # instance gets its share of jobs until its record expires.
-        for endpoint in self.endpoints:  # several first-stage instances: round-robin
+        # Several first-stage instances: round-robin among the live ones
+        # (pylm.liveness); what was queued for one that died or left is sent
+        # again by the window's books.
+        for endpoint in self.endpoints:
             self._jobs.connect(endpoint)
         self._cache: CacheClient | None = None
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
@@ -204,62 +208,77 @@ class LoopClient(Caller, WindowedClient, Closing):
         prefix = protocol.request_prefix(target, self.route)
         tail = target + self.route
         inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
-        add, batch = window.add, self.batch
+        add, resent, batch = window.add, window.resent, self.batch
         wiring = self._wiring
         results = wiring.sockets  # changed in place as the last stage's instances change
         poller = zmq.Poller()
         for socket in results:
             poller.register(socket, zmq.POLLIN)
-        # Jobs the pipeline had no room for yet: their ids and frames.
-        waiting: tuple[list[int], bytes | list[bytes]] | None = None
+        # A message the pipeline had no room for yet: its jobs' ids, the
+        # message, and whether they are jobs sent again. Its jobs are on the
+        # window's books from the moment they are taken (their deadlines run).
+        waiting: tuple[list[int], Body, bool] | None = None
         carried: bytes | None = None  # a large payload taken, to go on its own next
         ids, clock, wall = self._ids, time.monotonic, time.time
         exhausted = False
 
         def send(room: int, until: float) -> Stop:
-            """Up to ``batch`` small jobs per message while there is room."""
+            """Jobs sent again first, then new ones while there is room: up
+            to ``batch`` small jobs per message."""
             nonlocal waiting, carried, exhausted
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
-            while room > 0:
+            if waiting is not None and waiting[0][0] not in window.jobs:
+                waiting = None  # it timed out before the pipeline had room for it
+            while True:
                 if waiting is None:
-                    if exhausted:
+                    if window.again:
+                        waiting = _again(window, batch)
+                    elif room <= 0:
+                        return Stop.FULL
+                    elif exhausted:
                         return Stop.DONE
-                    group: list[int] = []
-                    bodies: list[bytes] = []
-                    take = min(room, batch)
-                    while len(bodies) < take:
-                        payload = carried if carried is not None else next(payloads, None)
-                        carried = None
-                        if payload is None:
-                            exhausted = True
-                            break
-                        if type(payload) is bytes and len(payload) <= inline_limit:
-                            msg_id = next(ids)
-                            stamp = pack_id_deadline(msg_id, wall() + timeout)
-                            bodies.append(b"".join((prefix, stamp, tail, payload)))
-                            group.append(msg_id)
-                        elif bodies:
-                            carried = payload  # a large one goes on its own, next
-                            break
-                        else:
-                            protocol.check_payload(payload, self._calls.max_payload)
-                            msg_id = next(ids)
-                            frames = protocol.encode(
-                                protocol.REQUEST,
-                                msg_id,
-                                bytes(payload),
-                                target,
-                                self.route,
-                                wall() + timeout,
-                            )
-                            waiting = ([msg_id], frames[0] if len(frames) == 1 else frames)
-                            break
-                    if waiting is None:
-                        if not bodies:
-                            return Stop.DONE
-                        message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
-                        waiting = (group, message)
+                    else:
+                        group: list[int] = []
+                        bodies: list[bytes] = []
+                        take = min(room, batch)
+                        while len(bodies) < take:
+                            payload = carried if carried is not None else next(payloads, None)
+                            carried = None
+                            if payload is None:
+                                exhausted = True
+                                break
+                            if type(payload) is bytes and len(payload) <= inline_limit:
+                                msg_id = next(ids)
+                                stamp = pack_id_deadline(msg_id, wall() + timeout)
+                                bodies.append(b"".join((prefix, stamp, tail, payload)))
+                                group.append(msg_id)
+                            elif bodies:
+                                carried = payload  # a large one goes on its own, next
+                                break
+                            else:
+                                protocol.check_payload(payload, self._calls.max_payload)
+                                msg_id = next(ids)
+                                frames = protocol.encode(
+                                    protocol.REQUEST,
+                                    msg_id,
+                                    bytes(payload),
+                                    target,
+                                    self.route,
+                                    wall() + timeout,
+                                )
+                                body = frames[0] if len(frames) == 1 else frames
+                                add([msg_id], [body], clock())
+                                room -= 1
+                                waiting = ([msg_id], body, False)
+                                break
+                        if waiting is None:
+                            if not bodies:
+                                return Stop.DONE
+                            message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
+                            add(group, bodies, clock())
+                            room -= len(group)
+                            waiting = (group, message, False)
                 try:
                     outgoing = waiting[1]
                     if isinstance(outgoing, bytes):
@@ -269,12 +288,11 @@ class LoopClient(Caller, WindowedClient, Closing):
                 except zmq.Again:
                     return Stop.BLOCKED
                 now = clock()
-                add(waiting[0], now)
-                room -= len(waiting[0])
+                if waiting[2]:
+                    resent(waiting[0], now)
                 waiting = None
                 if now >= until:
                     return Stop.SLICED
-            return Stop.FULL
 
         def wait(ms: int) -> list[Outcome]:
             if waiting is not None:
@@ -293,10 +311,13 @@ class LoopClient(Caller, WindowedClient, Closing):
     def _collect(
         self, socket: zmq.Socket, window: Window, numbers: FunctionStats | None
     ) -> list[Outcome]:
-        """Every result waiting on ``socket``; counted in ``numbers``."""
+        """Every result waiting on ``socket``; counted in ``numbers``. A
+        result for no job out is dropped (a copy of a job sent again, or
+        one that timed out, or garbage) and counted."""
         outcomes: list[Outcome] = []
-        recv, jobs = socket.recv, window.jobs
+        recv, jobs, books = socket.recv, window.jobs, window.books
         pop = jobs.pop
+        last: Job | None = None  # the last job answered
         # One clock reading for the results drained together (they were all
         # there by then): a job took now - its sending time.
         now = time.monotonic()
@@ -309,6 +330,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                 try:
                     body = recv(zmq.NOBLOCK)
                 except zmq.Again:
+                    if last is not None:
+                        window.answered(last, now, len(outcomes))
                     return outcomes
                 if body[LEAD] == BATCH_PREFIX:
                     try:
@@ -319,10 +342,13 @@ class LoopClient(Caller, WindowedClient, Closing):
                     bodies.reverse()  # popped from the end: in order
                     continue
             if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE:  # a one-frame REPLY
-                entry = pop(read_id(body)[0], None)
+                msg_id = read_id(body)[0]
+                entry = pop(msg_id, None)
                 if entry is None:
                     self.dropped += 1
+                    books.unknown(msg_id)
                 else:
+                    last = entry
                     outcomes.append((entry.index, body[HEAD_SIZE:], None, True))
                     if numbers is None:
                         continue
@@ -340,6 +366,8 @@ class LoopClient(Caller, WindowedClient, Closing):
             entry = None if message is None else jobs.get(message.msg_id)
             if entry is None or message is None:
                 self.dropped += 1
+                if message is not None:
+                    books.unknown(message.msg_id)
                 continue
             if message.kind == protocol.REPLY and message.flags & protocol.MORE:
                 # An item of a job that gives several results (a Hub's).
@@ -352,6 +380,7 @@ class LoopClient(Caller, WindowedClient, Closing):
                 window.tally(message.msg_id, entry, count)
                 continue
             pop(message.msg_id)
+            last = entry
             took = now - entry.sent
             try:
                 result = protocol.result_of(message)
@@ -420,3 +449,24 @@ class LoopClient(Caller, WindowedClient, Closing):
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+
+
+def _again(window: Window, batch: int) -> tuple[list[int], Body, bool]:
+    """The next message of jobs to send again, taken from ``window.again``:
+    up to ``batch`` one-frame jobs in one message, a larger one alone."""
+    again = window.again
+    msg_id, job = again[0]
+    body = job.body
+    assert body is not None  # a job is sent again only while it has its body
+    if not isinstance(body, bytes) or batch == 1:
+        del again[0]
+        return [msg_id], body, True
+    group: list[int] = []
+    bodies: list[bytes] = []
+    for msg_id, job in again:
+        if len(group) == batch or not isinstance(job.body, bytes):
+            break
+        group.append(msg_id)
+        bodies.append(job.body)
+    del again[: len(group)]
+    return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True

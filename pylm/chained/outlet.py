@@ -20,6 +20,7 @@ from pylm import protocol
 from pylm.calls import curve_key
 from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
+from pylm.liveness import to_live_peers
 from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
@@ -156,7 +157,7 @@ class Outlet:
 
     def _push_socket(self) -> zmq.Socket:
         assert self._context is not None
-        socket: zmq.Socket = self._context.socket(zmq.PUSH)
+        socket: zmq.Socket = to_live_peers(self._context.socket(zmq.PUSH))
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self._hwm)
         self._secure(socket)

@@ -15,10 +15,11 @@ from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError
 from pylm.lifecycle import Closing
+from pylm.liveness import to_live_peers
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
+from pylm.window import Job, JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -42,7 +43,10 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
 
     At most ``max_in_flight`` jobs are out at once. A job that yields no
     result (nor stream item) within ``timeout`` raises
-    :class:`~pylm.errors.RequestTimeout`. A Client is for one thread at a time.
+    :class:`~pylm.errors.RequestTimeout`. ``retry``: a job that seems lost
+    (the master it went to died) is sent again and its first result
+    delivered (:mod:`pylm.window` says when). A Client is for one thread at
+    a time.
     """
 
     endpoint_role = "front"
@@ -56,14 +60,17 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         timeout: float = DEFAULT_TIMEOUT,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        retry: bool = True,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
         wait: float = DEFAULT_WAIT,
     ) -> None:
         super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
-        self._init_window(max_in_flight)
-        self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
+        self._init_window(max_in_flight, retry)
+        self._socket: zmq.Socket | None = self._secure(
+            to_live_peers(default_context(context).socket(zmq.DEALER))
+        )
         self._socket.setsockopt(zmq.LINGER, 0)
         # No receive limit: the jobs in flight bound what comes, and a full
         # queue would make the master hold answers back.
@@ -101,7 +108,9 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         seconds = self._timeout_of(timeout)
         socket = self._open_socket()
         msg_id, frames = self._calls.ping(seconds)
-        socket.send_multipart(frames)
+        if not socket.poll(int(seconds * 1000), zmq.POLLOUT):  # no live master
+            raise self._timeout_error("ping", seconds)
+        socket.send_multipart(frames, zmq.NOBLOCK)
         return pong_info(self._answer(socket, msg_id, seconds, "ping"))
 
     # ------------------------------------------------------------------ cache
@@ -121,6 +130,9 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         seconds = self._timeout_of(timeout)
         msg_id, frames = cache_request(self._calls, function, payload, seconds)
         try:
+            # A side socket just made routes once its connection is up.
+            if not socket.poll(int(seconds * 1000), zmq.POLLOUT):
+                raise zmq.Again
             socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
         except zmq.Again:
             raise self._timeout_error(function, seconds) from None
@@ -152,31 +164,48 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
     ) -> tuple[Send, Wait]:
         socket = self._open_socket()
-        request, add, clock = self._calls.request, window.add, time.monotonic
-        held: list[bytes] | None = None  # a request the socket had no room for
+        request, add, resent, clock = self._calls.request, window.add, window.resent, time.monotonic
+        # A request the socket had no room for (its job on the window's books
+        # from the moment it is taken: its deadline runs), and whether it is
+        # a job sent again.
+        held: list[bytes] | None = None
         held_id = 0
+        held_again = False
         exhausted = False
 
         def send(room: int, until: float) -> Stop:
-            nonlocal held, held_id, exhausted
-            while room > 0:
+            """Jobs sent again first, then new ones while there is room."""
+            nonlocal held, held_id, held_again, exhausted
+            if held is not None and held_id not in window.jobs:
+                held = None  # it timed out before the master had room for it
+            while True:
                 if held is None:
-                    payload = None if exhausted else next(payloads, None)
-                    if payload is None:
-                        exhausted = True
-                        return Stop.DONE
-                    held_id, held = request(function, payload, timeout)
+                    if window.again:
+                        held_id, job = window.again.pop(0)
+                        body = job.body
+                        assert body is not None  # sent again only while it has it
+                        held, held_again = [body] if isinstance(body, bytes) else body, True
+                    elif room <= 0:
+                        return Stop.FULL
+                    else:
+                        payload = None if exhausted else next(payloads, None)
+                        if payload is None:
+                            exhausted = True
+                            return Stop.DONE
+                        held_id, held = request(function, payload, timeout)
+                        held_again = False
+                        add((held_id,), (held[0] if len(held) == 1 else held,), clock())
+                        room -= 1
                 try:
                     socket.send_multipart(held, zmq.NOBLOCK)
                 except zmq.Again:
                     return Stop.BLOCKED
                 now = clock()
-                add((held_id,), now)
-                room -= 1
+                if held_again:
+                    resent((held_id,), now)
                 held = None
                 if now >= until:
                     return Stop.SLICED
-            return Stop.FULL
 
         def wait(ms: int) -> list[Outcome]:
             events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
@@ -188,8 +217,9 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         """The outcomes of the answers waiting on ``socket`` (1,024 at most:
         deadlines are checked between drains)."""
         outcomes: list[Outcome] = []
-        jobs, took = window.jobs, self._calls.took
+        jobs, took, books = window.jobs, self._calls.took, window.books
         now = time.monotonic()  # one clock reading for the answers drained together
+        last: Job | None = None  # the last job answered
         for _ in range(1024):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -198,10 +228,13 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             body = frames[0]
             if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE and len(frames) == 1:
                 # fast path: a final REPLY in one frame
-                job = jobs.pop(read_id(body)[0], None)
+                msg_id = read_id(body)[0]
+                job = jobs.pop(msg_id, None)
                 if job is None:
                     self.dropped += 1
+                    books.unknown(msg_id)
                     continue
+                last = job
                 value = body[HEAD_SIZE:]  # no target nor route: REPLY_PREFIX says so
                 outcomes.append((job.index, value, None, True))
                 took(function, now - job.sent, 0, len(value))
@@ -210,12 +243,15 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             job = None if message is None else jobs.get(message.msg_id)
             if message is None or job is None:
                 self.dropped += 1
+                if message is not None:
+                    books.unknown(message.msg_id)
                 continue
             if message.kind == protocol.REPLY and message.flags & protocol.MORE:
                 window.flowing(message.msg_id, job)
                 outcomes.append((job.index, message.payload, None, False))
                 continue
             del jobs[message.msg_id]
+            last = job
             if message.kind == protocol.END:
                 outcomes.append((job.index, None, None, True))
                 took(function, now - job.sent, 0, 0)
@@ -228,6 +264,8 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             else:
                 outcomes.append((job.index, value, None, True))
                 took(function, now - job.sent, 0, len(value))
+        if last is not None:
+            window.answered(last, now, len(outcomes))
         return outcomes
 
     def close(self) -> None:

@@ -294,6 +294,7 @@ class InstanceRecord:
     branches: list[str] = field(default_factory=list)  # more next calls (handle_stream)
     tee: list[str] = field(default_factory=list)  # calls that get a copy of every result
     functions: list[str] = field(default_factory=list)
+    idempotent: list[str] = field(default_factory=list)  # functions safe to call again
     metrics: str | None = None
     curve: str | None = None  # the server's CURVE public key (Z85), when it requires CURVE
     version: str = ""
@@ -306,7 +307,8 @@ class InstanceRecord:
     def from_json(cls, raw: bytes, key: str | bytes) -> InstanceRecord:
         """Parse the record read from ``key`` (see :func:`parse_key`);
         :class:`MalformedRecord` naming the field and value at fault if it
-        does not follow the schema. Every field is required."""
+        does not follow the schema. Every field is required, but
+        ``idempotent`` (records of servers older than it have none)."""
         section, key_name, key_instance = parse_key(key)
         if section != "instances":
             raise MalformedRecord("key", "", key, "is not an instances/NAME/ID key")
@@ -364,6 +366,10 @@ class InstanceRecord:
                 check_call(call, "tee") for call in _list(_require(data, "tee"), "tee", MAX_CALLS)
             ],
             functions=[_function_name(function, "functions") for function in functions],
+            idempotent=[
+                _function_name(function, "idempotent")
+                for function in _list(data.get("idempotent", []), "idempotent", MAX_FUNCTIONS)
+            ],
             metrics=_metrics_url(_require(data, "metrics"), "metrics"),
             curve=_curve(_require(data, "curve"), "curve"),
             version=_string(_require(data, "version"), "version", 64, empty=True),

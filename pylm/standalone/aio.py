@@ -14,6 +14,7 @@ from pylm.cache_calls import cache_request, encode_key, encode_set
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout
+from pylm.liveness import to_live_peers
 from pylm.protocol import (
     DEFAULT_MAX_PAYLOAD,
     HEAD_SIZE,
@@ -179,7 +180,7 @@ class AsyncClient(Caller):
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._socket is None:
-            socket = self._secure(self._context.socket(zmq.DEALER))
+            socket = self._secure(to_live_peers(self._context.socket(zmq.DEALER)))
             socket.setsockopt(zmq.LINGER, 0)
             # No limit on answers queued here: a REP server drops an answer
             # its client's queue has no room for, and every call in flight

@@ -12,8 +12,9 @@ from pylm import protocol
 from pylm.cache_calls import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
-from pylm.errors import ProtocolError, PylmError, RequestTimeout
+from pylm.errors import InstanceLost, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
+from pylm.liveness import to_live_peers
 from pylm.protocol import (
     DEFAULT_MAX_PAYLOAD,
     HEAD_SIZE,
@@ -26,6 +27,7 @@ from pylm.protocol import (
 )
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context, send_frame
+from pylm.window import RETRY_FACTOR, RETRY_FLOOR, Books, RetryBudget
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 _SNDMORE = zmq.SNDMORE
+_NOBLOCK = zmq.NOBLOCK
+_BURST = 10  # calls a client may send again at once, beyond its budget's earnings
 _time = time.time
 _perf_counter = time.perf_counter
 
@@ -51,6 +55,17 @@ class Client(CacheCalls, Caller, Closing):
     (``Client('my_server')``) finds its instances in the registry, waiting up
     to ``wait`` seconds for one, else raises :class:`~pylm.errors.NoInstance`.
     One client may be shared by threads; its calls then take turns.
+
+    Calls go to live instances only (:mod:`pylm.liveness`). A call whose
+    instance dies while it is out is sent again to another if it may run
+    twice: ``retry`` None (the default) for the functions the server marks
+    :func:`~pylm.standalone.idempotent` (known from the registry), True for
+    every call, False for none. It is sent again at once when a connection
+    drops, or after it waited ``RETRY_FLOOR`` (or 4 times the longest
+    recent answer time, if longer), as the retry budget allows; its first
+    answer is the result, later copies are dropped. A call not sent again
+    that gets no answer after a connection dropped raises
+    :class:`~pylm.errors.InstanceLost`: it may have run.
     """
 
     def __init__(
@@ -64,17 +79,26 @@ class Client(CacheCalls, Caller, Closing):
         registry: Registry | str | None = None,
         curve: Curve | None = None,
         wait: float = DEFAULT_WAIT,
+        retry: bool | None = None,
     ) -> None:
+        if retry not in (None, True, False):
+            raise TypeError(f"retry must be None, True or False, got {retry!r}")
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
+        self.retry = retry
+        self.books = Books(RetryBudget(_BURST))  # calls sent again, and their copies
         self._lock = threading.Lock()
         # A DEALER, sending each message as it is (the server's ROUTER
         # answers in the envelope a request came in). No request/reply state
         # machine to wedge after a timeout, and answers are matched to calls
         # by their message id, late ones dropped (cheaper than a REQ with
         # REQ_CORRELATE, whose request ids cost a frame each way).
-        self._socket: zmq.Socket | None = self._secure(default_context(context).socket(zmq.DEALER))
+        self._socket: zmq.Socket | None = self._secure(
+            to_live_peers(default_context(context).socket(zmq.DEALER))
+        )
         self._socket.setsockopt(zmq.LINGER, 0)
-        for endpoint in self.endpoints:  # several instances: DEALER takes turns among them
+        # Several instances: DEALER takes turns among the live ones (pylm.liveness).
+        self._connections.watch(self._socket, drops=True)
+        for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         self._default_millis = int(self.timeout * 1000)
         self._set_timeout(self._socket, self._default_millis)
@@ -91,7 +115,8 @@ class Client(CacheCalls, Caller, Closing):
             or type(message) is not bytes
             or len(message) > calls.inline_limit
             or self._socket_timeout != self._default_millis
-            or (peers is not None and (peers.changed or peers.partial))
+            or (peers is not None and (peers.changed or peers.partial or peers.idempotent))
+            or self.retry
         ):
             return self._job(function, message, timeout)
         # Fast path, the common call: a function called before, a small
@@ -107,34 +132,41 @@ class Client(CacheCalls, Caller, Closing):
             socket = self._socket
             if socket is None:
                 raise RuntimeError("the client is closed")
+            answers: list[bytes] | None = None
             try:
-                send_frame(socket, body)
-                answer = socket.recv()
-                result = reply_payload(answer, stamp)
-                if result is not None:
-                    numbers = entry[2]
-                    if numbers is not None:
-                        took = _perf_counter() - began
-                        numbers.done(took, len(message), len(result))
-                    return result
-                if not answer:  # a delimiter first: the answer of a REP
-                    answer = socket.recv()
-                received = self._rest_of(socket, answer)
+                send_frame(socket, body, _NOBLOCK)
             except zmq.Again:
-                calls.timed_out(function)
-                raise self._timeout_error(function, self.timeout) from None
-            if received and _answers(received, msg_id):
-                answers = received
-            else:  # a late answer to an earlier call, or garbage: the careful way
-                if received:
-                    self._late_or_foreign(received[0], function)
+                pass  # no live instance now: the careful way (below), which waits
+            else:
                 try:
-                    answers = self._await(socket, msg_id, began + self.timeout, function)
-                except RequestTimeout:
+                    answer = socket.recv()
+                    result = reply_payload(answer, stamp)
+                    if result is not None:
+                        numbers = entry[2]
+                        if numbers is not None:
+                            took = _perf_counter() - began
+                            numbers.done(took, len(message), len(result))
+                        return result
+                    if not answer:  # a delimiter first: the answer of a REP
+                        answer = socket.recv()
+                    received = self._rest_of(socket, answer)
+                except zmq.Again:
                     calls.timed_out(function)
-                    raise
+                    raise self._lost_or_timeout(function, self.timeout, None) from None
+                if received and _answers(received, msg_id):
+                    answers = received
+                else:  # a late answer to an earlier call, or garbage: the careful way
+                    if received:
+                        self._late_or_foreign(received[0], function)
+                    late = self._receive(socket, msg_id, began + self.timeout, function, None)
+                    if late is None:
+                        calls.timed_out(function)
+                        raise self._lost_or_timeout(function, self.timeout, None)
+                    answers = late
         finally:
             lock.release()
+        if answers is None:
+            return self._job(function, message, None)
         return self._result(function, began, len(message), answers, msg_id)
 
     def _job(self, function: str, message: bytes, timeout: float | None) -> bytes:
@@ -180,11 +212,18 @@ class Client(CacheCalls, Caller, Closing):
         answers = self._exchange(frames, msg_id, seconds, function, cache=True)
         return protocol.result_of(protocol.decode(answers))
 
+    def _retried(self, function: str) -> bool:
+        """Whether a call of ``function`` is sent again when it seems lost."""
+        if self.retry is not None:
+            return self.retry
+        return self._peers is not None and function in self._peers.idempotent
+
     def _exchange(
         self, frames: list[bytes], msg_id: int, timeout: float, what: str, cache: bool = False
     ) -> list[bytes]:
         """Send a request (``cache``: to the server's cache); the frames of
-        the answer to it."""
+        the answer to it. A call of a function :meth:`_retried` is sent
+        again while it seems lost."""
         with self._lock:
             socket = self._socket
             if socket is None:
@@ -199,29 +238,84 @@ class Client(CacheCalls, Caller, Closing):
                 socket = self._cache_socket(socket)
             else:
                 socket = self._socket_for(what, socket)  # a version rolling out: who has it
-            deadline = _perf_counter() + timeout
+            began = _perf_counter()
+            deadline = began + timeout
+            drops = self._connections.drops_now()
             try:
                 socket.send_multipart(frames, copy=len(frames) == 1)
             except zmq.Again:
                 raise self._timeout_error(what, timeout) from None
-            return self._await(socket, msg_id, deadline, what)
+            retried = not cache and self._retried(what)
+            sent, attempts = began, 1
+            while True:
+                until = deadline
+                if retried:
+                    until = min(deadline, sent + max(RETRY_FLOOR, RETRY_FACTOR * self.books.slow))
+                answer = self._receive(socket, msg_id, until, what, drops if retried else None)
+                now = _perf_counter()
+                if answer is not None:
+                    if retried:
+                        took, slow = now - sent, self.books.slow
+                        self.books.slow = took if took > slow else slow + (took - slow) / 64
+                    return answer
+                if now >= deadline:
+                    raise self._lost_or_timeout(what, timeout, drops, attempts)
+                # It seems lost: its connection dropped, or its grace is over.
+                drops = self._connections.drops
+                assert self.books.budget is not None
+                if self.books.budget.spend(now):
+                    try:
+                        socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+                    except zmq.Again:
+                        pass  # no live instance now: waits another grace
+                    else:
+                        attempts += 1
+                        self.books.retried += 1
+                        self.books.note_resent(msg_id)
+                else:
+                    self.books.refused += 1
+                sent = now
 
-    def _await(self, socket: zmq.Socket, msg_id: int, deadline: float, what: str) -> list[bytes]:
-        """Receive until the answer to ``msg_id`` comes, dropping late answers
-        to earlier calls; RequestTimeout at ``deadline`` (perf_counter time)."""
+    def _receive(
+        self, socket: zmq.Socket, msg_id: int, until: float, what: str, drops: int | None
+    ) -> list[bytes] | None:
+        """Receive until the answer to ``msg_id`` comes (its frames), dropping
+        late answers to earlier calls; None at ``until`` (perf_counter time),
+        or, when ``drops`` is given, once more connections than that dropped."""
         while True:
-            left = deadline - _perf_counter()
+            left = until - _perf_counter()
             if left <= 0:
-                raise self._timeout_error(what, self._socket_timeout / 1000)
+                return None
             # In slices: Ctrl-C caught by another thread (the registry's) does
             # not wake this one; between slices Python runs its handler.
             if not socket.poll(max(1, min(int(left * 1000), 50))):
+                if drops is not None and self._connections.drops_now() > drops:
+                    return None
                 continue
             frames = socket.recv_multipart()
             body = frames[1:] if frames[0] == b"" else frames
             if body and _answers(body, msg_id):
                 return body
             self._late_or_foreign(body[0] if body else b"", what)
+
+    def _lost_or_timeout(
+        self, what: str, timeout: float, drops: int | None, attempts: int = 1
+    ) -> RequestTimeout:
+        """The error of a call with no answer within ``timeout``: sent
+        ``attempts`` times; :class:`InstanceLost` if a connection dropped
+        since there were ``drops`` (None: since the client last looked)."""
+        seen = self._connections.drops
+        if self._connections.drops_now() > (seen if drops is None else drops):
+            return InstanceLost(
+                f"no answer from server {self.server_name!r} to {what!r} within {timeout:g} s,"
+                f" and the connection to its instance at {self._connections.dropped} dropped"
+                " meanwhile: the call may have run there (mark the function @idempotent, or"
+                " pass retry=True, to have such calls sent to another instance)"
+            )
+        error = self._timeout_error(what, timeout)
+        if attempts > 1:
+            return type(error)(f"{error}, sent {attempts} times")
+        return error
 
     def _late_or_foreign(self, head: bytes, what: str) -> None:
         """An answer that is not to this call: a pylm one is a late answer to
@@ -233,6 +327,7 @@ class Client(CacheCalls, Caller, Closing):
                 f" something that is not pylm: {head[:40]!r}"
             )
         self.dropped += 1
+        self.books.unknown(read_id(head)[0])
 
     @staticmethod
     def _rest_of(socket: zmq.Socket, head: bytes) -> list[bytes]:
