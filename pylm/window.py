@@ -221,7 +221,8 @@ class Window:
         """Jobs just sent at ``now``, as messages ``ids``, in payload order,
         each carried alone by its body in ``bodies``."""
         jobs, index, deadline = self.jobs, self._sent, now + self.timeout
-        for msg_id, body in zip(ids, bodies, strict=True):
+        # As many of each; strict=True would cost 0.1 us a message.
+        for msg_id, body in zip(ids, bodies, strict=False):
             jobs[msg_id] = Job(index, deadline, now, body)
             index += 1
         self._sent = index

@@ -17,7 +17,6 @@ from prerequisites import needs_etcd
 from servers import Echo, Last, Step
 
 from pylm.chained import LoopClient
-from pylm.errors import RequestTimeout
 from pylm.registry import LocalEtcd, LocalEtcdCluster, Registry
 from pylm.standalone import Client
 from pylm.testing import SOAK
@@ -28,7 +27,7 @@ WINDOW = 500  # a client's jobs in flight at most
 
 
 @pytest.mark.timeout(120 * SOAK)
-def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
+def test_sigkilled_stage_loses_no_job_and_repeats_none(
     pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, serve: Callable[..., object]
 ) -> None:
     serve(Last("last", registry=pylm_registry, log_stdout=False))
@@ -54,17 +53,10 @@ def test_sigkilled_stage_every_job_is_a_result_or_a_timeout_never_two(
                     doomed.send_signal(signal.SIGKILL)  # holding jobs in its queues
         indexes = Counter(outcome.index for outcome in outcomes)
         assert len(outcomes) == total and set(indexes) == set(range(total))  # each once
-        failed = [o for o in outcomes if o.error is not None]
-        assert all(isinstance(o.error, RequestTimeout) for o in failed)  # typed, not silent
-        # A floor of results: both stages served until the kill (checked
-        # above), and the survivor serves everything once the doomed stage
-        # leaves routing (its lease: 1 s). A lost job holds its slot for the
-        # 3 s timeout, so each timeout lets at most one window of jobs be
-        # lost (one is, in practice): 3 windows leave the doomed stage 9 s.
-        assert len(failed) <= 3 * WINDOW, f"{len(failed)} of {total} jobs timed out"
+        # What the killed stage held was sent again by the client's books.
+        assert [o for o in outcomes if o.error is not None] == []
         for outcome in outcomes:
-            if outcome.error is None:
-                assert outcome.value == b"%d>step>done" % outcome.index
+            assert outcome.value == b"%d>step>done" % outcome.index
         assert doomed.wait(10) == -signal.SIGKILL
     finally:
         doomed.kill()

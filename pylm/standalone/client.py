@@ -212,6 +212,13 @@ class Client(CacheCalls, Caller, Closing):
         answers = self._exchange(frames, msg_id, seconds, function, cache=True)
         return protocol.result_of(protocol.decode(answers))
 
+    @property
+    def drops(self) -> int:
+        """Connections to an instance that dropped so far: an instance
+        killed, or silent for ``PYLM_HEARTBEAT`` seconds (:mod:`pylm.liveness`)."""
+        with self._lock:
+            return self._connections.drops_now()
+
     def _retried(self, function: str) -> bool:
         """Whether a call of ``function`` is sent again when it seems lost."""
         if self.retry is not None:

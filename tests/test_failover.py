@@ -1,0 +1,221 @@
+"""No call or job lost to a dead instance (docs/operations.md, "A server
+instance dies"): real stage and server processes, killed (SIGKILL) or
+frozen (SIGSTOP) while a client streams jobs or calls in a loop; every job
+ends with its own result, once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pylm.chained import LoopClient
+from pylm.errors import InstanceLost, RequestTimeout
+from pylm.processes import end_process
+from pylm.registry import LocalEtcd, Registry
+from pylm.standalone import Client
+from pylm.testing import SOAK, wait_for
+
+HERE = Path(__file__).resolve().parent
+JOBS = int(10_000 * SOAK)
+STAGES = {"first": "second.tag", "second": "last.done", "last": None}
+
+
+def start_stage(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """A stage process (tests/failover_stage.py ARGS) and the addresses it bound."""
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "failover_stage.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # printed once it serves; empty if it died
+    assert line, f"stage {args} died before it served"
+    return process, line.split()
+
+
+def end(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a stopped process ends only once continued
+        end_process(process, 10)  # type: ignore[arg-type]
+
+
+def stream(client: LoopClient, total: int, at: int, act: threading.Event) -> Counter[int]:
+    """Stream ``total`` jobs through the pipeline, setting ``act`` once ``at``
+    results are in; the count of outcomes by job, each checked right."""
+    seen: Counter[int] = Counter()
+    for outcome in client.results("tag", (b"%d" % n for n in range(total))):
+        assert outcome.error is None, f"job {outcome.index}: {outcome.error!r}"
+        assert outcome.value == b"%d>step>step>done" % outcome.index
+        seen[outcome.index] += 1
+        if len(seen) == at:
+            act.set()
+    return seen
+
+
+@pytest.fixture
+def by_name(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> Iterator[dict[str, list[subprocess.Popen[str]]]]:
+    """Two instances of each stage of first -> second -> last, by name."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    stages: dict[str, list[subprocess.Popen[str]]] = {}
+    try:
+        for name, next_call in reversed(STAGES.items()):
+            role = ["last", name] if next_call is None else ["step", name, next_call]
+            stages[name] = [start_stage(env, *role)[0] for _ in range(2)]
+        for name in STAGES:
+            wait_for(lambda n=name: len(pylm_registry.instances(n)) == 2, 20, f"{name} x2")
+        yield stages
+    finally:
+        end([process for processes in stages.values() for process in processes])
+
+
+@pytest.mark.timeout(120 * SOAK)
+@pytest.mark.parametrize("stage", ["first", "second", "last"])
+def test_a_killed_instance_of_any_stage_loses_no_job_and_repeats_none(
+    by_name: dict[str, list[subprocess.Popen[str]]], pylm_registry: Registry, stage: str
+) -> None:
+    """A name-only 3-stage pipeline with 2 instances of each stage; one
+    instance of ``stage`` is SIGKILLed mid-run: all 10,000 jobs give their
+    own result, once."""
+    doomed = by_name[stage][0]
+    kill = threading.Event()
+    threading.Thread(target=lambda: kill.wait(60) and doomed.kill(), daemon=True).start()
+    with LoopClient("first", registry=pylm_registry, announce=False) as client:
+        seen = stream(client, JOBS, JOBS // 5, kill)
+        dropped, duplicates = client.dropped, client.books.duplicates
+    assert doomed.wait(10) == -signal.SIGKILL
+    assert sorted(seen) == list(range(JOBS)) and set(seen.values()) == {1}
+    assert dropped == duplicates  # every result dropped was a copy of a job sent again
+
+
+@pytest.mark.timeout(120 * SOAK)
+def test_a_frozen_instance_loses_no_job_and_its_late_copies_are_dropped(
+    by_name: dict[str, list[subprocess.Popen[str]]], pylm_registry: Registry
+) -> None:
+    """One instance of the middle stage is SIGSTOPped mid-run: it leaves the
+    rotation after the heartbeat timeout, every job gives its result once;
+    continued afterwards, what it held comes late and is dropped, and the
+    client's next run gets exactly its own results."""
+    frozen = by_name["second"][0]
+    freeze = threading.Event()
+    threading.Thread(
+        target=lambda: freeze.wait(60) and frozen.send_signal(signal.SIGSTOP), daemon=True
+    ).start()
+    with LoopClient("first", registry=pylm_registry, announce=False) as client:
+        seen = stream(client, JOBS, JOBS // 5, freeze)
+        assert sorted(seen) == list(range(JOBS)) and set(seen.values()) == {1}
+        assert client.books.retried > 0  # what it held was sent again
+        frozen.send_signal(signal.SIGCONT)
+        again = stream(client, 1_000, 0, threading.Event())
+        assert sorted(again) == list(range(1_000)) and set(again.values()) == {1}
+        assert client.dropped == client.books.duplicates
+
+
+@pytest.mark.timeout(120 * SOAK)
+def test_a_pipeline_by_address_loses_no_job_to_a_killed_instance() -> None:
+    """No registry: the first stage is given the two middle instances'
+    addresses; one is SIGKILLed mid-run: every job gives its result once."""
+    env = dict(os.environ)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        last, (last_pull, _, last_push) = start_stage(env, "last", "last", "--address")
+        processes.append(last)
+        middles = [start_stage(env, "step", "second", "last.done", last_pull, "--address")]
+        middles.append(start_stage(env, "step", "second", "last.done", last_pull, "--address"))
+        processes += [process for process, _ in middles]
+        nexts = ",".join(addresses[0] for _, addresses in middles)
+        first, (first_pull, first_db) = start_stage(
+            env, "step", "first", "second.tag", nexts, "--address"
+        )
+        processes.append(first)
+        doomed = middles[0][0]
+        kill = threading.Event()
+        threading.Thread(target=lambda: kill.wait(60) and doomed.kill(), daemon=True).start()
+        with LoopClient(last_push, first_pull, first_db, "first", announce=False) as client:
+            seen = stream(client, JOBS, JOBS // 5, kill)
+        assert doomed.wait(10) == -signal.SIGKILL
+        assert sorted(seen) == list(range(JOBS)) and set(seen.values()) == {1}
+    finally:
+        end(processes)
+
+
+_SERVER = """
+import sys, time
+from pylm.standalone import Server, idempotent
+
+class Who(Server):
+    @idempotent
+    def who(self, message):
+        time.sleep(0.002)  # the kill comes while calls are in flight
+        return sys.argv[1].encode()
+
+    def once(self, message):
+        time.sleep(0.002)
+        return sys.argv[1].encode()
+
+Who("who", ttl=10, log_stdout=False).start()
+"""
+
+
+def calls_through_a_kill(
+    client: Client, function: str, doomed: subprocess.Popen[bytes]
+) -> tuple[int, list[RequestTimeout]]:
+    """Call ``function`` 1,500 times, ``doomed`` SIGKILLed by another thread
+    after 300 answers; the answers and the failures."""
+    answered = 0
+    failures: list[RequestTimeout] = []
+    kill = threading.Event()
+    threading.Thread(target=lambda: kill.wait(60) and doomed.kill(), daemon=True).start()
+    for n in range(1_500):
+        if n == 300:
+            kill.set()
+        try:
+            client.job(function, b"")
+            answered += 1
+        except RequestTimeout as error:
+            failures.append(error)
+    assert doomed.wait(10) == -signal.SIGKILL
+    return answered, failures
+
+
+@pytest.mark.timeout(60 * SOAK)
+def test_calls_of_an_idempotent_function_survive_a_killed_instance_others_say_they_may_have_run(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> None:
+    """Two name-only standalone instances; a client calls in a loop and one
+    is SIGKILLed. Calls of the function marked @idempotent all succeed; of
+    the other, at most the one in flight on the dead instance fails, with
+    InstanceLost (a RequestTimeout saying the call may have run)."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def server(name: str) -> subprocess.Popen[bytes]:
+        servers.append(subprocess.Popen([sys.executable, "-c", _SERVER, name], env=env))
+        return servers[-1]
+
+    try:
+        doomed, _ = server("a"), server("b")
+        wait_for(lambda: len(pylm_registry.instances("who")) == 2, 20, "both instances listed")
+        with Client("who", registry=pylm_registry, timeout=3, wait=10) as client:
+            answered, failures = calls_through_a_kill(client, "who", doomed)
+        assert (answered, failures) == (1_500, [])
+        doomed = server("c")
+        wait_for(lambda: len(pylm_registry.instances("who")) == 3, 20, "the third listed")
+        with Client("who", registry=pylm_registry, timeout=3, wait=10) as client:
+            answered, failures = calls_through_a_kill(client, "once", doomed)
+        assert len(failures) <= 1 and answered == 1_500 - len(failures)
+        assert all(isinstance(error, InstanceLost) for error in failures), failures
+    finally:
+        for process in servers:
+            end_process(process, 10)
