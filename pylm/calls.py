@@ -15,7 +15,14 @@ import zmq
 
 from pylm import protocol
 from pylm.discovery import DEFAULT_WAIT, Peers, check_wait
-from pylm.errors import CurveRefused, ProtocolError, PylmError, RegistryError, RequestTimeout
+from pylm.errors import (
+    CurveRefused,
+    InstanceLost,
+    ProtocolError,
+    PylmError,
+    RegistryError,
+    RequestTimeout,
+)
 from pylm.liveness import Connections, to_live_peers
 from pylm.names import check_name
 from pylm.security import Curve
@@ -129,6 +136,9 @@ class Caller:
     """
 
     endpoint_role = "rep"  # which of a record's endpoints this client calls
+    # Standalone clients: which calls are sent again when they seem lost
+    # (None: those of the functions the instances mark idempotent).
+    retry: bool | None = None
 
     def __init__(
         self,
@@ -286,6 +296,31 @@ class Caller:
             )
 
         return timed_out
+
+    def _retried(self, function: str) -> bool:
+        """Whether a call of ``function`` is sent again when it seems lost."""
+        if self.retry is not None:
+            return self.retry
+        return self._peers is not None and function in self._peers.idempotent
+
+    def _lost_or_timeout(
+        self, what: str, timeout: float, drops: int | None, attempts: int = 1
+    ) -> RequestTimeout:
+        """The error of a call with no answer within ``timeout``: sent
+        ``attempts`` times; :class:`InstanceLost` if a connection dropped
+        since there were ``drops`` (None: since the client last looked)."""
+        seen = self._connections.drops
+        if self._connections.drops_now() > (seen if drops is None else drops):
+            return InstanceLost(
+                f"no answer from server {self.server_name!r} to {what!r} within {timeout:g} s,"
+                f" and the connection to its instance at {self._connections.dropped} dropped"
+                " meanwhile: the call may have run there (mark the function @idempotent, or"
+                " pass retry=True, to have such calls sent to another instance)"
+            )
+        error = self._timeout_error(what, timeout)
+        if attempts > 1:
+            return type(error)(f"{error}, sent {attempts} times")
+        return error
 
     def _timeout_of(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else check_timeout(timeout)

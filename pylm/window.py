@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, ClassVar
@@ -86,18 +86,19 @@ Body = bytes | list[bytes]
 
 class Job:
     """One job out: its payload's position in the client's iterable, when
-    it times out (``time.monotonic()``), when it was first and last sent,
-    the message that carries it (to send it again; None once it cannot be:
-    its stream has begun), and how many times it was sent."""
+    it times out (``time.monotonic()``: its first sending plus the timeout),
+    when it was last sent, and the message that carries it (to send it
+    again; None once it cannot be: its stream has begun). How many times it
+    was sent is in the client's :class:`Books`. Four fields: one is made
+    per job, on the client's hot path."""
 
-    __slots__ = ("attempts", "body", "deadline", "first", "index", "sent")
+    __slots__ = ("body", "deadline", "index", "sent")
 
     def __init__(self, index: int, deadline: float, sent: float, body: Body | None) -> None:
         self.index = index
         self.deadline = deadline
-        self.first = self.sent = sent
+        self.sent = sent
         self.body = body
-        self.attempts = 1
 
 
 class Stream(Job):
@@ -108,8 +109,6 @@ class Stream(Job):
 
     def __init__(self, job: Job) -> None:
         super().__init__(job.index, job.deadline, job.sent, None)
-        self.first = job.first
-        self.attempts = job.attempts
         self.items = 0
         self.announced: int | None = None
 
@@ -157,7 +156,7 @@ class Books:
     def __init__(self, budget: RetryBudget | None) -> None:
         self.budget = budget
         self.slow = 0.0  # the longest recent answer time, s, decaying
-        self.resent: OrderedDict[int, None] = OrderedDict()
+        self.resent: OrderedDict[int, int] = OrderedDict()  # id -> times sent again
         self.retried = 0  # jobs sent again
         self.refused = 0  # times the budget had no token for a job that seemed lost
         self.duplicates = 0  # later copies of answers, dropped
@@ -172,9 +171,13 @@ class Books:
 
     def note_resent(self, msg_id: int) -> None:
         resent = self.resent
-        resent[msg_id] = None
+        resent[msg_id] = resent.get(msg_id, 0) + 1
         if len(resent) > _RESENT_KEPT:
             resent.popitem(last=False)
+
+    def attempts(self, msg_id: int) -> int:
+        """How many times job or call ``msg_id`` was sent."""
+        return 1 + self.resent.get(msg_id, 0)
 
 
 class Window:
@@ -186,9 +189,12 @@ class Window:
 
     __slots__ = (
         "_answered",
+        "_count",
         "_earliest",
+        "_retry_check",
         "_sent",
         "_timed_out",
+        "_took",
         "again",
         "books",
         "jobs",
@@ -216,40 +222,57 @@ class Window:
         self.again: list[tuple[int, Job]] = []
         self._answered = -math.inf  # the latest sending time of a job answered
         self._earliest = math.inf  # the earliest deadline of a job moved to the end
+        # Answers since the books were last settled: how many, the longest time one took.
+        self._count = 0
+        self._took = 0.0
+        # When run() looks for jobs that seem lost next (a lower bound: the
+        # oldest job only gets younger as answers come).
+        self._retry_check = -math.inf
 
-    def add(self, ids: Iterable[int], bodies: Iterable[Body], now: float) -> None:
-        """Jobs just sent at ``now``, as messages ``ids``, in payload order,
-        each carried alone by its body in ``bodies``."""
+    def add(self, ids: Sequence[int], bodies: Sequence[Body], now: float) -> None:
+        """Jobs just taken at ``now``, as messages ``ids``, in payload order,
+        each carried alone by its body in ``bodies`` (as many)."""
         jobs, index, deadline = self.jobs, self._sent, now + self.timeout
-        # As many of each; strict=True would cost 0.1 us a message.
-        for msg_id, body in zip(ids, bodies, strict=False):
-            jobs[msg_id] = Job(index, deadline, now, body)
-            index += 1
-        self._sent = index
+        for position, msg_id in enumerate(ids):  # zip() would cost 0.2 us a message
+            jobs[msg_id] = Job(index + position, deadline, now, bodies[position])
+        self._sent = index + len(ids)
+
+    def add_one(self, msg_id: int, body: Body, now: float) -> None:
+        """:meth:`add` for a message of one job, the common case, faster."""
+        index = self._sent
+        self.jobs[msg_id] = Job(index, now + self.timeout, now, body)
+        self._sent = index + 1
 
     def answered(self, job: Job, now: float, count: int) -> None:
         """``count`` jobs were answered by ``now``, ``job`` the last of them:
         the path works for the jobs sent before it, and answers take this
-        long. Called once per answers read together."""
-        if job.sent > self._answered:
-            self._answered = job.sent
-        books = self.books
-        took, slow = now - job.sent, books.slow
-        books.slow = took if took > slow else slow + (took - slow) / 64
-        budget = books.budget
-        if budget is not None:
-            budget.earn(count)
+        long. Called once per answers read together: kept cheap, the books
+        are settled when they are read (:meth:`grace`)."""
+        sent = job.sent
+        if sent > self._answered:
+            self._answered = sent
+        if now - sent > self._took:
+            self._took = now - sent
+        self._count += count
 
     def grace(self) -> float:
-        """How long a job waits for its answer before it seems lost."""
-        return max(RETRY_FLOOR, RETRY_FACTOR * self.books.slow)
+        """How long a job waits for its answer before it seems lost (the
+        answers since last asked are counted in first)."""
+        books, took = self.books, self._took
+        if self._count:
+            slow = books.slow
+            books.slow = took if took > slow else slow + (took - slow) / 4
+            if books.budget is not None:
+                books.budget.earn(self._count)
+            self._count, self._took = 0, 0.0
+        return max(RETRY_FLOOR, RETRY_FACTOR * books.slow)
 
     def retry_at(self) -> float:
         """When the oldest job will seem lost (inf: not before an answer)."""
         if self.books.budget is None or not self.jobs:
             return math.inf
         job = next(iter(self.jobs.values()))
-        if job.first < self._answered:
+        if job.deadline - self.timeout < self._answered:  # sent first before that one
             return job.sent + self.grace()
         return math.inf
 
@@ -259,10 +282,11 @@ class Window:
         budget = self.books.budget
         if budget is None:
             return
-        grace, answered, jobs = self.grace(), self._answered, self.jobs
+        grace, jobs = self.grace(), self.jobs
+        answered = self._answered + self.timeout  # deadlines of jobs sent first before that
         due: list[tuple[int, Job]] = []
         for msg_id, job in jobs.items():
-            if now - job.sent <= grace or job.first >= answered:
+            if now - job.sent <= grace or job.deadline >= answered:
                 break
             if job.body is not None:  # else a stream that has begun: it waits
                 due.append((msg_id, job))
@@ -283,7 +307,6 @@ class Window:
             job = jobs.get(msg_id)
             if job is not None:
                 job.sent = now
-                job.attempts += 1
                 books.retried += 1
                 books.note_resent(msg_id)
 
@@ -311,20 +334,20 @@ class Window:
 
     def expire(self, now: float) -> list[Outcome]:
         """Take the jobs whose deadline has passed out, each with its error."""
-        jobs = self.jobs
+        jobs, resent = self.jobs, self.books.resent
         expired = [(msg_id, job) for msg_id, job in jobs.items() if job.deadline <= now]
         for msg_id, _ in expired:
             del jobs[msg_id]
         self._earliest = min(
-            (job.deadline for job in jobs.values() if job.attempts > 1 or job.body is None),
+            (job.deadline for msg_id, job in jobs.items() if job.body is None or msg_id in resent),
             default=math.inf,
         )
         if self.again:
             self.again = [(msg_id, job) for msg_id, job in self.again if msg_id in jobs]
-        together, timed_out = len(expired), self._timed_out
+        together, timed_out, attempts = len(expired), self._timed_out, self.books.attempts
         return [
-            (job.index, None, timed_out(job.index, together, job.attempts), True)
-            for _, job in expired
+            (job.index, None, timed_out(job.index, together, attempts(msg_id)), True)
+            for msg_id, job in expired
         ]
 
     def run(
@@ -356,14 +379,18 @@ class Window:
                     if wake <= now:
                         yield from self.expire(now)
                         continue
-                    retry = self.retry_at()
-                    if retry <= now:
-                        self.overdue(now)
-                        if self.again:
-                            continue  # sent again before anything new
-                        retry = self.retry_at()  # those refused wait another grace
-                    if retry < wake:
-                        wake = retry
+                    if now >= self._retry_check:
+                        retry = self.retry_at()
+                        if retry <= now:
+                            self.overdue(now)
+                            if self.again:
+                                continue  # sent again before anything new
+                            retry = self.retry_at()  # those refused wait another grace
+                        if retry == math.inf and self.books.budget is not None:
+                            retry = now + RETRY_FLOOR  # no answer to go by yet: look again
+                        self._retry_check = retry
+                    if self._retry_check < wake:
+                        wake = self._retry_check
                 else:
                     wake = now + self.timeout
                 yield from wait(0 if stop is Stop.SLICED else max(1, int((wake - now) * 1000)))

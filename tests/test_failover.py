@@ -5,6 +5,7 @@ ends with its own result, once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from pylm.chained import LoopClient
 from pylm.errors import InstanceLost, RequestTimeout
 from pylm.processes import end_process
 from pylm.registry import LocalEtcd, Registry
-from pylm.standalone import Client
+from pylm.standalone import AsyncClient, Client
 from pylm.testing import SOAK, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -116,6 +118,10 @@ def test_a_frozen_instance_loses_no_job_and_its_late_copies_are_dropped(
         seen = stream(client, JOBS, JOBS // 5, freeze)
         assert sorted(seen) == list(range(JOBS)) and set(seen.values()) == {1}
         assert client.books.retried > 0  # what it held was sent again
+        exported = REGISTRY.get_sample_value(
+            "pylm_client_retries_total", {"server": "first", "outcome": "sent"}
+        )
+        assert exported is not None and exported >= client.books.retried
         frozen.send_signal(signal.SIGCONT)
         again = stream(client, 1_000, 0, threading.Event())
         assert sorted(again) == list(range(1_000)) and set(again.values()) == {1}
@@ -216,6 +222,38 @@ def test_calls_of_an_idempotent_function_survive_a_killed_instance_others_say_th
             answered, failures = calls_through_a_kill(client, "once", doomed)
         assert len(failures) <= 1 and answered == 1_500 - len(failures)
         assert all(isinstance(error, InstanceLost) for error in failures), failures
+    finally:
+        for process in servers:
+            end_process(process, 10)
+
+
+@pytest.mark.timeout(60 * SOAK)
+def test_async_calls_of_an_idempotent_function_survive_a_killed_instance(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> None:
+    """The same with the asyncio client, 8 calls in flight at a time: none fails."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    servers = [subprocess.Popen([sys.executable, "-c", _SERVER, name], env=env) for name in "ab"]
+    doomed = servers[0]
+
+    async def calls() -> tuple[int, list[BaseException]]:
+        answered = 0
+        failures: list[BaseException] = []
+        async with AsyncClient("who", registry=pylm_registry, timeout=3, wait=10) as client:
+            for n in range(200):
+                if n == 40:
+                    doomed.kill()
+                outcomes = await asyncio.gather(
+                    *(client.job("who", b"") for _ in range(8)), return_exceptions=True
+                )
+                failures += [o for o in outcomes if isinstance(o, BaseException)]
+                answered += sum(1 for o in outcomes if isinstance(o, bytes))
+        return answered, failures
+
+    try:
+        wait_for(lambda: len(pylm_registry.instances("who")) == 2, 20, "both instances listed")
+        assert asyncio.run(calls()) == (1_600, [])
+        assert doomed.wait(10) == -signal.SIGKILL
     finally:
         for process in servers:
             end_process(process, 10)

@@ -157,7 +157,7 @@ def test_a_job_passed_by_later_answers_is_sent_again_after_its_grace() -> None:
     assert [msg_id for msg_id, _ in window.again] == [1, 2]
     assert window.again[0][1].body == b"job 1"  # the same message, the same id
     window.resent([1, 2], RETRY_FLOOR + 0.2)
-    assert [window.jobs[i].attempts for i in (1, 2)] == [2, 2]
+    assert [window.books.attempts(i) for i in (1, 2)] == [2, 2]
     assert window.books.retried == 2
     window.jobs.pop(1)
     assert window.books.unknown(1)  # its second answer: a duplicate, counted

@@ -140,6 +140,8 @@ class LoopClient(Caller, WindowedClient, Closing):
         if not addresses:
             raise ValueError("push_address needs at least one address")
         self._init_window(max_in_flight, retry)
+        if self._calls.stats is not None:
+            self._calls.stats.retries = self.books  # exported with its calls
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be an int from 1 to {MAX_BATCH}, got {batch!r}")
         self.batch = batch
@@ -208,7 +210,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         prefix = protocol.request_prefix(target, self.route)
         tail = target + self.route
         inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
-        add, resent, batch = window.add, window.resent, self.batch
+        add, add_one, resent, batch = window.add, window.add_one, window.resent, self.batch
         wiring = self._wiring
         results = wiring.sockets  # changed in place as the last stage's instances change
         poller = zmq.Poller()
@@ -221,11 +223,12 @@ class LoopClient(Caller, WindowedClient, Closing):
         carried: bytes | None = None  # a large payload taken, to go on its own next
         ids, clock, wall = self._ids, time.monotonic, time.time
         exhausted = False
+        now = clock()  # when the last message was taken or sent again
 
         def send(room: int, until: float) -> Stop:
             """Jobs sent again first, then new ones while there is room: up
             to ``batch`` small jobs per message."""
-            nonlocal waiting, carried, exhausted
+            nonlocal waiting, carried, exhausted, now
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
             if waiting is not None and waiting[0][0] not in window.jobs:
@@ -268,16 +271,23 @@ class LoopClient(Caller, WindowedClient, Closing):
                                     wall() + timeout,
                                 )
                                 body = frames[0] if len(frames) == 1 else frames
-                                add([msg_id], [body], clock())
+                                now = clock()
+                                add_one(msg_id, body, now)
                                 room -= 1
                                 waiting = ([msg_id], body, False)
                                 break
                         if waiting is None:
                             if not bodies:
                                 return Stop.DONE
-                            message = bodies[0] if len(bodies) == 1 else protocol.pack_batch(bodies)
-                            add(group, bodies, clock())
-                            room -= len(group)
+                            now = clock()
+                            if len(bodies) == 1:
+                                message = bodies[0]
+                                add_one(group[0], message, now)
+                                room -= 1
+                            else:
+                                message = protocol.pack_batch(bodies)
+                                add(group, bodies, now)
+                                room -= len(group)
                             waiting = (group, message, False)
                 try:
                     outgoing = waiting[1]
@@ -287,8 +297,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                         jobs.send_multipart(outgoing, zmq.NOBLOCK)
                 except zmq.Again:
                     return Stop.BLOCKED
-                now = clock()
                 if waiting[2]:
+                    now = clock()
                     resent(waiting[0], now)
                 waiting = None
                 if now >= until:

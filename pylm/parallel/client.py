@@ -68,6 +68,8 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
     ) -> None:
         super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
         self._init_window(max_in_flight, retry)
+        if self._calls.stats is not None:
+            self._calls.stats.retries = self.books  # exported with its calls
         self._socket: zmq.Socket | None = self._secure(
             to_live_peers(default_context(context).socket(zmq.DEALER))
         )
@@ -164,7 +166,8 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
     ) -> tuple[Send, Wait]:
         socket = self._open_socket()
-        request, add, resent, clock = self._calls.request, window.add, window.resent, time.monotonic
+        request, add_one, resent = self._calls.request, window.add_one, window.resent
+        clock = time.monotonic
         # A request the socket had no room for (its job on the window's books
         # from the moment it is taken: its deadline runs), and whether it is
         # a job sent again.
@@ -194,7 +197,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
                             return Stop.DONE
                         held_id, held = request(function, payload, timeout)
                         held_again = False
-                        add((held_id,), (held[0] if len(held) == 1 else held,), clock())
+                        add_one(held_id, held[0] if len(held) == 1 else held, clock())
                         room -= 1
                 try:
                     socket.send_multipart(held, zmq.NOBLOCK)

@@ -25,6 +25,7 @@ from pylm.protocol import (
 )
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
+from pylm.window import RETRY_FACTOR, RETRY_FLOOR, Books, RetryBudget
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -33,6 +34,7 @@ __all__ = ["AsyncClient"]
 
 _SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
 _RETIRED = 8  # side sockets of earlier instance lists still read, at most
+_BURST = 10  # calls a client may send again at once, beyond its budget's earnings
 
 
 class AsyncClient(Caller):
@@ -47,6 +49,8 @@ class AsyncClient(Caller):
     timeout and raises :class:`~pylm.errors.RequestTimeout` when it runs out.
     A client belongs to the event loop of its first call, which must support
     ``add_reader`` (every loop on Unix; on Windows, the selector loop).
+    ``retry``: which calls are sent again when their instance dies, as for
+    the blocking :class:`~pylm.standalone.Client`.
     """
 
     def __init__(
@@ -60,13 +64,20 @@ class AsyncClient(Caller):
         registry: Registry | str | None = None,
         curve: Curve | None = None,
         wait: float = DEFAULT_WAIT,
+        retry: bool | None = None,
     ) -> None:
+        if retry not in (None, True, False):
+            raise TypeError(f"retry must be None, True or False, got {retry!r}")
         # Before Caller's: finding the server by name may fail, and then it
         # closes what it opened, side sockets included.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
         self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
+        self.retry = retry
+        self.books = Books(RetryBudget(_BURST))  # calls sent again, and their copies
+        if self._calls.stats is not None:
+            self._calls.stats.retries = self.books  # exported with its calls
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
@@ -166,15 +177,53 @@ class AsyncClient(Caller):
             elif not self._look_scheduled:
                 self._look_scheduled = True
                 loop.call_soon(self._on_events)
-            return await future
+            if cache or not self._retried(what):
+                return await future
+            return await self._until_answered(future, socket, frames, msg_id)
         finally:
             timer.cancel()
             self._pending.pop(msg_id, None)
 
+    async def _until_answered(
+        self,
+        future: asyncio.Future[protocol.Message],
+        socket: zmq.Socket,
+        frames: list[bytes],
+        msg_id: int,
+    ) -> protocol.Message:
+        """The answer to a call that may run twice: sent again when a
+        connection drops or its grace passes without an answer, as the retry
+        budget allows; its first answer wins (later ones are dropped)."""
+        books, connections = self.books, self._connections
+        assert books.budget is not None
+        sent = time.perf_counter()
+        drops = connections.drops_now()
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.05)
+            now = time.perf_counter()
+            if done:
+                took, slow = now - sent, books.slow
+                books.slow = took if took > slow else slow + (took - slow) / 64
+                return future.result()
+            grace = max(RETRY_FLOOR, RETRY_FACTOR * books.slow)
+            if connections.drops_now() <= drops and now - sent < grace:
+                continue
+            drops, sent = connections.drops, now  # it seems lost
+            if not books.budget.spend(time.monotonic()):
+                books.refused += 1
+                continue
+            try:
+                socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            except zmq.Again:
+                continue  # no live instance now: another grace
+            books.retried += 1
+            books.note_resent(msg_id)
+            asyncio.get_running_loop().call_soon(self._on_events, socket)
+
     def _expire(self, msg_id: int, what: str, timeout: float) -> None:
         future = self._pending.pop(msg_id, None)
         if future is not None and not future.done():
-            future.set_exception(self._timeout_error(what, timeout))
+            future.set_exception(self._lost_or_timeout(what, timeout, None))
 
     def _open(self) -> zmq.Socket:
         if self._closed:
@@ -186,6 +235,7 @@ class AsyncClient(Caller):
             # its client's queue has no room for, and every call in flight
             # gets exactly one answer, so the calls bound the queue anyway.
             socket.setsockopt(zmq.RCVHWM, 0)
+            self._connections.watch(socket, drops=True)
             for endpoint in self.endpoints:
                 socket.connect(endpoint)
             self._socket = socket
@@ -271,6 +321,8 @@ class AsyncClient(Caller):
                     future.set_result(message)
                 else:
                     self.dropped += 1  # an answer to a call that timed out, or garbage
+                    if message is not None:
+                        self.books.unknown(message.msg_id)  # a copy of a call sent again?
         except zmq.ZMQError as exc:
             self._fail_pending(RuntimeError(f"client of {self.server_name!r} failed: {exc!r}"))
 

@@ -12,7 +12,7 @@ from pylm import protocol
 from pylm.cache_calls import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
-from pylm.errors import InstanceLost, ProtocolError, PylmError, RequestTimeout
+from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.liveness import to_live_peers
 from pylm.protocol import (
@@ -86,6 +86,8 @@ class Client(CacheCalls, Caller, Closing):
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self.retry = retry
         self.books = Books(RetryBudget(_BURST))  # calls sent again, and their copies
+        if self._calls.stats is not None:
+            self._calls.stats.retries = self.books  # exported with its calls
         self._lock = threading.Lock()
         # A DEALER, sending each message as it is (the server's ROUTER
         # answers in the envelope a request came in). No request/reply state
@@ -219,12 +221,6 @@ class Client(CacheCalls, Caller, Closing):
         with self._lock:
             return self._connections.drops_now()
 
-    def _retried(self, function: str) -> bool:
-        """Whether a call of ``function`` is sent again when it seems lost."""
-        if self.retry is not None:
-            return self.retry
-        return self._peers is not None and function in self._peers.idempotent
-
     def _exchange(
         self, frames: list[bytes], msg_id: int, timeout: float, what: str, cache: bool = False
     ) -> list[bytes]:
@@ -270,7 +266,7 @@ class Client(CacheCalls, Caller, Closing):
                 # It seems lost: its connection dropped, or its grace is over.
                 drops = self._connections.drops
                 assert self.books.budget is not None
-                if self.books.budget.spend(now):
+                if self.books.budget.spend(time.monotonic()):
                     try:
                         socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
                     except zmq.Again:
@@ -304,25 +300,6 @@ class Client(CacheCalls, Caller, Closing):
             if body and _answers(body, msg_id):
                 return body
             self._late_or_foreign(body[0] if body else b"", what)
-
-    def _lost_or_timeout(
-        self, what: str, timeout: float, drops: int | None, attempts: int = 1
-    ) -> RequestTimeout:
-        """The error of a call with no answer within ``timeout``: sent
-        ``attempts`` times; :class:`InstanceLost` if a connection dropped
-        since there were ``drops`` (None: since the client last looked)."""
-        seen = self._connections.drops
-        if self._connections.drops_now() > (seen if drops is None else drops):
-            return InstanceLost(
-                f"no answer from server {self.server_name!r} to {what!r} within {timeout:g} s,"
-                f" and the connection to its instance at {self._connections.dropped} dropped"
-                " meanwhile: the call may have run there (mark the function @idempotent, or"
-                " pass retry=True, to have such calls sent to another instance)"
-            )
-        error = self._timeout_error(what, timeout)
-        if attempts > 1:
-            return type(error)(f"{error}, sent {attempts} times")
-        return error
 
     def _late_or_foreign(self, head: bytes, what: str) -> None:
         """An answer that is not to this call: a pylm one is a late answer to

@@ -30,6 +30,7 @@ __all__ = [
     "ClientStats",
     "DispatcherState",
     "FunctionStats",
+    "RetryCounts",
     "Sampling",
     "ServerStats",
     "metrics_enabled",
@@ -203,14 +204,24 @@ class DispatcherState(Protocol):
     undeliverable: int
 
 
+class RetryCounts(Protocol):
+    """What a client's books count (:class:`pylm.window.Books`)."""
+
+    retried: int
+    refused: int
+    duplicates: int
+
+
 class ClientStats:
     """The calls of one client to one server, by function; exported while it
-    lives once given to :func:`pylm.telemetry.exposition.publish_client`."""
+    lives once given to :func:`pylm.telemetry.exposition.publish_client`.
+    ``retries``: the client's books, once it keeps some."""
 
     def __init__(self, server: str) -> None:
         self.server = server
         self.functions: dict[str, FunctionStats] = {}
         self.timeouts: dict[str, int] = {}
+        self.retries: RetryCounts | None = None
 
     def function(self, name: str) -> FunctionStats:
         stats = self.functions.get(name)

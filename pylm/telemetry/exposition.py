@@ -177,6 +177,11 @@ _CLIENT_FAMILIES: dict[str, _Spec] = {
         "Time from sending a call to its answer, seen by the client", "function"),
     "pylm_client_timeouts": (CounterMetricFamily,
         "Calls that got no answer within their timeout", "function"),
+    "pylm_client_retries": (CounterMetricFamily,
+        "Calls and jobs that seemed lost (their instance died or froze), by outcome: sent"
+        " again, or refused by the retry budget", "outcome"),
+    "pylm_client_duplicates_dropped": (CounterMetricFamily,
+        "Later copies of answers to calls and jobs sent again, dropped by the client"),
 }
 # fmt: on
 
@@ -274,6 +279,18 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
         )
     for (server, function), count in sorted(timed_out.items()):
         family["pylm_client_timeouts"].add_metric([server, function], count)
+    retries: dict[str, list[int]] = {}
+    for stats in clients:
+        books = stats.retries
+        if books is not None:
+            sums = retries.setdefault(stats.server, [0, 0, 0])
+            sums[0] += books.retried
+            sums[1] += books.refused
+            sums[2] += books.duplicates
+    for server, (retried, refused, duplicates) in sorted(retries.items()):
+        family["pylm_client_retries"].add_metric([server, "sent"], retried)
+        family["pylm_client_retries"].add_metric([server, "refused"], refused)
+        family["pylm_client_duplicates_dropped"].add_metric([server], duplicates)
     yield from family.values()
 
 
