@@ -80,15 +80,16 @@ class Stop(IntEnum):
 # streaming job's items are not over; an END that ends one has no value.
 Outcome = tuple[int, bytes | None, PylmError | None, bool]
 
-# What carries one job alone: a one-frame request, or its frames.
+# What a client keeps of a job to send it again: its payload, or the frames
+# of its request (the window does not look inside).
 Body = bytes | list[bytes]
 
 
 class Job:
     """One job out: its payload's position in the client's iterable, when
     it times out (``time.monotonic()``: its first sending plus the timeout),
-    when it was last sent, and the message that carries it (to send it
-    again; None once it cannot be: its stream has begun). How many times it
+    when it was last sent, and what its client needs to send it again (None
+    once it cannot be: its stream has begun). How many times it
     was sent is in the client's :class:`Books`. Four fields: one is made
     per job, on the client's hot path."""
 
@@ -231,7 +232,7 @@ class Window:
 
     def add(self, ids: Sequence[int], bodies: Sequence[Body], now: float) -> None:
         """Jobs just taken at ``now``, as messages ``ids``, in payload order,
-        each carried alone by its body in ``bodies`` (as many)."""
+        with what their client needs to send each again (``bodies``, as many)."""
         jobs, index, deadline = self.jobs, self._sent, now + self.timeout
         for position, msg_id in enumerate(ids):  # zip() would cost 0.2 us a message
             jobs[msg_id] = Job(index + position, deadline, now, bodies[position])

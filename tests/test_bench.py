@@ -153,7 +153,6 @@ def test_failover_benchmark_smoke_run(tmp_path: Path) -> None:
     assert "| undisturbed | 2,000 | 2,000 | 0 |" in stdout
     undisturbed, disturbed = json.loads(out.read_text())
     assert undisturbed["right"] == undisturbed["jobs"] == 2_000
-    # every job once: a right result or a typed error, never twice, never another's
-    assert disturbed["right"] + disturbed["failed"] == disturbed["jobs"]
+    # every job once, right: none lost to the killed instance, never twice, never another's
+    assert disturbed["right"] == disturbed["jobs"] and disturbed["failed"] == 0
     assert disturbed["duplicated"] == disturbed["wrong"] == 0
-    assert set(disturbed["errors"]) <= {"RequestTimeout"}

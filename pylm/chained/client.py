@@ -236,7 +236,7 @@ class LoopClient(Caller, WindowedClient, Closing):
             while True:
                 if waiting is None:
                     if window.again:
-                        waiting = _again(window, batch)
+                        waiting = again_message()
                     elif room <= 0:
                         return Stop.FULL
                     elif exhausted:
@@ -244,6 +244,9 @@ class LoopClient(Caller, WindowedClient, Closing):
                     else:
                         group: list[int] = []
                         bodies: list[bytes] = []
+                        # Their payloads, what a job sent again is made of (a
+                        # body kept would hold memory a new one could reuse).
+                        kept: list[bytes] = []
                         take = min(room, batch)
                         while len(bodies) < take:
                             payload = carried if carried is not None else next(payloads, None)
@@ -256,23 +259,17 @@ class LoopClient(Caller, WindowedClient, Closing):
                                 stamp = pack_id_deadline(msg_id, wall() + timeout)
                                 bodies.append(b"".join((prefix, stamp, tail, payload)))
                                 group.append(msg_id)
+                                kept.append(payload)
                             elif bodies:
                                 carried = payload  # a large one goes on its own, next
                                 break
                             else:
                                 protocol.check_payload(payload, self._calls.max_payload)
                                 msg_id = next(ids)
-                                frames = protocol.encode(
-                                    protocol.REQUEST,
-                                    msg_id,
-                                    bytes(payload),
-                                    target,
-                                    self.route,
-                                    wall() + timeout,
-                                )
-                                body = frames[0] if len(frames) == 1 else frames
+                                payload = bytes(payload)
+                                body = large(msg_id, payload, wall() + timeout)
                                 now = clock()
-                                add_one(msg_id, body, now)
+                                add_one(msg_id, payload, now)
                                 room -= 1
                                 waiting = ([msg_id], body, False)
                                 break
@@ -282,11 +279,11 @@ class LoopClient(Caller, WindowedClient, Closing):
                             now = clock()
                             if len(bodies) == 1:
                                 message = bodies[0]
-                                add_one(group[0], message, now)
+                                add_one(group[0], kept[0], now)
                                 room -= 1
                             else:
                                 message = protocol.pack_batch(bodies)
-                                add(group, bodies, now)
+                                add(group, kept, now)
                                 room -= len(group)
                             waiting = (group, message, False)
                 try:
@@ -303,6 +300,38 @@ class LoopClient(Caller, WindowedClient, Closing):
                 waiting = None
                 if now >= until:
                     return Stop.SLICED
+
+        def large(msg_id: int, payload: bytes, deadline: float) -> Body:
+            """The message of a job whose payload does not go inline."""
+            frames = protocol.encode(
+                protocol.REQUEST, msg_id, payload, target, self.route, deadline
+            )
+            return frames[0] if len(frames) == 1 else frames
+
+        def again_message() -> tuple[list[int], Body, bool]:
+            """The next message of jobs to send again (``window.again``), with
+            their ids and deadlines: up to ``batch`` small jobs in one, a
+            large one alone."""
+            again = window.again
+            to_wall = wall() - clock()  # a deadline on the window's clock, on the wire's
+            group: list[int] = []
+            bodies: list[bytes] = []
+            for msg_id, job in again:
+                payload = job.body
+                assert isinstance(payload, bytes)  # sent again only while it has its payload
+                deadline = job.deadline + to_wall
+                if len(payload) > inline_limit:
+                    if group:
+                        break
+                    del again[0]
+                    return [msg_id], large(msg_id, payload, deadline), True
+                stamp = pack_id_deadline(msg_id, deadline)
+                bodies.append(b"".join((prefix, stamp, tail, payload)))
+                group.append(msg_id)
+                if len(group) == batch:
+                    break
+            del again[: len(group)]
+            return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
 
         def wait(ms: int) -> list[Outcome]:
             if waiting is not None:
@@ -459,24 +488,3 @@ class LoopClient(Caller, WindowedClient, Closing):
         if self._cache is not None:
             self._cache.close()
             self._cache = None
-
-
-def _again(window: Window, batch: int) -> tuple[list[int], Body, bool]:
-    """The next message of jobs to send again, taken from ``window.again``:
-    up to ``batch`` one-frame jobs in one message, a larger one alone."""
-    again = window.again
-    msg_id, job = again[0]
-    body = job.body
-    assert body is not None  # a job is sent again only while it has its body
-    if not isinstance(body, bytes) or batch == 1:
-        del again[0]
-        return [msg_id], body, True
-    group: list[int] = []
-    bodies: list[bytes] = []
-    for msg_id, job in again:
-        if len(group) == batch or not isinstance(job.body, bytes):
-            break
-        group.append(msg_id)
-        bodies.append(job.body)
-    del again[: len(group)]
-    return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
