@@ -44,9 +44,12 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
     At most ``max_in_flight`` jobs are out at once. A job that yields no
     result (nor stream item) within ``timeout`` raises
     :class:`~pylm.errors.RequestTimeout`. ``retry``: a job that seems lost
-    (the master it went to died) is sent again and its first result
-    delivered (:mod:`pylm.window` says when). A Client is for one thread at
-    a time.
+    is sent again and its first result delivered (:mod:`pylm.window` says
+    when); off by default, since the master's own books re-dispatch the jobs
+    of a worker that dies, and a client cannot tell a master that died from
+    a worker that is slow (it would run such jobs twice). Turn it on to
+    survive the death of a master instance. A Client is for one thread at a
+    time.
     """
 
     endpoint_role = "front"
@@ -60,7 +63,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         timeout: float = DEFAULT_TIMEOUT,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
-        retry: bool = True,
+        retry: bool = False,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
         curve: Curve | None = None,
