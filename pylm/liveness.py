@@ -110,11 +110,16 @@ def liveness() -> Liveness:
     return Liveness.parse(text) if text else Liveness()
 
 
-def to_live_peers(socket: zmq.Socket, settings: Liveness | None = None) -> zmq.Socket:
+def to_live_peers(
+    socket: zmq.Socket, settings: Liveness | None = None, *, immediate: bool = True
+) -> zmq.Socket:
     """Make ``socket`` (about to connect) route only to live peers, as the
-    module says; ``settings`` default to :func:`liveness`. Returns it."""
+    module says; ``settings`` default to :func:`liveness`. ``immediate``
+    False keeps a connection's pipe while it reconnects (heartbeats only).
+    Returns it."""
     settings = settings or liveness()
-    socket.setsockopt(zmq.IMMEDIATE, 1)
+    if immediate:
+        socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.HEARTBEAT_IVL, settings.interval_ms)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, settings.timeout_ms)
     return socket
