@@ -29,11 +29,13 @@ from pylm.security import Curve
 from pylm.telemetry.counting import ClientStats, FunctionStats, metrics_enabled
 from pylm.telemetry.exposition import publish_client
 from pylm.transport import check_address
+from pylm.window import Books
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
 
 __all__ = [
+    "CALL_RETRY_BURST",
     "DEFAULT_TIMEOUT",
     "Caller",
     "Calls",
@@ -44,6 +46,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0
+CALL_RETRY_BURST = 10  # calls a standalone client may send again at once, beyond its earnings
 
 _pack_id_deadline = protocol.pack_id_deadline
 
@@ -296,6 +299,13 @@ class Caller:
             )
 
         return timed_out
+
+    def _keep_books(self, books: Books) -> None:
+        """Keep ``books`` (calls or jobs sent again, their copies) as
+        :attr:`books`, exported with this client's calls."""
+        self.books = books
+        if self._calls.stats is not None:
+            self._calls.stats.retries = books
 
     def _retried(self, function: str) -> bool:
         """Whether a call of ``function`` is sent again when it seems lost."""

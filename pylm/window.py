@@ -170,6 +170,16 @@ class Books:
             return True
         return False
 
+    def took(self, seconds: float, pull: float = 1 / 64) -> None:
+        """An answer took ``seconds``: the longest recent answer time rises
+        to it at once, and falls towards it by ``pull`` of the gap."""
+        slow = self.slow
+        self.slow = seconds if seconds > slow else slow + (seconds - slow) * pull
+
+    def grace(self) -> float:
+        """How long a call or job waits for its answer before it seems lost."""
+        return max(RETRY_FLOOR, RETRY_FACTOR * self.slow)
+
     def note_resent(self, msg_id: int) -> None:
         resent = self.resent
         resent[msg_id] = resent.get(msg_id, 0) + 1
@@ -259,14 +269,13 @@ class Window:
     def grace(self) -> float:
         """How long a job waits for its answer before it seems lost (the
         answers since last asked are counted in first)."""
-        books, took = self.books, self._took
+        books = self.books
         if self._count:
-            slow = books.slow
-            books.slow = took if took > slow else slow + (took - slow) / 4
+            books.took(self._took, 1 / 4)
             if books.budget is not None:
                 books.budget.earn(self._count)
             self._count, self._took = 0, 0.0
-        return max(RETRY_FLOOR, RETRY_FACTOR * books.slow)
+        return books.grace()
 
     def retry_at(self) -> float:
         """When the oldest job will seem lost (inf: not before an answer)."""

@@ -140,8 +140,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         if not addresses:
             raise ValueError("push_address needs at least one address")
         self._init_window(max_in_flight, retry)
-        if self._calls.stats is not None:
-            self._calls.stats.retries = self.books  # exported with its calls
+        self._keep_books(self.books)
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be an int from 1 to {MAX_BATCH}, got {batch!r}")
         self.batch = batch

@@ -71,8 +71,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
     ) -> None:
         super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
         self._init_window(max_in_flight, retry)
-        if self._calls.stats is not None:
-            self._calls.stats.retries = self.books  # exported with its calls
+        self._keep_books(self.books)
         self._socket: zmq.Socket | None = self._secure(
             to_live_peers(default_context(context).socket(zmq.DEALER))
         )

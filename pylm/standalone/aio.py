@@ -11,7 +11,7 @@ import zmq
 
 from pylm import protocol
 from pylm.cache_calls import cache_request, encode_key, encode_set
-from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.calls import CALL_RETRY_BURST, DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import PylmError, RequestTimeout
 from pylm.liveness import to_live_peers
@@ -25,7 +25,7 @@ from pylm.protocol import (
 )
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import RETRY_FACTOR, RETRY_FLOOR, Books, RetryBudget
+from pylm.window import Books, RetryBudget
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -34,7 +34,6 @@ __all__ = ["AsyncClient"]
 
 _SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
 _RETIRED = 8  # side sockets of earlier instance lists still read, at most
-_BURST = 10  # calls a client may send again at once, beyond its budget's earnings
 
 
 class AsyncClient(Caller):
@@ -75,9 +74,7 @@ class AsyncClient(Caller):
         self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self.retry = retry
-        self.books = Books(RetryBudget(_BURST))  # calls sent again, and their copies
-        if self._calls.stats is not None:
-            self._calls.stats.retries = self.books  # exported with its calls
+        self._keep_books(Books(RetryBudget(CALL_RETRY_BURST)))
         self._context = default_context(context)
         # A plain socket, driven by the event loop watching its file
         # descriptor: no trip through the loop for each message sent or read.
@@ -202,10 +199,9 @@ class AsyncClient(Caller):
             done, _ = await asyncio.wait({future}, timeout=0.05)
             now = time.perf_counter()
             if done:
-                took, slow = now - sent, books.slow
-                books.slow = took if took > slow else slow + (took - slow) / 64
+                books.took(now - sent)
                 return future.result()
-            grace = max(RETRY_FLOOR, RETRY_FACTOR * books.slow)
+            grace = books.grace()
             if connections.drops_now() <= drops and now - sent < grace:
                 continue
             drops, sent = connections.drops, now  # it seems lost

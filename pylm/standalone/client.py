@@ -10,7 +10,7 @@ import zmq
 
 from pylm import protocol
 from pylm.cache_calls import CacheCalls, cache_request
-from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info
+from pylm.calls import CALL_RETRY_BURST, DEFAULT_TIMEOUT, Caller, pong_info
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
@@ -27,7 +27,7 @@ from pylm.protocol import (
 )
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context, send_frame
-from pylm.window import RETRY_FACTOR, RETRY_FLOOR, Books, RetryBudget
+from pylm.window import Books, RetryBudget
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -36,7 +36,6 @@ __all__ = ["Client"]
 
 _SNDMORE = zmq.SNDMORE
 _NOBLOCK = zmq.NOBLOCK
-_BURST = 10  # calls a client may send again at once, beyond its budget's earnings
 _time = time.time
 _perf_counter = time.perf_counter
 
@@ -85,9 +84,7 @@ class Client(CacheCalls, Caller, Closing):
             raise TypeError(f"retry must be None, True or False, got {retry!r}")
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self.retry = retry
-        self.books = Books(RetryBudget(_BURST))  # calls sent again, and their copies
-        if self._calls.stats is not None:
-            self._calls.stats.retries = self.books  # exported with its calls
+        self._keep_books(Books(RetryBudget(CALL_RETRY_BURST)))
         self._lock = threading.Lock()
         # A DEALER, sending each message as it is (the server's ROUTER
         # answers in the envelope a request came in). No request/reply state
@@ -253,13 +250,12 @@ class Client(CacheCalls, Caller, Closing):
             while True:
                 until = deadline
                 if retried:
-                    until = min(deadline, sent + max(RETRY_FLOOR, RETRY_FACTOR * self.books.slow))
+                    until = min(deadline, sent + self.books.grace())
                 answer = self._receive(socket, msg_id, until, what, drops if retried else None)
                 now = _perf_counter()
                 if answer is not None:
                     if retried:
-                        took, slow = now - sent, self.books.slow
-                        self.books.slow = took if took > slow else slow + (took - slow) / 64
+                        self.books.took(now - sent)
                     return answer
                 if now >= deadline:
                     raise self._lost_or_timeout(what, timeout, drops, attempts)
