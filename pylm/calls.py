@@ -319,8 +319,7 @@ class Caller:
         """The error of a call with no answer within ``timeout``: sent
         ``attempts`` times; :class:`InstanceLost` if a connection dropped
         since there were ``drops`` (None: since the client last looked)."""
-        seen = self._connections.drops
-        if self._connections.drops_now() > (seen if drops is None else drops):
+        if self._connections.dropped_since(drops):
             return InstanceLost(
                 f"no answer from server {self.server_name!r} to {what!r} within {timeout:g} s,"
                 f" and the connection to its instance at {self._connections.dropped} dropped"
