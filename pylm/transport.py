@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import socket as sockets
-import time
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
+from pylm import monitors
 from pylm.errors import PylmError
 from pylm.liveness import heartbeats
 from pylm.protocol import MAGIC
@@ -43,7 +42,6 @@ class AddressError(PylmError, ValueError):
 # less per frame. Blocking sockets only (an asyncio socket's send is its own).
 send_frame: Callable[..., None] = getattr(zmq.backend, "Socket", zmq.Socket).send
 
-_MONITORS = itertools.count()  # close_listener's monitors, each at an address of its own
 _ADDRESS = re.compile(r"^(tcp|ipc|inproc|ws|wss|pgm|epgm|vmci|udp)://.+$")
 
 
@@ -125,27 +123,20 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
     monitor stopped, which libzmq does last, as it destroys the socket."""
     if socket is None or socket.closed:
         return
+    stopped = threading.Event()
+
+    def note(event: monitors.Event) -> None:
+        if event.kind == zmq.EVENT_MONITOR_STOPPED:
+            stopped.set()
+
     try:
-        socket.monitor(None, 0)  # a socket has one monitor: any other one ends here
-        # An address of its own: pyzmq's default names it after the socket's
-        # file descriptor, which a socket made since may have again while
-        # libzmq has not yet let go of the old name (the bind then fails).
-        monitor = socket.get_monitor_socket(
-            zmq.EVENT_CLOSED | zmq.EVENT_MONITOR_STOPPED,
-            f"inproc://pylm-closing-{next(_MONITORS)}",
-        )
+        # This monitor replaces any other the socket had (one a socket).
+        monitors.watch(socket, zmq.EVENT_CLOSED, note)
     except zmq.ZMQError:  # no monitor (e.g. the context is ending): do not wait
         socket.close(linger=0)
         return
-    try:
-        socket.close(linger=0)
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and monitor.poll(int(left * 1000) + 1):
-            event = parse_monitor_message(monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_MONITOR_STOPPED:
-                break
-    finally:
-        monitor.close(linger=0)
+    socket.close(linger=0)
+    stopped.wait(timeout)
 
 
 MAX_FRAMES = 16

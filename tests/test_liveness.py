@@ -91,11 +91,11 @@ def test_the_reader_thread_ends_with_the_last_monitor() -> None:
     connections = [Connections() for _ in sockets]
     for watcher, sock in zip(connections, sockets, strict=True):
         watcher.watch(sock, drops=True)
-    assert any(t.name == "pylm-connections" for t in threading.enumerate())
+    assert any(t.name == "pylm-monitors" for t in threading.enumerate())
     for watcher, sock in zip(connections, sockets, strict=True):
         watcher.close()
         sock.close(linger=0)
     deadline = time.monotonic() + 10
-    while any(t.name == "pylm-connections" for t in threading.enumerate()):
+    while any(t.name == "pylm-monitors" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the reader thread outlived its monitors"
         time.sleep(0.01)

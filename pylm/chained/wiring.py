@@ -14,15 +14,13 @@ given swapped, or a server of another kind, are named on the first job.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from pylm import protocol
+from pylm import monitors, protocol
 from pylm.calls import curve_key, pong_info, read_answer
 from pylm.discovery import Peers
 from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout
@@ -43,6 +41,7 @@ _WATCHED_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_DISCONNECTED
 )
+_WATCH_SLICE = 0.05  # s between looks at a greeting's watched handshakes
 _ARGUMENTS = (
     "LoopClient takes the last stage's push_address as push_address (the first"
     " argument: results come from there) and the first stage's pull_address as"
@@ -131,51 +130,46 @@ class _Watch:
     def __init__(self, socket: zmq.Socket, expected: str) -> None:
         self.socket = socket
         self.expected = expected  # what the peer should be: "a last stage's push socket, ..."
-        # An address of its own: pyzmq's default is named after the socket's
-        # file descriptor, which a newer socket may reuse.
-        address = f"inproc://pylm-wiring-{os.urandom(8).hex()}"
-        self.monitor: zmq.Socket = socket.get_monitor_socket(_WATCHED_EVENTS, address)
-        self._shook: dict[bytes, bool] = {}  # endpoint -> handshake done, since connected
-        self._secured: set[bytes] = set()  # endpoints whose peer uses another mechanism
+        # Read in pylm.monitors' thread, as the events come:
+        self._shook: dict[str, bool] = {}  # endpoint -> handshake done, since connected
+        self._secured: set[str] = set()  # endpoints whose peer uses another mechanism
+        self._refused: str | None = None
+        monitors.watch(socket, _WATCHED_EVENTS, self._note)
 
     def refused(self) -> str | None:
         """Why a peer refused the connection in the handshake, if one did:
         where it is, and what that says."""
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.ZMQError:  # none waiting (Again), or closed
-                return None
-            endpoint, kind = event["endpoint"], event["event"]
-            if kind == zmq.EVENT_CONNECTED:
-                self._shook[endpoint] = False
-            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._shook[endpoint] = True
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                self._shook.pop(endpoint, None)  # closed by the peer: retried
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                    self._secured.add(endpoint)
-            elif self._shook.get(endpoint) is False:  # disconnected in the handshake
-                where = bytes(endpoint).decode(errors="replace")
-                if endpoint in self._secured:
-                    return (
-                        f"the peer at {where} refused this client's plain connection: it"
-                        " takes CURVE connections only. Give the client curve= (or set"
-                        " PYLM_CURVE_KEYS) with its keys and the server's public key"
-                        " (docs/security.md)"
-                    )
-                return (
-                    f"the peer at {where} closed the connection in the ZeroMQ handshake: it is"
-                    f" not {self.expected}. {_ARGUMENTS}"
+        return self._refused
+
+    def _note(self, event: monitors.Event) -> None:
+        endpoint, kind = event.endpoint, event.kind
+        if kind == zmq.EVENT_CONNECTED:
+            self._shook[endpoint] = False
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._shook[endpoint] = True
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self._shook.pop(endpoint, None)  # closed by the peer: retried
+        elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            if event.value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                self._secured.add(endpoint)
+        elif kind == zmq.EVENT_DISCONNECTED and self._shook.get(endpoint) is False:
+            if self._refused is not None:
+                return  # the first reason stands
+            if endpoint in self._secured:
+                self._refused = (
+                    f"the peer at {endpoint} refused this client's plain connection: it"
+                    " takes CURVE connections only. Give the client curve= (or set"
+                    " PYLM_CURVE_KEYS) with its keys and the server's public key"
+                    " (docs/security.md)"
+                )
+            else:
+                self._refused = (
+                    f"the peer at {endpoint} closed the connection in the ZeroMQ handshake:"
+                    f" it is not {self.expected}. {_ARGUMENTS}"
                 )
 
     def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except zmq.ZMQError:  # the socket closed first: its monitoring ended with it
-            pass
-        self.monitor.close(linger=0)
+        monitors.stop(self.socket)
 
 
 class Wiring:
@@ -297,17 +291,15 @@ class Wiring:
         msg_id = next(self._ids)
         dropped = 0
         socket.send_multipart(protocol.encode(protocol.PING, msg_id))
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
         watched = self._watches.get(socket)
-        if watched is not None:
-            poller.register(watched.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            ready = dict(poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
-            if watched is not None and watched.monitor in ready:
+            # In slices while the handshakes are watched: a refusal ends the wait.
+            wait = min(left, _WATCH_SLICE) if watched is not None else left
+            ready = socket.poll(max(1, int(wait * 1000))) if left > 0 else 0
+            if watched is not None:
                 self._raise_refused(watched)
-            if socket not in ready:
+            if not ready:
                 if left <= 0:
                     raise self._no_answer(
                         f"the last stage at {address} did not answer within {timeout:g} s"
