@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,7 +35,7 @@ from pylm.exposed import Exposed, Function, exposed_functions
 from pylm.handshakes import watch
 from pylm.logs import LimitedLog, PushLogHandler, server_logger
 from pylm.names import check_name
-from pylm.protocol import DEFAULT_MAX_PAYLOAD
+from pylm.protocol import DEFAULT_MAX_PAYLOAD, read_id_deadline
 from pylm.registrar import Registrar
 from pylm.security import Curve
 from pylm.telemetry.counting import FunctionStats, ServerStats, metrics_enabled
@@ -449,6 +450,23 @@ class BaseServer:
             len(frames),
             detail,
             first,
+        )
+
+    def _expired(self, body: bytes) -> None:
+        """Count a job or call dropped, not run: read past its deadline (the
+        head starting ``body``), whose sender stopped waiting for it; log it
+        at most once a second, with how late it was (a steady stream of
+        them may mean the hosts' clocks disagree)."""
+        if self.stats is not None:
+            self.stats.expired += 1
+        late = time.time() - read_id_deadline(body)[1]
+        self._limited_log.log(
+            "expired",
+            logging.INFO,
+            "%s: dropped work %.3f s past its deadline, not run (more may follow unlogged;"
+            " pylm_messages_expired_total counts them all)",
+            self.name,
+            late,
         )
 
     def _log_limited(

@@ -57,6 +57,7 @@ Error codes and the exception the caller raises::
     too_large         PayloadTooLarge   also: size, limit
     protocol          ProtocolError     -
     unknown_key       UnknownKey        also: server, key (cache requests)
+    expired           RequestTimeout    -   (work read past its deadline: not run)
 
 A receiver that gets a head with another magic or version answers ERROR
 ``protocol`` when it can read a message id from it, and otherwise drops it.
@@ -82,6 +83,7 @@ from pylm.errors import (
     ProtocolError,
     PylmError,
     RemoteError,
+    RequestTimeout,
     UnknownFunction,
     UnknownKey,
     UnknownServer,
@@ -92,7 +94,9 @@ __all__ = [
     "BATCH_HEAD",
     "BATCH_PREFIX",
     "CACHE",
+    "CLOCK_SLACK",
     "COUNT",
+    "DEADLINE_BYTES",
     "DEFAULT_MAX_PAYLOAD",
     "END",
     "ERROR",
@@ -106,6 +110,7 @@ __all__ = [
     "MAX_BATCH_MESSAGES",
     "MAX_ERROR_DETAIL",
     "MORE",
+    "NO_DEADLINE",
     "ONE_FRAME_REQUEST",
     "PAYLOAD_FRAME",
     "PING",
@@ -123,12 +128,14 @@ __all__ = [
     "encode",
     "encode_error",
     "error_detail",
+    "expiry_stamp",
     "forward",
     "has_payload_frame",
     "one_frame_request",
     "pack_batch",
     "pack_id_deadline",
     "pack_sizes",
+    "past_deadline",
     "read_id",
     "read_id_deadline",
     "read_sizes",
@@ -286,9 +293,36 @@ REPLY_LEAD = slice(0, 9)
 REPLY without target or route, whose payload starts at HEAD_SIZE."""
 ID_BYTES = slice(9, 17)
 """The message id, as bytes."""
+DEADLINE_BYTES = slice(17, 25)
+"""The deadline, as bytes: for deadlines of 0.0 (none) and later, the order
+of these bytes is the order of the times, so ``NO_DEADLINE <
+body[DEADLINE_BYTES] < expiry_stamp(now)`` tells a passed deadline without
+reading the float."""
+NO_DEADLINE = bytes(8)
+"""``body[DEADLINE_BYTES]`` of a message without a deadline (0.0)."""
+CLOCK_SLACK = 1.0
+"""Seconds a deadline is given past its time before a receiver drops the
+work: the clocks of the sender's and the receiver's hosts may differ by
+this much (NTP keeps them within milliseconds)."""
 _ID_DEADLINE_BYTES = slice(9, 25)
 _STAMP_ID = slice(0, 8)  # the id in pack_id_deadline()'s bytes
-_NO_DEADLINE = bytes(8)
+_DEADLINE = struct.Struct(">d")
+
+
+def expiry_stamp(now: float) -> bytes:
+    """What a deadline is compared with at Unix time ``now``: work whose
+    ``body[DEADLINE_BYTES]`` is above NO_DEADLINE and below it is past its
+    deadline by more than CLOCK_SLACK."""
+    return _DEADLINE.pack(now - CLOCK_SLACK)
+
+
+def past_deadline(body: bytes, stamp: bytes) -> bool:
+    """Whether the message whose head starts ``body`` is past its deadline
+    (``stamp``: :func:`expiry_stamp` of now); False for a body too short to
+    hold one (it is malformed, and dropped as such)."""
+    deadline = body[DEADLINE_BYTES]
+    return NO_DEADLINE < deadline < stamp and len(deadline) == 8
+
 
 ONE_FRAME_REQUEST = MAGIC + bytes([VERSION, REQUEST, 0])
 """``body[LEAD]`` of a REQUEST whose payload is in its one frame."""
@@ -313,7 +347,7 @@ def reply_to(request: bytes, result: bytes) -> bytes:
     """A one-frame REPLY carrying ``result`` (of at most SPLIT_PAYLOAD
     bytes) that answers the one-frame REQUEST ``request``: its id bytes are
     the request's, as they came."""
-    return b"".join((REPLY_PREFIX, request[ID_BYTES], _NO_DEADLINE, result))
+    return b"".join((REPLY_PREFIX, request[ID_BYTES], NO_DEADLINE, result))
 
 
 def one_frame_request(
@@ -506,6 +540,7 @@ _CODES: dict[type[PylmError], str] = {
     PayloadTooLarge: "too_large",
     ProtocolError: "protocol",
     UnknownKey: "unknown_key",
+    RequestTimeout: "expired",
 }
 
 
@@ -577,6 +612,8 @@ def decode_error(payload: bytes) -> PylmError:
         return ProtocolError(message)
     if code == "unknown_key":
         return UnknownKey(message, server=server, key=str(detail.get("key", "")))
+    if code == "expired":
+        return RequestTimeout(message)
     return PylmError(f"{message} (error code {code[:40]!r})")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from time import time as _time
 from typing import TYPE_CHECKING
 
 import zmq
@@ -34,11 +35,15 @@ from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import Drain
 from pylm.protocol import (
     BATCH_PREFIX,
+    DEADLINE_BYTES,
     FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
+    NO_DEADLINE,
     ONE_FRAME_REQUEST,
     SPLIT_PAYLOAD,
+    expiry_stamp,
+    past_deadline,
     read_id,
     read_sizes,
 )
@@ -216,6 +221,10 @@ class Stage(BaseServer):
         received = passed = 0
         counting, sampling = self.stats is not None, self._sampling
         untimed = sampling.untimed
+        # Work past its deadline is dropped, not run: the clock is read as
+        # the batch starts and with each timed call (every call of a server
+        # that is not busy, one in SAMPLE_EVERY of a busy one).
+        expiry = expiry_stamp(_time())
         for _ in range(min(BATCH, self.messages - self.served)):
             try:
                 # One recv per message: the head tells whether a payload
@@ -238,6 +247,10 @@ class Stage(BaseServer):
                 start = HEAD_SIZE + target_size
                 end = start + route_size
                 if route_size and end <= len(body):
+                    deadline = body[DEADLINE_BYTES]
+                    if deadline < expiry and deadline != NO_DEADLINE:
+                        self._expired(body)
+                        continue
                     self.served += 1
                     if debug:
                         self._looking_for(body[HEAD_SIZE:start])
@@ -245,9 +258,9 @@ class Stage(BaseServer):
                         untimed -= 1
                         timed = False
                     else:
-                        timed = True
-                        if counting:
-                            untimed = sampling.untimed_next()
+                        timed = counting
+                        untimed = sampling.untimed_next()
+                        expiry = expiry_stamp(_time())
                     try:
                         result = call(body[HEAD_SIZE:start], body[end:], timed)
                     except PylmError as error:
@@ -275,12 +288,19 @@ class Stage(BaseServer):
             return len(jobs), 0
         results: list[tuple[bytes, bytes]] = []  # (route, message) in order
         call = self._call
+        expiry = expiry_stamp(_time())
         for index, job in enumerate(jobs):
             if job[LEAD] == ONE_FRAME_REQUEST and len(job) >= HEAD_SIZE:
                 target_size, route_size = read_sizes(job)
                 start = HEAD_SIZE + target_size
                 end = start + route_size
                 if route_size and end <= len(job):
+                    if not index & _UNTIMED_MASK:
+                        expiry = expiry_stamp(_time())
+                    deadline = job[DEADLINE_BYTES]
+                    if deadline < expiry and deadline != NO_DEADLINE:
+                        self._expired(job)
+                        continue
                     self.served += 1
                     try:
                         result = call(job[HEAD_SIZE:start], job[end:], not index & _UNTIMED_MASK)
@@ -367,6 +387,9 @@ class Stage(BaseServer):
                 f" {protocol.KIND_NAMES[message.kind]}"
             )
             self._output.send_error(message, problem)
+        elif past_deadline(frames[0], expiry_stamp(_time())):
+            self._expired(frames[0])
+            return
         else:
             # A REQUEST; one without a route (a tee's copy) runs and goes on
             # unanswered; one flagged MORE (a stream's item) stays flagged.

@@ -29,7 +29,7 @@ from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
-from pylm.errors import ProtocolError, PylmError, RegistryError, UnknownFunction
+from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout, UnknownFunction
 from pylm.lifecycle import Drain
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
 from pylm.parallel.hello import MAX_SLOTS, hello
@@ -40,6 +40,8 @@ from pylm.protocol import (
     LEAD,
     ONE_FRAME_REQUEST,
     SPLIT_PAYLOAD,
+    expiry_stamp,
+    past_deadline,
     read_id,
     read_sizes,
 )
@@ -354,6 +356,9 @@ class Worker(BaseServer):
                     target_size, route_size = read_sizes(body)
                     start = HEAD_SIZE + target_size
                     if start + route_size <= len(body):
+                        if past_deadline(body, expiry_stamp(time.time())):
+                            self._expire(socket, body)
+                            continue
                         self.served += 1
                         try:
                             result = call(body[HEAD_SIZE:start], body[start + route_size :])
@@ -397,6 +402,9 @@ class Worker(BaseServer):
             self._drop(
                 "kind", f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames
             )
+            return
+        if past_deadline(frames[0], expiry_stamp(time.time())):
+            self._expire(socket, frames[0])
             return
         self.served += 1
         try:
@@ -474,15 +482,27 @@ class Worker(BaseServer):
             )
         return super()._dispatch_error(target)
 
-    def _answer(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
+    def _expire(self, socket: zmq.Socket, head: bytes) -> None:
+        """A job read past its deadline (``head``: its head) is not run; its
+        master hears so, to free the slot (its client stopped waiting)."""
+        self._expired(head)
+        msg_id, deadline = protocol.read_id_deadline(head)
+        late = RequestTimeout(
+            f"job past its deadline by {time.time() - deadline:.3f} s when worker"
+            f" {self.name!r} read it: not run"
+        )
+        self._answer(socket, protocol.encode_error(msg_id, late), counted=False)
+
+    def _answer(self, socket: zmq.Socket, frames: list[bytes], counted: bool = True) -> bool:
         """Send an answer to the master on ``socket``; False if it could
-        not go (see :meth:`_undelivered`)."""
+        not go (see :meth:`_undelivered`). ``counted``: as a message sent
+        (an answer to work that ran)."""
         try:
             socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
         except zmq.Again:
             self._undelivered(socket, protocol.salvage_msg_id(frames))
             return False
-        if self.stats is not None:
+        if counted and self.stats is not None:
             self.stats.sent += 1
         return True
 

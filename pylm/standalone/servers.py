@@ -26,11 +26,15 @@ from pylm.cache_store import Cache
 from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.protocol import (
+    DEADLINE_BYTES,
     FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
+    NO_DEADLINE,
     ONE_FRAME_REQUEST,
     SPLIT_PAYLOAD,
+    expiry_stamp,
+    past_deadline,
     read_id,
     read_sizes,
 )
@@ -132,6 +136,10 @@ class Server(BaseServer):
         served = self.served
         stats = self.stats
         sampling, untimed = Sampling(), 0  # which calls are timed (pylm.telemetry.counting)
+        # Calls past their deadline are dropped, not run: the clock is read
+        # when the loop waited, and with each timed call (every call of a
+        # server that is not busy, one in SAMPLE_EVERY of a busy one).
+        expiry = expiry_stamp(time.time())
         draining = False  # stopping: deregistered, serving what clients still send
         give_up = 0.0
         # Waiting for the next message is bounded (RCVTIMEO), though stop()
@@ -145,6 +153,7 @@ class Server(BaseServer):
                 except zmq.Again:
                     if draining:
                         return  # quiet for DRAIN_QUIET: the clients have moved on
+                    expiry = expiry_stamp(time.time())
                     continue
                 if draining and time.monotonic() > give_up:
                     return
@@ -171,14 +180,18 @@ class Server(BaseServer):
                     if start + route_size <= len(body):
                         # Fast path: a one-frame REQUEST. The reply reuses the
                         # request's id bytes as they are.
+                        deadline = body[DEADLINE_BYTES]
+                        if deadline < expiry and deadline != NO_DEADLINE:
+                            self._expired(body)
+                            continue
                         served += 1
                         if untimed:
                             untimed -= 1
                             timed = False
                         else:
-                            timed = True
-                            if stats is not None:
-                                untimed = sampling.untimed_next()
+                            timed = stats is not None
+                            untimed = sampling.untimed_next()
+                            expiry = expiry_stamp(time.time())
                         try:
                             result = call(body[HEAD_SIZE:start], body[start + route_size :], timed)
                         except PylmError as error:
@@ -263,6 +276,9 @@ class Server(BaseServer):
             )
             self._drop("kind", str(problem), frames)
             self._answer(envelope, protocol.encode_error(message.msg_id, problem), counted=False)
+            return 0
+        if past_deadline(frames[0], expiry_stamp(time.time())):
+            self._expired(frames[0])
             return 0
         try:
             answer = protocol.encode(

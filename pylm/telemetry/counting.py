@@ -177,6 +177,7 @@ class ServerStats:
         # pylm.handshakes' thread), never read as messages.
         self.handshakes_failed = 0
         self.undeliverable = 0  # results dropped: their receiver took none (a last stage)
+        self.expired = 0  # work read past its deadline, dropped instead of run
         self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
         self.ready = False
         self.registration: Registration | None = None
@@ -186,7 +187,7 @@ class ServerStats:
     @property
     def in_flight(self) -> int:
         """Messages read and not yet answered or passed on."""
-        return max(0, self.received - self.malformed - self.sent)
+        return max(0, self.received - self.malformed - self.expired - self.sent)
 
 
 class DispatcherState(Protocol):

@@ -141,6 +141,8 @@ _SERVER_FAMILIES: dict[str, _Spec] = {
     "pylm_messages_received": (CounterMetricFamily, "Messages read from the server's input"),
     "pylm_messages_malformed": (CounterMetricFamily,
         "Messages dropped or refused for not following the protocol, by reason", "reason"),
+    "pylm_messages_expired": (CounterMetricFamily,
+        "Work read past its deadline (with CLOCK_SLACK), dropped instead of run"),
     "pylm_messages_sent": (CounterMetricFamily,
         "Messages sent on: to the next stage or to clients", "to"),
     "pylm_in_flight_messages": (GaugeMetricFamily,
@@ -213,6 +215,7 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
             count = sum(stats.malformed_by[reason] for stats in group)
             malformed.add_metric([name, reason], count)
         malformed.add_metric([name, "handshake"], sum(s.handshakes_failed for s in group))
+        family["pylm_messages_expired"].add_metric([name], sum(s.expired for s in group))
         sent = family["pylm_messages_sent"]
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
