@@ -289,13 +289,22 @@ class Wiring:
         """Greet the last stage instance at ``address``; returns how many
         other answers came meanwhile (dropped)."""
         msg_id = next(self._ids)
+        greeting: list[bytes] | None = protocol.encode(protocol.PING, msg_id)
         dropped = 0
-        socket.send_multipart(protocol.encode(protocol.PING, msg_id))
         watched = self._watches.get(socket)
         while True:
+            if greeting is not None:
+                # Without waiting: a connection whose handshake was refused
+                # is not tried again, and a send to it would wait forever.
+                try:
+                    socket.send_multipart(greeting, zmq.NOBLOCK)
+                    greeting = None
+                except zmq.Again:
+                    pass
             left = deadline - time.monotonic()
-            # In slices while the handshakes are watched: a refusal ends the wait.
-            wait = min(left, _WATCH_SLICE) if watched is not None else left
+            # In slices while the greeting or the handshakes wait: a refusal ends the wait.
+            sliced = watched is not None or greeting is not None
+            wait = min(left, _WATCH_SLICE) if sliced else left
             ready = socket.poll(max(1, int(wait * 1000))) if left > 0 else 0
             if watched is not None:
                 self._raise_refused(watched)
