@@ -21,7 +21,9 @@ stage) is made a sender to live peers by :func:`to_live_peers`:
   whatever it reads, say it lives;
 - an instance that comes back (its process resumes, the network heals, a
   restart at the same address) re-enters the rotation once its handshake
-  completes again; libzmq retries the connection every 100 ms.
+  completes again; libzmq retries the connection every 100 ms, and gives
+  a connection attempt at most a second (``ZMQ_CONNECT_TIMEOUT``) before
+  it starts another.
 
 None of this waits for the registry: a lease expires 10 s after its
 process died, the rotation changed long before. The settings are the
@@ -55,6 +57,7 @@ DEFAULT_HEARTBEAT = 1.5  # s a silent peer keeps its place in a rotation
 
 _ENV = "PYLM_HEARTBEAT"
 _SHORTEST, _LONGEST = 0.1, 3600.0
+_CONNECT_MS = 1000
 
 
 class LivenessError(PylmError, ValueError):
@@ -102,6 +105,14 @@ class Liveness:
     def timeout_ms(self) -> int:
         return round(self.timeout * 1000)
 
+    @property
+    def connect_ms(self) -> int:
+        """How long a TCP connection attempt may wait before a new one
+        starts: at most a second, so that a peer that comes back (a healed
+        partition) is reached within about a second, not after the backoff
+        of a SYN sent while it was away (3 s, 7 s, ... by the kernel's)."""
+        return min(self.timeout_ms, _CONNECT_MS)
+
 
 def liveness() -> Liveness:
     """The process's settings: ``PYLM_HEARTBEAT`` if set, else the default."""
@@ -121,6 +132,7 @@ def to_live_peers(
         socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.HEARTBEAT_IVL, settings.interval_ms)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, settings.timeout_ms)
+    socket.setsockopt(zmq.CONNECT_TIMEOUT, settings.connect_ms)
     return socket
 
 

@@ -7,6 +7,9 @@ Results are plain JSON values.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from servers import Doubler
@@ -19,7 +22,7 @@ from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master
 from pylm.processes import free_port
 from pylm.registry import LocalEtcd, Registry
-from pylm.standalone import Client
+from pylm.standalone import Client, idempotent
 from pylm.standalone import Server as RepServer
 from pylm.telemetry.prometheus import LocalPrometheus
 from pylm.telemetry.sd import ServiceDiscovery
@@ -59,6 +62,11 @@ class Echo(RepServer):
     def where(self, message: bytes) -> bytes:
         return message + b"@" + self.label
 
+    @idempotent
+    def where_again(self, message: bytes) -> bytes:
+        """As ``where``, declared safe to run twice: sent again when lost."""
+        return message + b"@" + self.label
+
     label = b"?"
 
 
@@ -82,11 +90,13 @@ def _registry(url: str, cluster: str) -> Registry:
     return registry
 
 
-def serve(url: str, cluster: str, label: str, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Start the servers ``names`` bound to every interface (0.0.0.0);
-    what each registered (its endpoints and metrics URL)."""
+def serve(
+    url: str, cluster: str, label: str, names: list[str], ttl: float = TTL
+) -> dict[str, dict[str, Any]]:
+    """Start the servers ``names`` bound to every interface (0.0.0.0), with
+    leases of ``ttl`` s; what each registered (its endpoints and metrics URL)."""
     registry = _registry(url, cluster)
-    options: dict[str, Any] = {"registry": registry, "ttl": TTL, "host": "0.0.0.0"}
+    options: dict[str, Any] = {"registry": registry, "ttl": ttl, "host": "0.0.0.0"}
     options["log_stdout"] = False
     started: dict[str, BaseServer] = {}
     for name in names:
@@ -124,13 +134,17 @@ def registered() -> bool:
 # ------------------------------------------------------------------ clients
 
 
-def clients(url: str, cluster: str) -> None:
+def clients(url: str, cluster: str, kinds: list[str] | None = None) -> None:
+    """The clients ``kinds`` (all of echo, chain and parallel by default)."""
     registry = _registry(url, cluster)
-    state["echo"] = Client("echo", registry=registry, timeout=3)
-    state["chain"] = LoopClient("step", registry=registry, timeout=3)
-    state["parallel"] = ParallelClient("master", registry=registry, timeout=10)
-    for client in ("echo", "chain", "parallel"):
-        state["closing"].append(state[client].close)
+    makers = {
+        "echo": lambda: Client("echo", registry=registry, timeout=3),
+        "chain": lambda: LoopClient("step", registry=registry, timeout=3),
+        "parallel": lambda: ParallelClient("master", registry=registry, timeout=10),
+    }
+    for kind in kinds or list(makers):
+        state[kind] = makers[kind]()
+        state["closing"].append(state[kind].close)
 
 
 def instances(name: str) -> list[str]:
@@ -187,6 +201,80 @@ def call_parallel(count: int) -> int:
     return len(results)
 
 
+class _Loop:
+    """Calls made in a loop on a thread of the agent until stopped: for each,
+    when it started (Unix time, the clock every namespace shares), how
+    long it took and which host answered; the first failure ends it."""
+
+    def __init__(self, call: Callable[[int], list[str]]) -> None:
+        self.calls: list[tuple[float, float, str]] = []
+        self.failure: str | None = None
+        self._call = call
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loop")
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            began = time.time()
+            try:
+                hosts = self._call(n)
+            except Exception as exc:
+                self.failure = f"call {n}: {exc!r}"
+                return
+            took = time.time() - began
+            self.calls.extend((began, took, host) for host in hosts)
+            n += 1
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        return {"calls": self.calls, "failure": self.failure}
+
+
+def _echo_again(n: int) -> list[str]:
+    answer = state["echo"].job("where_again", b"%d" % n)
+    sent, _, host = answer.partition(b"@")
+    assert sent == b"%d" % n, answer
+    return [host.decode()]
+
+
+def _chain_batch(n: int) -> list[str]:
+    """Ten jobs through the pipeline; the step host of each."""
+    payloads = [b"%d.%d" % (n, i) for i in range(10)]
+    hosts = []
+    for outcome in state["chain"].results("tag", payloads):
+        if outcome.error is not None:
+            raise outcome.error
+        sent, _, rest = outcome.value.partition(b">")
+        host, _, last = rest.partition(b">")
+        assert sent == payloads[outcome.index] and last == b"last", outcome.value
+        hosts.append(host.decode())
+    return hosts
+
+
+def start_loops() -> None:
+    """Idempotent echo calls and pipeline jobs, each in a loop of its own."""
+    state["loops"] = {"echo": _Loop(_echo_again), "chain": _Loop(_chain_batch)}
+
+
+def loop_first(since: float) -> dict[str, dict[str, float]]:
+    """For each loop, when the first call started after ``since`` that each host answered."""
+    firsts: dict[str, dict[str, float]] = {}
+    for name, loop in state["loops"].items():
+        first = firsts.setdefault(name, {})
+        for began, _, host in list(loop.calls):
+            if began >= since and began < first.get(host, float("inf")):
+                first[host] = began
+    return firsts
+
+
+def stop_loops() -> dict[str, dict[str, Any]]:
+    loops = state.pop("loops")
+    return {name: loop.stop() for name, loop in loops.items()}
+
+
 # ------------------------------------------------------------------ monitoring
 
 
@@ -216,6 +304,8 @@ def targets_up() -> dict[str, float]:
 
 
 def stop_all() -> None:
+    if "loops" in state:
+        stop_loops()
     for client in ("echo", "chain", "parallel"):
         state.pop(client, None)
     for server in reversed(state["servers"]):
