@@ -180,6 +180,8 @@ class Caller:
         self.connection = ",".join(self.endpoints)
         self.server_name = server_name
         self._calls = Calls(server_name, max_payload)
+        if self._calls.stats is not None:
+            self._calls.stats.peers = self._connections
 
     def _open_registry(self, registry: Registry | str | None) -> Registry:
         """The registry to resolve with: the one given, or one this client

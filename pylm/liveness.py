@@ -34,6 +34,7 @@ it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -150,23 +151,35 @@ _REFUSED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+_LINKS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 class Connections:
-    """What the monitors of a client's sockets say of their connections
-    (read as their events come, by :mod:`pylm.monitors`): a CURVE handshake
-    a server refused, so a call that times out can say why (libzmq does not
-    retry such a connection, so a refusal stands until the client is made
-    again); and connections that dropped, so a call that gets no answer can
-    say it may have run on an instance that went away. One monitor per
-    socket."""
+    """What the monitors of a sender's sockets (a client's, a stage's to
+    its next stages) say of their connections, read as their events come by
+    :mod:`pylm.monitors`: a CURVE handshake a server refused, so a call that
+    times out can say why (libzmq does not retry such a connection, so a
+    refusal stands until the client is made again); the peers connected and
+    live now; and connections that dropped (an instance killed, or silent
+    for the heartbeat timeout), so a call that gets no answer can say it
+    may have run on an instance that went away. One monitor per socket."""
 
     def __init__(self) -> None:
-        self._watched: dict[zmq.Socket, tuple[bool, bool]] = {}  # (refusals, drops)
+        # socket -> (refusals watched, drops watched, the number of its monitor)
+        self._watched: dict[zmq.Socket, tuple[bool, bool, int]] = {}
         self._refused: str | None = None
         self.drops = 0  # connections that dropped, so far (counted by the monitors' thread)
         self.dropped: str | None = None  # the endpoint of the last one
         self._looked = 0  # drops when the client last looked
+        # (socket number, endpoint) of the connections whose handshake
+        # completed and that have not dropped since: the live peers.
+        self._live: set[tuple[int, str]] = set()
+        self._numbers = itertools.count()
+
+    @property
+    def live_peers(self) -> int:
+        """The peer endpoints a watched socket has a live connection to now."""
+        return len({endpoint for _, endpoint in list(self._live)})
 
     def watch(self, socket: zmq.Socket, *, refusals: bool = False, drops: bool = False) -> None:
         """Watch ``socket`` (about to connect) for handshakes refused
@@ -174,14 +187,23 @@ class Connections:
         old = self._watched.get(socket)
         if old is not None:  # its monitor is replaced by one that watches both
             refusals, drops = refusals or old[0], drops or old[1]
-        self._watched[socket] = (refusals, drops)
-        events = (_REFUSED if refusals else 0) | (zmq.EVENT_DISCONNECTED if drops else 0)
-        monitors.watch(socket, events, self._note)
+        number = next(self._numbers)
+        self._watched[socket] = (refusals, drops, number)
+        events = (_REFUSED if refusals else 0) | (_LINKS if drops else 0)
+        monitors.watch(socket, events, lambda event: self._note(number, event))
 
-    def _note(self, event: monitors.Event) -> None:
-        if event.kind == zmq.EVENT_DISCONNECTED:
+    def _note(self, number: int, event: monitors.Event) -> None:
+        if event.kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._live.add((number, event.endpoint))
+        elif event.kind == zmq.EVENT_DISCONNECTED:
+            self._live.discard((number, event.endpoint))
             self.dropped = event.endpoint
             self.drops += 1
+        elif event.kind == zmq.EVENT_MONITOR_STOPPED:  # the socket closed, or stop()
+            self._live = {link for link in self._live if link[0] != number}
+            for socket, watched in list(self._watched.items()):
+                if watched[2] == number:
+                    self._watched.pop(socket, None)
         elif event.kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             self._refused = (
                 f"the server at {event.endpoint} refused this client's key"
@@ -214,6 +236,6 @@ class Connections:
             monitors.stop(socket)
 
     def close(self) -> None:
-        for socket in self._watched:
+        for socket in list(self._watched):
             monitors.stop(socket)
         self._watched.clear()

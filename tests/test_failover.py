@@ -231,12 +231,19 @@ def test_calls_of_an_idempotent_function_survive_a_killed_instance_others_say_th
 def test_async_calls_of_an_idempotent_function_survive_a_killed_instance(
     pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
 ) -> None:
-    """The same with the asyncio client, 8 calls in flight at a time: none fails."""
+    """The same with the asyncio client, 8 calls in flight at a time: none of
+    the idempotent function fails; of the other, at most the 8 in flight,
+    each with InstanceLost."""
     env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
-    servers = [subprocess.Popen([sys.executable, "-c", _SERVER, name], env=env) for name in "ab"]
-    doomed = servers[0]
+    servers: list[subprocess.Popen[bytes]] = []
 
-    async def calls() -> tuple[int, list[BaseException]]:
+    def server(name: str) -> subprocess.Popen[bytes]:
+        servers.append(subprocess.Popen([sys.executable, "-c", _SERVER, name], env=env))
+        return servers[-1]
+
+    async def calls(
+        function: str, doomed: subprocess.Popen[bytes]
+    ) -> tuple[int, list[BaseException]]:
         answered = 0
         failures: list[BaseException] = []
         async with AsyncClient("who", registry=pylm_registry, timeout=3, wait=10) as client:
@@ -244,16 +251,22 @@ def test_async_calls_of_an_idempotent_function_survive_a_killed_instance(
                 if n == 40:
                     doomed.kill()
                 outcomes = await asyncio.gather(
-                    *(client.job("who", b"") for _ in range(8)), return_exceptions=True
+                    *(client.job(function, b"") for _ in range(8)), return_exceptions=True
                 )
                 failures += [o for o in outcomes if isinstance(o, BaseException)]
                 answered += sum(1 for o in outcomes if isinstance(o, bytes))
+        assert doomed.wait(10) == -signal.SIGKILL
         return answered, failures
 
     try:
+        doomed, _ = server("a"), server("b")
         wait_for(lambda: len(pylm_registry.instances("who")) == 2, 20, "both instances listed")
-        assert asyncio.run(calls()) == (1_600, [])
-        assert doomed.wait(10) == -signal.SIGKILL
+        assert asyncio.run(calls("who", doomed)) == (1_600, [])
+        doomed = server("c")
+        wait_for(lambda: len(pylm_registry.instances("who")) == 3, 20, "the third listed")
+        answered, failures = asyncio.run(calls("once", doomed))
+        assert len(failures) <= 8 and answered == 1_600 - len(failures)
+        assert all(isinstance(error, InstanceLost) for error in failures), failures
     finally:
         for process in servers:
             end_process(process, 10)

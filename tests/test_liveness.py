@@ -6,13 +6,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
+from servers import Echo, Last, Step
 
 from pylm.liveness import Connections
+from pylm.registry import Registry
+from pylm.standalone import Client
+from pylm.testing import wait_for
 from pylm.transport import default_context
+
+ANY = "tcp://127.0.0.1:0"
 
 
 @pytest.fixture
@@ -99,3 +107,53 @@ def test_the_reader_thread_ends_with_the_last_monitor() -> None:
     while any(t.name == "pylm-monitors" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the reader thread outlived its monitors"
         time.sleep(0.01)
+
+
+def scrape(url: str | None) -> str:
+    assert url is not None
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.read().decode())
+
+
+def sample(text: str, name: str) -> float | None:
+    """The value of the one sample ``name`` (with its labels) in ``text``."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_and_a_client_count_the_instances_they_reach(
+    serve: Callable[[Any], Any], pylm_registry: Registry
+) -> None:
+    """pylm_peers_live (a stage's next stages) and pylm_client_peers_live
+    follow the connections: two instances reached, then one stopped, one."""
+    seconds = [
+        serve(Last("pl-second", ANY, ANY, ANY, metrics=True, log_stdout=False)) for _ in range(2)
+    ]
+    first = serve(
+        Step(
+            "pl-first",
+            ANY,
+            [s.address for s in seconds],
+            "pl-second.done",
+            ANY,
+            metrics=True,
+            log_stdout=False,
+        )
+    )
+    echoes = [serve(Echo("pl-echo", registry=pylm_registry, log_stdout=False)) for _ in range(2)]
+    live = 'pylm_peers_live{server="pl-first"}'
+    client_live = 'pylm_client_peers_live{server="pl-echo"}'
+    with Client("pl-echo", registry=pylm_registry, wait=10) as client:
+        wait_for(lambda: client.job("echo", b"x") == b"x" and len(client.endpoints) == 2, 10, "two")
+        wait_for(lambda: sample(scrape(first.metrics_url), live) == 2, 10, "two next instances")
+        wait_for(lambda: sample(scrape(first.metrics_url), client_live) == 2, 10, "two echoes")
+        seconds[0].stop()
+        echoes[0].stop()
+        wait_for(lambda: sample(scrape(first.metrics_url), live) == 1, 10, "one next instance")
+        wait_for(lambda: sample(scrape(first.metrics_url), client_live) == 1, 10, "one echo")
+        text = scrape(first.metrics_url)
+        assert (sample(text, 'pylm_peer_drops_total{server="pl-first"}') or 0) >= 1
+        assert (sample(text, 'pylm_client_peer_drops_total{server="pl-echo"}') or 0) >= 1

@@ -167,7 +167,10 @@ class LoopClient(Caller, WindowedClient, Closing):
         self._jobs: zmq.Socket | None = self._secure(to_live_peers(context.socket(zmq.PUSH)))
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.SNDHWM, hwm)
-        self._wiring.watch_jobs(self._jobs)
+        if self._wiring.watches:  # a socket has one monitor: the wiring's, until greeted
+            self._wiring.watch_jobs(self._jobs)
+        else:
+            self._connections.watch(self._jobs, drops=True)  # its live peers, for the metrics
         # Several first-stage instances: round-robin among the live ones
         # (pylm.liveness); what was queued for one that died or left is sent
         # again by the window's books.

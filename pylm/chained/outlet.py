@@ -20,7 +20,7 @@ from pylm import protocol
 from pylm.calls import curve_key
 from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
-from pylm.liveness import to_live_peers
+from pylm.liveness import Connections, to_live_peers
 from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
@@ -66,6 +66,7 @@ class Outlet:
         self._instances = sorted(addresses)
         self._context: zmq.Context | None = None
         self._hwm = 0
+        self._links: Connections | None = None
 
     def open(
         self,
@@ -74,11 +75,13 @@ class Outlet:
         registry: Registry | None,
         curve: Curve | None,
         logger: logging.Logger,
+        links: Connections | None = None,
     ) -> zmq.Socket:
         """Connect to the given addresses, or (with ``registry``) to the
         instances registered now, and follow them; with the stage's CURVE
-        settings, telling its ``logger`` of instances that join and leave."""
-        self._context, self._hwm = context, hwm
+        settings, telling its ``logger`` of instances that join and leave,
+        and its ``links`` of the connections that live and drop."""
+        self._context, self._hwm, self._links = context, hwm, links
         self.curve, self._logger = curve, logger
         if registry is not None:
             self._key = curve_key(self.server, registry.instances(self.server), self.curve)
@@ -161,6 +164,8 @@ class Outlet:
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, self._hwm)
         self._secure(socket)
+        if self._links is not None:
+            self._links.watch(socket, drops=True)
         return socket
 
     def _secure(self, socket: zmq.Socket) -> None:
@@ -251,14 +256,21 @@ class ToNextStage(Output):
         """The outlets and the tees."""
         return self.outlets + self.tees
 
-    def open(self, context: zmq.Context, hwm: int, registry: Callable[[], Registry]) -> bool:
+    def open(
+        self,
+        context: zmq.Context,
+        hwm: int,
+        registry: Callable[[], Registry],
+        links: Connections | None = None,
+    ) -> bool:
         """Connect every outlet (to its addresses, or to the instances in
-        ``registry()``, followed); True if any follows the registry."""
+        ``registry()``, followed), its connections watched by ``links``;
+        True if any follows the registry."""
         following = False
         for outlet in self.all():
             found = None if outlet.addresses else registry()
             following = following or found is not None
-            outlet.open(context, hwm, found, self.curve, self.logger)
+            outlet.open(context, hwm, found, self.curve, self.logger, links)
         self.socket = self.outlets[0].socket
         return following
 

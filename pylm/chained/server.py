@@ -14,6 +14,7 @@ from pylm.base import Options2016, ServerOptions
 from pylm.chained.outlet import Outlet, ToNextStage
 from pylm.chained.stage import DEFAULT_HWM, REWIRE_MS, Stage, addresses
 from pylm.errors import RegistryError
+from pylm.liveness import Connections
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -164,7 +165,10 @@ class Server(Stage):
         if not output.outlets:
             config = self._configured_next()
             output.set_outlets([Outlet(config.next, [])])
-        if output.open(self.context, self.hwm, self._registry_client):
+        links = Connections()  # the next stages' instances this stage reaches now
+        if self.stats is not None:
+            self.stats.peers = links
+        if output.open(self.context, self.hwm, self._registry_client, links):
             self._poll_timeout = REWIRE_MS
         following = output.outlets[0].following
         if config is not None and following is not None:

@@ -221,6 +221,11 @@ class Wiring:
         """Whether the registry lists other last-stage instances than those connected."""
         return self._lasts is not None and self._lasts.changed
 
+    @property
+    def watches(self) -> bool:
+        """Whether the handshakes of the client's sockets are watched until the greeting."""
+        return self._watch
+
     def watch_jobs(self, jobs: zmq.Socket) -> None:
         """Watch the client's jobs socket (given addresses, before it connects)."""
         if self._watch:

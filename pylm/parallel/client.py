@@ -79,6 +79,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         # No receive limit: the jobs in flight bound what comes, and a full
         # queue would make the master hold answers back.
         self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._connections.watch(self._socket, drops=True)  # its live peers, for the metrics
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         self.dropped = 0  # answers that belong to no job in flight (late ones)

@@ -149,7 +149,9 @@ class AsyncClient(Caller):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
-        timer = loop.call_later(timeout, self._expire, msg_id, what, timeout)
+        # A call that gets no answer says whether a connection dropped since it was sent.
+        drops = self._connections.drops
+        timer = loop.call_later(timeout, self._expire, msg_id, what, timeout, drops)
         try:
             last = len(frames) == 1
             while True:
@@ -216,28 +218,24 @@ class AsyncClient(Caller):
             books.note_resent(msg_id)
             asyncio.get_running_loop().call_soon(self._on_events, socket)
 
-    def _expire(self, msg_id: int, what: str, timeout: float) -> None:
+    def _expire(self, msg_id: int, what: str, timeout: float, drops: int) -> None:
         future = self._pending.pop(msg_id, None)
         if future is not None and not future.done():
-            future.set_exception(self._lost_or_timeout(what, timeout, None))
+            future.set_exception(self._lost_or_timeout(what, timeout, drops))
 
     def _open(self) -> zmq.Socket:
         if self._closed:
             raise RuntimeError("the client is closed")
         if self._socket is None:
-            # Heartbeats, but not IMMEDIATE nor a monitor of dropped
-            # connections (yet): with them, a flood of calls made before the
-            # server binds lost answers about once in 30 runs
-            # (tests/test_async_client.py::test_more_calls_than_the_queue_holds);
-            # without the monitor, none in 30. Calls are sent again after
-            # their grace only, and one on a dead instance times out.
-            dealer = to_live_peers(self._context.socket(zmq.DEALER), immediate=False)
-            socket = self._secure(dealer)
+            # Several instances: DEALER takes turns among the live ones
+            # (pylm.liveness); a call sent when none is live waits for room.
+            socket = self._secure(to_live_peers(self._context.socket(zmq.DEALER)))
             socket.setsockopt(zmq.LINGER, 0)
             # No limit on answers queued here: a REP server drops an answer
             # its client's queue has no room for, and every call in flight
             # gets exactly one answer, so the calls bound the queue anyway.
             socket.setsockopt(zmq.RCVHWM, 0)
+            self._connections.watch(socket, drops=True)
             for endpoint in self.endpoints:
                 socket.connect(endpoint)
             self._socket = socket

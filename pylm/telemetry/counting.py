@@ -178,6 +178,7 @@ class ServerStats:
         self.handshakes_failed = 0
         self.undeliverable = 0  # results dropped: their receiver took none (a last stage)
         self.expired = 0  # work read past its deadline, dropped instead of run
+        self.peers: PeerLinks | None = None  # a stage's connections to its next stages
         self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
         self.ready = False
         self.registration: Registration | None = None
@@ -213,6 +214,16 @@ class RetryCounts(Protocol):
     duplicates: int
 
 
+class PeerLinks(Protocol):
+    """What a sender's socket monitors say of its peers
+    (:class:`pylm.liveness.Connections`)."""
+
+    @property
+    def live_peers(self) -> int: ...
+    @property
+    def drops(self) -> int: ...
+
+
 class ClientStats:
     """The calls of one client to one server, by function; exported while it
     lives once given to :func:`pylm.telemetry.exposition.publish_client`.
@@ -223,6 +234,7 @@ class ClientStats:
         self.functions: dict[str, FunctionStats] = {}
         self.timeouts: dict[str, int] = {}
         self.retries: RetryCounts | None = None
+        self.peers: PeerLinks | None = None  # its connections to the server's instances
 
     def function(self, name: str) -> FunctionStats:
         stats = self.functions.get(name)

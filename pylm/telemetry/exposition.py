@@ -143,6 +143,11 @@ _SERVER_FAMILIES: dict[str, _Spec] = {
         "Messages dropped or refused for not following the protocol, by reason", "reason"),
     "pylm_messages_expired": (CounterMetricFamily,
         "Work read past its deadline (with CLOCK_SLACK), dropped instead of run"),
+    "pylm_peers_live": (GaugeMetricFamily,
+        "Instances of the next stages (branches, tees) a stage has a live connection to"),
+    "pylm_peer_drops": (CounterMetricFamily,
+        "Connections to next-stage instances that dropped: an instance died, or was silent"
+        " for the heartbeat timeout"),
     "pylm_messages_sent": (CounterMetricFamily,
         "Messages sent on: to the next stage or to clients", "to"),
     "pylm_in_flight_messages": (GaugeMetricFamily,
@@ -184,6 +189,11 @@ _CLIENT_FAMILIES: dict[str, _Spec] = {
         " again, or refused by the retry budget", "outcome"),
     "pylm_client_duplicates_dropped": (CounterMetricFamily,
         "Later copies of answers to calls and jobs sent again, dropped by the client"),
+    "pylm_client_peers_live": (GaugeMetricFamily,
+        "Instances of the server the clients have a live connection to"),
+    "pylm_client_peer_drops": (CounterMetricFamily,
+        "Connections of the clients to instances that dropped: an instance died, or was"
+        " silent for the heartbeat timeout"),
 }
 # fmt: on
 
@@ -216,6 +226,10 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
             malformed.add_metric([name, reason], count)
         malformed.add_metric([name, "handshake"], sum(s.handshakes_failed for s in group))
         family["pylm_messages_expired"].add_metric([name], sum(s.expired for s in group))
+        links = [stats.peers for stats in group if stats.peers is not None]
+        if links:
+            family["pylm_peers_live"].add_metric([name], sum(p.live_peers for p in links))
+            family["pylm_peer_drops"].add_metric([name], sum(p.drops for p in links))
         sent = family["pylm_messages_sent"]
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
@@ -294,6 +308,15 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
         family["pylm_client_retries"].add_metric([server, "sent"], retried)
         family["pylm_client_retries"].add_metric([server, "refused"], refused)
         family["pylm_client_duplicates_dropped"].add_metric([server], duplicates)
+    links: dict[str, list[int]] = {}
+    for stats in clients:
+        if stats.peers is not None:
+            sums = links.setdefault(stats.server, [0, 0])
+            sums[0] += stats.peers.live_peers
+            sums[1] += stats.peers.drops
+    for server, (live, drops) in sorted(links.items()):
+        family["pylm_client_peers_live"].add_metric([server], live)
+        family["pylm_client_peer_drops"].add_metric([server], drops)
     yield from family.values()
 
 
