@@ -224,6 +224,8 @@ class Caller:
         caller checked ``self._peers.changed``)."""
         assert self._peers is not None
         self._peers.apply(socket)
+        for endpoint in set(self.endpoints) - set(self._peers.endpoints):
+            self._connections.discard(endpoint)
         self.endpoints = self._peers.endpoints
         self.connection = ",".join(self.endpoints)
         self._close_side()  # made again as needed, for the instances listed now
@@ -321,7 +323,7 @@ class Caller:
         """The error of a call with no answer within ``timeout``: sent
         ``attempts`` times; :class:`InstanceLost` if a connection dropped
         since there were ``drops`` (None: since the client last looked)."""
-        if self._connections.dropped_since(drops):
+        if self._connections.refusal() is None and self._connections.dropped_since(drops):
             return InstanceLost(
                 f"no answer from server {self.server_name!r} to {what!r} within {timeout:g} s,"
                 f" and the connection to its instance at {self._connections.dropped} dropped"

@@ -123,6 +123,13 @@ class Peers:
                 self._news = endpoints
                 self._news_functions = functions
 
+    def leaving(self, endpoints: list[str]) -> bool:
+        """Whether the registry's latest list lacks some of ``endpoints``
+        (instances left since they were applied)."""
+        with self._lock:
+            news = self._news
+        return news is not None and any(endpoint not in news for endpoint in endpoints)
+
     def take(self) -> tuple[list[str], list[str]]:
         """The endpoints that joined and those that left since the last
         call; :attr:`endpoints` becomes the registry's list."""

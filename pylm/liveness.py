@@ -196,9 +196,13 @@ class Connections:
         if event.kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._live.add((number, event.endpoint))
         elif event.kind == zmq.EVENT_DISCONNECTED:
-            self._live.discard((number, event.endpoint))
-            self.dropped = event.endpoint
-            self.drops += 1
+            # A drop is of a connection that was up: libzmq reports one that
+            # failed its handshake (refused, not ZMTP) as disconnected too.
+            link = (number, event.endpoint)
+            if link in self._live:
+                self._live.discard(link)
+                self.dropped = event.endpoint
+                self.drops += 1
         elif event.kind == zmq.EVENT_MONITOR_STOPPED:  # the socket closed, or stop()
             self._live = {link for link in self._live if link[0] != number}
             for socket, watched in list(self._watched.items()):
@@ -214,6 +218,11 @@ class Connections:
                 f"the server at {event.endpoint} failed the CURVE handshake (wrong server"
                 " key, or not a CURVE server)"
             )
+
+    def discard(self, endpoint: str) -> None:
+        """``endpoint`` was disconnected on purpose (it left the registry):
+        not a live peer any more (libzmq reports no event for it)."""
+        self._live = {link for link in self._live if link[1] != endpoint}
 
     def refusal(self) -> str | None:
         """How a handshake of a watched socket failed, if one did."""

@@ -49,10 +49,18 @@ def watch(socket: zmq.Socket, events: int, on_event: OnEvent) -> None:
     until its monitor stops, then once with ``EVENT_MONITOR_STOPPED``,
     whether asked for or not. Called by the thread that owns ``socket``."""
     address = f"inproc://pylm-monitor-{os.getpid()}-{next(_NUMBERS)}"
-    socket.monitor(address, events | zmq.EVENT_MONITOR_STOPPED)
-    monitor = socket.context.socket(zmq.PAIR)
+    # The reading end first (inproc connects before the bind): a monitor
+    # must never exist without its reader. A plain socket of the same
+    # libzmq context, whatever kind of context the watched socket has (an
+    # asyncio one would hand out sockets whose reads are futures).
+    monitor: zmq.Socket = zmq.Context.shadow(socket.context.underlying).socket(zmq.PAIR)
     monitor.setsockopt(zmq.LINGER, 0)
-    monitor.connect(address)
+    try:
+        monitor.connect(address)
+        socket.monitor(address, events | zmq.EVENT_MONITOR_STOPPED)
+    except BaseException:
+        monitor.close(linger=0)
+        raise
     _reader().add(monitor, on_event)
 
 
@@ -80,17 +88,32 @@ class _Reader:
         with self._lock:
             self._coming.append((monitor, on_event))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pylm-monitors", daemon=True)
-                self._thread.start()
+                self._start()
         try:
             os.write(self._wake_out, b"!")
         except BlockingIOError:  # the pipe is full: the thread wakes anyway
             pass
 
+    def _start(self) -> None:
+        """Start the thread (under the lock)."""
+        thread = threading.Thread(target=self._run, name="pylm-monitors", daemon=True)
+        thread.start()
+        self._thread = thread
+
     def _run(self) -> None:
+        monitors: dict[zmq.Socket, OnEvent] = {}
+        try:
+            self._read_all(monitors)
+        except Exception:  # a bug: another thread takes the monitors over
+            _LOG.exception("the socket monitors' thread failed; another takes over")
+            with self._lock:
+                self._coming[:0] = list(monitors.items())
+                self._thread = None
+                self._start()
+
+    def _read_all(self, monitors: dict[zmq.Socket, OnEvent]) -> None:
         poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
-        monitors: dict[zmq.Socket, OnEvent] = {}
         while True:
             with self._lock:
                 coming, self._coming = self._coming, []

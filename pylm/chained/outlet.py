@@ -151,6 +151,8 @@ class Outlet:
                 self.socket.disconnect(address)
             except zmq.ZMQError:
                 pass  # never connected in libzmq's eyes: nothing to undo
+            if self._links is not None:
+                self._links.discard(address)
             logger.info("next stage %s: instance %s left", self.server, address)
         self.connected = wanted
         self._instances = sorted(wanted | set(self.addresses))

@@ -142,6 +142,7 @@ class AsyncClient(Caller):
         peers = self._peers
         if peers is not None and peers.changed:
             self._rewire(socket)
+            socket = self._open()
         if cache:  # every instance keeps a cache of its own: one of them
             socket = self._read_side(self._cache_socket(socket))
         elif peers is not None and peers.partial:  # a version rolling out: who has it
@@ -242,6 +243,26 @@ class AsyncClient(Caller):
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(socket.fileno(), self._on_events)
         return self._socket
+
+    def _rewire(self, socket: zmq.Socket) -> None:
+        """Apply the instances the registry lists now. When some left, on a
+        new main socket, the old one read on for the calls in flight on it
+        (see :meth:`pylm.standalone.Client._rewire`: a call sent at once on
+        the old one could take the pipe of an instance that left, to be
+        dropped with it)."""
+        assert self._peers is not None
+        if not self._peers.leaving(self.endpoints):
+            super()._rewire(socket)
+            return
+        self._peers.take()
+        self.endpoints = self._peers.endpoints
+        self._close_side()
+        assert self._loop is not None
+        self._loop.remove_reader(socket.fileno())
+        self._socket = None
+        self._retired.append(self._read_side(socket))
+        while len(self._retired) > _RETIRED:
+            self._forget_side(self._retired.pop(0))
 
     def _writable(self) -> asyncio.Future[None]:
         if self._room is None or self._room.done():

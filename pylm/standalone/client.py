@@ -91,17 +91,40 @@ class Client(CacheCalls, Caller, Closing):
         # machine to wedge after a timeout, and answers are matched to calls
         # by their message id, late ones dropped (cheaper than a REQ with
         # REQ_CORRELATE, whose request ids cost a frame each way).
-        self._socket: zmq.Socket | None = self._secure(
-            to_live_peers(default_context(context).socket(zmq.DEALER))
-        )
-        self._socket.setsockopt(zmq.LINGER, 0)
-        # Several instances: DEALER takes turns among the live ones (pylm.liveness).
-        self._connections.watch(self._socket, drops=True)
-        for endpoint in self.endpoints:
-            self._socket.connect(endpoint)
+        self._context = default_context(context)
         self._default_millis = int(self.timeout * 1000)
-        self._set_timeout(self._socket, self._default_millis)
+        self._socket_timeout = self._default_millis
+        self._socket: zmq.Socket | None = self._connected_socket()
         self.dropped = 0  # late answers to calls that had timed out, and garbage
+
+    def _connected_socket(self) -> zmq.Socket:
+        """A socket connected to :attr:`endpoints`. Several instances:
+        DEALER takes turns among the live ones (pylm.liveness)."""
+        socket: zmq.Socket = self._secure(to_live_peers(self._context.socket(zmq.DEALER)))
+        socket.setsockopt(zmq.LINGER, 0)
+        self._connections.watch(socket, drops=True)
+        for endpoint in self.endpoints:
+            socket.connect(endpoint)
+        self._set_timeout(socket, self._socket_timeout)
+        return socket
+
+    def _rewire(self, socket: zmq.Socket) -> None:
+        """Apply the instances the registry lists now. When some left, on a
+        new socket (this client has no call in flight between calls): with
+        IMMEDIATE, libzmq ends the pipe of an endpoint disconnected only
+        later, in its I/O thread, and a call sent at once could still take
+        it, to be dropped with it, while the instance that left still
+        serves what reaches it."""
+        assert self._peers is not None
+        if not self._peers.leaving(self.endpoints):
+            super()._rewire(socket)
+            return
+        self._peers.take()
+        self.endpoints = self._peers.endpoints
+        self._close_side()
+        self._connections.forget(socket)
+        close_socket(socket)
+        self._socket = self._connected_socket()
 
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
@@ -231,6 +254,8 @@ class Client(CacheCalls, Caller, Closing):
             peers = self._peers
             if peers is not None and peers.changed:
                 self._rewire(socket)
+                socket = self._socket
+                assert socket is not None
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
