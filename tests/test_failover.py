@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from pylm.chained import LoopClient
 from pylm.errors import InstanceLost, RequestTimeout
 from pylm.processes import end_process
+from pylm.protocol import SPLIT_PAYLOAD
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import AsyncClient, Client
 from pylm.testing import SOAK, wait_for
@@ -99,6 +100,30 @@ def test_a_killed_instance_of_any_stage_loses_no_job_and_repeats_none(
     assert doomed.wait(10) == -signal.SIGKILL
     assert sorted(seen) == list(range(JOBS)) and set(seen.values()) == {1}
     assert dropped == duplicates  # every result dropped was a copy of a job sent again
+
+
+@pytest.mark.timeout(120 * SOAK)
+def test_large_jobs_a_killed_instance_held_are_sent_again_whole(
+    by_name: dict[str, list[subprocess.Popen[str]]], pylm_registry: Registry
+) -> None:
+    """Jobs whose payload travels in a frame of its own (over SPLIT_PAYLOAD)
+    are kept and sent again alike: a middle instance SIGKILLed mid-run, every
+    job gives its own whole result, once."""
+    doomed = by_name["second"][0]
+    big = bytes(range(256)) * ((SPLIT_PAYLOAD + 1024) // 256)
+    total = 400
+    kill = threading.Event()
+    threading.Thread(target=lambda: kill.wait(60) and doomed.kill(), daemon=True).start()
+    seen: Counter[int] = Counter()
+    with LoopClient("first", registry=pylm_registry, announce=False) as client:
+        for outcome in client.results("tag", (b"%06d" % n + big for n in range(total))):
+            assert outcome.error is None, f"job {outcome.index}: {outcome.error!r}"
+            assert outcome.value == b"%06d" % outcome.index + big + b">step>step>done"
+            seen[outcome.index] += 1
+            if len(seen) == total // 4:
+                kill.set()
+    assert doomed.wait(10) == -signal.SIGKILL
+    assert sorted(seen) == list(range(total)) and set(seen.values()) == {1}
 
 
 @pytest.mark.timeout(120 * SOAK)
