@@ -219,16 +219,26 @@ class Caller:
             self._connections.watch(socket, refusals=True)
         return socket
 
-    def _rewire(self, socket: zmq.Socket) -> None:
+    def _rewire(self, socket: zmq.Socket, *, renew: bool = False) -> bool:
         """Apply the instances the registry lists now to ``socket`` (the
-        caller checked ``self._peers.changed``)."""
+        caller checked ``self._peers.changed``). With ``renew``, when some
+        left, ``socket`` is left as it is and True says the caller replaces
+        it: with IMMEDIATE, libzmq ends the pipe of a disconnected endpoint
+        only later, in its I/O thread, and a call sent at once could still
+        take it, to be dropped with it, while the instance that left still
+        serves what reaches it."""
         assert self._peers is not None
-        self._peers.apply(socket)
+        renewed = renew and self._peers.leaving(self.endpoints)
+        if renewed:
+            self._peers.take()
+        else:
+            self._peers.apply(socket)
         for endpoint in set(self.endpoints) - set(self._peers.endpoints):
             self._connections.discard(endpoint)
         self.endpoints = self._peers.endpoints
         self.connection = ",".join(self.endpoints)
         self._close_side()  # made again as needed, for the instances listed now
+        return renewed
 
     def _socket_for(self, function: str, socket: zmq.Socket) -> zmq.Socket:
         """The socket for a call of ``function``: ``socket`` (connected to

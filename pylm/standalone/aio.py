@@ -140,8 +140,8 @@ class AsyncClient(Caller):
     ) -> protocol.Message:
         socket = self._open()
         peers = self._peers
-        if peers is not None and peers.changed:
-            self._rewire(socket)
+        if peers is not None and peers.changed and self._rewire(socket, renew=True):
+            self._retire(socket)
             socket = self._open()
         if cache:  # every instance keeps a cache of its own: one of them
             socket = self._read_side(self._cache_socket(socket))
@@ -244,19 +244,9 @@ class AsyncClient(Caller):
             self._loop.add_reader(socket.fileno(), self._on_events)
         return self._socket
 
-    def _rewire(self, socket: zmq.Socket) -> None:
-        """Apply the instances the registry lists now. When some left, on a
-        new main socket, the old one read on for the calls in flight on it
-        (see :meth:`pylm.standalone.Client._rewire`: a call sent at once on
-        the old one could take the pipe of an instance that left, to be
-        dropped with it)."""
-        assert self._peers is not None
-        if not self._peers.leaving(self.endpoints):
-            super()._rewire(socket)
-            return
-        self._peers.take()
-        self.endpoints = self._peers.endpoints
-        self._close_side()
+    def _retire(self, socket: zmq.Socket) -> None:
+        """Instances left: the main socket takes no more calls (a new one is
+        made), and is read on for the calls in flight on it."""
         assert self._loop is not None
         self._loop.remove_reader(socket.fileno())
         self._socket = None

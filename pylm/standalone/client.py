@@ -108,24 +108,6 @@ class Client(CacheCalls, Caller, Closing):
         self._set_timeout(socket, self._socket_timeout)
         return socket
 
-    def _rewire(self, socket: zmq.Socket) -> None:
-        """Apply the instances the registry lists now. When some left, on a
-        new socket (this client has no call in flight between calls): with
-        IMMEDIATE, libzmq ends the pipe of an endpoint disconnected only
-        later, in its I/O thread, and a call sent at once could still take
-        it, to be dropped with it, while the instance that left still
-        serves what reaches it."""
-        assert self._peers is not None
-        if not self._peers.leaving(self.endpoints):
-            super()._rewire(socket)
-            return
-        self._peers.take()
-        self.endpoints = self._peers.endpoints
-        self._close_side()
-        self._connections.forget(socket)
-        close_socket(socket)
-        self._socket = self._connected_socket()
-
     def job(self, function: str, message: bytes, *, timeout: float | None = None) -> bytes:
         """Call ``function`` with ``message``; return its result."""
         calls = self._calls
@@ -252,10 +234,11 @@ class Client(CacheCalls, Caller, Closing):
             if socket is None:
                 raise RuntimeError("the client is closed")
             peers = self._peers
-            if peers is not None and peers.changed:
-                self._rewire(socket)
-                socket = self._socket
-                assert socket is not None
+            if peers is not None and peers.changed and self._rewire(socket, renew=True):
+                # Instances left: a new socket (no call is in flight between calls).
+                self._connections.forget(socket)
+                close_socket(socket)
+                self._socket = socket = self._connected_socket()
             millis = int(timeout * 1000)
             if millis != self._socket_timeout:
                 self._set_timeout(socket, millis)
