@@ -1,12 +1,13 @@
 """Small things several test files use: an OS-chosen address, unique server
 names, the pylm command line, a slow payload source, a client socket that does not read, clients
-calling through a scale-down."""
+calling through a scale-down, a process's /metrics text."""
 
 from __future__ import annotations
 
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -21,11 +22,19 @@ __all__ = [
     "calls_through_a_scale_down",
     "lazy_dealer",
     "pylm_command",
+    "scrape",
     "trickle",
     "unique",
 ]
 
 ANY = "tcp://127.0.0.1:0"  # a port the OS picks: the server says which
+
+
+def scrape(url: str | None) -> str:
+    """What a process's metrics endpoint at ``url`` serves now."""
+    assert url is not None, "the server serves no metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.read().decode())
 
 
 def unique(prefix: str) -> str:

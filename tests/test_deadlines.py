@@ -5,11 +5,11 @@ worker, each counted in ``pylm_messages_expired_total``."""
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
+from helpers import ANY, scrape
 
 from pylm import protocol
 from pylm.chained import LastServer, LoopClient
@@ -21,14 +21,7 @@ from pylm.protocol import CLOCK_SLACK, SPLIT_PAYLOAD
 from pylm.standalone import Server
 from pylm.testing import wait_for
 
-ANY = "tcp://127.0.0.1:0"
 PAST = 5 * CLOCK_SLACK  # s before now: a deadline passed for sure
-
-
-def scrape(url: str | None) -> str:
-    assert url is not None
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return str(answer.read().decode())
 
 
 class Noting(Server):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import zmq
+from helpers import ANY, scrape
 from servers import Echo, Last, Step
 
 from pylm import monitors
@@ -20,8 +20,6 @@ from pylm.registry import Registry
 from pylm.standalone import Client
 from pylm.testing import wait_for
 from pylm.transport import default_context
-
-ANY = "tcp://127.0.0.1:0"
 
 
 @pytest.fixture
@@ -114,12 +112,6 @@ def test_the_reader_thread_ends_with_the_last_monitor() -> None:
     while any(t.name == "pylm-monitors" for t in threading.enumerate()):
         assert time.monotonic() < deadline, "the reader thread outlived its monitors"
         time.sleep(0.01)
-
-
-def scrape(url: str | None) -> str:
-    assert url is not None
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        return str(answer.read().decode())
 
 
 def sample(text: str, name: str) -> float | None:
