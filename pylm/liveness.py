@@ -19,6 +19,12 @@ stage) is made a sender to live peers by :func:`to_live_peers`:
   that is merely behind (it reads nothing while its queue is full) would
   look dead to its senders, and they to it; its own heartbeats, sent
   whatever it reads, say it lives;
+- an instance that leaves (it deregistered, and serves until its input is
+  quiet) is not disconnected in place: libzmq would end its pipe later,
+  in its I/O thread, with what was queued in it, and a message sent at
+  once could still take it. The sender makes a new socket for the
+  instances that stay and closes the old one with :func:`retire`: with a
+  linger, what it queued still goes out;
 - an instance that comes back (its process resumes, the network heals, a
   restart at the same address) re-enters the rotation once its handshake
   completes again; libzmq retries the connection every 100 ms, and gives
@@ -51,6 +57,7 @@ __all__ = [
     "LivenessError",
     "heartbeats",
     "liveness",
+    "retire",
     "to_live_peers",
 ]
 
@@ -59,6 +66,7 @@ DEFAULT_HEARTBEAT = 1.5  # s a silent peer keeps its place in a rotation
 _ENV = "PYLM_HEARTBEAT"
 _SHORTEST, _LONGEST = 0.1, 3600.0
 _CONNECT_MS = 1000
+_RETIRE_LINGER_MS = 1000  # at most, for what a retired socket queued (see retire)
 
 
 class LivenessError(PylmError, ValueError):
@@ -144,6 +152,16 @@ def heartbeats(socket: zmq.Socket, settings: Liveness | None = None) -> zmq.Sock
     socket.setsockopt(zmq.HEARTBEAT_IVL, settings.interval_ms)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 0)
     return socket
+
+
+def retire(socket: zmq.Socket, links: Connections | None = None) -> None:
+    """Close a sender's ``socket`` replaced because instances left (no
+    longer watched by ``links``), letting what it queued go out for a
+    second at most: the instances that left serve until their input is
+    quiet; one that is gone takes nothing, and the books send it again."""
+    if links is not None:
+        links.forget(socket)
+    socket.close(linger=_RETIRE_LINGER_MS)
 
 
 _REFUSED = (

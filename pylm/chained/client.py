@@ -19,7 +19,7 @@ from pylm.chained.wiring import Pipeline, Wiring, find_pipeline
 from pylm.discovery import DEFAULT_WAIT, check_wait
 from pylm.errors import CurveRefused, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
-from pylm.liveness import to_live_peers
+from pylm.liveness import retire, to_live_peers
 from pylm.protocol import (
     BATCH_PREFIX,
     COUNT,
@@ -164,18 +164,8 @@ class LoopClient(Caller, WindowedClient, Closing):
             no_answer=self._no_answer,
             ids=self._ids,
         )
-        self._jobs: zmq.Socket | None = self._secure(to_live_peers(context.socket(zmq.PUSH)))
-        self._jobs.setsockopt(zmq.LINGER, 0)
-        self._jobs.setsockopt(zmq.SNDHWM, hwm)
-        if self._wiring.watches:  # a socket has one monitor: the wiring's, until greeted
-            self._wiring.watch_jobs(self._jobs)
-        else:
-            self._connections.watch(self._jobs, drops=True)  # its live peers, for the metrics
-        # Several first-stage instances: round-robin among the live ones
-        # (pylm.liveness); what was queued for one that died or left is sent
-        # again by the window's books.
-        for endpoint in self.endpoints:
-            self._jobs.connect(endpoint)
+        self._hwm = hwm
+        self._jobs: zmq.Socket | None = self._jobs_socket(context)
         self._cache: CacheClient | None = None
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
         if announce:
@@ -189,12 +179,32 @@ class LoopClient(Caller, WindowedClient, Closing):
         """The last stage's addresses this client receives results from."""
         return self._wiring.addresses
 
+    def _jobs_socket(self, context: zmq.Context) -> zmq.Socket:
+        """The socket jobs go out on, connected to the first stage's
+        instances: round-robin among the live ones (pylm.liveness); what was
+        queued for one that died is sent again by the window's books."""
+        jobs = self._secure(to_live_peers(context.socket(zmq.PUSH)))
+        jobs.setsockopt(zmq.LINGER, 0)
+        jobs.setsockopt(zmq.SNDHWM, self._hwm)
+        if self._wiring.watches:  # a socket has one monitor: the wiring's, until greeted
+            self._wiring.watch_jobs(jobs)
+        else:
+            self._connections.watch(jobs, drops=True)  # its live peers, for the metrics
+        for endpoint in self.endpoints:
+            jobs.connect(endpoint)
+        return jobs
+
     def _follow(self, poller: zmq.Poller | None, timeout: float) -> None:
         """Apply what the registry says of the first and last stages now:
         jobs go to the first stage's instances, results come from every last
         stage instance (a new one is greeted before going on)."""
-        if self._peers is not None and self._peers.changed and self._jobs is not None:
-            self._rewire(self._jobs)
+        jobs = self._jobs
+        if self._peers is not None and self._peers.changed and jobs is not None:
+            if self._rewire(jobs, renew=True):
+                # Instances left: a new socket; what the old one queued for
+                # them still reaches them (pylm.liveness.retire).
+                self._jobs = self._jobs_socket(jobs.context)
+                retire(jobs, self._connections)
         self.dropped += self._wiring.follow(poller, timeout)
 
     # ------------------------------------------------------------------ jobs
@@ -202,8 +212,7 @@ class LoopClient(Caller, WindowedClient, Closing):
     def _open(
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
     ) -> tuple[Send, Wait]:
-        jobs = self._jobs
-        if jobs is None:
+        if self._jobs is None:
             raise RuntimeError("the client is closed")
         self._follow(None, timeout)
         self.dropped += self._wiring.greet(timeout)
@@ -288,6 +297,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                                 add(group, kept, now)
                                 room -= len(group)
                             waiting = (group, message, False)
+                jobs = self._jobs  # made anew when first-stage instances leave
+                assert jobs is not None
                 try:
                     outgoing = waiting[1]
                     if isinstance(outgoing, bytes):
@@ -336,6 +347,8 @@ class LoopClient(Caller, WindowedClient, Closing):
             return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
 
         def wait(ms: int) -> list[Outcome]:
+            jobs = self._jobs
+            assert jobs is not None
             if waiting is not None:
                 poller.register(jobs, zmq.POLLOUT)
             ready = dict(poller.poll(ms))

@@ -20,11 +20,11 @@ from pylm import protocol
 from pylm.calls import curve_key
 from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
-from pylm.liveness import Connections, to_live_peers
+from pylm.liveness import Connections, retire, to_live_peers
 from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
-from pylm.transport import close_socket, send_frame
+from pylm.transport import send_frame
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -116,7 +116,8 @@ class Outlet:
             self._key = key or self._key
 
     def rewire(self) -> bool:
-        """Apply what the registry said; True if an instance joined."""
+        """Apply what the registry said; True if an instance joined or left
+        (:attr:`socket` is then one made anew)."""
         with self._lock:
             wanted, self._wanted = self._wanted, None
         if wanted is None or self.socket is None:
@@ -143,21 +144,26 @@ class Outlet:
                     " time out; restart it with keys",
                     self.server,
                 )
+        left = self.connected - wanted
+        if left:
+            # A new socket for the instances that stay; what the old one
+            # queued for those that left still reaches them (pylm.liveness).
+            retire(self.socket, self._links)
+            self.socket = self._push_socket()
+            joined = wanted
         for address in joined:
             self.socket.connect(address)
+            if address in self.connected:
+                continue
             logger.info("next stage %s: instance %s joined", self.server, address)
-        for address in self.connected - wanted:
-            try:
-                self.socket.disconnect(address)
-            except zmq.ZMQError:
-                pass  # never connected in libzmq's eyes: nothing to undo
+        for address in left:
             if self._links is not None:
                 self._links.discard(address)
             logger.info("next stage %s: instance %s left", self.server, address)
         self.connected = wanted
         self._instances = sorted(wanted | set(self.addresses))
         for address in [a for a in self._sticky if a not in wanted]:
-            close_socket(self._sticky.pop(address))
+            retire(self._sticky.pop(address), self._links)
         return bool(joined)
 
     def _push_socket(self) -> zmq.Socket:
@@ -286,10 +292,12 @@ class ToNextStage(Output):
         return [outlet.call for outlet in self.tees]
 
     def rewire(self) -> bool:
-        joined = False
+        changed = False
         for outlet in self.all():
-            joined = outlet.rewire() or joined
-        return joined
+            changed = outlet.rewire() or changed
+        if changed:
+            self.socket = self.outlets[0].socket
+        return changed
 
     def stop_following(self) -> None:
         for outlet in self.all():
@@ -309,7 +317,7 @@ class ToNextStage(Output):
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:
-            self.put(socket, [out])
+            self.put(self.outlets[0], [out])
 
     def send_result(self, route: bytes, msg_id: int, deadline: float, result: bytes) -> None:
         """Send on a job's one result that was made here, not read with its
@@ -326,7 +334,7 @@ class ToNextStage(Output):
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:
-            self.put(socket, [out])
+            self.put(self.outlets[0], [out])
 
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
         return forward_request(body, self.target, body[start:end], result)
@@ -343,7 +351,7 @@ class ToNextStage(Output):
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:
-            self.put(socket, [out])
+            self.put(self.outlets[0], [out])
 
     def send(self, message: protocol.Message, result: bytes) -> None:
         outlet = self.outlets[0]
@@ -377,14 +385,12 @@ class ToNextStage(Output):
             message.deadline,
             more,
         )
-        socket = outlet.for_stream(message.route, message.msg_id) if more else outlet.socket
-        self.put(socket, frames)
+        self.put(outlet, frames, (message.route, message.msg_id) if more else None)
         for tee in self.tees:  # copies nobody answers: no route, no MORE
-            assert tee.socket is not None
             copy = protocol.encode(
                 protocol.REQUEST, message.msg_id, result, tee.target, b"", message.deadline
             )
-            self.put(tee.socket, copy)
+            self.put(tee, copy)
 
     def send_error(self, message: protocol.Message, error: PylmError) -> None:
         frames = protocol.encode_error(message.msg_id, error, message.route)
@@ -396,19 +402,24 @@ class ToNextStage(Output):
     def after_stream(self, route: bytes, msg_id: int, frames: list[bytes]) -> None:
         """Send what ends a job (an ERROR, an END) after its stream's items,
         to the instance of the next stage that got them."""
-        self.put(self.outlets[0].for_stream(route, msg_id), frames)
+        self.put(self.outlets[0], frames, (route, msg_id))
 
-    def put(self, socket: zmq.Socket, frames: list[bytes]) -> bool:
-        """Send to a next stage's socket, waiting while it is full (the stage
-        serves its cache and watches for stop meanwhile); False if the
+    def put(
+        self, outlet: Outlet, frames: list[bytes], stream: tuple[bytes, int] | None = None
+    ) -> bool:
+        """Send to a next stage (to the instance that takes a job's
+        ``stream``, route and id, if given), waiting while it is full (the
+        stage serves its cache and watches for stop meanwhile); False if the
         message was dropped because the stage is leaving."""
         while True:
+            socket = outlet.socket if stream is None else outlet.for_stream(*stream)
+            assert socket is not None
             try:
                 socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
                 return True
             except zmq.Again:
                 if self.rewire():
-                    continue  # the instance to send to has just joined: try again now
+                    continue  # instances joined or left: try again now, on the new socket
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.logger.warning(
                         "%s: leaving with the next stage still full: a message is dropped",
