@@ -282,6 +282,7 @@ class Caller:
         sockets = list(self._side.values())
         self._side.clear()
         for socket in sockets:
+            self._connections.forget(socket)
             socket.close(linger=0)
 
     def _stop_following(self) -> None:

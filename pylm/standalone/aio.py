@@ -50,6 +50,10 @@ class AsyncClient(Caller):
     ``add_reader`` (every loop on Unix; on Windows, the selector loop).
     ``retry``: which calls are sent again when their instance dies, as for
     the blocking :class:`~pylm.standalone.Client`.
+
+    With several instances, each call goes to the live instance with the
+    fewest of this client's calls in flight (ties take turns), over a socket
+    of its own: a slow instance gets fewer calls instead of an equal share.
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class AsyncClient(Caller):
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
+        self._load: dict[zmq.Socket, int] = {}  # an instance's socket -> calls in flight on it
+        self._turn = 0  # which instance goes first among the least loaded
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
 
@@ -138,63 +144,102 @@ class AsyncClient(Caller):
     async def _exchange(
         self, msg_id: int, frames: list[bytes], timeout: float, what: str, cache: bool = False
     ) -> protocol.Message:
-        socket = self._open()
+        main = self._open()
         peers = self._peers
-        if peers is not None and peers.changed and self._rewire(socket, renew=True):
-            self._retire(socket)
-            socket = self._open()
-        if cache:  # every instance keeps a cache of its own: one of them
-            socket = self._read_side(self._cache_socket(socket))
-        elif peers is not None and peers.partial:  # a version rolling out: who has it
-            socket = self._side_for(what, socket)
+        if peers is not None and peers.changed and self._rewire(main, renew=True):
+            self._retire(main)
+            main = self._open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
         # A call that gets no answer says whether a connection dropped since it was sent.
         drops = self._connections.drops
         timer = loop.call_later(timeout, self._expire, msg_id, what, timeout, drops)
+        load = self._load
+        sent_on: list[zmq.Socket] = []  # where it went: a call in flight on each
         try:
-            last = len(frames) == 1
-            while True:
-                try:
-                    # The message as it is, no envelope (the server's ROUTER
-                    # answers a DEALER alike). ZeroMQ takes or refuses a
-                    # message whole at its first frame, so only the first
-                    # send can raise Again.
-                    socket.send(frames[0], zmq.NOBLOCK if last else _SEND_FIRST)
-                    break
-                except zmq.Again:  # queue full: wait for room, within the call's time
-                    waiters: set[asyncio.Future[Any]] = {future, self._writable()}
-                    await asyncio.wait(waiters, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-                    if future.done():  # expired (or closed) while waiting
-                        return future.result()
+            while (socket := self._send_now(main, what, cache, frames)) is None:
+                # No room (no live instance, or their queues are full): wait
+                # for some, within the call's time.
+                waiters: set[asyncio.Future[Any]] = {future, self._writable()}
+                await asyncio.wait(waiters, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                if future.done():  # expired (or closed) while waiting
+                    return future.result()
+            sent_on.append(socket)
+            load[socket] = load.get(socket, 0) + 1
+            if cache or not self._retried(what):
+                return await future
+            return await self._until_answered(future, main, what, frames, msg_id, sent_on)
+        finally:
+            timer.cancel()
+            self._pending.pop(msg_id, None)
+            for socket in sent_on:
+                if socket in load:  # not closed meanwhile (_forget_side)
+                    load[socket] -= 1
+
+    def _send_now(
+        self, main: zmq.Socket, what: str, cache: bool, frames: list[bytes]
+    ) -> zmq.Socket | None:
+        """Send a call's ``frames`` to an instance that has room for it now
+        (:meth:`_choices`, in order); the socket it went out on, or None."""
+        last = len(frames) == 1
+        for socket in self._choices(main, what, cache):
+            try:
+                # The message as it is, no envelope (the server's ROUTER
+                # answers a DEALER alike). ZeroMQ takes or refuses a message
+                # whole at its first frame, so only the first send can raise
+                # Again (IMMEDIATE: also when the instance is not live).
+                socket.send(frames[0], zmq.NOBLOCK if last else _SEND_FIRST)
+            except zmq.Again:
+                continue
             if not last:
                 socket.send(frames[1], copy=False)
             # A send can consume the socket's "readable" edge: look soon,
             # once for all the calls sent in this turn of the loop.
             if socket is not self._socket:
-                loop.call_soon(self._on_events, socket)
+                asyncio.get_running_loop().call_soon(self._on_events, socket)
             elif not self._look_scheduled:
                 self._look_scheduled = True
-                loop.call_soon(self._on_events)
-            if cache or not self._retried(what):
-                return await future
-            return await self._until_answered(future, socket, frames, msg_id)
-        finally:
-            timer.cancel()
-            self._pending.pop(msg_id, None)
+                asyncio.get_running_loop().call_soon(self._on_events)
+            return socket
+        return None
+
+    def _choices(self, main: zmq.Socket, what: str, cache: bool) -> list[zmq.Socket]:
+        """Where a call of ``what`` may go, best first: ``main`` when it
+        reaches one instance; the one instance whose cache this client uses;
+        otherwise a socket to each instance that has ``what``, the fewest
+        calls in flight first (ties take turns)."""
+        if cache:  # every instance keeps a cache of its own: one of them
+            return [self._read_side(self._cache_socket(main))]
+        endpoints = self.endpoints
+        if len(endpoints) < 2:
+            return [main]
+        peers = self._peers
+        if peers is not None and peers.partial:  # a version rolling out: who has it
+            endpoints = list(peers.serving(what) or endpoints)
+        turn = self._turn = (self._turn + 1) % len(endpoints)
+        sockets = [
+            self._read_side(self._side_socket((endpoint,), main))
+            for endpoint in endpoints[turn:] + endpoints[:turn]
+        ]
+        load = self._load
+        sockets.sort(key=lambda socket: load.get(socket, 0))
+        return sockets
 
     async def _until_answered(
         self,
         future: asyncio.Future[protocol.Message],
-        socket: zmq.Socket,
+        main: zmq.Socket,
+        what: str,
         frames: list[bytes],
         msg_id: int,
+        sent_on: list[zmq.Socket],
     ) -> protocol.Message:
-        """The answer to a call that may run twice: sent again when a
+        """The answer to a call that may run twice: sent again (to the
+        instance with the fewest calls in flight, as it goes then) when a
         connection drops or its grace passes without an answer, as the retry
         budget allows; its first answer wins (later ones are dropped)."""
-        books, connections = self.books, self._connections
+        books, connections, load = self.books, self._connections, self._load
         assert books.budget is not None
         sent = time.perf_counter()
         drops = connections.drops_now()
@@ -211,13 +256,13 @@ class AsyncClient(Caller):
             if not books.budget.spend(time.monotonic()):
                 books.refused += 1
                 continue
-            try:
-                socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
-            except zmq.Again:
+            socket = self._send_now(main, what, False, frames)
+            if socket is None:
                 continue  # no live instance now: another grace
+            sent_on.append(socket)
+            load[socket] = load.get(socket, 0) + 1
             books.retried += 1
             books.note_resent(msg_id)
-            asyncio.get_running_loop().call_soon(self._on_events, socket)
 
     def _expire(self, msg_id: int, what: str, timeout: float, drops: int) -> None:
         future = self._pending.pop(msg_id, None)
@@ -259,11 +304,6 @@ class AsyncClient(Caller):
             self._room = asyncio.get_running_loop().create_future()
         return self._room
 
-    def _side_for(self, function: str, socket: zmq.Socket) -> zmq.Socket:
-        """The socket to the instances that have ``function`` (Caller._socket_for),
-        read as the main one is."""
-        return self._read_side(self._socket_for(function, socket))
-
     def _read_side(self, side: zmq.Socket) -> zmq.Socket:
         """``side``, read as the main socket is."""
         if side is not self._socket and side not in self._read_sides:
@@ -287,6 +327,8 @@ class AsyncClient(Caller):
             self._read_sides.discard(side)
             if self._loop is not None:
                 self._loop.remove_reader(side.fileno())
+        self._load.pop(side, None)
+        self._connections.forget(side)
         side.close(linger=0)
 
     def _on_events(self, side: zmq.Socket | None = None) -> None:
