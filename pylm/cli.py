@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         show = commands.add_parser(name, help=summary, description=description)
         show.add_argument("--json", action="store_true", help="machine-readable output")
         show.add_argument("--watch", action="store_true", help="print again on every change")
+        show.add_argument(
+            "--peers",
+            action="store_true",
+            help="read every instance's /metrics and mark the instances their peers cannot"
+            " reach (a connection dropped or failed, while the lease runs)",
+        )
         if name == "topology":
             actions = show.add_subparsers(
                 dest="action", metavar="ACTION", help="without one: show the servers"
@@ -304,8 +310,9 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 def show_topology(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
+        peers = getattr(args, "peers", False)
         if not getattr(args, "watch", False):
-            _print_topology(registry, registry.instances(), args.json)
+            _print_topology(registry, registry.instances(), args.json, peers)
             return 0
         changed = threading.Event()
         latest: list[list[InstanceRecord]] = []
@@ -322,14 +329,24 @@ def show_topology(args: argparse.Namespace) -> int:
                     continue
                 changed.clear()
                 if latest:
-                    _print_topology(registry, latest[-1], args.json)
+                    _print_topology(registry, latest[-1], args.json, peers)
                     del latest[:-1]
         finally:
             following.cancel()
     return 0
 
 
-def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: bool) -> None:
+def _print_topology(
+    registry: Registry, records: list[InstanceRecord], as_json: bool, peers: bool = False
+) -> None:
+    """Print ``records`` by server; with ``peers``, the instances their
+    peers report they cannot reach (read from every instance's /metrics)."""
+    lost: dict[str, int] = {}
+    if peers:
+        from pylm.telemetry import top
+
+        texts, _ = top.fetch(record.metrics for record in records if record.metrics)
+        lost = top.unreachable_instances(records, top.unreachable(texts))
     stages: dict[str, list[InstanceRecord]] = {}
     for record in sorted(records, key=lambda r: (r.name, r.started)):
         stages.setdefault(record.name, []).append(record)
@@ -349,6 +366,7 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
                     ],
                     "instances": [
                         {**asdict(record), "lease_left": leases.get(record.instance)}
+                        | ({"unreachable_from": lost.get(record.instance, 0)} if peers else {})
                         for record in group
                     ],
                 }
@@ -378,7 +396,11 @@ def _print_topology(registry: Registry, records: list[InstanceRecord], as_json: 
             lease = leases.get(record.instance)
             left = f"  lease {lease:.0f} s left" if lease is not None else ""
             age = now - record.started
-            print(f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s{left}")
+            reported = lost.get(record.instance)
+            down = f"  UNREACHABLE from {reported} peer process(es)" if reported else ""
+            print(
+                f"  {record.instance}  {record.host} pid {record.pid}  up {age:.0f} s{left}{down}"
+            )
             for role, address in sorted(record.endpoints.items()):
                 print(f"    {role:5} {address}")
             if record.metrics:
@@ -890,7 +912,7 @@ def show_top(args: argparse.Namespace) -> int:
             texts, answered = top.fetch(record.metrics for record in records if record.metrics)
             before, began = top.snapshot(texts), time.monotonic()
             if not args.once:  # at once: who is there; the rates after the first interval
-                table = top.rows(records, before, before, 0.0, answered)
+                table = top.rows(records, before, before, 0.0, answered, top.unreachable(texts))
                 _draw(
                     top.render(table, registry.config.cluster, args.interval, measured=False), clear
                 )
@@ -899,7 +921,9 @@ def show_top(args: argparse.Namespace) -> int:
                 records = registry.instances()
                 texts, answered = top.fetch(record.metrics for record in records if record.metrics)
                 after, now = top.snapshot(texts), time.monotonic()
-                table = top.rows(records, before, after, now - began, answered)
+                table = top.rows(
+                    records, before, after, now - began, answered, top.unreachable(texts)
+                )
                 _draw(top.render(table, registry.config.cluster, now - began), clear)
                 if args.once:
                     return 0

@@ -169,7 +169,7 @@ _REFUSED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
-_LINKS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_LINKS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 class Connections:
@@ -178,9 +178,11 @@ class Connections:
     :mod:`pylm.monitors`: a CURVE handshake a server refused, so a call that
     times out can say why (libzmq does not retry such a connection, so a
     refusal stands until the client is made again); the peers connected and
-    live now; and connections that dropped (an instance killed, or silent
-    for the heartbeat timeout), so a call that gets no answer can say it
-    may have run on an instance that went away. One monitor per socket."""
+    live now; connections that dropped (an instance killed, or silent for
+    the heartbeat timeout), so a call that gets no answer can say it may
+    have run on an instance that went away; and the peers unreachable now
+    (dropped, or never reached, and tried again since), whatever the
+    registry still says of them. One monitor per socket."""
 
     def __init__(self) -> None:
         # socket -> (refusals watched, drops watched, the number of its monitor)
@@ -192,12 +194,22 @@ class Connections:
         # (socket number, endpoint) of the connections whose handshake
         # completed and that have not dropped since: the live peers.
         self._live: set[tuple[int, str]] = set()
+        # endpoint -> the sockets (numbers) that failed to reach it since
+        # anyone last did: the peers unreachable now.
+        self._down: dict[str, set[int]] = {}
         self._numbers = itertools.count()
 
     @property
     def live_peers(self) -> int:
         """The peer endpoints a watched socket has a live connection to now."""
         return len({endpoint for _, endpoint in list(self._live)})
+
+    @property
+    def unreachable(self) -> list[str]:
+        """The peer endpoints a watched socket is connected to and cannot
+        reach now: its connection dropped, or was tried and failed, and no
+        watched socket has reached it since."""
+        return sorted(endpoint for endpoint, numbers in list(self._down.items()) if numbers)
 
     def watch(self, socket: zmq.Socket, *, refusals: bool = False, drops: bool = False) -> None:
         """Watch ``socket`` (about to connect) for handshakes refused
@@ -213,6 +225,7 @@ class Connections:
     def _note(self, number: int, event: monitors.Event) -> None:
         if event.kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._live.add((number, event.endpoint))
+            self._down.pop(event.endpoint, None)
         elif event.kind == zmq.EVENT_DISCONNECTED:
             # A drop is of a connection that was up: libzmq reports one that
             # failed its handshake (refused, not ZMTP) as disconnected too.
@@ -221,8 +234,16 @@ class Connections:
                 self._live.discard(link)
                 self.dropped = event.endpoint
                 self.drops += 1
+                self._down.setdefault(event.endpoint, set()).add(number)
+        elif event.kind == zmq.EVENT_CONNECT_RETRIED:  # refused, or timed out: tried again
+            if (number, event.endpoint) not in self._live:
+                self._down.setdefault(event.endpoint, set()).add(number)
         elif event.kind == zmq.EVENT_MONITOR_STOPPED:  # the socket closed, or stop()
             self._live = {link for link in self._live if link[0] != number}
+            for endpoint, numbers in list(self._down.items()):
+                numbers.discard(number)
+                if not numbers:
+                    self._down.pop(endpoint, None)
             for socket, watched in list(self._watched.items()):
                 if watched[2] == number:
                     self._watched.pop(socket, None)
@@ -241,6 +262,7 @@ class Connections:
         """``endpoint`` was disconnected on purpose (it left the registry):
         not a live peer any more (libzmq reports no event for it)."""
         self._live = {link for link in self._live if link[1] != endpoint}
+        self._down.pop(endpoint, None)
 
     def refusal(self) -> str | None:
         """How a handshake of a watched socket failed, if one did."""

@@ -6,6 +6,7 @@ ends with its own result, once."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import pylm_command
 from prometheus_client import REGISTRY
 
 from pylm.chained import LoopClient
@@ -295,3 +297,47 @@ def test_async_calls_of_an_idempotent_function_survive_a_killed_instance(
     finally:
         for process in servers:
             end_process(process, 10)
+
+
+def test_an_instance_its_peers_cannot_reach_is_shown_while_its_lease_runs(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> None:
+    """first -> second (two instances, leases of 60 s) -> last; one second
+    instance is SIGKILLed. Its record stays, but the first stage cannot
+    reach it and says so in its metrics (pylm_peer_unreachable); ``pylm ls
+    --peers`` marks that instance and no other, ``pylm top`` counts it."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        processes.append(start_stage(env, "last", "last")[0])
+        seconds = [start_stage(env, "step", "second", "last.done", "--ttl", "60")[0] for _ in "ab"]
+        processes += seconds
+        processes.append(start_stage(env, "step", "first", "second.tag")[0])
+        wait_for(lambda: len(pylm_registry.instances("second")) == 2, 20, "second x2")
+        doomed = seconds[0]
+        doomed.kill()
+        assert doomed.wait(10) == -signal.SIGKILL
+
+        def reported() -> dict[int, int]:
+            shown = subprocess.run(
+                pylm_command(pylm_etcd, pylm_cluster, "ls", "--peers", "--json"),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert shown.returncode == 0, shown.stderr
+            listed = json.loads(shown.stdout)["servers"]["second"]["instances"]
+            return {entry["pid"]: entry["unreachable_from"] for entry in listed}
+
+        wait_for(lambda: reported().get(doomed.pid) == 1, 20, "the killed instance reported")
+        assert reported() == {doomed.pid: 1, seconds[1].pid: 0}  # its lease runs; the other is fine
+        top = subprocess.run(
+            pylm_command(pylm_etcd, pylm_cluster, "top", "--once", "--interval", "0.2"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        row = next(line for line in top.stdout.splitlines() if line.startswith("second "))
+        assert "(1 unreachable from peers)" in row, top.stdout
+    finally:
+        end(processes)

@@ -148,6 +148,9 @@ _SERVER_FAMILIES: dict[str, _Spec] = {
     "pylm_peer_drops": (CounterMetricFamily,
         "Connections to next-stage instances that dropped: an instance died, or was silent"
         " for the heartbeat timeout"),
+    "pylm_peer_unreachable": (GaugeMetricFamily,
+        "A next-stage instance (its address) the stage cannot reach now: its connection"
+        " dropped or failed, whatever the registry says (1 while so)", "peer"),
     "pylm_messages_sent": (CounterMetricFamily,
         "Messages sent on: to the next stage or to clients", "to"),
     "pylm_in_flight_messages": (GaugeMetricFamily,
@@ -194,6 +197,9 @@ _CLIENT_FAMILIES: dict[str, _Spec] = {
     "pylm_client_peer_drops": (CounterMetricFamily,
         "Connections of the clients to instances that dropped: an instance died, or was"
         " silent for the heartbeat timeout"),
+    "pylm_client_peer_unreachable": (GaugeMetricFamily,
+        "An instance (its address) the clients cannot reach now: its connection dropped or"
+        " failed, whatever the registry says (1 while so)", "peer"),
 }
 # fmt: on
 
@@ -230,6 +236,8 @@ def _server_families(servers: list[ServerStats]) -> Iterator[Metric]:
         if links:
             family["pylm_peers_live"].add_metric([name], sum(p.live_peers for p in links))
             family["pylm_peer_drops"].add_metric([name], sum(p.drops for p in links))
+            for peer in sorted({peer for p in links for peer in p.unreachable}):
+                family["pylm_peer_unreachable"].add_metric([name, peer], 1)
         sent = family["pylm_messages_sent"]
         for to in sorted({stats.sends_to for stats in group}):
             sent.add_metric([name, to], sum(s.sent for s in group if s.sends_to == to))
@@ -309,14 +317,18 @@ def _client_families(clients: list[ClientStats]) -> Iterator[Metric]:
         family["pylm_client_retries"].add_metric([server, "refused"], refused)
         family["pylm_client_duplicates_dropped"].add_metric([server], duplicates)
     links: dict[str, list[int]] = {}
+    unreachable: set[tuple[str, str]] = set()
     for stats in clients:
         if stats.peers is not None:
             sums = links.setdefault(stats.server, [0, 0])
             sums[0] += stats.peers.live_peers
             sums[1] += stats.peers.drops
+            unreachable.update((stats.server, peer) for peer in stats.peers.unreachable)
     for server, (live, drops) in sorted(links.items()):
         family["pylm_client_peers_live"].add_metric([server], live)
         family["pylm_client_peer_drops"].add_metric([server], drops)
+    for server, peer in sorted(unreachable):
+        family["pylm_client_peer_unreachable"].add_metric([server, peer], 1)
     yield from family.values()
 
 

@@ -4,8 +4,11 @@
 Every few seconds it lists the registered instances, reads the metrics
 endpoint of each process once, and shows per server: instances, next stage,
 calls per second, errors per second, latency quantiles over the interval
-(from the histogram buckets' increase) and messages in flight. Its first
-view comes at once, before the first interval, without the rates.
+(from the histogram buckets' increase) and messages in flight, and how many
+of its instances their peers cannot reach (:func:`unreachable`: a sender
+whose connection to an instance dropped or failed says so in its metrics,
+while the instance's lease may still run). Its first view comes at once,
+before the first interval, without the rates.
 """
 
 from __future__ import annotations
@@ -13,14 +16,28 @@ from __future__ import annotations
 import math
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm.registry import InstanceRecord
 
-__all__ = ["Row", "Snapshot", "fetch", "quantile", "render", "rows", "snapshot"]
+__all__ = [
+    "Row",
+    "Snapshot",
+    "fetch",
+    "quantile",
+    "render",
+    "rows",
+    "snapshot",
+    "unreachable",
+    "unreachable_instances",
+]
+
+# The families in which senders name the peers they cannot reach.
+_UNREACHABLE = ("pylm_peer_unreachable", "pylm_client_peer_unreachable")
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Row:
     p99: float | None
     in_flight: float
     reachable: int  # endpoints read / endpoints listed
+    unreachable: int = 0  # instances some peer reports it cannot reach
 
 
 def snapshot(texts: Iterable[str]) -> dict[str, Snapshot]:
@@ -66,6 +84,33 @@ def snapshot(texts: Iterable[str]) -> dict[str, Snapshot]:
                 elif sample.name == "pylm_call_duration_seconds_bucket":
                     bound = float(sample.labels["le"])
                     entry.buckets[bound] = entry.buckets.get(bound, 0.0) + sample.value
+    return found
+
+
+def unreachable(texts: Iterable[str]) -> Counter[str]:
+    """The peer addresses that senders report they cannot reach, in
+    /metrics texts: how many processes report each."""
+    found: Counter[str] = Counter()
+    for text in texts:
+        reported: set[str] = set()
+        for family in text_string_to_metric_families(text):
+            if family.name in _UNREACHABLE:
+                reported.update(s.labels["peer"] for s in family.samples if "peer" in s.labels)
+        found.update(reported)
+    return found
+
+
+def unreachable_instances(
+    records: Iterable[InstanceRecord], reports: Mapping[str, int]
+) -> dict[str, int]:
+    """The instances (by instance id) that ``reports`` (of
+    :func:`unreachable`) name one of the addresses of: how many processes
+    report it."""
+    found: dict[str, int] = {}
+    for record in records:
+        count = max((reports.get(address, 0) for address in record.endpoints.values()), default=0)
+        if count:
+            found[record.instance] = count
     return found
 
 
@@ -94,9 +139,12 @@ def rows(
     after: dict[str, Snapshot],
     seconds: float,
     endpoints_read: dict[str, bool],
+    reports: Mapping[str, int] | None = None,
 ) -> list[Row]:
     """One row per registered server name, with rates between two snapshots
-    ``seconds`` apart (none when ``seconds`` is 0: a first view)."""
+    ``seconds`` apart (none when ``seconds`` is 0: a first view), and the
+    instances that ``reports`` (of :func:`unreachable`) say peers cannot reach."""
+    lost = unreachable_instances(records, reports or {})
     by_name: dict[str, list[InstanceRecord]] = {}
     for record in records:
         by_name.setdefault(record.name, []).append(record)
@@ -120,6 +168,7 @@ def rows(
                 p99=quantile(0.99, increase) if seconds else None,
                 in_flight=new.in_flight,
                 reachable=sum(endpoints_read.get(url, False) for url in urls),
+                unreachable=sum(record.instance in lost for record in group),
             )
         )
     return table
@@ -150,6 +199,8 @@ def render(table: list[Row], cluster: str, seconds: float, *, measured: bool = T
     lines = [f"pylm top: cluster {cluster!r}, {rates}", "", header]
     for row in table:
         unread = "" if row.reachable else "  (metrics unreachable)"
+        if row.unreachable:
+            unread += f"  ({row.unreachable} unreachable from peers)"
         lines.append(
             f"{row.server:<20} {row.kind:<13} {row.instances:>4} {row.next:<16}"
             f" {_rate(row.calls_per_second):>9} {_rate(row.errors_per_second):>7}"
