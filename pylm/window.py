@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from pylm.errors import PylmError
 
@@ -56,6 +56,8 @@ __all__ = [
     "job_results",
     "values",
 ]
+
+T = TypeVar("T")
 
 # s a client sends for before it reads what came back: a slow payload
 # source must not keep results unread and deadlines unchecked.
@@ -179,6 +181,20 @@ class Books:
     def grace(self) -> float:
         """How long a call or job waits for its answer before it seems lost."""
         return max(RETRY_FLOOR, RETRY_FACTOR * self.slow)
+
+    def send_again(self, msg_id: int, send: Callable[[], T | None]) -> T | None:
+        """A call that seems lost: ``send`` it again if the budget has a
+        token (counted as refused otherwise). ``send`` returns where it went,
+        or None if no instance had room (it waits another grace); so does this."""
+        assert self.budget is not None
+        if not self.budget.spend(time.monotonic()):
+            self.refused += 1
+            return None
+        went = send()
+        if went is not None:
+            self.retried += 1
+            self.note_resent(msg_id)
+        return went
 
     def note_resent(self, msg_id: int) -> None:
         resent = self.resent

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 from helpers import pylm_command
 from prometheus_client import REGISTRY
+from servers import Doer
 
 from pylm.chained import LoopClient
 from pylm.errors import InstanceLost, RequestTimeout
+from pylm.parallel import Client as ParallelClient
 from pylm.processes import end_process
 from pylm.protocol import SPLIT_PAYLOAD
 from pylm.registry import LocalEtcd, Registry
@@ -341,3 +343,41 @@ def test_an_instance_its_peers_cannot_reach_is_shown_while_its_lease_runs(
         assert "(1 unreachable from peers)" in row, top.stdout
     finally:
         end(processes)
+
+
+_MASTER = """
+from pylm.parallel import Master
+
+Master("pool", ttl=10, log_stdout=False).start()
+"""
+
+
+def test_a_parallel_client_with_retry_survives_a_killed_master_instance(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
+) -> None:
+    """Two instances of a master name, two workers serving both; a parallel
+    Client with ``retry=True`` streams 2,000 jobs and one master instance is
+    SIGKILLed at the 500th result: the jobs it held are sent again to the
+    other, and every job gives its own result once."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    masters = [subprocess.Popen([sys.executable, "-c", _MASTER], env=env) for _ in range(2)]
+    workers = [Doer(f"doer{n}", "pool", registry=pylm_registry, log_stdout=False) for n in range(2)]
+    total = 2_000
+    try:
+        wait_for(lambda: len(pylm_registry.instances("pool")) == 2, 20, "both masters listed")
+        for worker in workers:
+            worker.start(background=True)
+        seen: Counter[bytes] = Counter()
+        with ParallelClient("pool", registry=pylm_registry, retry=True, timeout=10) as client:
+            for result in client.job("echo", (b"%d" % n for n in range(total))):
+                seen[result] += 1
+                if len(seen) == 500:
+                    masters[0].kill()
+            assert client.books.retried > 0  # what the killed instance held was sent again
+        assert masters[0].wait(10) == -signal.SIGKILL
+        assert seen == Counter(b"%d" % n for n in range(total))  # each once, none lost
+    finally:
+        for worker in workers:
+            worker.stop()
+        for process in masters:
+            end_process(process, 10)

@@ -240,7 +240,6 @@ class AsyncClient(Caller):
         connection drops or its grace passes without an answer, as the retry
         budget allows; its first answer wins (later ones are dropped)."""
         books, connections, load = self.books, self._connections, self._load
-        assert books.budget is not None
         sent = time.perf_counter()
         drops = connections.drops_now()
         while True:
@@ -253,16 +252,10 @@ class AsyncClient(Caller):
             if connections.drops_now() <= drops and now - sent < grace:
                 continue
             drops, sent = connections.drops, now  # it seems lost
-            if not books.budget.spend(time.monotonic()):
-                books.refused += 1
-                continue
-            socket = self._send_now(main, what, False, frames)
-            if socket is None:
-                continue  # no live instance now: another grace
-            sent_on.append(socket)
-            load[socket] = load.get(socket, 0) + 1
-            books.retried += 1
-            books.note_resent(msg_id)
+            socket = books.send_again(msg_id, lambda: self._send_now(main, what, False, frames))
+            if socket is not None:
+                sent_on.append(socket)
+                load[socket] = load.get(socket, 0) + 1
 
     def _expire(self, msg_id: int, what: str, timeout: float, drops: int) -> None:
         future = self._pending.pop(msg_id, None)

@@ -269,18 +269,8 @@ class Client(CacheCalls, Caller, Closing):
                     raise self._lost_or_timeout(what, timeout, drops, attempts)
                 # It seems lost: its connection dropped, or its grace is over.
                 drops = self._connections.drops
-                assert self.books.budget is not None
-                if self.books.budget.spend(time.monotonic()):
-                    try:
-                        socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
-                    except zmq.Again:
-                        pass  # no live instance now: waits another grace
-                    else:
-                        attempts += 1
-                        self.books.retried += 1
-                        self.books.note_resent(msg_id)
-                else:
-                    self.books.refused += 1
+                if self.books.send_again(msg_id, lambda: _send_now(socket, frames)):
+                    attempts += 1
                 sent = now
 
     def _receive(
@@ -341,3 +331,12 @@ def _answers(frames: list[bytes], msg_id: int) -> bool:
     """Whether ``frames`` are a well-formed answer to message ``msg_id``."""
     head = frames[0]
     return len(head) >= HEAD_SIZE and head.startswith(protocol.MAGIC) and read_id(head)[0] == msg_id
+
+
+def _send_now(socket: zmq.Socket, frames: list[bytes]) -> zmq.Socket | None:
+    """Send ``frames`` if a live instance has room now: ``socket``, or None."""
+    try:
+        socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+    except zmq.Again:
+        return None
+    return socket
