@@ -7,7 +7,7 @@ import itertools
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import zmq
@@ -46,6 +46,89 @@ MAX_BATCH = 1024  # jobs per message at most
 
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
+
+
+_RECOUNT = 0.5  # s between recounts of the jobs in flight per first-stage instance
+
+
+class _Outs:
+    """The sockets jobs go out on, one per first-stage instance, so that each
+    message goes to the live instance with the fewest of this client's jobs
+    in flight (ties take turns): a slow instance gets fewer jobs instead of
+    an equal share. With one instance, its socket, and nothing counted."""
+
+    def __init__(self, make: Callable[[str], zmq.Socket], endpoints: list[str]) -> None:
+        self._make = make
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.load: dict[str, int] = {}  # endpoint -> jobs in flight on it
+        self.at: dict[int, str] = {}  # job id -> where it went (several instances only)
+        self.several = False  # more than one instance: picked, and counted
+        self._items: list[tuple[str, zmq.Socket]] = []
+        self._turn = 0
+        for endpoint in endpoints:
+            self.add(endpoint)
+
+    def add(self, endpoint: str) -> None:
+        if endpoint not in self.sockets:
+            self.sockets[endpoint] = self._make(endpoint)
+            self.load[endpoint] = 0
+            self._changed()
+
+    def remove(self, endpoint: str) -> zmq.Socket | None:
+        """Stop sending to ``endpoint``; its socket, for the caller to close."""
+        self.load.pop(endpoint, None)
+        socket = self.sockets.pop(endpoint, None)
+        self._changed()
+        return socket
+
+    def _changed(self) -> None:
+        self._items = list(self.sockets.items())
+        self.several = len(self._items) > 1
+
+    def order(self) -> list[tuple[str, zmq.Socket]]:
+        """The instances to try for the next message, best first."""
+        items = self._items
+        if not self.several:
+            return items
+        turn = self._turn = (self._turn + 1) % len(items)
+        items = items[turn:] + items[:turn]
+        load = self.load
+        items.sort(key=lambda item: load.get(item[0], 0))
+        return items
+
+    def sent(self, endpoint: str, ids: list[int]) -> None:
+        """Jobs ``ids`` went to ``endpoint`` (with several instances)."""
+        at, load = self.at, self.load
+        for msg_id in ids:
+            before = at.get(msg_id)
+            if before in load:  # sent again: no longer on that one
+                load[before] -= 1
+            at[msg_id] = endpoint
+        load[endpoint] = load.get(endpoint, 0) + len(ids)
+
+    def done(self, msg_id: int) -> None:
+        """Job ``msg_id`` was answered."""
+        endpoint = self.at.pop(msg_id, None)
+        if endpoint in self.load:
+            self.load[endpoint] -= 1
+
+    def recount(self, jobs: Mapping[int, object]) -> None:
+        """Forget the jobs no longer out (timed out, or answered in a
+        stream's END) and count again."""
+        at = self.at
+        for msg_id in [msg_id for msg_id in at if msg_id not in jobs]:
+            del at[msg_id]
+        for endpoint in self.load:
+            self.load[endpoint] = 0
+        for endpoint in at.values():
+            if endpoint in self.load:
+                self.load[endpoint] += 1
+
+    def close(self) -> None:
+        for socket in self.sockets.values():
+            close_socket(socket)
+        self.sockets.clear()
+        self._changed()
 
 
 def _bucket(seconds: float) -> int:
@@ -165,7 +248,7 @@ class LoopClient(Caller, WindowedClient, Closing):
             ids=self._ids,
         )
         self._hwm = hwm
-        self._jobs: zmq.Socket | None = self._jobs_socket(context)
+        self._outs: _Outs | None = _Outs(self._jobs_socket, self.endpoints)
         self._cache: CacheClient | None = None
         self.dropped = 0  # results that belong to no job in flight (late, or garbage)
         if announce:
@@ -179,32 +262,37 @@ class LoopClient(Caller, WindowedClient, Closing):
         """The last stage's addresses this client receives results from."""
         return self._wiring.addresses
 
-    def _jobs_socket(self, context: zmq.Context) -> zmq.Socket:
-        """The socket jobs go out on, connected to the first stage's
-        instances: round-robin among the live ones (pylm.liveness); what was
-        queued for one that died is sent again by the window's books."""
-        jobs = self._secure(to_live_peers(context.socket(zmq.PUSH)))
+    def _jobs_socket(self, endpoint: str) -> zmq.Socket:
+        """A socket jobs go out on, to the first-stage instance at
+        ``endpoint``; it takes jobs only while that instance is live
+        (pylm.liveness); what was queued for one that died is sent again by
+        the window's books."""
+        jobs = self._secure(to_live_peers(self._context.socket(zmq.PUSH)))
         jobs.setsockopt(zmq.LINGER, 0)
         jobs.setsockopt(zmq.SNDHWM, self._hwm)
         if self._wiring.watches:  # a socket has one monitor: the wiring's, until greeted
             self._wiring.watch_jobs(jobs)
         else:
             self._connections.watch(jobs, drops=True)  # its live peers, for the metrics
-        for endpoint in self.endpoints:
-            jobs.connect(endpoint)
+        jobs.connect(endpoint)
         return jobs
 
     def _follow(self, poller: zmq.Poller | None, timeout: float) -> None:
         """Apply what the registry says of the first and last stages now:
         jobs go to the first stage's instances, results come from every last
         stage instance (a new one is greeted before going on)."""
-        jobs = self._jobs
-        if self._peers is not None and self._peers.changed and jobs is not None:
-            if self._rewire(jobs, renew=True):
-                # Instances left: a new socket; what the old one queued for
-                # them still reaches them (pylm.liveness.retire).
-                self._jobs = self._jobs_socket(jobs.context)
-                retire(jobs, self._connections)
+        peers, outs = self._peers, self._outs
+        if peers is not None and peers.changed and outs is not None:
+            joined, left = peers.take()
+            for endpoint in left:
+                self._connections.discard(endpoint)
+                socket = outs.remove(endpoint)
+                if socket is not None:  # what it queued still goes there (liveness.retire)
+                    retire(socket, self._connections)
+            for endpoint in joined:
+                outs.add(endpoint)
+            self.endpoints = peers.endpoints
+            self.connection = ",".join(self.endpoints)
         self.dropped += self._wiring.follow(poller, timeout)
 
     # ------------------------------------------------------------------ jobs
@@ -212,7 +300,8 @@ class LoopClient(Caller, WindowedClient, Closing):
     def _open(
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
     ) -> tuple[Send, Wait]:
-        if self._jobs is None:
+        outs = self._outs
+        if outs is None:
             raise RuntimeError("the client is closed")
         self._follow(None, timeout)
         self.dropped += self._wiring.greet(timeout)
@@ -235,13 +324,17 @@ class LoopClient(Caller, WindowedClient, Closing):
         ids, clock, wall = self._ids, time.monotonic, time.time
         exhausted = False
         now = clock()  # when the last message was taken or sent again
+        recount_at = now + _RECOUNT
 
         def send(room: int, until: float) -> Stop:
             """Jobs sent again first, then new ones while there is room: up
             to ``batch`` small jobs per message."""
-            nonlocal waiting, carried, exhausted, now
+            nonlocal waiting, carried, exhausted, now, recount_at
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
+            if now >= recount_at:
+                outs.recount(window.jobs)
+                recount_at = now + _RECOUNT
             if waiting is not None and waiting[0][0] not in window.jobs:
                 waiting = None  # it timed out before the pipeline had room for it
             while True:
@@ -297,15 +390,19 @@ class LoopClient(Caller, WindowedClient, Closing):
                                 add(group, kept, now)
                                 room -= len(group)
                             waiting = (group, message, False)
-                jobs = self._jobs  # made anew when first-stage instances leave
-                assert jobs is not None
-                try:
-                    outgoing = waiting[1]
-                    if isinstance(outgoing, bytes):
-                        send_frame(jobs, outgoing, zmq.NOBLOCK)
-                    else:
-                        jobs.send_multipart(outgoing, zmq.NOBLOCK)
-                except zmq.Again:
+                outgoing = waiting[1]
+                for endpoint, jobs in outs.order():
+                    try:
+                        if isinstance(outgoing, bytes):
+                            send_frame(jobs, outgoing, zmq.NOBLOCK)
+                        else:
+                            jobs.send_multipart(outgoing, zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue  # not live, or full: the next instance
+                    if outs.several:
+                        outs.sent(endpoint, waiting[0])
+                    break
+                else:
                     return Stop.BLOCKED
                 if waiting[2]:
                     now = clock()
@@ -347,12 +444,11 @@ class LoopClient(Caller, WindowedClient, Closing):
             return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
 
         def wait(ms: int) -> list[Outcome]:
-            jobs = self._jobs
-            assert jobs is not None
-            if waiting is not None:
+            sockets = list(outs.sockets.values()) if waiting is not None else []
+            for jobs in sockets:
                 poller.register(jobs, zmq.POLLOUT)
             ready = dict(poller.poll(ms))
-            if waiting is not None:
+            for jobs in sockets:
                 poller.unregister(jobs)
             outcomes: list[Outcome] = []
             for socket in results:
@@ -371,6 +467,8 @@ class LoopClient(Caller, WindowedClient, Closing):
         outcomes: list[Outcome] = []
         recv, jobs, books = socket.recv, window.jobs, window.books
         pop = jobs.pop
+        outs = self._outs
+        at = outs.at if outs is not None else {}  # empty with one first-stage instance
         last: Job | None = None  # the last job answered
         # One clock reading for the results drained together (they were all
         # there by then): a job took now - its sending time.
@@ -404,6 +502,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                 else:
                     last = entry
                     outcomes.append((entry.index, body[HEAD_SIZE:], None, True))
+                    if at:
+                        outs.done(msg_id)  # type: ignore[union-attr]
                     if numbers is None:
                         continue
                     # numbers.done(...), inline, timing a sample (pylm.metrics.SAMPLE_EVERY)
@@ -434,6 +534,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                 window.tally(message.msg_id, entry, count)
                 continue
             pop(message.msg_id)
+            if at:
+                outs.done(message.msg_id)  # type: ignore[union-attr]
             last = entry
             took = now - entry.sent
             try:
@@ -498,8 +600,9 @@ class LoopClient(Caller, WindowedClient, Closing):
     def close(self) -> None:
         self._wiring.close()
         self._stop_following()
-        close_socket(self._jobs)
-        self._jobs = None
+        if self._outs is not None:
+            self._outs.close()
+            self._outs = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None
