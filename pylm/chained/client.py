@@ -63,6 +63,7 @@ class _Outs:
         self.load: dict[str, int] = {}  # endpoint -> jobs in flight on it
         self.at: dict[int, str] = {}  # job id -> where it went (several instances only)
         self.several = False  # more than one instance: picked, and counted
+        self.only: zmq.Socket | None = None  # the socket, when there is one instance
         self._items: list[tuple[str, zmq.Socket]] = []
         self._turn = 0
         for endpoint in endpoints:
@@ -84,6 +85,7 @@ class _Outs:
     def _changed(self) -> None:
         self._items = list(self.sockets.items())
         self.several = len(self._items) > 1
+        self.only = self._items[0][1] if len(self._items) == 1 else None
 
     def order(self) -> list[tuple[str, zmq.Socket]]:
         """The instances to try for the next message, best first."""
@@ -96,7 +98,23 @@ class _Outs:
         items.sort(key=lambda item: load.get(item[0], 0))
         return items
 
-    def sent(self, endpoint: str, ids: list[int]) -> None:
+    def send(self, message: Body, ids: list[int]) -> bool:
+        """Send ``message``, jobs ``ids``, to the live instance with the
+        fewest jobs in flight that has room for it; False if none has."""
+        for endpoint, socket in self.order():
+            try:
+                if isinstance(message, bytes):
+                    send_frame(socket, message, zmq.NOBLOCK)
+                else:
+                    socket.send_multipart(message, zmq.NOBLOCK)
+            except zmq.Again:
+                continue  # not live, or full: the next instance
+            if self.several:
+                self._sent(endpoint, ids)
+            return True
+        return False
+
+    def _sent(self, endpoint: str, ids: list[int]) -> None:
         """Jobs ``ids`` went to ``endpoint`` (with several instances)."""
         at, load = self.at, self.load
         for msg_id in ids:
@@ -351,8 +369,8 @@ class LoopClient(Caller, WindowedClient, Closing):
                         # Their payloads, what a job sent again is made of (a
                         # body kept would hold memory a new one could reuse).
                         kept: list[bytes] = []
-                        take = min(room, batch)
-                        while len(bodies) < take:
+                        left = batch if batch < room else room  # jobs this message may take
+                        while left:
                             payload = carried if carried is not None else next(payloads, None)
                             carried = None
                             if payload is None:
@@ -364,6 +382,7 @@ class LoopClient(Caller, WindowedClient, Closing):
                                 bodies.append(b"".join((prefix, stamp, tail, payload)))
                                 group.append(msg_id)
                                 kept.append(payload)
+                                left -= 1
                             elif bodies:
                                 carried = payload  # a large one goes on its own, next
                                 break
@@ -391,18 +410,16 @@ class LoopClient(Caller, WindowedClient, Closing):
                                 room -= len(group)
                             waiting = (group, message, False)
                 outgoing = waiting[1]
-                for endpoint, jobs in outs.order():
+                only = outs.only
+                if only is not None:  # one instance: no choice to make
                     try:
                         if isinstance(outgoing, bytes):
-                            send_frame(jobs, outgoing, zmq.NOBLOCK)
+                            send_frame(only, outgoing, zmq.NOBLOCK)
                         else:
-                            jobs.send_multipart(outgoing, zmq.NOBLOCK)
+                            only.send_multipart(outgoing, zmq.NOBLOCK)
                     except zmq.Again:
-                        continue  # not live, or full: the next instance
-                    if outs.several:
-                        outs.sent(endpoint, waiting[0])
-                    break
-                else:
+                        return Stop.BLOCKED
+                elif not outs.send(outgoing, waiting[0]):
                     return Stop.BLOCKED
                 if waiting[2]:
                     now = clock()
