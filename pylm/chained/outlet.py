@@ -76,14 +76,17 @@ class Outlet:
         curve: Curve | None,
         logger: logging.Logger,
         links: Connections | None = None,
+        at_once: bool = True,
     ) -> zmq.Socket:
         """Connect to the given addresses, or (with ``registry``) to the
-        instances registered now, and follow them; with the stage's CURVE
-        settings, telling its ``logger`` of instances that join and leave,
-        and its ``links`` of the connections that live and drop."""
+        instances registered now (``at_once``: read now; otherwise as the
+        following first tells, without waiting on etcd), and follow them;
+        with the stage's CURVE settings, telling its ``logger`` of instances
+        that join and leave, and its ``links`` of the connections that live
+        and drop."""
         self._context, self._hwm, self._links = context, hwm, links
         self.curve, self._logger = curve, logger
-        if registry is not None:
+        if registry is not None and at_once:
             self._key = curve_key(self.server, registry.instances(self.server), self.curve)
         elif self.curve is not None:  # by address: never plain text in silence
             where = ", ".join(self.addresses)
@@ -93,8 +96,9 @@ class Outlet:
         for address in self.addresses:
             socket.connect(address)
         if registry is not None:
-            self._changed(registry.instances(self.server))  # connect at once ...
-            self.rewire()
+            if at_once:
+                self._changed(registry.instances(self.server))  # connect at once ...
+                self.rewire()
             self._following = registry.follow(self.server, self._changed)  # ... and follow
         return socket
 
@@ -252,6 +256,13 @@ class ToNextStage(Output):
         self._choice = name.encode("utf-8") + b".handle_stream"  # who failed, when choose fails
         self.socket: zmq.Socket | None = None  # the first next stage's PUSH socket
         self.set_outlets(outlets)
+        # What open() was given, for a next stage that changes while running
+        # (retarget), and that change, noted by the registry's thread.
+        self._opened: tuple[zmq.Context, int, Callable[[], Registry], Connections | None] | None
+        self._opened = None
+        self._retarget: str | None = None
+        self._lock = threading.Lock()
+        self.retargeted: Callable[[str], None] | None = None  # told of each change applied
 
     def set_outlets(self, outlets: list[Outlet]) -> None:
         """The next stage (the first outlet) and the branches."""
@@ -280,7 +291,36 @@ class ToNextStage(Output):
             following = following or found is not None
             outlet.open(context, hwm, found, self.curve, self.logger, links)
         self.socket = self.outlets[0].socket
+        self._opened = (context, hwm, registry, links)
         return following
+
+    def retarget(self, call: str) -> None:
+        """The next stage is now ``call`` (``server.function``, from the
+        registry's thread): applied by the serving thread at its next
+        :meth:`rewire`. What was sent before goes on to the old one."""
+        with self._lock:
+            self._retarget = call
+
+    def _switch(self, call: str) -> None:
+        """Send to ``call`` from now on: a new outlet, following that
+        stage's instances in the registry (found without waiting on etcd);
+        the old one stops following, and its sockets are retired (what they
+        queued still goes out, pylm.liveness.retire)."""
+        old = self.outlets[0]
+        if call == old.call or self._opened is None:
+            return
+        context, hwm, registry, links = self._opened
+        new = Outlet(call, [])
+        new.open(context, hwm, registry(), self.curve, self.logger, links, at_once=False)
+        self.set_outlets([new, *self.outlets[1:]])
+        self.socket = new.socket
+        old.stop_following()
+        for socket in old.take_sockets():
+            if socket is not None:
+                retire(socket, links)
+        self.logger.info("%s: next stage now %s (was %s)", self.name, call, old.call)
+        if self.retargeted is not None:
+            self.retargeted(call)
 
     def next_call(self) -> str | None:
         return self.outlets[0].call if self.outlets else None
@@ -293,6 +333,12 @@ class ToNextStage(Output):
 
     def rewire(self) -> bool:
         changed = False
+        if self._retarget is not None:
+            with self._lock:
+                call, self._retarget = self._retarget, None
+            if call is not None and call != self.outlets[0].call:
+                self._switch(call)
+                changed = True
         for outlet in self.all():
             changed = outlet.rewire() or changed
         if changed:

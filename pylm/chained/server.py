@@ -5,6 +5,8 @@ to each ``tee``."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -114,6 +116,7 @@ class Server(Stage):
             tees = [Outlet(call, addresses(tee[call], "tee")) for call in tee]
         else:
             tees = [Outlet(call, []) for call in _calls(tee, "tee")]
+        self._keeping: concurrent.futures.Future[None] | None = None  # the wiring kept in etcd
         self._output = ToNextStage(
             outlets,
             tees,
@@ -175,8 +178,26 @@ class Server(Stage):
             # The wiring came from the registry: keep it there (put back if
             # etcd loses it), on the registry's thread, for as long as this
             # stage follows its next stage (stop() ends that following).
-            keeping = self._registry_client().keep_config(config)
-            following.add_done_callback(lambda _: keeping.cancel())
+            # A change written there (pylm topology set/apply) reroutes this
+            # running stage: the serving thread switches at its next rewire.
+            keeping = self._registry_client().keep_config(
+                config, on_change=lambda changed: output.retarget(changed.next)
+            )
+            output.retargeted = self._record_next
+            self._keeping = keeping  # until the stage stops following (_stop_following)
+
+    def _stop_following(self) -> None:
+        keeping, self._keeping = self._keeping, None
+        if keeping is not None:
+            keeping.cancel()
+        super()._stop_following()
+
+    def _record_next(self, call: str) -> None:
+        """The next stage changed while running: the registry's record says
+        so too (written without waiting)."""
+        registration = self.registration
+        if registration is not None:
+            registration.update(dataclasses.replace(registration.record, next=call))
 
     def _configured_next(self) -> StageConfig:
         from pylm.registry.records import MalformedRecord

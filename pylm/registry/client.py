@@ -337,7 +337,11 @@ class Registry(Closing):
         return None if config is None else config.to_dict()
 
     def keep_config(
-        self, config: StageConfig, recheck: float = 10.0, retry: float = 0.5
+        self,
+        config: StageConfig,
+        recheck: float = 10.0,
+        retry: float = 0.5,
+        on_change: Callable[[StageConfig], None] | None = None,
     ) -> concurrent.futures.Future[None]:
         """Keep stage ``config.name``'s wiring in etcd, from the registry's
         thread, until the returned future is cancelled: when the key is
@@ -345,7 +349,8 @@ class Registry(Closing):
         back the last valid wiring seen there. A running stage that read its
         next call from the registry does this, so that the wiring outlives
         an etcd data loss. Changes written meanwhile (``pylm topology set``)
-        are adopted; a malformed value is counted and left alone. The key is
+        are adopted, and given to ``on_change`` (from the registry's thread)
+        when they change the wiring; a malformed value is counted and left alone. The key is
         watched (a delete is seen at once), and read again every
         ``recheck`` seconds and whenever the watch breaks."""
         key = config_key(self.config.prefix, config.name).encode()
@@ -383,7 +388,13 @@ class Registry(Closing):
         def adopt(row: Any) -> None:
             found = parse_config_row(row)
             if found is not None:
+                changed = found != latest[0]
                 latest[0] = found
+                if changed and on_change is not None:
+                    try:
+                        on_change(found)
+                    except Exception:  # the stage's, not ours: keep following
+                        log.exception("wiring of %s: the change callback failed", config.name)
 
         async def watch_from(client: aetcd.Client, start: int) -> Any:
             watching[:] = [client]
@@ -472,6 +483,21 @@ class Registration:
         self.registered = False  # whether etcd holds the record right now, as far as we know
         self.failures = 0  # keep-alive rounds that could not reach etcd
         self._lease: SharedLease | None = None
+
+    def update(self, record: InstanceRecord) -> concurrent.futures.Future[None]:
+        """Keep ``record`` (the same instance, its wiring changed) registered
+        instead, written at once under the same lease; does not wait (the
+        future tells when etcd has it)."""
+        if record.instance != self.record.instance:
+            raise ValueError(f"{record.instance!r} is another instance than {self.key!r}")
+        self.record = record
+        lease = self._lease
+
+        async def rewrite() -> None:
+            if lease is not None:
+                await lease.rewrite(self)
+
+        return asyncio.run_coroutine_threadsafe(rewrite(), self.registry._loop)
 
     def close(self) -> None:
         """Stop keeping the record alive and remove it; raises

@@ -120,6 +120,13 @@ class SharedLease:
 
             await self._etcd(remove)
 
+    async def rewrite(self, registration: Member) -> None:
+        """Write ``registration``'s record again (it changed), if the lease
+        lives; otherwise the next round registers it as it is now."""
+        async with self._lock:
+            if self.alive and registration in self.members:
+                await self._put(registration)
+
     async def _grant(self) -> None:
         ttl = round(self.ttl)
         self.lease = await self._etcd(lambda client: client.lease(ttl))
