@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         show = commands.add_parser(name, help=summary, description=description)
         show.add_argument("--json", action="store_true", help="machine-readable output")
         show.add_argument("--watch", action="store_true", help="print again on every change")
+        drawn = show.add_mutually_exclusive_group()
+        drawn.add_argument(
+            "--dot", action="store_true", help="print the graph in Graphviz's DOT language"
+        )
+        drawn.add_argument("--mermaid", action="store_true", help="print a Mermaid flowchart")
         show.add_argument(
             "--peers",
             action="store_true",
@@ -311,6 +316,12 @@ def _registry(args: argparse.Namespace) -> Registry:
 def show_topology(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         peers = getattr(args, "peers", False)
+        if getattr(args, "dot", False) or getattr(args, "mermaid", False):
+            from pylm.registry.graph import graph, to_dot, to_mermaid
+
+            cluster = graph(registry.instances())
+            print(to_dot(cluster) if args.dot else to_mermaid(cluster), flush=True)
+            return 0
         if not getattr(args, "watch", False):
             _print_topology(registry, registry.instances(), args.json, peers)
             return 0
