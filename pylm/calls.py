@@ -183,6 +183,11 @@ class Caller:
         if self._calls.stats is not None:
             self._calls.stats.peers = self._connections
 
+    @property
+    def live_instances(self) -> int:
+        """The instances this client has a live connection to now."""
+        return self._connections.live_peers
+
     def _open_registry(self, registry: Registry | str | None) -> Registry:
         """The registry to resolve with: the one given, or one this client
         opens and closes with :meth:`_stop_following`."""

@@ -222,6 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--port", type=int, default=9464, help="port (9464; 0: any free port)")
     sd.add_argument("--file", type=Path, help="also write the targets to this file_sd JSON file")
 
+    gateway = commands.add_parser(
+        "gateway",
+        help="an HTTP gateway to the cluster's servers: POST /SERVER/FUNCTION",
+        description="Serve HTTP/1.1 in front of the registry until Ctrl-C or SIGTERM:"
+        " POST /SERVER/FUNCTION with the payload as the body calls that server by name and"
+        " answers with its result (application/octet-stream); errors are problem+json."
+        " GET /healthz, GET /openapi.json.",
+    )
+    gateway.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
+    gateway.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free port)")
+    gateway.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a call may wait for its answer (10)",
+    )
+    gateway.add_argument(
+        "--max-body",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest request body taken (pylm's payload limit, 500 MB)",
+    )
+
     top = commands.add_parser(
         "top",
         help="live view of the cluster: rates, errors, latency, read from the servers",
@@ -909,6 +934,23 @@ def serve_sd(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_gateway(args: argparse.Namespace) -> int:
+    from pylm.gateway import Gateway, HTTPServer
+    from pylm.protocol import DEFAULT_MAX_PAYLOAD
+
+    max_body = DEFAULT_MAX_PAYLOAD if args.max_body is None else args.max_body
+    if max_body < 0:
+        raise PylmError(f"--max-body must be zero or more bytes, got {max_body}")
+    with _registry(args) as registry:
+        registry.instances()  # fail now, clearly, if etcd cannot be reached
+        server = HTTPServer(
+            Gateway(registry, timeout=args.timeout, max_body=max_body), args.host, args.port
+        )
+        print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
+        server.run()
+    return 0
+
+
 def show_top(args: argparse.Namespace) -> int:
     from pylm.telemetry import top
 
@@ -980,6 +1022,7 @@ def _main(argv: list[str] | None) -> int:
         "keys": make_keys,
         "run": run_server,
         "sd": serve_sd,
+        "gateway": serve_gateway,
         "top": show_top,
     }
     try:

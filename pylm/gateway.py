@@ -1,0 +1,299 @@
+"""An HTTP gateway to the servers of a cluster: ``POST /<server>/<function>``
+with the payload as the body calls that server by name and answers with
+its result, raw bytes both ways (``application/octet-stream``).
+
+Built on Starlette (routing, requests, responses) and served by uvicorn:
+both maintained, small, and ASGI, so that every HTTP request is a coroutine
+on one event loop and calls the cluster through pylm's
+:class:`~pylm.standalone.AsyncClient` (many calls in flight at once, each
+to the live instance with the fewest). The gateway follows the registry:
+which servers exist, their kind and functions come from there, without a
+round trip to etcd per request.
+
+Errors are RFC 9457 problem details (``application/problem+json``) with the
+status that fits: a bad name 400, an unknown server or function 404, a body
+too large 413, a kind of server the gateway does not call yet 501, a remote
+error 502 (with the remote type and message), no live instance 503, no
+answer in time 504. ``GET /healthz`` says whether the gateway serves and
+reaches etcd; ``GET /openapi.json`` describes the live cluster's functions.
+
+Run it with ``pylm gateway`` or embed :class:`Gateway`'s ``app`` in any ASGI
+server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pylm.calls import DEFAULT_TIMEOUT
+from pylm.errors import (
+    InvalidName,
+    NoInstance,
+    PayloadTooLarge,
+    PylmError,
+    RemoteError,
+    RequestTimeout,
+    UnknownFunction,
+)
+from pylm.names import check_name
+from pylm.protocol import DEFAULT_MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from pylm.registry import InstanceRecord, Registry
+    from pylm.standalone import AsyncClient
+
+__all__ = ["CALLABLE_KINDS", "Gateway", "HTTPServer", "openapi"]
+
+CALLABLE_KINDS = ("standalone",)  # the kinds of server the gateway calls
+_PROBLEM = "application/problem+json"
+
+
+class Gateway:
+    """The gateway's ASGI application (:attr:`app`) over ``registry`` (a
+    :class:`~pylm.registry.Registry` or its address; None: from
+    ``PYLM_REGISTRY``). Each call waits ``timeout`` seconds at most; bodies
+    over ``max_body`` bytes are refused (413). :meth:`close` ends it."""
+
+    def __init__(
+        self,
+        registry: Registry | str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_body: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        from pylm.registry import Registry
+
+        self.timeout = timeout
+        self.max_body = max_body
+        self._owns_registry = not isinstance(registry, Registry)
+        self.registry = registry if isinstance(registry, Registry) else Registry(registry)
+        self._records: list[InstanceRecord] = []
+        self._listed = threading.Event()
+        self._following = self.registry.follow(None, self._on_instances)
+        self._clients: dict[str, AsyncClient] = {}
+        self._opening: dict[str, asyncio.Future[AsyncClient]] = {}
+        self.app: Starlette = Starlette(
+            routes=[
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/openapi.json", self._openapi, methods=["GET"]),
+                Route("/{server}/{function}", self._call, methods=["POST"]),
+            ]
+        )
+
+    def _on_instances(self, records: list[InstanceRecord]) -> None:
+        """From the registry's thread: the instances listed now."""
+        self._records = records
+        self._listed.set()
+
+    def servers(self) -> dict[str, list[InstanceRecord]]:
+        """The registered servers, by name (the latest listing)."""
+        found: dict[str, list[InstanceRecord]] = {}
+        for record in self._records:
+            found.setdefault(record.name, []).append(record)
+        return found
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _call(self, request: Request) -> Response:
+        from starlette.responses import Response
+
+        server, function = request.path_params["server"], request.path_params["function"]
+        try:
+            check_name(server)
+        except InvalidName as exc:
+            return _problem(400, "Bad name", str(exc))
+        if not function.isidentifier() or function.startswith("_"):
+            return _problem(400, "Bad name", f"function {function[:140]!r} is not a valid name")
+        records = self.servers().get(server)
+        if not records:
+            return _problem(404, "Unknown server", f"no server named {server!r} is registered")
+        if not any(function in record.functions for record in records):
+            return _problem(
+                404, "Unknown function", f"server {server!r} has no function {function!r}"
+            )
+        kind = records[0].kind
+        if kind not in CALLABLE_KINDS:
+            return _problem(
+                501,
+                "Kind not served",
+                f"server {server!r} is a {kind} server: the gateway calls"
+                f" {', '.join(CALLABLE_KINDS)} servers",
+            )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return _problem(413, "Payload too large", _too_large(int(length), self.max_body))
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                return _problem(413, "Payload too large", _too_large(len(body), self.max_body))
+        try:
+            client = await self._client(server)
+        except NoInstance as exc:
+            return _problem(503, "No live instance", str(exc))
+        try:
+            result = await client.job(function, body, timeout=self.timeout)
+        except UnknownFunction as exc:
+            return _problem(404, "Unknown function", str(exc))
+        except RequestTimeout as exc:
+            if not client.live_instances:  # registered, but none reachable
+                return _problem(503, "No live instance", str(exc))
+            return _problem(504, "No answer in time", str(exc))
+        except PayloadTooLarge as exc:
+            return _problem(413, "Payload too large", str(exc))
+        except RemoteError as exc:
+            return _problem(
+                502,
+                "Remote error",
+                f"{exc.remote_type}: {exc.remote_message}",
+                remote_type=exc.remote_type,
+                remote_message=exc.remote_message,
+            )
+        except PylmError as exc:
+            return _problem(502, "Bad answer", str(exc))
+        return Response(result, media_type="application/octet-stream")
+
+    async def _client(self, server: str) -> AsyncClient:
+        """The client of ``server``, made once (off the event loop: finding
+        its instances reads the registry)."""
+        client = self._clients.get(server)
+        if client is not None:
+            return client
+        opening = self._opening.get(server)
+        if opening is None:
+            from pylm.standalone import AsyncClient
+
+            loop = asyncio.get_running_loop()
+            opening = self._opening[server] = loop.run_in_executor(
+                None,
+                lambda: AsyncClient(server, registry=self.registry, timeout=self.timeout, wait=0),
+            )
+            try:
+                client = await opening
+            finally:
+                self._opening.pop(server, None)
+            self._clients[server] = client
+            return client
+        return await opening
+
+    async def _healthz(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        reachable = self.registry.reachable
+        return JSONResponse(
+            {"status": "ok" if reachable else "degraded", "registry": reachable},
+            status_code=200 if reachable else 503,
+        )
+
+    async def _openapi(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(openapi(self.servers()))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """Close the clients and stop following the registry (closing it
+        when the gateway opened it)."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+        self._following.cancel()
+        if self._owns_registry:
+            await asyncio.get_running_loop().run_in_executor(None, self.registry.close)
+
+
+class HTTPServer:
+    """Serves a :class:`Gateway` over HTTP/1.1 with uvicorn, on ``host`` and
+    ``port`` (0: one the system picks; bound when made, so :attr:`url` is
+    known at once). :meth:`run` serves until SIGINT or SIGTERM (in the main
+    thread) or :meth:`stop`, then closes the gateway."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 8080) -> None:
+        import uvicorn
+
+        self.gateway = gateway
+        self._socket = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+        )
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = host, self._socket.getsockname()[1]
+        where = f"[{host}]" if ":" in host else host
+        self.url = f"http://{where}:{self.port}"
+        config = uvicorn.Config(gateway.app, lifespan="off", access_log=False, log_config=None)
+        self._server = uvicorn.Server(config)
+
+    def run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve(sockets=[self._socket])
+        finally:
+            self._socket.close()
+            await self.gateway.close()
+
+    def stop(self) -> None:
+        """Have :meth:`run` return (from any thread)."""
+        self._server.should_exit = True
+
+
+def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
+    """An OpenAPI 3.1 description of the servers' functions the gateway calls."""
+    paths: dict[str, Any] = {}
+    for name, records in sorted(servers.items()):
+        if records[0].kind not in CALLABLE_KINDS:
+            continue
+        for function in sorted({f for record in records for f in record.functions}):
+            paths[f"/{name}/{function}"] = {
+                "post": {
+                    "summary": f"Call {function} on {name}",
+                    "operationId": f"{name}.{function}",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "the function's result",
+                            "content": {"application/octet-stream": {"schema": {"type": "string"}}},
+                        },
+                        "default": {
+                            "description": "a problem (RFC 9457)",
+                            "content": {_PROBLEM: {"schema": {"type": "object"}}},
+                        },
+                    },
+                }
+            }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "pylm gateway", "version": "1"},
+        "paths": paths,
+    }
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"the body has {size} bytes, more than the gateway's limit of {limit}"
+
+
+def _problem(status: int, title: str, detail: str, **extra: str) -> Response:
+    """An RFC 9457 problem details response."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra},
+        status_code=status,
+        media_type=_PROBLEM,
+    )

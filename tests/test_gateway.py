@@ -1,0 +1,175 @@
+"""pylm's HTTP gateway (pylm.gateway): a real uvicorn on an OS-chosen port
+in front of real servers found in a real etcd, called over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pylm.chained import LastServer
+from pylm.gateway import Gateway, HTTPServer
+from pylm.processes import end_process
+from pylm.registry import LocalEtcd, Registry
+from pylm.standalone import Server
+from pylm.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Echo(Server):
+    def echo(self, message: bytes) -> bytes:
+        return b"echo " + message
+
+    def fail(self, message: bytes) -> bytes:
+        raise ValueError("no good: " + message.decode())
+
+    def slow(self, message: bytes) -> bytes:
+        threading.Event().wait(float(message))  # a function that takes its time
+        return b"late"
+
+
+class End(LastServer):
+    def done(self, message: bytes) -> bytes:
+        return message
+
+
+@pytest.fixture
+def gateway(pylm_registry: Registry) -> Iterator[str]:
+    """A gateway over the test's cluster: its URL."""
+    server = HTTPServer(Gateway(pylm_registry, timeout=2, max_body=1000), port=0)
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        wait_for(lambda: _status(f"{server.url}/healthz") == 200, 20, "the gateway serving")
+        yield server.url
+    finally:
+        server.stop()
+        thread.join(20)
+        assert not thread.is_alive()
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def post(url: str, body: bytes) -> tuple[int, str, bytes]:
+    """Status, content type and body of a POST."""
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.headers["content-type"], answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["content-type"], exc.read()
+
+
+def test_a_call_through_the_gateway_and_many_at_once(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    """POST /echo_server/echo answers the function's result as raw bytes;
+    64 requests at once all get their own answer."""
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    wait_for(lambda: pylm_registry.instances("echo_server") != [], 20, "the server listed")
+    wait_for(lambda: post(f"{gateway}/echo_server/echo", b"x")[0] == 200, 20, "followed")
+    assert post(f"{gateway}/echo_server/echo", b"hello") == (
+        200,
+        "application/octet-stream",
+        b"echo hello",
+    )
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(
+            pool.map(lambda n: post(f"{gateway}/echo_server/echo", b"%d" % n), range(256))
+        )
+    assert [body for _, _, body in answers] == [b"echo %d" % n for n in range(256)]
+
+
+def test_errors_are_problem_details_with_the_status_that_fits(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    serve(End("end", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    wait_for(lambda: post(f"{gateway}/echo_server/echo", b"x")[0] == 200, 20, "followed")
+    wait_for(lambda: post(f"{gateway}/end/done", b"x")[0] != 404, 20, "end followed")
+
+    def problem(path: str, body: bytes = b"x") -> tuple[int, dict[str, object]]:
+        status, kind, raw = post(f"{gateway}{path}", body)
+        assert kind == "application/problem+json", (path, kind)
+        document = json.loads(raw)
+        assert document["status"] == status
+        return status, document
+
+    status, document = problem("/nobody/echo")
+    assert status == 404 and document["title"] == "Unknown server"
+    status, document = problem("/echo_server/nothing")
+    assert status == 404 and "no function 'nothing'" in str(document["detail"])
+    assert problem("/-bad/echo")[0] == 400
+    assert problem("/bad%20name/echo")[0] == 400
+    assert problem("/echo_server/_private")[0] == 400
+    status, document = problem("/echo_server/fail", b"boom")
+    assert status == 502
+    assert document["remote_type"] == "ValueError"
+    assert document["remote_message"] == "no good: boom"
+    assert problem("/echo_server/echo", b"x" * 1001)[0] == 413
+    assert problem("/echo_server/slow", b"5")[0] == 504  # the gateway's timeout: 2 s
+    assert problem("/end/done")[0] == 501  # a pipeline's last stage: not called yet
+
+
+def test_healthz_and_openapi_describe_the_live_cluster(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+
+    def described() -> dict[str, object]:
+        with urllib.request.urlopen(f"{gateway}/openapi.json", timeout=5) as answer:
+            return dict(json.loads(answer.read()))
+
+    wait_for(lambda: "/echo_server/echo" in described()["paths"], 20, "echo described")  # type: ignore[operator]
+    paths = described()["paths"]
+    assert set(paths) == {"/echo_server/echo", "/echo_server/fail", "/echo_server/slow"}  # type: ignore[arg-type]
+    with urllib.request.urlopen(f"{gateway}/healthz", timeout=5) as answer:
+        assert json.loads(answer.read()) == {"status": "ok", "registry": True}
+
+
+_SERVER = """
+from pylm.standalone import Server
+
+class Echo(Server):
+    def echo(self, message):
+        return b"echo " + message
+
+Echo("doomed", ttl=60, log_stdout=False).start()
+"""
+
+
+def test_a_registered_server_with_no_live_instance_is_503(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, gateway: str
+) -> None:
+    """A server process SIGKILLed with a lease of 60 s: its record stays,
+    but no instance is reachable, and the gateway says so (503) rather than
+    that it waited in vain (504)."""
+    env = {**os.environ, "PYLM_REGISTRY": pylm_etcd.url, "PYLM_CLUSTER": pylm_cluster}
+    process = subprocess.Popen([sys.executable, "-c", _SERVER], env=env)
+    try:
+        wait_for(lambda: post(f"{gateway}/doomed/echo", b"x")[0] == 200, 20, "served")
+        process.kill()
+        assert process.wait(10) == -signal.SIGKILL
+        status, kind, body = post(f"{gateway}/doomed/echo", b"x")
+        assert (status, kind) == (503, "application/problem+json"), body
+        assert json.loads(body)["title"] == "No live instance"
+    finally:
+        end_process(process, 10)  # type: ignore[arg-type]
