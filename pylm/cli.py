@@ -240,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a call may wait for its answer (10)",
     )
     gateway.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="require a bearer token from FILE (one a line) on calls and /openapi.json",
+    )
+    gateway.add_argument(
+        "--name", default="gateway", help="the server name it registers as (gateway)"
+    )
+    gateway.add_argument(
         "--max-body",
         type=int,
         default=None,
@@ -935,17 +944,22 @@ def serve_sd(args: argparse.Namespace) -> int:
 
 
 def serve_gateway(args: argparse.Namespace) -> int:
-    from pylm.gateway import Gateway, HTTPServer
+    from pylm.gateway import Gateway, HTTPServer, read_tokens
+    from pylm.names import check_name
     from pylm.protocol import DEFAULT_MAX_PAYLOAD
 
     max_body = DEFAULT_MAX_PAYLOAD if args.max_body is None else args.max_body
     if max_body < 0:
         raise PylmError(f"--max-body must be zero or more bytes, got {max_body}")
+    name = check_name(args.name)
+    try:
+        tokens = None if args.tokens is None else read_tokens(args.tokens)
+    except (OSError, ValueError) as exc:
+        raise PylmError(f"--tokens: {exc}") from exc
     with _registry(args) as registry:
         registry.instances()  # fail now, clearly, if etcd cannot be reached
-        server = HTTPServer(
-            Gateway(registry, timeout=args.timeout, max_body=max_body), args.host, args.port
-        )
+        gateway = Gateway(registry, timeout=args.timeout, max_body=max_body, tokens=tokens)
+        server = HTTPServer(gateway, args.host, args.port, name=name)
         print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
         server.run()
     return 0

@@ -15,7 +15,12 @@ status that fits: a bad name 400, an unknown server or function 404, a body
 too large 413, a kind of server the gateway does not call yet 501, a remote
 error 502 (with the remote type and message), no live instance 503, no
 answer in time 504. ``GET /healthz`` says whether the gateway serves and
-reaches etcd; ``GET /openapi.json`` describes the live cluster's functions.
+reaches etcd; ``GET /openapi.json`` describes the live cluster's functions;
+``GET /metrics`` is the process's Prometheus metrics (its clients' calls by
+server, function and outcome among them). Given bearer tokens, calls and
+the description need one (401 without, 403 with another); ``/healthz`` and
+``/metrics`` stay open. Served by :class:`HTTPServer`, the gateway registers
+in the registry as a server of kind ``gateway``, so ``pylm sd`` scrapes it.
 
 Run it with ``pylm gateway`` or embed :class:`Gateway`'s ``app`` in any ASGI
 server.
@@ -24,9 +29,11 @@ server.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import socket
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pylm.calls import DEFAULT_TIMEOUT
@@ -50,7 +57,9 @@ if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
     from pylm.standalone import AsyncClient
 
-__all__ = ["CALLABLE_KINDS", "Gateway", "HTTPServer", "openapi"]
+__all__ = ["CALLABLE_KINDS", "KIND", "Gateway", "HTTPServer", "openapi", "read_tokens"]
+
+KIND = "gateway"  # the kind the gateway registers as
 
 CALLABLE_KINDS = ("standalone",)  # the kinds of server the gateway calls
 _PROBLEM = "application/problem+json"
@@ -68,14 +77,17 @@ class Gateway:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_body: int = DEFAULT_MAX_PAYLOAD,
+        tokens: frozenset[str] | None = None,
     ) -> None:
+        from prometheus_client import make_asgi_app
         from starlette.applications import Starlette
-        from starlette.routing import Route
+        from starlette.routing import Mount, Route
 
         from pylm.registry import Registry
 
         self.timeout = timeout
         self.max_body = max_body
+        self._tokens = tokens  # None: no authentication
         self._owns_registry = not isinstance(registry, Registry)
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self._records: list[InstanceRecord] = []
@@ -87,6 +99,7 @@ class Gateway:
             routes=[
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/openapi.json", self._openapi, methods=["GET"]),
+                Mount("/metrics", app=make_asgi_app()),
                 Route("/{server}/{function}", self._call, methods=["POST"]),
             ]
         )
@@ -108,6 +121,9 @@ class Gateway:
     async def _call(self, request: Request) -> Response:
         from starlette.responses import Response
 
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         server, function = request.path_params["server"], request.path_params["function"]
         try:
             check_name(server)
@@ -199,7 +215,27 @@ class Gateway:
     async def _openapi(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         return JSONResponse(openapi(self.servers()))
+
+    def _refused(self, request: Request) -> Response | None:
+        """A 401 or 403 problem when tokens are required and ``request`` has
+        none or another; None when it may go on."""
+        tokens = self._tokens
+        if tokens is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            response = _problem(401, "Unauthorized", "this gateway needs a bearer token")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="pylm"'
+            return response
+        given = token.strip().encode("utf-8")
+        # Compared with each, in constant time: no early exit tells a prefix.
+        if not any([hmac.compare_digest(given, known.encode("utf-8")) for known in tokens]):
+            return _problem(403, "Forbidden", "the bearer token is not one of this gateway's")
+        return None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,7 +256,15 @@ class HTTPServer:
     known at once). :meth:`run` serves until SIGINT or SIGTERM (in the main
     thread) or :meth:`stop`, then closes the gateway."""
 
-    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        name: str | None = KIND,
+        ttl: float = 10.0,
+    ) -> None:
         import uvicorn
 
         self.gateway = gateway
@@ -234,9 +278,28 @@ class HTTPServer:
         self.url = f"http://{where}:{self.port}"
         config = uvicorn.Config(gateway.app, lifespan="off", access_log=False, log_config=None)
         self._server = uvicorn.Server(config)
+        self.name, self.ttl = name, ttl  # registered as this server name (None: not at all)
 
     def run(self) -> None:
-        asyncio.run(self._serve())
+        """Register (as :attr:`name`), serve, then deregister and close."""
+        registration = None
+        if self.name is not None:
+            from pylm.registry import InstanceRecord
+
+            host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+            where = f"[{host}]" if ":" in host else host
+            record = InstanceRecord(
+                self.name,
+                KIND,
+                {"http": f"tcp://{where}:{self.port}"},
+                metrics=f"http://{where}:{self.port}/metrics",
+            )
+            registration = self.gateway.registry.register(record, self.ttl)
+        try:
+            asyncio.run(self._serve())
+        finally:
+            if registration is not None:
+                registration.close()
 
     async def _serve(self) -> None:
         try:
@@ -282,6 +345,16 @@ def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
         "info": {"title": "pylm gateway", "version": "1"},
         "paths": paths,
     }
+
+
+def read_tokens(path: str | Path) -> frozenset[str]:
+    """The bearer tokens in file ``path``: one a line, blank lines and
+    lines starting with ``#`` skipped; :class:`ValueError` if it has none."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    tokens = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    if not tokens:
+        raise ValueError(f"{path}: no token in it (one a line)")
+    return tokens
 
 
 def _too_large(size: int, limit: int) -> str:

@@ -13,11 +13,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from pylm.chained import LastServer
-from pylm.gateway import Gateway, HTTPServer
+from pylm.gateway import Gateway, HTTPServer, read_tokens
 from pylm.processes import end_process
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Server
@@ -43,10 +45,10 @@ class End(LastServer):
         return message
 
 
-@pytest.fixture
-def gateway(pylm_registry: Registry) -> Iterator[str]:
-    """A gateway over the test's cluster: its URL."""
-    server = HTTPServer(Gateway(pylm_registry, timeout=2, max_body=1000), port=0)
+@contextmanager
+def serving(gateway: Gateway) -> Iterator[str]:
+    """``gateway`` served on a port the system picks: its URL."""
+    server = HTTPServer(gateway, port=0)
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
@@ -56,6 +58,13 @@ def gateway(pylm_registry: Registry) -> Iterator[str]:
         server.stop()
         thread.join(20)
         assert not thread.is_alive()
+
+
+@pytest.fixture
+def gateway(pylm_registry: Registry) -> Iterator[str]:
+    """A gateway over the test's cluster: its URL."""
+    with serving(Gateway(pylm_registry, timeout=2, max_body=1000)) as url:
+        yield url
 
 
 def _status(url: str) -> int:
@@ -68,9 +77,10 @@ def _status(url: str) -> int:
         return 0
 
 
-def post(url: str, body: bytes) -> tuple[int, str, bytes]:
-    """Status, content type and body of a POST."""
-    request = urllib.request.Request(url, data=body, method="POST")
+def post(url: str, body: bytes, token: str | None = None) -> tuple[int, str, bytes]:
+    """Status, content type and body of a POST (with a bearer ``token``)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return answer.status, answer.headers["content-type"], answer.read()
@@ -173,3 +183,41 @@ def test_a_registered_server_with_no_live_instance_is_503(
         assert json.loads(body)["title"] == "No live instance"
     finally:
         end_process(process, 10)  # type: ignore[arg-type]
+
+
+def test_bearer_tokens_from_a_file(serve: object, pylm_registry: Registry, tmp_path: Path) -> None:
+    """With tokens, a call without one is a 401 (saying Bearer), with
+    another a 403, with one of the file's the call; /healthz stays open."""
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    wait_for(lambda: pylm_registry.instances("echo_server") != [], 20, "the server listed")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# who may call\nalpha-123\n\nbeta-456\n")
+    with serving(Gateway(pylm_registry, timeout=2, tokens=read_tokens(tokens))) as url:
+        wait_for(lambda: post(f"{url}/echo_server/echo", b"x", "beta-456")[0] == 200, 20, "ok")
+        status, kind, _ = post(f"{url}/echo_server/echo", b"x")
+        assert (status, kind) == (401, "application/problem+json")
+        request = urllib.request.Request(f"{url}/echo_server/echo", data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.headers["WWW-Authenticate"].startswith("Bearer")
+        assert post(f"{url}/echo_server/echo", b"x", "alpha-12")[0] == 403
+        assert post(f"{url}/echo_server/echo", b"x", "alpha-123") == (
+            200,
+            "application/octet-stream",
+            b"echo x",
+        )
+        assert _status(f"{url}/healthz") == 200
+
+
+def test_the_gateway_registers_and_serves_its_metrics(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    """Served, the gateway is a server of kind 'gateway' in the registry,
+    whose metrics URL (what pylm sd hands Prometheus) counts its calls."""
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    wait_for(lambda: post(f"{gateway}/echo_server/echo", b"x")[0] == 200, 20, "followed")
+    (record,) = pylm_registry.instances("gateway")
+    assert record.kind == "gateway" and record.metrics == f"{gateway}/metrics"
+    with urllib.request.urlopen(record.metrics, timeout=10) as answer:
+        text = answer.read().decode()
+    assert 'pylm_client_requests_total{function="echo",outcome="ok",server="echo_server"}' in text
