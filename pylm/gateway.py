@@ -57,11 +57,26 @@ if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
     from pylm.standalone import AsyncClient
 
-__all__ = ["CALLABLE_KINDS", "KIND", "Gateway", "HTTPServer", "openapi", "read_tokens"]
+__all__ = [
+    "CALLABLE_KINDS",
+    "KIND",
+    "PIPELINE_KINDS",
+    "POOL",
+    "Gateway",
+    "HTTPServer",
+    "openapi",
+    "read_tokens",
+]
 
 KIND = "gateway"  # the kind the gateway registers as
 
-CALLABLE_KINDS = ("standalone",)  # the kinds of server the gateway calls
+# The kinds of server the gateway calls: standalone servers through an
+# AsyncClient; pipelines (from the stage named: its job's results through to
+# the last stage) and masters through a pool of blocking clients, POOL at
+# most per server, each used by one thread at a time.
+PIPELINE_KINDS = ("chained", "chained-last", "hub", "sink")
+CALLABLE_KINDS = ("standalone", "master", *PIPELINE_KINDS)
+POOL = 16
 _PROBLEM = "application/problem+json"
 
 
@@ -95,6 +110,7 @@ class Gateway:
         self._following = self.registry.follow(None, self._on_instances)
         self._clients: dict[str, AsyncClient] = {}
         self._opening: dict[str, asyncio.Future[AsyncClient]] = {}
+        self._pools: dict[str, _Pool] = {}
         self.app: Starlette = Starlette(
             routes=[
                 Route("/healthz", self._healthz, methods=["GET"]),
@@ -134,10 +150,6 @@ class Gateway:
         records = self.servers().get(server)
         if not records:
             return _problem(404, "Unknown server", f"no server named {server!r} is registered")
-        if not any(function in record.functions for record in records):
-            return _problem(
-                404, "Unknown function", f"server {server!r} has no function {function!r}"
-            )
         kind = records[0].kind
         if kind not in CALLABLE_KINDS:
             return _problem(
@@ -145,6 +157,11 @@ class Gateway:
                 "Kind not served",
                 f"server {server!r} is a {kind} server: the gateway calls"
                 f" {', '.join(CALLABLE_KINDS)} servers",
+            )
+        # A master's and a hub's functions are their workers': the call tells.
+        if kind not in ("master", "hub") and not any(function in r.functions for r in records):
+            return _problem(
+                404, "Unknown function", f"server {server!r} has no function {function!r}"
             )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -154,6 +171,8 @@ class Gateway:
             body += chunk
             if len(body) > self.max_body:
                 return _problem(413, "Payload too large", _too_large(len(body), self.max_body))
+        if kind != "standalone":
+            return await self._call_blocking(server, kind, function, body)
         try:
             client = await self._client(server)
         except NoInstance as exc:
@@ -169,16 +188,41 @@ class Gateway:
         except PayloadTooLarge as exc:
             return _problem(413, "Payload too large", str(exc))
         except RemoteError as exc:
-            return _problem(
-                502,
-                "Remote error",
-                f"{exc.remote_type}: {exc.remote_message}",
-                remote_type=exc.remote_type,
-                remote_message=exc.remote_message,
-            )
+            return _remote(exc)
         except PylmError as exc:
             return _problem(502, "Bad answer", str(exc))
         return Response(result, media_type="application/octet-stream")
+
+    async def _call_blocking(self, server: str, kind: str, function: str, body: bytes) -> Response:
+        """A call of a pipeline or a master, on a blocking client of the
+        server's pool, in a thread: one result, or a problem."""
+        from starlette.responses import Response
+
+        pool = self._pools.get(server)
+        if pool is None:
+            pool = self._pools[server] = _Pool(server, kind, self.registry, self.timeout)
+        try:
+            results = await pool.call(function, body)
+        except NoInstance as exc:
+            return _problem(503, "No live instance", str(exc))
+        except RequestTimeout as exc:
+            return _problem(504, "No answer in time", str(exc))
+        except UnknownFunction as exc:
+            return _problem(404, "Unknown function", str(exc))
+        except PayloadTooLarge as exc:
+            return _problem(413, "Payload too large", str(exc))
+        except RemoteError as exc:
+            return _remote(exc)
+        except PylmError as exc:
+            return _problem(502, "Bad answer", str(exc))
+        if len(results) != 1:
+            return _problem(
+                502,
+                "Not one result",
+                f"{server}.{function} gave {len(results)} results; the gateway answers a job"
+                " that gives one",
+            )
+        return Response(results[0], media_type="application/octet-stream")
 
     async def _client(self, server: str) -> AsyncClient:
         """The client of ``server``, made once (off the event loop: finding
@@ -245,6 +289,9 @@ class Gateway:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)
         self._following.cancel()
         if self._owns_registry:
             await asyncio.get_running_loop().run_in_executor(None, self.registry.close)
@@ -345,6 +392,65 @@ def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
         "info": {"title": "pylm gateway", "version": "1"},
         "paths": paths,
     }
+
+
+class _Pool:
+    """Blocking clients of one pipeline or master, at most :data:`POOL`,
+    each lent to one call at a time, in a thread of the loop's executor
+    (pylm has no asyncio client for them yet)."""
+
+    def __init__(self, server: str, kind: str, registry: Registry, timeout: float) -> None:
+        self.server, self.kind, self.registry, self.timeout = server, kind, registry, timeout
+        self._idle: list[Any] = []
+        self._room = asyncio.Semaphore(POOL)
+        self._closed = False
+
+    def _make(self) -> Any:
+        if self.kind == "master":
+            from pylm.parallel import Client as ParallelClient
+
+            return ParallelClient(self.server, registry=self.registry, timeout=self.timeout, wait=0)
+        from pylm.chained import LoopClient
+
+        return LoopClient(
+            self.server, registry=self.registry, timeout=self.timeout, wait=0, announce=False
+        )
+
+    async def call(self, function: str, body: bytes) -> list[bytes]:
+        """The results of one job of ``function`` with ``body``."""
+        async with self._room:
+            loop = asyncio.get_running_loop()
+            client: Any = self._idle.pop() if self._idle else None
+            if client is None:
+                client = await loop.run_in_executor(None, self._make)
+            try:
+                results: list[bytes] = await loop.run_in_executor(
+                    None, lambda: list(client.job(function, [body]))
+                )
+            except BaseException:
+                await loop.run_in_executor(None, client.close)  # in an unknown state
+                raise
+            if self._closed:
+                await loop.run_in_executor(None, client.close)
+            else:
+                self._idle.append(client)
+            return results
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+
+def _remote(exc: RemoteError) -> Response:
+    return _problem(
+        502,
+        "Remote error",
+        f"{exc.remote_type}: {exc.remote_message}",
+        remote_type=exc.remote_type,
+        remote_message=exc.remote_message,
+    )
 
 
 def read_tokens(path: str | Path) -> frozenset[str]:

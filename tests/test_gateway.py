@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from servers import Doer, Last, Step
 
-from pylm.chained import LastServer
 from pylm.gateway import Gateway, HTTPServer, read_tokens
+from pylm.parallel import Master
 from pylm.processes import end_process
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Server
@@ -38,11 +39,6 @@ class Echo(Server):
     def slow(self, message: bytes) -> bytes:
         threading.Event().wait(float(message))  # a function that takes its time
         return b"late"
-
-
-class End(LastServer):
-    def done(self, message: bytes) -> bytes:
-        return message
 
 
 @contextmanager
@@ -112,9 +108,7 @@ def test_errors_are_problem_details_with_the_status_that_fits(
     serve: object, pylm_registry: Registry, gateway: str
 ) -> None:
     serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
-    serve(End("end", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
     wait_for(lambda: post(f"{gateway}/echo_server/echo", b"x")[0] == 200, 20, "followed")
-    wait_for(lambda: post(f"{gateway}/end/done", b"x")[0] != 404, 20, "end followed")
 
     def problem(path: str, body: bytes = b"x") -> tuple[int, dict[str, object]]:
         status, kind, raw = post(f"{gateway}{path}", body)
@@ -136,7 +130,8 @@ def test_errors_are_problem_details_with_the_status_that_fits(
     assert document["remote_message"] == "no good: boom"
     assert problem("/echo_server/echo", b"x" * 1001)[0] == 413
     assert problem("/echo_server/slow", b"5")[0] == 504  # the gateway's timeout: 2 s
-    assert problem("/end/done")[0] == 501  # a pipeline's last stage: not called yet
+    status, document = problem("/gateway/anything")  # the gateway itself: not callable
+    assert status == 501 and document["title"] == "Kind not served"
 
 
 def test_healthz_and_openapi_describe_the_live_cluster(
@@ -221,3 +216,33 @@ def test_the_gateway_registers_and_serves_its_metrics(
     with urllib.request.urlopen(record.metrics, timeout=10) as answer:
         text = answer.read().decode()
     assert 'pylm_client_requests_total{function="echo",outcome="ok",server="echo_server"}' in text
+
+
+def test_a_pipeline_and_a_master_through_the_gateway(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    """POST /first/tag runs a job through the pipeline first -> last and
+    answers its result; POST /pool/echo, a job of the master pool, done by
+    its worker; 32 of each at once, each with its own result."""
+    for server in (
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step("first", next_call="last.done", registry=pylm_registry, log_stdout=False),
+        Master("pool", registry=pylm_registry, log_stdout=False),
+        Doer("doer", "pool", registry=pylm_registry, log_stdout=False),
+    ):
+        serve(server)  # type: ignore[operator]
+    wait_for(lambda: post(f"{gateway}/first/tag", b"x")[0] == 200, 20, "the pipeline")
+    wait_for(lambda: post(f"{gateway}/pool/echo", b"x")[0] == 200, 20, "the master")
+    assert post(f"{gateway}/first/tag", b"job") == (
+        200,
+        "application/octet-stream",
+        b"job>step>done",
+    )
+    assert post(f"{gateway}/pool/echo", b"job")[2] == b"job"
+    with ThreadPoolExecutor(32) as pool:
+        piped = list(pool.map(lambda n: post(f"{gateway}/first/tag", b"%d" % n)[2], range(64)))
+        done = list(pool.map(lambda n: post(f"{gateway}/pool/echo", b"%d" % n)[2], range(64)))
+    assert piped == [b"%d>step>done" % n for n in range(64)]
+    assert done == [b"%d" % n for n in range(64)]
+    status, kind, _ = post(f"{gateway}/pool/nothing", b"x")  # the worker says it has none
+    assert (status, kind) == (404, "application/problem+json")
