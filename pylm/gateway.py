@@ -107,12 +107,20 @@ class Gateway:
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self._records: list[InstanceRecord] = []
         self._listed = threading.Event()
+        self._changed: asyncio.Event | None = None  # set when the listing changes (console)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._following = self.registry.follow(None, self._on_instances)
         self._clients: dict[str, AsyncClient] = {}
         self._opening: dict[str, asyncio.Future[AsyncClient]] = {}
         self._pools: dict[str, _Pool] = {}
+        from pylm.console import Views
+
+        self._views = Views(self.registry, lambda: self._records)
         self.app: Starlette = Starlette(
             routes=[
+                Route("/", self._console, methods=["GET"]),
+                Route("/console/cluster.json", self._cluster, methods=["GET"]),
+                Route("/console/events", self._events, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/openapi.json", self._openapi, methods=["GET"]),
                 Mount("/metrics", app=make_asgi_app()),
@@ -124,6 +132,9 @@ class Gateway:
         """From the registry's thread: the instances listed now."""
         self._records = records
         self._listed.set()
+        loop, changed = self._loop, self._changed
+        if loop is not None and changed is not None:
+            loop.call_soon_threadsafe(changed.set)
 
     def servers(self) -> dict[str, list[InstanceRecord]]:
         """The registered servers, by name (the latest listing)."""
@@ -246,6 +257,42 @@ class Gateway:
             self._clients[server] = client
             return client
         return await opening
+
+    async def _console(self, request: Request) -> Response:
+        from starlette.responses import HTMLResponse
+
+        from pylm.console import PAGE
+
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    async def _cluster(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        loop = asyncio.get_running_loop()
+        return JSONResponse(await loop.run_in_executor(None, self._views.view))
+
+    async def _events(self, request: Request) -> Response:
+        """A view of the cluster a second, and one at once when the registry
+        changes, as server-sent events, until the page goes."""
+        from starlette.responses import StreamingResponse
+
+        loop = asyncio.get_running_loop()
+        if self._changed is None:
+            self._loop, self._changed = loop, asyncio.Event()
+        changed = self._changed
+
+        async def stream() -> Any:
+            while not await request.is_disconnected():
+                yield await loop.run_in_executor(None, self._views.event)
+                try:
+                    await asyncio.wait_for(changed.wait(), 1.0)
+                    changed.clear()
+                except TimeoutError:
+                    pass
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     async def _healthz(self, request: Request) -> Response:
         from starlette.responses import JSONResponse

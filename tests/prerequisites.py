@@ -21,6 +21,7 @@ from pylm.testing import missing
 
 __all__ = [
     "missing",
+    "needs_chromium",
     "needs_etcd",
     "needs_prometheus",
     "needs_wrk",
@@ -58,3 +59,6 @@ def prometheus_problem() -> str | None:
 needs_prometheus = requires(prometheus_problem())
 needs_etcd = requires(None if find_etcd() is not None else f"no etcd binary: {ETCD_HINT}")
 needs_wrk = requires(None if shutil.which("wrk") else "needs wrk: sudo apt-get install wrk")
+needs_chromium = requires(
+    None if shutil.which("chromium") else "needs chromium: sudo apt-get install chromium"
+)

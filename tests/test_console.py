@@ -1,0 +1,145 @@
+"""The web console (pylm.console), served by the gateway at ``/``: a real
+headless Chromium loads it against a live pipeline and a real etcd, and
+the graph's nodes, edges and rates are read from the page it built."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prerequisites import needs_chromium
+from servers import Last, Step
+
+from pylm.chained import LoopClient
+from pylm.gateway import Gateway, HTTPServer
+from pylm.registry import Registry
+from pylm.testing import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+# Headless, and no background traffic: this machine's network is closed.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=5000",
+)
+
+
+@pytest.fixture
+def console(pylm_registry: Registry) -> Iterator[str]:
+    """first -> second -> last with jobs flowing, and the gateway: its URL."""
+    stages = [
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step("second", next_call="last.done", registry=pylm_registry, log_stdout=False),
+        Step("first", next_call="second.tag", registry=pylm_registry, log_stdout=False),
+    ]
+    server = HTTPServer(Gateway(pylm_registry), port=0)
+    serving = threading.Thread(target=server.run)
+    flowing = threading.Event()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with LoopClient("first", registry=pylm_registry, announce=False) as client:
+            while not stop.is_set():
+                assert len(list(client.job("tag", [b"x"] * 20))) == 20
+                flowing.set()
+
+    feeder = threading.Thread(target=traffic)
+    try:
+        for stage in stages:
+            stage.start(background=True)
+        serving.start()
+        wait_for(lambda: len(pylm_registry.instances()) == 4, 20, "3 stages and the gateway")
+        feeder.start()
+        assert flowing.wait(20)
+        yield server.url
+    finally:
+        stop.set()
+        if feeder.is_alive():
+            feeder.join(20)
+        server.stop()
+        serving.join(20)
+        for stage in reversed(stages):
+            stage.stop()
+
+
+def chromium(tmp_path: Path, *arguments: str) -> str:
+    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+    done = subprocess.run(
+        [
+            shutil.which("chromium") or "chromium",
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            *arguments,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def calls_of(dom: str, node: str) -> str:
+    found = re.search(rf'data-node="{node}" data-calls="([^"]*)"', dom)
+    assert found is not None, f"no node {node} in the page"
+    return found.group(1)
+
+
+@needs_chromium
+def test_the_console_draws_the_cluster_and_its_rates(console: str, tmp_path: Path) -> None:
+    """The page draws a node per server and an edge per next stage; loaded
+    again while jobs flow, the first stage's calls/s is a positive number;
+    a screenshot is taken."""
+    dom = chromium(tmp_path, "--dump-dom", f"{console}/?live=0")
+    nodes = re.findall(r'data-node="([^"]+)"', dom)
+    assert sorted(nodes) == ["first", "gateway", "last", "second"]
+    assert sorted(re.findall(r'data-edge="([^"]+)"', dom)) == [
+        "first&gt;second",
+        "second&gt;last",
+    ]
+    wait_for(
+        lambda: (
+            float(calls_of(chromium(tmp_path, "--dump-dom", f"{console}/?live=0"), "first") or 0)
+            > 0
+        ),
+        60,
+        "a rate for the first stage",
+    )
+    picture = tmp_path / "console.png"
+    chromium(tmp_path, "--window-size=1100,520", f"--screenshot={picture}", f"{console}/?live=0")
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_console_streams_a_view_a_second(console: str) -> None:
+    """/console/events: server-sent events, each a whole view of the
+    cluster (nodes with their rates, edges); the second comes within about
+    a second of the first."""
+    with urllib.request.urlopen(f"{console}/console/events", timeout=10) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        views = []
+        for line in stream:
+            if line.startswith(b"data: "):
+                views.append(json.loads(line[6:]))
+                if len(views) == 2:
+                    break
+    names = {node["name"]: node for node in views[1]["nodes"]}
+    assert set(names) == {"first", "second", "last", "gateway"}
+    assert names["first"]["calls_per_second"] > 0
+    assert {(e["source"], e["target"]) for e in views[1]["edges"]} == {
+        ("first", "second"),
+        ("second", "last"),
+    }
