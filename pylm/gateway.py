@@ -370,7 +370,13 @@ class HTTPServer:
         self.host, self.port = host, self._socket.getsockname()[1]
         where = f"[{host}]" if ":" in host else host
         self.url = f"http://{where}:{self.port}"
-        config = uvicorn.Config(gateway.app, lifespan="off", access_log=False, log_config=None)
+        config = uvicorn.Config(
+            gateway.app,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=2,  # an open console stream ends no later
+        )
         self._server = uvicorn.Server(config)
         self.name, self.ttl = name, ttl  # registered as this server name (None: not at all)
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,31 @@ def test_the_console_streams_a_view_a_second(console: str) -> None:
         ("first", "second"),
         ("second", "last"),
     }
+
+
+def test_a_gateway_stops_with_a_console_open(pylm_registry: Registry) -> None:
+    """A page following the event stream does not hold the gateway's stop
+    up: run() returns within the graceful shutdown's 2 s."""
+    server = HTTPServer(Gateway(pylm_registry), port=0)
+    serving = threading.Thread(target=server.run)
+    serving.start()
+    try:
+        wait_for(lambda: _answers(f"{server.url}/healthz"), 20, "the gateway serving")
+        with urllib.request.urlopen(f"{server.url}/console/events", timeout=10) as stream:
+            assert stream.readline().startswith(b"data: ")
+            stopped_at = time.monotonic()
+            server.stop()
+            serving.join(10)
+            assert not serving.is_alive()
+            assert time.monotonic() - stopped_at < 5
+    finally:
+        server.stop()
+        serving.join(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
