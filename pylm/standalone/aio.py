@@ -146,9 +146,11 @@ class AsyncClient(Caller):
     ) -> protocol.Message:
         main = self._open()
         peers = self._peers
-        if peers is not None and peers.changed and self._rewire(main, renew=True):
-            self._retire(main)
-            main = self._open()
+        if peers is not None and peers.changed:
+            if self._rewire(main, renew=True):
+                self._retire(main)
+                main = self._open()
+            self._to_each_instance(main)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
@@ -280,7 +282,16 @@ class AsyncClient(Caller):
             self._socket = socket
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(socket.fileno(), self._on_events)
+            self._to_each_instance(socket)
         return self._socket
+
+    def _to_each_instance(self, main: zmq.Socket) -> None:
+        """With several instances, a socket to each, made now rather than at
+        a call: a connection takes a moment to become live, and the calls
+        sent meanwhile would all go to the instances already reached."""
+        if len(self.endpoints) > 1:
+            for endpoint in self.endpoints:
+                self._read_side(self._side_socket((endpoint,), main))
 
     def _retire(self, socket: zmq.Socket) -> None:
         """Instances left: the main socket takes no more calls (a new one is
