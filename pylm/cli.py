@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", default="gateway", help="the server name it registers as (gateway)"
     )
     gateway.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve HTTPS: certificate (PEM)"
+    )
+    gateway.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's key (PEM)")
+    gateway.add_argument(
         "--max-body",
         type=int,
         default=None,
@@ -959,7 +963,17 @@ def serve_gateway(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         registry.instances()  # fail now, clearly, if etcd cannot be reached
         gateway = Gateway(registry, timeout=args.timeout, max_body=max_body, tokens=tokens)
-        server = HTTPServer(gateway, args.host, args.port, name=name)
+        try:
+            server = HTTPServer(
+                gateway,
+                args.host,
+                args.port,
+                name=name,
+                certfile=args.tls_cert,
+                keyfile=args.tls_key,
+            )
+        except (OSError, ValueError) as exc:
+            raise PylmError(f"TLS: {exc}") from exc
         print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
         server.run()
     return 0

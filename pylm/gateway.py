@@ -347,8 +347,9 @@ class Gateway:
 class HTTPServer:
     """Serves a :class:`Gateway` over HTTP/1.1 with uvicorn, on ``host`` and
     ``port`` (0: one the system picks; bound when made, so :attr:`url` is
-    known at once). :meth:`run` serves until SIGINT or SIGTERM (in the main
-    thread) or :meth:`stop`, then closes the gateway."""
+    known at once); over TLS given a ``certfile`` and its ``keyfile`` (PEM).
+    :meth:`run` serves until SIGINT or SIGTERM (in the main thread) or
+    :meth:`stop`, then closes the gateway."""
 
     def __init__(
         self,
@@ -358,25 +359,38 @@ class HTTPServer:
         *,
         name: str | None = KIND,
         ttl: float = 10.0,
+        certfile: str | Path | None = None,
+        keyfile: str | Path | None = None,
     ) -> None:
         import uvicorn
+
+        if (certfile is None) != (keyfile is None):
+            raise ValueError("TLS needs both a certificate file and its key file")
 
         self.gateway = gateway
         self._socket = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
         )
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it: an answer's head and body, written
+        # apart, must not wait for the client's delayed ACK (Nagle: ~40 ms).
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socket.bind((host, port))
         self.host, self.port = host, self._socket.getsockname()[1]
         where = f"[{host}]" if ":" in host else host
-        self.url = f"http://{where}:{self.port}"
+        self.scheme = "http" if certfile is None else "https"
+        self.url = f"{self.scheme}://{where}:{self.port}"
         config = uvicorn.Config(
             gateway.app,
             lifespan="off",
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=2,  # an open console stream ends no later
+            ssl_certfile=None if certfile is None else str(certfile),
+            ssl_keyfile=None if keyfile is None else str(keyfile),
         )
+        if certfile is not None:
+            config.load()  # the files are read now: a bad one fails here, not when serving
         self._server = uvicorn.Server(config)
         self.name, self.ttl = name, ttl  # registered as this server name (None: not at all)
 
@@ -392,7 +406,7 @@ class HTTPServer:
                 self.name,
                 KIND,
                 {"http": f"tcp://{where}:{self.port}"},
-                metrics=f"http://{where}:{self.port}/metrics",
+                metrics=f"{self.scheme}://{where}:{self.port}/metrics",
             )
             registration = self.gateway.registry.register(record, self.ttl)
         try:

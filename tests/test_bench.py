@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from prerequisites import needs_prometheus
+from prerequisites import needs_prometheus, needs_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,3 +156,15 @@ def test_failover_benchmark_smoke_run(tmp_path: Path) -> None:
     # every job once, right: none lost to the killed instance, never twice, never another's
     assert disturbed["right"] == disturbed["jobs"] and disturbed["failed"] == 0
     assert disturbed["duplicated"] == disturbed["wrong"] == 0
+
+
+@needs_wrk
+@pytest.mark.timeout(120)
+def test_gateway_benchmark_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "gateway.json"
+    stdout = smoke_run("gateway", out)
+    assert "gateway / ceiling:" in stdout
+    numbers = json.loads(out.read_text())
+    for side in ("ceiling", "gateway"):
+        assert numbers["median"][side]["rate"] > 0
+        assert numbers["median"][side]["non_2xx"] == 0  # every call answered with its result

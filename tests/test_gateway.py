@@ -3,15 +3,18 @@ in front of real servers found in a real etcd, called over HTTP."""
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -246,3 +249,82 @@ def test_a_pipeline_and_a_master_through_the_gateway(
     assert done == [b"%d" % n for n in range(64)]
     status, kind, _ = post(f"{gateway}/pool/nothing", b"x")  # the worker says it has none
     assert (status, kind) == (404, "application/problem+json")
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key: (cert, key) files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert, secret = folder / "gateway.crt", folder / "gateway.key"
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    secret.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert, secret
+
+
+def test_https_from_certificate_files(
+    serve: object, pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """Given a certificate and its key, the gateway serves HTTPS: a client
+    that trusts the certificate calls through it, and it registers its
+    metrics URL as https."""
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    wait_for(lambda: pylm_registry.instances("echo_server") != [], 20, "the server listed")
+    cert, key = self_signed(tmp_path)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    server = HTTPServer(Gateway(pylm_registry, timeout=2), port=0, certfile=cert, keyfile=key)
+    assert server.url.startswith("https://127.0.0.1:")
+    thread = threading.Thread(target=server.run)
+    thread.start()
+
+    def call() -> bytes:
+        request = urllib.request.Request(
+            f"{server.url}/echo_server/echo", data=b"sealed", method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10, context=trusting) as answer:
+            return bytes(answer.read())
+
+    try:
+        wait_for(lambda: _calls(call), 20, "the gateway serving HTTPS")
+        assert call() == b"echo sealed"
+        (record,) = pylm_registry.instances("gateway")
+        assert record.metrics == f"{server.url}/metrics"
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP: no answer
+            urllib.request.urlopen(server.url.replace("https", "http") + "/healthz", timeout=5)
+    finally:
+        server.stop()
+        thread.join(20)
+
+
+def _calls(call: Callable[[], bytes]) -> bool:
+    try:
+        return call() == b"echo sealed"
+    except OSError:
+        return False
