@@ -29,7 +29,9 @@ server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import json
 import socket
 import threading
 from collections.abc import Mapping
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from pylm.calls import DEFAULT_TIMEOUT
 from pylm.errors import (
+    InstanceLost,
     InvalidName,
     NoInstance,
     PayloadTooLarge,
@@ -60,11 +63,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CALLABLE_KINDS",
     "KIND",
+    "MAX_JOBS",
+    "NDJSON",
     "PIPELINE_KINDS",
     "POOL",
     "Gateway",
     "HTTPServer",
     "openapi",
+    "read_jobs",
     "read_tokens",
 ]
 
@@ -77,6 +83,16 @@ KIND = "gateway"  # the kind the gateway registers as
 PIPELINE_KINDS = ("chained", "chained-last", "hub", "sink")
 CALLABLE_KINDS = ("standalone", "master", *PIPELINE_KINDS)
 POOL = 16
+NDJSON = "application/x-ndjson"  # many jobs in one request, a line each, results streamed
+STREAM_IN_FLIGHT = 64  # jobs of one such request out at once
+MAX_JOBS = 100_000  # jobs in one request
+# The problems of typed errors: the first class that matches gives the status.
+_STATUSES: tuple[tuple[type[PylmError], int, str], ...] = (
+    (UnknownFunction, 404, "Unknown function"),
+    (PayloadTooLarge, 413, "Payload too large"),
+    (NoInstance, 503, "No live instance"),
+    (RequestTimeout, 504, "No answer in time"),
+)
 _PROBLEM = "application/problem+json"
 
 
@@ -177,55 +193,24 @@ class Gateway:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return _problem(413, "Payload too large", _too_large(int(length), self.max_body))
-        body = b""
+        parts, size = [], 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body:
-                return _problem(413, "Payload too large", _too_large(len(body), self.max_body))
-        if kind != "standalone":
-            return await self._call_blocking(server, kind, function, body)
+            parts.append(chunk)
+            size += len(chunk)
+            if size > self.max_body:
+                return _problem(413, "Payload too large", _too_large(size, self.max_body))
+        body = b"".join(parts)
+        if request.headers.get("content-type", "").startswith(NDJSON):
+            try:
+                payloads = read_jobs(body)
+            except ValueError as exc:
+                return _problem(400, "Bad jobs", str(exc))
+            return self._stream(server, kind, function, payloads)
         try:
-            client = await self._client(server)
-        except NoInstance as exc:
-            return _problem(503, "No live instance", str(exc))
-        try:
-            result = await client.job(function, body, timeout=self.timeout)
-        except UnknownFunction as exc:
-            return _problem(404, "Unknown function", str(exc))
-        except RequestTimeout as exc:
-            if not client.live_instances:  # registered, but none reachable
-                return _problem(503, "No live instance", str(exc))
-            return _problem(504, "No answer in time", str(exc))
-        except PayloadTooLarge as exc:
-            return _problem(413, "Payload too large", str(exc))
-        except RemoteError as exc:
-            return _remote(exc)
+            results = await self._results(server, kind, function, body)
         except PylmError as exc:
-            return _problem(502, "Bad answer", str(exc))
-        return Response(result, media_type="application/octet-stream")
-
-    async def _call_blocking(self, server: str, kind: str, function: str, body: bytes) -> Response:
-        """A call of a pipeline or a master, on a blocking client of the
-        server's pool, in a thread: one result, or a problem."""
-        from starlette.responses import Response
-
-        pool = self._pools.get(server)
-        if pool is None:
-            pool = self._pools[server] = _Pool(server, kind, self.registry, self.timeout)
-        try:
-            results = await pool.call(function, body)
-        except NoInstance as exc:
-            return _problem(503, "No live instance", str(exc))
-        except RequestTimeout as exc:
-            return _problem(504, "No answer in time", str(exc))
-        except UnknownFunction as exc:
-            return _problem(404, "Unknown function", str(exc))
-        except PayloadTooLarge as exc:
-            return _problem(413, "Payload too large", str(exc))
-        except RemoteError as exc:
-            return _remote(exc)
-        except PylmError as exc:
-            return _problem(502, "Bad answer", str(exc))
+            status, title, detail, extra = _problem_of(exc)
+            return _problem(status, title, detail, **extra)
         if len(results) != 1:
             return _problem(
                 502,
@@ -234,6 +219,57 @@ class Gateway:
                 " that gives one",
             )
         return Response(results[0], media_type="application/octet-stream")
+
+    async def _results(self, server: str, kind: str, function: str, body: bytes) -> list[bytes]:
+        """The results of one job (a standalone call gives one); raises its
+        typed error, a timeout with no instance reachable as NoInstance."""
+        if kind != "standalone":
+            pool = self._pools.get(server)
+            if pool is None:
+                pool = self._pools[server] = _Pool(server, kind, self.registry, self.timeout)
+            return await pool.call(function, body)
+        client = await self._client(server)
+        try:
+            return [await client.job(function, body, timeout=self.timeout)]
+        except RequestTimeout as exc:
+            if isinstance(exc, InstanceLost) or client.live_instances:
+                raise
+            raise NoInstance(f"{exc} (no instance of {server!r} is reachable)") from exc
+
+    def _stream(self, server: str, kind: str, function: str, payloads: list[bytes]) -> Response:
+        """Many jobs from one request: a line of NDJSON per job as it ends,
+        in any order, each with its index: its result, or its problem."""
+        from starlette.responses import StreamingResponse
+
+        async def one(index: int, payload: bytes) -> bytes:
+            try:
+                results = await self._results(server, kind, function, payload)
+            except PylmError as exc:
+                status, title, detail, extra = _problem_of(exc)
+                problem = {"status": status, "title": title, "detail": detail, **extra}
+                return _line({"index": index, "problem": problem})
+            if len(results) != 1:
+                detail = f"the job gave {len(results)} results"
+                problem = {"status": 502, "title": "Not one result", "detail": detail}
+                return _line({"index": index, "problem": problem})
+            return _line({"index": index, "result": base64.b64encode(results[0]).decode()})
+
+        async def lines() -> Any:
+            room = asyncio.Semaphore(STREAM_IN_FLIGHT)
+
+            async def bounded(index: int, payload: bytes) -> bytes:
+                async with room:
+                    return await one(index, payload)
+
+            tasks = [asyncio.ensure_future(bounded(i, p)) for i, p in enumerate(payloads)]
+            try:
+                for done in asyncio.as_completed(tasks):
+                    yield await done
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        return StreamingResponse(lines(), media_type=NDJSON)
 
     async def _client(self, server: str) -> AsyncClient:
         """The client of ``server``, made once (off the event loop: finding
@@ -510,14 +546,46 @@ class _Pool:
             client.close()
 
 
-def _remote(exc: RemoteError) -> Response:
-    return _problem(
-        502,
-        "Remote error",
-        f"{exc.remote_type}: {exc.remote_message}",
-        remote_type=exc.remote_type,
-        remote_message=exc.remote_message,
-    )
+def _problem_of(exc: PylmError) -> tuple[int, str, str, dict[str, str]]:
+    """The status, title, detail and extra fields of the problem a job's
+    typed error makes."""
+    if isinstance(exc, RemoteError):
+        detail = f"{exc.remote_type}: {exc.remote_message}"
+        extra = {"remote_type": exc.remote_type, "remote_message": exc.remote_message}
+        return 502, "Remote error", detail, extra
+    for kind, status, title in _STATUSES:
+        if isinstance(exc, kind):
+            return status, title, str(exc), {}
+    return 502, "Bad answer", str(exc), {}
+
+
+def read_jobs(body: bytes) -> list[bytes]:
+    """The payloads of an NDJSON request: a JSON object a line, its payload
+    as ``"payload"`` (base64) or ``"text"`` (UTF-8); ValueError naming the
+    line that is not."""
+    payloads = []
+    for number, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+            if not isinstance(job, dict) or len(job) != 1 or not {"payload", "text"} & set(job):
+                raise ValueError('an object with "payload" (base64) or "text"')
+            if "text" in job:
+                if not isinstance(job["text"], str):
+                    raise ValueError('"text" must be a string')
+                payloads.append(job["text"].encode("utf-8"))
+            else:
+                payloads.append(base64.b64decode(job["payload"], validate=True))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"line {number} is not a job: {exc}") from None
+    if len(payloads) > MAX_JOBS:
+        raise ValueError(f"{len(payloads)} jobs, more than {MAX_JOBS} in one request")
+    return payloads
+
+
+def _line(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
 
 
 def read_tokens(path: str | Path) -> frozenset[str]:

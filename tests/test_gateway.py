@@ -3,6 +3,7 @@ in front of real servers found in a real etcd, called over HTTP."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import json
@@ -328,3 +329,53 @@ def _calls(call: Callable[[], bytes]) -> bool:
         return call() == b"echo sealed"
     except OSError:
         return False
+
+
+def ndjson(url: str, lines: list[str]) -> tuple[int, str, bytes]:
+    request = urllib.request.Request(
+        url,
+        data="\n".join(lines).encode(),
+        method="POST",
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.headers["content-type"], answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["content-type"], exc.read()
+
+
+def test_many_jobs_in_one_request_come_back_as_ndjson(
+    serve: object, pylm_registry: Registry, gateway: str
+) -> None:
+    """An NDJSON request (a job a line, its payload as base64 or text) is
+    answered with a line per job as it ends, with its index: its result in
+    base64, or its problem; to a standalone server and through a pipeline.
+    A line that is no job is a 400 naming it."""
+    for server in (
+        Echo("echo_server", registry=pylm_registry, log_stdout=False),
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step("first", next_call="last.done", registry=pylm_registry, log_stdout=False),
+    ):
+        serve(server)  # type: ignore[operator]
+    wait_for(lambda: post(f"{gateway}/first/tag", b"x")[0] == 200, 20, "the pipeline")
+    wait_for(lambda: post(f"{gateway}/echo_server/echo", b"x")[0] == 200, 20, "the server")
+    jobs = [json.dumps({"text": f"t{n}"}) for n in range(40)]  # under the 1,000 B limit
+    jobs.append(json.dumps({"payload": base64.b64encode(b"\x00\xff").decode()}))
+    status, kind, body = ndjson(f"{gateway}/echo_server/echo", jobs)
+    assert (status, kind) == (200, "application/x-ndjson")
+    answers = [json.loads(line) for line in body.splitlines()]
+    results = {a["index"]: base64.b64decode(a["result"]) for a in answers}
+    assert results == {**{n: b"echo t%d" % n for n in range(40)}, 40: b"echo \x00\xff"}
+    status, _, body = ndjson(
+        f"{gateway}/first/tag", [json.dumps({"text": f"{n}"}) for n in range(50)]
+    )
+    piped = {a["index"]: base64.b64decode(a["result"]) for a in map(json.loads, body.splitlines())}
+    assert status == 200 and piped == {n: b"%d>step>done" % n for n in range(50)}
+    status, _, body = ndjson(f"{gateway}/echo_server/fail", ['{"text": "a"}', '{"text": "b"}'])
+    problems = sorted((json.loads(line) for line in body.splitlines()), key=lambda a: a["index"])
+    assert status == 200 and [p["problem"]["status"] for p in problems] == [502, 502]
+    assert problems[1]["problem"]["remote_message"] == "no good: b"
+    status, kind, body = ndjson(f"{gateway}/echo_server/echo", ['{"text": "a"}', "{not json"])
+    assert (status, kind) == (400, "application/problem+json")
+    assert "line 2" in json.loads(body)["detail"]
