@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="BYTES",
-        help="the largest request body taken (pylm's payload limit, 500 MB)",
+        help="the largest request body taken (pylm's payload limit, 32 MiB)",
     )
 
     top = commands.add_parser(

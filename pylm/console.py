@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,10 @@ from pylm.registry import InstanceRecord, Registry
 from pylm.registry.graph import graph
 from pylm.telemetry import top
 
-__all__ = ["PAGE", "Views"]
+__all__ = ["FRESH", "PAGE", "Views"]
 
 PAGE = Path(__file__).with_name("console.html")
+FRESH = 0.5  # s a view serves every page that asks (a view reads every instance's metrics)
 
 
 class Views:
@@ -37,9 +39,20 @@ class Views:
         self._records = records
         self._before: dict[str, top.Snapshot] = {}
         self._at = 0.0
+        self._lock = threading.Lock()  # views are made in the gateway's executor threads
+        self._last: tuple[float, dict[str, Any]] | None = None
 
     def view(self) -> dict[str, Any]:
-        """The cluster now (blocking: reads every instance's metrics)."""
+        """The cluster now (blocking: reads every instance's metrics); one
+        view serves every page that asks within :data:`FRESH` seconds."""
+        with self._lock:
+            if self._last is not None and time.monotonic() - self._last[0] < FRESH:
+                return self._last[1]
+            view = self._make()
+            self._last = (time.monotonic(), view)
+            return view
+
+    def _make(self) -> dict[str, Any]:
         records = self._records()
         texts, answered = top.fetch(
             (record.metrics for record in records if record.metrics), timeout=1.0

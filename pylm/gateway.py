@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hmac
 import json
 import socket
@@ -45,9 +46,11 @@ from pylm.errors import (
     NoInstance,
     PayloadTooLarge,
     PylmError,
+    RegistryError,
     RemoteError,
     RequestTimeout,
     UnknownFunction,
+    UnknownServer,
 )
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD
@@ -89,8 +92,10 @@ MAX_JOBS = 100_000  # jobs in one request
 # The problems of typed errors: the first class that matches gives the status.
 _STATUSES: tuple[tuple[type[PylmError], int, str], ...] = (
     (UnknownFunction, 404, "Unknown function"),
+    (UnknownServer, 404, "Unknown server"),
     (PayloadTooLarge, 413, "Payload too large"),
     (NoInstance, 503, "No live instance"),
+    (RegistryError, 503, "Registry unavailable"),
     (RequestTimeout, 504, "No answer in time"),
 )
 _PROBLEM = "application/problem+json"
@@ -273,7 +278,8 @@ class Gateway:
 
     async def _client(self, server: str) -> AsyncClient:
         """The client of ``server``, made once (off the event loop: finding
-        its instances reads the registry)."""
+        its instances reads the registry); kept even if the request that
+        asked first went away meanwhile."""
         client = self._clients.get(server)
         if client is not None:
             return client
@@ -281,18 +287,17 @@ class Gateway:
         if opening is None:
             from pylm.standalone import AsyncClient
 
-            loop = asyncio.get_running_loop()
-            opening = self._opening[server] = loop.run_in_executor(
+            def made(future: asyncio.Future[AsyncClient]) -> None:
+                self._opening.pop(server, None)
+                if not future.cancelled() and future.exception() is None:
+                    self._clients[server] = future.result()
+
+            opening = self._opening[server] = asyncio.get_running_loop().run_in_executor(
                 None,
                 lambda: AsyncClient(server, registry=self.registry, timeout=self.timeout, wait=0),
             )
-            try:
-                client = await opening
-            finally:
-                self._opening.pop(server, None)
-            self._clients[server] = client
-            return client
-        return await opening
+            opening.add_done_callback(made)
+        return await asyncio.shield(opening)
 
     async def _console(self, request: Request) -> Response:
         from starlette.responses import HTMLResponse
@@ -499,13 +504,16 @@ def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
 
 class _Pool:
     """Blocking clients of one pipeline or master, at most :data:`POOL`,
-    each lent to one call at a time, in a thread of the loop's executor
-    (pylm has no asyncio client for them yet)."""
+    each lent to one call at a time, in a thread of the pool's own (pylm has
+    no asyncio client for them yet). A call whose request went away still
+    runs to its end in its thread; its client comes back to the pool then
+    (or is closed, if the call failed other than in the function)."""
 
     def __init__(self, server: str, kind: str, registry: Registry, timeout: float) -> None:
         self.server, self.kind, self.registry, self.timeout = server, kind, registry, timeout
         self._idle: list[Any] = []
         self._room = asyncio.Semaphore(POOL)
+        self._threads = concurrent.futures.ThreadPoolExecutor(POOL, f"pylm-gateway-{server}")
         self._closed = False
 
     def _make(self) -> Any:
@@ -521,26 +529,37 @@ class _Pool:
 
     async def call(self, function: str, body: bytes) -> list[bytes]:
         """The results of one job of ``function`` with ``body``."""
-        async with self._room:
-            loop = asyncio.get_running_loop()
-            client: Any = self._idle.pop() if self._idle else None
-            if client is None:
-                client = await loop.run_in_executor(None, self._make)
+        await self._room.acquire()
+        loop = asyncio.get_running_loop()
+
+        def run() -> list[bytes]:
+            client = self._idle.pop() if self._idle else self._make()
             try:
-                results: list[bytes] = await loop.run_in_executor(
-                    None, lambda: list(client.job(function, [body]))
-                )
-            except BaseException:
-                await loop.run_in_executor(None, client.close)  # in an unknown state
+                results = list(client.job(function, [body]))
+            except RemoteError:  # the function's: the client is fine
+                self._give_back(client)
                 raise
-            if self._closed:
-                await loop.run_in_executor(None, client.close)
-            else:
-                self._idle.append(client)
+            except BaseException:
+                client.close()  # in an unknown state
+                raise
+            self._give_back(client)
             return results
 
+        future = loop.run_in_executor(self._threads, run)
+        future.add_done_callback(lambda _: self._room.release())
+        return await asyncio.shield(future)
+
+    def _give_back(self, client: Any) -> None:
+        """From a pool thread: ``client`` may serve another call."""
+        if self._closed:
+            client.close()
+        else:
+            self._idle.append(client)
+
     def close(self) -> None:
+        """Close the idle clients, and the others as their calls end."""
         self._closed = True
+        self._threads.shutdown(wait=True, cancel_futures=True)
         idle, self._idle = self._idle, []
         for client in idle:
             client.close()

@@ -342,6 +342,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         ids, clock, wall = self._ids, time.monotonic, time.time
         exhausted = False
         now = clock()  # when the last message was taken or sent again
+        outs.recount(window.jobs)  # what earlier runs left out (timed out) is forgotten
         recount_at = now + _RECOUNT
 
         def send(room: int, until: float) -> Stop:
@@ -350,9 +351,9 @@ class LoopClient(Caller, WindowedClient, Closing):
             nonlocal waiting, carried, exhausted, now, recount_at
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
-            if now >= recount_at:
+            if outs.several and clock() >= recount_at:  # jobs that timed out: forgotten
                 outs.recount(window.jobs)
-                recount_at = now + _RECOUNT
+                recount_at = clock() + _RECOUNT
             if waiting is not None and waiting[0][0] not in window.jobs:
                 waiting = None  # it timed out before the pipeline had room for it
             while True:

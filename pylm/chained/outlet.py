@@ -86,8 +86,9 @@ class Outlet:
         and drop."""
         self._context, self._hwm, self._links = context, hwm, links
         self.curve, self._logger = curve, logger
-        if registry is not None and at_once:
-            self._key = curve_key(self.server, registry.instances(self.server), self.curve)
+        if registry is not None:
+            if at_once:  # otherwise the key comes with the records (_changed)
+                self._key = curve_key(self.server, registry.instances(self.server), self.curve)
         elif self.curve is not None:  # by address: never plain text in silence
             where = ", ".join(self.addresses)
             self.curve.require_server_key(f"next stage {self.server!r} at {where}")
@@ -332,6 +333,8 @@ class ToNextStage(Output):
         return [outlet.call for outlet in self.tees]
 
     def rewire(self) -> bool:
+        """Apply a new next stage (:meth:`retarget`) and the instances that
+        joined and left; True if a socket changed."""
         changed = False
         if self._retarget is not None:
             with self._lock:
@@ -339,6 +342,12 @@ class ToNextStage(Output):
             if call is not None and call != self.outlets[0].call:
                 self._switch(call)
                 changed = True
+        return self._rewire_outlets() or changed
+
+    def _rewire_outlets(self) -> bool:
+        """The instances that joined and left, for each outlet (a message
+        being sent keeps its outlet: a new next stage waits for the loop)."""
+        changed = False
         for outlet in self.all():
             changed = outlet.rewire() or changed
         if changed:
@@ -464,7 +473,7 @@ class ToNextStage(Output):
                 socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
                 return True
             except zmq.Again:
-                if self.rewire():
+                if self._rewire_outlets():
                     continue  # instances joined or left: try again now, on the new socket
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.logger.warning(

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient"]
 
 _SEND_FIRST = zmq.NOBLOCK | zmq.SNDMORE
-_RETIRED = 8  # side sockets of earlier instance lists still read, at most
+_RETIRED = 8  # idle side sockets of earlier instance lists still read, at most
 
 
 class AsyncClient(Caller):
@@ -76,6 +76,7 @@ class AsyncClient(Caller):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_sides: set[zmq.Socket] = set()  # sockets to some instances, read too
         self._retired: list[zmq.Socket] = []  # ... to instances listed before: read on
+        self._load: dict[zmq.Socket, int] = {}  # an instance's socket -> calls in flight on it
         super().__init__(connection, server_name, timeout, max_payload, registry, curve, wait)
         self.retry = retry
         self._keep_books(Books(RetryBudget(CALL_RETRY_BURST)))
@@ -86,7 +87,6 @@ class AsyncClient(Caller):
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
-        self._load: dict[zmq.Socket, int] = {}  # an instance's socket -> calls in flight on it
         self._turn = 0  # which instance goes first among the least loaded
         self._closed = False
         self.dropped = 0  # answers dropped: stale (after a timeout) or malformed
@@ -300,8 +300,7 @@ class AsyncClient(Caller):
         self._loop.remove_reader(socket.fileno())
         self._socket = None
         self._retired.append(self._read_side(socket))
-        while len(self._retired) > _RETIRED:
-            self._forget_side(self._retired.pop(0))
+        self._trim_retired()
 
     def _writable(self) -> asyncio.Future[None]:
         if self._room is None or self._room.done():
@@ -322,8 +321,16 @@ class AsyncClient(Caller):
         are read on (the latest _RETIRED of them) until the client closes."""
         self._retired.extend(self._side.values())
         self._side.clear()
-        while len(self._retired) > _RETIRED:
-            self._forget_side(self._retired.pop(0))
+        self._trim_retired()
+
+    def _trim_retired(self) -> None:
+        """Close the oldest retired sockets beyond _RETIRED that have no call
+        in flight (one that has is read on until its calls end)."""
+        load = self._load
+        idle = [side for side in self._retired if not load.get(side)]
+        for side in idle[: max(0, len(self._retired) - _RETIRED)]:
+            self._retired.remove(side)
+            self._forget_side(side)
 
     def _forget_side(self, side: zmq.Socket) -> None:
         """Stop reading ``side`` and close it (in the loop's thread)."""
