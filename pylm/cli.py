@@ -948,6 +948,14 @@ def serve_sd(args: argparse.Namespace) -> int:
 
 
 def serve_gateway(args: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise PylmError(
+            f"pylm gateway needs Starlette and uvicorn ({exc}): install pylm with its gateway"
+            " extra, e.g. pip install '.[gateway]' in a clone"
+        ) from exc
     from pylm.gateway import Gateway, HTTPServer, read_tokens
     from pylm.names import check_name
     from pylm.protocol import DEFAULT_MAX_PAYLOAD

@@ -379,3 +379,13 @@ def test_many_jobs_in_one_request_come_back_as_ndjson(
     status, kind, body = ndjson(f"{gateway}/echo_server/echo", ['{"text": "a"}', "{not json"])
     assert (status, kind) == (400, "application/problem+json")
     assert "line 2" in json.loads(body)["detail"]
+
+
+def test_pylm_gateway_without_its_extra_says_how_to_install_it() -> None:
+    code = (
+        "import sys; sys.modules['starlette'] = None; from pylm.cli import main;"
+        " sys.exit(main(['--registry', 'etcd://127.0.0.1:1', 'gateway']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "pip install '.[gateway]'" in done.stderr
