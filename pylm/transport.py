@@ -113,8 +113,9 @@ def close_socket(socket: zmq.Socket | None) -> None:
         socket.close(linger=0)
 
 
-def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
-    """Close a socket that listens (it was bound), like :func:`close_socket`,
+def close_listener(socket: zmq.Socket | None, timeout: float = 1.0, linger: int = 0) -> None:
+    """Close a socket that listens (it was bound), like :func:`close_socket`
+    (``linger`` ms for what it still has to send: 0 by default),
     and return once libzmq has closed its listening sockets, so that their
     addresses can be bound again at once (it closes them in its I/O thread,
     after ``close`` returns); waits ``timeout`` seconds at most.
@@ -133,9 +134,9 @@ def close_listener(socket: zmq.Socket | None, timeout: float = 1.0) -> None:
         # This monitor replaces any other the socket had (one a socket).
         monitors.watch(socket, zmq.EVENT_CLOSED, note)
     except zmq.ZMQError:  # no monitor (e.g. the context is ending): do not wait
-        socket.close(linger=0)
+        socket.close(linger=linger)
         return
-    socket.close(linger=0)
+    socket.close(linger=linger)
     stopped.wait(timeout)
 
 

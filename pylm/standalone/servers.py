@@ -55,6 +55,7 @@ __all__ = ["Server"]
 
 # Frames other than the payload are small; this slack bounds them.
 _IDLE_MS = 1000  # ms a wait for the next message lasts at most (then it waits again)
+_LAST_ANSWER_MS = 1000  # ms the last answers may take to go out (messages limit)
 _SNDMORE = zmq.SNDMORE
 # pyzmq's compiled recv; ``_recv(socket, 0, False)`` gives a Frame, whose
 # ``more`` says whether frames follow.
@@ -124,7 +125,10 @@ class Server(BaseServer):
         self._register({"rep": self.address}, required=self.rep_address is None)
 
     def _close(self) -> None:
-        close_listener(self._socket)
+        # A server that ends after its messages limit has just sent its last
+        # answer: closing at once could drop it before libzmq wrote it out.
+        ended = self.served >= self.messages
+        close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
         self._socket = None
 
     def _serve(self) -> None:
