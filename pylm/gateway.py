@@ -34,7 +34,6 @@ import concurrent.futures
 import hmac
 import json
 import socket
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,7 +126,6 @@ class Gateway:
         self._owns_registry = not isinstance(registry, Registry)
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
         self._records: list[InstanceRecord] = []
-        self._listed = threading.Event()
         self._changed: asyncio.Event | None = None  # set when the listing changes (console)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._following = self.registry.follow(None, self._on_instances)
@@ -152,7 +150,6 @@ class Gateway:
     def _on_instances(self, records: list[InstanceRecord]) -> None:
         """From the registry's thread: the instances listed now."""
         self._records = records
-        self._listed.set()
         loop, changed = self._loop, self._changed
         if loop is not None and changed is not None:
             loop.call_soon_threadsafe(changed.set)
