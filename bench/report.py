@@ -9,7 +9,9 @@ registry and scale parts need the ``etcd`` and ``prometheus`` binaries)::
 
 Each part is a benchmark module run as its own process with ``--json``
 (``rpc``, ``pipeline``, ``stage``, ``parallel``, ``registry``, ``metrics``, ``scale``,
-``profile``: py-spy's view of where a call's time goes);
+``profile``: py-spy's view of where a call's time goes; ``gateway``: HTTP
+through ``pylm gateway`` with wrk, against its ASGI ceiling and Pyro5's
+HTTP gateway);
 pylm runs side by side with raw pyzmq and the peers in the same run, so the
 ratios compare like with like. The report holds, per part, the table the
 benchmark printed, then a check of every target against the measured ratios,
@@ -63,6 +65,7 @@ PARTS = (
     Part("metrics", (), ("--quick",), json=False, title="The metrics endpoint"),
     Part("scale", (), ("--quick",), title="300 servers"),
     Part("profile", (), ("--quick",), title="Where a call's time goes"),
+    Part("gateway", (), ("--quick",), title="HTTP through the gateway"),
 )
 
 Data = dict[str, Any]
@@ -216,6 +219,12 @@ def _stage_loss(data: Data | None) -> float | None:
     return None if ratio is None else 1 - ratio
 
 
+def _gateway(data: Data | None, other: str) -> float | None:
+    """bench.gateway: the gateway's rate over the ceiling's or Pyro5's."""
+    value = (data or {}).get("ratios", {}).get(other)
+    return float(value) if value is not None else None
+
+
 def _rpc(
     top: str, bottom: str, payload: int = 100
 ) -> Callable[[dict[str, Data | None]], float | None]:
@@ -290,6 +299,16 @@ TARGETS = (
         overhead=True,
     ),
     Target("CPU-bound jobs: 2 workers / 1 worker", 1.8, lambda d: _speedup(d["parallel"])),
+    Target(
+        "HTTP, 64 connections: pylm gateway / the same ASGI server echoing",
+        0.5,
+        lambda d: _gateway(d["gateway"], "ceiling"),
+    ),
+    Target(
+        "HTTP, 64 connections: pylm gateway / Pyro5's HTTP gateway",
+        3.0,
+        lambda d: _gateway(d["gateway"], "pyro5"),
+    ),
 )
 
 
