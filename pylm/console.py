@@ -1,17 +1,22 @@
 """The web console of a cluster, served by the gateway at ``/``: a live
 graph of the registered servers (a node per server with its kind,
 instances, calls/s, errors/s, p99 and the instances its peers cannot reach;
-an edge per next stage, branch and tee), and a server's details on a click.
+an edge per next stage, branch and tee), and a server's details on a click:
+its instances and their last errors.
 
 The page (``console.html``, no outside assets) reads ``/console/cluster.json``
 once, then follows ``/console/events``: server-sent events, one view a
 second and at once when the registry changes. A view is made from the
 registry's listing and from each instance's own ``/metrics`` (as ``pylm
-top`` reads them), rates over the time since the view before.
+top`` reads them), rates over the time since the view before. A server's
+recent errors (``/console/errors/<server>``) come from its instances'
+processes (``/errors`` beside their ``/metrics``), asked when a page shows
+that server.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import threading
@@ -23,6 +28,7 @@ from typing import Any
 from pylm.registry import InstanceRecord, Registry
 from pylm.registry.graph import graph
 from pylm.telemetry import top
+from pylm.telemetry.recent import RECENT, fetch_errors
 
 __all__ = ["FRESH", "PAGE", "Views"]
 
@@ -104,6 +110,31 @@ class Views:
             "nodes": nodes,
             "edges": [dataclasses.asdict(edge) for edge in cluster.edges],
         }
+
+    def errors(self, server: str) -> dict[str, Any]:
+        """The last errors of ``server``'s instances, newest first, and the
+        instances whose process did not tell (blocking: asks each, 1 s at most)."""
+        group = [record for record in self._records() if record.name == server]
+        notes: list[dict[str, Any]] = []
+        unanswered = []
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, len(group)))) as pool:
+            asked = {
+                record.instance: pool.submit(
+                    fetch_errors, record.metrics, server, record.instance, 1.0
+                )
+                for record in group
+                if record.metrics
+            }
+            for instance, future in asked.items():
+                try:
+                    found = future.result()
+                except (OSError, ValueError):
+                    unanswered.append(instance)
+                    continue
+                notes += [{"instance": instance, **dataclasses.asdict(n)} for n in found]
+        unanswered += [record.instance for record in group if not record.metrics]
+        notes.sort(key=lambda note: note["at"], reverse=True)
+        return {"server": server, "errors": notes[:RECENT], "unanswered": sorted(unanswered)}
 
     def event(self) -> str:
         """:meth:`view` as one server-sent event."""

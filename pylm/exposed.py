@@ -230,18 +230,15 @@ class Exposed:
         # Skip the framework's own frame: the caller wants the user's code.
         tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
         text = "".join(traceback.format_exception(type(exc), exc, tb))
-        self.log.log(
-            f"raised-{function}",
-            logging.ERROR,
-            "function %r raised %s: %s",
-            function,
-            type(exc).__name__,
-            exc,
-        )
+        kind, message = type(exc).__name__, str(exc)
+        log_key = f"raised-{function}"
+        self.log.log(log_key, logging.ERROR, "function %r raised %s: %s", function, kind, message)
+        if self.stats is not None:
+            self.stats.recent_errors.note(function, kind, message)
         return RemoteError(
-            f"function {function!r} on server {self.name!r} raised {type(exc).__name__}: {exc}",
-            remote_type=type(exc).__name__,
-            remote_message=str(exc),
+            f"function {function!r} on server {self.name!r} raised {kind}: {message}",
+            remote_type=kind,
+            remote_message=message,
             remote_traceback=text,
             server=self.name,
             function=function,

@@ -140,6 +140,7 @@ class Gateway:
                 Route("/", self._console, methods=["GET"]),
                 Route("/console/cluster.json", self._cluster, methods=["GET"]),
                 Route("/console/events", self._events, methods=["GET"]),
+                Route("/console/errors/{server}", self._errors, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/openapi.json", self._openapi, methods=["GET"]),
                 Mount("/metrics", app=make_asgi_app()),
@@ -308,6 +309,20 @@ class Gateway:
 
         loop = asyncio.get_running_loop()
         return JSONResponse(await loop.run_in_executor(None, self._views.view))
+
+    async def _errors(self, request: Request) -> Response:
+        """A server's last errors, newest first (from its instances' processes)."""
+        from starlette.responses import JSONResponse
+
+        server = request.path_params["server"]
+        try:
+            check_name(server)
+        except InvalidName as exc:
+            return _problem(400, "Bad name", str(exc))
+        if server not in self.servers():
+            return _problem(404, "Unknown server", f"no server named {server!r} is registered")
+        loop = asyncio.get_running_loop()
+        return JSONResponse(await loop.run_in_executor(None, self._views.errors, server))
 
     async def _events(self, request: Request) -> Response:
         """A view of the cluster a second, and one at once when the registry

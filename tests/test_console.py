@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from servers import Last, Step
 from pylm.chained import LoopClient
 from pylm.gateway import Gateway, HTTPServer
 from pylm.registry import Registry
+from pylm.standalone import Server
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -144,6 +146,61 @@ def test_the_console_streams_a_view_a_second(console: str) -> None:
         ("first", "second"),
         ("second", "last"),
     }
+
+
+class Flaky(Server):
+    """Fails on what is not a number."""
+
+    def parse(self, message: bytes) -> bytes:
+        return b"%d" % int(message)
+
+
+@needs_chromium
+def test_a_servers_recent_errors_show_in_its_details(
+    pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """/console/errors/<server>: its instances' last errors, newest first;
+    the page opened on that server (?server=) lists them."""
+    with Flaky("flaky", registry=pylm_registry, log_stdout=False):
+        server = HTTPServer(Gateway(pylm_registry), port=0)
+        serving = threading.Thread(target=server.run)
+        serving.start()
+        try:
+            wait_for(lambda: _answers(f"{server.url}/healthz"), 20, "the gateway serving")
+            wait_for(lambda: _post(f"{server.url}/flaky/parse", b"7") == 200, 20, "flaky found")
+            assert _post(f"{server.url}/flaky/parse", b"seven") == 502
+            assert _post(f"{server.url}/flaky/parse", b"eight") == 502
+            with urllib.request.urlopen(f"{server.url}/console/errors/flaky", timeout=10) as answer:
+                found = json.load(answer)
+            assert found["server"] == "flaky" and found["unanswered"] == []
+            assert [(e["function"], e["type"]) for e in found["errors"]] == [
+                ("parse", "ValueError")
+            ] * 2
+            assert "b'eight'" in found["errors"][0]["message"]  # newest first
+            assert _status(f"{server.url}/console/errors/nobody") == 404
+            assert _status(f"{server.url}/console/errors/bad%20name") == 400
+            dom = chromium(tmp_path, "--dump-dom", f"{server.url}/?live=0&server=flaky")
+            assert "Recent errors" in dom
+            assert "ValueError" in dom and "b'seven'" in dom
+        finally:
+            server.stop()
+            serving.join(20)
+
+
+def _post(url: str, body: bytes) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_a_gateway_stops_with_a_console_open(pylm_registry: Registry) -> None:

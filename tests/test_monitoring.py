@@ -22,6 +22,7 @@ from pylm.registry import InstanceRecord, Registry
 from pylm.standalone import Client
 from pylm.standalone import Server as StandaloneServer
 from pylm.telemetry.counting import BUSY, SAMPLE_EVERY, FunctionStats, Sampling
+from pylm.telemetry.recent import RECENT, errors_url, fetch_errors, read_errors
 from pylm.telemetry.sd import ServiceDiscovery, scrape_targets
 
 pytestmark = pytest.mark.timeout(60)
@@ -261,6 +262,31 @@ def test_healthz_and_metrics_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYLM_METRICS", "off")
     with Echo(unique("quiet"), ANY, log_stdout=False) as off:
         assert off.metrics_url is None and off.stats is None
+
+
+def test_errors_shows_a_servers_last_failed_calls() -> None:
+    """/errors, beside /metrics: each server's last calls whose function
+    raised (function, type, message, time), at most RECENT, newest last;
+    what read_errors gives back for that server and instance."""
+    name = unique("failing")
+    began = time.time()
+    with Echo(name, ANY, log_stdout=False) as server:
+        assert server.metrics_url is not None and server.stats is not None
+        with Client(server.address, name) as client:
+            for _ in range(RECENT + 3):
+                with pytest.raises(RemoteError):
+                    client.job("fail", b"abc")
+            assert client.job("echo", b"fine") == b"fine"  # not an error: not noted
+        url = errors_url(server.metrics_url)
+        assert url == server.metrics_url.replace("/metrics", "/errors")
+        status, body = get(url)
+        assert status == 200
+        notes = read_errors(body, name, server.stats.instance)
+        assert fetch_errors(server.metrics_url, name, server.stats.instance, 5) == notes
+    assert len(notes) == RECENT
+    assert {(n.function, n.type, n.message) for n in notes} == {("fail", "ValueError", "no")}
+    assert began <= notes[0].at <= notes[-1].at <= time.time()
+    assert read_errors(body, name, "another instance") == []
 
 
 def test_metrics_url_is_registered(pylm_registry: Registry) -> None:

@@ -18,6 +18,8 @@ import uuid
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Protocol
 
+from pylm.telemetry.recent import RecentErrors
+
 if TYPE_CHECKING:
     from pylm.registry import Registration, Registry
 
@@ -178,6 +180,7 @@ class ServerStats:
         self.handshakes_failed = 0
         self.undeliverable = 0  # results dropped: their receiver took none (a last stage)
         self.expired = 0  # work read past its deadline, dropped instead of run
+        self.recent_errors = RecentErrors()  # the last calls whose function raised (/errors)
         self.peers: PeerLinks | None = None  # a stage's connections to its next stages
         self.sent = 0  # answers to clients, or messages on to the next stage (sends_to)
         self.ready = False

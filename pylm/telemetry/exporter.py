@@ -14,7 +14,8 @@ server's counters while it runs.
 the process and platform collectors, and any metric of the user's own), in
 the OpenMetrics format when the scraper asks for it. ``/healthz`` answers
 200 with a JSON list of the servers here when all of them are serving,
-503 when one is not (starting, stopping or crashed).
+503 when one is not (starting, stopping or crashed). ``/errors``: each
+server's last calls whose function raised (:mod:`pylm.telemetry.recent`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pylm.errors import PylmError
 from pylm.telemetry.counting import ServerStats
 from pylm.telemetry.exposition import live_servers, publish, withdraw
 from pylm.telemetry.httpd import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT, HttpService, QuietHandler
+from pylm.telemetry.recent import errors_document
 
 __all__ = ["Exporter", "Exposure", "exporter"]
 
@@ -50,8 +52,11 @@ class _Handler(QuietHandler):
             healthy = bool(servers) and all(server["ready"] for server in servers)
             body = json.dumps({"status": "ok" if healthy else "unavailable", "servers": servers})
             self.answer(200 if healthy else 503, "application/json", body.encode())
+        elif path == "/errors":
+            kept = [(s.name, s.instance, s.recent_errors) for s in live_servers()]
+            self.answer(200, "application/json", errors_document(kept))
         else:
-            self.answer(404, "text/plain", b"pylm serves /metrics and /healthz\n")
+            self.answer(404, "text/plain", b"pylm serves /metrics, /healthz and /errors\n")
 
 
 class Exporter:
