@@ -34,6 +34,7 @@ import concurrent.futures
 import hmac
 import json
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,7 @@ KIND = "gateway"  # the kind the gateway registers as
 PIPELINE_KINDS = ("chained", "chained-last", "hub", "sink")
 CALLABLE_KINDS = ("standalone", "master", *PIPELINE_KINDS)
 POOL = 16
+COOKIE = "pylm_token"  # the console's token, in a browser (see Gateway._console)
 NDJSON = "application/x-ndjson"  # many jobs in one request, a line each, results streamed
 STREAM_IN_FLIGHT = 64  # jobs of one such request out at once
 MAX_JOBS = 100_000  # jobs in one request
@@ -298,15 +300,39 @@ class Gateway:
         return await asyncio.shield(opening)
 
     async def _console(self, request: Request) -> Response:
-        from starlette.responses import HTMLResponse
+        """The console's page. With tokens, ``/?token=TOKEN`` once gives the
+        browser a cookie holding it (and goes on to the page without it in
+        the address): a page cannot put a bearer token on its event stream."""
+        from starlette.responses import HTMLResponse, RedirectResponse
 
         from pylm.console import PAGE
 
+        given = request.query_params.get("token")
+        if self._tokens is not None and given is not None:
+            if not self._known(given):
+                return _problem(403, "Forbidden", "the token is not one of this gateway's")
+            kept = [item for item in request.query_params.multi_items() if item[0] != "token"]
+            rest = urllib.parse.urlencode(kept)
+            moved = RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303)
+            moved.set_cookie(
+                COOKIE,
+                given,
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
+            return moved
+        refused = self._refused(request, cookie=True)
+        if refused is not None:
+            return refused
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def _cluster(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
+        refused = self._refused(request, cookie=True)
+        if refused is not None:
+            return refused
         loop = asyncio.get_running_loop()
         return JSONResponse(await loop.run_in_executor(None, self._views.view))
 
@@ -314,6 +340,9 @@ class Gateway:
         """A server's last errors, newest first (from its instances' processes)."""
         from starlette.responses import JSONResponse
 
+        refused = self._refused(request, cookie=True)
+        if refused is not None:
+            return refused
         server = request.path_params["server"]
         try:
             check_name(server)
@@ -329,6 +358,9 @@ class Gateway:
         changes, as server-sent events, until the page goes."""
         from starlette.responses import StreamingResponse
 
+        refused = self._refused(request, cookie=True)
+        if refused is not None:
+            return refused
         loop = asyncio.get_running_loop()
         if self._changed is None:
             self._loop, self._changed = loop, asyncio.Event()
@@ -364,22 +396,33 @@ class Gateway:
             return refused
         return JSONResponse(openapi(self.servers()))
 
-    def _refused(self, request: Request) -> Response | None:
+    def _refused(self, request: Request, cookie: bool = False) -> Response | None:
         """A 401 or 403 problem when tokens are required and ``request`` has
-        none or another; None when it may go on."""
-        tokens = self._tokens
-        if tokens is None:
+        none or another; None when it may go on. ``cookie``: the console's
+        cookie (see :meth:`_console`) stands for a bearer token."""
+        if self._tokens is None:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            response = _problem(401, "Unauthorized", "this gateway needs a bearer token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="pylm"'
-            return response
-        given = token.strip().encode("utf-8")
-        # Compared with each, in constant time: no early exit tells a prefix.
-        if not any([hmac.compare_digest(given, known.encode("utf-8")) for known in tokens]):
+            kept = request.cookies.get(COOKIE) if cookie else None
+            if kept is None:
+                detail = "this gateway needs a bearer token"
+                if cookie:
+                    detail += "; in a browser, open /?token=TOKEN once"
+                response = _problem(401, "Unauthorized", detail)
+                response.headers["WWW-Authenticate"] = 'Bearer realm="pylm"'
+                return response
+            token = kept
+        if not self._known(token.strip()):
             return _problem(403, "Forbidden", "the bearer token is not one of this gateway's")
         return None
+
+    def _known(self, token: str) -> bool:
+        """Whether ``token`` is one of the gateway's: compared with each, in
+        constant time (no early exit tells a prefix)."""
+        given = token.encode("utf-8", "surrogateescape")
+        tokens = self._tokens or ()
+        return any([hmac.compare_digest(given, known.encode("utf-8")) for known in tokens])
 
     # ------------------------------------------------------------------ lifecycle
 

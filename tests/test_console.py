@@ -4,6 +4,7 @@ the graph's nodes, edges and rates are read from the page it built."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -187,6 +188,46 @@ def test_a_servers_recent_errors_show_in_its_details(
             serving.join(20)
 
 
+@needs_chromium
+def test_with_tokens_the_console_takes_one_once_and_keeps_it_in_a_cookie(
+    pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """A gateway with tokens serves its console and its data only with one:
+    a bearer token, or the cookie that /?token=TOKEN sets (HttpOnly,
+    SameSite=Strict) before it sends the browser on without the token in the
+    address; a real browser then draws the page, its data read with the cookie."""
+    with Flaky("flaky", registry=pylm_registry, log_stdout=False):
+        server = HTTPServer(Gateway(pylm_registry, tokens=frozenset({"sesame"})), port=0)
+        serving = threading.Thread(target=server.run)
+        serving.start()
+        url = server.url
+        try:
+            wait_for(lambda: _answers(f"{url}/healthz"), 20, "the gateway serving")
+            for path in ("/", "/console/cluster.json", "/console/events", "/console/errors/flaky"):
+                assert _status(f"{url}{path}") == 401, path
+                assert _status(f"{url}{path}", {"Cookie": "pylm_token=open"}) == 403, path
+            assert _status(f"{url}/?token=open") == 403
+            bearer = {"Authorization": "Bearer sesame"}
+            assert _status(f"{url}/console/cluster.json", bearer) == 200
+            connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
+            connection.request("GET", "/?token=sesame&live=0&server=flaky")
+            moved = connection.getresponse()
+            connection.close()
+            assert moved.status == 303
+            assert moved.getheader("Location") == "/?live=0&server=flaky"
+            cookie = moved.getheader("Set-Cookie") or ""
+            assert cookie.startswith("pylm_token=sesame;"), cookie
+            assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower(), cookie
+            kept = {"Cookie": "pylm_token=sesame"}
+            assert _status(f"{url}/console/cluster.json", kept) == 200
+            assert _status(f"{url}/console/errors/flaky", kept) == 200
+            dom = chromium(tmp_path, "--dump-dom", f"{url}/?token=sesame&live=0&server=flaky")
+            assert 'data-node="flaky"' in dom and "Recent errors" in dom
+        finally:
+            server.stop()
+            serving.join(20)
+
+
 def _post(url: str, body: bytes) -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as answer:
@@ -195,9 +236,10 @@ def _post(url: str, body: bytes) -> int:
         return exc.code
 
 
-def _status(url: str) -> int:
+def _status(url: str, headers: dict[str, str] | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=10) as answer:
             return int(answer.status)
     except urllib.error.HTTPError as exc:
         return exc.code
