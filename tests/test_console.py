@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import Browser
 from prerequisites import needs_chromium
-from servers import Last, Step
+from servers import Echo, Last, Step
 
 from pylm.chained import LoopClient
 from pylm.gateway import Gateway, HTTPServer
@@ -126,6 +127,43 @@ def test_the_console_draws_the_cluster_and_its_rates(console: str, tmp_path: Pat
     picture = tmp_path / "console.png"
     chromium(tmp_path, "--window-size=1100,520", f"--screenshot={picture}", f"{console}/?live=0")
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+@needs_chromium
+def test_the_open_page_follows_the_cluster_live(
+    console: str, pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """Opened once in a real browser (driven over the DevTools protocol:
+    the page never ends loading), the page follows the event stream: the
+    first stage's calls/s takes new values as jobs flow, and a server that
+    registers afterwards appears as a node, with no reload."""
+    with Browser(tmp_path / "live-profile") as browser:
+        browser.open(f"{console}/")
+
+        def nodes() -> list[str]:
+            found = browser.evaluate(
+                "[...document.querySelectorAll('[data-node]')].map(n => n.dataset.node)"
+            )
+            return sorted(found or [])
+
+        wait_for(lambda: nodes() == ["first", "gateway", "last", "second"], 20, "the graph")
+        browser.evaluate("window.loadedOnce = true")  # gone if the page reloaded
+        rates: set[str] = set()
+
+        def new_rate() -> bool:
+            value = browser.evaluate(
+                "document.querySelector('[data-node=\"first\"]').dataset.calls"
+            )
+            if value:
+                rates.add(value)
+            return len(rates) >= 3
+
+        wait_for(new_rate, 30, "three views of the first stage's rate")
+        assert all(float(rate) > 0 for rate in rates), rates
+        with Echo("newcomer", registry=pylm_registry, log_stdout=False):
+            wait_for(lambda: "newcomer" in nodes(), 20, "the newcomer drawn")
+        assert browser.evaluate("window.loadedOnce") is True
+        assert browser.evaluate("document.getElementById('status').textContent").startswith("live")
 
 
 def test_the_console_streams_a_view_a_second(console: str) -> None:
