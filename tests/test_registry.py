@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -241,3 +242,28 @@ def test_records_of_one_registry_and_ttl_share_one_lease(pylm_registry: Registry
             pylm_registry._etcd(lambda client, lease=lease: client.get_lease_info(lease))
         )
         assert info.TTL == -1, f"lease {lease} still lives ({info.TTL} s)"
+
+
+@needs_etcd
+def test_a_changed_record_etcd_did_not_take_is_written_again(tmp_path: object) -> None:
+    """Registration.update while etcd is down fails (typed), and once etcd
+    is back the next keep-alive round writes the changed record, under the
+    same lease (etcd keeps it across a restart). The TTL of 15 s puts the
+    first round 5 s after registering, after the restart."""
+    with LocalEtcd() as etcd, Registry(etcd.url, cluster="stale", timeout=1.0) as registry:
+        record = InstanceRecord("stage", "chained", {"pull": "tcp://h:1"}, next="old.call")
+        registration = registry.register(record, ttl=15)
+        lease = registration._lease
+        assert lease is not None
+        granted = lease.lease.id
+        etcd.stop()
+        changed = registration.update(dataclasses.replace(record, next="new.call"))
+        with pytest.raises(RegistryError):
+            changed.result(10)
+        assert lease.stale == [registration]
+        etcd.start()
+        assert [r.next for r in registry.instances("stage")] == ["old.call"]
+        wait_for(lambda: lease.stale == [], 20, "the keep-alive round writing it again")
+        assert [r.next for r in registry.instances("stage")] == ["new.call"]
+        assert lease.alive and lease.lease.id == granted and registration.failures == 0
+        registration.close()

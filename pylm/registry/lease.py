@@ -79,6 +79,7 @@ class SharedLease:
         self.members: list[Member] = []
         self.lease: Any = None  # aetcd's Lease, while granted
         self.alive = False  # whether etcd holds the lease, as far as we know
+        self.stale: list[Member] = []  # members whose changed record etcd may not have
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -98,6 +99,8 @@ class SharedLease:
         async with self._lock:
             if registration in self.members:
                 self.members.remove(registration)
+            if registration in self.stale:
+                self.stale.remove(registration)
             registration.registered = False
             last = not self.members
             if last:
@@ -122,10 +125,25 @@ class SharedLease:
 
     async def rewrite(self, registration: Member) -> None:
         """Write ``registration``'s record again (it changed), if the lease
-        lives; otherwise the next round registers it as it is now."""
+        lives; otherwise the next round registers it as it is now. If etcd
+        cannot take it now, raises :class:`RegistryError`, and every
+        keep-alive round writes it again until etcd has it."""
         async with self._lock:
             if self.alive and registration in self.members:
-                await self._put(registration)
+                try:
+                    await self._put(registration)
+                except RegistryError as exc:
+                    if registration not in self.stale:
+                        self.stale.append(registration)
+                    log.warning(
+                        "%s changed, but etcd did not take it (%s): written again at the next"
+                        " keep-alive",
+                        registration.key,
+                        exc,
+                    )
+                    raise
+                if registration in self.stale:
+                    self.stale.remove(registration)
 
     async def _grant(self) -> None:
         ttl = round(self.ttl)
@@ -160,6 +178,11 @@ class SharedLease:
                 response = await self._etcd(lambda client: client.refresh_lease(lease_id))
                 if response.TTL <= 0:
                     self._lost()  # expired meanwhile: a new lease, the records again
+                while self.alive and self.stale:  # changed records etcd did not take
+                    member = self.stale[0]
+                    await self._put(member)
+                    self.stale.remove(member)
+                    log.info("%s written again as it is now", member.key)
             if not self.alive:
                 await self._grant()
                 for member in self.members:
@@ -176,6 +199,7 @@ class SharedLease:
     def _lost(self, error: BaseException | None = None) -> None:
         """The lease is gone (``error``: etcd could not be reached, or failed)."""
         self.alive = False
+        self.stale.clear()  # all of them are put again, as they are now
         for member in self.members:
             if error is not None:
                 member.failures += 1
