@@ -32,8 +32,11 @@ import asyncio
 import base64
 import concurrent.futures
 import hmac
+import itertools
 import json
+import logging
 import socket
+import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,17 +68,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CALLABLE_KINDS",
+    "FORGET_AFTER",
     "KIND",
     "MAX_JOBS",
     "NDJSON",
     "PIPELINE_KINDS",
     "POOL",
+    "STREAM_IN_FLIGHT",
     "Gateway",
     "HTTPServer",
     "openapi",
     "read_jobs",
     "read_tokens",
 ]
+
+log = logging.getLogger("pylm.gateway")
 
 KIND = "gateway"  # the kind the gateway registers as
 
@@ -86,6 +93,7 @@ KIND = "gateway"  # the kind the gateway registers as
 PIPELINE_KINDS = ("chained", "chained-last", "hub", "sink")
 CALLABLE_KINDS = ("standalone", "master", *PIPELINE_KINDS)
 POOL = 16
+FORGET_AFTER = 60.0  # s a server is gone from the registry before its clients close
 COOKIE = "pylm_token"  # the console's token, in a browser (see Gateway._console)
 NDJSON = "application/x-ndjson"  # many jobs in one request, a line each, results streamed
 STREAM_IN_FLIGHT = 64  # jobs of one such request out at once
@@ -106,7 +114,11 @@ class Gateway:
     """The gateway's ASGI application (:attr:`app`) over ``registry`` (a
     :class:`~pylm.registry.Registry` or its address; None: from
     ``PYLM_REGISTRY``). Each call waits ``timeout`` seconds at most; bodies
-    over ``max_body`` bytes are refused (413). :meth:`close` ends it."""
+    over ``max_body`` bytes are refused (413). :meth:`close` ends it.
+
+    The clients of a server that has left the registry are closed once it
+    has been gone :attr:`forget_after` seconds (:data:`FORGET_AFTER`, or
+    twice the timeout if longer): a server that restarts keeps them."""
 
     def __init__(
         self,
@@ -124,6 +136,10 @@ class Gateway:
 
         self.timeout = timeout
         self.max_body = max_body
+        self.forget_after = max(FORGET_AFTER, 2 * timeout)
+        self._gone: dict[str, float] = {}  # servers with clients, not listed: since when
+        self._checked = 0.0  # when the clients of servers gone were last looked for
+        self._closing: set[asyncio.Future[Any]] = set()  # clients of servers gone, closing
         self._tokens = tokens  # None: no authentication
         self._owns_registry = not isinstance(registry, Registry)
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
@@ -137,6 +153,9 @@ class Gateway:
         from pylm.console import Views
 
         self._views = Views(self.registry, lambda: self._records)
+        # The console's views wait on the servers' endpoints (1 s at most):
+        # threads of their own, not the loop's default ones the clients use.
+        self._console_threads = concurrent.futures.ThreadPoolExecutor(2, "pylm-console")
         self.app: Starlette = Starlette(
             routes=[
                 Route("/", self._console, methods=["GET"]),
@@ -205,6 +224,7 @@ class Gateway:
             if size > self.max_body:
                 return _problem(413, "Payload too large", _too_large(size, self.max_body))
         body = b"".join(parts)
+        del parts  # the body once, not twice, while the request lasts
         if request.headers.get("content-type", "").startswith(NDJSON):
             try:
                 payloads = read_jobs(body)
@@ -228,6 +248,7 @@ class Gateway:
     async def _results(self, server: str, kind: str, function: str, body: bytes) -> list[bytes]:
         """The results of one job (a standalone call gives one); raises its
         typed error, a timeout with no instance reachable as NoInstance."""
+        self._forget_gone()
         if kind != "standalone":
             pool = self._pools.get(server)
             if pool is None:
@@ -253,6 +274,11 @@ class Gateway:
                 status, title, detail, extra = _problem_of(exc)
                 problem = {"status": status, "title": title, "detail": detail, **extra}
                 return _line({"index": index, "problem": problem})
+            except Exception as exc:  # the gateway's own failure: this job's line says so
+                log.exception("job %d of a batch to %s.%s failed", index, server, function)
+                detail = f"{type(exc).__name__}: {exc}"
+                problem = {"status": 500, "title": "Gateway error", "detail": detail}
+                return _line({"index": index, "problem": problem})
             if len(results) != 1:
                 detail = f"the job gave {len(results)} results"
                 problem = {"status": 502, "title": "Not one result", "detail": detail}
@@ -260,18 +286,21 @@ class Gateway:
             return _line({"index": index, "result": base64.b64encode(results[0]).decode()})
 
         async def lines() -> Any:
-            room = asyncio.Semaphore(STREAM_IN_FLIGHT)
-
-            async def bounded(index: int, payload: bytes) -> bytes:
-                async with room:
-                    return await one(index, payload)
-
-            tasks = [asyncio.ensure_future(bounded(i, p)) for i, p in enumerate(payloads)]
+            # At most STREAM_IN_FLIGHT jobs out; a payload is let go once sent.
+            left = enumerate(payloads)
+            out: set[asyncio.Future[bytes]] = set()
             try:
-                for done in asyncio.as_completed(tasks):
-                    yield await done
+                while True:
+                    for index, payload in itertools.islice(left, STREAM_IN_FLIGHT - len(out)):
+                        payloads[index] = b""
+                        out.add(asyncio.ensure_future(one(index, payload)))
+                    if not out:
+                        return
+                    done, out = await asyncio.wait(out, return_when=asyncio.FIRST_COMPLETED)
+                    for finished in done:
+                        yield finished.result()
             finally:
-                for task in tasks:
+                for task in out:
                     task.cancel()
 
         return StreamingResponse(lines(), media_type=NDJSON)
@@ -334,7 +363,7 @@ class Gateway:
         if refused is not None:
             return refused
         loop = asyncio.get_running_loop()
-        return JSONResponse(await loop.run_in_executor(None, self._views.view))
+        return JSONResponse(await loop.run_in_executor(self._console_threads, self._views.view))
 
     async def _errors(self, request: Request) -> Response:
         """A server's last errors, newest first (from its instances' processes)."""
@@ -351,7 +380,8 @@ class Gateway:
         if server not in self.servers():
             return _problem(404, "Unknown server", f"no server named {server!r} is registered")
         loop = asyncio.get_running_loop()
-        return JSONResponse(await loop.run_in_executor(None, self._views.errors, server))
+        errors = await loop.run_in_executor(self._console_threads, self._views.errors, server)
+        return JSONResponse(errors)
 
     async def _events(self, request: Request) -> Response:
         """A view of the cluster a second, and one at once when the registry
@@ -368,7 +398,7 @@ class Gateway:
 
         async def stream() -> Any:
             while not await request.is_disconnected():
-                yield await loop.run_in_executor(None, self._views.event)
+                yield await loop.run_in_executor(self._console_threads, self._views.event)
                 try:
                     await asyncio.wait_for(changed.wait(), 1.0)
                     changed.clear()
@@ -426,9 +456,39 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _forget_gone(self) -> None:
+        """Close the clients of the servers gone from the registry for
+        :attr:`forget_after` seconds (looked for every few seconds at most)."""
+        now = time.monotonic()
+        if now - self._checked < min(5.0, self.forget_after / 2):
+            return
+        self._checked = now
+        listed = self.servers()
+        loop = asyncio.get_running_loop()
+        for server in {*self._clients, *self._pools}:
+            if server in listed:
+                self._gone.pop(server, None)
+                continue
+            if now - self._gone.setdefault(server, now) < self.forget_after:
+                continue
+            del self._gone[server]
+            client, pool = self._clients.pop(server, None), self._pools.pop(server, None)
+            log.info("closing the clients of %r: gone from the registry", server)
+            closing: list[asyncio.Future[None]] = []
+            if client is not None:
+                closing.append(asyncio.ensure_future(client.close()))
+            if pool is not None:
+                closing.append(loop.run_in_executor(None, pool.close))
+            for future in closing:
+                self._closing.add(future)
+                future.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
         """Close the clients and stop following the registry (closing it
         when the gateway opened it)."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        self._console_threads.shutdown(wait=False, cancel_futures=True)
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()

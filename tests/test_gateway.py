@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from servers import Doer, Last, Step
 
-from pylm.gateway import Gateway, HTTPServer, read_tokens
+from pylm.gateway import STREAM_IN_FLIGHT, Gateway, HTTPServer, read_tokens
 from pylm.parallel import Master
 from pylm.processes import end_process
 from pylm.registry import LocalEtcd, Registry
@@ -389,3 +389,59 @@ def test_pylm_gateway_without_its_extra_says_how_to_install_it() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "pip install '.[gateway]'" in done.stderr
+
+
+def test_the_clients_of_a_server_gone_from_the_registry_are_closed(
+    pylm_registry: Registry,
+) -> None:
+    """A server called through the gateway, then gone from the registry:
+    once it has been gone forget_after seconds, the gateway closes its client
+    (standalone) or pool (pipeline); servers still listed keep theirs."""
+    gateway = Gateway(pylm_registry, timeout=2)
+    gateway.forget_after = 0.5
+    echo = Echo("echo_server", registry=pylm_registry, log_stdout=False)
+    stay = Echo("stays", registry=pylm_registry, log_stdout=False)
+    stages = [
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Step("first", next_call="last.done", registry=pylm_registry, log_stdout=False),
+    ]
+    with serving(gateway) as url, stay:
+        for server in (echo, *stages):
+            server.start(background=True)
+        try:
+            wait_for(lambda: post(f"{url}/echo_server/echo", b"x")[0] == 200, 20, "echo found")
+            wait_for(lambda: post(f"{url}/first/tag", b"x")[0] == 200, 20, "first found")
+            assert post(f"{url}/stays/echo", b"x")[0] == 200
+            assert {"echo_server", "stays"} <= set(gateway._clients) and "first" in gateway._pools
+        finally:
+            for server in (echo, *reversed(stages)):
+                server.stop()
+        wait_for(
+            lambda: (
+                post(f"{url}/stays/echo", b"x")[0] == 200
+                and "echo_server" not in gateway._clients
+                and "first" not in gateway._pools
+            ),
+            20,
+            "the clients of the servers gone closed",
+        )
+        assert "stays" in gateway._clients
+        assert post(f"{url}/stays/echo", b"x")[2] == b"echo x"
+
+
+def test_a_request_of_more_jobs_than_go_out_at_once_answers_each(
+    serve: object, pylm_registry: Registry
+) -> None:
+    """1,000 jobs in one NDJSON request, STREAM_IN_FLIGHT out at a time:
+    a line for each, with its own result."""
+    serve(Echo("echo_server", registry=pylm_registry, log_stdout=False))  # type: ignore[operator]
+    with serving(Gateway(pylm_registry, timeout=10)) as url:
+        wait_for(lambda: post(f"{url}/echo_server/echo", b"x")[0] == 200, 20, "the server")
+        jobs = [json.dumps({"text": f"{n}"}) for n in range(1000)]
+        status, _, body = ndjson(f"{url}/echo_server/echo", jobs)
+    assert status == 200 and STREAM_IN_FLIGHT < 1000
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert len(lines) == 1000
+    assert {line["index"]: base64.b64decode(line["result"]) for line in lines} == {
+        n: b"echo %d" % n for n in range(1000)
+    }

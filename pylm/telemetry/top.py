@@ -13,6 +13,7 @@ before the first interval, without the rates.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import urllib.error
 import urllib.request
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pylm.registry import InstanceRecord
 
 __all__ = [
+    "FETCHING",
+    "MAX_TEXT",
     "Row",
     "Snapshot",
     "fetch",
@@ -38,6 +41,8 @@ __all__ = [
 
 # The families in which senders name the peers they cannot reach.
 _UNREACHABLE = ("pylm_peer_unreachable", "pylm_client_peer_unreachable")
+FETCHING = 16  # /metrics read at once
+MAX_TEXT = 16 * 1024 * 1024  # bytes of one /metrics text read at most
 
 
 @dataclass
@@ -212,13 +217,23 @@ def render(table: list[Row], cluster: str, seconds: float, *, measured: bool = T
 
 
 def fetch(urls: Iterable[str], timeout: float = 2.0) -> tuple[list[str], dict[str, bool]]:
-    """The /metrics texts of ``urls``, and which ones answered."""
-    texts, answered = [], {}
-    for url in sorted(set(urls)):
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as answer:
-                texts.append(answer.read().decode("utf-8", "replace"))
-                answered[url] = True
-        except (OSError, urllib.error.URLError, ValueError):
-            answered[url] = False
-    return texts, answered
+    """The /metrics texts of ``urls``, and which ones answered: asked at
+    once (:data:`FETCHING` at a time), each within ``timeout`` seconds, so
+    that instances that do not answer cost ``timeout`` once, not once each;
+    a text over :data:`MAX_TEXT` bytes counts as no answer."""
+    unique = sorted(set(urls))
+    if not unique:
+        return [], {}
+    with concurrent.futures.ThreadPoolExecutor(min(FETCHING, len(unique))) as pool:
+        found = list(pool.map(lambda url: _read(url, timeout), unique))
+    texts = [text for text in found if text is not None]
+    return texts, {url: text is not None for url, text in zip(unique, found, strict=True)}
+
+
+def _read(url: str, timeout: float) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            body = answer.read(MAX_TEXT + 1)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return body.decode("utf-8", "replace") if len(body) <= MAX_TEXT else None
