@@ -445,3 +445,59 @@ def test_a_request_of_more_jobs_than_go_out_at_once_answers_each(
     assert {line["index"]: base64.b64decode(line["result"]) for line in lines} == {
         n: b"echo %d" % n for n in range(1000)
     }
+
+
+class Held(Step):
+    """A stage that passes jobs on once the test says go, counting arrivals."""
+
+    go = threading.Event()
+    arrived = 0
+
+    def hold(self, message: bytes) -> bytes:
+        Held.arrived += 1
+        assert Held.go.wait(30)
+        return message
+
+
+def test_a_batch_that_goes_away_gives_every_pooled_client_back(
+    serve: object, pylm_registry: Registry
+) -> None:
+    """An NDJSON request to a pipeline whose caller hangs up while its jobs
+    are held in a stage: the jobs already in the pool's threads run to their
+    end, and each of those clients comes back to the pool (none closed under
+    its thread) with its room; calls after it are served."""
+    from pylm.gateway import POOL
+
+    Held.go.clear()
+    Held.arrived = 0
+    for server in (
+        Last("last", registry=pylm_registry, log_stdout=False),
+        Held("first", next_call="last.done", registry=pylm_registry, log_stdout=False),
+    ):
+        serve(server)  # type: ignore[operator]
+    gateway = Gateway(pylm_registry, timeout=20)
+    with serving(gateway) as url:
+        host, port = url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        jobs = "\n".join(json.dumps({"text": f"{n}"}) for n in range(POOL + 8))
+        connection.request(
+            "POST", "/first/hold", jobs, headers={"Content-Type": "application/x-ndjson"}
+        )
+        wait_for(
+            lambda: "first" in gateway._pools and gateway._pools["first"]._room._value == 0,  # type: ignore[attr-defined]
+            20,
+            "every pooled client out with a job",
+        )
+        wait_for(lambda: Held.arrived > 0, 20, "a job held in the stage")
+        connection.close()  # the caller goes away
+        pool = gateway._pools["first"]
+        Held.go.set()
+        wait_for(
+            lambda: len(pool._idle) == POOL and pool._room._value == POOL,  # type: ignore[attr-defined]
+            20,
+            "every client back in the pool",
+        )
+        assert post(f"{url}/first/hold", b"after")[2] == b"after>done"
+        with ThreadPoolExecutor(POOL) as threads:
+            answers = list(threads.map(lambda n: post(f"{url}/first/hold", b"%d" % n), range(64)))
+        assert [answer[2] for answer in answers] == [b"%d>done" % n for n in range(64)]
