@@ -131,3 +131,17 @@ def test_scatter_gather_example_end_to_end() -> None:
     assert "Counted 20 words in 4 lines; more than once:" in lines
     start = lines.index("Counted 20 words in 4 lines; more than once:")
     assert lines[start + 1 : start + 3] == ["  the: 6", "  master: 2"]
+
+
+@needs_etcd
+def test_gateway_example_end_to_end() -> None:
+    """examples/gateway: a server by name, pylm gateway, an HTTP client of
+    the standard library only."""
+    import pytest
+
+    pytest.importorskip("uvicorn", reason="the gateway extra")
+    lines = demo_lines("gateway")
+    assert "upper: 200 HELLO FROM HTTP" in lines
+    assert "count: 200 ['1', '2', '3']" in lines
+    assert "nothing: 404 Unknown function" in lines
+    assert "openapi: /words/count, /words/upper" in lines
