@@ -386,13 +386,20 @@ class BaseServer:
         next: str | None = None,
         branches: list[str] | None = None,
         tee: list[str] | None = None,
+        master: str | None = None,
     ) -> None:
         """Register this instance, in the serving thread once bound
         (:meth:`pylm.registrar.Registrar.register`); ``endpoints`` are also
         what the start line says the server listens on."""
         self._listening = dict(endpoints)
         self._registrar.register(
-            endpoints, required, metrics=self.metrics_url, next=next, branches=branches, tee=tee
+            endpoints,
+            required,
+            metrics=self.metrics_url,
+            next=next,
+            branches=branches,
+            tee=tee,
+            master=master,
         )
 
     def _registry_client(self) -> Registry:

@@ -586,10 +586,17 @@ class HTTPServer:
 def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
     """An OpenAPI 3.1 description of the servers' functions the gateway calls."""
     paths: dict[str, Any] = {}
+    # A master's functions are its workers': their records name it.
+    of_workers: dict[str, set[str]] = {}
+    for records in servers.values():
+        for record in records:
+            if record.master is not None:
+                of_workers.setdefault(record.master, set()).update(record.functions)
     for name, records in sorted(servers.items()):
         if records[0].kind not in CALLABLE_KINDS:
             continue
-        for function in sorted({f for record in records for f in record.functions}):
+        functions = {f for record in records for f in record.functions}
+        for function in sorted(functions | of_workers.get(name, set())):
             paths[f"/{name}/{function}"] = {
                 "post": {
                     "summary": f"Call {function} on {name}",

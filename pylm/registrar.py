@@ -73,6 +73,7 @@ class Registrar:
         next: str | None = None,
         branches: list[str] | None = None,
         tee: list[str] | None = None,
+        master: str | None = None,
     ) -> None:
         """Register this instance, listening on ``endpoints`` (role ->
         bound address) with its ``/metrics`` at ``metrics``. A server
@@ -107,6 +108,7 @@ class Registrar:
                 metrics=metrics,
                 curve=None if self.curve is None else self.curve.public_key,
                 version=__version__,
+                master=master,
             )
             self.registration = registry.register(record, self.ttl or DEFAULT_TTL)
             try:

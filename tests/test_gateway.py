@@ -243,6 +243,9 @@ def test_a_pipeline_and_a_master_through_the_gateway(
         b"job>step>done",
     )
     assert post(f"{gateway}/pool/echo", b"job")[2] == b"job"
+    with urllib.request.urlopen(f"{gateway}/openapi.json", timeout=10) as answer:
+        paths = json.load(answer)["paths"]
+    assert "/pool/echo" in paths and "/first/tag" in paths  # a master's: its workers' functions
     with ThreadPoolExecutor(32) as pool:
         piped = list(pool.map(lambda n: post(f"{gateway}/first/tag", b"%d" % n)[2], range(64)))
         done = list(pool.map(lambda n: post(f"{gateway}/pool/echo", b"%d" % n)[2], range(64)))

@@ -47,6 +47,25 @@ def test_nodes_and_edges_from_records() -> None:
     assert "n0 -->|f| n1" in mermaid and "n0 -.->|branch g| n2" in mermaid
 
 
+def test_a_master_has_an_edge_to_each_of_its_workers() -> None:
+    """A worker's record names its master: an edge of role 'worker' from
+    the master, drawn bold in DOT, '==>' in Mermaid, labelled 'jobs'."""
+    cluster = graph(
+        [
+            record("pool", "master"),
+            record("doer", "worker", master="pool"),
+            record("doer", "worker", master="pool"),
+            record("other", "worker", master="pool"),
+        ]
+    )
+    assert cluster.edges == [
+        Edge("pool", "doer", "", "worker"),
+        Edge("pool", "other", "", "worker"),
+    ]
+    assert '"pool" -> "doer" [label="jobs", style=bold];' in to_dot(cluster)
+    assert "n2 ==>|jobs| n0" in to_mermaid(cluster)
+
+
 def test_pylm_topology_prints_the_running_pipeline(
     pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry
 ) -> None:

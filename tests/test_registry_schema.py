@@ -48,6 +48,7 @@ def valid() -> dict[str, Any]:
         "curve": CURVE_KEY,
         "version": "1.0.0",
         "started": 1_700_000_000.5,
+        "master": None,
     }
 
 

@@ -180,6 +180,15 @@ def test_a_record_of_a_server_older_than_idempotent_parses_with_none() -> None:
     assert refusal(with_field("idempotent", ["1f"]))[:2] == ("value", "idempotent")
 
 
+def test_a_workers_record_names_its_master_or_none_if_older() -> None:
+    assert parse(with_field("master", "pool")).master == "pool"
+    data = valid()
+    del data["master"]
+    assert parse(data).master is None
+    assert refusal(with_field("master", "a/b"))[:2] == ("value", "master")
+    assert refusal(with_field("master", 7))[:2] == ("type", "master")
+
+
 def test_a_parsed_record_has_every_field_of_its_json() -> None:
     record = parse(valid())
     assert record == InstanceRecord(
@@ -198,6 +207,7 @@ def test_a_parsed_record_has_every_field_of_its_json() -> None:
         curve=CURVE_KEY,
         version="1.0.0",
         started=1_700_000_000.5,
+        master=None,
     )
     assert json.loads(record.to_json()) == valid()
     assert list(json.loads(record.to_json())) == sorted(valid())

@@ -29,8 +29,16 @@ from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
-from pylm.errors import ProtocolError, PylmError, RegistryError, RequestTimeout, UnknownFunction
+from pylm.errors import (
+    InvalidName,
+    ProtocolError,
+    PylmError,
+    RegistryError,
+    RequestTimeout,
+    UnknownFunction,
+)
 from pylm.lifecycle import Drain
+from pylm.names import check_name
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
 from pylm.parallel.hello import MAX_SLOTS, hello
 from pylm.protocol import (
@@ -158,7 +166,7 @@ class Worker(BaseServer):
             masters = [self.workers_address]
         else:
             masters = self._find_masters()
-        self._register({}, required=self.workers_address is None)
+        self._register({}, required=self.workers_address is None, master=self._master_named())
         for address in masters:
             self._connect(address)
         self._beater = threading.Thread(
@@ -227,6 +235,14 @@ class Worker(BaseServer):
         except zmq.Again:  # the master reads nothing: its heartbeat checks will tell it
             said = "goodbye" if bye else "leaving notice" if leaving else "hello"
             self.logger.warning("%s: a master is not reading; %s not sent", self.name, said)
+
+    def _master_named(self) -> str | None:
+        """The master's name for this worker's record (what shows it under
+        its master), if it is a server name a record may hold."""
+        try:
+            return check_name(self.master)
+        except InvalidName:
+            return None
 
     def _deregister(self) -> None:
         peers, self._peers = self._peers, None

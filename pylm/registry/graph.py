@@ -1,8 +1,8 @@
 """The cluster as a graph, from its registry records: a node per server
 name (its kind and how many instances), an edge per next stage, branch and
-tee. Printed for documents by ``pylm topology --dot`` (Graphviz) and
-``--mermaid``; the same :class:`Graph` serves anything that draws the
-cluster."""
+tee, and from a master (or hub) to each of its workers. Printed for
+documents by ``pylm topology --dot`` (Graphviz) and ``--mermaid``; the same
+:class:`Graph` serves anything that draws the cluster."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Edge:
     source: str  # a server's name
     target: str  # the server its results go to
     function: str  # the function called there
-    role: str  # "next", "branch" or "tee"
+    role: str  # "next", "branch", "tee", or "worker" (a master's jobs: function "")
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,18 @@ def graph(records: Iterable[InstanceRecord]) -> Graph:
         for call, role in calls:
             target, _, function = call.rpartition(".")
             edges.append(Edge(name, target, function, role))
+        if first.master is not None:  # its master sends it jobs
+            edges.append(Edge(first.master, name, "", "worker"))
     nodes = [Node(name, group[0].kind, len(group)) for name, group in sorted(groups.items())]
     missing = sorted({edge.target for edge in edges} - set(groups))
     return Graph(nodes + [Node(name, "?", 0) for name in missing], edges)
+
+
+def _label(edge: Edge) -> str:
+    """What an edge says: the function a next stage gets, the role else."""
+    if edge.role == "worker":
+        return "jobs"
+    return edge.function if edge.role == "next" else f"{edge.role} {edge.function}"
 
 
 def _quoted(*lines: str) -> str:
@@ -63,13 +72,13 @@ def _quoted(*lines: str) -> str:
 
 def to_dot(cluster: Graph) -> str:
     """Graphviz's DOT: ``pylm topology --dot | dot -Tsvg > cluster.svg``."""
-    styles = {"next": "solid", "branch": "dashed", "tee": "dotted"}
+    styles = {"next": "solid", "branch": "dashed", "tee": "dotted", "worker": "bold"}
     lines = ["digraph pylm {", "  rankdir=LR;", "  node [shape=box];"]
     for node in cluster.nodes:
         label = _quoted(node.name, f"{node.kind}, {node.instances} instance(s)")
         lines.append(f"  {_quoted(node.name)} [label={label}];")
     for edge in cluster.edges:
-        label = _quoted(edge.function if edge.role == "next" else f"{edge.role} {edge.function}")
+        label = _quoted(_label(edge))
         lines.append(
             f"  {_quoted(edge.source)} -> {_quoted(edge.target)}"
             f" [label={label}, style={styles[edge.role]}];"
@@ -85,9 +94,8 @@ def to_mermaid(cluster: Graph) -> str:
     for node in cluster.nodes:
         text = f"{node.name}<br/>{node.kind}, {node.instances} instance(s)".replace('"', "'")
         lines.append(f'  {ids[node.name]}["{text}"]')
-    arrows = {"next": "-->", "branch": "-.->", "tee": "-.->"}
+    arrows = {"next": "-->", "branch": "-.->", "tee": "-.->", "worker": "==>"}
     for edge in cluster.edges:
-        label = edge.function if edge.role == "next" else f"{edge.role} {edge.function}"
-        label = label.replace('"', "'").replace("|", "/")
+        label = _label(edge).replace('"', "'").replace("|", "/")
         lines.append(f"  {ids[edge.source]} {arrows[edge.role]}|{label}| {ids[edge.target]}")
     return "\n".join(lines)

@@ -299,6 +299,7 @@ class InstanceRecord:
     curve: str | None = None  # the server's CURVE public key (Z85), when it requires CURVE
     version: str = ""
     started: float = field(default_factory=time.time)
+    master: str | None = None  # a worker's: the master it takes jobs from
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
@@ -308,7 +309,8 @@ class InstanceRecord:
         """Parse the record read from ``key`` (see :func:`parse_key`);
         :class:`MalformedRecord` naming the field and value at fault if it
         does not follow the schema. Every field is required, but
-        ``idempotent`` (records of servers older than it have none)."""
+        ``idempotent`` and ``master`` (records of servers older than them
+        have none)."""
         section, key_name, key_instance = parse_key(key)
         if section != "instances":
             raise MalformedRecord("key", "", key, "is not an instances/NAME/ID key")
@@ -374,6 +376,7 @@ class InstanceRecord:
             curve=_curve(_require(data, "curve"), "curve"),
             version=_string(_require(data, "version"), "version", 64, empty=True),
             started=_number(_require(data, "started"), "started"),
+            master=None if data.get("master") is None else _server_name(data["master"], "master"),
         )
 
 
