@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from pylm.calls import DEFAULT_TIMEOUT
 from pylm.errors import (
+    CurveRefused,
     InstanceLost,
     InvalidName,
     NoInstance,
@@ -105,6 +106,7 @@ _STATUSES: tuple[tuple[type[PylmError], int, str], ...] = (
     (PayloadTooLarge, 413, "Payload too large"),
     (NoInstance, 503, "No live instance"),
     (RegistryError, 503, "Registry unavailable"),
+    (CurveRefused, 502, "CURVE refused"),
     (RequestTimeout, 504, "No answer in time"),
 )
 _PROBLEM = "application/problem+json"
@@ -258,7 +260,7 @@ class Gateway:
         try:
             return [await client.job(function, body, timeout=self.timeout)]
         except RequestTimeout as exc:
-            if isinstance(exc, InstanceLost) or client.live_instances:
+            if isinstance(exc, (InstanceLost, CurveRefused)) or client.live_instances:
                 raise
             raise NoInstance(f"{exc} (no instance of {server!r} is reachable)") from exc
 

@@ -229,3 +229,62 @@ def test_a_stage_without_keys_says_so_when_its_next_stage_requires_curve(
             10,
             "the stage's error about its missing keys",
         )
+
+
+def test_the_gateway_calls_a_curve_cluster_with_its_own_keys(
+    keys: dict[str, Path],
+    pylm_registry: Registry,
+    serve: Callable[..., object],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pylm gateway in front of servers that require CURVE: with a key pair
+    on their allow-list (PYLM_CURVE_KEYS), it calls a standalone server, a
+    pipeline and a master, their keys taken from their records; with a key
+    they refuse, the call is a 502 problem saying so."""
+    pytest.importorskip("uvicorn", reason="the gateway extra")
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from pylm.gateway import Gateway, HTTPServer
+
+    monkeypatch.setenv("PYLM_CURVE_KEYS", str(keys["cluster"]))
+    monkeypatch.setenv("PYLM_CURVE_ALLOW", str(keys["allowed"]))
+    serve(Counted("echo", registry=pylm_registry, log_stdout=False))
+    serve(Last("last", registry=pylm_registry, log_stdout=False))
+    serve(Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False))
+    serve(Master("m", registry=pylm_registry, log_stdout=False))
+    serve(Doer("w", "m", registry=pylm_registry, log_stdout=False))
+
+    def post(url: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=20) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except urllib.error.URLError:
+            return 0, b""  # not listening yet
+
+    for key, timeout in ((keys["client"], 10.0), (keys["stranger"], 1.0)):
+        monkeypatch.setenv("PYLM_CURVE_KEYS", str(key))
+        server = HTTPServer(Gateway(pylm_registry, timeout=timeout), port=0)
+        serving = threading.Thread(target=server.run)
+        serving.start()
+        try:
+            url = server.url
+            ready = f"{url}/step/tag"
+            wait_for(lambda: post(ready, b"x")[0] in (200, 502), 20, "served")  # noqa: B023
+            answers = [
+                post(f"{url}/echo/echo", b"a"),
+                post(f"{url}/step/tag", b"b"),
+                post(f"{url}/m/echo", b"c"),
+            ]
+        finally:
+            server.stop()
+            serving.join(20)
+        if key == keys["client"]:
+            assert answers == [(200, b"a"), (200, b"b>step>done"), (200, b"c")]
+        else:
+            for status, body in answers:
+                assert status == 502 and json.loads(body)["title"] == "CURVE refused", body
