@@ -12,7 +12,9 @@ import zmq
 
 from pylm import protocol
 from pylm.errors import RemoteError, RequestTimeout, UnknownFunction
+from pylm.registry import Registry
 from pylm.standalone import AsyncClient, Server
+from pylm.testing import wait_for
 
 Serve = Callable[[Any], Any]
 
@@ -132,3 +134,79 @@ def test_more_calls_than_the_queue_holds(ipc_address: str) -> None:
                 return await asyncio.gather(*calls)
 
     assert asyncio.run(main()) == [b"echo %d" % i for i in range(count)]
+
+
+class Held(Server):
+    """Answers a call of ``hold`` with its message once ``release`` is set
+    (``arrived``: the calls that reached it), one of ``who`` at once with
+    its ``label``."""
+
+    def __init__(self, name: str, label: bytes, release: threading.Event, **options: Any) -> None:
+        super().__init__(name, **options)
+        self.label = label
+        self.release = release
+        self.arrived = 0
+
+    def hold(self, message: bytes) -> bytes:
+        self.arrived += 1
+        self.release.wait(60)  # a bound for a failing test only
+        return message
+
+    def who(self, message: bytes) -> bytes:
+        return self.label
+
+
+def test_calls_in_flight_on_sockets_retired_together_all_get_their_answers(
+    serve: Serve, pylm_registry: Registry
+) -> None:
+    """Ten instances of a server that answers only once released, three
+    calls in flight on each from an AsyncClient by name. One instance
+    leaves the registry (it still serves), and the next call makes the
+    client drop it: its sockets to all ten instances are retired at once,
+    more than the eight idle ones it keeps, but each has calls in flight
+    and is read on. Released, every call gets its own answer, once,
+    the leaving instance's too."""
+    instances = 10
+    release = threading.Event()
+    labels = {b"%d" % n for n in range(instances)}
+    servers = [
+        serve(Held("held", label, release, registry=pylm_registry, log_stdout=False))
+        for label in sorted(labels)
+    ]
+    wait_for(lambda: len(pylm_registry.instances("held")) == instances, 20, "every instance")
+    registration = servers[0].registration
+    assert registration is not None
+    leaving = registration.record.endpoints["rep"]
+
+    async def main() -> tuple[list[bytes | BaseException], int]:
+        async with AsyncClient("held", registry=pylm_registry, timeout=10) as client:
+            seen: set[bytes] = set()
+            for _ in range(1000):  # until the client's socket to each instance is connected
+                if seen == labels:
+                    break
+                seen.add(await client.job("who", b""))
+            assert seen == labels
+            calls = [
+                asyncio.ensure_future(client.job("hold", b"%d" % n)) for n in range(3 * instances)
+            ]
+            try:
+                await asyncio.to_thread(
+                    wait_for, lambda: all(s.arrived for s in servers), 20, "a call on each"
+                )
+                await asyncio.to_thread(registration.close)  # leaves; serves on
+                peers = client._peers
+                assert peers is not None
+                await asyncio.to_thread(
+                    wait_for, lambda: peers.changed, 10, "the client hearing of it"
+                )
+                calls.append(asyncio.ensure_future(client.job("hold", b"after")))
+                await asyncio.sleep(0)  # that call starts: the instance is dropped
+                assert leaving not in client.endpoints
+            finally:
+                release.set()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            return outcomes, client.dropped
+
+    outcomes, dropped = asyncio.run(main())
+    assert outcomes == [b"%d" % n for n in range(3 * instances)] + [b"after"]
+    assert dropped == 0

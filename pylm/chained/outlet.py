@@ -218,6 +218,27 @@ class Outlet:
         return sockets
 
 
+def _retargeted(frames: list[bytes], target: bytes) -> list[bytes]:
+    """A message not sent yet, every REQUEST in it (it may be a BATCH of
+    them) now for ``target``, a new next stage's call; an ERROR or an END
+    is for whichever next stage gets it."""
+    message = protocol.decode(frames)
+    if message.kind == protocol.BATCH:
+        jobs = protocol.unpack_batch(frames[0])
+        return [protocol.pack_batch([_retargeted([job], target)[0] for job in jobs])]
+    if message.kind != protocol.REQUEST:
+        return frames
+    return protocol.encode(
+        protocol.REQUEST,
+        message.msg_id,
+        message.payload,
+        target,
+        message.route,
+        message.deadline,
+        message.flags & protocol.MORE,
+    )
+
+
 class ToNextStage(Output):
     """The output of a :class:`~pylm.chained.server.Server` (and a hub): each
     result goes on to the next stage, as the payload of its call, or to the
@@ -262,6 +283,7 @@ class ToNextStage(Output):
         self._opened: tuple[zmq.Context, int, Callable[[], Registry], Connections | None] | None
         self._opened = None
         self._retarget: str | None = None
+        self._rerouted = False  # put() took the new next stage: results made before name the old
         self._lock = threading.Lock()
         self.retargeted: Callable[[str], None] | None = None  # told of each change applied
 
@@ -298,7 +320,8 @@ class ToNextStage(Output):
     def retarget(self, call: str) -> None:
         """The next stage is now ``call`` (``server.function``, from the
         registry's thread): applied by the serving thread at its next
-        :meth:`rewire`. What was sent before goes on to the old one."""
+        :meth:`rewire`, or in :meth:`put` by a message waiting for room.
+        What was sent before goes on to the old one."""
         with self._lock:
             self._retarget = call
 
@@ -345,8 +368,8 @@ class ToNextStage(Output):
         return self._rewire_outlets() or changed
 
     def _rewire_outlets(self) -> bool:
-        """The instances that joined and left, for each outlet (a message
-        being sent keeps its outlet: a new next stage waits for the loop)."""
+        """The instances that joined and left, for each outlet (not a new
+        next stage, which :meth:`put` takes only with the message it holds)."""
         changed = False
         for outlet in self.all():
             changed = outlet.rewire() or changed
@@ -403,6 +426,9 @@ class ToNextStage(Output):
         if not results:
             return
         out = results[0][1] if len(results) == 1 else protocol.pack_batch([m for _, m in results])
+        if self._rerouted:  # made before put() took a new next stage: for the old one
+            self._rerouted = False
+            out = _retargeted([out], self.target)[0]
         try:
             send_frame(socket, out, zmq.NOBLOCK)
         except zmq.Again:
@@ -465,7 +491,10 @@ class ToNextStage(Output):
         """Send to a next stage (to the instance that takes a job's
         ``stream``, route and id, if given), waiting while it is full (the
         stage serves its cache and watches for stop meanwhile); False if the
-        message was dropped because the stage is leaving."""
+        message was dropped because the stage is leaving. A new next stage
+        (:meth:`retarget`) noted while it waits takes the message, unless it
+        belongs to a stream, which stays with the instance that has the
+        stream's first items."""
         while True:
             socket = outlet.socket if stream is None else outlet.for_stream(*stream)
             assert socket is not None
@@ -475,6 +504,17 @@ class ToNextStage(Output):
             except zmq.Again:
                 if self._rewire_outlets():
                     continue  # instances joined or left: try again now, on the new socket
+                if self._retarget is not None and stream is None and outlet is self.outlets[0]:
+                    # The old next stage full, or gone: this message, never
+                    # sent, takes the new one, with its call, on the new
+                    # outlet's socket (the old one's are retired: what they
+                    # queued still goes to the old next stage).
+                    self.rewire()
+                    if self.outlets[0] is not outlet:
+                        outlet = self.outlets[0]
+                        frames = _retargeted(frames, outlet.target)
+                        self._rerouted = True
+                    continue
                 if self.deadline is not None and time.monotonic() > self.deadline:
                     self.logger.warning(
                         "%s: leaving with the next stage still full: a message is dropped",
