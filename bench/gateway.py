@@ -289,18 +289,21 @@ def report(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> di
             f" {numbers['p99'] * 1e3:.2f} ms | {numbers['non_2xx']:.0f} |"
             f" {numbers['socket_errors']:.0f} |"
         )
-    gateway = summary["gateway"]["rate"]
-    ratios = {"ceiling": gateway / summary["ceiling"]["rate"]}
+    ratios: dict[str, float] = {}
+    for key, other in (("ceiling", "ceiling"), ("pyro5", "Pyro5 HTTP gateway")):
+        if other not in summary:
+            print("Pyro5's HTTP gateway not run: pip install -e '.[bench]' to compare with it")
+            continue
+        failed = [side for side in ("gateway", other) if summary[side]["non_2xx"] > 0]
+        if failed or summary[other]["rate"] <= 0:
+            print(f"gateway / {other}: not computed, answers not 2xx from {', '.join(failed)}")
+            continue
+        ratios[key] = summary["gateway"]["rate"] / summary[other]["rate"]
+        print(f"gateway / {other}: {ratios[key]:.2f}")
     print(
-        f"\ngateway / ceiling: {ratios['ceiling']:.2f} ({args.connections} connections,"
-        f" 100 B payloads, median of {args.rounds} round(s) of {args.duration:g} s)"
+        f"({args.connections} connections, 100 B payloads, median of {args.rounds} round(s)"
+        f" of {args.duration:g} s)"
     )
-    pyro5 = summary.get("Pyro5 HTTP gateway")
-    if pyro5 is None:
-        print("Pyro5's HTTP gateway not run: pip install -e '.[bench]' to compare with it")
-    elif pyro5["rate"] > 0:
-        ratios["pyro5"] = gateway / pyro5["rate"]
-        print(f"gateway / Pyro5 HTTP gateway: {ratios['pyro5']:.2f}")
     return ratios
 
 

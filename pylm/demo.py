@@ -144,7 +144,7 @@ def _start_gateway(env: dict[str, str], started: list[subprocess.Popen[Any]]) ->
         text=True,
         process_group=0,
     )
-    started.insert(0, gateway)  # stopped first: it is a client of the stages
+    started.insert(0, gateway)  # stopped with the stages, before etcd
     assert gateway.stdout is not None
     url = gateway.stdout.readline().strip().rpartition(" ")[2]
     if not url.startswith("http://"):
@@ -180,6 +180,8 @@ def _call_over_http(url: str) -> None:
             if exc.code != 404 or time.monotonic() > deadline:
                 raise PylmError(f"the demo's HTTP call failed: {exc.code} {exc.read()!r}") from exc
             time.sleep(0.05)
+        except urllib.error.URLError as exc:
+            raise PylmError(f"the demo's HTTP call to {url} failed: {exc.reason}") from exc
 
 
 def _keep_sending(client: LoopClient, console: str | None) -> None:

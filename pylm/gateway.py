@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import hmac
 import itertools
@@ -142,6 +143,7 @@ class Gateway:
         self._gone: dict[str, float] = {}  # servers with clients, not listed: since when
         self._checked = 0.0  # when the clients of servers gone were last looked for
         self._closing: set[asyncio.Future[Any]] = set()  # clients of servers gone, closing
+        self._busy: collections.Counter[str] = collections.Counter()  # calls in progress
         self._tokens = tokens  # None: no authentication
         self._owns_registry = not isinstance(registry, Registry)
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
@@ -175,8 +177,14 @@ class Gateway:
         """From the registry's thread: the instances listed now."""
         self._records = records
         loop, changed = self._loop, self._changed
-        if loop is not None and changed is not None:
-            loop.call_soon_threadsafe(changed.set)
+        if loop is None:
+            return
+        try:
+            if changed is not None:
+                loop.call_soon_threadsafe(changed.set)
+            loop.call_soon_threadsafe(lambda: self._forget_gone(now_or_never=True))
+        except RuntimeError:  # the loop closed: the gateway has stopped
+            pass
 
     def servers(self) -> dict[str, list[InstanceRecord]]:
         """The registered servers, by name (the latest listing)."""
@@ -250,7 +258,21 @@ class Gateway:
     async def _results(self, server: str, kind: str, function: str, body: bytes) -> list[bytes]:
         """The results of one job (a standalone call gives one); raises its
         typed error, a timeout with no instance reachable as NoInstance."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         self._forget_gone()
+        self._busy[server] += 1  # its clients are not closed while calls use them
+        try:
+            return await self._job(server, kind, function, body)
+        finally:
+            self._busy[server] -= 1
+            if not self._busy[server]:
+                del self._busy[server]
+                if server in self._gone:  # its last call: it may be forgotten now
+                    self._forget_gone(now_or_never=True)
+
+    async def _job(self, server: str, kind: str, function: str, body: bytes) -> list[bytes]:
+        """:meth:`_results`, through the server's pool or its AsyncClient."""
         if kind != "standalone":
             pool = self._pools.get(server)
             if pool is None:
@@ -278,7 +300,7 @@ class Gateway:
                 return _line({"index": index, "problem": problem})
             except Exception as exc:  # the gateway's own failure: this job's line says so
                 log.exception("job %d of a batch to %s.%s failed", index, server, function)
-                detail = f"{type(exc).__name__}: {exc}"
+                detail = f"{type(exc).__name__} in the gateway (its log has the traceback)"
                 problem = {"status": 500, "title": "Gateway error", "detail": detail}
                 return _line({"index": index, "problem": problem})
             if len(results) != 1:
@@ -344,12 +366,13 @@ class Gateway:
                 return _problem(403, "Forbidden", "the token is not one of this gateway's")
             kept = [item for item in request.query_params.multi_items() if item[0] != "token"]
             rest = urllib.parse.urlencode(kept)
-            moved = RedirectResponse("/" + (f"?{rest}" if rest else ""), status_code=303)
-            moved.set_cookie(
+            # Relative: the page behind a proxy that serves it under a prefix too.
+            moved = RedirectResponse("./" + (f"?{rest}" if rest else ""), status_code=303)
+            moved.set_cookie(  # Lax: a link to the console from a chat or an alert works
                 COOKIE,
                 given,
                 httponly=True,
-                samesite="strict",
+                samesite="lax",
                 secure=request.url.scheme == "https",
             )
             return moved
@@ -458,11 +481,14 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _forget_gone(self) -> None:
+    def _forget_gone(self, *, now_or_never: bool = False) -> None:
         """Close the clients of the servers gone from the registry for
-        :attr:`forget_after` seconds (looked for every few seconds at most)."""
+        :attr:`forget_after` seconds that no call uses. Looked for at calls
+        (every few seconds at most), when the listing changes, and
+        ``forget_after`` seconds after a server was first seen gone
+        (``now_or_never``: whatever the time since the last look)."""
         now = time.monotonic()
-        if now - self._checked < min(5.0, self.forget_after / 2):
+        if not now_or_never and now - self._checked < min(5.0, self.forget_after / 2):
             return
         self._checked = now
         listed = self.servers()
@@ -471,7 +497,12 @@ class Gateway:
             if server in listed:
                 self._gone.pop(server, None)
                 continue
-            if now - self._gone.setdefault(server, now) < self.forget_after:
+            if server not in self._gone:
+                self._gone[server] = now
+                again = self.forget_after + 0.1
+                loop.call_later(again, lambda: self._forget_gone(now_or_never=True))
+                continue
+            if now - self._gone[server] < self.forget_after or self._busy.get(server):
                 continue
             del self._gone[server]
             client, pool = self._clients.pop(server, None), self._pools.pop(server, None)
@@ -588,12 +619,13 @@ class HTTPServer:
 def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
     """An OpenAPI 3.1 description of the servers' functions the gateway calls."""
     paths: dict[str, Any] = {}
-    # A master's functions are its workers': their records name it.
+    # A master's (or hub's) functions are its workers': their records name it.
     of_workers: dict[str, set[str]] = {}
     for records in servers.values():
         for record in records:
-            if record.master is not None:
-                of_workers.setdefault(record.master, set()).update(record.functions)
+            master = servers.get(record.master or "")
+            if master and master[0].kind in ("master", "hub"):
+                of_workers.setdefault(master[0].name, set()).update(record.functions)
     for name, records in sorted(servers.items()):
         if records[0].kind not in CALLABLE_KINDS:
             continue
@@ -654,6 +686,9 @@ class _Pool:
     async def call(self, function: str, body: bytes) -> list[bytes]:
         """The results of one job of ``function`` with ``body``."""
         await self._room.acquire()
+        if self._closed:  # closed while this call waited for room
+            self._room.release()
+            raise NoInstance(f"the gateway closed its clients of {self.server!r}")
         loop = asyncio.get_running_loop()
 
         def run() -> list[bytes]:

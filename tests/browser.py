@@ -6,6 +6,7 @@ No library needed beyond the standard one."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -30,12 +31,22 @@ FLAGS = (
 )
 
 
+def _above_nine(fd: int) -> int:
+    """``fd`` moved to a number above 9 (the old number closed)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
 class Browser:
     """Chromium with one page, from :meth:`open` until :meth:`close`."""
 
     def __init__(self, profile: Path) -> None:
         to_browser, self._commands = os.pipe()  # the browser reads its fd 3, we write
         self._answers, from_browser = os.pipe()  # the browser writes its fd 4, we read
+        # The browser's ends above fd 9, so that moving them to 3 and 4 never
+        # closes one with the other (a fresh process's pipes may be 3 to 6).
+        to_browser, from_browser = (_above_nine(fd) for fd in (to_browser, from_browser))
         # A shell puts the pipes on the browser's fds 3 and 4 (no preexec_fn:
         # this process has threads).
         place = (
@@ -107,8 +118,8 @@ class Browser:
     def close(self) -> None:
         try:
             self.call("Browser.close", timeout=5)
-        except (OSError, RuntimeError, TimeoutError):
-            pass
+        except (OSError, RuntimeError, TimeoutError, ValueError):
+            pass  # it is killed below
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:

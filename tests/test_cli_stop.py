@@ -371,6 +371,7 @@ def _with_env(entry: str) -> list[int]:
     return found
 
 
+@pytest.mark.timeout(180)
 def test_the_kept_demo_shows_its_traffic_in_the_console_until_ctrl_c(tmp_path: Path) -> None:
     """pylm demo --keep: its gateway's console sees step1's calls/s rise
     while it sends, and Ctrl-C ends it all (status 0: the way to end it)."""
@@ -401,3 +402,8 @@ def test_the_kept_demo_shows_its_traffic_in_the_console_until_ctrl_c(tmp_path: P
         wait_for(lambda: not _with_env(f"TMPDIR={temp}"), 10, "the demo's processes ending")
     finally:
         running.end()
+        for pid in _with_env(f"TMPDIR={temp}"):  # its etcd, stages and gateway, if it failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

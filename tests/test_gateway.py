@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -399,7 +400,8 @@ def test_the_clients_of_a_server_gone_from_the_registry_are_closed(
 ) -> None:
     """A server called through the gateway, then gone from the registry:
     once it has been gone forget_after seconds, the gateway closes its client
-    (standalone) or pool (pipeline); servers still listed keep theirs."""
+    (standalone) or pool (pipeline), with or without calls meanwhile;
+    servers still listed keep theirs."""
     gateway = Gateway(pylm_registry, timeout=2)
     gateway.forget_after = 0.5
     echo = Echo("echo_server", registry=pylm_registry, log_stdout=False)
@@ -419,12 +421,8 @@ def test_the_clients_of_a_server_gone_from_the_registry_are_closed(
         finally:
             for server in (echo, *reversed(stages)):
                 server.stop()
-        wait_for(
-            lambda: (
-                post(f"{url}/stays/echo", b"x")[0] == 200
-                and "echo_server" not in gateway._clients
-                and "first" not in gateway._pools
-            ),
+        wait_for(  # with no call meanwhile: the gateway looks by itself
+            lambda: "echo_server" not in gateway._clients and "first" not in gateway._pools,
             20,
             "the clients of the servers gone closed",
         )
@@ -504,3 +502,34 @@ def test_a_batch_that_goes_away_gives_every_pooled_client_back(
         with ThreadPoolExecutor(POOL) as threads:
             answers = list(threads.map(lambda n: post(f"{url}/first/hold", b"%d" % n), range(64)))
         assert [answer[2] for answer in answers] == [b"%d>done" % n for n in range(64)]
+
+
+def test_the_clients_of_a_server_gone_are_kept_while_a_call_uses_them(
+    serve: object, pylm_registry: Registry
+) -> None:
+    """A call held in a stage whose record leaves the registry: the
+    gateway keeps that pipeline's clients past forget_after while the call
+    runs, the call gets its result, and the clients close after it."""
+    Held.go.clear()
+    Held.arrived = 0
+    last = Last("last", registry=pylm_registry, log_stdout=False)
+    first = Held("first", next_call="last.done", registry=pylm_registry, log_stdout=False)
+    for server in (last, first):
+        serve(server)  # type: ignore[operator]
+    gateway = Gateway(pylm_registry, timeout=20)
+    gateway.forget_after = 0.3
+    with serving(gateway) as url, ThreadPoolExecutor(1) as caller:
+        wait_for(lambda: pylm_registry.instances("first") != [], 20, "first listed")
+        held = caller.submit(post, f"{url}/first/hold", b"held")
+        wait_for(lambda: Held.arrived == 1, 20, "the call held in the stage")
+        first._registrar.close()  # its record leaves; it still serves the call in hand
+        wait_for(
+            lambda: "first" in gateway._gone and time.monotonic() - gateway._gone["first"] > 0.6,
+            20,
+            "twice forget_after since first was seen gone",
+        )
+        assert "first" in gateway._pools  # in use: kept
+        Held.go.set()
+        assert held.result(20)[:2] == (200, "application/octet-stream")
+        assert held.result()[2] == b"held>done"
+        wait_for(lambda: "first" not in gateway._pools, 20, "the pool closed after the call")

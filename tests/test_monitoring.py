@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -449,3 +449,50 @@ def test_metrics_bind_their_own_interface(monkeypatch: pytest.MonkeyPatch) -> No
         assert server.metrics_url is not None
         assert server.metrics_url.startswith("http://127.0.0.2:")
         assert get(server.metrics_url.replace("/metrics", "/healthz"))[0] == 200
+
+
+def test_reading_metrics_is_bounded_by_peers_that_drip_or_speak_no_http() -> None:
+    """pylm top and the console read every instance's /metrics: a peer that
+    answers a byte at a time, or that is not HTTP at all, counts as no
+    answer within about the timeout, next to one that answers."""
+    import socket
+    import threading
+
+    from pylm.telemetry import top
+
+    stop = threading.Event()
+
+    def listener(serve: Callable[[socket.socket], None]) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+
+        def run() -> None:
+            with server:
+                connection, _ = server.accept()
+                with connection:
+                    connection.recv(4096)
+                    serve(connection)
+
+        threading.Thread(target=run, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}/metrics"
+
+    def drip(connection: socket.socket) -> None:
+        connection.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+        while not stop.wait(0.2):  # a slow peer: a byte every 0.2 s
+            connection.sendall(b"#")
+
+    def not_http(connection: socket.socket) -> None:
+        connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    name = unique("answers")
+    with Echo(name, ANY, log_stdout=False) as server:
+        assert server.metrics_url is not None
+        urls = [listener(drip), listener(not_http), server.metrics_url]
+        began = time.monotonic()
+        try:
+            texts, answered = top.fetch(urls, timeout=1.0)
+        finally:
+            stop.set()
+        took = time.monotonic() - began
+    assert answered == {urls[0]: False, urls[1]: False, urls[2]: True}
+    assert len(texts) == 1 and name in texts[0]
+    assert took < 5, took  # about the timeout, however long the drip lasts

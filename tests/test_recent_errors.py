@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -59,8 +60,9 @@ def test_a_bad_errors_answer_is_a_value_error_naming_it(body: bytes, words: str)
         read_errors(body, "s", "i")
 
 
+TEXT = st.text(st.characters(categories=["L", "N", "P", "Cs"]), max_size=20)  # Cs: surrogates
 JSON = st.recursive(
-    st.none() | st.booleans() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.floats() | TEXT,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
@@ -78,7 +80,33 @@ def test_any_errors_answer_parses_or_is_a_value_error(body: bytes) -> None:
     except ValueError:
         return
     assert len(notes) <= RECENT
-    assert all(isinstance(note, ErrorNote) and len(note.message) <= MAX_MESSAGE for note in notes)
+    for note in notes:
+        assert isinstance(note, ErrorNote) and len(note.message) <= MAX_MESSAGE
+        assert math.isfinite(note.at)
+        # What the console sends on, as Starlette's JSONResponse does.
+        json.dumps([note.function, note.type, note.message], ensure_ascii=False).encode()
+
+
+def test_what_json_allows_but_an_answer_cannot_carry_is_refused_or_cleaned() -> None:
+    """NaN and infinite times are refused, nesting too deep for the parser
+    is a ValueError, and a message with a lone surrogate is kept as UTF-8
+    can carry it, noted or read."""
+
+    def answer(**error: object) -> bytes:
+        errors = [{"at": 1.0, "function": "f", "type": "T", "message": "m", **error}]
+        return json.dumps({"servers": [{"name": "s", "instance": "i", "errors": errors}]}).encode()
+
+    for at in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not a finite number"):
+            read_errors(answer(at=at), "s", "i")
+    with pytest.raises(ValueError, match="not JSON"):
+        read_errors(b"[" * 100_000, "s", "i")
+    lone = b"caf\xe9".decode("utf-8", "surrogateescape")
+    (note,) = read_errors(answer(message=lone), "s", "i")
+    assert note.message == "caf?"
+    kept = RecentErrors()
+    kept.note("f", "T", lone)
+    assert kept.notes()[0].message == "caf?"
 
 
 def test_errors_url_is_beside_a_metrics_url() -> None:

@@ -241,7 +241,8 @@ class Worker(BaseServer):
         its master), if it is a server name a record may hold."""
         try:
             return check_name(self.master)
-        except InvalidName:
+        except InvalidName as exc:
+            self.logger.warning("%s: its record names no master: %s", self.name, exc)
             return None
 
     def _deregister(self) -> None:

@@ -180,7 +180,11 @@ class SharedLease:
                     self._lost()  # expired meanwhile: a new lease, the records again
                 while self.alive and self.stale:  # changed records etcd did not take
                     member = self.stale[0]
-                    await self._put(member)
+                    try:
+                        await self._put(member)
+                    except RegistryError as exc:  # the lease lives: the next round tries again
+                        log.debug("%s not written again yet: %s", member.key, exc)
+                        break
                     self.stale.remove(member)
                     log.info("%s written again as it is now", member.key)
             if not self.alive:

@@ -12,7 +12,9 @@ its errors oldest first; ``at`` is Unix time, ``message`` at most
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -60,7 +62,7 @@ class RecentErrors:
 
     def note(self, function: str, type_: str, message: str) -> None:
         note = ErrorNote(
-            time.time(), function[:_MAX_NAME], type_[:_MAX_NAME], message[:MAX_MESSAGE]
+            time.time(), _text(function, _MAX_NAME), _text(type_, _MAX_NAME), _text(message)
         )
         with self._lock:
             self._notes.append(note)
@@ -97,8 +99,8 @@ def read_errors(body: bytes, name: str, instance: str) -> list[ErrorNote]:
     answer, typed and bounded; ValueError naming what does not parse."""
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"/errors is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"/errors is not JSON: {type(exc).__name__}: {exc}"[:300]) from None
     servers = document.get("servers") if isinstance(document, dict) else None
     if not isinstance(servers, list):
         raise ValueError("/errors has no list of servers")
@@ -119,26 +121,45 @@ def _note(error: Any) -> ErrorNote:
     if not isinstance(error, dict):
         raise ValueError(f"/errors: an error is {type(error).__name__}, not an object")
     at = error.get("at")
-    if isinstance(at, bool) or not isinstance(at, (int, float)):
-        raise ValueError(f"/errors: an error's time is {at!r:.80}, not a number")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise ValueError(f"/errors: an error's time is {at!r:.80}, not a finite number")
     texts = {}
     for key, limit in (("function", _MAX_NAME), ("type", _MAX_NAME), ("message", MAX_MESSAGE)):
         value = error.get(key)
         if not isinstance(value, str):
             raise ValueError(f"/errors: an error's {key} is {value!r:.80}, not a string")
-        texts[key] = value[:limit]
+        texts[key] = _text(value, limit)
     return ErrorNote(float(at), texts["function"], texts["type"], texts["message"])
+
+
+def _text(value: str, limit: int = MAX_MESSAGE) -> str:
+    """At most ``limit`` characters of ``value``, any that UTF-8 cannot
+    carry (lone surrogates) replaced: what is kept can be sent as JSON."""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")
 
 
 def fetch_errors(metrics_url: str, name: str, instance: str, timeout: float) -> list[ErrorNote]:
     """The recent errors of server ``name``'s ``instance``, from the
-    process whose metrics are at ``metrics_url``; OSError if it does not
-    answer, ValueError if its answer does not parse."""
+    process whose metrics are at ``metrics_url``, read within about
+    ``timeout`` seconds; OSError if it does not answer in time, ValueError
+    if what answers is not a pylm ``/errors`` answer."""
     url = errors_url(metrics_url)
     if url is None:
         raise ValueError(f"{metrics_url!r:.200} is not a metrics URL of pylm")
-    with urllib.request.urlopen(url, timeout=timeout) as answer:
-        body = answer.read(_MAX_BODY + 1)
-    if len(body) > _MAX_BODY:
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            parts, size = [], 0
+            while size <= _MAX_BODY:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url} did not answer whole within {timeout:g} s")
+                part = answer.read1(64 * 1024)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+    except http.client.HTTPException as exc:  # something else than HTTP answers there
+        raise ValueError(f"{url} does not answer HTTP: {exc!r:.200}") from None
+    if size > _MAX_BODY:
         raise ValueError(f"{url} answered more than {_MAX_BODY} bytes")
-    return read_errors(body, name, instance)
+    return read_errors(b"".join(parts), name, instance)

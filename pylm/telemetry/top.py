@@ -14,7 +14,9 @@ before the first interval, without the rates.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import math
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -217,23 +219,42 @@ def render(table: list[Row], cluster: str, seconds: float, *, measured: bool = T
 
 
 def fetch(urls: Iterable[str], timeout: float = 2.0) -> tuple[list[str], dict[str, bool]]:
-    """The /metrics texts of ``urls``, and which ones answered: asked at
-    once (:data:`FETCHING` at a time), each within ``timeout`` seconds, so
-    that instances that do not answer cost ``timeout`` once, not once each;
-    a text over :data:`MAX_TEXT` bytes counts as no answer."""
+    """The /metrics texts of ``urls``, and which ones answered, within
+    about ``timeout`` seconds in all: asked at once (:data:`FETCHING` at a
+    time), so that instances that do not answer cost the timeout once, not
+    once each. No answer whole in time, over :data:`MAX_TEXT` bytes, or not
+    HTTP: no answer (a thread still reading it is left to end by itself)."""
     unique = sorted(set(urls))
     if not unique:
         return [], {}
-    with concurrent.futures.ThreadPoolExecutor(min(FETCHING, len(unique))) as pool:
-        found = list(pool.map(lambda url: _read(url, timeout), unique))
-    texts = [text for text in found if text is not None]
-    return texts, {url: text is not None for url, text in zip(unique, found, strict=True)}
+    deadline = time.monotonic() + timeout
+    pool = concurrent.futures.ThreadPoolExecutor(min(FETCHING, len(unique)), "pylm-fetch")
+    try:
+        asked = {url: pool.submit(_read, url, timeout, deadline) for url in unique}
+        concurrent.futures.wait(asked.values(), timeout=timeout + 0.5)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    texts, answered = [], {}
+    for url, future in asked.items():
+        text = future.result() if future.done() and not future.cancelled() else None
+        answered[url] = text is not None
+        if text is not None:
+            texts.append(text)
+    return texts, answered
 
 
-def _read(url: str, timeout: float) -> str | None:
+def _read(url: str, timeout: float, deadline: float) -> str | None:
+    """The text at ``url`` if it comes whole before ``deadline``; None if not."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
-            body = answer.read(MAX_TEXT + 1)
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
-    return body.decode("utf-8", "replace") if len(body) <= MAX_TEXT else None
+            parts: list[bytes] = []
+            size = 0
+            while size <= MAX_TEXT and time.monotonic() < deadline:
+                part = answer.read1(64 * 1024)
+                if not part:
+                    return b"".join(parts).decode("utf-8", "replace")
+                parts.append(part)
+                size += len(part)
+    except (OSError, ValueError, http.client.HTTPException):
+        pass  # no answer, not in time, or not HTTP
+    return None
