@@ -45,7 +45,17 @@ from pylm.transport import bind, default_context
 if TYPE_CHECKING:
     from pylm.registry import Registration, Registry
 
-__all__ = ["BaseServer", "Options2016", "ServerOptions", "exposed_functions"]
+__all__ = [
+    "ASYNC_CONCURRENCY",
+    "MAX_CONCURRENCY",
+    "BaseServer",
+    "Options2016",
+    "ServerOptions",
+    "exposed_functions",
+]
+
+ASYNC_CONCURRENCY = 64  # calls of async def functions in progress at once, by default
+MAX_CONCURRENCY = 10_000
 
 
 class ServerOptions(TypedDict, total=False):
@@ -60,6 +70,7 @@ class ServerOptions(TypedDict, total=False):
     metrics: bool | None
     curve: Curve | None
     rolling: bool
+    concurrency: int | None
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,7 @@ class BaseServer:
     _pylm_framework = True
     kind: ClassVar[str] = "base"
     sends_to: ClassVar[str] = "client"  # where results go: "client", or "next" (stage)
+    serves_concurrently: ClassVar[bool] = False  # takes concurrency and async def functions
 
     def __init__(
         self,
@@ -100,6 +112,7 @@ class BaseServer:
         metrics: bool | None = None,
         curve: Curve | None = None,
         rolling: bool = False,
+        concurrency: int | None = None,
     ) -> None:
         """``options2016``: the options every server takes positionally
         (:class:`Options2016`; default: none given). ``registry`` (a
@@ -111,8 +124,21 @@ class BaseServer:
         and serve it, with the process's other servers, at ``/metrics``.
         ``rolling``: this is a new version rolling out, whose functions may
         differ from those of the live instances of its name (without it,
-        such a server is refused at start: :class:`InterfaceMismatch`)."""
+        such a server is refused at start: :class:`InterfaceMismatch`).
+        ``concurrency``: at most this many calls in progress at once
+        (standalone servers; see :data:`SERVES_CONCURRENTLY`): ``async def``
+        functions run on the server's event loop, blocking ones on a pool of
+        this many threads. Default: blocking functions one at a time,
+        ``async def`` ones up to :data:`ASYNC_CONCURRENCY` at once."""
         check_name(name)
+        if concurrency is not None and (
+            not isinstance(concurrency, int)
+            or isinstance(concurrency, bool)
+            or not 1 <= concurrency <= MAX_CONCURRENCY
+        ):
+            raise ValueError(
+                f"concurrency must be an int from 1 to {MAX_CONCURRENCY}, got {concurrency!r}"
+            )
         if not isinstance(max_payload, int) or max_payload <= 0:
             raise ValueError(f"max_payload must be a positive int, got {max_payload!r}")
         old = options2016 or Options2016()
@@ -166,6 +192,13 @@ class BaseServer:
             unknown=self._dispatch_error,
         )
         self._call = self._exposed.call  # bound once: the hot path takes no extra hop
+        self.concurrency = concurrency
+        if (self._exposed.coroutines or (concurrency or 1) > 1) and not self.serves_concurrently:
+            raise ValueError(
+                f"{type(self).__name__} {name!r}: async def functions and concurrency > 1 are"
+                " served by standalone servers only, not yet by a"
+                f" {self.kind} server (its functions run one at a time)"
+            )
         self._registrar = Registrar(
             name,
             self.kind,

@@ -17,6 +17,7 @@ so the counting is inline and the clock is read only when it counts.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pylm.logs import LimitedLog
 from pylm.telemetry.counting import BUCKETS as _BUCKETS
 from pylm.telemetry.counting import UNKNOWN_FUNCTION, FunctionStats, ServerStats
 
-__all__ = ["Exposed", "Function", "exposed_functions", "idempotent"]
+__all__ = ["Exposed", "Function", "Ran", "exposed_functions", "idempotent", "run", "run_async"]
 
 _FIRST_BOUND = _BUCKETS[0]  # most calls are faster: no search for them
 
@@ -40,6 +41,28 @@ Function = Callable[[bytes], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 _IDEMPOTENT = "__pylm_idempotent__"
+
+Ran = tuple[object, Exception | None, float]
+"""How a call run elsewhere ended: its result, or the exception its function
+raised, and the seconds it took (for :meth:`Exposed.settle`)."""
+
+
+def run(function: Function, payload: bytes) -> Ran:
+    """Run a blocking function (in a thread of a server's pool)."""
+    start = _perf_counter()
+    try:
+        return function(payload), None, _perf_counter() - start
+    except Exception as exc:
+        return None, exc, _perf_counter() - start
+
+
+async def run_async(function: Function, payload: bytes) -> Ran:
+    """Run an ``async def`` function (on a server's event loop)."""
+    start = _perf_counter()
+    try:
+        return await function(payload), None, _perf_counter() - start
+    except Exception as exc:
+        return None, exc, _perf_counter() - start
 
 
 def idempotent(function: F) -> F:
@@ -128,6 +151,12 @@ class Exposed:
         }
         self._result_bytes = result_bytes or self.result_bytes
         self._unknown = unknown or self.unknown
+        # The targets of ``async def`` functions: run on an event loop, not called.
+        self.coroutines = frozenset(
+            prefix + fn.encode("utf-8")
+            for fn in self.functions
+            if inspect.iscoroutinefunction(getattr(server, fn))
+        )
 
     def call(self, target: bytes, payload: bytes, timed: bool = True) -> bytes:
         """Run the function ``target`` names on ``payload``; raise a
@@ -182,6 +211,41 @@ class Exposed:
         stats.buckets[0 if took <= _FIRST_BOUND else _bisect_left(_BUCKETS, took)] += 1
         stats.bytes_in += size
         stats.bytes_out += len(result)
+        return result
+
+    def lookup(self, target: bytes, payload: bytes) -> tuple[Function, FunctionStats | None]:
+        """The function ``target`` names and where its calls are counted, for
+        a call run elsewhere (a thread, an event loop) and then
+        :meth:`settle`-d; raises (and counts) what :meth:`call` would for an
+        unknown function or a payload over the limit."""
+        entry = self.table.get(target)
+        if entry is None:
+            if self.stats is not None:
+                self.stats.functions[UNKNOWN_FUNCTION].failed(0.0, len(payload))
+            raise self._unknown(target)
+        if len(payload) > self.max_payload:
+            if entry[1] is not None:
+                entry[1].failed(0.0, len(payload))
+            raise self.too_large(target, payload)
+        return entry
+
+    def settle(self, target: bytes, size: int, stats: FunctionStats | None, ran: Ran) -> bytes:
+        """The result of a call that ran elsewhere (:func:`run`), counted,
+        in bytes; or the :class:`PylmError` to answer, as :meth:`call` raises."""
+        result, error, seconds = ran
+        if error is not None:
+            if stats is not None:
+                stats.failed(seconds, size)
+            raise self.remote_error(target, error)
+        if type(result) is not bytes:
+            try:
+                result = self._result_bytes(target, result)
+            except PylmError:
+                if stats is not None:
+                    stats.failed(seconds, size)
+                raise
+        if stats is not None:
+            stats.done(seconds, size, len(result))
         return result
 
     def too_large(self, target: bytes, payload: bytes) -> PayloadTooLarge:

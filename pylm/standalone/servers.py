@@ -88,6 +88,7 @@ class Server(BaseServer):
 
     _pylm_framework = True
     kind = "standalone"
+    serves_concurrently = True
 
     def __init__(
         self,
@@ -132,6 +133,11 @@ class Server(BaseServer):
         self._socket = None
 
     def _serve(self) -> None:
+        if self._exposed.coroutines or (self.concurrency or 1) > 1:
+            from pylm.standalone.concurrent import ConcurrentLoop
+
+            ConcurrentLoop(self).serve()
+            return
         socket = self._socket
         assert socket is not None
         recv, send, call = partial(_recv, socket), partial(send_frame, socket), self._call

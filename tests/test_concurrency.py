@@ -1,0 +1,160 @@
+"""Concurrency inside a standalone server: ``async def`` functions on the
+server's event loop, blocking functions on a pool (``concurrency=N``), at
+most N calls in progress; each call answered once, errors per call, counted,
+and the calls in progress answered on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from pylm.chained import Server as Stage
+from pylm.errors import RemoteError
+from pylm.parallel import Worker
+from pylm.standalone import AsyncClient, Server
+from pylm.testing import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Gate:
+    """Calls in progress, the most seen at once, and a gate they wait on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = self.peak = 0
+        self.open = threading.Event()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+class Held(Server):
+    """Its calls wait until the test opens the gate: async and blocking ones."""
+
+    gate = Gate()
+
+    async def wait(self, message: bytes) -> bytes:
+        self.gate.enter()
+        while not self.gate.open.is_set():
+            await asyncio.sleep(0.002)  # the function's own waiting, on its loop
+        self.gate.leave()
+        return b"waited " + message
+
+    def block(self, message: bytes) -> bytes:
+        self.gate.enter()
+        assert self.gate.open.wait(30)
+        self.gate.leave()
+        return b"blocked " + message
+
+    async def fail(self, message: bytes) -> bytes:
+        raise ValueError(f"no {message.decode()}")
+
+
+def calls(address: str, function: str, count: int) -> list[bytes | BaseException]:
+    """``count`` calls of ``function`` at once, in a thread of their own:
+    their answers, or the errors they raised."""
+
+    async def all_at_once() -> list[bytes | BaseException]:
+        async with AsyncClient(address, "held", timeout=30) as client:
+            jobs = [client.job(function, b"%d" % n) for n in range(count)]
+            return list(await asyncio.gather(*jobs, return_exceptions=True))
+
+    return asyncio.run(all_at_once())
+
+
+def in_thread(run: Callable[[], list[bytes | BaseException]]) -> Callable[[], list[object]]:
+    """Start ``run`` in a thread; a function that waits for its value."""
+    box: list[object] = []
+    thread = threading.Thread(target=lambda: box.extend(run()))
+    thread.start()
+
+    def value() -> list[object]:
+        thread.join(30)
+        assert not thread.is_alive()
+        return box
+
+    return value
+
+
+@pytest.mark.parametrize(
+    ("function", "concurrency", "peak"),
+    [("wait", 8, 8), ("block", 4, 4), ("block", None, 1), ("wait", None, 40)],
+    ids=["async-8", "blocking-4", "blocking-default-1", "async-default-all-40"],
+)
+def test_calls_run_concurrently_up_to_the_bound(
+    function: str, concurrency: int | None, peak: int
+) -> None:
+    """40 calls at once: at most ``concurrency`` in progress (blocking
+    functions one at a time by default, async ones up to 64), never more;
+    once the gate opens, each gets its own answer."""
+    Held.gate = Gate()
+    with Held("held", "tcp://127.0.0.1:0", log_stdout=False, concurrency=concurrency) as server:
+        assert server.address is not None
+        answers = in_thread(lambda: calls(server.address, function, 40))  # type: ignore[arg-type]
+        wait_for(lambda: Held.gate.peak == peak, 20, f"{peak} calls in progress")
+        Held.gate.open.set()
+        word = b"waited" if function == "wait" else b"blocked"
+        assert answers() == [word + b" %d" % n for n in range(40)]
+        assert Held.gate.peak == peak  # never more in progress at once
+        assert server.stats is not None
+        assert server.stats.functions[function].calls == 40
+        assert server.stats.in_flight == 0
+
+
+def test_errors_are_per_call_and_counted() -> None:
+    with Held("held", "tcp://127.0.0.1:0", log_stdout=False) as server:
+        assert server.address is not None
+        answers = calls(server.address, "fail", 10)
+        assert server.stats is not None
+        assert server.stats.functions["fail"].errors == 10
+    for n, answer in enumerate(answers):
+        assert isinstance(answer, RemoteError)
+        assert (answer.remote_type, answer.remote_message) == ("ValueError", f"no {n}")
+
+
+def test_stop_answers_the_calls_in_progress() -> None:
+    """stop() while calls are in progress: it reads no more, and each call
+    in progress gets its answer before the server ends."""
+    Held.gate = Gate()
+    server = Held("held", "tcp://127.0.0.1:0", log_stdout=False, concurrency=16)
+    server.start(background=True)
+    try:
+        assert server.address is not None
+        answers = in_thread(lambda: calls(server.address, "wait", 16))  # type: ignore[arg-type]
+        wait_for(lambda: Held.gate.peak == 16, 20, "16 calls in progress")
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        Held.gate.open.set()
+        stopping.join(20)
+        assert not stopping.is_alive()
+        assert answers() == [b"waited %d" % n for n in range(16)]
+    finally:
+        server.stop()
+
+
+def test_async_functions_and_concurrency_are_for_standalone_servers_only() -> None:
+    class AsyncStage(Stage):
+        async def tag(self, message: bytes) -> bytes:
+            return message
+
+    class Doer(Worker):
+        def do(self, message: bytes) -> bytes:
+            return message
+
+    with pytest.raises(ValueError, match="served by standalone servers only"):
+        AsyncStage("stage", next_call="last.done", log_stdout=False)
+    with pytest.raises(ValueError, match="served by standalone servers only"):
+        Doer("doer", "master", log_stdout=False, concurrency=4)
+    for bad in (0, -1, 10_001, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="concurrency must be an int"):
+            Held("held", log_stdout=False, concurrency=bad)  # type: ignore[arg-type]
