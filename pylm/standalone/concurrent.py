@@ -57,6 +57,9 @@ class ConcurrentLoop:
         self.threads = server.concurrency or 1  # blocking functions: one at a time by default
         self.coroutines = exposed.coroutines
         self._ended: queue.SimpleQueue[tuple[_Call, Ran]] = queue.SimpleQueue()
+        self._woken = threading.Event()  # set: a byte is on the pipe, not yet read
+        self._to_loop: list[tuple[_Call, Function, bytes]] = []  # started by the last read
+        self._tasks: set[asyncio.Task[None]] = set()  # the event loop's calls in progress
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -124,6 +127,10 @@ class ConcurrentLoop:
                         draining, give_up = True, now + DRAIN_MAX
                         continue
                     in_progress += self._start(frames, pool, loop)
+                if self._to_loop:  # one hop to the event loop for all the calls just read
+                    assert loop is not None
+                    loop.call_soon_threadsafe(self._begin, loop, self._to_loop)
+                    self._to_loop = []
             if reading and draining and (now - quiet_since > DRAIN_QUIET or now > give_up):
                 reading = False  # quiet: the clients have moved on
             if reading and server.served >= server.messages:
@@ -169,9 +176,7 @@ class ConcurrentLoop:
             return 0
         call: _Call = (envelope, message.msg_id, message.target, len(message.payload), stats)
         if message.target in self.coroutines:
-            assert loop is not None
-            coroutine = self._run_async(call, function, message.payload)
-            asyncio.run_coroutine_threadsafe(coroutine, loop)
+            self._to_loop.append((call, function, message.payload))
         else:
             pool.submit(self._run, call, function, message.payload)
         return 1
@@ -180,11 +185,25 @@ class ConcurrentLoop:
         self._ended.put((call, run(function, payload)))
         self._wake()
 
+    def _begin(
+        self, loop: asyncio.AbstractEventLoop, calls: list[tuple[_Call, Function, bytes]]
+    ) -> None:
+        """On the event loop: start ``calls``, a task each (kept until done)."""
+        for call, function, payload in calls:
+            task = loop.create_task(self._run_async(call, function, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _run_async(self, call: _Call, function: Function, payload: bytes) -> None:
         self._ended.put((call, await run_async(function, payload)))
         self._wake()
 
     def _wake(self) -> None:
+        """Have the serving thread look at the calls that ended (one byte on
+        the pipe until it does)."""
+        if self._woken.is_set():
+            return
+        self._woken.set()
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full: the serving thread is awake already
@@ -198,6 +217,9 @@ class ConcurrentLoop:
                 pass
         except BlockingIOError:
             pass
+        # After the pipe is read, before the queue is: a call that ends from
+        # now on writes a byte again, one that ended before is in the queue.
+        self._woken.clear()
         ended = 0
         while True:
             try:
