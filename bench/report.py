@@ -11,7 +11,8 @@ Each part is a benchmark module run as its own process with ``--json``
 (``rpc``, ``pipeline``, ``stage``, ``parallel``, ``registry``, ``metrics``, ``scale``,
 ``profile``: py-spy's view of where a call's time goes; ``gateway``: HTTP
 through ``pylm gateway`` with wrk, against its ASGI ceiling and Pyro5's
-HTTP gateway);
+HTTP gateway; ``concurrency``: 10 ms calls, 64 callers, beside Pyro5's
+thread-pool server);
 pylm runs side by side with raw pyzmq and the peers in the same run, so the
 ratios compare like with like. The report holds, per part, the table the
 benchmark printed, then a check of every target against the measured ratios,
@@ -66,6 +67,7 @@ PARTS = (
     Part("scale", (), ("--quick",), title="300 servers"),
     Part("profile", (), ("--quick",), title="Where a call's time goes"),
     Part("gateway", (), ("--quick",), title="HTTP through the gateway"),
+    Part("concurrency", (), ("--quick",), title="Calls that wait"),
 )
 
 Data = dict[str, Any]
@@ -219,9 +221,9 @@ def _stage_loss(data: Data | None) -> float | None:
     return None if ratio is None else 1 - ratio
 
 
-def _gateway(data: Data | None, other: str) -> float | None:
-    """bench.gateway: the gateway's rate over the ceiling's or Pyro5's."""
-    value = (data or {}).get("ratios", {}).get(other)
+def _ratio(data: Data | None, name: str) -> float | None:
+    """A ratio a benchmark computed itself (its JSON's ``ratios``)."""
+    value = (data or {}).get("ratios", {}).get(name)
     return float(value) if value is not None else None
 
 
@@ -302,12 +304,22 @@ TARGETS = (
     Target(
         "HTTP, 64 connections: pylm gateway / the same ASGI server echoing",
         0.5,
-        lambda d: _gateway(d["gateway"], "ceiling"),
+        lambda d: _ratio(d["gateway"], "ceiling"),
+    ),
+    Target(
+        "10 ms async calls, 64 callers, concurrency 32: pylm / the ideal 3,200 calls/s",
+        0.9,
+        lambda d: _ratio(d["concurrency"], "ideal"),
+    ),
+    Target(
+        "10 ms calls, 64 callers, 64 in progress: pylm async / Pyro5's thread pool",
+        1.0,
+        lambda d: _ratio(d["concurrency"], "pyro5"),
     ),
     Target(
         "HTTP, 64 connections: pylm gateway / Pyro5's HTTP gateway",
         3.0,
-        lambda d: _gateway(d["gateway"], "pyro5"),
+        lambda d: _ratio(d["gateway"], "pyro5"),
     ),
 )
 
