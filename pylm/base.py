@@ -126,7 +126,7 @@ class BaseServer:
         differ from those of the live instances of its name (without it,
         such a server is refused at start: :class:`InterfaceMismatch`).
         ``concurrency``: at most this many calls in progress at once
-        (standalone servers; see :data:`SERVES_CONCURRENTLY`): ``async def``
+        (standalone servers and workers: ``serves_concurrently``): ``async def``
         functions run on the server's event loop, blocking ones on a pool of
         this many threads. Default: blocking functions one at a time,
         ``async def`` ones up to :data:`ASYNC_CONCURRENCY` at once."""
@@ -196,7 +196,7 @@ class BaseServer:
         if (self._exposed.coroutines or (concurrency or 1) > 1) and not self.serves_concurrently:
             raise ValueError(
                 f"{type(self).__name__} {name!r}: async def functions and concurrency > 1 are"
-                " served by standalone servers only, not yet by a"
+                " served by standalone servers and workers only, not yet by a"
                 f" {self.kind} server (its functions run one at a time)"
             )
         self._registrar = Registrar(
@@ -450,7 +450,7 @@ class BaseServer:
 
     @_table.setter
     def _table(self, table: dict[bytes, tuple[Function, FunctionStats | None]]) -> None:
-        self._exposed.table = table
+        self._exposed.set_table(table)
 
     def _too_large(self, target: bytes, payload: bytes) -> PayloadTooLarge:
         return self._exposed.too_large(target, payload)

@@ -47,6 +47,12 @@ Ran = tuple[object, Exception | None, float]
 raised, and the seconds it took (for :meth:`Exposed.settle`)."""
 
 
+def _coroutines(table: dict[bytes, tuple[Function, FunctionStats | None]]) -> frozenset[bytes]:
+    return frozenset(
+        target for target, (function, _) in table.items() if inspect.iscoroutinefunction(function)
+    )
+
+
 def run(function: Function, payload: bytes) -> Ran:
     """Run a blocking function (in a thread of a server's pool)."""
     start = _perf_counter()
@@ -152,11 +158,7 @@ class Exposed:
         self._result_bytes = result_bytes or self.result_bytes
         self._unknown = unknown or self.unknown
         # The targets of ``async def`` functions: run on an event loop, not called.
-        self.coroutines = frozenset(
-            prefix + fn.encode("utf-8")
-            for fn in self.functions
-            if inspect.iscoroutinefunction(getattr(server, fn))
-        )
+        self.coroutines = _coroutines(self.table)
 
     def call(self, target: bytes, payload: bytes, timed: bool = True) -> bytes:
         """Run the function ``target`` names on ``payload``; raise a
@@ -212,6 +214,11 @@ class Exposed:
         stats.bytes_in += size
         stats.bytes_out += len(result)
         return result
+
+    def set_table(self, table: dict[bytes, tuple[Function, FunctionStats | None]]) -> None:
+        """Call the functions by other targets (a worker's: its master's name)."""
+        self.table = table
+        self.coroutines = _coroutines(table)
 
     def lookup(self, target: bytes, payload: bytes) -> tuple[Function, FunctionStats | None]:
         """The function ``target`` names and where its calls are counted, for

@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from pylm.chained import Server as Stage
 from pylm.errors import RemoteError
-from pylm.parallel import Worker
+from pylm.parallel import Client as ParallelClient
+from pylm.parallel import Master, Worker
+from pylm.registry import Registry
 from pylm.standalone import AsyncClient, Server
 from pylm.testing import wait_for
 
@@ -143,7 +145,7 @@ def test_stop_answers_the_calls_in_progress() -> None:
         server.stop()
 
 
-def test_async_functions_and_concurrency_are_for_standalone_servers_only() -> None:
+def test_async_functions_and_concurrency_are_refused_by_stages() -> None:
     class AsyncStage(Stage):
         async def tag(self, message: bytes) -> bytes:
             return message
@@ -152,13 +154,73 @@ def test_async_functions_and_concurrency_are_for_standalone_servers_only() -> No
         def do(self, message: bytes) -> bytes:
             return message
 
-    with pytest.raises(ValueError, match="served by standalone servers only"):
+        async def stream(self, message: bytes) -> AsyncIterator[bytes]:
+            yield message
+
+    with pytest.raises(ValueError, match="served by standalone servers and workers only"):
         AsyncStage("stage", next_call="last.done", log_stdout=False)
-    with pytest.raises(ValueError, match="served by standalone servers only"):
-        Doer("doer", "master", log_stdout=False, concurrency=4)
+    with pytest.raises(ValueError, match="async generator functions are not served"):
+        Doer("doer", "master", log_stdout=False)
+    with pytest.raises(ValueError, match=r"slots \(2\) must be at least concurrency \(4\)"):
+        Held("held", log_stdout=False)  # fine
+        HeldWorker("doer", "master", log_stdout=False, concurrency=4, slots=2)
     for bad in (0, -1, 10_001, 2.5, True, "8"):
         with pytest.raises(ValueError, match="concurrency must be an int"):
             Held("held", log_stdout=False, concurrency=bad)  # type: ignore[arg-type]
+
+
+class HeldWorker(Worker):
+    """A worker whose jobs wait on the gate, async and blocking; and a stream."""
+
+    gate = Gate()
+
+    async def wait(self, message: bytes) -> bytes:
+        self.gate.enter()
+        while not self.gate.open.is_set():
+            await asyncio.sleep(0.002)
+        self.gate.leave()
+        return b"waited " + message
+
+    def block(self, message: bytes) -> bytes:
+        self.gate.enter()
+        assert self.gate.open.wait(30)
+        self.gate.leave()
+        return b"blocked " + message
+
+    def count(self, message: bytes) -> Iterator[bytes]:
+        for n in range(int(message)):
+            yield b"%d" % n
+
+
+@pytest.mark.parametrize(
+    ("function", "concurrency", "peak"),
+    [("wait", 8, 8), ("block", 4, 4), ("wait", None, 30)],
+    ids=["async-8", "blocking-4", "async-default"],
+)
+def test_a_worker_runs_jobs_concurrently_up_to_the_bound(
+    pylm_registry: Registry, function: str, concurrency: int | None, peak: int
+) -> None:
+    """A worker with concurrency N (slots N by default) runs N jobs of a
+    master at once, never more; each job's result once; streams still work."""
+    HeldWorker.gate = Gate()
+    master = Master("pool", registry=pylm_registry, log_stdout=False)
+    worker = HeldWorker(
+        "doer", "pool", registry=pylm_registry, log_stdout=False, concurrency=concurrency
+    )
+    with master, worker, ParallelClient("pool", registry=pylm_registry, timeout=30) as client:
+        wait_for(lambda: client.ping()["workers"] == 1, 20, "the worker joined")
+        box: list[bytes] = []
+        jobs = threading.Thread(
+            target=lambda: box.extend(client.job(function, [b"%d" % n for n in range(30)]))
+        )
+        jobs.start()
+        wait_for(lambda: HeldWorker.gate.peak == peak, 20, f"{peak} jobs in progress")
+        HeldWorker.gate.open.set()
+        jobs.join(30)
+        word = b"waited" if function == "wait" else b"blocked"
+        assert sorted(box) == sorted(word + b" %d" % n for n in range(30))
+        assert HeldWorker.gate.peak == peak
+        assert sorted(client.job("count", [b"3"])) == [b"0", b"1", b"2"]
 
 
 class Quick(Server):

@@ -14,6 +14,7 @@ says so, and the worker says hello again from its job socket.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import BaseServer, Options2016, ServerOptions
+from pylm.base import ASYNC_CONCURRENCY, BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import (
@@ -37,7 +38,7 @@ from pylm.errors import (
     RequestTimeout,
     UnknownFunction,
 )
-from pylm.lifecycle import Drain
+from pylm.lifecycle import DRAIN_MAX, Drain
 from pylm.names import check_name
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
 from pylm.parallel.hello import MAX_SLOTS, hello
@@ -53,10 +54,13 @@ from pylm.protocol import (
     read_id,
     read_sizes,
 )
+from pylm.running import Runner
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from pylm.telemetry.counting import FunctionStats
 
 
 __all__ = ["Worker"]
@@ -80,6 +84,11 @@ class _Stopping(Exception):
     pass
 
 
+# A job in progress elsewhere: the master's socket, its id, target, payload
+# size and counters.
+_Job = tuple[zmq.Socket, int, bytes, int, "FunctionStats | None"]
+
+
 class Worker(BaseServer):
     """Runs the jobs of the master ``master``. Subclass it and add methods
     that take bytes and return bytes, or yield bytes (a streaming job)::
@@ -101,6 +110,7 @@ class Worker(BaseServer):
 
     _pylm_framework = True
     kind = "worker"
+    serves_concurrently = True
 
     def __init__(
         self,
@@ -111,7 +121,7 @@ class Worker(BaseServer):
         log_level: int = logging.INFO,
         messages: int = sys.maxsize,
         *,
-        slots: int = 1,
+        slots: int | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         **options: Unpack[ServerOptions],
     ) -> None:
@@ -119,8 +129,21 @@ class Worker(BaseServer):
         super().__init__(name, options2016=old, **options)
         if not isinstance(master, str) or not master or "://" in master:
             raise ValueError(f"master must be the master's name, got {master!r}")
+        # Slots: one per job in progress at once, by default.
+        limit = self.concurrency or (ASYNC_CONCURRENCY if self._exposed.coroutines else 1)
+        slots = min(limit, MAX_SLOTS) if slots is None else slots
         if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, got {slots!r}")
+        if self.concurrency is not None and slots < self.concurrency:
+            raise ValueError(
+                f"slots ({slots}) must be at least concurrency ({self.concurrency}): the master"
+                " gives a worker as many jobs at once as it has slots"
+            )
+        if any(inspect.isasyncgenfunction(getattr(self, f)) for f in self.functions):
+            raise ValueError(
+                f"worker {name!r}: async generator functions are not served (a streaming"
+                " function is a plain generator; async def functions return one result)"
+            )
         if not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         self.master = master
@@ -148,6 +171,13 @@ class Worker(BaseServer):
         self._left: dict[str, float] = {}  # master instances gone from the registry: when to drop
         self._busy = False
         self._gone = False  # said goodbye
+        # Jobs that may overlap (concurrency, async def): run by a Runner,
+        # at most ``_limit`` in progress, answered by the serving thread.
+        self._limit = min(slots, limit)
+        self._runner: Runner[_Job] | None = None
+        if self._exposed.coroutines or self._limit > 1:
+            self._runner = Runner(name, self.concurrency or 1, bool(self._exposed.coroutines))
+        self._in_progress = 0
         self._rehello = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat thread should stop
         self._beater: threading.Thread | None = None
@@ -281,7 +311,7 @@ class Worker(BaseServer):
                 for address in [a for a in sockets if a not in self.masters]:
                     poller.unregister(sockets[address])
                     close_socket(sockets.pop(address))
-                free = self.slots - (1 if self._busy else 0)
+                free = self.slots - max(self._in_progress, 1 if self._busy else 0)
                 beat = hello(self.identity, self.name, self.slots, free)
                 for socket in sockets.values():
                     try:
@@ -306,15 +336,53 @@ class Worker(BaseServer):
 
     def _serve(self) -> None:
         timeout = max(1, int(self.heartbeat * 1000))
+        runner = self._runner
+        if runner is not None:
+            runner.open()
+            self._poller.register(runner.fd, zmq.POLLIN)
         try:
             while self.served < self.messages:
+                self._open_for_jobs()
                 for socket, _ in self._poller.poll(timeout):
                     if socket is self._control:
                         raise _Stopping
-                    self._drain(socket)
+                    if runner is not None and socket == runner.fd:
+                        self._answer_ended()
+                    else:
+                        self._drain(socket)
                 self._follow()
+            self._finish()
         except _Stopping:
             self._leave()
+        finally:
+            if runner is not None:
+                self._poller.unregister(runner.fd)
+                runner.close()
+
+    def _open_for_jobs(self) -> None:
+        """Read the masters' sockets while there is room for a job (jobs that
+        overlap: at most ``_limit`` in progress)."""
+        if self._runner is not None:
+            events = zmq.POLLIN if self._in_progress < self._limit else 0
+            for socket in self._sockets.values():
+                self._poller.modify(socket, events)
+
+    def _finish(self, seconds: float = DRAIN_MAX) -> None:
+        """Answer the jobs still in progress, waiting ``seconds`` at most."""
+        runner = self._runner
+        if runner is None or not self._in_progress:
+            return
+        end = time.monotonic() + seconds
+        while self._in_progress and (left := end - time.monotonic()) > 0:
+            for socket, _ in self._poller.poll(int(left * 1000) + 1):
+                if socket == runner.fd:
+                    self._answer_ended()
+        if self._in_progress:
+            self.logger.warning(
+                "%s: stopped with %d job(s) still in progress, not answered",
+                self.name,
+                self._in_progress,
+            )
 
     def _follow(self) -> None:
         """Connect to master instances that joined; say hello again if a
@@ -346,18 +414,26 @@ class Worker(BaseServer):
         for socket in self._sockets.values():
             self._say(socket, leaving=True)
         drain = Drain()  # the master stops sending on the leaving notice
+        runner = self._runner
         while (wait := drain.wait_ms()) is not None:
+            self._open_for_jobs()
             for socket, _ in self._poller.poll(wait):
-                if socket is not self._control:
+                if runner is not None and socket == runner.fd:
+                    self._answer_ended()
+                elif socket is not self._control:
                     self._drain(socket)
                     drain.heard()
                 else:
                     self._control.recv_multipart()
+        self._finish()
         for socket in self._sockets.values():
             self._say(socket, bye=True)
         self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
+        if self._runner is not None:
+            self._start_jobs(socket, self._runner)
+            return
         recv, send, call = socket.recv, partial(send_frame, socket), self._call
         reply_to = protocol.reply_to
         for _ in range(64):
@@ -401,6 +477,55 @@ class Worker(BaseServer):
                 self._other(socket, [body, *rest_of(socket)])
             finally:
                 self._busy = False
+
+    def _start_jobs(self, socket: zmq.Socket, runner: Runner[_Job]) -> None:
+        """Read jobs from a master while there is room, and start them."""
+        while self._in_progress < self._limit:
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if self.stats is not None:
+                self.stats.received += 1
+            try:
+                message = protocol.decode(frames)
+            except ProtocolError:
+                self._other(socket, frames)  # dropped, counted, answered
+                continue
+            if message.kind != protocol.REQUEST:
+                self._other(socket, frames)
+                continue
+            if past_deadline(frames[0], expiry_stamp(time.time())):
+                self._expire(socket, frames[0])
+                continue
+            self.served += 1
+            try:
+                function, stats = self._exposed.lookup(message.target, message.payload)
+            except PylmError as error:
+                self._answer(socket, protocol.encode_error(message.msg_id, error))
+                continue
+            job: _Job = (socket, message.msg_id, message.target, len(message.payload), stats)
+            coroutine = message.target in self._exposed.coroutines
+            runner.start(job, function, message.payload, coroutine)
+            self._in_progress += 1
+        runner.flush()  # one hop to the event loop for the jobs just read
+
+    def _answer_ended(self) -> None:
+        """Count and answer the jobs that ended (a stream's items are sent
+        from here, as its generator gives them)."""
+        assert self._runner is not None
+        for (socket, msg_id, target, size, stats), ran in self._runner.ended():
+            self._in_progress -= 1
+            if socket.closed:  # its master left meanwhile: nobody to answer
+                continue
+            try:
+                result = self._exposed.settle(target, size, stats, ran)
+            except PylmError as error:
+                self._answer(socket, protocol.encode_error(msg_id, error))
+            except _Stream as stream:
+                self._stream(socket, msg_id, target, stream)
+            else:
+                self._answer(socket, protocol.encode(protocol.REPLY, msg_id, result))
 
     @staticmethod
     def _id(body: bytes) -> int:
