@@ -17,6 +17,7 @@ on to them.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -193,6 +194,12 @@ class BaseServer:
         )
         self._call = self._exposed.call  # bound once: the hot path takes no extra hop
         self.concurrency = concurrency
+        generators = [f for f in self.functions if inspect.isasyncgenfunction(getattr(self, f))]
+        if generators:
+            raise ValueError(
+                f"{type(self).__name__} {name!r}: async generator functions are not served"
+                f" ({', '.join(generators)}); a streaming function of a worker is a plain generator"
+            )
         if (self._exposed.coroutines or (concurrency or 1) > 1) and not self.serves_concurrently:
             raise ValueError(
                 f"{type(self).__name__} {name!r}: async def functions and concurrency > 1 are"

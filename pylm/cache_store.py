@@ -4,6 +4,7 @@ is in :mod:`pylm.cache`)."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator, MutableMapping
 
@@ -42,18 +43,21 @@ class Cache(MutableMapping[str, bytes]):
         self._prefix = server.encode("utf-8") + b"."
         self._items: dict[str, bytes] = {}
         self._bytes = 0  # of keys and values held, kept as they change
+        self._lock = threading.Lock()  # functions run in a server's threads may write too
 
     def __getitem__(self, key: str) -> bytes:
         return self._items[key]
 
     def __setitem__(self, key: str, value: bytes) -> None:
-        old = self._items.get(key)
-        self._items[key] = value
-        self._bytes += len(value) + (len(key) + ENTRY_BYTES if old is None else -len(old))
+        with self._lock:
+            old = self._items.get(key)
+            self._items[key] = value
+            self._bytes += len(value) + (len(key) + ENTRY_BYTES if old is None else -len(old))
 
     def __delitem__(self, key: str) -> None:
-        value = self._items.pop(key)
-        self._bytes -= len(key) + len(value) + ENTRY_BYTES
+        with self._lock:
+            value = self._items.pop(key)
+            self._bytes -= len(key) + len(value) + ENTRY_BYTES
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -58,8 +58,8 @@ def run(function: Function, payload: bytes) -> Ran:
     start = _perf_counter()
     try:
         return function(payload), None, _perf_counter() - start
-    except Exception as exc:
-        return None, exc, _perf_counter() - start
+    except BaseException as exc:  # SystemExit too: the call ends, as an error
+        return None, _exception(exc), _perf_counter() - start
 
 
 async def run_async(function: Function, payload: bytes) -> Ran:
@@ -67,8 +67,15 @@ async def run_async(function: Function, payload: bytes) -> Ran:
     start = _perf_counter()
     try:
         return await function(payload), None, _perf_counter() - start
-    except Exception as exc:
-        return None, exc, _perf_counter() - start
+    except BaseException as exc:  # a CancelledError too: the call ends, as an error
+        return None, _exception(exc), _perf_counter() - start
+
+
+def _exception(exc: BaseException) -> Exception:
+    """``exc`` as the Exception a caller is told of."""
+    if isinstance(exc, Exception):
+        return exc
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def idempotent(function: F) -> F:
@@ -240,6 +247,10 @@ class Exposed:
         """The result of a call that ran elsewhere (:func:`run`), counted,
         in bytes; or the :class:`PylmError` to answer, as :meth:`call` raises."""
         result, error, seconds = ran
+        if error is None and inspect.isawaitable(result):  # a sync function that returned one
+            if inspect.iscoroutine(result):
+                result.close()
+            error = TypeError("returned an awaitable, not bytes: declare the function async def")
         if error is not None:
             if stats is not None:
                 stats.failed(seconds, size)

@@ -8,60 +8,76 @@ ends is put in a queue, and a byte is written on a pipe the serving thread
 polls beside its sockets (:attr:`Runner.fd`); the serving thread takes the
 ended calls (:meth:`Runner.ended`), counts them and answers them: the
 counters keep one writer, the sockets one thread.
+
+Every thread here is a daemon: a function that never returns holds neither
+the server's stop nor the process's exit. A blocking call still waiting for
+a thread when its deadline passes is not run: it ends as :class:`Expired`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import queue
 import threading
+import time
 from typing import Generic, TypeVar
 
 from pylm.exposed import Function, Ran, run, run_async
 
-__all__ = ["Runner"]
+__all__ = ["Expired", "Runner"]
 
 T = TypeVar("T")
+_CLOCK_SLACK = 1.0  # s past its deadline that a call is still run (hosts' clocks differ)
+
+
+class Expired(Exception):
+    """A call that waited for a thread past its deadline: not run."""
 
 
 class Runner(Generic[T]):
     """Runs calls for the serving thread of server ``name``: blocking ones
     on ``threads`` threads, ``async def`` ones on an event loop (made if
     ``coroutines``); each call is known by a token of the caller's, given
-    back with how it ran. From :meth:`open`-ing until :meth:`close`."""
+    back with how it ran. From :meth:`open` until :meth:`close`."""
 
     def __init__(self, name: str, threads: int, coroutines: bool) -> None:
         self.name, self.threads, self.coroutines = name, threads, coroutines
         self._ended: queue.SimpleQueue[tuple[T, Ran]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[T, Function, bytes, float] | None] = queue.SimpleQueue()
         self._woken = threading.Event()  # set: a byte is on the pipe, not yet read
+        self._lock = threading.Lock()  # the pipe's write end against close()
+        self._closed = False
         self._to_loop: list[tuple[T, Function, bytes]] = []  # started since the last flush
         self._tasks: set[asyncio.Task[None]] = set()  # the event loop's calls in progress
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._looping: threading.Thread | None = None
+        self.fd = self._wake_w = -1
+
+    def open(self) -> None:
         self.fd, self._wake_w = os.pipe()
         os.set_blocking(self.fd, False)
         os.set_blocking(self._wake_w, False)
-
-    def open(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, f"pylm-{self.name}")
+        for number in range(self.threads):
+            name = f"pylm-{self.name}-{number}"
+            threading.Thread(target=self._work, name=name, daemon=True).start()
         if self.coroutines:
             self._loop = asyncio.new_event_loop()
             self._looping = threading.Thread(
-                target=self._loop.run_forever, name=f"pylm-{self.name}-loop"
+                target=self._loop.run_forever, name=f"pylm-{self.name}-loop", daemon=True
             )
             self._looping.start()
 
-    def start(self, token: T, function: Function, payload: bytes, is_async: bool) -> None:
-        """Run ``function(payload)``: on the pool now, or on the event loop
-        at the next :meth:`flush` (one hop there for a burst of calls)."""
+    def start(
+        self, token: T, function: Function, payload: bytes, is_async: bool, deadline: float
+    ) -> None:
+        """Run ``function(payload)``: on the pool (not if it waited for a
+        thread past ``deadline``, Unix time, 0 for none), or on the event
+        loop at the next :meth:`flush` (one hop there for a burst of calls)."""
         if is_async:
             self._to_loop.append((token, function, payload))
         else:
-            assert self._pool is not None
-            self._pool.submit(self._run, token, function, payload)
+            self._jobs.put((token, function, payload, deadline))
 
     def flush(self) -> None:
         """Start the ``async def`` calls given since the last flush."""
@@ -89,17 +105,32 @@ class Runner(Generic[T]):
                 return ended
 
     def close(self) -> None:
-        """Stop the pool and the event loop (calls still running are left)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the pool and the event loop; the calls still running end
+        unanswered (their tasks are cancelled; a thread finishes its call)."""
+        with self._lock:
+            if self._closed or self.fd < 0:
+                self._closed = True
+                return
+            self._closed = True
+        for _ in range(self.threads):
+            self._jobs.put(None)
         loop, looping = self._loop, self._looping
         if loop is not None and looping is not None:
-            loop.call_soon_threadsafe(loop.stop)
+            loop.call_soon_threadsafe(self._cancel_all)
             looping.join(5)
             if not looping.is_alive():
                 loop.close()
         os.close(self.fd)
         os.close(self._wake_w)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            token, function, payload, deadline = job
+            if deadline and time.time() > deadline + _CLOCK_SLACK:
+                ran: Ran = (None, Expired(), 0.0)
+            else:
+                ran = run(function, payload)
+            self._end(token, ran)
 
     def _begin(self, calls: list[tuple[T, Function, bytes]]) -> None:
         """On the event loop: start ``calls``, a task each (kept until done)."""
@@ -109,21 +140,27 @@ class Runner(Generic[T]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _run(self, token: T, function: Function, payload: bytes) -> None:
-        self._ended.put((token, run(function, payload)))
-        self._wake()
+    def _cancel_all(self) -> None:
+        """On the event loop, closing: cancel the calls, then stop."""
+        assert self._loop is not None
+        for task in self._tasks:
+            task.cancel()
+        self._loop.call_later(0.1, self._loop.stop)  # their cleanup runs meanwhile
 
     async def _run_async(self, token: T, function: Function, payload: bytes) -> None:
-        self._ended.put((token, await run_async(function, payload)))
-        self._wake()
+        self._end(token, await run_async(function, payload))
 
-    def _wake(self) -> None:
-        """Have the serving thread look at the calls that ended (one byte on
-        the pipe until it does)."""
+    def _end(self, token: T, ran: Ran) -> None:
+        """A call ended: queued, and the serving thread woken (one byte on
+        the pipe until it reads it)."""
+        self._ended.put((token, ran))
         if self._woken.is_set():
             return
-        self._woken.set()
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full: the serving thread is awake already
-            pass
+        with self._lock:
+            if self._closed:
+                return  # the serving loop has ended: nobody to answer
+            self._woken.set()
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # the pipe is full: the serving thread is awake already
+                pass

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from pylm.chained import Server as Stage
-from pylm.errors import RemoteError
+from pylm.errors import RemoteError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
 from pylm.registry import Registry
@@ -63,12 +63,14 @@ class Held(Server):
         raise ValueError(f"no {message.decode()}")
 
 
-def calls(address: str, function: str, count: int) -> list[bytes | BaseException]:
-    """``count`` calls of ``function`` at once, in a thread of their own:
-    their answers, or the errors they raised."""
+def calls(
+    address: str, function: str, count: int, timeout: float = 30
+) -> list[bytes | BaseException]:
+    """``count`` calls of ``function`` at once: their answers, or the
+    errors they raised."""
 
     async def all_at_once() -> list[bytes | BaseException]:
-        async with AsyncClient(address, "held", timeout=30) as client:
+        async with AsyncClient(address, "held", timeout=timeout) as client:
             jobs = [client.job(function, b"%d" % n) for n in range(count)]
             return list(await asyncio.gather(*jobs, return_exceptions=True))
 
@@ -111,7 +113,7 @@ def test_calls_run_concurrently_up_to_the_bound(
         assert Held.gate.peak == peak  # never more in progress at once
         assert server.stats is not None
         assert server.stats.functions[function].calls == 40
-        assert server.stats.in_flight == 0
+        wait_for(lambda: server.stats.in_flight == 0, 10, "every answer counted as sent")  # type: ignore[union-attr]
 
 
 def test_errors_are_per_call_and_counted() -> None:
@@ -125,11 +127,12 @@ def test_errors_are_per_call_and_counted() -> None:
         assert (answer.remote_type, answer.remote_message) == ("ValueError", f"no {n}")
 
 
-def test_stop_answers_the_calls_in_progress() -> None:
-    """stop() while calls are in progress: it reads no more, and each call
-    in progress gets its answer before the server ends."""
+def test_stop_answers_the_calls_in_progress(pylm_registry: Registry) -> None:
+    """stop() while every slot holds a call: the server sees it (it cannot
+    read stop's message then) and leaves the registry; the calls, released
+    only then, each get their answer before the server ends."""
     Held.gate = Gate()
-    server = Held("held", "tcp://127.0.0.1:0", log_stdout=False, concurrency=16)
+    server = Held("held", registry=pylm_registry, log_stdout=False, concurrency=16)
     server.start(background=True)
     try:
         assert server.address is not None
@@ -137,12 +140,72 @@ def test_stop_answers_the_calls_in_progress() -> None:
         wait_for(lambda: Held.gate.peak == 16, 20, "16 calls in progress")
         stopping = threading.Thread(target=server.stop)
         stopping.start()
+        wait_for(lambda: pylm_registry.instances("held") == [], 20, "the server leaving")
         Held.gate.open.set()
         stopping.join(20)
         assert not stopping.is_alive()
         assert answers() == [b"waited %d" % n for n in range(16)]
     finally:
         server.stop()
+
+
+def test_the_messages_limit_answers_the_calls_in_progress_then_ends() -> None:
+    """messages=16 and 16 calls in progress: the server reads no more, and
+    ends once each of the 16 has its answer."""
+    Held.gate = Gate()
+    server = Held("held", "tcp://127.0.0.1:0", None, None, None, 20, 16, concurrency=16)
+    server.start(background=True)
+    try:
+        assert server.address is not None
+        answers = in_thread(lambda: calls(server.address, "wait", 16))  # type: ignore[arg-type]
+        wait_for(lambda: Held.gate.peak == 16, 20, "16 calls in progress")
+        Held.gate.open.set()
+        assert answers() == [b"waited %d" % n for n in range(16)]
+        wait_for(lambda: not server.running, 20, "the server ending by itself")
+        assert server.served == 16
+    finally:
+        server.stop()
+
+
+def test_stop_with_every_slot_busy_ends_within_the_drain_limit() -> None:
+    """stop() while every slot holds a call that does not end: the server
+    notices (it cannot read stop's message then), waits for the calls at
+    most DRAIN_MAX (5 s), says so, and stop() returns in time; the calls'
+    threads hold nothing up (daemons)."""
+    Held.gate = Gate()
+    server = Held("held", "tcp://127.0.0.1:0", log_stdout=False, concurrency=4)
+    server.start(background=True)
+    try:
+        assert server.address is not None
+        answers = in_thread(lambda: calls(server.address, "block", 4, timeout=6))  # type: ignore[arg-type]
+        wait_for(lambda: Held.gate.peak == 4, 20, "every slot busy")
+        began = time.monotonic()
+        server.stop()  # within its 10 s, or TimeoutError
+        assert time.monotonic() - began < 9
+        assert not server.running
+        assert all(isinstance(answer, RequestTimeout) for answer in answers())
+    finally:
+        Held.gate.open.set()  # the calls end, unanswered
+        server.stop()
+
+
+def test_a_sync_function_that_returns_a_coroutine_is_told_to_be_async_def() -> None:
+    class Wrapped(Server):
+        def sneaky(self, message: bytes) -> object:
+            async def inner() -> bytes:
+                return message
+
+            return inner()
+
+    with Wrapped("wrapped", "tcp://127.0.0.1:0", log_stdout=False, concurrency=2) as server:
+        assert server.address is not None
+        (answer,) = asyncio.run(_one(server.address, "wrapped", "sneaky"))
+    assert isinstance(answer, RemoteError) and "declare the function async def" in str(answer)
+
+
+async def _one(address: str, name: str, function: str) -> list[object]:
+    async with AsyncClient(address, name, timeout=10) as client:
+        return list(await asyncio.gather(client.job(function, b"x"), return_exceptions=True))
 
 
 def test_async_functions_and_concurrency_are_refused_by_stages() -> None:
@@ -161,6 +224,8 @@ def test_async_functions_and_concurrency_are_refused_by_stages() -> None:
         AsyncStage("stage", next_call="last.done", log_stdout=False)
     with pytest.raises(ValueError, match="async generator functions are not served"):
         Doer("doer", "master", log_stdout=False)
+    with pytest.raises(ValueError, match="concurrency is at most 1024"):
+        HeldWorker("doer", "master", log_stdout=False, concurrency=2000)
     with pytest.raises(ValueError, match=r"slots \(2\) must be at least concurrency \(4\)"):
         Held("held", log_stdout=False)  # fine
         HeldWorker("doer", "master", log_stdout=False, concurrency=4, slots=2)
@@ -217,6 +282,7 @@ def test_a_worker_runs_jobs_concurrently_up_to_the_bound(
         wait_for(lambda: HeldWorker.gate.peak == peak, 20, f"{peak} jobs in progress")
         HeldWorker.gate.open.set()
         jobs.join(30)
+        assert not jobs.is_alive()
         word = b"waited" if function == "wait" else b"blocked"
         assert sorted(box) == sorted(word + b" %d" % n for n in range(30))
         assert HeldWorker.gate.peak == peak

@@ -14,7 +14,6 @@ says so, and the worker says hello again from its job socket.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -54,7 +53,7 @@ from pylm.protocol import (
     read_id,
     read_sizes,
 )
-from pylm.running import Runner
+from pylm.running import Expired, Runner
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -130,6 +129,10 @@ class Worker(BaseServer):
         if not isinstance(master, str) or not master or "://" in master:
             raise ValueError(f"master must be the master's name, got {master!r}")
         # Slots: one per job in progress at once, by default.
+        if self.concurrency is not None and self.concurrency > MAX_SLOTS:
+            raise ValueError(
+                f"a worker's concurrency is at most {MAX_SLOTS} (its slots), got {self.concurrency}"
+            )
         limit = self.concurrency or (ASYNC_CONCURRENCY if self._exposed.coroutines else 1)
         slots = min(limit, MAX_SLOTS) if slots is None else slots
         if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
@@ -139,11 +142,7 @@ class Worker(BaseServer):
                 f"slots ({slots}) must be at least concurrency ({self.concurrency}): the master"
                 " gives a worker as many jobs at once as it has slots"
             )
-        if any(inspect.isasyncgenfunction(getattr(self, f)) for f in self.functions):
-            raise ValueError(
-                f"worker {name!r}: async generator functions are not served (a streaming"
-                " function is a plain generator; async def functions return one result)"
-            )
+
         if not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         self.master = master
@@ -258,7 +257,7 @@ class Worker(BaseServer):
 
     def _say(self, socket: zmq.Socket, *, leaving: bool = False, bye: bool = False) -> None:
         """Send the master a PING about this worker (hello, leaving, bye)."""
-        free = 0 if leaving else self.slots
+        free = 0 if leaving else self.slots - self._in_progress
         ping = hello(self.identity, self.name, self.slots, free, leaving=leaving, bye=bye)
         try:
             socket.send_multipart(ping, zmq.NOBLOCK)
@@ -351,7 +350,7 @@ class Worker(BaseServer):
                     else:
                         self._drain(socket)
                 self._follow()
-            self._finish()
+            self._finish(time.monotonic() + DRAIN_MAX)
         except _Stopping:
             self._leave()
         finally:
@@ -367,19 +366,21 @@ class Worker(BaseServer):
             for socket in self._sockets.values():
                 self._poller.modify(socket, events)
 
-    def _finish(self, seconds: float = DRAIN_MAX) -> None:
-        """Answer the jobs still in progress, waiting ``seconds`` at most."""
+    def _finish(self, until: float) -> None:
+        """Answer the jobs still in progress, waiting until ``until``
+        (monotonic time) at most."""
         runner = self._runner
         if runner is None or not self._in_progress:
             return
-        end = time.monotonic() + seconds
-        while self._in_progress and (left := end - time.monotonic()) > 0:
-            for socket, _ in self._poller.poll(int(left * 1000) + 1):
-                if socket == runner.fd:
-                    self._answer_ended()
+        ended = zmq.Poller()  # the ended jobs only: masters may still be sending
+        ended.register(runner.fd, zmq.POLLIN)
+        while self._in_progress and (left := until - time.monotonic()) > 0:
+            if ended.poll(int(left * 1000) + 1):
+                self._answer_ended()
         if self._in_progress:
             self.logger.warning(
-                "%s: stopped with %d job(s) still in progress, not answered",
+                "%s: stopped with %d job(s) still in progress, not answered (the master"
+                " gives them to other workers)",
                 self.name,
                 self._in_progress,
             )
@@ -414,6 +415,7 @@ class Worker(BaseServer):
         for socket in self._sockets.values():
             self._say(socket, leaving=True)
         drain = Drain()  # the master stops sending on the leaving notice
+        until = time.monotonic() + DRAIN_MAX  # the drain and the jobs in progress, in all
         runner = self._runner
         while (wait := drain.wait_ms()) is not None:
             self._open_for_jobs()
@@ -425,7 +427,7 @@ class Worker(BaseServer):
                     drain.heard()
                 else:
                     self._control.recv_multipart()
-        self._finish()
+        self._finish(until)
         for socket in self._sockets.values():
             self._say(socket, bye=True)
         self._gone = True
@@ -506,7 +508,7 @@ class Worker(BaseServer):
                 continue
             job: _Job = (socket, message.msg_id, message.target, len(message.payload), stats)
             coroutine = message.target in self._exposed.coroutines
-            runner.start(job, function, message.payload, coroutine)
+            runner.start(job, function, message.payload, coroutine, message.deadline)
             self._in_progress += 1
         runner.flush()  # one hop to the event loop for the jobs just read
 
@@ -517,6 +519,12 @@ class Worker(BaseServer):
         for (socket, msg_id, target, size, stats), ran in self._runner.ended():
             self._in_progress -= 1
             if socket.closed:  # its master left meanwhile: nobody to answer
+                continue
+            if isinstance(ran[1], Expired):  # waited for a thread past its deadline: not run
+                if self.stats is not None:
+                    self.stats.expired += 1
+                late = RequestTimeout(f"job past its deadline on worker {self.name!r}: not run")
+                self._answer(socket, protocol.encode_error(msg_id, late), counted=False)
                 continue
             try:
                 result = self._exposed.settle(target, size, stats, ran)

@@ -23,7 +23,7 @@ from pylm.base import ASYNC_CONCURRENCY
 from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.protocol import expiry_stamp, past_deadline
-from pylm.running import Runner
+from pylm.running import Expired, Runner
 from pylm.transport import read_envelope
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ class ConcurrentLoop:
         )
 
     def serve(self) -> None:
-        self.runner.open()
         try:
+            self.runner.open()
             self._serve()
         finally:
             self.runner.close()
@@ -68,13 +68,17 @@ class ConcurrentLoop:
         poller.register(socket, zmq.POLLIN)
         poller.register(self.runner.fd, zmq.POLLIN)
         in_progress = 0
-        reading = True  # until stop, a quiet drain or the messages limit
-        draining = False  # stopping, registered: serving what clients still send
-        quiet_since = give_up = 0.0
-        while reading or in_progress:
-            room = reading and in_progress < self.limit
+        self.reading = True  # until stop, a quiet drain or the messages limit
+        self.draining = False  # stopping, registered: serving what clients still send
+        self.stopped = False  # stop() seen (its flag, or its message on the socket)
+        self.give_up = quiet_since = 0.0
+        while self.reading or in_progress:
+            room = self.reading and in_progress < self.limit
             poller.modify(socket, zmq.POLLIN if room else 0)
-            events = dict(poller.poll(round(DRAIN_QUIET * 500) if draining else _IDLE_MS))
+            wait = round(DRAIN_QUIET * 500) if self.draining else _IDLE_MS
+            if not self.reading:  # waiting for the calls in progress: no later than give_up
+                wait = min(wait, max(1, round((self.give_up - time.monotonic()) * 1000)))
+            events = dict(poller.poll(wait))
             now = time.monotonic()
             if self.runner.fd in events:
                 in_progress -= self._answer_ended()
@@ -91,25 +95,43 @@ class ConcurrentLoop:
                     if len(frames) == 3 and not frames[1] and server._is_control(frames[2]):
                         if stats is not None:
                             stats.received -= 1  # stop's wake-up call is no message
-                        if draining or server.registration is None:
-                            reading, give_up = False, now + DRAIN_MAX
+                        if not self.stopped:
+                            self._stop(now)
+                        if not self.reading:
                             break
-                        server._deregister()  # found by name: leave, then serve what comes
-                        draining, give_up = True, now + DRAIN_MAX
                         continue
                     in_progress += self._start(frames)
                 self.runner.flush()  # one hop to the event loop for the calls just read
-            if reading and draining and (now - quiet_since > DRAIN_QUIET or now > give_up):
-                reading = False  # quiet: the clients have moved on
-            if reading and server.served >= server.messages:
-                reading, give_up = False, now + DRAIN_MAX
-            if not reading and in_progress and now > give_up:
+            if server._stopping and not self.stopped:  # stop(), while no room to read its call
+                self._stop(now)
+            if (
+                self.reading
+                and self.draining
+                and (now - quiet_since > DRAIN_QUIET or now > self.give_up)
+            ):
+                self.reading = False  # quiet: the clients have moved on
+            if self.reading and server.served >= server.messages:
+                self.reading, self.give_up = False, now + DRAIN_MAX
+            if not self.reading and in_progress and now >= self.give_up:
                 server.logger.warning(
                     "%s: stopped with %d call(s) still in progress, not answered",
                     server.name,
                     in_progress,
                 )
                 return
+
+    def _stop(self, now: float) -> None:
+        """stop() was called: a server found by name leaves the registry and
+        serves what its clients still send (until quiet); another reads no
+        more. Either way, the calls in progress are waited for until
+        give_up."""
+        self.stopped = True
+        self.give_up = now + DRAIN_MAX
+        if self.server.registration is None:
+            self.reading = False
+        else:
+            self.server._deregister()
+            self.draining = True
 
     def _start(self, frames: list[bytes]) -> int:
         """Start the call ``frames`` ask for (1), or answer or drop them
@@ -138,7 +160,8 @@ class ConcurrentLoop:
             server._answer(envelope, protocol.encode_error(message.msg_id, error))
             return 0
         call: _Call = (envelope, message.msg_id, message.target, len(message.payload), stats)
-        self.runner.start(call, function, message.payload, message.target in self.coroutines)
+        coroutine = message.target in self.coroutines
+        self.runner.start(call, function, message.payload, coroutine, message.deadline)
         return 1
 
     def _answer_ended(self) -> int:
@@ -146,6 +169,10 @@ class ConcurrentLoop:
         server = self.server
         ended = self.runner.ended()
         for (envelope, msg_id, target, size, stats), ran in ended:
+            if isinstance(ran[1], Expired):  # waited for a thread past its deadline: not run
+                if server.stats is not None:
+                    server.stats.expired += 1
+                continue
             try:
                 result = server._exposed.settle(target, size, stats, ran)
             except PylmError as error:
