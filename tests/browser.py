@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Browser"]
+__all__ = ["FLAGS", "Browser"]
 
+# Headless, and no background traffic: this machine's network is closed.
 FLAGS = (
     "--headless",
     "--no-sandbox",

@@ -40,6 +40,21 @@ class Gate:
         with self.lock:
             self.now -= 1
 
+    async def pass_async(self, answer: bytes) -> bytes:
+        """An async call's way through: in, wait on its loop for the gate, out."""
+        self.enter()
+        while not self.open.is_set():
+            await asyncio.sleep(0.002)  # the function's own waiting, on its loop
+        self.leave()
+        return answer
+
+    def pass_blocking(self, answer: bytes) -> bytes:
+        """A blocking call's way through: in, wait in its thread, out."""
+        self.enter()
+        assert self.open.wait(30)
+        self.leave()
+        return answer
+
 
 class Held(Server):
     """Its calls wait until the test opens the gate: async and blocking ones."""
@@ -47,17 +62,10 @@ class Held(Server):
     gate = Gate()
 
     async def wait(self, message: bytes) -> bytes:
-        self.gate.enter()
-        while not self.gate.open.is_set():
-            await asyncio.sleep(0.002)  # the function's own waiting, on its loop
-        self.gate.leave()
-        return b"waited " + message
+        return await self.gate.pass_async(b"waited " + message)
 
     def block(self, message: bytes) -> bytes:
-        self.gate.enter()
-        assert self.gate.open.wait(30)
-        self.gate.leave()
-        return b"blocked " + message
+        return self.gate.pass_blocking(b"blocked " + message)
 
     async def fail(self, message: bytes) -> bytes:
         raise ValueError(f"no {message.decode()}")
@@ -240,17 +248,10 @@ class HeldWorker(Worker):
     gate = Gate()
 
     async def wait(self, message: bytes) -> bytes:
-        self.gate.enter()
-        while not self.gate.open.is_set():
-            await asyncio.sleep(0.002)
-        self.gate.leave()
-        return b"waited " + message
+        return await self.gate.pass_async(b"waited " + message)
 
     def block(self, message: bytes) -> bytes:
-        self.gate.enter()
-        assert self.gate.open.wait(30)
-        self.gate.leave()
-        return b"blocked " + message
+        return self.gate.pass_blocking(b"blocked " + message)
 
     def count(self, message: bytes) -> Iterator[bytes]:
         for n in range(int(message)):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import Browser
+from browser import FLAGS, Browser
 from prerequisites import needs_chromium
 from servers import Echo, Last, Step
 
@@ -29,18 +29,9 @@ from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-# Headless, and no background traffic: this machine's network is closed.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--virtual-time-budget=5000",
-)
+# Headless, no background traffic (the browser driver's flags), and a page
+# given 5 s of its own time to load before its DOM is read.
+CHROMIUM_FLAGS = (*FLAGS, "--virtual-time-budget=5000")
 
 
 @pytest.fixture
