@@ -12,16 +12,16 @@ its errors oldest first; ``at`` is Unix time, ``message`` at most
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import threading
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pylm.telemetry.reading import read_url
 
 __all__ = [
     "MAX_MESSAGE",
@@ -146,20 +146,4 @@ def fetch_errors(metrics_url: str, name: str, instance: str, timeout: float) -> 
     url = errors_url(metrics_url)
     if url is None:
         raise ValueError(f"{metrics_url!r:.200} is not a metrics URL of pylm")
-    deadline = time.monotonic() + timeout
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            parts, size = [], 0
-            while size <= _MAX_BODY:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} did not answer whole within {timeout:g} s")
-                part = answer.read1(64 * 1024)
-                if not part:
-                    break
-                parts.append(part)
-                size += len(part)
-    except http.client.HTTPException as exc:  # something else than HTTP answers there
-        raise ValueError(f"{url} does not answer HTTP: {exc!r:.200}") from None
-    if size > _MAX_BODY:
-        raise ValueError(f"{url} answered more than {_MAX_BODY} bytes")
-    return read_errors(b"".join(parts), name, instance)
+    return read_errors(read_url(url, timeout, _MAX_BODY), name, instance)

@@ -14,11 +14,8 @@ before the first interval, without the rates.
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import math
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +23,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm.registry import InstanceRecord
+from pylm.telemetry.reading import read_url
 
 __all__ = [
     "FETCHING",
@@ -246,15 +244,6 @@ def fetch(urls: Iterable[str], timeout: float = 2.0) -> tuple[list[str], dict[st
 def _read(url: str, timeout: float, deadline: float) -> str | None:
     """The text at ``url`` if it comes whole before ``deadline``; None if not."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            parts: list[bytes] = []
-            size = 0
-            while size <= MAX_TEXT and time.monotonic() < deadline:
-                part = answer.read1(64 * 1024)
-                if not part:
-                    return b"".join(parts).decode("utf-8", "replace")
-                parts.append(part)
-                size += len(part)
-    except (OSError, ValueError, http.client.HTTPException):
-        pass  # no answer, not in time, or not HTTP
-    return None
+        return read_url(url, timeout, MAX_TEXT, deadline).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None  # no answer, not in time, too long, or not HTTP
