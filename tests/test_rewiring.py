@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +22,27 @@ from pylm.security import Curve, Keys
 from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)
+
+
+def streaming(
+    client: LoopClient,
+    payloads: Iterable[bytes],
+    on_result: Callable[[bytes], object],
+    failures: list[BaseException],
+) -> threading.Thread:
+    """A thread, started, that sends ``payloads`` as jobs of ``tag`` and
+    hands each result to ``on_result``; what it raises goes to ``failures``."""
+
+    def stream() -> None:
+        try:
+            for result in client.job("tag", payloads):
+                on_result(result)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    return thread
 
 
 def test_topology_set_reroutes_a_running_stage_losing_no_job(
@@ -56,16 +77,12 @@ def test_topology_set_reroutes_a_running_stage_losing_no_job(
         for stage in stages:
             stage.start(background=True)
         with LoopClient("first", registry=pylm_registry, announce=False) as client:
-
-            def stream() -> None:
-                try:
-                    for result in client.job("tag", payloads()):
-                        arrivals.append((time.monotonic(), result))
-                except BaseException as exc:
-                    failures.append(exc)
-
-            thread = threading.Thread(target=stream)
-            thread.start()
+            thread = streaming(
+                client,
+                payloads(),
+                lambda result: arrivals.append((time.monotonic(), result)),
+                failures,
+            )
             assert switch.wait(30)
             done = subprocess.run(
                 pylm_command(
@@ -162,15 +179,8 @@ def test_a_stage_waiting_on_a_full_next_stage_lives_through_a_reroute_losing_no_
             running.enter_context(stage)  # stopped in reverse order, whatever fails
         running.callback(release.set)  # first of all
         with LoopClient("first", registry=pylm_registry, announce=False, timeout=20) as client:
-
-            def stream() -> None:
-                try:
-                    results.extend(client.job("tag", (b"%d:" % n + big for n in range(total))))
-                except BaseException as exc:
-                    failures.append(exc)
-
-            thread = threading.Thread(target=stream)
-            thread.start()
+            jobs = (b"%d:" % n + big for n in range(total))
+            thread = streaming(client, jobs, results.append, failures)
             try:
                 wait_for(lambda: first.waits > 0, 20, "first waiting on its full next stage")
                 pylm_registry.set_config("first", next="last.done")
@@ -265,14 +275,7 @@ def test_a_stage_blocked_on_a_gone_next_stage_sends_its_jobs_on_the_new_route(
             assert links is not None
             wait_for(lambda: links.live_peers == 0, 10, "first's link to middle dropping")
 
-            def stream() -> None:
-                try:
-                    results.extend(client.job("tag", jobs))
-                except BaseException as exc:
-                    failures.append(exc)
-
-            thread = threading.Thread(target=stream)
-            thread.start()
+            thread = streaming(client, jobs, results.append, failures)
             try:
                 wait_for(lambda: first.waits > 0, 10, "first holding a job")
                 pylm_registry.set_config("first", next="last.done")
