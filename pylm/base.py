@@ -38,6 +38,7 @@ from pylm.logs import LimitedLog, PushLogHandler, server_logger
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, read_id_deadline
 from pylm.registrar import Registrar
+from pylm.running import ASYNC_CONCURRENCY
 from pylm.security import Curve
 from pylm.telemetry.counting import FunctionStats, ServerStats, metrics_enabled
 from pylm.telemetry.exporter import Exposure
@@ -55,7 +56,6 @@ __all__ = [
     "exposed_functions",
 ]
 
-ASYNC_CONCURRENCY = 64  # calls of async def functions in progress at once, by default
 MAX_CONCURRENCY = 10_000
 
 
@@ -126,10 +126,10 @@ class BaseServer:
         ``rolling``: this is a new version rolling out, whose functions may
         differ from those of the live instances of its name (without it,
         such a server is refused at start: :class:`InterfaceMismatch`).
-        ``concurrency``: at most this many calls in progress at once
-        (standalone servers and workers: ``serves_concurrently``): ``async def``
-        functions run on the server's event loop, blocking ones on a pool of
-        this many threads. Default: blocking functions one at a time,
+        ``concurrency``: at most this many calls in progress at once (every
+        server but a hub, whose workers run its jobs: ``serves_concurrently``):
+        ``async def`` functions run on the server's event loop, blocking ones
+        on a pool of this many threads. Default: blocking functions one at a time,
         ``async def`` ones up to :data:`ASYNC_CONCURRENCY` at once."""
         check_name(name)
         if concurrency is not None and (
@@ -203,8 +203,8 @@ class BaseServer:
         if (self._exposed.coroutines or (concurrency or 1) > 1) and not self.serves_concurrently:
             raise ValueError(
                 f"{type(self).__name__} {name!r}: async def functions and concurrency > 1 are"
-                " served by standalone servers and workers only, not yet by a"
-                f" {self.kind} server (its functions run one at a time)"
+                f" not served by a {self.kind} server (its workers run its jobs: give them"
+                " concurrency)"
             )
         self._registrar = Registrar(
             name,

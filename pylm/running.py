@@ -21,11 +21,18 @@ import os
 import queue
 import threading
 import time
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 from pylm.exposed import Function, Ran, run, run_async
 
-__all__ = ["Expired", "Runner"]
+if TYPE_CHECKING:
+    from pylm.exposed import Exposed
+    from pylm.protocol import Message
+    from pylm.telemetry.counting import FunctionStats
+
+__all__ = ["ASYNC_CONCURRENCY", "Calls", "Ended", "Expired", "Runner"]
+
+ASYNC_CONCURRENCY = 64  # calls of async def functions in progress at once, by default
 
 T = TypeVar("T")
 _CLOCK_SLACK = 1.0  # s past its deadline that a call is still run (hosts' clocks differ)
@@ -164,3 +171,80 @@ class Runner(Generic[T]):
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:  # the pipe is full: the serving thread is awake already
                 pass
+
+
+class Ended(NamedTuple):
+    """A call that ended off the serving thread: what :meth:`Calls.result`
+    needs to count it and shape its result."""
+
+    target: bytes
+    size: int  # of its payload
+    stats: FunctionStats | None
+    ran: Ran
+
+    @property
+    def expired(self) -> bool:
+        """It waited for a thread past its deadline: not run."""
+        return isinstance(self.ran[1], Expired)
+
+
+class Calls(Generic[T]):
+    """The calls in progress of a server whose calls overlap, for its
+    serving thread: :meth:`start` looks a call up and has a :class:`Runner`
+    run it, at most :attr:`limit` at once (``concurrency``; by default one
+    blocking call, or :data:`ASYNC_CONCURRENCY` when the server has
+    ``async def`` functions); :meth:`ended` gives them back once they ran,
+    and :meth:`result` counts each and gives its result. Each call is known
+    by a token of the server's (where to answer it)."""
+
+    def __init__(self, name: str, exposed: Exposed, concurrency: int | None) -> None:
+        coroutines = exposed.coroutines
+        self.exposed = exposed
+        self.limit = concurrency or (ASYNC_CONCURRENCY if coroutines else 1)
+        self.in_progress = 0
+        self.runner: Runner[tuple[T, Ended]] = Runner(name, concurrency or 1, bool(coroutines))
+
+    @property
+    def fd(self) -> int:
+        """Readable when calls have ended (poll it beside the sockets)."""
+        return self.runner.fd
+
+    @property
+    def room(self) -> bool:
+        """Fewer calls than the limit are in progress."""
+        return self.in_progress < self.limit
+
+    def open(self) -> None:
+        self.runner.open()
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def start(self, token: T, message: Message) -> None:
+        """Run the call the REQUEST ``message`` asks for; raises (and counts)
+        the :class:`~pylm.errors.PylmError` of an unknown function or a
+        payload over the limit. The ``async def`` calls start at :meth:`flush`."""
+        target, payload = message.target, message.payload
+        function, stats = self.exposed.lookup(target, payload)
+        ended = Ended(target, len(payload), stats, (None, None, 0.0))
+        coroutine = target in self.exposed.coroutines
+        self.runner.start((token, ended), function, payload, coroutine, message.deadline)
+        self.in_progress += 1
+
+    def flush(self) -> None:
+        """Start the ``async def`` calls given since the last flush (one hop
+        to the event loop for a burst of them)."""
+        self.runner.flush()
+
+    def ended(self) -> list[tuple[T, Ended]]:
+        """The calls that ended since the last look (after :attr:`fd` was
+        readable): no longer in progress."""
+        ended = [(token, call._replace(ran=ran)) for (token, call), ran in self.runner.ended()]
+        self.in_progress -= len(ended)
+        return ended
+
+    def result(self, call: Ended) -> bytes:
+        """The result of ``call``, counted; or raises the
+        :class:`~pylm.errors.PylmError` to answer it with (as a call run in
+        the serving thread would)."""
+        return self.exposed.settle(call.target, call.size, call.stats, call.ran)

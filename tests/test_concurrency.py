@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from pylm.chained import Server as Stage
 from pylm.errors import RemoteError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
@@ -216,11 +215,7 @@ async def _one(address: str, name: str, function: str) -> list[object]:
         return list(await asyncio.gather(client.job(function, b"x"), return_exceptions=True))
 
 
-def test_async_functions_and_concurrency_are_refused_by_stages() -> None:
-    class AsyncStage(Stage):
-        async def tag(self, message: bytes) -> bytes:
-            return message
-
+def test_bad_concurrency_and_async_generators_are_refused() -> None:
     class Doer(Worker):
         def do(self, message: bytes) -> bytes:
             return message
@@ -228,8 +223,6 @@ def test_async_functions_and_concurrency_are_refused_by_stages() -> None:
         async def stream(self, message: bytes) -> AsyncIterator[bytes]:
             yield message
 
-    with pytest.raises(ValueError, match="served by standalone servers and workers only"):
-        AsyncStage("stage", next_call="last.done", log_stdout=False)
     with pytest.raises(ValueError, match="async generator functions are not served"):
         Doer("doer", "master", log_stdout=False)
     with pytest.raises(ValueError, match="concurrency is at most 1024"):

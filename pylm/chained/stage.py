@@ -30,9 +30,10 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.cache_store import Cache
+from pylm.chained.concurrent import ConcurrentStage
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
-from pylm.lifecycle import Drain
+from pylm.lifecycle import Drain, Stopping
 from pylm.protocol import (
     BATCH_PREFIX,
     DEADLINE_BYTES,
@@ -47,6 +48,7 @@ from pylm.protocol import (
     read_id,
     read_sizes,
 )
+from pylm.running import Calls
 from pylm.telemetry.counting import SAMPLE_EVERY, Sampling
 from pylm.transport import check_address, close_listener, read_envelope, recv_message, rest_of
 
@@ -62,10 +64,6 @@ BATCH = 256  # messages read in a row before the loop looks at its other sockets
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 
 
-class Stopping(Exception):
-    """Raised inside the loop when stop() asked it to end."""
-
-
 def addresses(value: str | Sequence[str], what: str) -> list[str]:
     """One address or several, checked; at least one."""
     items = [value] if isinstance(value, str) else list(value)
@@ -79,6 +77,7 @@ class Stage(BaseServer):
     hands every result to the stage's output."""
 
     _pylm_framework = True
+    serves_concurrently = True
     _output: Output  # where results go: set by the kind of stage
 
     def __init__(
@@ -105,6 +104,11 @@ class Stage(BaseServer):
         # when the registry may rewire the stage, or results wait to be sent.
         self._poll_timeout: int = IDLE_MS
         self._sampling = Sampling()  # which calls are timed (pylm.telemetry.counting)
+        # Jobs that may overlap (concurrency, async def): served by
+        # pylm.chained.concurrent, run off the serving thread.
+        self._calls: Calls[protocol.Message] | None = None
+        if self._exposed.coroutines or (self.concurrency or 1) > 1:
+            self._calls = Calls(name, self._exposed, self.concurrency)
 
     # ------------------------------------------------------------------ sockets
 
@@ -167,6 +171,9 @@ class Stage(BaseServer):
     # ------------------------------------------------------------------ the loop
 
     def _serve(self) -> None:
+        if self._calls is not None:
+            ConcurrentStage(self, self._calls).serve()
+            return
         pull, poll = self._pull, self._poller.poll
         rewire = self._output.rewire  # in this thread, which owns the sockets
         assert pull is not None

@@ -74,6 +74,7 @@ class Hub(Dispatching, Server):
 
     _pylm_framework = True
     kind = "hub"
+    serves_concurrently = False  # its workers run its jobs
 
     def __init__(
         self,

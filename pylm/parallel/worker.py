@@ -53,13 +53,11 @@ from pylm.protocol import (
     read_id,
     read_sizes,
 )
-from pylm.running import Expired, Runner
+from pylm.running import Calls
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-    from pylm.telemetry.counting import FunctionStats
 
 
 __all__ = ["Worker"]
@@ -83,9 +81,8 @@ class _Stopping(Exception):
     pass
 
 
-# A job in progress elsewhere: the master's socket, its id, target, payload
-# size and counters.
-_Job = tuple[zmq.Socket, int, bytes, int, "FunctionStats | None"]
+# A job in progress elsewhere: the master's socket to answer on, and its id.
+_Job = tuple[zmq.Socket, int]
 
 
 class Worker(BaseServer):
@@ -170,13 +167,12 @@ class Worker(BaseServer):
         self._left: dict[str, float] = {}  # master instances gone from the registry: when to drop
         self._busy = False
         self._gone = False  # said goodbye
-        # Jobs that may overlap (concurrency, async def): run by a Runner,
-        # at most ``_limit`` in progress, answered by the serving thread.
-        self._limit = min(slots, limit)
-        self._runner: Runner[_Job] | None = None
-        if self._exposed.coroutines or self._limit > 1:
-            self._runner = Runner(name, self.concurrency or 1, bool(self._exposed.coroutines))
-        self._in_progress = 0
+        # Jobs that may overlap (concurrency, async def): run off the serving
+        # thread, at most one per slot in progress, answered by the serving thread.
+        self._calls: Calls[_Job] | None = None
+        if self._exposed.coroutines or min(slots, limit) > 1:
+            self._calls = Calls(name, self._exposed, self.concurrency)
+            self._calls.limit = min(slots, limit)
         self._rehello = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat thread should stop
         self._beater: threading.Thread | None = None
@@ -257,7 +253,7 @@ class Worker(BaseServer):
 
     def _say(self, socket: zmq.Socket, *, leaving: bool = False, bye: bool = False) -> None:
         """Send the master a PING about this worker (hello, leaving, bye)."""
-        free = 0 if leaving else self.slots - self._in_progress
+        free = 0 if leaving else self.slots - self._jobs_in_progress
         ping = hello(self.identity, self.name, self.slots, free, leaving=leaving, bye=bye)
         try:
             socket.send_multipart(ping, zmq.NOBLOCK)
@@ -310,7 +306,7 @@ class Worker(BaseServer):
                 for address in [a for a in sockets if a not in self.masters]:
                     poller.unregister(sockets[address])
                     close_socket(sockets.pop(address))
-                free = self.slots - max(self._in_progress, 1 if self._busy else 0)
+                free = self.slots - max(self._jobs_in_progress, 1 if self._busy else 0)
                 beat = hello(self.identity, self.name, self.slots, free)
                 for socket in sockets.values():
                     try:
@@ -335,17 +331,17 @@ class Worker(BaseServer):
 
     def _serve(self) -> None:
         timeout = max(1, int(self.heartbeat * 1000))
-        runner = self._runner
-        if runner is not None:
-            runner.open()
-            self._poller.register(runner.fd, zmq.POLLIN)
+        calls = self._calls
+        if calls is not None:
+            calls.open()
+            self._poller.register(calls.fd, zmq.POLLIN)
         try:
             while self.served < self.messages:
                 self._open_for_jobs()
                 for socket, _ in self._poller.poll(timeout):
                     if socket is self._control:
                         raise _Stopping
-                    if runner is not None and socket == runner.fd:
+                    if calls is not None and socket == calls.fd:
                         self._answer_ended()
                     else:
                         self._drain(socket)
@@ -354,35 +350,35 @@ class Worker(BaseServer):
         except _Stopping:
             self._leave()
         finally:
-            if runner is not None:
-                self._poller.unregister(runner.fd)
-                runner.close()
+            if calls is not None:
+                self._poller.unregister(calls.fd)
+                calls.close()
 
     def _open_for_jobs(self) -> None:
         """Read the masters' sockets while there is room for a job (jobs that
-        overlap: at most ``_limit`` in progress)."""
-        if self._runner is not None:
-            events = zmq.POLLIN if self._in_progress < self._limit else 0
+        overlap: at most one per slot in progress)."""
+        if self._calls is not None:
+            events = zmq.POLLIN if self._calls.room else 0
             for socket in self._sockets.values():
                 self._poller.modify(socket, events)
 
     def _finish(self, until: float) -> None:
         """Answer the jobs still in progress, waiting until ``until``
         (monotonic time) at most."""
-        runner = self._runner
-        if runner is None or not self._in_progress:
+        calls = self._calls
+        if calls is None or not calls.in_progress:
             return
         ended = zmq.Poller()  # the ended jobs only: masters may still be sending
-        ended.register(runner.fd, zmq.POLLIN)
-        while self._in_progress and (left := until - time.monotonic()) > 0:
+        ended.register(calls.fd, zmq.POLLIN)
+        while calls.in_progress and (left := until - time.monotonic()) > 0:
             if ended.poll(int(left * 1000) + 1):
                 self._answer_ended()
-        if self._in_progress:
+        if calls.in_progress:
             self.logger.warning(
                 "%s: stopped with %d job(s) still in progress, not answered (the master"
                 " gives them to other workers)",
                 self.name,
-                self._in_progress,
+                calls.in_progress,
             )
 
     def _follow(self) -> None:
@@ -416,11 +412,11 @@ class Worker(BaseServer):
             self._say(socket, leaving=True)
         drain = Drain()  # the master stops sending on the leaving notice
         until = time.monotonic() + DRAIN_MAX  # the drain and the jobs in progress, in all
-        runner = self._runner
+        calls = self._calls
         while (wait := drain.wait_ms()) is not None:
             self._open_for_jobs()
             for socket, _ in self._poller.poll(wait):
-                if runner is not None and socket == runner.fd:
+                if calls is not None and socket == calls.fd:
                     self._answer_ended()
                 elif socket is not self._control:
                     self._drain(socket)
@@ -433,8 +429,8 @@ class Worker(BaseServer):
         self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
-        if self._runner is not None:
-            self._start_jobs(socket, self._runner)
+        if self._calls is not None:
+            self._start_jobs(socket, self._calls)
             return
         recv, send, call = socket.recv, partial(send_frame, socket), self._call
         reply_to = protocol.reply_to
@@ -480,9 +476,14 @@ class Worker(BaseServer):
             finally:
                 self._busy = False
 
-    def _start_jobs(self, socket: zmq.Socket, runner: Runner[_Job]) -> None:
+    @property
+    def _jobs_in_progress(self) -> int:
+        """Jobs running off the serving thread (read by the heartbeat thread)."""
+        return 0 if self._calls is None else self._calls.in_progress
+
+    def _start_jobs(self, socket: zmq.Socket, calls: Calls[_Job]) -> None:
         """Read jobs from a master while there is room, and start them."""
-        while self._in_progress < self._limit:
+        while calls.room:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -502,36 +503,30 @@ class Worker(BaseServer):
                 continue
             self.served += 1
             try:
-                function, stats = self._exposed.lookup(message.target, message.payload)
+                calls.start((socket, message.msg_id), message)
             except PylmError as error:
                 self._answer(socket, protocol.encode_error(message.msg_id, error))
-                continue
-            job: _Job = (socket, message.msg_id, message.target, len(message.payload), stats)
-            coroutine = message.target in self._exposed.coroutines
-            runner.start(job, function, message.payload, coroutine, message.deadline)
-            self._in_progress += 1
-        runner.flush()  # one hop to the event loop for the jobs just read
+        calls.flush()  # one hop to the event loop for the jobs just read
 
     def _answer_ended(self) -> None:
         """Count and answer the jobs that ended (a stream's items are sent
         from here, as its generator gives them)."""
-        assert self._runner is not None
-        for (socket, msg_id, target, size, stats), ran in self._runner.ended():
-            self._in_progress -= 1
+        assert self._calls is not None
+        for (socket, msg_id), job in self._calls.ended():
             if socket.closed:  # its master left meanwhile: nobody to answer
                 continue
-            if isinstance(ran[1], Expired):  # waited for a thread past its deadline: not run
+            if job.expired:  # waited for a thread past its deadline: not run
                 if self.stats is not None:
                     self.stats.expired += 1
                 late = RequestTimeout(f"job past its deadline on worker {self.name!r}: not run")
                 self._answer(socket, protocol.encode_error(msg_id, late), counted=False)
                 continue
             try:
-                result = self._exposed.settle(target, size, stats, ran)
+                result = self._calls.result(job)
             except PylmError as error:
                 self._answer(socket, protocol.encode_error(msg_id, error))
             except _Stream as stream:
-                self._stream(socket, msg_id, target, stream)
+                self._stream(socket, msg_id, job.target, stream)
             else:
                 self._answer(socket, protocol.encode(protocol.REPLY, msg_id, result))
 

@@ -19,24 +19,21 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import ASYNC_CONCURRENCY
 from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.protocol import expiry_stamp, past_deadline
-from pylm.running import Expired, Runner
+from pylm.running import Calls
 from pylm.transport import read_envelope
 
 if TYPE_CHECKING:
     from pylm.standalone.servers import Server
-    from pylm.telemetry.counting import FunctionStats
 
 __all__ = ["ConcurrentLoop"]
 
 _IDLE_MS = 1000  # ms a wait lasts at most (then it waits again)
 
-# A call in progress: the envelope to answer in, its id, target, payload size
-# and counters.
-_Call = tuple[list[bytes], int, bytes, int, "FunctionStats | None"]
+# A call in progress: the envelope to answer in, and its id.
+_Call = tuple[list[bytes], int]
 
 
 class ConcurrentLoop:
@@ -45,19 +42,14 @@ class ConcurrentLoop:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.limit = server.concurrency or ASYNC_CONCURRENCY
-        self.coroutines = server._exposed.coroutines
-        # Blocking functions: one at a time by default.
-        self.runner: Runner[_Call] = Runner(
-            server.name, server.concurrency or 1, bool(self.coroutines)
-        )
+        self.calls: Calls[_Call] = Calls(server.name, server._exposed, server.concurrency)
 
     def serve(self) -> None:
         try:
-            self.runner.open()
+            self.calls.open()
             self._serve()
         finally:
-            self.runner.close()
+            self.calls.close()
 
     def _serve(self) -> None:
         server = self.server
@@ -66,26 +58,26 @@ class ConcurrentLoop:
         stats = server.stats
         poller = zmq.Poller()
         poller.register(socket, zmq.POLLIN)
-        poller.register(self.runner.fd, zmq.POLLIN)
-        in_progress = 0
+        calls = self.calls
+        poller.register(calls.fd, zmq.POLLIN)
         self.reading = True  # until stop, a quiet drain or the messages limit
         self.draining = False  # stopping, registered: serving what clients still send
         self.stopped = False  # stop() seen (its flag, or its message on the socket)
         self.give_up = quiet_since = 0.0
-        while self.reading or in_progress:
-            room = self.reading and in_progress < self.limit
+        while self.reading or calls.in_progress:
+            room = self.reading and calls.room
             poller.modify(socket, zmq.POLLIN if room else 0)
             wait = round(DRAIN_QUIET * 500) if self.draining else _IDLE_MS
             if not self.reading:  # waiting for the calls in progress: no later than give_up
                 wait = min(wait, max(1, round((self.give_up - time.monotonic()) * 1000)))
             events = dict(poller.poll(wait))
             now = time.monotonic()
-            if self.runner.fd in events:
-                in_progress -= self._answer_ended()
+            if calls.fd in events:
+                self._answer_ended()
             if not room or socket in events:
                 quiet_since = now  # quiet means: listening, and nothing came
             if room and socket in events:
-                while in_progress < self.limit and server.served < server.messages:
+                while calls.room and server.served < server.messages:
                     try:
                         frames = socket.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -100,8 +92,8 @@ class ConcurrentLoop:
                         if not self.reading:
                             break
                         continue
-                    in_progress += self._start(frames)
-                self.runner.flush()  # one hop to the event loop for the calls just read
+                    self._start(frames)
+                calls.flush()  # one hop to the event loop for the calls just read
             if server._stopping and not self.stopped:  # stop(), while no room to read its call
                 self._stop(now)
             if (
@@ -112,11 +104,11 @@ class ConcurrentLoop:
                 self.reading = False  # quiet: the clients have moved on
             if self.reading and server.served >= server.messages:
                 self.reading, self.give_up = False, now + DRAIN_MAX
-            if not self.reading and in_progress and now >= self.give_up:
+            if not self.reading and calls.in_progress and now >= self.give_up:
                 server.logger.warning(
                     "%s: stopped with %d call(s) still in progress, not answered",
                     server.name,
-                    in_progress,
+                    calls.in_progress,
                 )
                 return
 
@@ -133,50 +125,43 @@ class ConcurrentLoop:
             self.server._deregister()
             self.draining = True
 
-    def _start(self, frames: list[bytes]) -> int:
-        """Start the call ``frames`` ask for (1), or answer or drop them
-        here, as the one-at-a-time loop does, if they ask for no call (0)."""
+    def _start(self, frames: list[bytes]) -> None:
+        """Start the call ``frames`` ask for, or answer or drop them here, as
+        the one-at-a-time loop does, if they ask for no call."""
         server = self.server
         parts = read_envelope(frames)
         if parts is None:
             server._handle_other(frames)  # drops it, counted
-            return 0
+            return
         envelope, body = parts
         try:
             message = protocol.decode(body)
         except ProtocolError:
             server._handle_other(frames)  # drops it, counted, and answers the error
-            return 0
+            return
         if message.kind != protocol.REQUEST:
             server._handle_other(frames)
-            return 0
+            return
         if past_deadline(body[0], expiry_stamp(time.time())):
             server._expired(body[0])
-            return 0
+            return
         server.served += 1
         try:
-            function, stats = server._exposed.lookup(message.target, message.payload)
+            self.calls.start((envelope, message.msg_id), message)
         except PylmError as error:
             server._answer(envelope, protocol.encode_error(message.msg_id, error))
-            return 0
-        call: _Call = (envelope, message.msg_id, message.target, len(message.payload), stats)
-        coroutine = message.target in self.coroutines
-        self.runner.start(call, function, message.payload, coroutine, message.deadline)
-        return 1
 
-    def _answer_ended(self) -> int:
-        """Count and answer the calls that ended; how many."""
+    def _answer_ended(self) -> None:
+        """Count and answer the calls that ended."""
         server = self.server
-        ended = self.runner.ended()
-        for (envelope, msg_id, target, size, stats), ran in ended:
-            if isinstance(ran[1], Expired):  # waited for a thread past its deadline: not run
+        for (envelope, msg_id), call in self.calls.ended():
+            if call.expired:  # waited for a thread past its deadline: not run
                 if server.stats is not None:
                     server.stats.expired += 1
                 continue
             try:
-                result = server._exposed.settle(target, size, stats, ran)
+                result = self.calls.result(call)
             except PylmError as error:
                 server._answer(envelope, protocol.encode_error(msg_id, error))
                 continue
             server._answer(envelope, protocol.encode(protocol.REPLY, msg_id, result))
-        return len(ended)
