@@ -27,14 +27,24 @@ may still run somewhere; the client delivers one result per job.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import aclosing
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
 
 from pylm.errors import PylmError
 
@@ -50,11 +60,13 @@ __all__ = [
     "RetryBudget",
     "Stop",
     "Stream",
+    "Turn",
     "Window",
     "WindowedClient",
     "check_messages",
     "job_results",
     "values",
+    "wait_async",
 ]
 
 T = TypeVar("T")
@@ -391,37 +403,69 @@ class Window:
         milliseconds for answers (and, after BLOCKED, for room on the
         socket) and gives the outcomes of those that came. ``finished()``
         is called when the run ends, however it ends."""
-        jobs, size, clock = self.jobs, self.size, time.monotonic
         try:
             while True:
-                stop = send(size - len(jobs), clock() + SEND_SLICE)
-                if stop is Stop.DONE and not jobs:
+                turn = self._turn(send)
+                if turn is None:
                     return
-                now = clock()
-                if jobs:
-                    wake = next(iter(jobs.values())).deadline
-                    if self._earliest < wake:
-                        wake = self._earliest
-                    if wake <= now:
-                        yield from self.expire(now)
-                        continue
-                    if now >= self._retry_check:
-                        retry = self.retry_at()
-                        if retry <= now:
-                            self.overdue(now)
-                            if self.again:
-                                continue  # sent again before anything new
-                            retry = self.retry_at()  # those refused wait another grace
-                        if retry == math.inf and self.books.budget is not None:
-                            retry = now + RETRY_FLOOR  # no answer to go by yet: look again
-                        self._retry_check = retry
-                    if self._retry_check < wake:
-                        wake = self._retry_check
+                if isinstance(turn, list):
+                    yield from turn
                 else:
-                    wake = now + self.timeout
-                yield from wait(0 if stop is Stop.SLICED else max(1, int((wake - now) * 1000)))
+                    yield from wait(turn)
         finally:
             finished()
+
+    async def run_async(
+        self,
+        send: Callable[[int, float], Stop],
+        wait: Callable[[int], Awaitable[Iterable[Outcome]]],
+        finished: Callable[[], None],
+    ) -> AsyncGenerator[Outcome, None]:
+        """:meth:`run` for an asyncio client: ``wait(ms)`` is awaited."""
+        try:
+            while True:
+                turn = self._turn(send)
+                if turn is None:
+                    return
+                if isinstance(turn, list):
+                    for outcome in turn:
+                        yield outcome
+                else:
+                    for outcome in await wait(turn):
+                        yield outcome
+        finally:
+            finished()
+
+    def _turn(self, send: Callable[[int, float], Stop]) -> list[Outcome] | int | None:
+        """One turn of a run: send what there is room for, then say what
+        comes next: None, the run is over; the outcomes of jobs that timed
+        out (then another turn); or how many ms to wait for answers."""
+        jobs, clock = self.jobs, time.monotonic
+        while True:
+            stop = send(self.size - len(jobs), clock() + SEND_SLICE)
+            if stop is Stop.DONE and not jobs:
+                return None
+            now = clock()
+            if not jobs:
+                return 0 if stop is Stop.SLICED else max(1, int(self.timeout * 1000))
+            wake = next(iter(jobs.values())).deadline
+            if self._earliest < wake:
+                wake = self._earliest
+            if wake <= now:
+                return self.expire(now)
+            if now >= self._retry_check:
+                retry = self.retry_at()
+                if retry <= now:
+                    self.overdue(now)
+                    if self.again:
+                        continue  # sent again before anything new
+                    retry = self.retry_at()  # those refused wait another grace
+                if retry == math.inf and self.books.budget is not None:
+                    retry = now + RETRY_FLOOR  # no answer to go by yet: look again
+                self._retry_check = retry
+            if self._retry_check < wake:
+                wake = self._retry_check
+            return 0 if stop is Stop.SLICED else max(1, int((wake - now) * 1000))
 
 
 @dataclass(frozen=True)
@@ -479,13 +523,58 @@ def job_results(start: Callable[[], Generator[Outcome, None, None]]) -> Iterator
 
 Send = Callable[[int, float], Stop]
 Wait = Callable[[int], Iterable[Outcome]]
+Fds = Callable[[], list[int]]
+
+
+class Turn(NamedTuple):
+    """What a client readies for a run of jobs (see :meth:`Window.run`):
+    its ``send``, its ``wait``, and the file descriptors of the sockets
+    ``wait`` polls now (``zmq.FD``: an asyncio client awaits them, then
+    calls ``wait(0)``)."""
+
+    send: Send
+    wait: Wait
+    fds: Fds
+
+
+async def wait_async(turn: Turn, ms: int) -> Iterable[Outcome]:
+    """``turn.wait(ms)`` without blocking the event loop: what came already,
+    or else what comes once a socket of ``turn.fds()`` signals, or ``ms``
+    pass (the signal may be for no answer: the run takes another turn).
+    A ZeroMQ socket's FD signals on a change of its events after they were
+    read, which ``turn.wait(0)`` does."""
+    outcomes = turn.wait(0)
+    if ms <= 0:
+        await asyncio.sleep(0)  # the loop's other tasks run between time slices
+        return outcomes
+    if outcomes:
+        return outcomes
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    fds = turn.fds()
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    timer = loop.call_later(ms / 1000, wake)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+        for fd in fds:
+            loop.remove_reader(fd)
+    return turn.wait(0)
 
 
 class WindowedClient:
     """``job()`` and ``results()`` of a client whose jobs go out through a
     :class:`Window`, one run at a time. The client readies a run in
-    :meth:`_open`, which returns its ``send`` and ``wait`` (see
-    :meth:`Window.run`); the rest of a run is the same for every client."""
+    :meth:`_open`, which returns its :class:`Turn`; the rest of a run is the
+    same for every client, blocking (:meth:`_run`) or asyncio
+    (:meth:`_run_async`)."""
 
     max_in_flight: int
     books: Books  # the retry budget and counts, across runs
@@ -548,6 +637,33 @@ class WindowedClient:
     def _run(
         self, function: str, payloads: Iterator[bytes], timeout: float
     ) -> Generator[Outcome, None, None]:
+        window, turn = self._begin(function, payloads, timeout, self._open)
+        return window.run(turn.send, turn.wait, self._finished)
+
+    async def _run_async(
+        self, function: str, payloads: Iterator[bytes], timeout: float
+    ) -> AsyncGenerator[Outcome, None]:
+        """:meth:`_run` on an event loop: readied in a thread when readying
+        may wait on a peer (:meth:`_opens_at_once`), then run without
+        blocking the loop (the payloads are taken from ``payloads`` on it)."""
+        if self._opens_at_once():
+            window, turn = self._begin(function, payloads, timeout, self._open)
+        else:
+            window, turn = await asyncio.to_thread(
+                self._begin, function, payloads, timeout, self._open
+            )
+        run = window.run_async(turn.send, lambda ms: wait_async(turn, ms), self._finished)
+        async with aclosing(run):  # closed with this one: the run is finished at once
+            async for outcome in run:
+                yield outcome
+
+    def _begin(
+        self,
+        function: str,
+        payloads: Iterator[bytes],
+        timeout: float,
+        open_: Callable[[str, Iterator[bytes], float, Window], Turn],
+    ) -> tuple[Window, Turn]:
         if self._running:
             raise RuntimeError(f"this {self._kind} is already running jobs; use one per thread")
         self._running = True
@@ -555,17 +671,20 @@ class WindowedClient:
             window = Window(
                 self.max_in_flight, timeout, self._job_timeout(function, timeout), self.books
             )
-            send, wait = self._open(function, payloads, timeout, window)
+            return window, open_(function, payloads, timeout, window)
         except BaseException:
             self._running = False
             raise
-        return window.run(send, wait, self._finished)
 
     def _open(
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
-    ) -> tuple[Send, Wait]:
-        """Ready a run of jobs of ``function``: its ``send`` and ``wait``."""
+    ) -> Turn:
+        """Ready a run of jobs of ``function``: its :class:`Turn`."""
         raise NotImplementedError
+
+    def _opens_at_once(self) -> bool:
+        """Whether :meth:`_open` returns at once now (it waits on no peer)."""
+        return False
 
     def _finished(self) -> None:
         self._running = False

@@ -34,7 +34,7 @@ from pylm.protocol import (
 from pylm.security import Curve
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import Body, Job, JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
+from pylm.window import Body, Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -317,7 +317,7 @@ class LoopClient(Caller, WindowedClient, Closing):
 
     def _open(
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
-    ) -> tuple[Send, Wait]:
+    ) -> Turn:
         outs = self._outs
         if outs is None:
             raise RuntimeError("the client is closed")
@@ -461,6 +461,11 @@ class LoopClient(Caller, WindowedClient, Closing):
             del again[: len(group)]
             return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
 
+        def fds() -> list[int]:
+            """The sockets wait() polls now: results, and room to send a waiting message."""
+            polled = [*results, *outs.sockets.values()] if waiting is not None else results
+            return [socket.fileno() for socket in polled]
+
         def wait(ms: int) -> list[Outcome]:
             sockets = list(outs.sockets.values()) if waiting is not None else []
             for jobs in sockets:
@@ -474,7 +479,13 @@ class LoopClient(Caller, WindowedClient, Closing):
                     outcomes += self._collect(socket, window, numbers)
             return outcomes
 
-        return send, wait
+        return Turn(send, wait, fds)
+
+    def _opens_at_once(self) -> bool:
+        """Every last stage known is greeted already (a new one is greeted
+        before jobs go out: that waits for its answer)."""
+        peers = self._peers
+        return self._wiring.greeted and not self._wiring.changed and not (peers and peers.changed)
 
     def _collect(
         self, socket: zmq.Socket, window: Window, numbers: FunctionStats | None

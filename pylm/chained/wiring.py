@@ -222,6 +222,11 @@ class Wiring:
         return self._lasts is not None and self._lasts.changed
 
     @property
+    def greeted(self) -> bool:
+        """Whether every last-stage instance connected has answered the greeting."""
+        return self._greeted
+
+    @property
     def watches(self) -> bool:
         """Whether the handshakes of the client's sockets are watched until the greeting."""
         return self._watch

@@ -19,14 +19,25 @@ from pylm.liveness import to_live_peers
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
 from pylm.transport import close_socket, default_context
-from pylm.window import Job, JobResult, Outcome, Send, Stop, Wait, Window, WindowedClient
+from pylm.window import Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
 
-__all__ = ["Client", "JobResult"]
+__all__ = ["Client", "JobResult", "one_result"]
 
 DEFAULT_IN_FLIGHT = 1000
+
+
+def one_result(values: list[bytes], function: str, server: str) -> bytes:
+    """The result of a job run with ``eval()``: one, or a
+    :class:`~pylm.errors.PylmError` saying how many came."""
+    if len(values) != 1:
+        raise PylmError(
+            f"{function!r} on {server!r} gave {len(values)} results, not one:"
+            " use stream() or job() for streaming functions"
+        )
+    return values[0]
 
 
 class Client(CacheCalls, Caller, WindowedClient, Closing):
@@ -90,13 +101,9 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         """Run one job and return its result; a streaming function that
         yields other than one item raises :class:`~pylm.errors.PylmError`
         (use :meth:`stream` for those)."""
-        values = list(self.stream(function, payload, timeout=timeout))
-        if len(values) != 1:
-            raise PylmError(
-                f"{function!r} on {self.server_name!r} gave {len(values)} results, not one:"
-                " use Client.stream() or Client.job() for streaming functions"
-            )
-        return values[0]
+        return one_result(
+            list(self.stream(function, payload, timeout=timeout)), function, self.server_name
+        )
 
     def stream(
         self, function: str, payload: bytes, *, timeout: float | None = None
@@ -167,7 +174,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
 
     def _open(
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
-    ) -> tuple[Send, Wait]:
+    ) -> Turn:
         socket = self._open_socket()
         request, add_one, resent = self._calls.request, window.add_one, window.resent
         clock = time.monotonic
@@ -217,7 +224,11 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
             return self._collect(socket, window, function) if events & zmq.POLLIN else []
 
-        return send, wait
+        fd = socket.fileno()
+        return Turn(send, wait, lambda: [fd])
+
+    def _opens_at_once(self) -> bool:
+        return True  # its socket follows the master's instances without waiting
 
     def _collect(self, socket: zmq.Socket, window: Window, function: str) -> list[Outcome]:
         """The outcomes of the answers waiting on ``socket`` (1,024 at most:

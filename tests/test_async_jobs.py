@@ -1,0 +1,219 @@
+"""The asyncio clients of pipelines and masters (``AsyncLoopClient``, the
+parallel ``AsyncClient``): results as async iterators, many runs at once in
+one event loop, each with the blocking client's promises, and an event loop
+that never blocks on a peer. Real sockets; the registry test uses a real
+etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from helpers import ANY
+from servers import Last, Step
+
+from pylm.chained import AsyncLoopClient, LastServer
+from pylm.errors import PylmError, RemoteError, RequestTimeout
+from pylm.parallel import AsyncClient, Master, Worker
+from pylm.registry import Registry
+
+pytestmark = pytest.mark.timeout(60)
+
+Serve = Callable[[Any], Any]
+BEAT = 0.2
+
+
+class Gated(LastServer):
+    """A last stage whose ``hold`` jobs wait until the test opens the gate."""
+
+    gate = threading.Event()
+
+    def done(self, message: bytes) -> bytes:
+        if message.startswith(b"fail"):
+            raise ValueError("refused fail")
+        return message + b">done"
+
+    def hold(self, message: bytes) -> bytes:
+        assert self.gate.wait(30)
+        return message + b">held"
+
+
+class Counter(Worker):
+    def who(self, message: bytes) -> bytes:
+        return self.name.encode() + b":" + message
+
+    def count(self, message: bytes) -> Iterator[bytes]:
+        for number in range(int(message)):
+            yield b"%d" % number
+
+
+def pipeline_client(serve: Serve, **options: Any) -> AsyncLoopClient:
+    """A client of step -> last; its ``last.hold`` jobs go to the last stage
+    straight (as a one-stage pipeline's)."""
+    last = serve(Gated("last", ANY, ANY, ANY, log_stdout=False, concurrency=4))
+    step = serve(Step("step", ANY, last.address, "last.done", ANY, log_stdout=False))
+    return AsyncLoopClient(last.push, step.address, step.db, "step", timeout=20, **options)
+
+
+def last_stage_client(serve: Serve) -> AsyncLoopClient:
+    """A client of the Gated last stage alone."""
+    last = serve(Gated("last", ANY, ANY, ANY, log_stdout=False, concurrency=4))
+    return AsyncLoopClient(last.push, last.address, last.db, "last", timeout=20)
+
+
+def test_a_pipeline_from_an_event_loop(serve: Serve) -> None:
+    """Results as they come, errors per job, a failed job raising its
+    typed error, ``messages`` ending a run early, the client usable after."""
+
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            got = [result async for result in client.job("tag", [b"%d" % n for n in range(500)])]
+            assert sorted(got) == sorted(b"%d>step>done" % n for n in range(500))
+            outcomes = [r async for r in client.results("tag", [b"a", b"fail", b"b"])]
+            assert sorted(o.index for o in outcomes) == [0, 1, 2]
+            failed = next(o for o in outcomes if o.index == 1)
+            assert isinstance(failed.error, RemoteError)
+            assert "refused" in str(failed.error)
+            with pytest.raises(RemoteError, match="refused"):
+                async for _ in client.job("tag", [b"fail"]):
+                    pass
+            first = [r async for r in client.job("tag", [b"1", b"2", b"3"], messages=1)]
+            assert len(first) == 1
+            async for _ in client.job("tag", [b"x", b"y"]):
+                break  # a run left early: the client goes on
+            assert [r async for r in client.job("tag", [b"after"])] == [b"after>step>done"]
+
+    asyncio.run(scenario(pipeline_client(serve)))
+
+
+def test_many_runs_at_once_in_one_event_loop(serve: Serve) -> None:
+    """20 runs of 100 jobs at once, through a client of 8 runs at most:
+    each run gets exactly its own results."""
+
+    async def scenario(client: AsyncLoopClient) -> list[list[bytes]]:
+        async with client:
+
+            async def run(number: int) -> list[bytes]:
+                payloads = [b"%d-%d" % (number, n) for n in range(100)]
+                return [result async for result in client.job("tag", payloads)]
+
+            results = await asyncio.gather(*(run(number) for number in range(20)))
+            assert len(client._idle) <= 8  # never more blocking clients than runs at once
+            return results
+
+    results = asyncio.run(scenario(pipeline_client(serve, runs=8)))
+    for number, got in enumerate(results):
+        assert sorted(got) == sorted(b"%d-%d>step>done" % (number, n) for n in range(100))
+
+
+def test_a_run_waiting_for_a_slow_stage_blocks_no_other_run(serve: Serve) -> None:
+    """While one run waits for jobs held in the last stage, another run in
+    the same event loop gets all its results: the loop is never blocked."""
+    Gated.gate = threading.Event()
+
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            held = asyncio.ensure_future(
+                asyncio.gather(*[_collect(client.job("hold", [b"h%d" % n])) for n in range(3)])
+            )
+            quick = [result async for result in client.job("done", [b"%d" % n for n in range(50)])]
+            assert len(quick) == 50 and not held.done()
+            Gated.gate.set()
+            assert sorted(r for run in await held for r in run) == [
+                b"h0>held",
+                b"h1>held",
+                b"h2>held",
+            ]
+
+    asyncio.run(scenario(last_stage_client(serve)))
+
+
+async def _collect(results: Any) -> list[bytes]:
+    return [result async for result in results]
+
+
+def test_a_job_without_a_result_times_out(serve: Serve) -> None:
+    Gated.gate = threading.Event()
+
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            with pytest.raises(RequestTimeout):
+                async for _ in client.job("hold", [b"late"], timeout=0.3):
+                    pass
+        Gated.gate.set()
+
+    asyncio.run(scenario(last_stage_client(serve)))
+
+
+def test_a_closed_client_runs_no_more(serve: Serve) -> None:
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            assert [r async for r in client.job("tag", [b"x"])] == [b"x>step>done"]
+        with pytest.raises(RuntimeError, match="closed"):
+            async for _ in client.job("tag", [b"y"]):
+                pass
+
+    asyncio.run(scenario(pipeline_client(serve)))
+
+
+def test_a_pipeline_and_a_master_by_name(pylm_registry: Registry) -> None:
+    last = Last("last", registry=pylm_registry, log_stdout=False)
+    step = Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False)
+    master = Master("pool", registry=pylm_registry, heartbeat=BEAT, log_stdout=False)
+    worker = Counter("w1", "pool", registry=pylm_registry, heartbeat=BEAT, log_stdout=False)
+
+    async def scenario() -> None:
+        async with (
+            AsyncLoopClient("step", registry=pylm_registry, timeout=20) as pipeline,
+            AsyncClient("pool", registry=pylm_registry, timeout=20) as pool,
+        ):
+            got = [r async for r in pipeline.job("tag", [b"%d" % n for n in range(100)])]
+            assert sorted(got) == sorted(b"%d>step>done" % n for n in range(100))
+            assert await pool.eval("who", b"a") == b"w1:a"
+
+    with last, step, master, worker:
+        asyncio.run(scenario())
+
+
+@pytest.fixture
+def master(serve: Serve) -> Master:
+    master = serve(Master("m", ANY, ANY, heartbeat=BEAT, log_stdout=False))
+    for name in ("w1", "w2"):
+        serve(Counter(name, "m", master.back, heartbeat=BEAT, log_stdout=False))
+    return master
+
+
+def test_a_master_from_an_event_loop(master: Master) -> None:
+    """eval, job, stream and results; many runs at once; a streaming
+    function through eval() says how many results it gave."""
+
+    async def scenario() -> None:
+        async with AsyncClient(master.front, "m", timeout=20) as client:  # type: ignore[arg-type]
+            assert (await client.eval("who", b"a")).endswith(b":a")
+            got = [r async for r in client.job("who", [b"%d" % n for n in range(300)])]
+            assert sorted(r.split(b":")[1] for r in got) == sorted(b"%d" % n for n in range(300))
+            assert [item async for item in client.stream("count", b"4")] == [
+                b"0",
+                b"1",
+                b"2",
+                b"3",
+            ]
+            with pytest.raises(PylmError, match="gave 2 results, not one"):
+                await client.eval("count", b"2")
+            outcomes = [r async for r in client.results("nope", [b"x"])]
+            assert len(outcomes) == 1 and outcomes[0].error is not None
+            streams = await asyncio.gather(
+                *(_collect(client.stream("count", b"%d" % n)) for n in range(20))
+            )
+            assert streams == [[b"%d" % i for i in range(n)] for n in range(20)]
+
+    asyncio.run(scenario())
+
+
+def test_runs_must_be_a_positive_int() -> None:
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="runs must be a positive int"):
+            AsyncClient("tcp://127.0.0.1:1", "m", runs=bad)  # type: ignore[arg-type]
