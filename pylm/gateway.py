@@ -57,6 +57,7 @@ from pylm.errors import (
     UnknownFunction,
     UnknownServer,
 )
+from pylm.jobs_async import AsyncJobs
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD
 
@@ -90,11 +91,11 @@ KIND = "gateway"  # the kind the gateway registers as
 
 # The kinds of server the gateway calls: standalone servers through an
 # AsyncClient; pipelines (from the stage named: its job's results through to
-# the last stage) and masters through a pool of blocking clients, POOL at
-# most per server, each used by one thread at a time.
+# the last stage) through an AsyncLoopClient, masters through the parallel
+# AsyncClient, each with POOL calls at once at most per server.
 PIPELINE_KINDS = ("chained", "chained-last", "hub", "sink")
 CALLABLE_KINDS = ("standalone", "master", *PIPELINE_KINDS)
-POOL = 16
+POOL = 64
 FORGET_AFTER = 60.0  # s a server is gone from the registry before its clients close
 COOKIE = "pylm_token"  # the console's token, in a browser (see Gateway._console)
 NDJSON = "application/x-ndjson"  # many jobs in one request, a line each, results streamed
@@ -153,7 +154,7 @@ class Gateway:
         self._following = self.registry.follow(None, self._on_instances)
         self._clients: dict[str, AsyncClient] = {}
         self._opening: dict[str, asyncio.Future[AsyncClient]] = {}
-        self._pools: dict[str, _Pool] = {}
+        self._pools: dict[str, AsyncJobs[Any]] = {}  # pipelines' and masters' clients
         from pylm.console import Views
 
         self._views = Views(self.registry, lambda: self._records)
@@ -276,8 +277,8 @@ class Gateway:
         if kind != "standalone":
             pool = self._pools.get(server)
             if pool is None:
-                pool = self._pools[server] = _Pool(server, kind, self.registry, self.timeout)
-            return await pool.call(function, body)
+                pool = self._pools[server] = _jobs_client(server, kind, self.registry, self.timeout)
+            return await pool.call(function, body)  # with the calls made at once, in one run
         client = await self._client(server)
         try:
             return [await client.job(function, body, timeout=self.timeout)]
@@ -511,7 +512,7 @@ class Gateway:
             if client is not None:
                 closing.append(asyncio.ensure_future(client.close()))
             if pool is not None:
-                closing.append(loop.run_in_executor(None, pool.close))
+                closing.append(asyncio.ensure_future(pool.close()))
             for future in closing:
                 self._closing.add(future)
                 future.add_done_callback(self._closing.discard)
@@ -527,7 +528,7 @@ class Gateway:
             await client.close()
         pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
-            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+            await pool.close()
         self._following.cancel()
         if self._owns_registry:
             await asyncio.get_running_loop().run_in_executor(None, self.registry.close)
@@ -658,70 +659,16 @@ def openapi(servers: Mapping[str, list[InstanceRecord]]) -> dict[str, Any]:
     }
 
 
-class _Pool:
-    """Blocking clients of one pipeline or master, at most :data:`POOL`,
-    each lent to one call at a time, in a thread of the pool's own (pylm has
-    no asyncio client for them yet). A call whose request went away still
-    runs to its end in its thread; its client comes back to the pool then
-    (or is closed, if the call failed other than in the function)."""
+def _jobs_client(server: str, kind: str, registry: Registry, timeout: float) -> AsyncJobs[Any]:
+    """The asyncio client of a pipeline (from the stage ``server``) or a
+    master: :data:`POOL` runs at once, each one job of a call."""
+    if kind == "master":
+        from pylm.parallel import AsyncClient as MasterClient
 
-    def __init__(self, server: str, kind: str, registry: Registry, timeout: float) -> None:
-        self.server, self.kind, self.registry, self.timeout = server, kind, registry, timeout
-        self._idle: list[Any] = []
-        self._room = asyncio.Semaphore(POOL)
-        self._threads = concurrent.futures.ThreadPoolExecutor(POOL, f"pylm-gateway-{server}")
-        self._closed = False
+        return MasterClient(server, registry=registry, timeout=timeout, wait=0, runs=POOL)
+    from pylm.chained import AsyncLoopClient
 
-    def _make(self) -> Any:
-        if self.kind == "master":
-            from pylm.parallel import Client as ParallelClient
-
-            return ParallelClient(self.server, registry=self.registry, timeout=self.timeout, wait=0)
-        from pylm.chained import LoopClient
-
-        return LoopClient(
-            self.server, registry=self.registry, timeout=self.timeout, wait=0, announce=False
-        )
-
-    async def call(self, function: str, body: bytes) -> list[bytes]:
-        """The results of one job of ``function`` with ``body``."""
-        await self._room.acquire()
-        if self._closed:  # closed while this call waited for room
-            self._room.release()
-            raise NoInstance(f"the gateway closed its clients of {self.server!r}")
-        loop = asyncio.get_running_loop()
-
-        def run() -> list[bytes]:
-            client = self._idle.pop() if self._idle else self._make()
-            try:
-                results = list(client.job(function, [body]))
-            except RemoteError:  # the function's: the client is fine
-                self._give_back(client)
-                raise
-            except BaseException:
-                client.close()  # in an unknown state
-                raise
-            self._give_back(client)
-            return results
-
-        future = loop.run_in_executor(self._threads, run)
-        future.add_done_callback(lambda _: self._room.release())
-        return await asyncio.shield(future)
-
-    def _give_back(self, client: Any) -> None:
-        """From a pool thread: ``client`` may serve another call."""
-        if self._closed:
-            client.close()
-        else:
-            self._idle.append(client)
-
-    def close(self) -> None:
-        """Close the idle clients, and the others as their calls end."""
-        self._closed = True
-        self._threads.shutdown(wait=True, cancel_futures=True)
-        idle, self._idle = self._idle, []
-        for client in idle:
-            client.close()
+    return AsyncLoopClient(server, registry=registry, timeout=timeout, wait=0, runs=POOL)
 
 
 def _problem_of(exc: PylmError) -> tuple[int, str, str, dict[str, str]]:

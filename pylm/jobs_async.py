@@ -55,6 +55,11 @@ class AsyncJobs(Generic[C]):
         self._idle: list[C] = []  # clients between runs
         self._busy: set[C] = set()  # clients running jobs
         self._room: asyncio.Semaphore | None = None  # made in the event loop that uses it
+        # call()s made in this turn of the event loop, by function and timeout
+        self._calls: dict[
+            tuple[str, float | None], list[tuple[bytes, asyncio.Future[list[bytes]]]]
+        ] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # runs of calls going
         self._closed = False
 
     async def open(self) -> Self:
@@ -120,6 +125,68 @@ class AsyncJobs(Generic[C]):
                 if value is not None or error is not None:
                     yield JobResult(index, value, error)
 
+    async def call(
+        self, function: str, payload: bytes, *, timeout: float | None = None
+    ) -> list[bytes]:
+        """Run one job of ``function`` and return its results: one, or a
+        streaming job's items (those once the run it went in ends). Raises
+        the job's typed error. Calls made at once (in the same turn of the
+        event loop, of the same function and timeout) go out together, in
+        one run: many callers cost about what one ``job()`` of many
+        payloads costs."""
+        loop = asyncio.get_running_loop()
+        key = (function, timeout)
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = []
+            loop.call_soon(self._go, key)
+        answer: asyncio.Future[list[bytes]] = loop.create_future()
+        calls.append((payload, answer))
+        return await answer
+
+    def _go(self, key: tuple[str, float | None]) -> None:
+        """Send the calls made since the last turn of the event loop, in a run."""
+        calls = self._calls.pop(key)
+        task = asyncio.ensure_future(self._run_calls(key[0], key[1], calls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_calls(
+        self,
+        function: str,
+        timeout: float | None,
+        calls: list[tuple[bytes, asyncio.Future[list[bytes]]]],
+    ) -> None:
+        """A run of the jobs of ``calls``, each answered as its outcome
+        comes (a streaming job's items once the run ends)."""
+        items: list[list[bytes]] = [[] for _ in calls]
+        payloads = [payload for payload, _ in calls]
+        failure: BaseException | None = None
+        try:
+            async with aclosing(self._outcomes(function, payloads, timeout)) as outcomes:
+                async for index, value, error, over in outcomes:
+                    answer = calls[index][1]
+                    if answer.done():  # its caller went away, or it failed already
+                        continue
+                    if error is not None:
+                        answer.set_exception(error)
+                    elif value is not None:
+                        items[index].append(value)
+                        if over:
+                            answer.set_result(items[index])
+        except Exception as exc:  # the run's own failure (no instance, closed): every call's
+            failure = exc
+        except BaseException:  # cancelled
+            for _, answer in calls:
+                answer.cancel()
+            raise
+        for index, (_, answer) in enumerate(calls):
+            if not answer.done():
+                if failure is not None:
+                    answer.set_exception(failure)
+                else:
+                    answer.set_result(items[index])
+
     async def _outcomes(
         self, function: str, payloads: Iterable[bytes], timeout: float | None
     ) -> AsyncGenerator[Outcome, None]:
@@ -141,7 +208,20 @@ class AsyncJobs(Generic[C]):
     async def _take(self) -> C:
         """An idle client, or a new one (made in a thread: it may look the
         servers up in the registry)."""
-        client = self._idle.pop() if self._idle else await asyncio.to_thread(self._make)
+        if self._idle:
+            client = self._idle.pop()
+        else:
+            making = asyncio.ensure_future(asyncio.to_thread(self._make))
+            try:
+                client = await asyncio.shield(making)
+            except asyncio.CancelledError:  # the client made still joins the pool
+
+                def made(future: asyncio.Future[C]) -> None:
+                    if not future.cancelled() and future.exception() is None:
+                        self._give(future.result())
+
+                making.add_done_callback(made)
+                raise
         self._busy.add(client)
         return client
 

@@ -649,9 +649,19 @@ class WindowedClient:
         if self._opens_at_once():
             window, turn = self._begin(function, payloads, timeout, self._open)
         else:
-            window, turn = await asyncio.to_thread(
-                self._begin, function, payloads, timeout, self._open
+            opening = asyncio.ensure_future(
+                asyncio.to_thread(self._begin, function, payloads, timeout, self._open)
             )
+            try:
+                window, turn = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                # The thread still readies the client: the run ends once it
+                # has, so that the client is never given to another run
+                # while it is in use.
+                await asyncio.wait([opening])
+                if not opening.cancelled() and opening.exception() is None:
+                    self._finished()
+                raise
         run = window.run_async(turn.send, lambda ms: wait_async(turn, ms), self._finished)
         async with aclosing(run):  # closed with this one: the run is finished at once
             async for outcome in run:

@@ -135,6 +135,26 @@ async def _collect(results: Any) -> list[bytes]:
     return [result async for result in results]
 
 
+def test_calls_made_at_once_go_out_in_one_run(serve: Serve) -> None:
+    """100 call()s made at once: each gets its own result (or its own
+    error), through one run, so one blocking client."""
+
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            payloads = [b"fail%d" % n if n % 10 == 0 else b"%d" % n for n in range(100)]
+            answers = await asyncio.gather(
+                *(client.call("tag", payload) for payload in payloads), return_exceptions=True
+            )
+            for payload, answer in zip(payloads, answers, strict=True):
+                if payload.startswith(b"fail"):
+                    assert isinstance(answer, RemoteError)
+                else:
+                    assert answer == [payload + b">step>done"]
+            assert len(client._idle) == 1 and not client._busy
+
+    asyncio.run(scenario(pipeline_client(serve)))
+
+
 def test_a_job_without_a_result_times_out(serve: Serve) -> None:
     Gated.gate = threading.Event()
 
