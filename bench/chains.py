@@ -64,6 +64,13 @@ Ready = Callable[[StageAddresses], None]
 Connect = Callable[[StageAddresses, StageAddresses], Driver]
 
 
+def until(payload: bytes, end: float) -> Iterator[bytes]:
+    """``payload`` again and again until the monotonic clock passes ``end``."""
+    clock = time.monotonic
+    while clock() < end:
+        yield payload
+
+
 class PipelineDriver:
     """A client that sends jobs and receives their results concurrently;
     subclasses say how, in :meth:`jobs`."""
@@ -79,14 +86,9 @@ class PipelineDriver:
 
     def run(self, payload: bytes, start: float, end: float) -> int:
         clock = time.monotonic
-
-        def until_end() -> Iterator[bytes]:
-            while clock() < end:
-                yield payload
-
         done = 0
         wait_until(start)
-        for _ in self.jobs(until_end()):
+        for _ in self.jobs(until(payload, end)):
             if clock() <= end:  # arrived after the window: not counted
                 done += 1
         return done
@@ -226,6 +228,51 @@ def pylm_batch_client() -> tuple[str, Connect]:
     return "", BatchDriver
 
 
+class AsyncLoopDriver(PipelineDriver):
+    """pylm's :class:`~pylm.chained.AsyncLoopClient`, one run at a time on an
+    event loop of its own, ``max_in_flight=IN_FLIGHT``: the same jobs in
+    flight as the LoopClient's."""
+
+    def __init__(self, first: StageAddresses, last: StageAddresses) -> None:
+        import asyncio
+
+        from pylm.chained import AsyncLoopClient
+
+        name, self._function = PYLM_NAMES[1]
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncLoopClient(
+            last.results, first.input, first.db, name, max_in_flight=IN_FLIGHT, timeout=JOB_TIMEOUT
+        )
+        self._loop.run_until_complete(self._client.open())
+
+    def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        async def collect() -> list[bytes]:
+            return [result async for result in self._client.job(self._function, payloads)]
+
+        return iter(self._loop.run_until_complete(collect()))
+
+    def run(self, payload: bytes, start: float, end: float) -> int:
+        clock = time.monotonic
+
+        async def count() -> int:
+            done = 0
+            async for _ in self._client.job(self._function, until(payload, end)):
+                if clock() <= end:  # arrived after the window: not counted
+                    done += 1
+            return done
+
+        wait_until(start)
+        return self._loop.run_until_complete(count())
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+
+def pylm_async_client() -> tuple[str, Connect]:
+    return "", AsyncLoopDriver
+
+
 def pylm_quiet_stage(stage: int, downstream: str, ready: Ready) -> None:
     """A pylm stage with metrics off (``PYLM_METRICS=0``): what counting costs."""
     os.environ["PYLM_METRICS"] = "0"
@@ -262,6 +309,13 @@ CHAINS: dict[str, Chain] = {
             f"pylm, LoopClient(batch={BATCH})",
             pylm_stage,
             pylm_batch_client,
+        ),
+        Chain(
+            "pylm-async-chain",
+            "pylm-async",
+            "pylm, AsyncLoopClient",
+            pylm_stage,
+            pylm_async_client,
         ),
         Chain(
             "pylm-quiet-chain",

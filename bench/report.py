@@ -260,6 +260,14 @@ TARGETS = (
         ),
     ),
     Target(
+        "3-stage chain, 100 B, 1000 in flight: AsyncLoopClient / LoopClient",
+        0.9,
+        lambda d: _over(
+            _median(d["pipeline"], "pylm-async-chain", 100),
+            _median(d["pipeline"], "pylm-chain", 100),
+        ),
+    ),
+    Target(
         "10 KiB payloads, sync RPC, 1 client: pylm / raw (MB/s)",
         0.7,
         _rpc("pylm", "raw-req", 10240),
