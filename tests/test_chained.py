@@ -320,7 +320,11 @@ def test_a_client_that_does_not_read_holds_no_other_up(pipeline: Pipeline) -> No
         deaf.send_multipart(protocol.encode(protocol.PING, 1))  # connected: results go to it
         share = pylm.chained.servers.MAX_BACKLOG // 4
         for i in range(share + 8000):  # its queue, its buffers, its share, and more
-            job = protocol.encode(protocol.REQUEST, i, b"." * 1024, b"last.baz", b"deaf")
+            # Stream items: each result a message of its own (results of
+            # plain jobs read in a row would go on together, in BATCHes).
+            job = protocol.encode(
+                protocol.REQUEST, i, b"." * 1024, b"last.baz", b"deaf", flags=protocol.MORE
+            )
             pusher.send_multipart(job)
         stats = pipeline.last.stats
         wait_for(lambda: stats.undeliverable > 0, 30, "results for the deaf client dropped")
@@ -575,11 +579,17 @@ def test_a_client_that_stops_reading_holds_no_other_client_up() -> None:
                 for n in range(20):
                     assert list(client.job("echo", [b"%d" % n])) == [b"%d" % n]
             # The lazy client reads at last: every one of its 20,000 results is
-            # there, in order (the time bound is for a failure only).
-            ids = []
-            for _ in range(20_000):
+            # there, in order (the time bound is for a failure only); the
+            # results of jobs read in a row came together, in BATCHes.
+            ids: list[int] = []
+            while len(ids) < 20_000:
                 assert lazy.poll(30_000), f"{len(ids)} of 20,000 results came"
-                ids.append(_protocol.decode(lazy.recv_multipart()).msg_id)
+                frames = lazy.recv_multipart()
+                if frames[0][_protocol.LEAD] == _protocol.BATCH_PREFIX:
+                    bodies = _protocol.unpack_batch(frames[0])
+                    ids += [_protocol.decode([body]).msg_id for body in bodies]
+                else:
+                    ids.append(_protocol.decode(frames).msg_id)
             assert ids == list(range(2, 20_002))
         finally:
             lazy.close()

@@ -575,6 +575,7 @@ def test_a_loop_client_ends_a_stream_once_its_end_and_all_its_items_are_in(
         "step1",
         announce=False,
         timeout=10,
+        batch=1,  # the jobs read here one message each
     )
     outcomes: list[JobResult] = []
     running = threading.Thread(

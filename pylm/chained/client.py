@@ -43,7 +43,23 @@ __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
 MAX_BATCH = 1024  # jobs per message at most
+# Batching by default: the jobs ready to go at once travel together, up to
+# BATCH jobs and BATCH_BYTES of payloads in a message (larger jobs gain
+# nothing by it: their copies cost more than the messages saved).
+BATCH = 64
+BATCH_BYTES = 8192
+# A payload the iterable took longer than this to give closes the message
+# being filled (no job waits longer than this for another); if the thread
+# blocked meanwhile (the iterable waits between items: a queue, a socket),
+# the rest of the run's jobs go one per message.
+SLOW_SOURCE = 0.002
 
+try:
+    import resource
+
+    _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
+except ImportError:  # not a POSIX system
+    _RUSAGE_THREAD = None
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
 
@@ -149,6 +165,15 @@ class _Outs:
         self._changed()
 
 
+def _blocked() -> int:
+    """How many times this thread has waited (voluntary context switches:
+    a slow payload that came with none was the machine's, not the
+    iterable's); 0 where the system does not tell."""
+    if _RUSAGE_THREAD is None:
+        return 0
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+
 def _bucket(seconds: float) -> int:
     return bisect_left(BUCKETS, seconds)
 
@@ -175,10 +200,14 @@ class LoopClient(Caller, WindowedClient, Closing):
     clients use the pipeline. At most ``max_in_flight`` jobs are out at once;
     beyond that, and whenever the pipeline is full (``hwm``: messages the
     sending socket queues), sending waits for results.
-    ``batch``: up to that many small jobs travel in one message (a BATCH),
-    and so do their results, stage after stage; for many small jobs this
-    multiplies the throughput. The payloads are taken from the iterable that
-    many at a time, so leave it at 1 for an iterable that waits between items.
+    ``batch``: the small jobs ready at once travel together in one message (a
+    BATCH), up to that many (64 by default) and 8 KiB of payloads, and so do
+    their results, stage after stage; for many small jobs this multiplies
+    the throughput. A job alone goes alone. A message being filled goes as
+    soon as the iterable takes over 2 ms for the next payload, and once the
+    iterable is seen to wait between items (a queue, a socket), each job of
+    the run goes on its own: a job waits for the iterable once at most.
+    ``batch=1``: one job per message, always.
     ``retry``: a job that seems lost (an instance on its path died or froze)
     is sent again and its first result delivered, later copies dropped
     (:mod:`pylm.window` says when; execution is then at least once).
@@ -197,7 +226,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
-        batch: int = 1,
+        batch: int = BATCH,
         hwm: int = 1000,
         retry: bool = True,
         announce: bool = True,
@@ -329,6 +358,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         tail = target + self.route
         inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
         add, add_one, resent, batch = window.add, window.add_one, window.resent, self.batch
+        cap = batch  # jobs per message: 1 once the iterable is seen to wait
         wiring = self._wiring
         results = wiring.sockets  # changed in place as the last stage's instances change
         poller = zmq.Poller()
@@ -348,7 +378,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         def send(room: int, until: float) -> Stop:
             """Jobs sent again first, then new ones while there is room: up
             to ``batch`` small jobs per message."""
-            nonlocal waiting, carried, exhausted, now, recount_at
+            nonlocal waiting, carried, exhausted, now, recount_at, cap
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
             if outs.several and clock() >= recount_at:  # jobs that timed out: forgotten
@@ -370,19 +400,38 @@ class LoopClient(Caller, WindowedClient, Closing):
                         # Their payloads, what a job sent again is made of (a
                         # body kept would hold memory a new one could reuse).
                         kept: list[bytes] = []
-                        left = batch if batch < room else room  # jobs this message may take
+                        left = cap if cap < room else room  # jobs this message may take
+                        if outs.several and left > 1:  # spread over the instances: a slow
+                            # one must not take a whole window's jobs in one message
+                            left = max(1, min(left, room // (2 * len(outs.sockets))))
+                        filled = 0  # bytes of payloads in it
+                        blocked = _blocked() if left > 1 else 0
                         while left:
-                            payload = carried if carried is not None else next(payloads, None)
-                            carried = None
+                            payload: bytes | None
+                            if carried is not None:
+                                payload, carried = carried, None
+                            elif left > 1 or bodies:
+                                pulled = clock()
+                                payload = next(payloads, None)
+                                if clock() - pulled > SLOW_SOURCE:
+                                    left = 1  # no job waits for more: this message goes
+                                    if _RUSAGE_THREAD is None or _blocked() != blocked:
+                                        cap = 1  # the iterable waits between items
+                            else:
+                                payload = next(payloads, None)
                             if payload is None:
                                 exhausted = True
                                 break
                             if type(payload) is bytes and len(payload) <= inline_limit:
+                                if bodies and filled + len(payload) > BATCH_BYTES:
+                                    carried = payload  # the message is full: next
+                                    break
                                 msg_id = next(ids)
                                 stamp = pack_id_deadline(msg_id, wall() + timeout)
                                 bodies.append(b"".join((prefix, stamp, tail, payload)))
                                 group.append(msg_id)
                                 kept.append(payload)
+                                filled += len(payload)
                                 left -= 1
                             elif bodies:
                                 carried = payload  # a large one goes on its own, next

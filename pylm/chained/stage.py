@@ -61,6 +61,8 @@ DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
 REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
+COALESCE = 64  # results of jobs read in a row sent on in one message, at most
+COALESCE_BYTES = 8192  # and bytes of their payloads (larger ones go on alone)
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 
 
@@ -225,6 +227,13 @@ class Stage(BaseServer):
         recv, call = pull.recv, self._call
         output = self._output
         send_fast = output.send_fast
+        # The results of the jobs read in a row go on together, as one BATCH
+        # (up to COALESCE of them, COALESCE_BYTES of payloads): only what was
+        # waiting already, so a job alone goes alone, at once.
+        coalesce = output.plain
+        fast_message, send_batch = output.fast_message, output.send_batch
+        together: list[tuple[bytes, bytes]] = []
+        filled = 0
         received = passed = 0
         counting, sampling = self.stats is not None, self._sampling
         untimed = sampling.untimed
@@ -244,6 +253,9 @@ class Stage(BaseServer):
                 self.logger.debug("%s Got a message", self.name)
             lead = body[LEAD]
             if lead == BATCH_PREFIX:
+                if together:
+                    send_batch(together)
+                    together, filled = [], 0
                 carried, sent_on = self._serve_batch(body)
                 received += carried - 1
                 passed += sent_on
@@ -273,10 +285,24 @@ class Stage(BaseServer):
                     except PylmError as error:
                         output.send_error(protocol.decode([body]), error)
                     else:
-                        send_fast(body, start, end, result)
+                        if coalesce and len(result) <= COALESCE_BYTES:
+                            together.append(
+                                (body[start:end], fast_message(body, start, end, result))
+                            )
+                            filled += len(result)
+                            if len(together) == COALESCE or filled >= COALESCE_BYTES:
+                                send_batch(together)
+                                together, filled = [], 0
+                        else:
+                            send_fast(body, start, end, result)
                     passed += 1
                     continue
+            if together:  # before anything else goes on (a stream's END after its items)
+                send_batch(together)
+                together, filled = [], 0
             self._handle([body, *rest_of(pull)])
+        if together:
+            send_batch(together)
         sampling.untimed = untimed
         return received, passed
 
