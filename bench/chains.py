@@ -45,7 +45,6 @@ __all__ = ["CHAINS", "IN_FLIGHT", "STAGES", "Chain", "StageAddresses", "client_m
 
 STAGES = 3
 IN_FLIGHT = 1000  # jobs a client keeps out at most, in both systems
-BATCH = 64  # jobs per message in the batched pylm run
 JOB_TIMEOUT = 30.0  # s: pylm's per-job deadline; a job this late is a failure anyway
 PYLM_NAMES = {1: ("step1", "foo"), 2: ("step2", "bar"), 3: ("last", "baz")}  # server, function
 
@@ -155,9 +154,10 @@ def raw_client() -> tuple[str, Connect]:
 
 
 class LoopDriver(PipelineDriver):
-    """pylm's :class:`~pylm.chained.LoopClient`, ``max_in_flight=IN_FLIGHT``."""
+    """pylm's :class:`~pylm.chained.LoopClient`, ``max_in_flight=IN_FLIGHT``,
+    its ``batch`` left as the code being measured has it by default."""
 
-    batch = 1
+    batch: int | None = None
 
     def __init__(self, first: StageAddresses, last: StageAddresses) -> None:
         from pylm.chained import LoopClient
@@ -170,7 +170,7 @@ class LoopDriver(PipelineDriver):
             name,
             announce=False,
             max_in_flight=IN_FLIGHT,
-            batch=self.batch,
+            **({} if self.batch is None else {"batch": self.batch}),
             timeout=JOB_TIMEOUT,
         )
 
@@ -218,14 +218,15 @@ def pylm_client() -> tuple[str, Connect]:
     return "", LoopDriver  # the client binds nothing: it connects to the last stage
 
 
-class BatchDriver(LoopDriver):
-    """The same with ``batch=BATCH``: small jobs travel that many per message."""
+class UnbatchedDriver(LoopDriver):
+    """The same with ``batch=1``: one job per message (no batching), what a
+    LoopClient did by default before batching was."""
 
-    batch = BATCH
+    batch = 1
 
 
-def pylm_batch_client() -> tuple[str, Connect]:
-    return "", BatchDriver
+def pylm_unbatched_client() -> tuple[str, Connect]:
+    return "", UnbatchedDriver
 
 
 class AsyncLoopDriver(PipelineDriver):
@@ -304,11 +305,11 @@ CHAINS: dict[str, Chain] = {
         Chain("raw-chain", "raw", "raw pyzmq PUSH/PULL chain", raw_stage, raw_client),
         Chain("pylm-chain", "pylm", "pylm chained servers, LoopClient", pylm_stage, pylm_client),
         Chain(
-            "pylm-batch-chain",
-            "pylm-batch",
-            f"pylm, LoopClient(batch={BATCH})",
+            "pylm-unbatched-chain",
+            "pylm-unbatched",
+            "pylm, LoopClient(batch=1)",
             pylm_stage,
-            pylm_batch_client,
+            pylm_unbatched_client,
         ),
         Chain(
             "pylm-async-chain",

@@ -71,7 +71,7 @@ from bench.harness import (
 )
 
 PAYLOADS = (100, 10 * 1024)
-FAMILIES = ("raw", "pylm", "pylm-batch", "pylm-async", "pylm-quiet")
+FAMILIES = ("raw", "pylm", "pylm-unbatched", "pylm-async", "pylm-quiet")
 FULL = Timing(duration=5.0, warmup=1.0, rounds=3)
 QUICK = Timing(duration=0.5, warmup=0.2, rounds=1)
 REPORT = Report(
@@ -81,12 +81,13 @@ REPORT = Report(
     f" LoopClient(max_in_flight={IN_FLIGHT}). Every stage passes the payload on unchanged;"
     " every stage and the client in its own process; the client first checks that a result"
     " is its payload, as bytes, and counts only results that arrive within the window."
+    ' "batch=1": one job per message (no batching).'
     ' "AsyncLoopClient": the same jobs in flight from an event loop.'
     ' "metrics off": pylm with PYLM_METRICS=0 in stages and client.',
     titles={
         "raw": "raw pyzmq",
         "pylm": "pylm",
-        "pylm-batch": "pylm, batch=64",
+        "pylm-unbatched": "pylm, batch=1",
         "pylm-async": "pylm, AsyncLoopClient",
         "pylm-quiet": "pylm, metrics off",
     },

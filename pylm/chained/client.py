@@ -207,7 +207,8 @@ class LoopClient(Caller, WindowedClient, Closing):
     soon as the iterable takes over 2 ms for the next payload, and once the
     iterable is seen to wait between items (a queue, a socket), each job of
     the run goes on its own: a job waits for the iterable once at most.
-    ``batch=1``: one job per message, always.
+    With several first-stage instances, one job per message (each to the
+    least loaded). ``batch=1``: one job per message, always.
     ``retry``: a job that seems lost (an instance on its path died or froze)
     is sent again and its first result delivered, later copies dropped
     (:mod:`pylm.window` says when; execution is then at least once).
@@ -401,9 +402,11 @@ class LoopClient(Caller, WindowedClient, Closing):
                         # body kept would hold memory a new one could reuse).
                         kept: list[bytes] = []
                         left = cap if cap < room else room  # jobs this message may take
-                        if outs.several and left > 1:  # spread over the instances: a slow
-                            # one must not take a whole window's jobs in one message
-                            left = max(1, min(left, room // (2 * len(outs.sockets))))
+                        if outs.several:
+                            # One job a message, each to the least loaded instance:
+                            # a slow one gets fewer, and the jobs of one that dies
+                            # are sent again once the others answer jobs sent after.
+                            left = 1
                         filled = 0  # bytes of payloads in it
                         blocked = _blocked() if left > 1 else 0
                         while left:

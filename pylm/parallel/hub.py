@@ -18,6 +18,7 @@ END once the earlier END and all its items are through.
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 import time
@@ -130,6 +131,9 @@ class Hub(Dispatching, Server):
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
         self.back: str | None = None  # where workers connect, once bound
         self._reading = True  # whether the input is polled (not while the queue is full)
+        # Jobs of a BATCH read while the queue filled up: taken as it frees
+        # (the input is not read meanwhile), so the queue keeps its bound.
+        self._held: collections.deque[bytes] = collections.deque()
         self._next_check = 0.0
 
     # ------------------------------------------------------------------ sockets
@@ -173,8 +177,12 @@ class Hub(Dispatching, Server):
         if now >= self._next_check:
             dispatcher.check_workers()
             self._next_check = now + dispatcher.heartbeat / 4
+        if self._held and not dispatcher.full:
+            self._take_held()
         pull = self._pull
-        if pull is not None and self._reading == dispatcher.full:  # backpressure
+        if pull is not None and self._reading == (
+            dispatcher.full or bool(self._held)
+        ):  # backpressure
             if self._reading:
                 self._poller.unregister(pull)
             else:
@@ -185,8 +193,9 @@ class Hub(Dispatching, Server):
         """Book the jobs waiting on the input, up to a batch or a full queue."""
         dispatcher = self.dispatcher
         received = 0
+        self._take_held()
         for _ in range(_BATCH):
-            if dispatcher.full:
+            if dispatcher.full or self._held:
                 break
             try:
                 body = pull.recv(zmq.NOBLOCK)
@@ -217,8 +226,14 @@ class Hub(Dispatching, Server):
         except ProtocolError as error:
             self._drop("batch", f"{error} (no route back: dropped)", [body])
             return
-        for job in jobs:
-            self._take_message([job])
+        self._held.extend(jobs)
+        self._take_held()
+
+    def _take_held(self) -> None:
+        """Take the jobs of BATCHes read, while the queue has room."""
+        held, dispatcher = self._held, self.dispatcher
+        while held and not dispatcher.full:
+            self._take_message([held.popleft()])
 
     def _take_message(self, frames: list[bytes]) -> None:
         try:
