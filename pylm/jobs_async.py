@@ -170,10 +170,11 @@ class AsyncJobs(Generic[C]):
                         continue
                     if error is not None:
                         answer.set_exception(error)
-                    elif value is not None:
+                        continue
+                    if value is not None:
                         items[index].append(value)
-                        if over:
-                            answer.set_result(items[index])
+                    if over:  # its result, or the END of a master's stream
+                        answer.set_result(items[index])
         except Exception as exc:  # the run's own failure (no instance, closed): every call's
             failure = exc
         except BaseException:  # cancelled

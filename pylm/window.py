@@ -544,10 +544,8 @@ async def wait_async(turn: Turn, ms: int) -> Iterable[Outcome]:
     A ZeroMQ socket's FD signals on a change of its events after they were
     read, which ``turn.wait(0)`` does."""
     outcomes = turn.wait(0)
-    if ms <= 0:
-        await asyncio.sleep(0)  # the loop's other tasks run between time slices
-        return outcomes
-    if outcomes:
+    if ms <= 0 or outcomes:
+        await asyncio.sleep(0)  # the loop's other tasks run between turns
         return outcomes
     loop = asyncio.get_running_loop()
     woken = loop.create_future()
@@ -656,9 +654,13 @@ class WindowedClient:
                 window, turn = await asyncio.shield(opening)
             except asyncio.CancelledError:
                 # The thread still readies the client: the run ends once it
-                # has, so that the client is never given to another run
-                # while it is in use.
-                await asyncio.wait([opening])
+                # has (whatever more cancels come), so that the client is
+                # never given to another run while it is in use.
+                while not opening.done():
+                    try:
+                        await asyncio.wait([opening])
+                    except asyncio.CancelledError:
+                        continue
                 if not opening.cancelled() and opening.exception() is None:
                     self._finished()
                 raise

@@ -15,6 +15,7 @@ from helpers import ANY, trickle
 
 import pylm.chained.client
 import pylm.chained.servers
+import pylm.chained.to_clients
 from pylm import protocol
 from pylm.cache import CacheClient
 from pylm.chained import JobResult, LastServer, LoopClient, Server
@@ -302,10 +303,16 @@ def test_junk_on_the_cache_port_holds_nothing_up(
         assert cache.get("k") == b"value"
 
 
-def test_a_client_that_does_not_read_holds_no_other_up(pipeline: Pipeline) -> None:
+def test_a_client_that_does_not_read_holds_no_other_up(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Results for a client that reads none fill its queue, then its share of
     the last stage's backlog; past it they are dropped and counted, and the
-    stage serves the other clients at once: it never waits for one."""
+    stage serves the other clients at once: it never waits for one. (A
+    backlog of 4,000 messages here, for a test of a few MB: the results of
+    the jobs it finds waiting go on 8 to a message.)"""
+    monkeypatch.setattr(pylm.chained.to_clients, "MAX_BACKLOG", 4000)
+    pipeline = Pipeline(serve)
     deaf = zmq.Context.instance().socket(zmq.DEALER)
     deaf.setsockopt(zmq.LINGER, 0)
     deaf.setsockopt(zmq.RCVHWM, 1)
@@ -316,22 +323,21 @@ def test_a_client_that_does_not_read_holds_no_other_up(pipeline: Pipeline) -> No
     pusher.setsockopt(zmq.LINGER, 0)
     pusher.setsockopt(zmq.SNDHWM, 0)
     pusher.connect(pipeline.last.address)
+    stats = pipeline.last.stats
+    assert stats is not None
+    jobs = 8 * 1000 + 8000  # its share of the backlog (1,000 messages of 8), and more
     try:
         deaf.send_multipart(protocol.encode(protocol.PING, 1))  # connected: results go to it
-        share = pylm.chained.servers.MAX_BACKLOG // 4
-        for i in range(share + 8000):  # its queue, its buffers, its share, and more
-            # Stream items: each result a message of its own (results of
-            # plain jobs read in a row would go on together, in BATCHes).
-            job = protocol.encode(
-                protocol.REQUEST, i, b"." * 1024, b"last.baz", b"deaf", flags=protocol.MORE
-            )
+        for i in range(jobs):
+            job = protocol.encode(protocol.REQUEST, i, b"." * 1024, b"last.baz", b"deaf")
             pusher.send_multipart(job)
-        stats = pipeline.last.stats
         wait_for(lambda: stats.undeliverable > 0, 30, "results for the deaf client dropped")
         with pipeline.client(timeout=5) as client:
             assert list(client.job("foo", [b"fine"])) == [
                 b"ACK: got it too, after you sent me fine"
             ]
+        # Every job read (and its result kept or dropped) before the deaf client goes.
+        wait_for(lambda: stats.received >= jobs, 30, "every job read by the last stage")
     finally:
         deaf.close()
         pusher.close()

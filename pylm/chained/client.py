@@ -48,10 +48,11 @@ MAX_BATCH = 1024  # jobs per message at most
 # nothing by it: their copies cost more than the messages saved).
 BATCH = 64
 BATCH_BYTES = 8192
-# A payload the iterable took longer than this to give closes the message
-# being filled (no job waits longer than this for another); if the thread
-# blocked meanwhile (the iterable waits between items: a queue, a socket),
-# the rest of the run's jobs go one per message.
+# A message being filled goes once this long has passed since it began (no
+# job waits longer for the iterable to give the next ones); if one payload
+# took that long and the thread blocked meanwhile (the iterable waits
+# between items: a queue, a socket), the rest of the run goes one job per
+# message.
 SLOW_SOURCE = 0.002
 
 try:
@@ -203,10 +204,10 @@ class LoopClient(Caller, WindowedClient, Closing):
     ``batch``: the small jobs ready at once travel together in one message (a
     BATCH), up to that many (64 by default) and 8 KiB of payloads, and so do
     their results, stage after stage; for many small jobs this multiplies
-    the throughput. A job alone goes alone. A message being filled goes as
-    soon as the iterable takes over 2 ms for the next payload, and once the
-    iterable is seen to wait between items (a queue, a socket), each job of
-    the run goes on its own: a job waits for the iterable once at most.
+    the throughput. A job alone goes alone. A message being filled goes
+    once 2 ms have passed since it began, and once the iterable is seen to
+    wait between items (a queue, a socket), each job of the run goes on its
+    own.
     With several first-stage instances, one job per message (each to the
     least loaded). ``batch=1``: one job per message, always.
     ``retry``: a job that seems lost (an instance on its path died or froze)
@@ -409,6 +410,7 @@ class LoopClient(Caller, WindowedClient, Closing):
                             left = 1
                         filled = 0  # bytes of payloads in it
                         blocked = _blocked() if left > 1 else 0
+                        began = clock()
                         while left:
                             payload: bytes | None
                             if carried is not None:
@@ -416,9 +418,12 @@ class LoopClient(Caller, WindowedClient, Closing):
                             elif left > 1 or bodies:
                                 pulled = clock()
                                 payload = next(payloads, None)
-                                if clock() - pulled > SLOW_SOURCE:
-                                    left = 1  # no job waits for more: this message goes
-                                    if _RUSAGE_THREAD is None or _blocked() != blocked:
+                                got = clock()
+                                if got - began > SLOW_SOURCE:
+                                    left = 1  # no job waits longer for more: this one goes
+                                    if got - pulled > SLOW_SOURCE and (
+                                        _RUSAGE_THREAD is None or _blocked() != blocked
+                                    ):
                                         cap = 1  # the iterable waits between items
                             else:
                                 payload = next(payloads, None)

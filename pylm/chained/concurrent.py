@@ -94,6 +94,7 @@ class ConcurrentStage:
                 self._start_waiting()
                 if listen and pull in events:
                     self._read(pull)
+                calls.flush()  # one hop to the event loop for the jobs just started
                 for socket in events:
                     if socket is not pull and socket != calls.fd:
                         stage._serve_other(socket)  # the cache, clients' hellos, stop
@@ -157,12 +158,11 @@ class ConcurrentStage:
             self._start_waiting()
 
     def _start_waiting(self) -> None:
-        """Start the jobs read, while there is room (one hop to the event
-        loop for them all)."""
-        stage, calls = self.stage, self.calls
-        while self.waiting and calls.room and stage.served < stage.messages:
+        """Start the jobs read, while there is room (a BATCH's jobs all,
+        past the messages limit too, as the one-at-a-time loop does)."""
+        calls = self.calls
+        while self.waiting and calls.room:
             self._start(self.waiting.popleft())
-        calls.flush()
 
     def _start(self, frames: list[bytes]) -> None:
         """Start the job ``frames`` carry; anything else (an earlier stage's

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from time import monotonic as _monotonic
 from time import time as _time
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,7 @@ REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
 COALESCE = 64  # results of jobs read in a row sent on in one message, at most
 COALESCE_BYTES = 8192  # and bytes of their payloads (larger ones go on alone)
+COALESCE_WAIT = 0.001  # s a result waits at most for the jobs read after it
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 
 
@@ -228,12 +230,13 @@ class Stage(BaseServer):
         output = self._output
         send_fast = output.send_fast
         # The results of the jobs read in a row go on together, as one BATCH
-        # (up to COALESCE of them, COALESCE_BYTES of payloads): only what was
-        # waiting already, so a job alone goes alone, at once.
+        # (up to COALESCE of them, COALESCE_BYTES of payloads, none held past
+        # COALESCE_WAIT): only what was waiting already, so a job alone goes
+        # alone, at once.
         coalesce = output.plain
         fast_message, send_batch = output.fast_message, output.send_batch
         together: list[tuple[bytes, bytes]] = []
-        filled = 0
+        filled, held_since, clock = 0, 0.0, _monotonic
         received = passed = 0
         counting, sampling = self.stats is not None, self._sampling
         untimed = sampling.untimed
@@ -286,11 +289,17 @@ class Stage(BaseServer):
                         output.send_error(protocol.decode([body]), error)
                     else:
                         if coalesce and len(result) <= COALESCE_BYTES:
+                            if not together:
+                                held_since = clock()
                             together.append(
                                 (body[start:end], fast_message(body, start, end, result))
                             )
                             filled += len(result)
-                            if len(together) == COALESCE or filled >= COALESCE_BYTES:
+                            if (
+                                len(together) == COALESCE
+                                or filled >= COALESCE_BYTES
+                                or clock() - held_since > COALESCE_WAIT
+                            ):
                                 send_batch(together)
                                 together, filled = [], 0
                         else:

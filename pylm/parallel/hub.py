@@ -263,12 +263,18 @@ class Hub(Dispatching, Server):
         give_up = time.monotonic() + _LEAVE_MAX
         books = self.dispatcher
         back = books.socket
-        while books.open_jobs and books.workers and time.monotonic() < give_up and back is not None:
+        while (
+            (books.open_jobs or self._held)
+            and books.workers
+            and time.monotonic() < give_up
+            and back is not None
+        ):
             if back.poll(50, zmq.POLLIN):
                 books.drain()
-            self._tick()
-        if books.open_jobs:
-            self.logger.warning("%s: leaving with %d job(s) unanswered", self.name, books.open_jobs)
+            self._tick()  # takes held jobs as the queue frees
+        left = books.open_jobs + len(self._held)
+        if left:
+            self.logger.warning("%s: leaving with %d job(s) unanswered", self.name, left)
 
     # ------------------------------------------------------------------ answers
 
