@@ -91,7 +91,9 @@ from pylm.errors import (
 
 __all__ = [
     "BATCH",
+    "BATCH_BYTES",
     "BATCH_HEAD",
+    "BATCH_JOBS",
     "BATCH_PREFIX",
     "CACHE",
     "CLOCK_SLACK",
@@ -422,6 +424,12 @@ def pack_batch(messages: list[bytes]) -> bytes:
 MAX_BATCH_MESSAGES = 4096
 """Messages a receiver takes in one BATCH (senders put 1024 at most): a 32 MiB
 batch of empty messages would otherwise cost a list of millions."""
+BATCH_JOBS = 64
+"""Jobs (or results) a sender puts in one BATCH by default: those ready at
+once, up to this many and :data:`BATCH_BYTES` of payloads."""
+BATCH_BYTES = 8192
+"""Bytes of payloads in one BATCH by default: larger jobs gain nothing by
+batching (their copies cost more than the messages saved) and go alone."""
 
 
 def unpack_batch(body: bytes) -> list[bytes]:

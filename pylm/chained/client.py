@@ -21,6 +21,8 @@ from pylm.errors import CurveRefused, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.liveness import retire, to_live_peers
 from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
     BATCH_PREFIX,
     COUNT,
     DEFAULT_MAX_PAYLOAD,
@@ -43,11 +45,6 @@ __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
 MAX_BATCH = 1024  # jobs per message at most
-# Batching by default: the jobs ready to go at once travel together, up to
-# BATCH jobs and BATCH_BYTES of payloads in a message (larger jobs gain
-# nothing by it: their copies cost more than the messages saved).
-BATCH = 64
-BATCH_BYTES = 8192
 # A message being filled goes once this long has passed since it began (no
 # job waits longer for the iterable to give the next ones); if one payload
 # took that long and the thread blocked meanwhile (the iterable waits
@@ -228,7 +225,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         timeout: float = DEFAULT_TIMEOUT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
-        batch: int = BATCH,
+        batch: int = BATCH_JOBS,
         hwm: int = 1000,
         retry: bool = True,
         announce: bool = True,

@@ -36,6 +36,8 @@ from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import Drain, Stopping
 from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
     BATCH_PREFIX,
     DEADLINE_BYTES,
     FRAME_SLACK,
@@ -62,8 +64,6 @@ DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
 REWIRE_MS = 200  # how often a stage following the registry looks for changes
 BATCH = 256  # messages read in a row before the loop looks at its other sockets
-COALESCE = 64  # results of jobs read in a row sent on in one message, at most
-COALESCE_BYTES = 8192  # and bytes of their payloads (larger ones go on alone)
 COALESCE_WAIT = 0.001  # s a result waits at most for the jobs read after it
 _UNTIMED_MASK = SAMPLE_EVERY - 1  # a BATCH's jobs: index & mask, a call not timed
 
@@ -230,7 +230,7 @@ class Stage(BaseServer):
         output = self._output
         send_fast = output.send_fast
         # The results of the jobs read in a row go on together, as one BATCH
-        # (up to COALESCE of them, COALESCE_BYTES of payloads, none held past
+        # (up to BATCH_JOBS of them, BATCH_BYTES of payloads, none held past
         # COALESCE_WAIT): only what was waiting already, so a job alone goes
         # alone, at once.
         coalesce = output.plain
@@ -288,7 +288,7 @@ class Stage(BaseServer):
                     except PylmError as error:
                         output.send_error(protocol.decode([body]), error)
                     else:
-                        if coalesce and len(result) <= COALESCE_BYTES:
+                        if coalesce and len(result) <= BATCH_BYTES:
                             if not together:
                                 held_since = clock()
                             together.append(
@@ -296,8 +296,8 @@ class Stage(BaseServer):
                             )
                             filled += len(result)
                             if (
-                                len(together) == COALESCE
-                                or filled >= COALESCE_BYTES
+                                len(together) == BATCH_JOBS
+                                or filled >= BATCH_BYTES
                                 or clock() - held_since > COALESCE_WAIT
                             ):
                                 send_batch(together)
