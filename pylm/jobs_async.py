@@ -145,11 +145,23 @@ class AsyncJobs(Generic[C]):
         return await answer
 
     def _go(self, key: tuple[str, float | None]) -> None:
-        """Send the calls made since the last turn of the event loop, in a run."""
+        """Send the calls made since the last turn of the event loop, in a
+        run; a run whose callers have all gone (or all have their answers)
+        ends at once, giving its client back."""
         calls = self._calls.pop(key)
         task = asyncio.ensure_future(self._run_calls(key[0], key[1], calls))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        left = len(calls)
+
+        def answered(_: asyncio.Future[list[bytes]]) -> None:
+            nonlocal left
+            left -= 1
+            if not left and not task.done():
+                task.cancel()
+
+        for _, answer in calls:
+            answer.add_done_callback(answered)
 
     async def _run_calls(
         self,

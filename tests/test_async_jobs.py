@@ -155,6 +155,31 @@ def test_calls_made_at_once_go_out_in_one_run(serve: Serve) -> None:
     asyncio.run(scenario(pipeline_client(serve)))
 
 
+def test_a_run_of_calls_whose_callers_all_went_away_gives_its_client_back(serve: Serve) -> None:
+    """call()s held in the last stage, their callers cancelled: their run
+    ends at once (its client back in the pool, not held until the jobs
+    time out), and the client serves the next calls."""
+    Gated.gate = threading.Event()
+
+    async def scenario(client: AsyncLoopClient) -> None:
+        async with client:
+            callers = [asyncio.ensure_future(client.call("hold", b"%d" % n)) for n in range(3)]
+            while not client._busy:  # the run took a client
+                await asyncio.sleep(0.001)
+            for caller in callers:
+                caller.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+            for _ in range(5000):  # the run ends within a turn or two of the loop
+                if not client._busy:
+                    break
+                await asyncio.sleep(0.001)
+            assert not client._busy and len(client._idle) == 1
+            Gated.gate.set()
+            assert await client.call("done", b"next") == [b"next>done"]
+
+    asyncio.run(scenario(last_stage_client(serve)))
+
+
 def test_a_job_without_a_result_times_out(serve: Serve) -> None:
     Gated.gate = threading.Event()
 
