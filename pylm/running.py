@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pylm.protocol import Message
     from pylm.telemetry.counting import FunctionStats
 
-__all__ = ["ASYNC_CONCURRENCY", "Calls", "Ended", "Expired", "Runner"]
+__all__ = ["ASYNC_CONCURRENCY", "Calls", "Ended", "Expired", "Runner", "limit_of"]
 
 ASYNC_CONCURRENCY = 64  # calls of async def functions in progress at once, by default
 
@@ -188,6 +188,13 @@ class Ended(NamedTuple):
         return isinstance(self.ran[1], Expired)
 
 
+def limit_of(concurrency: int | None, coroutines: bool) -> int:
+    """The most calls in progress at once of a server with ``concurrency``
+    (None: by default, one blocking call at a time, or
+    :data:`ASYNC_CONCURRENCY` when it has ``async def`` functions)."""
+    return concurrency or (ASYNC_CONCURRENCY if coroutines else 1)
+
+
 class Calls(Generic[T]):
     """The calls in progress of a server whose calls overlap, for its
     serving thread: :meth:`start` looks a call up and has a :class:`Runner`
@@ -195,12 +202,17 @@ class Calls(Generic[T]):
     blocking call, or :data:`ASYNC_CONCURRENCY` when the server has
     ``async def`` functions); :meth:`ended` gives them back once they ran,
     and :meth:`result` counts each and gives its result. Each call is known
-    by a token of the server's (where to answer it)."""
+    by a token of the server's (where to answer it). ``most``: fewer at
+    once, if smaller (a worker's slots)."""
 
-    def __init__(self, name: str, exposed: Exposed, concurrency: int | None) -> None:
+    def __init__(
+        self, name: str, exposed: Exposed, concurrency: int | None, most: int | None = None
+    ) -> None:
         coroutines = exposed.coroutines
         self.exposed = exposed
-        self.limit = concurrency or (ASYNC_CONCURRENCY if coroutines else 1)
+        self.limit = limit_of(concurrency, bool(coroutines))
+        if most is not None:
+            self.limit = min(self.limit, most)
         self.in_progress = 0
         self.runner: Runner[tuple[T, Ended]] = Runner(name, concurrency or 1, bool(coroutines))
 

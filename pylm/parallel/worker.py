@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from pylm import protocol
-from pylm.base import ASYNC_CONCURRENCY, BaseServer, Options2016, ServerOptions
+from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
 from pylm.discovery import Peers
 from pylm.errors import (
@@ -53,7 +53,7 @@ from pylm.protocol import (
     read_id,
     read_sizes,
 )
-from pylm.running import Calls
+from pylm.running import Calls, limit_of
 from pylm.transport import check_address, close_socket, rest_of, send_frame
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class Worker(BaseServer):
             raise ValueError(
                 f"a worker's concurrency is at most {MAX_SLOTS} (its slots), got {self.concurrency}"
             )
-        limit = self.concurrency or (ASYNC_CONCURRENCY if self._exposed.coroutines else 1)
+        limit = limit_of(self.concurrency, bool(self._exposed.coroutines))
         slots = min(limit, MAX_SLOTS) if slots is None else slots
         if not isinstance(slots, int) or not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be an int from 1 to {MAX_SLOTS}, got {slots!r}")
@@ -171,8 +171,7 @@ class Worker(BaseServer):
         # thread, at most one per slot in progress, answered by the serving thread.
         self._calls: Calls[_Job] | None = None
         if self._exposed.coroutines or min(slots, limit) > 1:
-            self._calls = Calls(name, self._exposed, self.concurrency)
-            self._calls.limit = min(slots, limit)
+            self._calls = Calls(name, self._exposed, self.concurrency, most=slots)
         self._rehello = threading.Event()
         self._beating = threading.Event()  # set: the heartbeat thread should stop
         self._beater: threading.Thread | None = None
