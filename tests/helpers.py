@@ -1,9 +1,11 @@
 """Small things several test files use: an OS-chosen address, unique server
 names, the pylm command line, a slow payload source, a client socket that does not read, clients
-calling through a scale-down, a process's /metrics text."""
+calling through a scale-down, a process's /metrics text, raw sockets standing in for a pipeline's
+ends, and functions whose calls wait on a gate."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -13,15 +15,21 @@ from collections.abc import Callable, Iterator
 
 import zmq
 
+from pylm import protocol
+from pylm.chained import LoopClient
 from pylm.registry import LocalEtcd, Registry
 from pylm.standalone import Client
 from pylm.testing import wait_for
 
 __all__ = [
     "ANY",
+    "Gate",
+    "GatedCalls",
+    "answer_greeting",
     "calls_through_a_scale_down",
     "lazy_dealer",
     "pylm_command",
+    "raw_pipeline_ends",
     "scrape",
     "trickle",
     "unique",
@@ -119,3 +127,82 @@ def calls_through_a_scale_down(
         for client in clients:
             client.close()
     return failures
+
+
+def raw_pipeline_ends(
+    raw_socket: Callable[[int], zmq.Socket], **options: object
+) -> tuple[zmq.Socket, zmq.Socket, LoopClient]:
+    """Raw sockets bound as a pipeline's first stage (a PULL: the jobs the
+    client sends) and last stage (a ROUTER: :func:`answer_greeting` answers
+    the client's hello on it), a cache socket, and a LoopClient to them."""
+    first, last, cache = raw_socket(zmq.PULL), raw_socket(zmq.ROUTER), raw_socket(zmq.ROUTER)
+    first_port = first.bind_to_random_port("tcp://127.0.0.1")
+    last_port = last.bind_to_random_port("tcp://127.0.0.1")
+    cache_port = cache.bind_to_random_port("tcp://127.0.0.1")
+    client = LoopClient(
+        f"tcp://127.0.0.1:{last_port}",
+        f"tcp://127.0.0.1:{first_port}",
+        f"tcp://127.0.0.1:{cache_port}",
+        "step1",
+        announce=False,
+        **options,  # type: ignore[arg-type]
+    )
+    return first, last, client
+
+
+def answer_greeting(last: zmq.Socket) -> bytes:
+    """Answer a LoopClient's hello on the raw last stage ``last`` as a last
+    stage does; the client's routing id (where its results go)."""
+    assert last.poll(10_000), "no greeting"
+    peer, *greeting = last.recv_multipart()
+    pong = b'{"name": "last", "kind": "chained-last"}'
+    last.send_multipart(
+        [peer, *protocol.encode(protocol.PONG, protocol.decode(greeting).msg_id, pong)]
+    )
+    return peer
+
+
+class Gate:
+    """Calls in progress, the most seen at once, and a gate they wait on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = self.peak = 0
+        self.open = threading.Event()
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+    async def pass_async(self, answer: bytes) -> bytes:
+        """An async call's way through: in, wait on its loop for the gate, out."""
+        self.enter()
+        while not self.open.is_set():
+            await asyncio.sleep(0.002)  # the function's own waiting, on its loop
+        self.leave()
+        return answer
+
+    def pass_blocking(self, answer: bytes) -> bytes:
+        """A blocking call's way through: in, wait in its thread, out."""
+        self.enter()
+        assert self.open.wait(30)
+        self.leave()
+        return answer
+
+
+class GatedCalls:
+    """Exposed functions of any server kind whose calls wait until the test
+    opens the class's gate: ``wait`` (async def) and ``block`` (blocking)."""
+
+    gate = Gate()
+
+    async def wait(self, message: bytes) -> bytes:
+        return await self.gate.pass_async(b"waited " + message)
+
+    def block(self, message: bytes) -> bytes:
+        return self.gate.pass_blocking(b"blocked " + message)

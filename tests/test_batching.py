@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
-from helpers import ANY
+from helpers import ANY, answer_greeting, raw_pipeline_ends
 
 from pylm import protocol
 from pylm.chained import LoopClient, Server
@@ -19,21 +19,6 @@ from pylm.chained import LoopClient, Server
 pytestmark = pytest.mark.timeout(60)
 
 RawSocket = Callable[[int], zmq.Socket]
-
-
-@pytest.fixture
-def raw_socket() -> Iterator[RawSocket]:
-    sockets: list[zmq.Socket] = []
-
-    def make(kind: int) -> zmq.Socket:
-        socket = zmq.Context.instance().socket(kind)
-        socket.setsockopt(zmq.LINGER, 0)
-        sockets.append(socket)
-        return socket
-
-    yield make
-    for socket in sockets:
-        socket.close()
 
 
 def carried(message: list[bytes]) -> list[bytes]:
@@ -45,32 +30,10 @@ def carried(message: list[bytes]) -> list[bytes]:
 
 
 def a_first_stage(raw_socket: RawSocket, **options: object) -> tuple[zmq.Socket, LoopClient]:
-    """A raw PULL socket as a pipeline's first stage, a raw ROUTER as its
-    last (it answers the client's greeting), and a LoopClient."""
-    first, last, cache = raw_socket(zmq.PULL), raw_socket(zmq.ROUTER), raw_socket(zmq.ROUTER)
-    first_port = first.bind_to_random_port("tcp://127.0.0.1")
-    last_port = last.bind_to_random_port("tcp://127.0.0.1")
-    cache_port = cache.bind_to_random_port("tcp://127.0.0.1")
-    client = LoopClient(
-        f"tcp://127.0.0.1:{last_port}",
-        f"tcp://127.0.0.1:{first_port}",
-        f"tcp://127.0.0.1:{cache_port}",
-        "step1",
-        announce=False,
-        timeout=0.5,
-        retry=False,
-        **options,  # type: ignore[arg-type]
-    )
-
-    def greet() -> None:
-        assert last.poll(10_000), "no greeting"
-        peer, *greeting = last.recv_multipart()
-        pong = b'{"name": "last", "kind": "chained-last"}'
-        last.send_multipart(
-            [peer, *protocol.encode(protocol.PONG, protocol.decode(greeting).msg_id, pong)]
-        )
-
-    threading.Thread(target=greet, daemon=True).start()
+    """A raw first stage and a LoopClient (its jobs time out: nothing answers
+    them); the raw last stage answers the client's greeting."""
+    first, last, client = raw_pipeline_ends(raw_socket, timeout=0.5, retry=False, **options)
+    threading.Thread(target=answer_greeting, args=(last,), daemon=True).start()
     return first, client
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from helpers import Gate, GatedCalls
 
 from pylm.errors import RemoteError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
@@ -22,49 +23,8 @@ from pylm.testing import wait_for
 pytestmark = pytest.mark.timeout(60)
 
 
-class Gate:
-    """Calls in progress, the most seen at once, and a gate they wait on."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.now = self.peak = 0
-        self.open = threading.Event()
-
-    def enter(self) -> None:
-        with self.lock:
-            self.now += 1
-            self.peak = max(self.peak, self.now)
-
-    def leave(self) -> None:
-        with self.lock:
-            self.now -= 1
-
-    async def pass_async(self, answer: bytes) -> bytes:
-        """An async call's way through: in, wait on its loop for the gate, out."""
-        self.enter()
-        while not self.open.is_set():
-            await asyncio.sleep(0.002)  # the function's own waiting, on its loop
-        self.leave()
-        return answer
-
-    def pass_blocking(self, answer: bytes) -> bytes:
-        """A blocking call's way through: in, wait in its thread, out."""
-        self.enter()
-        assert self.open.wait(30)
-        self.leave()
-        return answer
-
-
-class Held(Server):
+class Held(GatedCalls, Server):
     """Its calls wait until the test opens the gate: async and blocking ones."""
-
-    gate = Gate()
-
-    async def wait(self, message: bytes) -> bytes:
-        return await self.gate.pass_async(b"waited " + message)
-
-    def block(self, message: bytes) -> bytes:
-        return self.gate.pass_blocking(b"blocked " + message)
 
     async def fail(self, message: bytes) -> bytes:
         raise ValueError(f"no {message.decode()}")
@@ -235,16 +195,8 @@ def test_bad_concurrency_and_async_generators_are_refused() -> None:
             Held("held", log_stdout=False, concurrency=bad)  # type: ignore[arg-type]
 
 
-class HeldWorker(Worker):
+class HeldWorker(GatedCalls, Worker):
     """A worker whose jobs wait on the gate, async and blocking; and a stream."""
-
-    gate = Gate()
-
-    async def wait(self, message: bytes) -> bytes:
-        return await self.gate.pass_async(b"waited " + message)
-
-    def block(self, message: bytes) -> bytes:
-        return self.gate.pass_blocking(b"blocked " + message)
 
     def count(self, message: bytes) -> Iterator[bytes]:
         for n in range(int(message)):

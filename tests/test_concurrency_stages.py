@@ -13,9 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import ANY
+from helpers import ANY, Gate, GatedCalls
 from servers import Last
-from test_concurrency import Gate
 from test_fan import client_of, hub_to, workers
 
 from pylm.chained import LastServer, LoopClient, Server
@@ -29,16 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 Serve = Callable[[Any], Any]
 
 
-class HeldStage(Server):
+class HeldStage(GatedCalls, Server):
     """Its jobs wait until the test opens the gate: async and blocking ones."""
-
-    gate = Gate()
-
-    async def wait(self, message: bytes) -> bytes:
-        return await self.gate.pass_async(b"waited " + message)
-
-    def block(self, message: bytes) -> bytes:
-        return self.gate.pass_blocking(b"blocked " + message)
 
     async def fail(self, message: bytes) -> bytes:
         if int(message) % 2:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import zmq
+from helpers import answer_greeting, raw_pipeline_ends
 from prerequisites import needs_etcd
 from prometheus_client.parser import text_string_to_metric_families
 from servers import Echo
 
 from pylm import protocol
 from pylm.cache import CacheClient
-from pylm.chained import LoopClient
 from pylm.chained import Server as Stage
 from pylm.errors import (
     CurveRefused,
@@ -564,30 +564,15 @@ def test_a_loop_client_ends_a_stream_once_its_end_and_all_its_items_are_in(
     came (stage instances may reorder them); a stream of no items ends the
     job with no result. Here a last stage (raw sockets) sends a job's END
     before its two items, and another job's END of no items."""
-    first, last, cache = raw_socket(zmq.PULL), raw_socket(zmq.ROUTER), raw_socket(zmq.ROUTER)
-    first_port = first.bind_to_random_port("tcp://127.0.0.1")
-    last_port = last.bind_to_random_port("tcp://127.0.0.1")
-    cache_port = cache.bind_to_random_port("tcp://127.0.0.1")
-    client = LoopClient(
-        f"tcp://127.0.0.1:{last_port}",
-        f"tcp://127.0.0.1:{first_port}",
-        f"tcp://127.0.0.1:{cache_port}",
-        "step1",
-        announce=False,
-        timeout=10,
-        batch=1,  # the jobs read here one message each
-    )
+    # batch=1: the jobs read here one message each
+    first, last, client = raw_pipeline_ends(raw_socket, timeout=10, batch=1)
     outcomes: list[JobResult] = []
     running = threading.Thread(
         target=lambda: outcomes.extend(client.results("f", [b"two items", b"none"]))
     )
     try:
         running.start()
-        assert last.poll(10_000), "no greeting"
-        peer, *greeting = last.recv_multipart()
-        hello = protocol.decode(greeting)
-        pong = b'{"name": "last", "kind": "chained-last"}'
-        last.send_multipart([peer, *protocol.encode(protocol.PONG, hello.msg_id, pong)])
+        peer = answer_greeting(last)
         jobs = []
         for _ in range(2):
             assert first.poll(10_000), "no job"
