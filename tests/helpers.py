@@ -11,7 +11,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import zmq
 
@@ -27,6 +28,7 @@ __all__ = [
     "GatedCalls",
     "answer_greeting",
     "calls_through_a_scale_down",
+    "in_thread",
     "lazy_dealer",
     "pylm_command",
     "raw_pipeline_ends",
@@ -34,6 +36,8 @@ __all__ = [
     "trickle",
     "unique",
 ]
+
+T = TypeVar("T")
 
 ANY = "tcp://127.0.0.1:0"  # a port the OS picks: the server says which
 
@@ -206,3 +210,17 @@ class GatedCalls:
 
     def block(self, message: bytes) -> bytes:
         return self.gate.pass_blocking(b"blocked " + message)
+
+
+def in_thread(run: Callable[[], Iterable[T]]) -> Callable[[], list[T]]:
+    """Start ``run`` in a thread; a function that waits for what it gives."""
+    box: list[T] = []
+    thread = threading.Thread(target=lambda: box.extend(run()))
+    thread.start()
+
+    def value() -> list[T]:
+        thread.join(30)
+        assert not thread.is_alive()
+        return box
+
+    return value

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from helpers import Gate, GatedCalls
+from helpers import Gate, GatedCalls, in_thread
 
 from pylm.errors import RemoteError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
@@ -42,20 +42,6 @@ def calls(
             return list(await asyncio.gather(*jobs, return_exceptions=True))
 
     return asyncio.run(all_at_once())
-
-
-def in_thread(run: Callable[[], list[bytes | BaseException]]) -> Callable[[], list[object]]:
-    """Start ``run`` in a thread; a function that waits for its value."""
-    box: list[object] = []
-    thread = threading.Thread(target=lambda: box.extend(run()))
-    thread.start()
-
-    def value() -> list[object]:
-        thread.join(30)
-        assert not thread.is_alive()
-        return box
-
-    return value
 
 
 @pytest.mark.parametrize(

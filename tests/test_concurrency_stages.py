@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import ANY, Gate, GatedCalls
+from helpers import ANY, Gate, GatedCalls, in_thread
 from servers import Last
 from test_fan import client_of, hub_to, workers
 
@@ -53,18 +53,7 @@ class HeldLast(LastServer):
 
 def jobs_in_thread(client: LoopClient, function: str, count: int) -> Callable[[], list[bytes]]:
     """Send ``count`` jobs from a thread; a function that waits for their results."""
-    box: list[bytes] = []
-    thread = threading.Thread(
-        target=lambda: box.extend(client.job(function, [b"%d" % n for n in range(count)]))
-    )
-    thread.start()
-
-    def results() -> list[bytes]:
-        thread.join(30)
-        assert not thread.is_alive()
-        return box
-
-    return results
+    return in_thread(lambda: client.job(function, [b"%d" % n for n in range(count)]))
 
 
 @pytest.mark.parametrize(
