@@ -34,6 +34,7 @@ from pylm.control import Control
 from pylm.errors import PayloadTooLarge, PylmError, RemoteError, ServerCrashed
 from pylm.exposed import Exposed, Function, exposed_functions
 from pylm.handshakes import watch
+from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.logs import LimitedLog, PushLogHandler, server_logger
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, read_id_deadline
@@ -42,7 +43,7 @@ from pylm.running import ASYNC_CONCURRENCY
 from pylm.security import Curve
 from pylm.telemetry.counting import FunctionStats, ServerStats, metrics_enabled
 from pylm.telemetry.exporter import Exposure
-from pylm.transport import bind, default_context
+from pylm.transport import bind, default_context, recv_message
 
 if TYPE_CHECKING:
     from pylm.registry import Registration, Registry
@@ -498,6 +499,41 @@ class BaseServer:
             detail,
             first,
         )
+
+    def _let_last_answers_out(self, front: zmq.Socket | None, control: zmq.Socket | None) -> None:
+        """Called at the messages limit, before closing: keep ``front`` (the
+        socket that answers clients) open until no message came on it for
+        DRAIN_QUIET (DRAIN_MAX at most), or until stop() wakes ``control``.
+        A client loses the answers it received and has not read yet when
+        their connection drops (libzmq drops them with the connection of a
+        socket set ZMQ_IMMEDIATE, as pylm's clients are), so a server that
+        closed right after its last answer could lose it. What comes
+        meanwhile is read and not served (the limit holds), and logged."""
+        if front is None or control is None or self._stopping:
+            return
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        now = time.monotonic()
+        give_up, quiet = now + DRAIN_MAX, now + DRAIN_QUIET
+        while now < min(give_up, quiet):
+            for socket in dict(poller.poll(max(1, round((min(give_up, quiet) - now) * 1000)))):
+                try:
+                    frames = recv_message(socket)
+                except zmq.Again:
+                    continue
+                if len(frames) == 3 and not frames[1] and self._is_control(frames[2]):
+                    return  # stop()
+                if socket is front:
+                    quiet = time.monotonic() + DRAIN_QUIET
+                    self._limited_log.log(
+                        "ended",
+                        logging.WARNING,
+                        "%s: a message came after the messages limit (%d): not served",
+                        self.name,
+                        self.messages,
+                    )
+            now = time.monotonic()
 
     def _expired(self, body: bytes) -> None:
         """Count a job or call dropped, not run: read past its deadline (the

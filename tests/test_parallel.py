@@ -591,6 +591,34 @@ def test_a_worker_that_ends_by_its_messages_limit_says_goodbye(
         brief.stop()
 
 
+def test_a_master_at_its_messages_limit_lets_its_last_answers_be_read(
+    serve: Callable[..., object], raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    """A client set ZMQ_IMMEDIATE, as pylm's are, loses the answers it has
+    not read yet when the connection drops: a master that ends at its
+    messages limit keeps its socket open until its clients are quiet."""
+    master = Master("m", ANY, ANY, heartbeat=BEAT, messages=3, log_stdout=False)
+    master.start(background=True)
+    try:
+        assert master.back is not None and master.front is not None
+        serve(Tagger("w1", "m", master.back, heartbeat=BEAT, log_stdout=False))
+        wait_for(lambda: master.workers == 1, 10, "the worker")
+        dealer = raw_socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.connect(master.front)
+        for number in range(3):
+            dealer.send_multipart(protocol.encode(protocol.REQUEST, number, b"x", b"m.who"))
+        wait_for(lambda: master.served == 3, 20, "three requests served")
+        answers = []
+        for _ in range(3):
+            assert dealer.poll(5000), f"answers read: {answers}"
+            answers.append(protocol.decode(dealer.recv_multipart()).payload)
+        assert answers == [b"w1:x"] * 3
+        wait_for(lambda: not master.running, 10, "the master ended")
+    finally:
+        master.stop()
+
+
 def test_a_worker_whose_master_is_gone_gives_up_its_answers_and_can_stop(
     serve: Callable[..., object], caplog: pytest.LogCaptureFixture
 ) -> None:

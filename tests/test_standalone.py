@@ -133,6 +133,35 @@ def test_positional_2016_signature_and_messages_limit() -> None:
         thread.join(20)
 
 
+def test_the_last_answers_reach_a_client_that_reads_them_after_the_limit(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """A client set ZMQ_IMMEDIATE, as pylm's are, loses the answers it has
+    not read yet when the connection drops: a server that ends at its
+    messages limit keeps its socket open until its clients are quiet."""
+    server = MyServer("my_server", "tcp://127.0.0.1:0", messages=3, log_stdout=False)
+    thread = threading.Thread(target=server.start)
+    thread.start()
+    try:
+        assert server.wait_ready(20)
+        dealer = raw_socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.connect(server.address)
+        for number in range(3):
+            dealer.send_multipart(protocol.encode(protocol.REQUEST, number, b"x", b"my_server.foo"))
+        pylm.testing.wait_for(lambda: server.served == 3, 20, "three requests served")
+        answers = []
+        for _ in range(3):
+            assert dealer.poll(5000), f"answers read: {answers}"
+            answers.append(protocol.decode(dealer.recv_multipart()).payload)
+        assert answers == [b"you sent me x"] * 3
+        thread.join(20)
+        assert not thread.is_alive()  # and then it ended
+    finally:
+        server.stop()
+        thread.join(20)
+
+
 def test_deprecated_2016_addresses_warn() -> None:
     with pytest.warns(DeprecationWarning, match="perf_address"):
         MyServer("my_server", "tcp://127.0.0.1:0", None, "tcp://127.0.0.1:1", log_stdout=False)

@@ -157,6 +157,8 @@ class Master(Dispatching, BaseServer):
         )
 
     def _close(self) -> None:
+        if self.served >= self.messages:
+            self._let_last_answers_out(self._front, self.dispatcher.socket)
         close_listener(self._front)
         close_listener(self.dispatcher.socket)
         self._front = self.dispatcher.socket = None

@@ -126,9 +126,9 @@ class Server(BaseServer):
         self._register({"rep": self.address}, required=self.rep_address is None)
 
     def _close(self) -> None:
-        # A server that ends after its messages limit has just sent its last
-        # answer: closing at once could drop it before libzmq wrote it out.
         ended = self.served >= self.messages
+        if ended:
+            self._let_last_answers_out(self._socket, self._socket)
         close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
         self._socket = None
 
