@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, TypeVar
 
+import zmq
+
 from pylm.errors import PylmError
 
 __all__ = [
@@ -523,26 +525,29 @@ def job_results(start: Callable[[], Generator[Outcome, None, None]]) -> Iterator
 
 Send = Callable[[int, float], Stop]
 Wait = Callable[[int], Iterable[Outcome]]
-Fds = Callable[[], list[int]]
+Polled = Callable[[], list[tuple[zmq.Socket, int]]]
 
 
 class Turn(NamedTuple):
     """What a client readies for a run of jobs (see :meth:`Window.run`):
-    its ``send``, its ``wait``, and the file descriptors of the sockets
-    ``wait`` polls now (``zmq.FD``: an asyncio client awaits them, then
-    calls ``wait(0)``)."""
+    its ``send``, its ``wait``, and the sockets ``wait`` polls now, each
+    with the events it polls for (an asyncio client awaits their
+    ``zmq.FD``, then calls ``wait(0)``)."""
 
     send: Send
     wait: Wait
-    fds: Fds
+    polled: Polled
 
 
 async def wait_async(turn: Turn, ms: int) -> Iterable[Outcome]:
     """``turn.wait(ms)`` without blocking the event loop: what came already,
-    or else what comes once a socket of ``turn.fds()`` signals, or ``ms``
+    or else what comes once a socket of ``turn.polled()`` signals, or ``ms``
     pass (the signal may be for no answer: the run takes another turn).
-    A ZeroMQ socket's FD signals on a change of its events after they were
-    read, which ``turn.wait(0)`` does."""
+
+    A ZeroMQ socket's FD signals a change of its events only after they
+    were read, and ``turn.wait(0)`` reads them but returns nothing when a
+    socket is only ready to send: the events are read once more with the
+    readers set, so that readiness seen then is not waited for."""
     outcomes = turn.wait(0)
     if ms <= 0 or outcomes:
         await asyncio.sleep(0)  # the loop's other tasks run between turns
@@ -554,9 +559,12 @@ async def wait_async(turn: Turn, ms: int) -> Iterable[Outcome]:
         if not woken.done():
             woken.set_result(None)
 
-    fds = turn.fds()
+    polled = turn.polled()
+    fds = [socket.fileno() for socket, _ in polled]
     for fd in fds:
         loop.add_reader(fd, wake)
+    if any(int(socket.getsockopt(zmq.EVENTS)) & events for socket, events in polled):
+        wake()
     timer = loop.call_later(ms / 1000, wake)
     try:
         await woken

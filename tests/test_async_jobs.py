@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import zmq
 from helpers import ANY
 from servers import Last, Step
 
@@ -19,6 +20,7 @@ from pylm.chained import AsyncLoopClient, LastServer
 from pylm.errors import PylmError, RemoteError, RequestTimeout
 from pylm.parallel import AsyncClient, Master, Worker
 from pylm.registry import Registry
+from pylm.window import Outcome, Stop, Turn, wait_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -262,3 +264,28 @@ def test_runs_must_be_a_positive_int() -> None:
     for bad in (0, -1, 2.5, True, "8"):
         with pytest.raises(ValueError, match="runs must be a positive int"):
             AsyncClient("tcp://127.0.0.1:1", "m", runs=bad)  # type: ignore[arg-type]
+
+
+def test_a_turn_waiting_for_room_to_send_is_not_kept_waiting(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """A socket's FD signals a change of its events only after they were
+    read: a run whose wait(0) read them and found room to send (and no
+    answer) takes its next turn at once, not after its timeout."""
+    peer = raw_socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+    sender = raw_socket(zmq.DEALER)
+    sender.setsockopt(zmq.IMMEDIATE, 1)
+    sender.connect(f"tcp://127.0.0.1:{port}")
+    assert sender.poll(10_000, zmq.POLLOUT)  # connected; the events are read
+
+    def wait(ms: int) -> list[Outcome]:
+        sender.poll(ms, zmq.POLLIN | zmq.POLLOUT)  # as a client waiting to send does
+        return []
+
+    turn = Turn(lambda room, until: Stop.BLOCKED, wait, lambda: [(sender, zmq.POLLOUT)])
+
+    async def waited() -> list[Outcome]:
+        return list(await asyncio.wait_for(wait_async(turn, 60_000), 20))
+
+    assert asyncio.run(waited()) == []

@@ -515,10 +515,12 @@ class LoopClient(Caller, WindowedClient, Closing):
             del again[: len(group)]
             return group, bodies[0] if len(group) == 1 else protocol.pack_batch(bodies), True
 
-        def fds() -> list[int]:
+        def polled() -> list[tuple[zmq.Socket, int]]:
             """The sockets wait() polls now: results, and room to send a waiting message."""
-            polled = [*results, *outs.sockets.values()] if waiting is not None else results
-            return [socket.fileno() for socket in polled]
+            read: list[tuple[zmq.Socket, int]] = [(socket, zmq.POLLIN) for socket in results]
+            if waiting is None:
+                return read
+            return read + [(socket, zmq.POLLOUT) for socket in outs.sockets.values()]
 
         def wait(ms: int) -> list[Outcome]:
             sockets = list(outs.sockets.values()) if waiting is not None else []
@@ -533,7 +535,7 @@ class LoopClient(Caller, WindowedClient, Closing):
                     outcomes += self._collect(socket, window, numbers)
             return outcomes
 
-        return Turn(send, wait, fds)
+        return Turn(send, wait, polled)
 
     def _opens_at_once(self) -> bool:
         """Every last stage known is greeted already (a new one is greeted

@@ -224,8 +224,10 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
             return self._collect(socket, window, function) if events & zmq.POLLIN else []
 
-        fd = socket.fileno()
-        return Turn(send, wait, lambda: [fd])
+        def polled() -> list[tuple[zmq.Socket, int]]:
+            return [(socket, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))]
+
+        return Turn(send, wait, polled)
 
     def _opens_at_once(self) -> bool:
         return True  # its socket follows the master's instances without waiting
