@@ -7,7 +7,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-__all__ = ["DRAIN_MAX", "DRAIN_QUIET", "Closing", "Drain", "Started", "Stopping"]
+__all__ = ["DRAIN_MAX", "DRAIN_QUIET", "Closing", "Drain", "Started"]
 
 # A server found by name that is stopped leaves the registry first, then
 # serves what its senders still send until its input has been quiet for
@@ -15,10 +15,6 @@ __all__ = ["DRAIN_MAX", "DRAIN_QUIET", "Closing", "Drain", "Started", "Stopping"
 # DRAIN_MAX s at most (docs/operations.md).
 DRAIN_QUIET = 0.2
 DRAIN_MAX = 5.0  # s a leaving server serves at most
-
-
-class Stopping(Exception):
-    """Raised inside a serving loop when stop() asked it to end."""
 
 
 class Closing:

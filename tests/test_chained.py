@@ -27,6 +27,7 @@ from pylm.errors import (
     UnknownKey,
     UnknownServer,
 )
+from pylm.registry import Registry
 from pylm.standalone import Client
 from pylm.testing import wait_for
 
@@ -444,6 +445,44 @@ def test_stop_while_downstream_is_full(serve: Serve, free_tcp_address: str) -> N
         assert not stage.running
     finally:
         stage.stop()
+
+
+def test_stop_while_waiting_on_a_full_next_stage_loses_no_result(
+    free_tcp_address: str, pylm_registry: Registry, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    """A stage found by name hears stop() while it waits for room to send
+    (its next stage not up yet): it sends on what it holds once the next
+    stage takes it, then drains and leaves; no job is lost."""
+    stage = Step1(
+        "step1", ANY, free_tcp_address, "step2.bar", ANY, registry=pylm_registry,
+        log_stdout=False, hwm=2,
+    )  # fmt: skip
+    stage.start(background=True)
+    stopping = threading.Thread(target=stage.stop)
+    try:
+        pusher = raw_socket(zmq.PUSH)
+        pusher.connect(stage.address)
+        for i in range(20):
+            pusher.send_multipart(protocol.encode(protocol.REQUEST, i, b"x", b"step1.foo", b"r"))
+        wait_for(lambda: stage.served >= 1, 10, "a job served: its result waits for room")
+        stopping.start()
+        wait_for(lambda: stage._stop_heard, 10, "stop() heard while waiting for room")
+        puller = raw_socket(zmq.PULL)
+        puller.bind(free_tcp_address)  # the next stage, up at last
+        ids: list[int] = []
+        while len(ids) < 20:
+            assert puller.poll(10_000), f"results so far: {sorted(ids)}"
+            body = puller.recv()
+            batch = body[protocol.LEAD] == protocol.BATCH_PREFIX
+            bodies = protocol.unpack_batch(body) if batch else [body]
+            ids += [protocol.decode([one]).msg_id for one in bodies]
+        assert sorted(ids) == list(range(20))
+        stopping.join(20)
+        assert not stage.running
+    finally:
+        stage.stop()
+        if stopping.is_alive():
+            stopping.join(20)
 
 
 def test_cache_client_and_ping(pipeline: Pipeline) -> None:

@@ -27,7 +27,7 @@ import zmq
 
 from pylm import protocol
 from pylm.errors import ProtocolError, PylmError
-from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET, Stopping
+from pylm.lifecycle import DRAIN_MAX, DRAIN_QUIET
 from pylm.protocol import BATCH_PREFIX, LEAD, expiry_stamp, past_deadline
 from pylm.running import Calls, Ended
 from pylm.transport import rest_of
@@ -86,20 +86,19 @@ class ConcurrentStage:
             now = time.monotonic()
             if not listen or pull in events:
                 quiet_since = now  # quiet means: listening, and nothing came
-            try:
-                stage._output.rewire()
-                if calls.fd in events:
-                    self.done.extend(calls.ended())
-                self._send_done()
-                self._start_waiting()
-                if listen and pull in events:
-                    self._read(pull)
-                calls.flush()  # one hop to the event loop for the jobs just started
-                for socket in events:
-                    if socket is not pull and socket != calls.fd:
-                        stage._serve_other(socket)  # the cache, clients' hellos, stop
-                stage._tick()
-            except Stopping:
+            stage._output.rewire()
+            if calls.fd in events:
+                self.done.extend(calls.ended())
+            self._send_done()
+            self._start_waiting()
+            if listen and pull in events:
+                self._read(pull)
+            calls.flush()  # one hop to the event loop for the jobs just started
+            for socket in events:
+                if socket is not pull and socket != calls.fd:
+                    stage._serve_other(socket)  # the cache, clients' hellos, stop
+            stage._tick()
+            if stage._stop_heard:
                 self._stop(now)
             if self.draining and self.reading:
                 if now - quiet_since > DRAIN_QUIET or now > self.give_up:

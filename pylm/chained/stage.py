@@ -34,7 +34,7 @@ from pylm.cache_store import Cache
 from pylm.chained.concurrent import ConcurrentStage
 from pylm.chained.output import Output
 from pylm.errors import ProtocolError, PylmError
-from pylm.lifecycle import Drain, Stopping
+from pylm.lifecycle import DRAIN_MAX, Drain
 from pylm.protocol import (
     BATCH_BYTES,
     BATCH_JOBS,
@@ -58,7 +58,7 @@ from pylm.transport import check_address, close_listener, read_envelope, recv_me
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["DEFAULT_HWM", "Stage", "Stopping", "addresses"]
+__all__ = ["DEFAULT_HWM", "Stage", "addresses"]
 
 DEFAULT_HWM = 1000  # messages a socket queues before its sender waits
 IDLE_MS = 1000  # how long an idle stage waits for input at most, then looks again
@@ -103,6 +103,10 @@ class Stage(BaseServer):
         self.db: str | None = None  # where the cache listens
         self._pull: zmq.Socket | None = None
         self._db_socket: zmq.Socket | None = None
+        # stop()'s message read (on the cache socket): the loop ends after
+        # the round that read it, which goes on whole (a full next stage
+        # waited for meanwhile holds results that must still go on).
+        self._stop_heard = False
         self._poller = zmq.Poller()
         # ms a wait for input lasts at most (stop() wakes it anyway); shorter
         # when the registry may rewire the stage, or results wait to be sent.
@@ -182,32 +186,29 @@ class Stage(BaseServer):
         rewire = self._output.rewire  # in this thread, which owns the sockets
         assert pull is not None
         debug = self.logger.isEnabledFor(logging.DEBUG)
-        try:
-            while self.served < self.messages:
-                if debug:
-                    self.logger.debug("%s Waiting for a message", self.name)
-                ready = poll(self._poll_timeout)
-                # Rewired before serving: what is read after the registry
-                # reported a change goes by the new wiring, however long the
-                # poll waited (an instance leaving drains only _DRAIN_QUIET).
-                rewire()
-                for socket, _ in ready:
-                    if socket is pull:
-                        self._drain(pull, debug)
-                    else:
-                        self._serve_other(socket)
-                self._tick()
-        except Stopping:
-            if self.registration is not None:
-                self._drain_before_leaving(pull, debug)
+        while self.served < self.messages and not self._stop_heard:
+            if debug:
+                self.logger.debug("%s Waiting for a message", self.name)
+            ready = poll(self._poll_timeout)
+            # Rewired before serving: what is read after the registry
+            # reported a change goes by the new wiring, however long the
+            # poll waited (an instance leaving drains only _DRAIN_QUIET).
+            rewire()
+            for socket, _ in ready:
+                if socket is pull:
+                    self._drain(pull, debug)
+                else:
+                    self._serve_other(socket)
+            self._tick()
+        if self._stop_heard and self.registration is not None:
+            self._drain_before_leaving(pull, debug)
 
     def _drain_before_leaving(self, pull: zmq.Socket, debug: bool) -> None:
         """A registered stage leaves cleanly: it deregisters, so that the
         stages before it stop sending to it, and serves what still arrives
         until its input has been quiet for a moment."""
         self._deregister()
-        drain = Drain()
-        self._output.deadline = drain.give_up  # nor may a full next stage hold the stop up
+        drain = Drain()  # a full next stage waited for gives up at the stop's deadline (_serve_db)
         while (wait := drain.wait_ms()) is not None:
             if pull.poll(wait, zmq.POLLIN):
                 self._drain(pull, debug)
@@ -386,7 +387,13 @@ class Stage(BaseServer):
                 continue
             envelope, message = parts
             if len(message) == 1 and self._is_control(message[0]):
-                raise Stopping
+                self._stop_heard = True
+                if self._output.deadline is None:
+                    # A full next stage waited for: not forever. A stage
+                    # found by name drains, another stops at once.
+                    drains = self.registration is not None
+                    self._output.deadline = _monotonic() + (DRAIN_MAX if drains else 0.0)
+                return
             try:
                 request = protocol.decode(message)
             except ProtocolError as error:
