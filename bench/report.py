@@ -9,7 +9,7 @@ registry and scale parts need the ``etcd`` and ``prometheus`` binaries)::
 
 Each part is a benchmark module run as its own process with ``--json``
 (``rpc``, ``pipeline``, ``stage``, ``parallel``, ``registry``, ``metrics``, ``scale``,
-``profile``: py-spy's view of where a call's time goes; ``gateway``: HTTP
+``profile``: py-spy's view of where the time goes (RPC, pipeline, master); ``gateway``: HTTP
 through ``pylm gateway`` with wrk, against its ASGI ceiling and Pyro5's
 HTTP gateway; ``concurrency``: 10 ms calls, 64 callers, beside Pyro5's
 thread-pool server);
@@ -44,7 +44,7 @@ from typing import Any
 
 BEGIN = "<!-- bench.report: begin -->"
 END = "<!-- bench.report: end -->"
-RPC_PAYLOADS = "100,1024,10240,102400"
+RPC_PAYLOADS = "100,1024,10240,102400,1048576"
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ PARTS = (
     Part("registry", (), ("--quick",), title="Registry"),
     Part("metrics", (), ("--quick",), json=False, title="The metrics endpoint"),
     Part("scale", (), ("--quick",), title="300 servers"),
-    Part("profile", (), ("--quick",), title="Where a call's time goes"),
+    Part("profile", ("--seconds", "5"), ("--quick",), title="Where the time goes"),
     Part("gateway", (), ("--quick",), title="HTTP through the gateway"),
     Part("concurrency", (), ("--quick",), title="Calls that wait"),
 )

@@ -24,7 +24,7 @@ from pylm.liveness import Connections, retire, to_live_peers
 from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
-from pylm.transport import send_frame
+from pylm.transport import copied, send_frame
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registry
@@ -499,7 +499,7 @@ class ToNextStage(Output):
             socket = outlet.socket if stream is None else outlet.for_stream(*stream)
             assert socket is not None
             try:
-                socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                socket.send_multipart(frames, zmq.NOBLOCK, copy=copied(frames))
                 return True
             except zmq.Again:
                 if self._rewire_outlets():

@@ -18,7 +18,7 @@ from pylm.lifecycle import Closing
 from pylm.liveness import to_live_peers
 from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
 from pylm.security import Curve
-from pylm.transport import close_socket, default_context
+from pylm.transport import close_socket, copied, default_context
 from pylm.window import Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
             # A side socket just made routes once its connection is up.
             if not socket.poll(int(seconds * 1000), zmq.POLLOUT):
                 raise zmq.Again
-            socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            socket.send_multipart(frames, zmq.NOBLOCK, copy=copied(frames))
         except zmq.Again:
             raise self._timeout_error(function, seconds) from None
         return self._answer(socket, msg_id, seconds, function)

@@ -44,7 +44,7 @@ from pylm.errors import ProtocolError, PylmError, RemoteError
 from pylm.logs import LogLimited
 from pylm.parallel.hello import MAX_SLOTS, parse_hello
 from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
-from pylm.transport import recv_message
+from pylm.transport import copied, recv_message
 
 if TYPE_CHECKING:
     from pylm.telemetry.counting import ServerStats
@@ -429,9 +429,7 @@ class Dispatcher:
                 free.appendleft((worker, generation))
                 continue
             try:
-                back.send_multipart(
-                    [worker.address, *job.body], zmq.NOBLOCK, copy=len(job.body[-1]) < 65536
-                )
+                back.send_multipart([worker.address, *job.body], zmq.NOBLOCK, copy=copied(job.body))
             except zmq.Again:  # the worker takes no more now (not reading): never wait for it
                 queue.appendleft(number)
                 self._stale += worker.free - 1  # its other entries in the free list are void

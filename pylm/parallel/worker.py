@@ -54,7 +54,7 @@ from pylm.protocol import (
     read_sizes,
 )
 from pylm.running import Calls, limit_of
-from pylm.transport import check_address, close_socket, rest_of, send_frame
+from pylm.transport import check_address, close_socket, copied, rest_of, send_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -642,7 +642,7 @@ class Worker(BaseServer):
         not go (see :meth:`_undelivered`). ``counted``: as a message sent
         (an answer to work that ran)."""
         try:
-            socket.send_multipart(frames, copy=len(frames[-1]) < 65536)
+            socket.send_multipart(frames, copy=copied(frames))
         except zmq.Again:
             self._undelivered(socket, protocol.salvage_msg_id(frames))
             return False

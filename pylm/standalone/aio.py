@@ -24,7 +24,7 @@ from pylm.protocol import (
     read_id,
 )
 from pylm.security import Curve
-from pylm.transport import close_socket, default_context
+from pylm.transport import close_socket, copied, default_context
 from pylm.window import Books, RetryBudget
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class AsyncClient(Caller):
             except zmq.Again:
                 continue
             if not last:
-                socket.send(frames[1], copy=False)
+                socket.send_multipart(frames[1:], copy=copied(frames))
             # A send can consume the socket's "readable" edge: look soon,
             # once for all the calls sent in this turn of the loop.
             if socket is not self._socket:

@@ -26,7 +26,7 @@ from pylm.protocol import (
     reply_payload,
 )
 from pylm.security import Curve
-from pylm.transport import close_socket, default_context, send_frame
+from pylm.transport import close_socket, copied, default_context, send_frame
 from pylm.window import Books, RetryBudget
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class Client(CacheCalls, Caller, Closing):
             deadline = began + timeout
             drops = self._connections.drops_now()
             try:
-                socket.send_multipart(frames, copy=len(frames) == 1)
+                socket.send_multipart(frames, copy=copied(frames))
             except zmq.Again:
                 raise self._timeout_error(what, timeout) from None
             retried = not cache and self._retried(what)
@@ -336,7 +336,7 @@ def _answers(frames: list[bytes], msg_id: int) -> bool:
 def _send_now(socket: zmq.Socket, frames: list[bytes]) -> zmq.Socket | None:
     """Send ``frames`` if a live instance has room now: ``socket``, or None."""
     try:
-        socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+        socket.send_multipart(frames, zmq.NOBLOCK, copy=copied(frames))
     except zmq.Again:
         return None
     return socket

@@ -42,6 +42,7 @@ from pylm.telemetry.counting import Sampling
 from pylm.transport import (
     check_address,
     close_listener,
+    copied,
     read_envelope,
     rest_of,
     send_frame,
@@ -245,7 +246,7 @@ class Server(BaseServer):
         gone or not reading loses it). ``counted``: whether it answers a
         message that was not malformed."""
         assert self._socket is not None
-        self._socket.send_multipart([*envelope, *frames], zmq.NOBLOCK, copy=len(frames) == 1)
+        self._socket.send_multipart([*envelope, *frames], zmq.NOBLOCK, copy=copied(frames))
         if counted and self.stats is not None:
             self.stats.sent += 1
 
