@@ -223,7 +223,8 @@ def profile(scenario: str, seconds: float, top: int, folder: Path) -> dict[str, 
         for number, (name, process) in enumerate(processes.started):
             raw = record(process.pid, seconds, folder / f"{scenario}-{number}.txt")
             summaries[name] = summarise(raw, top)
-            summaries[name]["busy"] = summaries[name]["samples"] / (seconds * RATE)
+            sampled = max(1, round(seconds))  # as record() asks py-spy
+            summaries[name]["busy"] = summaries[name]["samples"] / (sampled * RATE)
         return summaries
     finally:
         processes.kill()

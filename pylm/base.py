@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar, TypedDict
 
 import zmq
 
+from pylm import protocol
 from pylm.control import Control
 from pylm.errors import PayloadTooLarge, PylmError, RemoteError, ServerCrashed
 from pylm.exposed import Exposed, Function, exposed_functions
@@ -43,9 +44,11 @@ from pylm.running import ASYNC_CONCURRENCY
 from pylm.security import Curve
 from pylm.telemetry.counting import FunctionStats, ServerStats, metrics_enabled
 from pylm.telemetry.exporter import Exposure
-from pylm.transport import bind, default_context, recv_message
+from pylm.transport import bind, default_context, read_envelope, recv_message
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pylm.registry import Registration, Registry
 
 __all__ = [
@@ -500,15 +503,23 @@ class BaseServer:
             first,
         )
 
-    def _let_last_answers_out(self, front: zmq.Socket | None, control: zmq.Socket | None) -> None:
+    def _let_last_answers_out(
+        self,
+        front: zmq.Socket | None,
+        control: zmq.Socket | None,
+        held: Callable[[], int] | None = None,
+    ) -> None:
         """Called at the messages limit, before closing: keep ``front`` (the
-        socket that answers clients) open until no message came on it for
+        ROUTER that answers clients) open until no message came on it for
         DRAIN_QUIET (DRAIN_MAX at most), or until stop() wakes ``control``.
         A client loses the answers it received and has not read yet when
         their connection drops (libzmq drops them with the connection of a
         socket set ZMQ_IMMEDIATE, as pylm's clients are), so a server that
-        closed right after its last answer could lose it. What comes
-        meanwhile is read and not served (the limit holds), and logged."""
+        closed right after its last answer could lose it. ``held`` sends
+        what the server holds for clients not reading and says how many it
+        still holds: meanwhile the wait goes on (DRAIN_MAX at most). A
+        request that comes meanwhile is not served (the limit holds): it is
+        answered with an error that says so."""
         if front is None or control is None or self._stopping:
             return
         poller = zmq.Poller()
@@ -516,8 +527,13 @@ class BaseServer:
         poller.register(control, zmq.POLLIN)
         now = time.monotonic()
         give_up, quiet = now + DRAIN_MAX, now + DRAIN_QUIET
-        while now < min(give_up, quiet):
-            for socket in dict(poller.poll(max(1, round((min(give_up, quiet) - now) * 1000)))):
+        while True:
+            holding = held() if held is not None else 0
+            end = give_up if holding else min(give_up, quiet)
+            if now >= end:
+                break
+            wait = max(1, round((end - now) * 1000))
+            for socket in dict(poller.poll(min(wait, 10) if holding else wait)):
                 try:
                     frames = recv_message(socket)
                 except zmq.Again:
@@ -526,14 +542,38 @@ class BaseServer:
                     return  # stop()
                 if socket is front:
                     quiet = time.monotonic() + DRAIN_QUIET
-                    self._limited_log.log(
-                        "ended",
-                        logging.WARNING,
-                        "%s: a message came after the messages limit (%d): not served",
-                        self.name,
-                        self.messages,
-                    )
+                    self._refuse_past_limit(front, frames)
             now = time.monotonic()
+        if holding:
+            self.logger.warning(
+                "%s: closing at its messages limit with %d answer(s) for clients not reading,"
+                " not sent",
+                self.name,
+                holding,
+            )
+
+    def _refuse_past_limit(self, front: zmq.Socket, frames: list[bytes]) -> None:
+        """Answer a message that came after the messages limit with an error
+        (when it has an envelope and an id to answer), and log it."""
+        self._limited_log.log(
+            "ended",
+            logging.WARNING,
+            "%s: a message came after the messages limit (%d): not served",
+            self.name,
+            self.messages,
+        )
+        parts = read_envelope(frames)
+        msg_id = None if parts is None else protocol.salvage_msg_id(parts[1])
+        if parts is None or msg_id is None:
+            return
+        refusal = PylmError(
+            f"server {self.name!r} reached its messages limit ({self.messages}) and is"
+            " closing: not served"
+        )
+        try:
+            front.send_multipart([*parts[0], *protocol.encode_error(msg_id, refusal)], zmq.NOBLOCK)
+        except zmq.ZMQError:  # no room, or the client is gone: it times out
+            pass
 
     def _expired(self, body: bytes) -> None:
         """Count a job or call dropped, not run: read past its deadline (the

@@ -69,7 +69,9 @@ in our measurements), and every frame is a separate call from Python on both
 sides; so small messages are one frame, decoded with one ``struct`` call and
 slices. Above :data:`SPLIT_PAYLOAD` bytes, copying the payload into the body
 would cost more than a second frame, so it travels in its own frame, never
-copied. Names travel as text, so any language can speak the protocol.
+joined into a new buffer (:data:`pylm.transport.ZERO_COPY_MIN` says when
+libzmq takes it without a copy). Names travel as text, so any language can
+speak the protocol.
 """
 
 from __future__ import annotations

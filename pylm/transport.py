@@ -147,7 +147,7 @@ ZERO_COPY_MIN = 1 << 20
 without copying it into libzmq (pyzmq's ``copy=False``). Below, a copy costs
 less than the zero-copy send's hand-off: pyzmq frees a zero-copy buffer in a
 thread of its own, which takes the GIL from the serving thread (in one run of
-2 processes echoing 100 KiB: 5-20 % more round trips copied, even at 1 MiB)."""
+2 processes echoing: 5-20 % more round trips copied at 100 KiB, level at 1 MiB)."""
 
 
 def copied(frames: list[bytes]) -> bool:

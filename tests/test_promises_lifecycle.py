@@ -424,7 +424,7 @@ def test_stop_with_the_next_stage_full_drops_with_a_warning_and_returns(
     then drops what it cannot pass on, logs that it does (``leaving with the
     next stage still full: a message is dropped``) and returns. Fails when
     a leaving stage waits on a full next stage without end (the send
-    deadline set in ``Server._drain_before_leaving``)."""
+    deadline set as stop is heard, in ``Stage._serve_db``)."""
     name = unique("step")
     caplog.set_level(logging.WARNING, logger=name)
     context: zmq.Context = zmq.Context.instance()
@@ -699,6 +699,9 @@ def test_a_clients_jobs_spread_over_every_instance_of_a_master_name(
     wait_for(lambda: len(pylm_registry.instances(name)) == 3, 10, "three instances listed")
     serve(Echo(unique("w"), name, registry=pylm_registry, heartbeat=BEAT, log_stdout=False))
     with Client(name, registry=pylm_registry, timeout=10) as client:
+        # Connected to all three first (what pylm_peers_live counts): jobs go
+        # only to instances whose connection is up, and 300 go out at once.
+        wait_for(lambda: client._connections.live_peers == 3, 10, "three live connections")
         results = list(client.job("echo", [b"%d" % n for n in range(300)]))
     by = Counter(result.split(b"|")[0] for result in results)
     payloads = Counter(result.split(b"|")[1] for result in results)

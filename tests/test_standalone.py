@@ -147,14 +147,17 @@ def test_the_last_answers_reach_a_client_that_reads_them_after_the_limit(
         dealer = raw_socket(zmq.DEALER)
         dealer.setsockopt(zmq.IMMEDIATE, 1)
         dealer.connect(server.address)
-        for number in range(3):
+        for number in range(4):  # the fourth comes after the limit
             dealer.send_multipart(protocol.encode(protocol.REQUEST, number, b"x", b"my_server.foo"))
         pylm.testing.wait_for(lambda: server.served == 3, 20, "three requests served")
         answers = []
-        for _ in range(3):
+        for _ in range(4):
             assert dealer.poll(5000), f"answers read: {answers}"
-            answers.append(protocol.decode(dealer.recv_multipart()).payload)
-        assert answers == [b"you sent me x"] * 3
+            answers.append(protocol.decode(dealer.recv_multipart()))
+        assert [answer.payload for answer in answers[:3]] == [b"you sent me x"] * 3
+        refused = answers[3]
+        assert refused.kind == protocol.ERROR and refused.msg_id == 3
+        assert b"reached its messages limit (3) and is closing: not served" in refused.payload
         thread.join(20)
         assert not thread.is_alive()  # and then it ended
     finally:

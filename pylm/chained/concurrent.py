@@ -91,7 +91,7 @@ class ConcurrentStage:
                 self.done.extend(calls.ended())
             self._send_done()
             self._start_waiting()
-            if listen and pull in events:
+            if listen and pull in events and not stage._stop_heard:
                 self._read(pull)
             calls.flush()  # one hop to the event loop for the jobs just started
             for socket in events:

@@ -208,7 +208,10 @@ class Stage(BaseServer):
         stages before it stop sending to it, and serves what still arrives
         until its input has been quiet for a moment."""
         self._deregister()
-        drain = Drain()  # a full next stage waited for gives up at the stop's deadline (_serve_db)
+        # Within the stop's deadline (set as stop was heard, _serve_db),
+        # which a full next stage waited for gives up at too.
+        deadline = self._output.deadline
+        drain = Drain(most=DRAIN_MAX if deadline is None else max(0.0, deadline - _monotonic()))
         while (wait := drain.wait_ms()) is not None:
             if pull.poll(wait, zmq.POLLIN):
                 self._drain(pull, debug)
@@ -245,7 +248,10 @@ class Stage(BaseServer):
         # the batch starts and with each timed call (every call of a server
         # that is not busy, one in SAMPLE_EVERY of a busy one).
         expiry = expiry_stamp(_time())
+        heard = self._stop_heard  # (a drain)
         for _ in range(min(BATCH, self.messages - self.served)):
+            if self._stop_heard and not heard:  # stop, heard meanwhile: drain, or close
+                break
             try:
                 # One recv per message: the head tells whether a payload
                 # frame follows (asking the socket costs more than the rest).
@@ -390,9 +396,11 @@ class Stage(BaseServer):
                 self._stop_heard = True
                 if self._output.deadline is None:
                     # A full next stage waited for: not forever. A stage
-                    # found by name drains, another stops at once.
-                    drains = self.registration is not None
-                    self._output.deadline = _monotonic() + (DRAIN_MAX if drains else 0.0)
+                    # found by name drains, and a concurrent one sends on
+                    # the results of its jobs in progress: 5 s at most;
+                    # another stops at once.
+                    waits = self.registration is not None or self._calls is not None
+                    self._output.deadline = _monotonic() + (DRAIN_MAX if waits else 0.0)
                 return
             try:
                 request = protocol.decode(message)

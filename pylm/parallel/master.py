@@ -157,11 +157,18 @@ class Master(Dispatching, BaseServer):
         )
 
     def _close(self) -> None:
-        if self.served >= self.messages:
-            self._let_last_answers_out(self._front, self.dispatcher.socket)
-        close_listener(self._front)
-        close_listener(self.dispatcher.socket)
-        self._front = self.dispatcher.socket = None
+        try:
+            if self.served >= self.messages:
+                self._let_last_answers_out(self._front, self.dispatcher.socket, self._held)
+        finally:
+            close_listener(self._front)
+            close_listener(self.dispatcher.socket)
+            self._front = self.dispatcher.socket = None
+
+    def _held(self) -> int:
+        """Send what the backlog holds for clients not reading; how many answers it still holds."""
+        self._backlog.flush()
+        return self._backlog.size
 
     # ------------------------------------------------------------------ the loop
 

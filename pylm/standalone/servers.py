@@ -128,10 +128,12 @@ class Server(BaseServer):
 
     def _close(self) -> None:
         ended = self.served >= self.messages
-        if ended:
-            self._let_last_answers_out(self._socket, self._socket)
-        close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
-        self._socket = None
+        try:
+            if ended:
+                self._let_last_answers_out(self._socket, self._socket)
+        finally:
+            close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
+            self._socket = None
 
     def _serve(self) -> None:
         if self._exposed.coroutines or (self.concurrency or 1) > 1:
