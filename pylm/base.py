@@ -508,6 +508,8 @@ class BaseServer:
         front: zmq.Socket | None,
         control: zmq.Socket | None,
         held: Callable[[], int] | None = None,
+        *,
+        stopped: bool = False,
     ) -> None:
         """Called at the messages limit, before closing: keep ``front`` (the
         ROUTER that answers clients) open until no message came on it for
@@ -519,9 +521,12 @@ class BaseServer:
         what the server holds for clients not reading and says how many it
         still holds: meanwhile the wait goes on (DRAIN_MAX at most). A
         request that comes meanwhile is not served (the limit holds): it is
-        answered with an error that says so."""
-        if front is None or control is None or self._stopping:
+        answered with an error that says so. ``stopped``: called after stop()
+        too, for answers sent once the server read no more (its wake-up
+        message then ends nothing)."""
+        if front is None or control is None or (self._stopping and not stopped):
             return
+        why = "is stopping" if stopped else f"reached its messages limit ({self.messages})"
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
         poller.register(control, zmq.POLLIN)
@@ -539,10 +544,12 @@ class BaseServer:
                 except zmq.Again:
                     continue
                 if len(frames) == 3 and not frames[1] and self._is_control(frames[2]):
+                    if stopped:
+                        continue
                     return  # stop()
                 if socket is front:
                     quiet = time.monotonic() + DRAIN_QUIET
-                    self._refuse_past_limit(front, frames)
+                    self._refuse_late(front, frames, why)
             now = time.monotonic()
         if holding:
             self.logger.warning(
@@ -552,24 +559,17 @@ class BaseServer:
                 holding,
             )
 
-    def _refuse_past_limit(self, front: zmq.Socket, frames: list[bytes]) -> None:
-        """Answer a message that came after the messages limit with an error
-        (when it has an envelope and an id to answer), and log it."""
+    def _refuse_late(self, front: zmq.Socket, frames: list[bytes], why: str) -> None:
+        """Answer a message that came once the server served no more with an
+        error (when it has an envelope and an id to answer), and log it."""
         self._limited_log.log(
-            "ended",
-            logging.WARNING,
-            "%s: a message came after the messages limit (%d): not served",
-            self.name,
-            self.messages,
+            "ended", logging.WARNING, "%s: a message came as it %s: not served", self.name, why
         )
         parts = read_envelope(frames)
         msg_id = None if parts is None else protocol.salvage_msg_id(parts[1])
         if parts is None or msg_id is None:
             return
-        refusal = PylmError(
-            f"server {self.name!r} reached its messages limit ({self.messages}) and is"
-            " closing: not served"
-        )
+        refusal = PylmError(f"server {self.name!r} {why} and is closing: not served")
         try:
             front.send_multipart([*parts[0], *protocol.encode_error(msg_id, refusal)], zmq.NOBLOCK)
         except zmq.ZMQError:  # no room, or the client is gone: it times out

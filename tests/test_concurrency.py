@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+import zmq
 from helpers import Gate, GatedCalls, in_thread
 
+from pylm import protocol
 from pylm.errors import RemoteError, RequestTimeout
 from pylm.parallel import Client as ParallelClient
 from pylm.parallel import Master, Worker
@@ -98,6 +100,45 @@ def test_stop_answers_the_calls_in_progress(pylm_registry: Registry) -> None:
         stopping.join(20)
         assert not stopping.is_alive()
         assert answers() == [b"waited %d" % n for n in range(16)]
+    finally:
+        server.stop()
+
+
+def test_stop_lets_the_answers_of_the_calls_in_progress_be_read(
+    raw_socket: Callable[[int], zmq.Socket],
+) -> None:
+    """A server with fixed addresses stopped with calls in progress answers
+    them as they end, then keeps its socket open until its clients are
+    quiet: a client set ZMQ_IMMEDIATE, as pylm's are, loses the answers it
+    has not read yet when the connection drops."""
+    Held.gate = Gate()
+    server = Held("held", "tcp://127.0.0.1:0", log_stdout=False, concurrency=8)
+    server.start(background=True)
+    stopping = threading.Thread(target=server.stop)
+    try:
+        assert server.address is not None and server.stats is not None
+        dealer = raw_socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.connect(server.address)
+        for number in range(4):
+            dealer.send_multipart(
+                protocol.encode(protocol.REQUEST, number, b"%d" % number, b"held.wait")
+            )
+        wait_for(lambda: Held.gate.peak == 4, 20, "4 calls in progress")
+        stopping.start()
+        # With room for more calls, the loop reads stop's message at once.
+        loop = server._concurrent
+        assert loop is not None
+        wait_for(lambda: not loop.reading, 20, "the server reading no more")
+        Held.gate.open.set()
+        wait_for(lambda: server.stats.sent == 4, 20, "the 4 answers sent")
+        answers = []
+        for _ in range(4):
+            assert dealer.poll(5000), f"answers read: {answers}"
+            answers.append(protocol.decode(dealer.recv_multipart()).payload)
+        assert sorted(answers) == [b"waited %d" % n for n in range(4)]
+        stopping.join(20)
+        assert not stopping.is_alive()
     finally:
         server.stop()
 

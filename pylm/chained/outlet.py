@@ -21,6 +21,7 @@ from pylm.calls import curve_key
 from pylm.chained.output import Output, WaitForRoom
 from pylm.errors import PylmError
 from pylm.liveness import Connections, retire, to_live_peers
+from pylm.logs import LimitedLog
 from pylm.protocol import SPLIT_PAYLOAD, one_frame_request
 from pylm.protocol import forward as forward_request
 from pylm.security import Curve
@@ -270,6 +271,7 @@ class ToNextStage(Output):
         self.tees = tees
         self.name = name
         self.logger = logger
+        self._limited_log = LimitedLog(logger, 1)  # the drops of a stop: a line a second
         self.curve = curve
         self._wait_for_room = wait_for_room
         self._choose = choose
@@ -516,7 +518,9 @@ class ToNextStage(Output):
                         self._rerouted = True
                     continue
                 if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.logger.warning(
+                    self._limited_log.log(
+                        "full",
+                        logging.WARNING,
                         "%s: leaving with the next stage still full: a message is dropped",
                         self.name,
                     )

@@ -43,6 +43,7 @@ class ConcurrentLoop:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.calls: Calls[_Call] = Calls(server.name, server._exposed, server.concurrency)
+        self.last_answer = 0.0  # when calls were last answered (monotonic)
 
     def serve(self) -> None:
         try:
@@ -154,6 +155,7 @@ class ConcurrentLoop:
     def _answer_ended(self) -> None:
         """Count and answer the calls that ended."""
         server = self.server
+        self.last_answer = time.monotonic()
         for (envelope, msg_id), call in self.calls.ended():
             if call.expired:  # waited for a thread past its deadline: not run
                 if server.stats is not None:

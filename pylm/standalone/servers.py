@@ -51,6 +51,8 @@ from pylm.transport import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from pylm.standalone.concurrent import ConcurrentLoop
+
 
 __all__ = ["Server"]
 
@@ -110,6 +112,8 @@ class Server(BaseServer):
         self.cache = Cache(name)
         self.address: str | None = None
         self._socket: zmq.Socket | None = None
+        self._answered_late = False  # calls answered just before a concurrent loop ended
+        self._concurrent: ConcurrentLoop | None = None  # the loop, when calls overlap
 
     def _open(self) -> None:
         # A ROUTER, not a REP: the envelope is read here, so a peer that
@@ -129,8 +133,8 @@ class Server(BaseServer):
     def _close(self) -> None:
         ended = self.served >= self.messages
         try:
-            if ended:
-                self._let_last_answers_out(self._socket, self._socket)
+            if ended or self._answered_late:
+                self._let_last_answers_out(self._socket, self._socket, stopped=self._answered_late)
         finally:
             close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
             self._socket = None
@@ -139,7 +143,12 @@ class Server(BaseServer):
         if self._exposed.coroutines or (self.concurrency or 1) > 1:
             from pylm.standalone.concurrent import ConcurrentLoop
 
-            ConcurrentLoop(self).serve()
+            loop = self._concurrent = ConcurrentLoop(self)
+            try:
+                loop.serve()
+            finally:
+                # Calls answered as it stopped: let the answers be read first.
+                self._answered_late = time.monotonic() - loop.last_answer < DRAIN_QUIET
             return
         socket = self._socket
         assert socket is not None
