@@ -317,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--master", metavar="NAME", help="for a Worker: the name of its master (or hub)"
     )
     run.add_argument(
+        "--wait",
+        type=_non_negative,
+        metavar="SECONDS",
+        help="for a Worker: how long it waits for its master to be registered (10)",
+    )
+    run.add_argument(
         "--rolling",
         action="store_true",
         help="a new version rolling out: start even if the live instances of NAME have other"
@@ -841,6 +847,10 @@ def run_server(args: argparse.Namespace) -> int:
         raise PylmError(f"{class_name} is a worker: give its master with --master NAME")
     if args.master and not is_worker:
         raise PylmError(f"--master is for workers; {class_name} is a {server_class.kind} server")
+    if args.wait is not None and not is_worker:
+        raise PylmError(f"--wait is for workers; {class_name} is a {server_class.kind} server")
+    if args.wait is not None:
+        options["wait"] = args.wait
     try:
         if is_worker:
             server = server_class(args.name, args.master, **options)  # type: ignore[call-arg]
@@ -858,9 +868,9 @@ def run_server(args: argparse.Namespace) -> int:
     # deregisters, then serves what is still on its way, then closes.
     stop = _stop_on_signals()
     try:
-        # Longer than a worker waits for its master (10 s), so that it is
-        # that wait which says what is missing.
-        server.start(background=True, timeout=30.0)
+        # Longer than a worker waits for its master (10 s by default), so
+        # that it is that wait which says what is missing.
+        server.start(background=True, timeout=30.0 + (args.wait or 0.0))
     except ServerCrashed as exc:  # it failed while start() was giving up
         raise _start_failed(args, exc.__cause__ or exc) from None
     except RegistryError as exc:  # no master, etcd unreachable...

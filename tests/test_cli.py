@@ -229,6 +229,7 @@ FILES = {
         (["greeter.py:Greeter"], "pylm run: the following arguments are required: --name"),
         (["greeter.py:Greeter", "--name", "x", "--ttl", "0"], "--ttl: must be a positive"),
         (["greeter.py:Greeter", "--name", "x", "--master", "m"], "--master is for workers"),
+        (["greeter.py:Greeter", "--name", "x", "--wait", "5"], "--wait is for workers"),
     ],
 )
 def test_run_failures_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -542,9 +543,10 @@ def test_a_worker_without_its_master_says_what_it_waits_for(
     module = tmp_path / "upper.py"
     module.write_text(WORKER_MODULE)
     done = pylm(
-        pylm_etcd, pylm_cluster, "run", f"{module}:Upper", "--name", "w1", "--master", "nomaster"
-    )
-    # While it waits (10 s), one line says for what; then one line says what is wrong.
+        pylm_etcd, pylm_cluster, "run", f"{module}:Upper", "--name", "w1", "--master", "nomaster",
+        "--wait", "2",
+    )  # fmt: skip
+    # While it waits (2 s), one line says for what (after 1 s); then one line says what is wrong.
     assert f"w1: waiting for master 'nomaster' in cluster '{pylm_cluster}'" in done.stdout
     line = one_line(done)
     assert line.startswith(

@@ -648,3 +648,10 @@ def test_a_worker_whose_master_is_gone_gives_up_its_answers_and_can_stop(
     finally:
         worker.stop(timeout=10)  # its serving thread is not stuck in a send
     assert f"master at {master.back} took no answer" in caplog.text
+
+
+def test_a_workers_wait_for_its_master_must_be_seconds() -> None:
+    for bad in (-1, "10", True):
+        with pytest.raises(ValueError, match="wait must be a non-negative number of seconds"):
+            Tagger("w", "m", wait=bad, log_stdout=False)  # type: ignore[arg-type]
+    assert Tagger("w", "m", wait=0, log_stdout=False).wait == 0.0

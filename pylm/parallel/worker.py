@@ -28,7 +28,7 @@ import zmq
 from pylm import protocol
 from pylm.base import BaseServer, Options2016, ServerOptions
 from pylm.calls import curve_key
-from pylm.discovery import Peers
+from pylm.discovery import Peers, check_wait
 from pylm.errors import (
     InvalidName,
     ProtocolError,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 _BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
+MASTER_WAIT = 10.0  # s a worker found by name waits for its master's record, by default
 # s a worker still serves (and beats to) a master instance gone from the
 # registry: a hub that is stopped deregisters first, then serves its input
 # for up to 5 s and waits up to 10 s for its workers' answers.
@@ -119,6 +120,7 @@ class Worker(BaseServer):
         *,
         slots: int | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        wait: float = MASTER_WAIT,
         **options: Unpack[ServerOptions],
     ) -> None:
         old = Options2016(log_address, log_level=log_level, messages=messages)
@@ -143,6 +145,7 @@ class Worker(BaseServer):
         if not isinstance(heartbeat, (int, float)) or not heartbeat > 0:
             raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         self.master = master
+        self.wait = check_wait(wait)  # s start() waits for the master to be registered
         self.workers_address = workers_address and check_address(workers_address, "workers_address")
         self.slots = slots
         self.heartbeat = float(heartbeat)
@@ -217,7 +220,7 @@ class Worker(BaseServer):
         waiting.daemon = True
         waiting.start()
         try:
-            records = registry.wait_for_instances(self.master, 10.0)
+            records = registry.wait_for_instances(self.master, self.wait)
         finally:
             waiting.cancel()
         self._master_key = curve_key(self.master, records, self.curve) or self._master_key
