@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -138,11 +137,10 @@ def ipc_address() -> Iterator[str]:
 
 @pytest.fixture
 def free_tcp_address() -> str:
-    """A TCP endpoint the OS just reported free, for servers started late."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
+    """A TCP endpoint free now, for servers started late (see helpers.unused_port)."""
+    from helpers import unused_port
+
+    return f"tcp://127.0.0.1:{unused_port()}"
 
 
 @pytest.fixture

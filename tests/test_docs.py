@@ -143,11 +143,9 @@ def blocks(document: str) -> list[Block]:
 
 
 def free_port() -> int:
-    import socket
+    from helpers import unused_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return unused_port()
 
 
 def listening(port: int) -> bool:
