@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from pylm.base import BaseServer
+from pylm.processes import free_port
 from pylm.registry import LocalEtcd
 
 pytest_plugins = ["pytester"]  # for the tests of the pylm pytest plugin itself
@@ -137,10 +138,8 @@ def ipc_address() -> Iterator[str]:
 
 @pytest.fixture
 def free_tcp_address() -> str:
-    """A TCP endpoint free now, for servers started late (see helpers.unused_port)."""
-    from helpers import unused_port
-
-    return f"tcp://127.0.0.1:{unused_port()}"
+    """A TCP endpoint free now, for servers started late (see pylm.processes.free_port)."""
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ ends, and functions whose calls wait on a gate."""
 from __future__ import annotations
 
 import asyncio
-import random
-import socket
 import sys
 import threading
 import time
@@ -226,32 +224,3 @@ def in_thread(run: Callable[[], Iterable[T]]) -> Callable[[], list[T]]:
         return box
 
     return value
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def unused_port() -> int:
-    """A TCP port of 127.0.0.1 that a socket may bind now, below the OS's
-    ephemeral range, for a server that binds it later. A port from
-    ``bind(0)`` comes from that range, where any outgoing connection of the
-    suite (a client's, etcd's) may take it as its source port before the
-    server binds it: a test once lost that race. Never the same port twice
-    in a process."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
-            low = int(ports.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(1000):
-        port = random.randrange(max(1024, low - 10000), low)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError(f"no free port below {low}")

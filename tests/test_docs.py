@@ -72,6 +72,7 @@ from pathlib import Path
 
 import pytest
 
+from pylm.processes import free_port
 from pylm.registry import Registry
 from pylm.testing import missing
 
@@ -140,12 +141,6 @@ def blocks(document: str) -> list[Block]:
         found.append(Block(document, index + 1, language, "\n".join(body) + "\n", marks))
         index = end + 1
     return found
-
-
-def free_port() -> int:
-    from helpers import unused_port
-
-    return unused_port()
 
 
 def listening(port: int) -> bool:
