@@ -220,12 +220,14 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
                 if now >= until:
                     return Stop.SLICED
 
-        def wait(ms: int) -> list[Outcome]:
-            events = socket.poll(ms, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))
-            return self._collect(socket, window, function) if events & zmq.POLLIN else []
-
         def polled() -> list[tuple[zmq.Socket, int]]:
+            """The socket wait() polls: answers, and room to send a held request."""
             return [(socket, zmq.POLLIN | (zmq.POLLOUT if held is not None else 0))]
+
+        def wait(ms: int) -> list[Outcome]:
+            ((_, interest),) = polled()
+            events = socket.poll(ms, interest)
+            return self._collect(socket, window, function) if events & zmq.POLLIN else []
 
         return Turn(send, wait, polled)
 

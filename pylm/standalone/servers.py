@@ -112,7 +112,6 @@ class Server(BaseServer):
         self.cache = Cache(name)
         self.address: str | None = None
         self._socket: zmq.Socket | None = None
-        self._answered_late = False  # calls answered just before a concurrent loop ended
         self._concurrent: ConcurrentLoop | None = None  # the loop, when calls overlap
 
     def _open(self) -> None:
@@ -132,9 +131,13 @@ class Server(BaseServer):
 
     def _close(self) -> None:
         ended = self.served >= self.messages
+        # Calls a concurrent loop answered as it stopped: their answers are
+        # let out too.
+        loop = self._concurrent
+        late = loop is not None and time.monotonic() - loop.last_answer < DRAIN_QUIET
         try:
-            if ended or self._answered_late:
-                self._let_last_answers_out(self._socket, self._socket, stopped=self._answered_late)
+            if ended or late:
+                self._let_last_answers_out(self._socket, self._socket, stopped=late)
         finally:
             close_listener(self._socket, linger=_LAST_ANSWER_MS if ended else 0)
             self._socket = None
@@ -143,12 +146,8 @@ class Server(BaseServer):
         if self._exposed.coroutines or (self.concurrency or 1) > 1:
             from pylm.standalone.concurrent import ConcurrentLoop
 
-            loop = self._concurrent = ConcurrentLoop(self)
-            try:
-                loop.serve()
-            finally:
-                # Calls answered as it stopped: let the answers be read first.
-                self._answered_late = time.monotonic() - loop.last_answer < DRAIN_QUIET
+            self._concurrent = ConcurrentLoop(self)
+            self._concurrent.serve()
             return
         socket = self._socket
         assert socket is not None
