@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -63,8 +64,7 @@ ANY = "tcp://127.0.0.1:0"
 
 
 def forever() -> None:
-    while True:
-        time.sleep(3600)
+    threading.Event().wait()  # serve until the process is ended
 
 
 def rpc_server() -> None:
@@ -223,8 +223,7 @@ def profile(scenario: str, seconds: float, top: int, folder: Path) -> dict[str, 
         for number, (name, process) in enumerate(processes.started):
             raw = record(process.pid, seconds, folder / f"{scenario}-{number}.txt")
             summaries[name] = summarise(raw, top)
-            sampled = max(1, round(seconds))  # as record() asks py-spy
-            summaries[name]["busy"] = summaries[name]["samples"] / (sampled * RATE)
+            summaries[name]["busy"] = summaries[name]["samples"] / (sampled(seconds) * RATE)
         return summaries
     finally:
         processes.kill()
@@ -296,9 +295,14 @@ def summarise(raw: str, top: int) -> dict[str, Any]:
     }
 
 
+def sampled(seconds: float) -> int:
+    """The whole seconds py-spy samples for (it takes no fraction)."""
+    return max(1, round(seconds))
+
+
 def record(pid: int, seconds: float, out: Path) -> str:
     command = [
-        "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+        "py-spy", "record", "--pid", str(pid), "--duration", str(sampled(seconds)),
         "--rate", str(RATE), "--format", "raw", "--output", str(out), "--nonblocking",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
