@@ -224,3 +224,22 @@ def in_thread(run: Callable[[], Iterable[T]]) -> Callable[[], list[T]]:
         return box
 
     return value
+
+
+def immediate_dealer(raw_socket: Callable[[int], zmq.Socket], address: str) -> zmq.Socket:
+    """A raw DEALER connected to ``address``, set ZMQ_IMMEDIATE as pylm's
+    clients are (so it loses the answers it has not read when the
+    connection drops)."""
+    dealer = raw_socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IMMEDIATE, 1)
+    dealer.connect(address)
+    return dealer
+
+
+def read_answers(dealer: zmq.Socket, count: int) -> list[protocol.Message]:
+    """The next ``count`` messages on ``dealer``, decoded (5 s each at most)."""
+    answers: list[protocol.Message] = []
+    for _ in range(count):
+        assert dealer.poll(5000), f"answers read: {answers}"
+        answers.append(protocol.decode(dealer.recv_multipart()))
+    return answers

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import zmq
-from helpers import Gate, GatedCalls, in_thread
+from helpers import Gate, GatedCalls, immediate_dealer, in_thread, read_answers
 
 from pylm import protocol
 from pylm.errors import RemoteError, RequestTimeout
@@ -117,9 +117,7 @@ def test_stop_lets_the_answers_of_the_calls_in_progress_be_read(
     stopping = threading.Thread(target=server.stop)
     try:
         assert server.address is not None and server.stats is not None
-        dealer = raw_socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.connect(server.address)
+        dealer = immediate_dealer(raw_socket, server.address)
         for number in range(4):
             dealer.send_multipart(
                 protocol.encode(protocol.REQUEST, number, b"%d" % number, b"held.wait")
@@ -132,10 +130,7 @@ def test_stop_lets_the_answers_of_the_calls_in_progress_be_read(
         wait_for(lambda: not loop.reading, 20, "the server reading no more")
         Held.gate.open.set()
         wait_for(lambda: server.stats.sent == 4, 20, "the 4 answers sent")
-        answers = []
-        for _ in range(4):
-            assert dealer.poll(5000), f"answers read: {answers}"
-            answers.append(protocol.decode(dealer.recv_multipart()).payload)
+        answers = [answer.payload for answer in read_answers(dealer, 4)]
         assert sorted(answers) == [b"waited %d" % n for n in range(4)]
         stopping.join(20)
         assert not stopping.is_alive()

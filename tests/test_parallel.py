@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import ANY, lazy_dealer, trickle
+from helpers import ANY, immediate_dealer, lazy_dealer, read_answers, trickle
 from prometheus_client.parser import text_string_to_metric_families
 
 from pylm import protocol
@@ -603,16 +603,11 @@ def test_a_master_at_its_messages_limit_lets_its_last_answers_be_read(
         assert master.back is not None and master.front is not None
         serve(Tagger("w1", "m", master.back, heartbeat=BEAT, log_stdout=False))
         wait_for(lambda: master.workers == 1, 10, "the worker")
-        dealer = raw_socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.connect(master.front)
+        dealer = immediate_dealer(raw_socket, master.front)
         for number in range(3):
             dealer.send_multipart(protocol.encode(protocol.REQUEST, number, b"x", b"m.who"))
         wait_for(lambda: master.served == 3, 20, "three requests served")
-        answers = []
-        for _ in range(3):
-            assert dealer.poll(5000), f"answers read: {answers}"
-            answers.append(protocol.decode(dealer.recv_multipart()).payload)
+        answers = [answer.payload for answer in read_answers(dealer, 3)]
         assert answers == [b"w1:x"] * 3
         wait_for(lambda: not master.running, 10, "the master ended")
     finally:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import zmq
+from helpers import immediate_dealer, read_answers
 
 import pylm
 import pylm.standalone.client
@@ -144,16 +145,11 @@ def test_the_last_answers_reach_a_client_that_reads_them_after_the_limit(
     thread.start()
     try:
         assert server.wait_ready(20)
-        dealer = raw_socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.connect(server.address)
+        dealer = immediate_dealer(raw_socket, server.address)
         for number in range(4):  # the fourth comes after the limit
             dealer.send_multipart(protocol.encode(protocol.REQUEST, number, b"x", b"my_server.foo"))
         pylm.testing.wait_for(lambda: server.served == 3, 20, "three requests served")
-        answers = []
-        for _ in range(4):
-            assert dealer.poll(5000), f"answers read: {answers}"
-            answers.append(protocol.decode(dealer.recv_multipart()))
+        answers = read_answers(dealer, 4)
         assert [answer.payload for answer in answers[:3]] == [b"you sent me x"] * 3
         refused = answers[3]
         assert refused.kind == protocol.ERROR and refused.msg_id == 3
