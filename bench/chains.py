@@ -229,6 +229,17 @@ def pylm_unbatched_client() -> tuple[str, Connect]:
     return "", UnbatchedDriver
 
 
+class Batch64Driver(LoopDriver):
+    """The same with ``batch=64`` asked for: the same on every pylm that has
+    batches, whatever its default (an A/B of older code)."""
+
+    batch = 64
+
+
+def pylm_batch64_client() -> tuple[str, Connect]:
+    return "", Batch64Driver
+
+
 class AsyncLoopDriver(PipelineDriver):
     """pylm's :class:`~pylm.chained.AsyncLoopClient`, one run at a time on an
     event loop of its own, ``max_in_flight=IN_FLIGHT``: the same jobs in
@@ -317,6 +328,13 @@ CHAINS: dict[str, Chain] = {
             "pylm, AsyncLoopClient",
             pylm_stage,
             pylm_async_client,
+        ),
+        Chain(
+            "pylm-batch64-chain",
+            "pylm-batch64",
+            "pylm, LoopClient(batch=64)",
+            pylm_stage,
+            pylm_batch64_client,
         ),
         Chain(
             "pylm-quiet-chain",

@@ -469,6 +469,20 @@ def positive(kind: Callable[[str], Number]) -> Callable[[str], Number]:
     return parse
 
 
+def names_list(known: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for a comma-separated choice among ``known`` (such
+    as --only's), in ``known``'s order, without repeats."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(known)}")
+        return tuple(name for name in known if name in names)  # the table's order
+
+    return parse
+
+
 def add_timing_options(parser: argparse.ArgumentParser, full: Timing) -> None:
     """--duration, --warmup and --rounds, whose defaults are ``full``'s."""
     parser.add_argument(

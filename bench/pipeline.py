@@ -64,6 +64,7 @@ from bench.harness import (
     add_timing_options,
     execute,
     expect,
+    names_list,
     run_rounds,
     send,
     stderr_log,
@@ -71,7 +72,8 @@ from bench.harness import (
 )
 
 PAYLOADS = (100, 10 * 1024)
-FAMILIES = ("raw", "pylm", "pylm-unbatched", "pylm-async", "pylm-quiet")
+FAMILIES = ("raw", "pylm", "pylm-unbatched", "pylm-async", "pylm-quiet")  # run by default
+CHOICES = (*FAMILIES, "pylm-batch64")  # --only may also ask for these
 FULL = Timing(duration=5.0, warmup=1.0, rounds=3)
 QUICK = Timing(duration=0.5, warmup=0.2, rounds=1)
 REPORT = Report(
@@ -81,7 +83,7 @@ REPORT = Report(
     f" LoopClient(max_in_flight={IN_FLIGHT}). Every stage passes the payload on unchanged;"
     " every stage and the client in its own process; the client first checks that a result"
     " is its payload, as bytes, and counts only results that arrive within the window."
-    ' "batch=1": one job per message (no batching).'
+    ' "batch=1": one job per message (no batching); "batch=64": LoopClient(batch=64).'
     ' "AsyncLoopClient": the same jobs in flight from an event loop.'
     ' "metrics off": pylm with PYLM_METRICS=0 in stages and client.',
     titles={
@@ -90,6 +92,7 @@ REPORT = Report(
         "pylm-unbatched": "pylm, batch=1",
         "pylm-async": "pylm, AsyncLoopClient",
         "pylm-quiet": "pylm, metrics off",
+        "pylm-batch64": "pylm, batch=64",
     },
     packages=("pyzmq", "pylm"),
     row_label=lambda cell: cell.size,
@@ -132,10 +135,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
         description=f"Jobs per second through a {STAGES}-stage pipeline: pylm and raw pyzmq.",
     )
     add_timing_options(parser, FULL)
+    parser.add_argument(
+        "--only",
+        type=names_list(CHOICES),
+        default=FAMILIES,
+        help=f"e.g. raw,pylm (among {','.join(CHOICES)}; default: all but the last)",
+    )
     add_output_options(parser, QUICK)
     args = parser.parse_args(argv)
     chosen = timing(args, FULL, QUICK)
-    settings = Settings(chosen.duration, chosen.warmup, chosen.rounds, (1,), FAMILIES)
+    settings = Settings(chosen.duration, chosen.warmup, chosen.rounds, (1,), args.only)
     return settings, args.json
 
 

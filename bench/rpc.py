@@ -68,6 +68,7 @@ from bench.harness import (
     add_timing_options,
     execute,
     expect,
+    names_list,
     run_rounds,
     stderr_log,
     timing,
@@ -136,14 +137,6 @@ def run(settings: Settings, results: Results, log: Log) -> None:
 # ---------------------------------------------------------------------------- CLI
 
 
-def families_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in FAMILIES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(FAMILIES)}")
-    return tuple(name for name in FAMILIES if name in names)  # the table's order
-
-
 def positive_list(example: str, too_small: str) -> Callable[[str], tuple[int, ...]]:
     """An argparse type for a comma-separated list of positive numbers,
     sorted and without repeats; ``example`` and ``too_small`` word its errors."""
@@ -173,7 +166,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument(
         "--clients", type=clients_list, help="client process counts (1,8; --quick: 1,2)"
     )
-    parser.add_argument("--only", type=families_list, default=tuple(FAMILIES), help="e.g. pylm,raw")
+    parser.add_argument("--only", type=names_list(tuple(FAMILIES)), default=tuple(FAMILIES), help="e.g. pylm,raw")
     parser.add_argument(
         "--payloads",
         type=sizes_list,
