@@ -16,8 +16,9 @@ What is measured
     with metrics on and one with metrics off, in alternating order, and
     reports:
 
-    * the stage's messages per second over the window;
-    * the CPU time its serving thread spent per message (the clock of that
+    * the stage's jobs per second over the window (the results it passed
+      on, those of a BATCH one by one);
+    * the CPU time its serving thread spent per job (the clock of that
       one thread, read at both ends of the window), which the machine's
       other tenants disturb less than the rate.
 
@@ -101,10 +102,21 @@ def feeder_main(address: str, conn: Connection) -> None:
         push(message)
 
 
+def carried(message: bytes) -> int:
+    """How many results a message the stage passed on carries: those of a
+    BATCH (the stage sends the results of the jobs it read in a row
+    together), else one."""
+    from pylm import protocol
+
+    if message[3] == protocol.BATCH:  # the head's kind byte
+        return len(protocol.unpack_batch(message))
+    return 1
+
+
 def measure(
     children: Children, mode: str, sink: zmq.Socket, port: int, warmup: float, duration: float
 ) -> tuple[float, float]:
-    """(messages/s, serving-thread µs per message) of a fresh stage."""
+    """(jobs/s, serving-thread µs per job) of a fresh stage."""
     stage = children.start(f"stage-{mode}", stage_main, mode, f"tcp://127.0.0.1:{port}")
     (address,) = expect(stage, "ready", 30)
     feeder = children.start("feeder", feeder_main, address)
@@ -118,13 +130,13 @@ def measure(
         send(stage, ("read",))
         cpu0, served0 = expect(stage, "cpu", 10)
         began = time.monotonic()
-        until, count = began + duration, 0
+        until, count, messages = began + duration, 0, 0
         while True:
             if not sink.poll(5000):
                 raise BenchError(f"the stage ({mode}) passed nothing on for 5 s")
-            recv()
-            count += 1
-            if not count & 1023 and time.monotonic() >= until:
+            count += carried(recv())
+            messages += 1
+            if not messages & 255 and time.monotonic() >= until:
                 break
         rate = count / (time.monotonic() - began)
         send(stage, ("read",))
@@ -167,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 rates[mode].append(rate)
                 cpus[mode].append(cpu)
                 print(
-                    f"round {index + 1}/{rounds} metrics {mode}: {rate:,.0f} msgs/s,"
-                    f" {cpu:.2f} µs CPU/msg",
+                    f"round {index + 1}/{rounds} metrics {mode}: {rate:,.0f} jobs/s,"
+                    f" {cpu:.2f} µs CPU/job",
                     file=sys.stderr,
                 )
     except BenchError as exc:
@@ -183,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nOne chained stage, {PAYLOAD} B payloads, median of {rounds} round(s) of"
         f" {duration:g} s\n\n"
-        "| metrics | msgs/s | serving thread, µs CPU/msg |\n|---|---:|---:|\n"
+        "| metrics | jobs/s | serving thread, µs CPU/job |\n|---|---:|---:|\n"
         f"| on | {on:,.0f} | {cpu_on:.2f} |\n| off | {off:,.0f} | {cpu_off:.2f} |\n\n"
         f"Throughput lost to metrics: {100 * (1 - on / off):.1f} %"
         f" (median of the rounds' own ratios: {100 * (1 - statistics.median(paired)):.1f} %);"
-        f" CPU per message: +{cpu_on - cpu_off:.2f} µs ({100 * (cpu_on / cpu_off - 1):.1f} %)"
+        f" CPU per job: +{cpu_on - cpu_off:.2f} µs ({100 * (cpu_on / cpu_off - 1):.1f} %)"
     )
     if args.json:
         every = {"machine": info, "duration_s": duration, "rounds_per_s": rates, "cpu_us": cpus}
