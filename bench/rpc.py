@@ -166,7 +166,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str | None]:
     parser.add_argument(
         "--clients", type=clients_list, help="client process counts (1,8; --quick: 1,2)"
     )
-    parser.add_argument("--only", type=names_list(tuple(FAMILIES)), default=tuple(FAMILIES), help="e.g. pylm,raw")
+    parser.add_argument(
+        "--only", type=names_list(tuple(FAMILIES)), default=tuple(FAMILIES), help="e.g. pylm,raw"
+    )
     parser.add_argument(
         "--payloads",
         type=sizes_list,
