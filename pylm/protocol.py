@@ -135,6 +135,7 @@ __all__ = [
     "expiry_stamp",
     "forward",
     "has_payload_frame",
+    "messages_in",
     "one_frame_request",
     "pack_batch",
     "pack_id_deadline",
@@ -463,6 +464,16 @@ def unpack_batch(body: bytes) -> list[bytes]:
     return messages
 
 
+def messages_in(frames: list[bytes]) -> int:
+    """How many messages ``frames`` carries: a well-formed BATCH's count, else 1."""
+    if len(frames) == 1 and frames[0][LEAD] == BATCH_PREFIX:
+        try:
+            return len(unpack_batch(frames[0]))
+        except ProtocolError:
+            return 1
+    return 1
+
+
 def reply_head(msg_id: int, kind: int = REPLY, flags: int = 0) -> bytes:
     """The head of an answer without target or route; the payload follows
     it in the same frame (or in the next one, with ``PAYLOAD_FRAME``)."""
@@ -528,9 +539,10 @@ def split_target(target: bytes) -> tuple[str, str]:
     return server, function
 
 
-def check_payload(payload: object, limit: int) -> None:
+def check_payload(payload: object, limit: int) -> bytes:
     """Raise ``TypeError`` unless ``payload`` is bytes-like, and
-    :class:`PayloadTooLarge` when it is larger than ``limit``."""
+    :class:`PayloadTooLarge` when it is larger than ``limit``; the payload
+    as ``bytes`` (itself if it is)."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         hint = " (encode text first, e.g. payload.encode())" if isinstance(payload, str) else ""
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}{hint}")
@@ -541,6 +553,7 @@ def check_payload(payload: object, limit: int) -> None:
             size=size,
             limit=limit,
         )
+    return payload if type(payload) is bytes else bytes(payload)
 
 
 _CODES: dict[type[PylmError], str] = {

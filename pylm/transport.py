@@ -6,7 +6,7 @@ import re
 import socket as sockets
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -198,53 +198,60 @@ def read_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None
 class Backlog:
     """Messages a ROUTER socket had no room for yet, per peer and in order
     (the peer is not reading), sent as the peer takes them, while the other
-    peers are served; at most ``limit`` in all, and a quarter of that for
-    one peer. ``gone(peer, frames)`` is told of each message whose peer is not
-    connected; ``sent`` counts the messages sent."""
+    peers are served; at most ``limit`` answers in all, and a quarter of
+    that for one peer (a message counts as the answers it carries: a
+    BATCH's count). ``gone(peer, frames)`` is told of each message whose
+    peer is not connected; ``sent`` counts the answers sent."""
 
     def __init__(self, limit: int, gone: Callable[[bytes, list[bytes]], None]) -> None:
         self.socket: zmq.Socket | None = None  # the ROUTER, once its owner opened it
         self.limit = limit
         self.per_peer = max(1, limit // 4)
-        self.size = 0
+        self.size = 0  # answers held, in all
         self.sent = 0
         self._gone = gone
-        self._held: dict[bytes, deque[list[bytes]]] = {}
+        self._held: dict[bytes, deque[tuple[list[bytes], int]]] = {}
+        self._sizes: dict[bytes, int] = {}  # answers held per peer
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
-    def waiting(self, peer: bytes) -> Sequence[list[bytes]]:
-        """The messages that wait for ``peer``."""
-        return self._held.get(peer, ())
+    def waiting(self, peer: bytes) -> int:
+        """How many answers wait for ``peer``."""
+        return self._sizes.get(peer, 0)
 
     def holds(self, peer: bytes) -> bool:
         """Whether messages wait for ``peer`` (a new one goes behind them)."""
         return peer in self._held
 
-    def offer(self, peer: bytes, frames: list[bytes]) -> bool:
-        """Send now, or keep for later behind what waits for ``peer``; False
-        only when the peer has no room and the backlog is full (in all, or
-        for that peer)."""
+    def offer(self, peer: bytes, frames: list[bytes], answers: int = 1) -> bool:
+        """Send now, or keep for later behind what waits for ``peer``;
+        ``answers``: how many the message carries. False only when the peer
+        has no room and the backlog is full (in all, or for that peer)."""
         held = self._held.get(peer)
-        if held is None and self._try(peer, frames):
+        if held is None and self._try(peer, frames, answers):
             return True
-        if self.size >= self.limit or (held is not None and len(held) >= self.per_peer):
+        if self.size >= self.limit or self._sizes.get(peer, 0) >= self.per_peer:
             return False
-        self._held.setdefault(peer, deque()).append(frames)
-        self.size += 1
+        if held is None:
+            held = self._held[peer] = deque()
+        held.append((frames, answers))
+        self._sizes[peer] = self._sizes.get(peer, 0) + answers
+        self.size += answers
         return True
 
     def flush(self) -> None:
         """Send what waits, as far as the peers take it."""
         for peer, held in list(self._held.items()):
-            while held and self._try(peer, held[0]):
-                held.popleft()
-                self.size -= 1
+            while held and self._try(peer, *held[0]):
+                answers = held.popleft()[1]
+                self.size -= answers
+                self._sizes[peer] -= answers
             if not held:
                 del self._held[peer]
+                del self._sizes[peer]
 
-    def _try(self, peer: bytes, frames: list[bytes]) -> bool:
+    def _try(self, peer: bytes, frames: list[bytes], answers: int) -> bool:
         """Send without waiting; False if the peer has no room now."""
         assert self.socket is not None
         try:
@@ -256,5 +263,5 @@ class Backlog:
                 raise
             self._gone(peer, frames)  # not connected (any more, or yet)
             return True
-        self.sent += 1
+        self.sent += answers
         return True

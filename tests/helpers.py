@@ -236,10 +236,25 @@ def immediate_dealer(raw_socket: Callable[[int], zmq.Socket], address: str) -> z
     return dealer
 
 
+def carried(message: list[bytes]) -> list[bytes]:
+    """The one-frame messages a message carries: those of a BATCH, or itself."""
+    if message[0][protocol.LEAD] == protocol.BATCH_PREFIX:
+        return protocol.unpack_batch(message[0])
+    assert len(message) == 1
+    return [message[0]]
+
+
 def read_answers(dealer: zmq.Socket, count: int) -> list[protocol.Message]:
-    """The next ``count`` messages on ``dealer``, decoded (5 s each at most)."""
+    """The next ``count`` answers on ``dealer``, decoded, those of a BATCH
+    one by one (5 s a message at most)."""
     answers: list[protocol.Message] = []
-    for _ in range(count):
+    while len(answers) < count:
         assert dealer.poll(5000), f"answers read: {answers}"
-        answers.append(protocol.decode(dealer.recv_multipart()))
+        message = dealer.recv_multipart()
+        bodies = carried(message) if len(message) == 1 else None
+        answers += (
+            [protocol.decode(message)]
+            if bodies is None
+            else [protocol.decode([body]) for body in bodies]
+        )
     return answers

@@ -1,32 +1,36 @@
-"""Batching on by default, with no added wait: the jobs a LoopClient has
-ready go out together, a job alone goes alone, and a stage sends the results
-of the jobs waiting in its input on together. Real sockets: raw ZeroMQ
-sockets stand in for the stage or client under test's peers, to see the
-messages themselves."""
+"""Batching on by default, with no added wait: the jobs a LoopClient or a
+parallel Client has ready go out together, a job alone goes alone, a stage
+sends the results of the jobs waiting in its input on together, and a master
+sends a client the results it read together in one message. Real sockets:
+raw ZeroMQ sockets stand in for the peers of the stage, client or master
+under test, to see the messages themselves."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import zmq
-from helpers import ANY, answer_greeting, raw_pipeline_ends
+from helpers import (
+    ANY,
+    answer_greeting,
+    carried,
+    immediate_dealer,
+    raw_pipeline_ends,
+    read_answers,
+)
 
 from pylm import protocol
 from pylm.chained import LoopClient, Server
+from pylm.parallel import Client, Master, Worker
+from pylm.parallel.hello import hello
 
 pytestmark = pytest.mark.timeout(60)
 
 RawSocket = Callable[[int], zmq.Socket]
-
-
-def carried(message: list[bytes]) -> list[bytes]:
-    """The one-frame messages a message carries: those of a BATCH, or itself."""
-    if message[0][protocol.LEAD] == protocol.BATCH_PREFIX:
-        return protocol.unpack_batch(message[0])
-    assert len(message) == 1
-    return [message[0]]
 
 
 def a_first_stage(raw_socket: RawSocket, **options: object) -> tuple[zmq.Socket, LoopClient]:
@@ -37,46 +41,77 @@ def a_first_stage(raw_socket: RawSocket, **options: object) -> tuple[zmq.Socket,
     return first, client
 
 
-def sent(
-    first: zmq.Socket, client: LoopClient, payloads: list[bytes] | Iterator[bytes]
-) -> list[list[bytes]]:
-    """Run ``payloads`` through ``client`` (their results never come: they
-    time out) and give the messages the first stage got."""
-    outcomes = list(client.results("f", payloads))
-    assert all(outcome.error is not None for outcome in outcomes)
-    messages = []
-    while first.poll(0):
-        messages.append(first.recv_multipart())
-    return messages
+def a_raw_master(raw_socket: RawSocket, **options: object) -> tuple[zmq.Socket, Client]:
+    """A raw ROUTER as a master's front, and a parallel Client to it (its
+    jobs time out: nothing answers them)."""
+    front = raw_socket(zmq.ROUTER)
+    port = front.bind_to_random_port("tcp://127.0.0.1")
+    return front, Client(f"tcp://127.0.0.1:{port}", "m", timeout=0.5, **options)  # type: ignore[arg-type]
 
 
-def test_jobs_ready_at_once_go_together_and_a_job_alone_goes_alone(raw_socket: RawSocket) -> None:
-    first, client = a_first_stage(raw_socket)
+CLIENTS = ("LoopClient", "parallel Client")
+
+
+def a_client(
+    kind: str, raw_socket: RawSocket, **options: object
+) -> tuple[LoopClient | Client, Callable[[list[bytes]], list[list[bytes]]]]:
+    """A client of ``kind`` to raw peers, and how to run payloads through it
+    (they time out: nothing answers) and get the messages its first peer
+    (the first stage, or the master) received, without routing ids."""
+    client: LoopClient | Client
+    if kind == "LoopClient":
+        peer, client = a_first_stage(raw_socket, **options)
+        skip = 0
+    else:
+        peer, client = a_raw_master(raw_socket, **options)
+        skip = 1  # the ROUTER's routing id frame
+
+    def sent(payloads: list[bytes]) -> list[list[bytes]]:
+        outcomes = list(client.results("f", payloads))
+        assert all(outcome.error is not None for outcome in outcomes)
+        messages = []
+        while peer.poll(0):
+            messages.append(peer.recv_multipart()[skip:])
+        return messages
+
+    return client, sent
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_jobs_ready_at_once_go_together_and_a_job_alone_goes_alone(
+    kind: str, raw_socket: RawSocket
+) -> None:
+    client, sent = a_client(kind, raw_socket)
     with client:
-        messages = sent(first, client, [b"%d" % n for n in range(100)])
+        messages = sent([b"%d" % n for n in range(100)])
         jobs = [job for message in messages for job in carried(message)]
         assert sorted(protocol.decode([job]).payload for job in jobs) == sorted(
             b"%d" % n for n in range(100)
         )
         assert len(messages) == 2  # 64 and 36: the default cap
-        (alone,) = sent(first, client, [b"alone"])
+        (alone,) = sent([b"alone"])
         assert alone[0][protocol.LEAD] != protocol.BATCH_PREFIX  # one job: a plain REQUEST
         assert protocol.decode(alone).payload == b"alone"
 
 
-def test_batches_hold_8_kib_of_payloads_at_most(raw_socket: RawSocket) -> None:
-    first, client = a_first_stage(raw_socket)
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_batches_hold_8_kib_of_payloads_at_most(kind: str, raw_socket: RawSocket) -> None:
+    client, sent = a_client(kind, raw_socket)
     with client:
-        messages = sent(first, client, [bytes(3000)] * 9)  # two fit in 8 KiB, not three
-        assert [len(carried(message)) for message in messages] == [2, 2, 2, 2, 1]
+        messages = sent([bytes(3000)] * 9 + [bytes(100_000)])  # two fit in 8 KiB, not three
+        assert [len(carried(message)) for message in messages[:-1]] == [2, 2, 2, 2, 1]
+        assert protocol.decode(messages[-1]).payload == bytes(100_000)  # a large one: alone
 
 
-def test_batch_1_sends_one_job_per_message(raw_socket: RawSocket) -> None:
-    first, client = a_first_stage(raw_socket, batch=1)
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_batch_1_sends_one_job_per_message(kind: str, raw_socket: RawSocket) -> None:
+    client, sent = a_client(kind, raw_socket, batch=1)
     with client:
-        messages = sent(first, client, [b"%d" % n for n in range(20)])
+        messages = sent([b"%d" % n for n in range(20)])
         assert len(messages) == 20
         assert all(message[0][protocol.LEAD] != protocol.BATCH_PREFIX for message in messages)
+    with pytest.raises(ValueError, match="batch must be an int from 1 to 1024, got 0"):
+        a_client(kind, raw_socket, batch=0)
 
 
 def test_once_the_payload_source_waits_each_job_leaves_before_the_next_is_taken(
@@ -103,6 +138,18 @@ def test_once_the_payload_source_waits_each_job_leaves_before_the_next_is_taken(
     assert len(outcomes) == 6
     payloads = [[protocol.decode([job]).payload for job in message] for message in got]
     assert payloads == [[b"0", b"1"], [b"2"], [b"3"], [b"4"]]
+
+
+def read_together(socket: zmq.Socket, count: int) -> tuple[list[protocol.Message], int]:
+    """The next ``count`` one-frame messages on ``socket``, those of a BATCH
+    one by one, decoded, and how many messages carried them."""
+    results: list[protocol.Message] = []
+    messages = 0
+    while len(results) < count:
+        assert socket.poll(10_000), f"{len(results)} of {count} results"
+        results += [protocol.decode([body]) for body in carried(socket.recv_multipart())]
+        messages += 1
+    return results, messages
 
 
 class Held(Server):
@@ -134,11 +181,74 @@ def test_a_stage_sends_the_results_of_the_jobs_waiting_in_its_input_on_together(
         jobs.send_multipart(protocol.encode(protocol.REQUEST, n + 1, payload, b"held.f", b"route"))
     assert Held.started.wait(20)  # the others were sent before it: they wait in its input
     Held.gate.set()
-    results: list[bytes] = []
-    messages = 0
-    while len(results) < 51:
-        assert after.poll(10_000), f"{len(results)} of 51 results"
-        results += [protocol.decode([body]).payload for body in carried(after.recv_multipart())]
-        messages += 1
-    assert sorted(results) == sorted([b"first", *(b"%d" % n for n in range(50))])
+    results, messages = read_together(after, 51)
+    assert sorted(result.payload for result in results) == sorted(
+        [b"first", *(b"%d" % n for n in range(50))]
+    )
     assert messages < 51
+
+
+# ------------------------------------------------------------------ master and workers
+
+
+class Doubler(Worker):
+    def double(self, message: bytes) -> bytes:
+        return message * 2
+
+
+def test_a_master_runs_each_job_of_a_batch_and_answers_it_once(
+    raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A raw client sends a master ten jobs in one BATCH: each is run and
+    answered once, with its own id; a malformed BATCH is dropped and
+    counted, and the master serves on."""
+    master = serve(Master("m", ANY, ANY, log_stdout=False))
+    serve(Doubler("w", "m", master.back, log_stdout=False))
+    dealer = immediate_dealer(raw_socket, master.front)
+    jobs = [
+        protocol.encode(protocol.REQUEST, n, b"%d" % n, b"m.double", deadline=time.time() + 30)[0]
+        for n in range(1, 11)
+    ]
+    dealer.send(protocol.pack_batch(jobs))
+    answers: dict[int, bytes] = {}
+    while len(answers) < 10:
+        assert dealer.poll(10_000), f"answers: {answers}"
+        for body in carried(dealer.recv_multipart()):
+            message = protocol.decode([body])
+            assert message.msg_id not in answers
+            answers[message.msg_id] = protocol.result_of(message)
+    assert answers == {n: b"%d" % n * 2 for n in range(1, 11)}
+    dealer.send(protocol.BATCH_HEAD + b"\x00\x00\x00\x09short")  # a length past its end
+    dealer.send(jobs[0])
+    (answer,) = read_answers(dealer, 1)
+    assert (answer.msg_id, answer.payload) == (1, b"11")
+    assert master.stats.malformed == 1
+
+
+def test_a_master_sends_a_clients_results_of_one_round_together(
+    raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A raw worker with 50 slots answers 50 jobs of one client in a burst:
+    the master sends the client those it reads together in one message
+    (fewer messages than results), each result once."""
+    master = serve(Master("m", ANY, ANY, log_stdout=False))
+    worker = raw_socket(zmq.DEALER)
+    worker.setsockopt(zmq.IDENTITY, b"raw-worker")  # its hello names its job socket
+    worker.connect(master.back)
+    worker.send_multipart(hello(b"raw-worker", "raw", 50, 50))
+    client = immediate_dealer(raw_socket, master.front)
+    deadline = time.time() + 30
+    jobs = [
+        protocol.encode(protocol.REQUEST, n, b"%d" % n, b"m.f", deadline=deadline)[0]
+        for n in range(1, 51)
+    ]
+    client.send(protocol.pack_batch(jobs))
+    numbers = []
+    while len(numbers) < 50:
+        assert worker.poll(10_000), f"jobs the worker got: {len(numbers)}"
+        numbers.append(protocol.decode(worker.recv_multipart()).msg_id)
+    for number in numbers:
+        worker.send_multipart(protocol.encode(protocol.REPLY, number, b"done"))
+    results, messages = read_together(client, 50)
+    assert sorted(result.msg_id for result in results) == list(range(1, 51))
+    assert messages < 50

@@ -15,7 +15,7 @@ The rules:
 * **Layers run one way**, from the bottom up: the protocol (``pylm.protocol``)
   imports nothing of pylm but its errors; the registry (``pylm.registry``)
   and telemetry (``pylm.telemetry``) import no server or client module
-  (``pylm.base``, ``pylm.calls``, ``pylm.window``, ``pylm.standalone``,
+  (``pylm.base``, ``pylm.calls``, ``pylm.window``, ``pylm.source``, ``pylm.standalone``,
   ``pylm.chained``, ``pylm.parallel``), nor the command line (``pylm.cli``),
   which sits on top of everything.
 """
@@ -33,6 +33,7 @@ SERVERS_AND_CLIENTS = (
     "pylm.base",
     "pylm.calls",
     "pylm.window",
+    "pylm.source",
     "pylm.standalone",
     "pylm.chained",
     "pylm.parallel",

@@ -21,7 +21,6 @@ from pylm.errors import CurveRefused, ProtocolError, PylmError, RequestTimeout
 from pylm.lifecycle import Closing
 from pylm.liveness import retire, to_live_peers
 from pylm.protocol import (
-    BATCH_BYTES,
     BATCH_JOBS,
     BATCH_PREFIX,
     COUNT,
@@ -34,6 +33,7 @@ from pylm.protocol import (
     read_id,
 )
 from pylm.security import Curve
+from pylm.source import Payloads, check_batch
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
 from pylm.window import Body, Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
@@ -44,20 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["JobResult", "LoopClient"]
 
 DEFAULT_IN_FLIGHT = 1000
-MAX_BATCH = 1024  # jobs per message at most
-# A message being filled goes once this long has passed since it began (no
-# job waits longer for the iterable to give the next ones); if one payload
-# took that long and the thread blocked meanwhile (the iterable waits
-# between items: a queue, a socket), the rest of the run goes one job per
-# message.
-SLOW_SOURCE = 0.002
-
-try:
-    import resource
-
-    _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)
-except ImportError:  # not a POSIX system
-    _RUSAGE_THREAD = None
 _FIRST_BOUND = BUCKETS[0]
 _UNTIMED_MASK = SAMPLE_EVERY - 1
 
@@ -163,15 +149,6 @@ class _Outs:
         self._changed()
 
 
-def _blocked() -> int:
-    """How many times this thread has waited (voluntary context switches:
-    a slow payload that came with none was the machine's, not the
-    iterable's); 0 where the system does not tell."""
-    if _RUSAGE_THREAD is None:
-        return 0
-    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
-
-
 def _bucket(seconds: float) -> int:
     return bisect_left(BUCKETS, seconds)
 
@@ -270,9 +247,7 @@ class LoopClient(Caller, WindowedClient, Closing):
             raise ValueError("push_address needs at least one address")
         self._init_window(max_in_flight, retry)
         self._keep_books(self.books)
-        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-            raise ValueError(f"batch must be an int from 1 to {MAX_BATCH}, got {batch!r}")
-        self.batch = batch
+        self.batch = check_batch(batch)
         self.db_address = check_address(db_address, "db_address")
         # The route: the results sockets' routing id, which every job carries
         # so that the last stage knows where its result goes.
@@ -357,7 +332,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         tail = target + self.route
         inline_limit = min(self._calls.max_payload, protocol.SPLIT_PAYLOAD)
         add, add_one, resent, batch = window.add, window.add_one, window.resent, self.batch
-        cap = batch  # jobs per message: 1 once the iterable is seen to wait
+        source = Payloads(payloads, batch, inline_limit)
         wiring = self._wiring
         results = wiring.sockets  # changed in place as the last stage's instances change
         poller = zmq.Poller()
@@ -367,9 +342,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         # message, and whether they are jobs sent again. Its jobs are on the
         # window's books from the moment they are taken (their deadlines run).
         waiting: tuple[list[int], Body, bool] | None = None
-        carried: bytes | None = None  # a large payload taken, to go on its own next
         ids, clock, wall = self._ids, time.monotonic, time.time
-        exhausted = False
         now = clock()  # when the last message was taken or sent again
         outs.recount(window.jobs)  # what earlier runs left out (timed out) is forgotten
         recount_at = now + _RECOUNT
@@ -377,7 +350,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         def send(room: int, until: float) -> Stop:
             """Jobs sent again first, then new ones while there is room: up
             to ``batch`` small jobs per message."""
-            nonlocal waiting, carried, exhausted, now, recount_at, cap
+            nonlocal waiting, now, recount_at
             if wiring.changed or (self._peers is not None and self._peers.changed):
                 self._follow(poller, timeout)
             if outs.several and clock() >= recount_at:  # jobs that timed out: forgotten
@@ -391,79 +364,42 @@ class LoopClient(Caller, WindowedClient, Closing):
                         waiting = again_message()
                     elif room <= 0:
                         return Stop.FULL
-                    elif exhausted:
+                    elif source.exhausted:
                         return Stop.DONE
                     else:
-                        group: list[int] = []
-                        bodies: list[bytes] = []
-                        # Their payloads, what a job sent again is made of (a
-                        # body kept would hold memory a new one could reuse).
-                        kept: list[bytes] = []
-                        left = cap if cap < room else room  # jobs this message may take
-                        if outs.several:
-                            # One job a message, each to the least loaded instance:
-                            # a slow one gets fewer, and the jobs of one that dies
-                            # are sent again once the others answer jobs sent after.
-                            left = 1
-                        filled = 0  # bytes of payloads in it
-                        blocked = _blocked() if left > 1 else 0
-                        began = clock()
-                        while left:
-                            payload: bytes | None
-                            if carried is not None:
-                                payload, carried = carried, None
-                            elif left > 1 or bodies:
-                                pulled = clock()
-                                payload = next(payloads, None)
-                                got = clock()
-                                if got - began > SLOW_SOURCE:
-                                    left = 1  # no job waits longer for more: this one goes
-                                    if got - pulled > SLOW_SOURCE and (
-                                        _RUSAGE_THREAD is None or _blocked() != blocked
-                                    ):
-                                        cap = 1  # the iterable waits between items
-                            else:
-                                payload = next(payloads, None)
-                            if payload is None:
-                                exhausted = True
-                                break
-                            if type(payload) is bytes and len(payload) <= inline_limit:
-                                if bodies and filled + len(payload) > BATCH_BYTES:
-                                    carried = payload  # the message is full: next
-                                    break
+                        # One job a message with several instances, each to the
+                        # least loaded: a slow one gets fewer, and the jobs of one
+                        # that dies are sent again once the others answer jobs
+                        # sent after.
+                        taken, alone = source.take(1 if outs.several else room)
+                        if alone is not None:  # a large payload (or not bytes): on its own
+                            payload = protocol.check_payload(alone, self._calls.max_payload)
+                            msg_id = next(ids)
+                            body = large(msg_id, payload, wall() + timeout)
+                            now = clock()
+                            add_one(msg_id, payload, now)
+                            room -= 1
+                            waiting = ([msg_id], body, False)
+                        elif not taken:
+                            return Stop.DONE
+                        else:
+                            deadline = wall() + timeout
+                            group: list[int] = []
+                            bodies: list[bytes] = []
+                            for job in taken:
                                 msg_id = next(ids)
-                                stamp = pack_id_deadline(msg_id, wall() + timeout)
-                                bodies.append(b"".join((prefix, stamp, tail, payload)))
                                 group.append(msg_id)
-                                kept.append(payload)
-                                filled += len(payload)
-                                left -= 1
-                            elif bodies:
-                                carried = payload  # a large one goes on its own, next
-                                break
-                            else:
-                                protocol.check_payload(payload, self._calls.max_payload)
-                                msg_id = next(ids)
-                                payload = bytes(payload)
-                                body = large(msg_id, payload, wall() + timeout)
-                                now = clock()
-                                add_one(msg_id, payload, now)
-                                room -= 1
-                                waiting = ([msg_id], body, False)
-                                break
-                        if waiting is None:
-                            if not bodies:
-                                return Stop.DONE
+                                stamp = pack_id_deadline(msg_id, deadline)
+                                bodies.append(b"".join((prefix, stamp, tail, job)))
                             now = clock()
                             if len(bodies) == 1:
-                                message = bodies[0]
-                                add_one(group[0], kept[0], now)
+                                add_one(group[0], taken[0], now)
                                 room -= 1
+                                waiting = (group, bodies[0], False)
                             else:
-                                message = protocol.pack_batch(bodies)
-                                add(group, kept, now)
+                                add(group, taken, now)
                                 room -= len(group)
-                            waiting = (group, message, False)
+                                waiting = (group, protocol.pack_batch(bodies), False)
                 outgoing = waiting[1]
                 only = outs.only
                 if only is not None:  # one instance: no choice to make
@@ -572,11 +508,9 @@ class LoopClient(Caller, WindowedClient, Closing):
                     return outcomes
                 if body[LEAD] == BATCH_PREFIX:
                     try:
-                        bodies = protocol.unpack_batch(body)
+                        bodies = protocol.unpack_batch(body)[::-1]  # popped from the end: in order
                     except ProtocolError:
                         self.dropped += 1
-                        continue
-                    bodies.reverse()  # popped from the end: in order
                     continue
             if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE:  # a one-frame REPLY
                 msg_id = read_id(body)[0]

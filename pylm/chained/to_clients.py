@@ -116,8 +116,10 @@ class ToClients(Output):
         for route, message in results:
             by_client.setdefault(route, []).append(message)
         for route, messages in by_client.items():
-            batch = messages[0] if len(messages) == 1 else protocol.pack_batch(messages)
-            self.put(route, [batch])
+            if len(messages) == 1:
+                self.put(route, messages)
+            else:
+                self.put(route, [protocol.pack_batch(messages)], len(messages))
 
     def send(self, message: protocol.Message, result: bytes) -> None:
         if not message.route:
@@ -132,23 +134,23 @@ class ToClients(Output):
     def forward(self, message: protocol.Message, frames: list[bytes]) -> None:
         self.put(message.route, protocol.encode(message.kind, message.msg_id, message.payload))
 
-    def put(self, route: bytes, frames: list[bytes]) -> None:
+    def put(self, route: bytes, frames: list[bytes], results: int = 1) -> None:
         """Send to a client without waiting (see the class). Past MAX_BACKLOG
         results waiting in all, or a quarter of that for one client, the
         result is dropped (counted and logged): a stage never waits for a
         client."""
-        if not self._backlog.offer(route, frames):
+        if not self._backlog.offer(route, frames, results):
             if self.stats is not None:  # results: those of a BATCH count one by one
-                batch = frames[0][protocol.LEAD] == protocol.BATCH_PREFIX
-                self.stats.undeliverable += len(protocol.unpack_batch(frames[0])) if batch else 1
+                self.stats.undeliverable += results
             self._log_limited(
                 "backlog-full",
                 logging.WARNING,
-                "%s: a result for client %s dropped: it takes none, and %d results wait for"
-                " it (%d for all clients)",
+                "%s: %d result(s) for client %s dropped: it takes none, and %d results wait"
+                " for it (%d for all clients)",
                 self.name,
+                results,
                 route.hex(),
-                len(self._backlog.waiting(route)),
+                self._backlog.waiting(route),
                 self._backlog.size,
             )
 
@@ -165,7 +167,7 @@ class ToClients(Output):
         waiting = self._parked.pop(route, [])
         self._parked_count -= len(waiting)
         for _, frames in waiting:
-            self.put(route, frames)  # parked again if it left meanwhile
+            self.put(route, frames, protocol.messages_in(frames))  # parked again if it left
 
     def _park(self, route: bytes, frames: list[bytes]) -> None:
         """Keep a result for a client not connected yet, for a while."""

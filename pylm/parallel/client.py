@@ -13,11 +13,22 @@ from pylm import protocol
 from pylm.cache_calls import CacheCalls, cache_request
 from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
-from pylm.errors import PylmError
+from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import Closing
 from pylm.liveness import to_live_peers
-from pylm.protocol import DEFAULT_MAX_PAYLOAD, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id
+from pylm.protocol import (
+    BATCH_JOBS,
+    BATCH_PREFIX,
+    DEFAULT_MAX_PAYLOAD,
+    HEAD_SIZE,
+    LEAD,
+    REPLY_LEAD,
+    REPLY_PREFIX,
+    check_payload,
+    read_id,
+)
 from pylm.security import Curve
+from pylm.source import Payloads, check_batch
 from pylm.transport import close_socket, copied, default_context
 from pylm.window import Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
 
@@ -61,6 +72,12 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
     a worker that is slow (it would run such jobs twice). Turn it on to
     survive the death of a master instance. A Client is for one thread at a
     time.
+
+    ``batch``: the small jobs ready at once travel to the master together in
+    one message (a BATCH), up to that many (64 by default) and 8 KiB of
+    payloads; a job alone goes alone, and once the iterable is seen to wait
+    between items (a queue, a socket), each job goes on its own (as a
+    :class:`~pylm.chained.LoopClient`'s). ``batch=1``: one job per message.
     """
 
     endpoint_role = "front"
@@ -74,6 +91,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         timeout: float = DEFAULT_TIMEOUT,
         max_in_flight: int = DEFAULT_IN_FLIGHT,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        batch: int = BATCH_JOBS,
         retry: bool = False,
         context: zmq.Context | None = None,
         registry: Registry | str | None = None,
@@ -83,6 +101,7 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         super().__init__(front_address, server_name, timeout, max_payload, registry, curve, wait)
         self._init_window(max_in_flight, retry)
         self._keep_books(self.books)
+        self.batch = check_batch(batch)
         self._socket: zmq.Socket | None = self._secure(
             to_live_peers(default_context(context).socket(zmq.DEALER))
         )
@@ -176,46 +195,73 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         self, function: str, payloads: Iterator[bytes], timeout: float, window: Window
     ) -> Turn:
         socket = self._open_socket()
-        request, add_one, resent = self._calls.request, window.add_one, window.resent
+        request, add, add_one, resent = (
+            self._calls.request,
+            window.add,
+            window.add_one,
+            window.resent,
+        )
+        source = Payloads(payloads, self.batch, self._calls.inline_limit)
+        max_payload = self._calls.max_payload
         clock = time.monotonic
-        # A request the socket had no room for (its job on the window's books
-        # from the moment it is taken: its deadline runs), and whether it is
-        # a job sent again.
+        # A message the socket had no room for (its jobs on the window's
+        # books from the moment they are taken: their deadlines run), its
+        # jobs' ids, and whether it is a job sent again.
         held: list[bytes] | None = None
-        held_id = 0
+        held_ids: list[int] = []
         held_again = False
-        exhausted = False
+
+        def take(room: int) -> tuple[list[bytes], list[int]] | None:
+            """The next message of new jobs and their ids, on the books; None
+            once the payloads are exhausted."""
+            taken, alone = source.take(room)
+            if alone is not None or len(taken) == 1:
+                payload = taken[0] if alone is None else check_payload(alone, max_payload)
+                msg_id, frames = request(function, payload, timeout)
+                add_one(msg_id, frames[0] if len(frames) == 1 else frames, clock())
+                return frames, [msg_id]
+            if not taken:
+                return None
+            ids, bodies = [], []
+            for payload in taken:  # small: one frame each
+                msg_id, (body,) = request(function, payload, timeout)
+                ids.append(msg_id)
+                bodies.append(body)
+            add(ids, bodies, clock())
+            return [protocol.pack_batch(bodies)], ids
 
         def send(room: int, until: float) -> Stop:
-            """Jobs sent again first, then new ones while there is room."""
-            nonlocal held, held_id, held_again, exhausted
-            if held is not None and held_id not in window.jobs:
+            """Jobs sent again first, then new ones while there is room: up
+            to ``batch`` small ones per message."""
+            nonlocal held, held_ids, held_again
+            if held is not None and held_ids[0] not in window.jobs:
                 held = None  # it timed out before the master had room for it
             while True:
                 if held is None:
                     if window.again:
-                        held_id, job = window.again.pop(0)
+                        msg_id, job = window.again.pop(0)
                         body = job.body
                         assert body is not None  # sent again only while it has it
-                        held, held_again = [body] if isinstance(body, bytes) else body, True
+                        held = [body] if isinstance(body, bytes) else body
+                        held_ids, held_again = [msg_id], True
                     elif room <= 0:
                         return Stop.FULL
+                    elif source.exhausted:
+                        return Stop.DONE
                     else:
-                        payload = None if exhausted else next(payloads, None)
-                        if payload is None:
-                            exhausted = True
+                        message = take(room)
+                        if message is None:
                             return Stop.DONE
-                        held_id, held = request(function, payload, timeout)
+                        held, held_ids = message
                         held_again = False
-                        add_one(held_id, held[0] if len(held) == 1 else held, clock())
-                        room -= 1
+                        room -= len(held_ids)
                 try:
                     socket.send_multipart(held, zmq.NOBLOCK)
                 except zmq.Again:
                     return Stop.BLOCKED
                 now = clock()
                 if held_again:
-                    resent((held_id,), now)
+                    resent(held_ids, now)
                 held = None
                 if now >= until:
                     return Stop.SLICED
@@ -235,18 +281,34 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         return True  # its socket follows the master's instances without waiting
 
     def _collect(self, socket: zmq.Socket, window: Window, function: str) -> list[Outcome]:
-        """The outcomes of the answers waiting on ``socket`` (1,024 at most:
-        deadlines are checked between drains)."""
+        """The outcomes of the answers waiting on ``socket`` (1,024 messages
+        at most: deadlines are checked between drains); a BATCH's answers
+        one by one, in order."""
         outcomes: list[Outcome] = []
         jobs, took, books = window.jobs, self._calls.took, window.books
         now = time.monotonic()  # one clock reading for the answers drained together
         last: Job | None = None  # the last job answered
-        for _ in range(1024):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            body = frames[0]
+        bodies: list[bytes] = []  # the rest of a BATCH of answers being read
+        reads = 0
+        while True:
+            if bodies:
+                body = bodies.pop()
+                frames = [body]
+            else:
+                if reads == 1024:
+                    break
+                try:
+                    frames = socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                reads += 1
+                body = frames[0]
+                if body[LEAD] == BATCH_PREFIX and len(frames) == 1:
+                    try:
+                        bodies = protocol.unpack_batch(body)[::-1]  # popped from the end: in order
+                    except ProtocolError:
+                        self.dropped += 1
+                    continue
             if body[REPLY_LEAD] == REPLY_PREFIX and len(body) >= HEAD_SIZE and len(frames) == 1:
                 # fast path: a final REPLY in one frame
                 msg_id = read_id(body)[0]

@@ -52,6 +52,9 @@ from pylm.parallel.dispatch import (
     Dispatching,
 )
 from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
+    BATCH_PREFIX,
     FRAME_SLACK,
     HEAD_SIZE,
     LEAD,
@@ -70,6 +73,17 @@ __all__ = ["Master"]
 
 _BATCH = 256
 MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
+
+
+class _Together:
+    """The answers for one client ready in one round of the master's loop,
+    sent together (one BATCH) at its end: only what is there already."""
+
+    __slots__ = ("bodies", "filled")
+
+    def __init__(self, body: bytes, size: int) -> None:
+        self.bodies = [body]
+        self.filled = size  # bytes of their payloads
 
 
 class Master(Dispatching, BaseServer):
@@ -133,9 +147,8 @@ class Master(Dispatching, BaseServer):
         self.back: str | None = None  # where workers connect, once bound
         self._front: zmq.Socket | None = None
         # Answers for clients that are not reading, sent as they read.
-        self._backlog = Backlog(
-            MAX_BACKLOG, lambda client, _: self._undeliverable(client, "the client is gone")
-        )
+        self._backlog = Backlog(MAX_BACKLOG, self._gone)
+        self._together: dict[bytes, _Together] = {}  # client -> its answers this round
 
     # ------------------------------------------------------------------ sockets
 
@@ -186,21 +199,33 @@ class Master(Dispatching, BaseServer):
         while self.served < self.messages:
             wait = 10 if self._backlog else timeout  # a backlog: try again soon
             events = dict((full if dispatcher.full else reading).poll(wait))
-            if back in events and dispatcher.drain():
-                return
+            if back in events:
+                stop = dispatcher.drain()
+                dispatcher.dispatch()  # the slots just freed first
+                if self._together:
+                    self._send_together()
+                if stop:
+                    return
             if front in events:
                 self._drain_clients(front)
-            dispatcher.dispatch()
+                dispatcher.dispatch()
+                if self._together:
+                    self._send_together()
             if self._backlog:
                 self._backlog.flush()
                 self._count_sent()
             if time.monotonic() >= next_check:
                 dispatcher.check_workers()
+                dispatcher.dispatch()
+                if self._together:
+                    self._send_together()
                 next_check = time.monotonic() + dispatcher.heartbeat / 4
 
     def _drain_clients(self, front: zmq.Socket) -> None:
-        """Read what clients sent, up to a batch or a full queue."""
+        """Read what clients sent, up to a batch or a full queue; the jobs of
+        a BATCH one by one."""
         dispatcher = self.dispatcher
+        stats = self.stats
         for _ in range(_BATCH):
             if dispatcher.full:
                 return
@@ -208,22 +233,38 @@ class Master(Dispatching, BaseServer):
                 frames = recv_message(front)
             except zmq.Again:
                 return
-            if self.stats is not None:
-                self.stats.received += 1
+            if stats is not None:
+                stats.received += 1
             if len(frames) < 2:
                 continue
             client, body = frames[0], frames[1]
-            if (
-                dispatcher.direct
-                and body[LEAD] == ONE_FRAME_REQUEST
-                and len(frames) == 2
-                and len(body) >= HEAD_SIZE
-                and HEAD_SIZE + sum(read_sizes(body)) <= len(body)
-            ):  # a one-frame REQUEST whose target and route fit in it
-                msg_id, deadline = read_id_deadline(body)
-                dispatcher.take_fast(client, msg_id, deadline, [body])
+            if body[LEAD] == BATCH_PREFIX and len(frames) == 2:
+                try:
+                    carried = protocol.unpack_batch(body)
+                except ProtocolError as problem:
+                    self._drop("head", f"{problem} (from client {client!r})", frames[1:])
+                    continue
+                if stats is not None:
+                    stats.received += len(carried) - 1  # jobs, as for one-job messages
+                for message in carried:
+                    self._take(client, [message])
                 continue
-            self._client_message(client, frames[1:])
+            self._take(client, frames[1:])
+
+    def _take(self, client: bytes, frames: list[bytes]) -> None:
+        """A client's message: a job booked by the dispatcher, or answered here."""
+        body = frames[0]
+        if (
+            self.dispatcher.direct
+            and body[LEAD] == ONE_FRAME_REQUEST
+            and len(frames) == 1
+            and len(body) >= HEAD_SIZE
+            and HEAD_SIZE + sum(read_sizes(body)) <= len(body)
+        ):  # a one-frame REQUEST whose target and route fit in it
+            msg_id, deadline = read_id_deadline(body)
+            self.dispatcher.take_fast(client, msg_id, deadline, frames)
+            return
+        self._client_message(client, frames)
 
     def _client_message(self, client: bytes, frames: list[bytes]) -> None:
         try:
@@ -265,33 +306,69 @@ class Master(Dispatching, BaseServer):
     def _send_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
         self._to_client(origin, [with_id(body, msg_id)])
 
+    def _send_together(self, client: bytes | None = None) -> None:
+        """Send the answers held for ``client`` (every client's if None),
+        one BATCH a client (an answer alone goes alone)."""
+        clients = list(self._together) if client is None else [client]
+        for each in clients:
+            bodies = self._together.pop(each).bodies
+            if len(bodies) == 1:
+                self._offer(each, bodies)
+            else:
+                self._offer(each, [protocol.pack_batch(bodies)], len(bodies))
+        self._count_sent()
+
     def _send(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
     ) -> None:
         self._to_client(origin, protocol.encode(kind, msg_id, payload, flags=flags))
 
     def _to_client(self, client: bytes, frames: list[bytes]) -> None:
+        """An answer for ``client``: a small one-frame answer goes with the
+        client's others of this round of the loop (up to BATCH_JOBS of them
+        and BATCH_BYTES of payloads), the rest after them, at once."""
+        together = self._together.get(client)
+        size = len(frames[0]) - HEAD_SIZE
+        if len(frames) == 1 and size <= BATCH_BYTES:
+            if together is None:
+                self._together[client] = _Together(frames[0], size)
+                return
+            together.bodies.append(frames[0])
+            together.filled += size
+            if len(together.bodies) == BATCH_JOBS or together.filled >= BATCH_BYTES:
+                self._send_together(client)
+            return
+        if together is not None:
+            self._send_together(client)
+        self._offer(client, frames)
+        self._count_sent()
+
+    def _offer(self, client: bytes, frames: list[bytes], answers: int = 1) -> None:
         """Send without waiting: a client whose queue is full (it stopped
         reading a long stream) gets its answers later, in order, from a
         backlog, while the master serves everyone else."""
-        if not self._backlog.offer(client, frames):
-            self._undeliverable(client, "the backlog of slow clients is full")
-        self._count_sent()
+        if not self._backlog.offer(client, frames, answers):
+            self._undeliverable(client, frames, "the backlog of slow clients is full")
 
     def _finished(self) -> None:
         self.served += 1
 
     def _count_sent(self) -> None:
-        if self.stats is not None:
+        if self.stats is not None:  # answers, those of a BATCH one by one
             self.stats.sent = self._backlog.sent
 
-    def _undeliverable(self, client: bytes, why: str) -> None:
-        self.dispatcher.undeliverable += 1
+    def _gone(self, client: bytes, frames: list[bytes]) -> None:
+        self._undeliverable(client, frames, "the client is gone")
+
+    def _undeliverable(self, client: bytes, frames: list[bytes], why: str) -> None:
+        answers = protocol.messages_in(frames)
+        self.dispatcher.undeliverable += answers
         self._log_limited(
             "undeliverable",
             logging.WARNING,
-            "%s: an answer for client %s dropped: %s",
+            "%s: %d answer(s) for client %s dropped: %s",
             self.name,
+            answers,
             client.hex(),
             why,
         )
