@@ -27,6 +27,7 @@ from pylm import protocol
 from pylm.chained import LoopClient, Server
 from pylm.parallel import Client, Master, Worker
 from pylm.parallel.hello import hello
+from pylm.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -225,17 +226,19 @@ def test_a_master_runs_each_job_of_a_batch_and_answers_it_once(
     assert master.stats.malformed == 1
 
 
-def test_a_master_sends_a_clients_results_of_one_round_together(
+def test_a_master_batches_the_jobs_of_a_worker_and_a_clients_results(
     raw_socket: RawSocket, serve: Callable[[Any], Any]
 ) -> None:
-    """A raw worker with 50 slots answers 50 jobs of one client in a burst:
-    the master sends the client those it reads together in one message
-    (fewer messages than results), each result once."""
+    """A client's 50 jobs, come in one BATCH, go to a raw worker with 50
+    free slots in one BATCH; the worker answers 25 in a BATCH and 25 one by
+    one, in a burst: the client gets each result once, those the master
+    read together in one message (fewer messages than results)."""
     master = serve(Master("m", ANY, ANY, log_stdout=False))
     worker = raw_socket(zmq.DEALER)
     worker.setsockopt(zmq.IDENTITY, b"raw-worker")  # its hello names its job socket
     worker.connect(master.back)
     worker.send_multipart(hello(b"raw-worker", "raw", 50, 50))
+    wait_for(lambda: master.workers == 1, 10, "the raw worker's hello")
     client = immediate_dealer(raw_socket, master.front)
     deadline = time.time() + 30
     jobs = [
@@ -243,12 +246,62 @@ def test_a_master_sends_a_clients_results_of_one_round_together(
         for n in range(1, 51)
     ]
     client.send(protocol.pack_batch(jobs))
-    numbers = []
-    while len(numbers) < 50:
-        assert worker.poll(10_000), f"jobs the worker got: {len(numbers)}"
-        numbers.append(protocol.decode(worker.recv_multipart()).msg_id)
-    for number in numbers:
-        worker.send_multipart(protocol.encode(protocol.REPLY, number, b"done"))
+    given, messages = read_together(worker, 50)
+    assert sorted(job.payload for job in given) == sorted(b"%d" % n for n in range(1, 51))
+    assert messages == 1  # one client message, 50 free slots of one worker: one BATCH
+    replies = [protocol.encode(protocol.REPLY, job.msg_id, b"done")[0] for job in given]
+    worker.send(protocol.pack_batch(replies[:25]))
+    for reply in replies[25:]:
+        worker.send(reply)
     results, messages = read_together(client, 50)
     assert sorted(result.msg_id for result in results) == list(range(1, 51))
     assert messages < 50
+
+
+class Squares(Worker):
+    def square(self, message: bytes) -> bytes:
+        return b"%d" % int(message) ** 2
+
+
+class AsyncSquares(Worker):
+    async def square(self, message: bytes) -> bytes:
+        return b"%d" % int(message) ** 2
+
+
+@pytest.mark.parametrize("kind", [Squares, AsyncSquares])
+def test_a_worker_runs_each_job_of_a_batch_and_answers_it_once(
+    kind: type[Worker], raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A raw master sends a worker with 20 slots 20 jobs in one BATCH: each
+    is run and answered once; a blocking worker sends the results of a
+    BATCH's jobs together (fewer messages than results)."""
+    back = raw_socket(zmq.ROUTER)
+    port = back.bind_to_random_port("tcp://127.0.0.1")
+    serve(kind("w", "m", f"tcp://127.0.0.1:{port}", slots=20, log_stdout=False))
+    route = b""
+    while not route:  # the hello comes from the job socket, which its route names
+        assert back.poll(10_000), "no hello"
+        sender, *frames = back.recv_multipart()
+        ping = protocol.decode(frames)
+        route = sender if ping.route == sender else b""
+    deadline = time.time() + 30
+    jobs = [
+        protocol.encode(protocol.REQUEST, n, b"%d" % n, b"m.square", deadline=deadline)[0]
+        for n in range(1, 21)
+    ]
+    back.send_multipart([route, protocol.pack_batch(jobs)])
+    answers: dict[int, bytes] = {}
+    messages = 0
+    while len(answers) < 20:
+        assert back.poll(10_000), f"answers: {answers}"
+        sender, *frames = back.recv_multipart()
+        if sender != route:
+            continue  # a heartbeat, from the worker's other socket
+        messages += 1
+        for body in carried(frames):
+            message = protocol.decode([body])
+            assert message.msg_id not in answers
+            answers[message.msg_id] = message.payload
+    assert answers == {n: b"%d" % n**2 for n in range(1, 21)}
+    if kind is Squares:
+        assert messages < 20

@@ -43,7 +43,18 @@ from pylm import protocol
 from pylm.errors import ProtocolError, PylmError, RemoteError
 from pylm.logs import LogLimited
 from pylm.parallel.hello import MAX_SLOTS, parse_hello
-from pylm.protocol import COUNT, HEAD_SIZE, REPLY_LEAD, REPLY_PREFIX, read_id, with_id
+from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
+    BATCH_PREFIX,
+    COUNT,
+    HEAD_SIZE,
+    LEAD,
+    REPLY_LEAD,
+    REPLY_PREFIX,
+    read_id,
+    with_id,
+)
 from pylm.transport import copied, recv_message
 
 if TYPE_CHECKING:
@@ -412,9 +423,13 @@ class Dispatcher:
                 )
 
     def dispatch(self) -> None:
-        """Give waiting jobs to workers with a free slot, oldest job first."""
-        queue, free, jobs, back = self._queue, self._free, self._jobs, self.socket
-        assert back is not None
+        """Give waiting jobs to workers with a free slot, oldest job first.
+        The one-frame jobs that go to one worker in a row travel together,
+        in one BATCH (up to BATCH_JOBS of them and BATCH_BYTES)."""
+        queue, free, jobs = self._queue, self._free, self._jobs
+        group: list[int] = []  # jobs for ``to``, not sent yet
+        to: _Worker | None = None
+        filled = 0  # bytes of the group's jobs
         while queue and free:
             worker, generation = free.popleft()
             if worker.generation != generation or worker.free <= 0:
@@ -428,37 +443,85 @@ class Dispatcher:
                     self._part_closed(job.parent)
                 free.appendleft((worker, generation))
                 continue
-            try:
-                back.send_multipart([worker.address, *job.body], zmq.NOBLOCK, copy=copied(job.body))
-            except zmq.Again:  # the worker takes no more now (not reading): never wait for it
-                queue.appendleft(number)
-                self._stale += worker.free - 1  # its other entries in the free list are void
-                worker.free = 0  # until it answers a job
-                continue
-            except zmq.ZMQError:  # the worker's socket is gone: so is the worker
-                queue.appendleft(number)
-                self._lost(worker, "its socket is gone")
-                continue
             worker.free -= 1
             worker.jobs.add(number)
+            body = job.body
+            size = len(body[0])
+            if len(body) == 1 and worker is to and len(group) < BATCH_JOBS:
+                if filled + size <= BATCH_BYTES:
+                    group.append(number)
+                    filled += size
+                    continue
+            if group and to is not None:
+                self._give(to, group)
+            if len(body) == 1:
+                group, to, filled = [number], worker, size
+            else:
+                group, to, filled = [], None, 0
+                self._give(worker, [number])  # a job with a payload frame: alone
+        if group and to is not None:
+            self._give(to, group)
+
+    def _give(self, worker: _Worker, numbers: list[int]) -> None:
+        """Send ``worker`` the jobs ``numbers`` (one message; a BATCH for
+        several), which have its slots; a worker that takes no more now
+        gets them back on the queue, and no more until it answers a job."""
+        back, jobs = self.socket, self._jobs
+        assert back is not None
+        if len(numbers) == 1:
+            body = jobs[numbers[0]].body
+        else:
+            body = [protocol.pack_batch([jobs[number].body[0] for number in numbers])]
+        try:
+            back.send_multipart([worker.address, *body], zmq.NOBLOCK, copy=copied(body))
+            return
+        except zmq.Again:  # the worker takes no more now (not reading): never wait for it
+            gone = False
+        except zmq.ZMQError:  # the worker's socket is gone: so is the worker
+            gone = True
+        worker.jobs.difference_update(numbers)
+        for number in reversed(numbers):
+            self._queue.appendleft(number)
+        if gone:
+            self._lost(worker, "its socket is gone")
+        else:
+            self._stale += worker.free  # its other entries in the free list are void
+            worker.free = 0  # until it answers a job
 
     # ------------------------------------------------------------------ answers
 
     def drain(self) -> bool:
-        """Read the workers' answers, up to a batch; True if stop() asked
-        (a master's stop() wakes it through this socket)."""
+        """Read the workers' answers, up to a batch (the answers of a BATCH
+        one by one); True if stop() asked (a master's stop() wakes it
+        through this socket)."""
         back = self.socket
         assert back is not None
-        for _ in range(_BATCH):
-            try:
-                frames = recv_message(back)
-            except zmq.Again:
-                return False
-            if len(frames) < 2:
-                continue
-            sender, body = frames[0], frames[1]
-            if not body and self._is_control(frames[-1]):  # stop()'s [b"", token]
-                return True
+        carried: list[bytes] = []  # the rest of a BATCH of answers being read
+        sender = b""  # the worker whose BATCH it is
+        reads = 0
+        while True:
+            if carried:
+                body = carried.pop()
+                frames = [sender, body]
+            else:
+                if reads == _BATCH:
+                    return False
+                try:
+                    frames = recv_message(back)
+                except zmq.Again:
+                    return False
+                reads += 1
+                if len(frames) < 2:
+                    continue
+                sender, body = frames[0], frames[1]
+                if not body and self._is_control(frames[-1]):  # stop()'s [b"", token]
+                    return True
+                if body[LEAD] == BATCH_PREFIX and len(frames) == 2:
+                    try:
+                        carried = protocol.unpack_batch(body)[::-1]  # popped: in order
+                    except ProtocolError as error:
+                        self._drop("head", f"{error} (from worker {sender!r})", frames[1:])
+                    continue
             if body[REPLY_LEAD] == REPLY_PREFIX and len(frames) == 2 and len(body) >= HEAD_SIZE:
                 # Fast path: a one-frame, final REPLY.
                 number = read_id(body)[0]
@@ -473,7 +536,6 @@ class Dispatcher:
                     self._result(job, body[HEAD_SIZE:], final=True)
                 continue
             self._worker_message(sender, frames[1:])
-        return False
 
     def _worker_message(self, sender: bytes, frames: list[bytes]) -> None:
         try:

@@ -42,6 +42,9 @@ from pylm.names import check_name
 from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
 from pylm.parallel.hello import MAX_SLOTS, hello
 from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
+    BATCH_PREFIX,
     COUNT,
     FRAME_SLACK,
     HEAD_SIZE,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 _BYE_LINGER = 1000  # ms a closing job socket has to send its goodbye
+COALESCE_WAIT = 0.001  # s a result of a BATCH's job waits at most for the next ones
 MASTER_WAIT = 10.0  # s a worker found by name waits for its master's record, by default
 # s a worker still serves (and beats to) a master instance gone from the
 # registry: a hub that is stopped deregisters first, then serves its input
@@ -431,18 +435,46 @@ class Worker(BaseServer):
         self._gone = True
 
     def _drain(self, socket: zmq.Socket) -> None:
+        """Run the jobs waiting on ``socket`` (a master's), those of a BATCH
+        one by one. The results of a BATCH's jobs go back together, as one
+        BATCH (up to BATCH_JOBS of them and BATCH_BYTES of payloads, none
+        held past COALESCE_WAIT); other results go alone, at once."""
         if self._calls is not None:
             self._start_jobs(socket, self._calls)
             return
         recv, send, call = socket.recv, partial(send_frame, socket), self._call
         reply_to = protocol.reply_to
-        for _ in range(64):
-            try:
-                body = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if self.stats is not None:
-                self.stats.received += 1
+        carried: list[bytes] = []  # the rest of a BATCH being served
+        together: list[bytes] = []  # the results of a BATCH's jobs, held
+        filled, held_since, clock = 0, 0.0, time.monotonic
+        reads = 0
+        while True:
+            if carried:
+                body = carried.pop()
+                in_batch = True
+            else:
+                if together:
+                    self._send_together(socket, together)
+                    together, filled = [], 0
+                if reads == 64:
+                    return
+                try:
+                    body = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                reads += 1
+                if self.stats is not None:
+                    self.stats.received += 1
+                if body[LEAD] == BATCH_PREFIX:
+                    try:
+                        carried = protocol.unpack_batch(body)[::-1]  # popped: in order
+                    except ProtocolError as error:
+                        self._drop("head", str(error), [body, *rest_of(socket)])
+                        continue
+                    if self.stats is not None:
+                        self.stats.received += len(carried) - 1  # jobs, one by one
+                    continue
+                in_batch = False
             self._busy = True
             try:
                 if body[LEAD] == ONE_FRAME_REQUEST and len(body) >= HEAD_SIZE:
@@ -461,7 +493,19 @@ class Worker(BaseServer):
                         except _Stream as stream:
                             self._stream(socket, self._id(body), body[HEAD_SIZE:start], stream)
                             continue
-                        if len(result) <= SPLIT_PAYLOAD:
+                        if in_batch and len(result) <= BATCH_BYTES:
+                            if not together:
+                                held_since = clock()
+                            together.append(reply_to(body, result))
+                            filled += len(result)
+                            if (
+                                len(together) == BATCH_JOBS
+                                or filled >= BATCH_BYTES
+                                or clock() - held_since > COALESCE_WAIT
+                            ):
+                                self._send_together(socket, together)
+                                together, filled = [], 0
+                        elif len(result) <= SPLIT_PAYLOAD:
                             try:
                                 send(reply_to(body, result))
                             except zmq.Again:
@@ -474,9 +518,21 @@ class Worker(BaseServer):
                                 socket, protocol.encode(protocol.REPLY, self._id(body), result)
                             )
                         continue
-                self._other(socket, [body, *rest_of(socket)])
+                self._other(socket, [body] if in_batch else [body, *rest_of(socket)])
             finally:
                 self._busy = False
+
+    def _send_together(self, socket: zmq.Socket, results: list[bytes]) -> None:
+        """Send the results held (one-frame REPLYs): one BATCH, or one alone."""
+        message = results[0] if len(results) == 1 else protocol.pack_batch(results)
+        try:
+            send_frame(socket, message)
+        except zmq.Again:
+            for body in results:
+                self._undelivered(socket, self._id(body))
+            return
+        if self.stats is not None:
+            self.stats.sent += len(results)
 
     @property
     def _jobs_in_progress(self) -> int:
@@ -484,7 +540,8 @@ class Worker(BaseServer):
         return 0 if self._calls is None else self._calls.in_progress
 
     def _start_jobs(self, socket: zmq.Socket, calls: Calls[_Job]) -> None:
-        """Read jobs from a master while there is room, and start them."""
+        """Read jobs from a master while there is room, and start them (those
+        of a BATCH one by one: the master sends no more than free slots)."""
         while calls.room:
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
@@ -492,28 +549,36 @@ class Worker(BaseServer):
                 break
             if self.stats is not None:
                 self.stats.received += 1
-            try:
-                message = protocol.decode(frames)
-            except ProtocolError:
-                self._other(socket, frames)  # dropped, counted, answered
+            if len(frames) == 1 and frames[0][LEAD] == BATCH_PREFIX:
+                try:
+                    bodies = protocol.unpack_batch(frames[0])
+                except ProtocolError as error:
+                    self._drop("head", str(error), frames)
+                    continue
+                if self.stats is not None:
+                    self.stats.received += len(bodies) - 1  # jobs, one by one
+                for body in bodies:
+                    self._start_job(socket, calls, [body])
                 continue
-            if message.kind != protocol.REQUEST:
-                self._other(socket, frames)
-                continue
-            if past_deadline(frames[0], expiry_stamp(time.time())):
-                self._expire(socket, frames[0])
-                continue
-            self.served += 1
-            try:
-                calls.start((socket, message.msg_id), message)
-            except PylmError as error:
-                self._answer(socket, protocol.encode_error(message.msg_id, error))
+            self._start_job(socket, calls, frames)
         calls.flush()  # one hop to the event loop for the jobs just read
+
+    def _start_job(self, socket: zmq.Socket, calls: Calls[_Job], frames: list[bytes]) -> None:
+        message = self._admitted(socket, frames)
+        if message is None:
+            return
+        try:
+            calls.start((socket, message.msg_id), message)
+        except PylmError as error:
+            self._answer(socket, protocol.encode_error(message.msg_id, error))
 
     def _answer_ended(self) -> None:
         """Count and answer the jobs that ended (a stream's items are sent
-        from here, as its generator gives them)."""
+        from here, as its generator gives them); the small results of the
+        jobs that ended together go to their master together, as one BATCH
+        (up to BATCH_JOBS of them and BATCH_BYTES of payloads)."""
         assert self._calls is not None
+        together: dict[zmq.Socket, tuple[list[bytes], int]] = {}  # master -> results, bytes
         for (socket, msg_id), job in self._calls.ended():
             if socket.closed:  # its master left meanwhile: nobody to answer
                 continue
@@ -530,30 +595,54 @@ class Worker(BaseServer):
             except _Stream as stream:
                 self._stream(socket, msg_id, job.target, stream)
             else:
-                self._answer(socket, protocol.encode(protocol.REPLY, msg_id, result))
+                frames = protocol.encode(protocol.REPLY, msg_id, result)
+                if len(frames) > 1 or len(result) > BATCH_BYTES:
+                    self._answer(socket, frames)
+                    continue
+                results, filled = together.get(socket, ([], 0))
+                results.append(frames[0])
+                filled += len(result)
+                if len(results) == BATCH_JOBS or filled >= BATCH_BYTES:
+                    self._send_together(socket, results)
+                    together.pop(socket, None)
+                else:
+                    together[socket] = (results, filled)
+        for socket, (results, _) in together.items():
+            self._send_together(socket, results)
 
     @staticmethod
     def _id(body: bytes) -> int:
         return int(read_id(body)[0])
 
-    def _other(self, socket: zmq.Socket, frames: list[bytes]) -> None:
+    def _admitted(self, socket: zmq.Socket, frames: list[bytes]) -> protocol.Message | None:
+        """The REQUEST ``frames`` carry, to run now (counted as served); None
+        when it was dealt with here: a malformed message dropped and counted
+        (answered when its id can be read, so that the master frees the
+        slot), another kind dropped, a job past its deadline expired."""
         try:
             message = protocol.decode(frames)
         except ProtocolError as error:
             self._drop("head", str(error), frames)
             msg_id = protocol.salvage_msg_id(frames)
-            if msg_id is not None:  # answered, so that the master frees the slot
+            if msg_id is not None:
                 self._answer(socket, protocol.encode_error(msg_id, error))
-            return
+            return None
         if message.kind != protocol.REQUEST:
             self._drop(
                 "kind", f"a worker takes REQUEST, not {protocol.KIND_NAMES[message.kind]}", frames
             )
-            return
+            return None
         if past_deadline(frames[0], expiry_stamp(time.time())):
             self._expire(socket, frames[0])
-            return
+            return None
         self.served += 1
+        return message
+
+    def _other(self, socket: zmq.Socket, frames: list[bytes]) -> None:
+        """A job off the fast path: run it and answer."""
+        message = self._admitted(socket, frames)
+        if message is None:
+            return
         try:
             result = self._call(message.target, message.payload)
         except PylmError as error:
