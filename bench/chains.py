@@ -12,7 +12,8 @@ unchanged (so a client can check that a result is the payload it sent).
   :class:`pylm.chained.LastServer`; a :class:`pylm.chained.LoopClient` sends
   the jobs to step 1 and gets the results from the last stage.
 
-Both clients keep up to :data:`IN_FLIGHT` jobs out and take their payloads
+Both clients keep up to :data:`IN_FLIGHT` jobs out (:data:`LARGE_IN_FLIGHT` of
+1 MiB payloads) and take their payloads
 from the same kind of generator, which stops at the end of the measurement
 window; results that arrive after the window's end are not counted.
 
@@ -39,12 +40,31 @@ from bench.systems import HOST, Driver, bind_random, wait_until
 if TYPE_CHECKING:
     import zmq
 
-    from pylm.chained import LoopClient
+    from pylm.chained import AsyncLoopClient, LoopClient
 
-__all__ = ["CHAINS", "IN_FLIGHT", "STAGES", "Chain", "StageAddresses", "client_main", "stage_main"]
+__all__ = [
+    "CHAINS",
+    "IN_FLIGHT",
+    "LARGE_IN_FLIGHT",
+    "STAGES",
+    "Chain",
+    "StageAddresses",
+    "client_main",
+    "in_flight",
+    "stage_main",
+]
 
 STAGES = 3
 IN_FLIGHT = 1000  # jobs a client keeps out at most, in both systems
+LARGE = 1024 * 1024  # bytes from which a payload is large: fewer jobs out
+LARGE_IN_FLIGHT = 16  # large jobs a client keeps out at most (16 MiB in flight)
+
+
+def in_flight(size: int) -> int:
+    """How many jobs of ``size`` bytes a client keeps out at most."""
+    return IN_FLIGHT if size < LARGE else LARGE_IN_FLIGHT
+
+
 JOB_TIMEOUT = 30.0  # s: pylm's per-job deadline; a job this late is a failure anyway
 PYLM_NAMES = {1: ("step1", "foo"), 2: ("step2", "bar"), 3: ("last", "baz")}  # server, function
 
@@ -74,8 +94,10 @@ class PipelineDriver:
     """A client that sends jobs and receives their results concurrently;
     subclasses say how, in :meth:`jobs`."""
 
+    depth = IN_FLIGHT  # jobs out at most, set for each run's payload size
+
     def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
-        """Send a job per payload, never more than :data:`IN_FLIGHT` out at
+        """Send a job per payload, never more than :attr:`depth` out at
         once; yield the results as they arrive, until every job is back."""
         raise NotImplementedError
 
@@ -86,6 +108,7 @@ class PipelineDriver:
     def run(self, payload: bytes, start: float, end: float) -> int:
         clock = time.monotonic
         done = 0
+        self.depth = in_flight(len(payload))
         wait_until(start)
         for _ in self.jobs(until(payload, end)):
             if clock() <= end:  # arrived after the window: not counted
@@ -109,14 +132,14 @@ class PushPullDriver(PipelineDriver):
 
     def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
         send, recv = self._jobs.send, self._results.recv
-        in_flight = 0
+        out = 0
         for payload in payloads:
-            if in_flight == IN_FLIGHT:
+            if out == self.depth:
                 yield recv()
-                in_flight -= 1
+                out -= 1
             send(payload)
-            in_flight += 1
-        for _ in range(in_flight):
+            out += 1
+        for _ in range(out):
             yield recv()
 
     def close(self) -> None:
@@ -175,6 +198,7 @@ class LoopDriver(PipelineDriver):
         )
 
     def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        self._client.max_in_flight = self.depth
         return self._client.job(self._function, payloads)
 
     def close(self) -> None:
@@ -242,33 +266,48 @@ def pylm_batch64_client() -> tuple[str, Connect]:
 
 class AsyncLoopDriver(PipelineDriver):
     """pylm's :class:`~pylm.chained.AsyncLoopClient`, one run at a time on an
-    event loop of its own, ``max_in_flight=IN_FLIGHT``: the same jobs in
-    flight as the LoopClient's."""
+    event loop of its own, with the same jobs in flight as the LoopClient's
+    (a client for each in-flight bound, made as a run first needs it)."""
 
     def __init__(self, first: StageAddresses, last: StageAddresses) -> None:
         import asyncio
 
+        self._first, self._last = first, last
+        self._function = PYLM_NAMES[1][1]
+        self._loop = asyncio.new_event_loop()
+        self._clients: dict[int, AsyncLoopClient] = {}
+
+    def _client(self) -> AsyncLoopClient:
         from pylm.chained import AsyncLoopClient
 
-        name, self._function = PYLM_NAMES[1]
-        self._loop = asyncio.new_event_loop()
-        self._client = AsyncLoopClient(
-            last.results, first.input, first.db, name, max_in_flight=IN_FLIGHT, timeout=JOB_TIMEOUT
-        )
-        self._loop.run_until_complete(self._client.open())
+        client = self._clients.get(self.depth)
+        if client is None:
+            first, last = self._first, self._last
+            name = PYLM_NAMES[1][0]
+            client = AsyncLoopClient(
+                last.results, first.input, first.db, name, max_in_flight=self.depth,
+                timeout=JOB_TIMEOUT,
+            )  # fmt: skip
+            self._loop.run_until_complete(client.open())
+            self._clients[self.depth] = client
+        return client
 
     def jobs(self, payloads: Iterable[bytes]) -> Iterator[bytes]:
+        client = self._client()
+
         async def collect() -> list[bytes]:
-            return [result async for result in self._client.job(self._function, payloads)]
+            return [result async for result in client.job(self._function, payloads)]
 
         return iter(self._loop.run_until_complete(collect()))
 
     def run(self, payload: bytes, start: float, end: float) -> int:
         clock = time.monotonic
+        self.depth = in_flight(len(payload))
+        client = self._client()
 
         async def count() -> int:
             done = 0
-            async for _ in self._client.job(self._function, until(payload, end)):
+            async for _ in client.job(self._function, until(payload, end)):
                 if clock() <= end:  # arrived after the window: not counted
                     done += 1
             return done
@@ -277,7 +316,8 @@ class AsyncLoopDriver(PipelineDriver):
         return self._loop.run_until_complete(count())
 
     def close(self) -> None:
-        self._loop.run_until_complete(self._client.close())
+        for client in self._clients.values():
+            self._loop.run_until_complete(client.close())
         self._loop.close()
 
 

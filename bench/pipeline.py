@@ -49,7 +49,17 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from bench.chains import CHAINS, IN_FLIGHT, STAGES, Chain, StageAddresses, client_main, stage_main
+from bench.chains import (
+    CHAINS,
+    IN_FLIGHT,
+    LARGE_IN_FLIGHT,
+    STAGES,
+    Chain,
+    StageAddresses,
+    client_main,
+    in_flight,
+    stage_main,
+)
 from bench.harness import (
     SLACK,
     Cell,
@@ -71,16 +81,18 @@ from bench.harness import (
     timing,
 )
 
-PAYLOADS = (100, 10 * 1024)
+PAYLOADS = (100, 10 * 1024, 1024 * 1024)
 FAMILIES = ("raw", "pylm", "pylm-unbatched", "pylm-async", "pylm-quiet")  # run by default
 CHOICES = (*FAMILIES, "pylm-batch64")  # --only may also ask for these
 FULL = Timing(duration=5.0, warmup=1.0, rounds=3)
 QUICK = Timing(duration=0.5, warmup=0.2, rounds=1)
 REPORT = Report(
-    what=f"Jobs per second through {STAGES} stages, {IN_FLIGHT} in flight",
+    what=f"Jobs per second through {STAGES} stages, {IN_FLIGHT} in flight"
+    f" ({LARGE_IN_FLIGHT} of 1 MiB)",
     notes="raw pyzmq: PUSH/PULL chain, the client PUSHes to stage 1 and PULLs the results"
     " from stage 3 on a socket it binds. pylm: chained Server, Server, LastServer and a"
-    f" LoopClient(max_in_flight={IN_FLIGHT}). Every stage passes the payload on unchanged;"
+    f" LoopClient(max_in_flight={IN_FLIGHT}, {LARGE_IN_FLIGHT} for 1 MiB jobs, as raw)."
+    " Every stage passes the payload on unchanged;"
     " every stage and the client in its own process; the client first checks that a result"
     " is its payload, as bytes, and counts only results that arrive within the window."
     ' "batch=1": one job per message (no batching); "batch=64": LoopClient(batch=64).'
@@ -124,7 +136,7 @@ def session(children: Children, chain: Chain, cells: list[Cell]) -> Iterator[lis
 
 def run(settings: Settings, results: Results, log: Log) -> None:
     """Measure every payload ``settings.rounds`` times, systems interleaved."""
-    cells = [Cell(payload, 1, IN_FLIGHT) for payload in PAYLOADS]
+    cells = [Cell(payload, 1, in_flight(payload)) for payload in PAYLOADS]
     plans = [(chain, cells) for chain in CHAINS.values() if chain.family in settings.families]
     run_rounds(plans, session, settings, results, log, unit="jobs/s")
 

@@ -12,6 +12,8 @@ metrics on and every option at its default, as a user runs them:
 * ``rpc``: a standalone server (one function echoing its payload) and a
   blocking client calling it in a loop, 100 B payloads;
 * ``rpc-100k``: the same with 100 KiB payloads (where copies cost);
+* ``rpc-async``: the same server and an ``AsyncClient`` keeping 32 calls
+  in flight (32 coroutines each calling in a loop), 100 B payloads;
 * ``chain``: a 3-stage pipeline (two ``Server`` stages and a ``LastServer``,
   each handing the payload on) fed by a ``LoopClient``, 100 B jobs;
 * ``master``: a master, two workers of one slot each, and a parallel
@@ -54,9 +56,11 @@ from typing import Any
 
 RATE = 500  # samples per second
 SMALL, LARGE = 100, 100 * 1024
+IN_FLIGHT = 32  # the AsyncClient's calls at once, as in bench.rpc's pipelined row
 SCENARIOS = {
     "rpc": f"standalone server and blocking client, {SMALL} B payloads",
     "rpc-100k": f"standalone server and blocking client, {LARGE // 1024} KiB payloads",
+    "rpc-async": f"standalone server and AsyncClient, {IN_FLIGHT} calls in flight, {SMALL} B",
     "chain": f"3-stage pipeline fed by a LoopClient, {SMALL} B jobs",
     "master": f"master, 2 workers x 1 slot, parallel Client, {SMALL} B jobs",
 }
@@ -88,6 +92,27 @@ def rpc_client(address: str, size: str) -> None:
         print("ready", flush=True)
         while True:
             client.job("echo", payload)
+
+
+def async_client(address: str) -> None:
+    import asyncio
+
+    from pylm.standalone import AsyncClient
+
+    payload = b"x" * SMALL
+
+    async def main() -> None:
+        async with AsyncClient(address, "profiled", timeout=10) as client:
+            await client.job("echo", payload)
+            print("ready", flush=True)
+
+            async def caller() -> None:
+                while True:
+                    await client.job("echo", payload)
+
+            await asyncio.gather(*(caller() for _ in range(IN_FLIGHT)))
+
+    asyncio.run(main())
 
 
 def stage(number: str, downstream: str = "") -> None:
@@ -164,6 +189,7 @@ def master_client(front: str) -> None:
 ROLES = {
     "rpc-server": rpc_server,
     "rpc-client": rpc_client,
+    "async-client": async_client,
     "stage": stage,
     "chain-client": chain_client,
     "master": master,
@@ -201,6 +227,9 @@ def launch(scenario: str, processes: Processes) -> None:
         (address,) = processes.start("server", "rpc-server")
         size = str(SMALL if scenario == "rpc" else LARGE)
         processes.start("client", "rpc-client", address, size)
+    elif scenario == "rpc-async":
+        (address,) = processes.start("server", "rpc-server")
+        processes.start("client", "async-client", address)
     elif scenario == "chain":
         last, results = processes.start("stage 3 (LastServer)", "stage", "3")
         second, _ = processes.start("stage 2", "stage", "2", last)
