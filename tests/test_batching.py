@@ -25,7 +25,7 @@ from helpers import (
 
 from pylm import protocol
 from pylm.chained import LoopClient, Server
-from pylm.parallel import Client, Master, Worker
+from pylm.parallel import Client, Hub, Master, Worker
 from pylm.parallel.hello import hello
 from pylm.testing import wait_for
 
@@ -305,3 +305,46 @@ def test_a_worker_runs_each_job_of_a_batch_and_answers_it_once(
     assert answers == {n: b"%d" % n**2 for n in range(1, 21)}
     if kind is Squares:
         assert messages < 20
+
+
+def test_a_hub_sends_its_workers_results_read_together_on_together(
+    raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A hub's raw worker answers 30 jobs in one BATCH: the hub sends the 30
+    results on to its next stage in one message, each once, with its route."""
+    after = raw_socket(zmq.PULL)
+    port = after.bind_to_random_port("tcp://127.0.0.1")
+    hub = serve(
+        Hub(
+            "hub",
+            ANY,
+            f"tcp://127.0.0.1:{port}",
+            "next.g",
+            ANY,
+            workers_address=ANY,
+            log_stdout=False,
+        )
+    )
+    worker = raw_socket(zmq.DEALER)
+    worker.setsockopt(zmq.IDENTITY, b"raw-worker")
+    worker.connect(hub.back)
+    worker.send_multipart(hello(b"raw-worker", "raw", 30, 30))
+    wait_for(lambda: hub.workers == 1, 10, "the raw worker's hello")
+    jobs = raw_socket(zmq.PUSH)
+    jobs.connect(hub.address)
+    jobs.send(
+        protocol.pack_batch(
+            [
+                protocol.encode(protocol.REQUEST, n, b"%d" % n, b"hub.f", b"route-%d" % n)[0]
+                for n in range(1, 31)
+            ]
+        )
+    )
+    given, _ = read_together(worker, 30)
+    replies = [protocol.encode(protocol.REPLY, job.msg_id, job.payload * 2)[0] for job in given]
+    worker.send(protocol.pack_batch(replies))
+    results, messages = read_together(after, 30)
+    assert messages == 1
+    assert sorted((result.route, result.payload) for result in results) == sorted(
+        (b"route-%d" % n, b"%d" % n * 2) for n in range(1, 31)
+    )

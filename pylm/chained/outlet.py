@@ -416,6 +416,22 @@ class ToNextStage(Output):
         except zmq.Again:
             self.put(self.outlets[0], [out])
 
+    def send_results(self, results: list[tuple[bytes, int, float, bytes]]) -> None:
+        """Send on results made here (a hub's: route, message id, deadline,
+        result each) together: one BATCH when nothing but the next stage
+        gets them and each has a route, else one by one."""
+        if not self.plain or not all(route for route, _, _, _ in results):
+            for route, msg_id, deadline, result in results:
+                self.send_result(route, msg_id, deadline, result)
+            return
+        target = self.target
+        self.send_batch(
+            [
+                (route, one_frame_request(msg_id, deadline, target, route, result))
+                for route, msg_id, deadline, result in results
+            ]
+        )
+
     def fast_message(self, body: bytes, start: int, end: int, result: bytes) -> bytes:
         return forward_request(body, self.target, body[start:end], result)
 

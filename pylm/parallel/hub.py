@@ -39,6 +39,8 @@ from pylm.parallel.dispatch import (
     Dispatching,
 )
 from pylm.protocol import (
+    BATCH_BYTES,
+    BATCH_JOBS,
     BATCH_PREFIX,
     FRAME_SLACK,
     HEAD_SIZE,
@@ -134,6 +136,9 @@ class Hub(Dispatching, Server):
         # Jobs of a BATCH read while the queue filled up: taken as it frees
         # (the input is not read meanwhile), so the queue keeps its bound.
         self._held: collections.deque[bytes] = collections.deque()
+        # Workers' results read in one drain, sent on together (route, id, deadline, result).
+        self._together: list[tuple[bytes, int, float, bytes]] = []
+        self._filled = 0  # bytes of their results
         self._next_check = 0.0
 
     # ------------------------------------------------------------------ sockets
@@ -167,6 +172,7 @@ class Hub(Dispatching, Server):
     def _serve_other(self, socket: zmq.Socket) -> None:
         if socket is self.dispatcher.socket:
             self.dispatcher.drain()
+            self._send_together()
         else:
             super()._serve_other(socket)
 
@@ -271,6 +277,7 @@ class Hub(Dispatching, Server):
         ):
             if back.poll(50, zmq.POLLIN):
                 books.drain()
+                self._send_together()
             self._tick()  # takes held jobs as the queue frees
         left = books.open_jobs + len(self._held)
         if left:
@@ -279,9 +286,25 @@ class Hub(Dispatching, Server):
     # ------------------------------------------------------------------ answers
 
     def _send_fast(self, origin: bytes, msg_id: int, deadline: float, body: bytes) -> None:
-        self._output.send_result(origin, msg_id, deadline, body[HEAD_SIZE:])
+        """A worker's one-frame result: with the others of the same drain of
+        the workers' socket, sent on together at its end (up to BATCH_JOBS
+        of them and BATCH_BYTES of payloads; a larger one alone)."""
+        result = body[HEAD_SIZE:]
         if self.stats is not None:
             self.stats.sent += 1
+        if len(result) > BATCH_BYTES:
+            self._output.send_result(origin, msg_id, deadline, result)
+            return
+        self._together.append((origin, msg_id, deadline, result))
+        self._filled += len(result)
+        if len(self._together) == BATCH_JOBS or self._filled >= BATCH_BYTES:
+            self._send_together()
+
+    def _send_together(self) -> None:
+        """Send on the workers' results held (see :meth:`_send_fast`)."""
+        if self._together:
+            together, self._together, self._filled = self._together, [], 0
+            self._output.send_results(together)
 
     def _send(
         self, origin: bytes, msg_id: int, deadline: float, kind: int, payload: bytes, flags: int
