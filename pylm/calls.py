@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "Caller",
     "Calls",
+    "answers_in",
     "check_timeout",
     "curve_key",
     "pong_info",
@@ -391,6 +392,19 @@ def read_answer(frames: list[bytes]) -> protocol.Message | None:
         return protocol.decode(frames)
     except ProtocolError:
         return None
+
+
+def answers_in(frames: list[bytes]) -> list[protocol.Message]:
+    """The answers a message carries: those of a BATCH one by one, or
+    itself; none when it is malformed."""
+    if len(frames) == 1 and frames[0][protocol.LEAD] == protocol.BATCH_PREFIX:
+        try:
+            bodies = protocol.unpack_batch(frames[0])
+        except ProtocolError:
+            return []
+        return [message for body in bodies if (message := read_answer([body])) is not None]
+    message = read_answer(frames)
+    return [] if message is None else [message]
 
 
 def pong_info(payload: bytes) -> dict[str, Any]:

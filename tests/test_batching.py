@@ -348,3 +348,25 @@ def test_a_hub_sends_its_workers_results_read_together_on_together(
     assert sorted((result.route, result.payload) for result in results) == sorted(
         (b"route-%d" % n, b"%d" % n * 2) for n in range(1, 31)
     )
+
+
+def test_a_parallel_clients_ping_finds_its_pong_in_a_batch(raw_socket: RawSocket) -> None:
+    """A master sends a client the answers of one round together: a PONG
+    may come in a BATCH behind a late answer, and ping() still finds it."""
+    front, client = a_raw_master(raw_socket)
+    pong = b'{"name": "m", "kind": "master", "workers": 0, "queued": 0}'
+
+    def answer() -> None:
+        assert front.poll(10_000), "no ping"
+        peer, *ping = front.recv_multipart()
+        msg_id = protocol.decode(ping).msg_id
+        late = protocol.encode(protocol.REPLY, msg_id + 1000, b"late")[0]
+        answer = protocol.encode(protocol.PONG, msg_id, pong)[0]
+        front.send_multipart([peer, protocol.pack_batch([late, answer])])
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with client:
+        assert client.ping(timeout=10)["name"] == "m"
+        assert client.dropped == 1  # the late answer
+    thread.join(10)

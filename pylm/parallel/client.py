@@ -11,7 +11,7 @@ import zmq
 
 from pylm import protocol
 from pylm.cache_calls import CacheCalls, cache_request
-from pylm.calls import DEFAULT_TIMEOUT, Caller, pong_info, read_answer
+from pylm.calls import DEFAULT_TIMEOUT, Caller, answers_in, pong_info, read_answer
 from pylm.discovery import DEFAULT_WAIT
 from pylm.errors import ProtocolError, PylmError
 from pylm.lifecycle import Closing
@@ -176,10 +176,13 @@ class Client(CacheCalls, Caller, WindowedClient, Closing):
         while (left := deadline - time.monotonic()) > 0:
             if not socket.poll(max(1, int(left * 1000))):
                 break
-            message = read_answer(socket.recv_multipart())
-            if message is not None and message.msg_id == msg_id:
-                return protocol.result_of(message)
-            self.dropped += 1
+            frames = socket.recv_multipart()
+            answers = answers_in(frames)  # a master sends the answers of a round together
+            for message in answers:
+                if message.msg_id == msg_id:
+                    self.dropped += len(answers) - 1  # the others: late answers
+                    return protocol.result_of(message)
+            self.dropped += max(1, len(answers))
         raise self._timeout_error(what, seconds)
 
     # ------------------------------------------------------------------ the loop
