@@ -234,6 +234,34 @@ def _rpc(
     return lambda d: _over(_median(d["rpc"], top, payload), _median(d["rpc"], bottom, payload))
 
 
+def _chain(payload: int) -> Measure:
+    """pylm's 3-stage chain (defaults) over raw PUSH/PULL, ``payload`` bytes."""
+    return lambda d: next(
+        (
+            float(r["ratio_to_raw"])
+            for r in _results(d["pipeline"])
+            if r["payload_bytes"] == payload
+            and r["ratio_to_raw"] is not None
+            and r["system"] == "pylm-chain"
+        ),
+        None,
+    )
+
+
+def _broker(workers: int, slots: int) -> Measure:
+    """pylm's master over the raw load-balancing broker, small jobs."""
+
+    def measure(d: dict[str, Data | None]) -> float | None:
+        rates = {
+            r.get("family", str(r["system"]).split("-", 1)[0]): r["median_per_s"]
+            for r in _results(d["parallel"])
+            if r.get("job") == "echo" and r.get("workers") == workers and r.get("slots") == slots
+        }
+        return _over(rates.get("pylm"), rates.get("raw"))
+
+    return measure
+
+
 TARGETS = (
     Target(
         "sync RPC, 100 B, 1 client: pylm / raw REQ-REP",
@@ -241,24 +269,31 @@ TARGETS = (
         _rpc("pylm", "raw-req"),
     ),
     Target(
-        "pipelined RPC, 32 in flight: pylm AsyncClient / raw DEALER-ROUTER",
-        0.5,
-        _rpc("pylm-async", "raw-dealer"),
-    ),
-    Target(
-        "3-stage chain, 100 B: pylm / raw 3-hop PUSH-PULL",
-        0.5,
-        lambda d: next(
-            (
-                float(r["ratio_to_raw"])
-                for r in _results(d["pipeline"])
-                if r["payload_bytes"] == 100
-                and r["ratio_to_raw"] is not None
-                and r["system"] == "pylm-chain"
-            ),
-            None,
+        "sync RPC, 100 B, most clients: pylm / raw REQ-REP",
+        0.8,
+        lambda d: _over(
+            _median(d["rpc"], "pylm", 100, _most_clients(d["rpc"])),
+            _median(d["rpc"], "raw-req", 100, _most_clients(d["rpc"])),
         ),
     ),
+    Target(
+        "sync RPC, 100 KiB, 1 client: pylm / raw REQ-REP",
+        0.95,
+        _rpc("pylm", "raw-req", 100 * 1024),
+    ),
+    Target(
+        "sync RPC, 1 MiB, 1 client: pylm / raw REQ-REP",
+        0.95,
+        _rpc("pylm", "raw-req", 1024 * 1024),
+    ),
+    Target(
+        "pipelined RPC, 32 in flight: pylm AsyncClient / raw DEALER-ROUTER",
+        0.75,
+        _rpc("pylm-async", "raw-dealer"),
+    ),
+    Target("3-stage chain, 100 B: pylm / raw 3-hop PUSH-PULL", 0.6, _chain(100)),
+    Target("3-stage chain, 10 KiB: pylm / raw 3-hop PUSH-PULL", 0.9, _chain(10 * 1024)),
+    Target("3-stage chain, 1 MiB: pylm / raw 3-hop PUSH-PULL", 0.95, _chain(1024 * 1024)),
     Target(
         "3-stage chain, 100 B, 1000 in flight: AsyncLoopClient / LoopClient",
         0.9,
@@ -267,6 +302,7 @@ TARGETS = (
             _median(d["pipeline"], "pylm-chain", 100),
         ),
     ),
+    Target("small jobs, 2 workers x 1 slot: pylm master / raw broker", 0.9, _broker(2, 1)),
     Target(
         "10 KiB payloads, sync RPC, 1 client: pylm / raw (MB/s)",
         0.7,
