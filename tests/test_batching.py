@@ -268,31 +268,29 @@ class AsyncSquares(Worker):
         return b"%d" % int(message) ** 2
 
 
-@pytest.mark.parametrize("kind", [Squares, AsyncSquares])
-def test_a_worker_runs_each_job_of_a_batch_and_answers_it_once(
-    kind: type[Worker], raw_socket: RawSocket, serve: Callable[[Any], Any]
-) -> None:
-    """A raw master sends a worker with 20 slots 20 jobs in one BATCH: each
-    is run and answered once; a blocking worker sends the results of a
-    BATCH's jobs together (fewer messages than results)."""
+def a_worker_of_a_raw_master(
+    raw_socket: RawSocket, serve: Callable[[Any], Any], kind: type[Worker], slots: int
+) -> tuple[zmq.Socket, bytes]:
+    """A worker of ``kind`` with ``slots`` slots, connected to a raw ROUTER
+    as its master; the ROUTER and the worker's job socket's routing id."""
     back = raw_socket(zmq.ROUTER)
     port = back.bind_to_random_port("tcp://127.0.0.1")
-    serve(kind("w", "m", f"tcp://127.0.0.1:{port}", slots=20, log_stdout=False))
+    serve(kind("w", "m", f"tcp://127.0.0.1:{port}", slots=slots, log_stdout=False))
     route = b""
     while not route:  # the hello comes from the job socket, which its route names
         assert back.poll(10_000), "no hello"
         sender, *frames = back.recv_multipart()
         ping = protocol.decode(frames)
         route = sender if ping.route == sender else b""
-    deadline = time.time() + 30
-    jobs = [
-        protocol.encode(protocol.REQUEST, n, b"%d" % n, b"m.square", deadline=deadline)[0]
-        for n in range(1, 21)
-    ]
-    back.send_multipart([route, protocol.pack_batch(jobs)])
+    return back, route
+
+
+def answers_of(back: zmq.Socket, route: bytes, count: int) -> tuple[dict[int, bytes], int]:
+    """The next ``count`` answers of the worker ``route`` (by job number,
+    each once), and how many messages carried them; heartbeats skipped."""
     answers: dict[int, bytes] = {}
     messages = 0
-    while len(answers) < 20:
+    while len(answers) < count:
         assert back.poll(10_000), f"answers: {answers}"
         sender, *frames = back.recv_multipart()
         if sender != route:
@@ -302,9 +300,52 @@ def test_a_worker_runs_each_job_of_a_batch_and_answers_it_once(
             message = protocol.decode([body])
             assert message.msg_id not in answers
             answers[message.msg_id] = message.payload
+    return answers, messages
+
+
+def jobs_batch(function: bytes, payloads: list[bytes]) -> bytes:
+    """One BATCH of REQUESTs numbered from 1."""
+    deadline = time.time() + 30
+    return protocol.pack_batch(
+        [
+            protocol.encode(protocol.REQUEST, n, payload, function, deadline=deadline)[0]
+            for n, payload in enumerate(payloads, 1)
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", [Squares, AsyncSquares])
+def test_a_worker_runs_each_job_of_a_batch_and_answers_it_once(
+    kind: type[Worker], raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A raw master sends a worker with 20 slots 20 jobs in one BATCH: each
+    is run and answered once; a blocking worker sends the results of a
+    BATCH's jobs together (fewer messages than results)."""
+    back, route = a_worker_of_a_raw_master(raw_socket, serve, kind, 20)
+    back.send_multipart([route, jobs_batch(b"m.square", [b"%d" % n for n in range(1, 21)])])
+    answers, messages = answers_of(back, route, 20)
     assert answers == {n: b"%d" % n**2 for n in range(1, 21)}
     if kind is Squares:
         assert messages < 20
+
+
+class Napper(Worker):
+    def nap(self, message: bytes) -> bytes:
+        time.sleep(float(message))  # the job's work: it takes this long
+        return message
+
+
+def test_a_worker_holds_no_result_past_1_ms_and_the_job_that_runs_after_it(
+    raw_socket: RawSocket, serve: Callable[[Any], Any]
+) -> None:
+    """A BATCH of a quick job, a 50 ms one and a quick one: the results held
+    for more than 1 ms go back before the third job runs, so they come in
+    two messages at least (one, if held for the whole BATCH)."""
+    back, route = a_worker_of_a_raw_master(raw_socket, serve, Napper, 3)
+    back.send_multipart([route, jobs_batch(b"m.nap", [b"0", b"0.05", b"0"])])
+    answers, messages = answers_of(back, route, 3)
+    assert answers == {1: b"0", 2: b"0.05", 3: b"0"}
+    assert messages >= 2
 
 
 def test_a_hub_sends_its_workers_results_read_together_on_together(

@@ -16,6 +16,7 @@ from pylm import protocol
 from pylm.errors import RemoteError
 from pylm.parallel.dispatch import Dispatcher
 from pylm.protocol import HEAD_SIZE
+from pylm.testing import wait_for
 
 DEADLINE = 1e12  # far away: no job here expires
 
@@ -79,13 +80,13 @@ def books(context: zmq.Context, owner: Owner, **options: Any) -> Dispatcher:
     return dispatcher
 
 
-def worker(context: zmq.Context, dispatcher: Dispatcher, name: bytes) -> zmq.Socket:
-    """A worker that said hello (one slot), once the dispatcher has read it."""
+def worker(context: zmq.Context, dispatcher: Dispatcher, name: bytes, slots: int = 1) -> zmq.Socket:
+    """A worker that said hello (``slots`` slots), once the dispatcher has read it."""
     socket: zmq.Socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.ROUTING_ID, name)
     socket.connect(f"inproc://books-{id(dispatcher)}")
-    hello = json.dumps({"name": name.decode(), "slots": 1}).encode()
+    hello = json.dumps({"name": name.decode(), "slots": slots}).encode()
     socket.send_multipart(protocol.encode(protocol.PING, 0, hello, route=name))
     read(dispatcher)
     return socket
@@ -197,3 +198,33 @@ def test_a_scatter_that_raises_fails_the_job_with_the_owners_error(
 def test_settings_out_of_range_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         dispatcher_of(Owner(), **options)
+
+
+def test_jobs_sent_to_a_worker_whose_socket_is_gone_are_queued_once(context: zmq.Context) -> None:
+    """A worker of 2 slots is gone (its socket closed) before the master
+    heard so; two jobs too large to travel together in one BATCH go to it:
+    the first send finds it gone, and each job is back on the queue once,
+    not twice (the second must not be booked on the lost worker)."""
+    owner = Owner()
+    dispatcher = books(context, owner)
+    assert dispatcher.socket is not None
+    dispatcher.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as a master's and a hub's
+    w1 = worker(context, dispatcher, b"w1", slots=2)
+    w1.close()
+
+    def gone() -> bool:
+        try:
+            dispatcher.socket.send_multipart([b"w1", b""], zmq.NOBLOCK)  # type: ignore[union-attr]
+        except zmq.ZMQError:
+            return True
+        return False
+
+    wait_for(gone, 5, "w1's connection gone")
+    dispatcher.take(b"client", request(1, bytes(5000)))
+    dispatcher.take(b"client", request(2, bytes(5000)))
+    dispatcher.dispatch()
+    assert dispatcher.workers == 0 and dispatcher.queued == 2 and dispatcher.redispatched == 0
+    w2 = worker(context, dispatcher, b"w2", slots=2)
+    dispatcher.dispatch()  # each job once, to the live worker
+    given = [job_of(w2), job_of(w2)]  # two messages: together they are over 8 KiB
+    assert len({job.msg_id for job in given}) == 2 and dispatcher.queued == 0

@@ -435,30 +435,40 @@ class Dispatcher:
             if worker.generation != generation or worker.free <= 0:
                 self._stale = max(0, self._stale - 1)
                 continue  # a slot of a worker gone (or gone and back, or full)
-            number = queue.popleft()
+            number = queue[0]
             job = jobs.get(number)
             if job is None or (job.parent is not None and job.parent.failed):
+                queue.popleft()
                 if job is not None:
                     del jobs[number]
                     self._part_closed(job.parent)
                 free.appendleft((worker, generation))
                 continue
-            worker.free -= 1
-            worker.jobs.add(number)
             body = job.body
             size = len(body[0])
-            if len(body) == 1 and worker is to and len(group) < BATCH_JOBS:
-                if filled + size <= BATCH_BYTES:
-                    group.append(number)
-                    filled += size
-                    continue
-            if group and to is not None:
+            joins = (
+                len(body) == 1
+                and worker is to
+                and len(group) < BATCH_JOBS
+                and filled + size <= BATCH_BYTES
+            )
+            if group and not joins and to is not None:
+                # The group goes first; its send may find its worker gone or
+                # full, which changes what this slot is worth: look again.
+                free.appendleft((worker, generation))
                 self._give(to, group)
-            if len(body) == 1:
-                group, to, filled = [number], worker, size
-            else:
                 group, to, filled = [], None, 0
+                continue
+            queue.popleft()
+            worker.free -= 1
+            worker.jobs.add(number)
+            if len(body) > 1:
                 self._give(worker, [number])  # a job with a payload frame: alone
+            elif joins:
+                group.append(number)
+                filled += size
+            else:
+                group, to, filled = [number], worker, size
         if group and to is not None:
             self._give(to, group)
 

@@ -295,9 +295,11 @@ class Hub(Dispatching, Server):
         if len(result) > BATCH_BYTES:
             self._output.send_result(origin, msg_id, deadline, result)
             return
+        if self._filled + len(result) > BATCH_BYTES:
+            self._send_together()  # full: this one starts the next
         self._together.append((origin, msg_id, deadline, result))
         self._filled += len(result)
-        if len(self._together) == BATCH_JOBS or self._filled >= BATCH_BYTES:
+        if len(self._together) == BATCH_JOBS:
             self._send_together()
 
     def _send_together(self) -> None:

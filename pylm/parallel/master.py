@@ -241,6 +241,8 @@ class Master(Dispatching, BaseServer):
             if body[LEAD] == BATCH_PREFIX and len(frames) == 2:
                 try:
                     carried = protocol.unpack_batch(body)
+                    if not carried:
+                        raise ProtocolError("empty BATCH")
                 except ProtocolError as problem:
                     self._drop("head", f"{problem} (from client {client!r})", frames[1:])
                     continue
@@ -330,12 +332,15 @@ class Master(Dispatching, BaseServer):
         together = self._together.get(client)
         size = len(frames[0]) - HEAD_SIZE
         if len(frames) == 1 and size <= BATCH_BYTES:
+            if together is not None and together.filled + size > BATCH_BYTES:
+                self._send_together(client)  # full: this one starts the next
+                together = None
             if together is None:
                 self._together[client] = _Together(frames[0], size)
                 return
             together.bodies.append(frames[0])
             together.filled += size
-            if len(together.bodies) == BATCH_JOBS or together.filled >= BATCH_BYTES:
+            if len(together.bodies) == BATCH_JOBS:
                 self._send_together(client)
             return
         if together is not None:

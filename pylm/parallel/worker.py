@@ -437,8 +437,10 @@ class Worker(BaseServer):
     def _drain(self, socket: zmq.Socket) -> None:
         """Run the jobs waiting on ``socket`` (a master's), those of a BATCH
         one by one. The results of a BATCH's jobs go back together, as one
-        BATCH (up to BATCH_JOBS of them and BATCH_BYTES of payloads, none
-        held past COALESCE_WAIT); other results go alone, at once."""
+        BATCH (up to BATCH_JOBS of them and BATCH_BYTES of payloads); once
+        the first held has waited COALESCE_WAIT, they go before the next
+        job runs (so a result waits at most that, or the one job that ran
+        meanwhile); other results go alone, at once."""
         if self._calls is not None:
             self._start_jobs(socket, self._calls)
             return
@@ -452,6 +454,9 @@ class Worker(BaseServer):
             if carried:
                 body = carried.pop()
                 in_batch = True
+                if together and clock() - held_since > COALESCE_WAIT:
+                    self._send_together(socket, together)
+                    together, filled = [], 0
             else:
                 if together:
                     self._send_together(socket, together)
@@ -466,10 +471,15 @@ class Worker(BaseServer):
                 if self.stats is not None:
                     self.stats.received += 1
                 if body[LEAD] == BATCH_PREFIX:
+                    extra = rest_of(socket)  # a BATCH is one frame
                     try:
+                        if extra:
+                            raise ProtocolError(f"BATCH with {len(extra)} more frame(s)")
                         carried = protocol.unpack_batch(body)[::-1]  # popped: in order
+                        if not carried:
+                            raise ProtocolError("empty BATCH")
                     except ProtocolError as error:
-                        self._drop("head", str(error), [body, *rest_of(socket)])
+                        self._drop("head", str(error), [body, *extra])
                         continue
                     if self.stats is not None:
                         self.stats.received += len(carried) - 1  # jobs, one by one
@@ -491,18 +501,20 @@ class Worker(BaseServer):
                             self._answer(socket, protocol.encode_error(self._id(body), error))
                             continue
                         except _Stream as stream:
+                            if together:  # a stream takes its time: what is held goes first
+                                self._send_together(socket, together)
+                                together, filled = [], 0
                             self._stream(socket, self._id(body), body[HEAD_SIZE:start], stream)
                             continue
                         if in_batch and len(result) <= BATCH_BYTES:
+                            if together and filled + len(result) > BATCH_BYTES:
+                                self._send_together(socket, together)
+                                together, filled = [], 0
                             if not together:
                                 held_since = clock()
                             together.append(reply_to(body, result))
                             filled += len(result)
-                            if (
-                                len(together) == BATCH_JOBS
-                                or filled >= BATCH_BYTES
-                                or clock() - held_since > COALESCE_WAIT
-                            ):
+                            if len(together) == BATCH_JOBS:
                                 self._send_together(socket, together)
                                 together, filled = [], 0
                         elif len(result) <= SPLIT_PAYLOAD:
@@ -552,6 +564,8 @@ class Worker(BaseServer):
             if len(frames) == 1 and frames[0][LEAD] == BATCH_PREFIX:
                 try:
                     bodies = protocol.unpack_batch(frames[0])
+                    if not bodies:
+                        raise ProtocolError("empty BATCH")
                 except ProtocolError as error:
                     self._drop("head", str(error), frames)
                     continue
@@ -600,9 +614,12 @@ class Worker(BaseServer):
                     self._answer(socket, frames)
                     continue
                 results, filled = together.get(socket, ([], 0))
+                if results and filled + len(result) > BATCH_BYTES:
+                    self._send_together(socket, results)
+                    results, filled = [], 0
                 results.append(frames[0])
                 filled += len(result)
-                if len(results) == BATCH_JOBS or filled >= BATCH_BYTES:
+                if len(results) == BATCH_JOBS:
                     self._send_together(socket, results)
                     together.pop(socket, None)
                 else:
