@@ -14,6 +14,7 @@ given swapped, or a server of another kind, are named on the first job.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
@@ -134,6 +135,7 @@ class _Watch:
         self._shook: dict[str, bool] = {}  # endpoint -> handshake done, since connected
         self._secured: set[str] = set()  # endpoints whose peer uses another mechanism
         self._refused: str | None = None
+        self._heard = threading.Event()  # set at each event, for wait_for_handshakes
         monitors.watch(socket, _WATCHED_EVENTS, self._note)
 
     def refused(self) -> str | None:
@@ -141,7 +143,24 @@ class _Watch:
         where it is, and what that says."""
         return self._refused
 
+    def wait_for_handshakes(self, deadline: float) -> None:
+        """Wait, until ``deadline`` (monotonic time) at most, for the
+        handshakes of the connections made to end (in success, or in a
+        refusal): a peer of the wrong kind is then known before jobs go."""
+        while self._refused is None and False in list(self._shook.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._heard.wait(min(left, 0.05))
+            self._heard.clear()
+
     def _note(self, event: monitors.Event) -> None:
+        try:
+            self._noted(event)
+        finally:
+            self._heard.set()
+
+    def _noted(self, event: monitors.Event) -> None:
         endpoint, kind = event.endpoint, event.kind
         if kind == zmq.EVENT_CONNECTED:
             self._shook[endpoint] = False
@@ -290,6 +309,7 @@ class Wiring:
         for socket, address in zip(self.sockets, self.addresses, strict=True):
             dropped += self._greet_one(socket, address, deadline, timeout)
         if self._jobs_watch is not None:
+            self._jobs_watch.wait_for_handshakes(deadline)
             self._raise_refused(self._jobs_watch)
         self._stop_watching()
         self._greeted = True
