@@ -420,9 +420,9 @@ def test_full_queue_holds_clients_within_its_bound(serve: Callable[..., object])
 
         thread = threading.Thread(target=run)
         thread.start()
-        wait_for(lambda: master.queued >= 50, 10, "a full queue")
-        # No worker yet: it holds 50 and reads no more, but for the rest of a BATCH.
-        assert 50 <= master.queued < 50 + protocol.BATCH_JOBS
+        wait_for(lambda: master.queued == 50, 10, "a full queue")
+        # No worker yet: it holds 50 and reads no more (the rest of a BATCH waits aside).
+        assert master.queued == 50
         serve(tagger(master, "late"))
         assert done.wait(60)
         thread.join(10)
@@ -514,7 +514,7 @@ def test_stop_with_a_full_queue_and_no_worker(serve: Callable[..., object]) -> N
             outcomes = client.results("who", [b"x"] * 50)
             thread = threading.Thread(target=lambda: list(outcomes))
             thread.start()
-            wait_for(lambda: master.queued >= 5, 10, "a full queue")
+            wait_for(lambda: master.queued == 5, 10, "a full queue")
             master.stop(timeout=5)  # stop's wake-up comes through the workers' socket
             assert not master.running
             thread.join(10)

@@ -36,6 +36,7 @@ import json
 import logging
 import sys
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import zmq
@@ -149,6 +150,8 @@ class Master(Dispatching, BaseServer):
         # Answers for clients that are not reading, sent as they read.
         self._backlog = Backlog(MAX_BACKLOG, self._gone)
         self._together: dict[bytes, _Together] = {}  # client -> its answers this round
+        # Jobs of a BATCH read while the queue filled up: taken as it frees.
+        self._held_jobs: deque[tuple[bytes, bytes]] = deque()
 
     # ------------------------------------------------------------------ sockets
 
@@ -196,12 +199,16 @@ class Master(Dispatching, BaseServer):
         full.register(back, zmq.POLLIN)
         timeout = max(1, int(dispatcher.heartbeat * 250))  # ms: a quarter of a heartbeat
         next_check = time.monotonic() + dispatcher.heartbeat / 4
+        held = self._held_jobs
         while self.served < self.messages:
             wait = 10 if self._backlog else timeout  # a backlog: try again soon
-            events = dict((full if dispatcher.full else reading).poll(wait))
+            events = dict((full if dispatcher.full or held else reading).poll(wait))
             if back in events:
                 stop = dispatcher.drain()
                 dispatcher.dispatch()  # the slots just freed first
+                if held:
+                    self._take_held()
+                    dispatcher.dispatch()
                 if self._together:
                     self._send_together()
                 if stop:
@@ -227,7 +234,7 @@ class Master(Dispatching, BaseServer):
         dispatcher = self.dispatcher
         stats = self.stats
         for _ in range(_BATCH):
-            if dispatcher.full:
+            if dispatcher.full or self._held_jobs:
                 return
             try:
                 frames = recv_message(front)
@@ -248,10 +255,18 @@ class Master(Dispatching, BaseServer):
                     continue
                 if stats is not None:
                     stats.received += len(carried) - 1  # jobs, as for one-job messages
-                for message in carried:
-                    self._take(client, [message])
+                self._held_jobs.extend((client, message) for message in carried)
+                self._take_held()
                 continue
             self._take(client, frames[1:])
+
+    def _take_held(self) -> None:
+        """Take the jobs of BATCHes read, while the queue has room (the front
+        socket is not read meanwhile), so that the queue keeps its bound."""
+        held, dispatcher = self._held_jobs, self.dispatcher
+        while held and not dispatcher.full:
+            client, message = held.popleft()
+            self._take(client, [message])
 
     def _take(self, client: bytes, frames: list[bytes]) -> None:
         """A client's message: a job booked by the dispatcher, or answered here."""
