@@ -135,7 +135,6 @@ __all__ = [
     "expiry_stamp",
     "forward",
     "has_payload_frame",
-    "messages_in",
     "one_frame_request",
     "pack_batch",
     "pack_id_deadline",
@@ -462,16 +461,6 @@ def unpack_batch(body: bytes) -> list[bytes]:
         messages.append(body[offset : offset + length])
         offset += length
     return messages
-
-
-def messages_in(frames: list[bytes]) -> int:
-    """How many messages ``frames`` carries: a well-formed BATCH's count, else 1."""
-    if len(frames) == 1 and frames[0][LEAD] == BATCH_PREFIX:
-        try:
-            return len(unpack_batch(frames[0]))
-        except ProtocolError:
-            return 1
-    return 1
 
 
 def reply_head(msg_id: int, kind: int = REPLY, flags: int = 0) -> bytes:

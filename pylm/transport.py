@@ -200,10 +200,10 @@ class Backlog:
     (the peer is not reading), sent as the peer takes them, while the other
     peers are served; at most ``limit`` answers in all, and a quarter of
     that for one peer (a message counts as the answers it carries: a
-    BATCH's count). ``gone(peer, frames)`` is told of each message whose
-    peer is not connected; ``sent`` counts the answers sent."""
+    BATCH's count). ``gone(peer, frames, answers)`` is told of each message
+    whose peer is not connected; ``sent`` counts the answers sent."""
 
-    def __init__(self, limit: int, gone: Callable[[bytes, list[bytes]], None]) -> None:
+    def __init__(self, limit: int, gone: Callable[[bytes, list[bytes], int], None]) -> None:
         self.socket: zmq.Socket | None = None  # the ROUTER, once its owner opened it
         self.limit = limit
         self.per_peer = max(1, limit // 4)
@@ -261,7 +261,7 @@ class Backlog:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self._gone(peer, frames)  # not connected (any more, or yet)
+            self._gone(peer, frames, answers)  # not connected (any more, or yet)
             return True
         self.sent += answers
         return True

@@ -58,7 +58,9 @@ class ToClients(Output):
         self._router: zmq.Socket | None = None
         # Results for clients not connected (yet): a client that found this
         # instance in the registry after its jobs got here greets it soon.
-        self._parked: dict[bytes, list[tuple[float, list[bytes]]]] = {}
+        self._parked: dict[
+            bytes, list[tuple[float, list[bytes], int]]
+        ] = {}  # expiry, message, results
         self._parked_count = 0
         # Results for clients that are not reading, sent when they have room
         # (one that left meanwhile: as for one not here yet).
@@ -166,10 +168,10 @@ class ToClients(Output):
         self._expire_parked(time.monotonic())  # what expired is not sent late
         waiting = self._parked.pop(route, [])
         self._parked_count -= len(waiting)
-        for _, frames in waiting:
-            self.put(route, frames, protocol.messages_in(frames))  # parked again if it left
+        for _, frames, results in waiting:
+            self.put(route, frames, results)  # parked again if it left meanwhile
 
-    def _park(self, route: bytes, frames: list[bytes]) -> None:
+    def _park(self, route: bytes, frames: list[bytes], results: int) -> None:
         """Keep a result for a client not connected yet, for a while."""
         now = time.monotonic()
         self._expire_parked(now)
@@ -182,7 +184,7 @@ class ToClients(Output):
                 self._parked_count,
             )
             return
-        self._parked.setdefault(route, []).append((now + PARK_SECONDS, frames))
+        self._parked.setdefault(route, []).append((now + PARK_SECONDS, frames, results))
         self._parked_count += 1
 
     def _expire_parked(self, now: float) -> None:

@@ -368,7 +368,7 @@ class Master(Dispatching, BaseServer):
         reading a long stream) gets its answers later, in order, from a
         backlog, while the master serves everyone else."""
         if not self._backlog.offer(client, frames, answers):
-            self._undeliverable(client, frames, "the backlog of slow clients is full")
+            self._undeliverable(client, answers, "the backlog of slow clients is full")
 
     def _finished(self) -> None:
         self.served += 1
@@ -377,11 +377,10 @@ class Master(Dispatching, BaseServer):
         if self.stats is not None:  # answers, those of a BATCH one by one
             self.stats.sent = self._backlog.sent
 
-    def _gone(self, client: bytes, frames: list[bytes]) -> None:
-        self._undeliverable(client, frames, "the client is gone")
+    def _gone(self, client: bytes, frames: list[bytes], answers: int) -> None:
+        self._undeliverable(client, answers, "the client is gone")
 
-    def _undeliverable(self, client: bytes, frames: list[bytes], why: str) -> None:
-        answers = protocol.messages_in(frames)
+    def _undeliverable(self, client: bytes, answers: int, why: str) -> None:
         self.dispatcher.undeliverable += answers
         self._log_limited(
             "undeliverable",
