@@ -125,6 +125,7 @@ __all__ = [
     "REQUEST",
     "SPLIT_PAYLOAD",
     "VERSION",
+    "Batch",
     "Message",
     "check_payload",
     "decode",
@@ -432,6 +433,35 @@ once, up to this many and :data:`BATCH_BYTES` of payloads."""
 BATCH_BYTES = 8192
 """Bytes of payloads in one BATCH by default: larger jobs gain nothing by
 batching (their copies cost more than the messages saved) and go alone."""
+
+
+class Batch:
+    """One-frame messages held by a sender to go as one BATCH: up to
+    :data:`BATCH_JOBS` of them and :data:`BATCH_BYTES` of payloads."""
+
+    __slots__ = ("bodies", "filled")
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.filled = 0  # bytes of their payloads
+
+    def __bool__(self) -> bool:
+        return bool(self.bodies)
+
+    def fits(self, size: int) -> bool:
+        """Whether a message of ``size`` payload bytes may join (an empty batch takes any)."""
+        return not self.bodies or self.filled + size <= BATCH_BYTES
+
+    def add(self, body: bytes, size: int) -> bool:
+        """Hold ``body`` (``size`` bytes of payload); True once the batch is full."""
+        self.bodies.append(body)
+        self.filled += size
+        return len(self.bodies) == BATCH_JOBS
+
+    def take(self) -> list[bytes]:
+        """The messages held, in order; the batch is empty again."""
+        bodies, self.bodies, self.filled = self.bodies, [], 0
+        return bodies
 
 
 def unpack_batch(body: bytes) -> list[bytes]:

@@ -54,7 +54,6 @@ from pylm.parallel.dispatch import (
 )
 from pylm.protocol import (
     BATCH_BYTES,
-    BATCH_JOBS,
     BATCH_PREFIX,
     FRAME_SLACK,
     HEAD_SIZE,
@@ -74,17 +73,6 @@ __all__ = ["Master"]
 
 _BATCH = 256
 MAX_BACKLOG = 100_000  # answers kept for clients that are not reading, in all
-
-
-class _Together:
-    """The answers for one client ready in one round of the master's loop,
-    sent together (one BATCH) at its end: only what is there already."""
-
-    __slots__ = ("bodies", "filled")
-
-    def __init__(self, body: bytes, size: int) -> None:
-        self.bodies = [body]
-        self.filled = size  # bytes of their payloads
 
 
 class Master(Dispatching, BaseServer):
@@ -149,7 +137,7 @@ class Master(Dispatching, BaseServer):
         self._front: zmq.Socket | None = None
         # Answers for clients that are not reading, sent as they read.
         self._backlog = Backlog(MAX_BACKLOG, self._gone)
-        self._together: dict[bytes, _Together] = {}  # client -> its answers this round
+        self._together: dict[bytes, protocol.Batch] = {}  # client -> its answers this round
         # Jobs of a BATCH read while the queue filled up: taken as it frees.
         self._held_jobs: deque[tuple[bytes, bytes]] = deque()
 
@@ -328,7 +316,7 @@ class Master(Dispatching, BaseServer):
         one BATCH a client (an answer alone goes alone)."""
         clients = list(self._together) if client is None else [client]
         for each in clients:
-            bodies = self._together.pop(each).bodies
+            bodies = self._together.pop(each).take()
             if len(bodies) == 1:
                 self._offer(each, bodies)
             else:
@@ -347,15 +335,12 @@ class Master(Dispatching, BaseServer):
         together = self._together.get(client)
         size = len(frames[0]) - HEAD_SIZE
         if len(frames) == 1 and size <= BATCH_BYTES:
-            if together is not None and together.filled + size > BATCH_BYTES:
+            if together is not None and not together.fits(size):
                 self._send_together(client)  # full: this one starts the next
                 together = None
             if together is None:
-                self._together[client] = _Together(frames[0], size)
-                return
-            together.bodies.append(frames[0])
-            together.filled += size
-            if len(together.bodies) == BATCH_JOBS:
+                together = self._together[client] = protocol.Batch()
+            if together.add(frames[0], size):
                 self._send_together(client)
             return
         if together is not None:

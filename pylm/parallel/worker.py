@@ -43,7 +43,6 @@ from pylm.parallel.dispatch import DEFAULT_HEARTBEAT, DEFAULT_MISSES
 from pylm.parallel.hello import MAX_SLOTS, hello
 from pylm.protocol import (
     BATCH_BYTES,
-    BATCH_JOBS,
     BATCH_PREFIX,
     COUNT,
     FRAME_SLACK,
@@ -447,20 +446,18 @@ class Worker(BaseServer):
         recv, send, call = socket.recv, partial(send_frame, socket), self._call
         reply_to = protocol.reply_to
         carried: list[bytes] = []  # the rest of a BATCH being served
-        together: list[bytes] = []  # the results of a BATCH's jobs, held
-        filled, held_since, clock = 0, 0.0, time.monotonic
+        together = protocol.Batch()  # the results of a BATCH's jobs, held
+        held_since, clock = 0.0, time.monotonic
         reads = 0
         while True:
             if carried:
                 body = carried.pop()
                 in_batch = True
                 if together and clock() - held_since > COALESCE_WAIT:
-                    self._send_together(socket, together)
-                    together, filled = [], 0
+                    self._send_together(socket, together.take())
             else:
                 if together:
-                    self._send_together(socket, together)
-                    together, filled = [], 0
+                    self._send_together(socket, together.take())
                 if reads == 64:
                     return
                 try:
@@ -502,21 +499,16 @@ class Worker(BaseServer):
                             continue
                         except _Stream as stream:
                             if together:  # a stream takes its time: what is held goes first
-                                self._send_together(socket, together)
-                                together, filled = [], 0
+                                self._send_together(socket, together.take())
                             self._stream(socket, self._id(body), body[HEAD_SIZE:start], stream)
                             continue
                         if in_batch and len(result) <= BATCH_BYTES:
-                            if together and filled + len(result) > BATCH_BYTES:
-                                self._send_together(socket, together)
-                                together, filled = [], 0
+                            if not together.fits(len(result)):
+                                self._send_together(socket, together.take())
                             if not together:
                                 held_since = clock()
-                            together.append(reply_to(body, result))
-                            filled += len(result)
-                            if len(together) == BATCH_JOBS:
-                                self._send_together(socket, together)
-                                together, filled = [], 0
+                            if together.add(reply_to(body, result), len(result)):
+                                self._send_together(socket, together.take())
                         elif len(result) <= SPLIT_PAYLOAD:
                             try:
                                 send(reply_to(body, result))
@@ -592,7 +584,7 @@ class Worker(BaseServer):
         jobs that ended together go to their master together, as one BATCH
         (up to BATCH_JOBS of them and BATCH_BYTES of payloads)."""
         assert self._calls is not None
-        together: dict[zmq.Socket, tuple[list[bytes], int]] = {}  # master -> results, bytes
+        together: dict[zmq.Socket, protocol.Batch] = {}  # a master's socket -> its results
         for (socket, msg_id), job in self._calls.ended():
             if socket.closed:  # its master left meanwhile: nobody to answer
                 continue
@@ -613,19 +605,14 @@ class Worker(BaseServer):
                 if len(frames) > 1 or len(result) > BATCH_BYTES:
                     self._answer(socket, frames)
                     continue
-                results, filled = together.get(socket, ([], 0))
-                if results and filled + len(result) > BATCH_BYTES:
-                    self._send_together(socket, results)
-                    results, filled = [], 0
-                results.append(frames[0])
-                filled += len(result)
-                if len(results) == BATCH_JOBS:
-                    self._send_together(socket, results)
-                    together.pop(socket, None)
-                else:
-                    together[socket] = (results, filled)
-        for socket, (results, _) in together.items():
-            self._send_together(socket, results)
+                batch = together.setdefault(socket, protocol.Batch())
+                if not batch.fits(len(result)):
+                    self._send_together(socket, batch.take())
+                if batch.add(frames[0], len(result)):
+                    self._send_together(socket, batch.take())
+        for socket, batch in together.items():
+            if batch:
+                self._send_together(socket, batch.take())
 
     @staticmethod
     def _id(body: bytes) -> int:
