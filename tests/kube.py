@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["BASE", "KUBE", "Stack", "problem"]
+__all__ = ["BASE", "KUBE", "Stack", "generated", "load", "problem"]
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -69,6 +69,19 @@ def problem() -> str | None:
     if lacking:
         return f"needs {' '.join(lacking)}: sudo apt-get install podman catatonit runc debootstrap"
     return None
+
+
+def generated(folder: Path) -> list[dict[str, Any]]:
+    """The ConfigMaps the kustomization of ``folder`` generates from files
+    (as kustomize makes them: the file names as keys)."""
+    (kustomization,) = load(folder / "kustomization.yaml")
+    made = []
+    for generator in kustomization.get("configMapGenerator", []):
+        files = {Path(f).name: (folder / f).read_text(encoding="utf-8") for f in generator["files"]}
+        labels = kustomization.get("generatorOptions", {}).get("labels", {})
+        metadata = {"name": generator["name"], "labels": labels}
+        made.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": files})
+    return made
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -174,12 +187,12 @@ class Stack:
         return dict(config["data"])
 
     def app_folder(self) -> Path:
-        """The ConfigMap pylm-app's files, written to a folder (for the client)."""
+        """The example servers' code (the ConfigMap pylm-app's files), in a
+        folder the containers' user can read (for the client)."""
         folder = self.work / "app"
         if not folder.exists():
             folder.mkdir()
-            (app,) = load(KUBE / "pylm" / "app.yaml")
-            for name, text in app["data"].items():
+            for name, text in generated(KUBE / "pylm")[0]["data"].items():
                 (folder / name).write_text(text, encoding="utf-8")
             folder.chmod(0o755)
         return folder

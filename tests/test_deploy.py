@@ -12,7 +12,12 @@ scaled up and down, a pod is killed, and Prometheus sees every instance.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +29,7 @@ import kubernetes_validate
 import pytest
 from prerequisites import missing, prometheus_problem
 
-from pylm.registry import Registry
+from pylm.registry import LocalEtcd, Registry
 from pylm.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +77,7 @@ def test_the_validator_refuses_a_broken_object() -> None:
 
 def _stack(kustomization: Path) -> list[dict[str, Any]]:
     """The objects a kustomization gives (resources followed into folders)."""
-    found: list[dict[str, Any]] = []
+    found: list[dict[str, Any]] = kube.generated(kustomization.parent)
     spec = kube.load(kustomization)[0]
     for entry in spec.get("resources", []):
         path = (kustomization.parent / entry).resolve()
@@ -145,6 +150,112 @@ def test_the_operators_objects_are_what_it_takes(tmp_path: Path) -> None:
     assert scraped == set(SERVED)
 
 
+# -- systemd -----------------------------------------------------------------------
+
+SYSTEMD = ROOT / "deploy" / "systemd"
+UNITS = sorted(SYSTEMD.glob("*.service"))
+
+
+def _pylm_command() -> str:
+    found = Path(sys.executable).parent / "pylm"
+    path = str(found) if found.exists() else shutil.which("pylm")
+    assert path is not None, "no pylm command: pip install -e ."
+    return path
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_takes_the_unit_as_it_is(unit: Path, tmp_path: Path) -> None:
+    """systemd-analyze verify says nothing of the unit (an unknown key, a bad
+    value), with the pylm command where this machine has it."""
+    if shutil.which("systemd-analyze") is None:
+        missing("needs systemd-analyze: sudo apt-get install systemd")
+    name = unit.name.replace("@.", "@upper.")
+    text = unit.read_text(encoding="utf-8").replace("/opt/pylm/bin/pylm", _pylm_command())
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    run = subprocess.run(
+        ["systemd-analyze", "verify", f"./{name}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 0 and not (run.stdout + run.stderr).strip(), run.stdout + run.stderr
+
+
+def _service(unit: Path, instance: str) -> dict[str, list[str]]:
+    """The [Service] settings of ``unit`` for ``instance`` (%i), each with its values."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in unit.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value.replace("%i", instance))
+    return settings
+
+
+def _command(unit: Path, instance: str, env_files: Path) -> tuple[list[str], dict[str, str]]:
+    """ExecStart's command line and environment as systemd makes them:
+    Environment=, then each EnvironmentFile= (from ``env_files``), then
+    ``${VAR}`` as one word and ``$VAR`` split on white space."""
+    service = _service(unit, instance)
+    env: dict[str, str] = {}
+    for line in service.get("Environment", []):
+        env.update(word.split("=", 1) for word in shlex.split(line))  # type: ignore[misc]
+    for entry in service.get("EnvironmentFile", []):
+        path = env_files / Path(entry.lstrip("-")).name
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    argv: list[str] = []
+    for word in service["ExecStart"][0].split():
+        if word.startswith("${"):
+            argv.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            argv += env[word[1:]].split()
+        else:
+            argv.append(word)
+    return argv, env
+
+
+@pytest.mark.timeout(60)
+def test_the_template_unit_runs_the_server_its_file_names() -> None:
+    argv, env = _command(SYSTEMD / "pylm@.service", "squarer", SYSTEMD)
+    assert argv == [
+        "/opt/pylm/bin/pylm", "run", "workers.py:Squarer", "--name", "squarer",
+        "--master", "squares", "--wait", "30",
+    ]  # fmt: skip
+    assert env["PYLM_REGISTRY"].startswith("etcd://")
+    argv, _ = _command(SYSTEMD / "pylm@.service", "upper", SYSTEMD)
+    assert argv[1:] == ["run", "pipeline.py:Upper", "--name", "upper"]
+
+
+@pytest.mark.timeout(60)
+def test_the_template_units_server_registers_and_stops_cleanly_on_sigterm(
+    pylm_etcd: LocalEtcd, pylm_cluster: str
+) -> None:
+    """The command systemd runs for pylm@upper, in the folder of the example
+    code: the server registers; SIGTERM (systemctl stop) takes it out of the
+    registry and it exits with 0."""
+    argv, env = _command(SYSTEMD / "pylm@.service", "upper", SYSTEMD)
+    env.update(PYLM_REGISTRY=pylm_etcd.url, PYLM_CLUSTER=pylm_cluster, PYLM_HOST="127.0.0.1")
+    argv[0] = _pylm_command()
+    with Registry(pylm_etcd.url, cluster=pylm_cluster) as registry:
+        registry.set_config("upper", "reverse.reverse")  # as topology.toml wires it
+    server = subprocess.Popen(argv, cwd=KUBE / "pylm" / "app", env={**os.environ, **env})
+    try:
+        with Registry(pylm_etcd.url, cluster=pylm_cluster) as registry:
+            wait_for(lambda: len(registry.instances("upper")) == 1, 30, "upper's record")
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=30) == 0
+            assert registry.instances("upper") == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
 # -- on podman ---------------------------------------------------------------------
 
 
@@ -177,7 +288,7 @@ def stack() -> Iterator[kube.Stack]:
             running.etcd = f"etcd://{running.ip('etcd')}:2379"
             _wait_until_up(f"http://{running.ip('etcd')}:2379/health", timeout=60)
             config = objects(KUBE / "pylm" / "config.yaml")
-            config += objects(KUBE / "pylm" / "app.yaml")
+            config += kube.generated(KUBE / "pylm")
             for part in ("topology", "pipeline", "parallel", "gateway", "sd"):
                 running.play(running.playable(config + objects(KUBE / "pylm" / f"{part}.yaml")))
             rules = objects(KUBE / "prometheus" / "rules.yaml")
@@ -258,7 +369,7 @@ def test_a_stage_scales_up_and_down_by_itself(stack: kube.Stack) -> None:
         for o in objects(KUBE / "pylm" / "pipeline.yaml")
         if o["kind"] == "Deployment" and o["metadata"]["name"] == "reverse"
     ]
-    config = objects(KUBE / "pylm" / "config.yaml") + objects(KUBE / "pylm" / "app.yaml")
+    config = objects(KUBE / "pylm" / "config.yaml") + kube.generated(KUBE / "pylm")
     stack.play([*config, stack.as_pod("reverse-pod-9", deployment["spec"]["template"])])
     with Registry(stack.etcd) as registry:
         wait_for(
