@@ -24,6 +24,9 @@ have chromium || missing="$missing chromium"
 have ip || missing="$missing iproute2"
 # The deployment test: podman (with runc and catatonit) and debootstrap for its base image.
 have podman || missing="$missing podman"
+# netavark and aardvark-dns: pods find each other by name (only recommended by podman)
+[ -x /usr/lib/podman/netavark ] || missing="$missing netavark"
+[ -x /usr/lib/podman/aardvark-dns ] || missing="$missing aardvark-dns"
 have runc || missing="$missing runc"
 have catatonit || missing="$missing catatonit"
 have debootstrap || missing="$missing debootstrap"
@@ -35,7 +38,7 @@ if [ -n "$missing" ]; then
         say "note: no apt-get: install$missing by hand, or the tests needing them skip"
     else  # iproute2 and the deployment test's packages are left out: those tests need root
         wanted=$missing
-        for rooted in iproute2 podman runc catatonit debootstrap; do
+        for rooted in iproute2 podman netavark aardvark-dns runc catatonit debootstrap; do
             wanted=${wanted/ $rooted/}
         done
         [ -z "$wanted" ] || say "note: not root: the tests needing$wanted skip" \

@@ -27,8 +27,9 @@ takes. What it lacks is made up here, object by object, and nowhere else:
 - **Prometheus' intervals** are 1 s instead of 15 s, so that the test need
   not wait.
 
-podman runs containers here with the ``runc`` runtime and no default
-ulimits (a containers.conf of the stack's own, ``CONTAINERS_CONF``).
+podman runs containers here with the ``runc`` runtime, no default ulimits
+and the netavark network stack, whose DNS resolves pod names (a
+containers.conf of the stack's own, ``CONTAINERS_CONF``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,16 @@ BASE = "localhost/pylm-base:bookworm"
 PYLM_IMAGE = "localhost/pylm-test:latest"
 MIRROR = "http://deb.debian.org/debian"
 
-_CONF = '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n'
+_CONF = """\
+[containers]
+default_ulimits = []
+
+[engine]
+runtime = "runc"
+
+[network]
+network_backend = "netavark"
+"""
 
 
 def problem() -> str | None:
@@ -66,8 +76,14 @@ def problem() -> str | None:
     if os.geteuid() != 0:
         return "needs root (podman here runs rootful containers): sudo bash scripts/test.sh"
     lacking = [p for p in ("podman", "runc", "catatonit") if shutil.which(p) is None]
+    lacking += [
+        p for p in ("netavark", "aardvark-dns") if not Path(f"/usr/lib/podman/{p}").exists()
+    ]
     if lacking:
-        return f"needs {' '.join(lacking)}: sudo apt-get install podman catatonit runc debootstrap"
+        return (
+            f"needs {' '.join(lacking)}: sudo apt-get install"
+            " podman netavark aardvark-dns catatonit runc debootstrap"
+        )
     return None
 
 

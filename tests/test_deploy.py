@@ -327,6 +327,10 @@ def test_a_client_container_gets_every_result_of_the_pipeline(stack: kube.Stack)
     with Registry(stack.etcd) as registry:
         for record in registry.instances("upper") + registry.instances("reverse"):
             assert _calls(record.metrics, record.name) > 0, f"{record.host} served no job"
+            assert record.metrics is not None and record.metrics.endswith(":9100/metrics")
+            health = record.metrics.replace("/metrics", "/healthz")  # the probes' URL
+            with urllib.request.urlopen(health, timeout=5) as answer:
+                assert json.load(answer)["status"] == "ok"
 
 
 @pytest.mark.timeout(300)
