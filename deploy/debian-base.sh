@@ -14,7 +14,7 @@ image=${1:-localhost/pylm-base:bookworm}
 mirror=${MIRROR:-http://deb.debian.org/debian}
 [ "$(id -u)" = 0 ] || { echo "error: debootstrap needs root: sudo bash $0" >&2; exit 1; }
 rootfs=$(mktemp -d /tmp/pylm-base.XXXXXX)
-trap 'rm -rf "$rootfs"' EXIT
+trap 'rm -rf --one-file-system "$rootfs"' EXIT
 echo "debootstrap: a minimal Debian bookworm with python3 into $rootfs ($mirror)"
 debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" >/dev/null
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*

@@ -49,7 +49,8 @@ fi
 if [ "$(id -u)" = 0 ] && have podman && have debootstrap \
     && ! podman image exists localhost/pylm-base:bookworm 2>/dev/null; then
     say "building the deployment test's base image (deploy/debian-base.sh, about a minute)"
-    bash deploy/debian-base.sh localhost/pylm-base:bookworm
+    bash deploy/debian-base.sh localhost/pylm-base:bookworm \
+        || say "note: the base image could not be built; the deployment test says why"
 fi
 say "running the tests: python -m pytest $*"
 exec "$PY" -m pytest "$@"

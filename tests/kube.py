@@ -7,9 +7,10 @@ takes. What it lacks is made up here, object by object, and nowhere else:
 - **Services**: podman has none. A Deployment of one replica that a Service
   of the same name fronts (etcd, pylm-sd, prometheus) is played as a Pod of
   that name, which podman's DNS resolves as a cluster's DNS resolves the
-  Service. Deployments of more replicas are played as they are (pods
-  ``NAME-pod-0``, ``NAME-pod-1``, ...); pylm finds them through etcd, not
-  through Services.
+  Service. A Deployment of more replicas is played as a Pod a replica
+  (``NAME-pod-0``, ``NAME-pod-1``, ...: podman 4.4 and later play one
+  replica of a Deployment); pylm finds them through etcd, not through
+  Services.
 - **Jobs** (the wiring): played as a Pod of their template.
 - **The downward API's** ``status.podIP`` (podman 4.3 has none): ``PYLM_HOST``
   is ``0.0.0.0`` instead, which advertises the address of the interface that
@@ -36,9 +37,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -227,11 +230,13 @@ class Stack:
             elif kind == "ConfigMap":
                 yield obj
             elif kind == "Deployment":
-                single = obj["spec"].get("replicas", 1) == 1
-                if single and obj["metadata"]["name"] in services:
-                    yield self.as_pod(obj["metadata"]["name"], obj["spec"]["template"])
-                else:
-                    yield self._fixed(copy.deepcopy(obj))
+                name, replicas = obj["metadata"]["name"], obj["spec"].get("replicas", 1)
+                template = obj["spec"]["template"]
+                if replicas == 1 and name in services:
+                    yield self.as_pod(name, template)
+                else:  # a pod a replica (podman 4.4 and later play one replica only)
+                    for replica in range(replicas):
+                        yield self.as_pod(f"{name}-pod-{replica}", template)
             elif kind == "Job":
                 yield self.as_pod(obj["metadata"]["name"], obj["spec"]["template"])
 
@@ -245,9 +250,8 @@ class Stack:
         }
         return self._fixed(pod)
 
-    def _fixed(self, obj: dict[str, Any]) -> dict[str, Any]:
-        spec = obj["spec"]["template"]["spec"] if obj["kind"] == "Deployment" else obj["spec"]
-        for container in spec["containers"]:
+    def _fixed(self, pod: dict[str, Any]) -> dict[str, Any]:
+        for container in pod["spec"]["containers"]:
             container["image"] = self.images.get(container["image"], container["image"])
             container.pop("ports", None)  # podman would publish them on the host
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
@@ -257,7 +261,7 @@ class Stack:
                 if field == "status.podIP":
                     env.pop("valueFrom")
                     env["value"] = "0.0.0.0"
-        return obj
+        return pod
 
 
 # -- images ---------------------------------------------------------------------
@@ -282,26 +286,10 @@ def build_images(stack: Stack) -> None:
     ).strip()
     wheels = work / "wheels"
     _download_wheels(wheels, version)
-    _run(
-        [
-            "podman",
-            "build",
-            "--quiet",
-            "-f",
-            str(ROOT / "deploy" / "Containerfile"),
-            "--build-arg",
-            f"BASE={BASE}",
-            "--build-arg",
-            "PIP_OPTIONS=--no-index --find-links /wheels",
-            "-v",
-            f"{wheels}:/wheels:ro",
-            "-t",
-            PYLM_IMAGE,
-            str(ROOT),
-        ],
-        env,
-        600,
-    )
+    containerfile = ROOT / "deploy" / "Containerfile"
+    options = ["--build-arg", f"BASE={BASE}", "-v", f"{wheels}:/wheels:ro"]
+    options += ["--build-arg", "PIP_OPTIONS=--no-index --find-links /wheels"]
+    _build(PYLM_IMAGE, ["-f", str(containerfile), *options, str(ROOT)], env)
     for name, program, path in _stand_ins(stack):
         if _exists(name, env) and _label(name, env) == _digest(program):
             continue  # built from this very program before
@@ -313,8 +301,23 @@ def build_images(stack: Stack) -> None:
             f"FROM {BASE}\nLABEL pylm.test.program={_digest(program)}\nCOPY program {path}\n",
             encoding="utf-8",
         )
-        _run(["podman", "build", "--quiet", "-t", name, str(context)], env, 300)
+        _build(name, [str(context)], env)
         shutil.rmtree(context)
+
+
+def _build(image: str, args: list[str], env: dict[str, str]) -> None:
+    """``podman build`` of ``image``; the image it replaces is removed, and
+    no intermediate image is kept."""
+    before = subprocess.run(
+        ["podman", "image", "inspect", image, "--format", "{{.Id}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    _run(["podman", "build", "--quiet", "--layers=false", "-t", image, *args], env, 600)
+    if before:
+        subprocess.run(["podman", "rmi", before], env=env, capture_output=True, timeout=60)
 
 
 def _exists(image: str, env: dict[str, str]) -> bool:
@@ -336,12 +339,25 @@ def _digest(program: str) -> str:
     return hashlib.sha256(Path(program).read_bytes()).hexdigest()[:16]
 
 
+def _installed(requirement: str) -> str:
+    """``requirement`` pinned to the version this Python has, if it has it
+    (the image then runs what the tests run here)."""
+    name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0]
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return requirement
+
+
 def _download_wheels(folder: Path, python: str) -> None:
     """pylm's wheel and its dependencies' (with the gateway's) for the base's
     Python, and setuptools to build pylm from source in the image."""
     with (ROOT / "pyproject.toml").open("rb") as file:
         project = tomllib.load(file)["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["gateway"]]
+    wanted = [
+        _installed(r)
+        for r in (*project["dependencies"], *project["optional-dependencies"]["gateway"])
+    ]
     wanted.append("setuptools>=77")
     machine = platform.machine()
     platforms = [f"manylinux_2_{minor}_{machine}" for minor in range(17, 37)]

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,6 +321,25 @@ def _calls(metrics_url: str | None, function: str) -> float:
     )
 
 
+def _running(stack: kube.Stack, container: str) -> bool:
+    return stack.podman("inspect", container, "--format", "{{.State.Running}}").strip() == "true"
+
+
+def _reverse_pod(stack: kube.Stack, name: str) -> None:
+    """One more instance of the stage reverse, as a replica of its Deployment."""
+    (deployment,) = [
+        o
+        for o in objects(KUBE / "pylm" / "pipeline.yaml")
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "reverse"
+    ]
+    config = objects(KUBE / "pylm" / "config.yaml") + kube.generated(KUBE / "pylm")
+    stack.play([*config, stack.as_pod(name, deployment["spec"]["template"])])
+
+
+# The stack is built by the first of these tests to run: up to 15 minutes on a
+# machine that has no base image yet (deploy/debian-base.sh), 15 s otherwise.
+
+
 @pytest.mark.timeout(900)
 def test_a_client_container_gets_every_result_of_the_pipeline(stack: kube.Stack) -> None:
     out = stack.run("pylm-test-client", "client.py", "2000")
@@ -333,7 +353,19 @@ def test_a_client_container_gets_every_result_of_the_pipeline(stack: kube.Stack)
                 assert json.load(answer)["status"] == "ok"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
+def test_every_instance_registers_its_pods_own_address(stack: kube.Stack) -> None:
+    """Servers and gateways alike: the address in the registry is the pod's
+    IP on the network, not a name that only a container engine's DNS knows."""
+    with Registry(stack.etcd) as registry:
+        records = registry.instances()
+    assert {record.name for record in records} == set(STARTED)
+    for record in records:
+        assert record.metrics is not None
+        assert urllib.parse.urlsplit(record.metrics).hostname == stack.ip(record.host), record
+
+
+@pytest.mark.timeout(900)
 def test_the_master_workers_gateway_and_console_answer(stack: kube.Stack) -> None:
     out = stack.run("pylm-test-call", "-m", "pylm", "call", "squares", "square", "12")
     assert out.strip() == "144"
@@ -345,36 +377,33 @@ def test_the_master_workers_gateway_and_console_answer(stack: kube.Stack) -> Non
         assert b"pylm" in answer.read()
 
 
-@pytest.mark.timeout(300)
+def _scraped(stack: kube.Stack) -> set[str]:
+    """The metrics URLs Prometheus scrapes, and last found up."""
+    url = f"http://{stack.ip('prometheus')}:9090/api/v1/targets"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        targets = json.load(answer)["data"]["activeTargets"]
+    return {t["scrapeUrl"] for t in targets if t["health"] == "up"}
+
+
+@pytest.mark.timeout(900)
 def test_prometheus_scrapes_every_instance_the_registry_lists(stack: kube.Stack) -> None:
-    prometheus = f"http://{stack.ip('prometheus')}:9090"
     with Registry(stack.etcd) as registry:
         wanted = {record.metrics for record in registry.instances() if record.metrics}
     assert len(wanted) == sum(STARTED.values())
-
-    def scraped() -> set[str]:
-        with urllib.request.urlopen(f"{prometheus}/api/v1/targets", timeout=5) as answer:
-            targets = json.load(answer)["data"]["activeTargets"]
-        return {t["scrapeUrl"] for t in targets if t["health"] == "up"}
-
-    wait_for(lambda: wanted <= scraped(), timeout=60, what="Prometheus scraping every instance")
+    wait_for(lambda: wanted <= _scraped(stack), timeout=60, what="Prometheus scraping all")
+    prometheus = f"http://{stack.ip('prometheus')}:9090"
     url = f"{prometheus}/api/v1/query?query=count(up%7Bjob%3D%22pylm-sd%22%7D%3D%3D1)"
     with urllib.request.urlopen(url, timeout=5) as answer:
         assert json.load(answer)["data"]["result"][0]["value"][1] == "1"
 
 
-@pytest.mark.timeout(300)
-def test_a_stage_scales_up_and_down_by_itself(stack: kube.Stack) -> None:
-    """A third instance of reverse registers and takes jobs; stopped as a
-    scale-down stops it (SIGTERM), it leaves the registry at once and exits
-    cleanly, and the client still gets every result."""
-    (deployment,) = [
-        o
-        for o in objects(KUBE / "pylm" / "pipeline.yaml")
-        if o["kind"] == "Deployment" and o["metadata"]["name"] == "reverse"
-    ]
-    config = objects(KUBE / "pylm" / "config.yaml") + kube.generated(KUBE / "pylm")
-    stack.play([*config, stack.as_pod("reverse-pod-9", deployment["spec"]["template"])])
+@pytest.mark.timeout(900)
+def test_a_stage_scales_up_and_down_while_jobs_flow(stack: kube.Stack) -> None:
+    """A third instance of reverse registers, takes jobs and is scraped.
+    Stopped as a scale-down stops it (SIGTERM) while a client's jobs flow
+    through it, it leaves the registry, ends what it holds and exits with 0,
+    and the client gets every result."""
+    _reverse_pod(stack, "reverse-pod-9")
     with Registry(stack.etcd) as registry:
         wait_for(
             lambda: len(registry.instances("reverse")) == 3,
@@ -384,27 +413,38 @@ def test_a_stage_scales_up_and_down_by_itself(stack: kube.Stack) -> None:
         (new,) = [r for r in registry.instances("reverse") if r.host == "reverse-pod-9"]
         assert "2000 jobs, 2000 right results" in stack.run("pylm-test-up", "client.py", "2000")
         assert _calls(new.metrics, "reverse") > 0
+        wait_for(lambda: new.metrics in _scraped(stack), 60, "Prometheus scraping the new one")
+        served = _calls(new.metrics, "reverse")
+        stack.run("pylm-test-down", "client.py", "60000", detach=True)
+        wait_for(
+            lambda: _calls(new.metrics, "reverse") > served + 1000,
+            timeout=60,
+            what="jobs on the instance to stop",
+        )
         stack.podman("pod", "stop", "-t", "30", "reverse-pod-9")
-        assert [r.host for r in registry.instances("reverse")].count("reverse-pod-9") == 0
+        assert _running(stack, "pylm-test-down"), "the jobs ended before the scale-down"
+        assert "reverse-pod-9" not in [r.host for r in registry.instances("reverse")]
     status = stack.podman("inspect", "reverse-pod-9-server", "--format", "{{.State.ExitCode}}")
     assert status.strip() == "0", stack.logs("reverse-pod-9-server")
-    assert "2000 jobs, 2000 right results" in stack.run("pylm-test-down", "client.py", "2000")
+    assert stack.wait("pylm-test-down", timeout=120) == 0, stack.logs("pylm-test-down")
+    assert "60000 jobs, 60000 right results" in stack.logs("pylm-test-down")
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_no_job_is_lost_when_a_pod_is_killed(stack: kube.Stack) -> None:
     with Registry(stack.etcd) as registry:
         (victim,) = [r for r in registry.instances("reverse") if r.host == "reverse-pod-0"]
     before = _calls(victim.metrics, "reverse")
-    stack.run("pylm-test-kill", "client.py", "40000", detach=True)
+    stack.run("pylm-test-kill", "client.py", "60000", detach=True)
     wait_for(
         lambda: _calls(victim.metrics, "reverse") > before + 1000,
         timeout=60,
         what="jobs on the pod to kill",
     )
     stack.podman("pod", "kill", "--signal", "KILL", "reverse-pod-0")
+    assert _running(stack, "pylm-test-kill"), "the jobs ended before the kill"
     assert stack.wait("pylm-test-kill", timeout=120) == 0, stack.logs("pylm-test-kill")
-    assert "40000 jobs, 40000 right results" in stack.logs("pylm-test-kill")
+    assert "60000 jobs, 60000 right results" in stack.logs("pylm-test-kill")
     started = time.monotonic()
     assert "2000 jobs, 2000 right results" in stack.run("pylm-test-after", "client.py", "2000")
     assert time.monotonic() - started < 30
