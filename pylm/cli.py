@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         type=_non_negative,
         metavar="SECONDS",
-        help="for a Worker: how long it waits for its master to be registered (10)",
+        help="how long it waits, at start, for what it needs: etcd, a stage's wiring"
+        " (pylm topology), a worker's master (a worker: 10; others: 0, fail at once)",
     )
     run.add_argument(
         "--rolling",
@@ -827,10 +828,57 @@ def load_server_class(target: str) -> type[BaseServer]:
     return value
 
 
-def run_server(args: argparse.Namespace) -> int:
+_RETRY_START = 1.0  # s between a server's tries to start, with --wait
+
+
+class _Missing(Exception):
+    """A server could not start for want of what may come later: etcd, its
+    wiring (``cause`` says which)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _start(server: BaseServer, args: argparse.Namespace) -> None:
+    """Start ``server`` in a thread of its own; a failure as one line
+    (:class:`PylmError`), or :class:`_Missing` for one that may pass."""
     import zmq
 
-    from pylm.errors import RegistryError, ServerCrashed
+    from pylm.errors import (
+        NoWiring,
+        RegistryError,
+        RegistryUnavailable,
+        ServerCrashed,
+    )
+
+    try:
+        # Longer than a worker waits for its master (10 s by default), so
+        # that it is that wait which says what is missing.
+        server.start(background=True, timeout=30.0 + (args.wait or 0.0))
+    except ServerCrashed as exc:  # it failed while start() was giving up
+        cause = exc.__cause__ or exc
+        if isinstance(cause, RegistryUnavailable | NoWiring):
+            raise _Missing(cause) from None
+        raise _start_failed(args, cause) from None
+    except (RegistryUnavailable, NoWiring) as exc:
+        raise _Missing(exc) from None
+    except RegistryError as exc:  # no master, access denied...
+        raise _start_failed(args, exc) from None
+    except PylmError:
+        raise
+    except (OSError, zmq.ZMQError, TimeoutError) as exc:
+        raise PylmError(f"server {args.name!r} could not start: {exc}") from None
+    except Exception as exc:  # in the user's code (its class's _open, say) or pylm's
+        where = _where(exc)
+        raise PylmError(
+            f"server {args.name!r} could not start: {type(exc).__name__}: {exc}"
+            + (f" ({where})" if where else "")
+        ) from None
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from pylm.errors import ServerCrashed
     from pylm.names import check_name
     from pylm.parallel import Worker
 
@@ -847,44 +895,50 @@ def run_server(args: argparse.Namespace) -> int:
         raise PylmError(f"{class_name} is a worker: give its master with --master NAME")
     if args.master and not is_worker:
         raise PylmError(f"--master is for workers; {class_name} is a {server_class.kind} server")
-    if args.wait is not None and not is_worker:
-        raise PylmError(f"--wait is for workers; {class_name} is a {server_class.kind} server")
-    if args.wait is not None:
-        options["wait"] = args.wait
-    try:
-        if is_worker:
-            server = server_class(args.name, args.master, **options)  # type: ignore[call-arg]
-        else:
-            server = server_class(args.name, **options)
-    except PylmError:
-        raise
-    except Exception as exc:
-        # A constructor of the user's that takes other arguments, say.
-        raise PylmError(
-            f"{class_name}({args.name!r}, ...) failed: {type(exc).__name__}: {exc}"
-            f" (pylm run creates it as {class_name}(NAME, registry=..., ttl=..., host=...))"
-        ) from None
+    if args.wait is not None and is_worker:
+        options["wait"] = args.wait  # the worker waits for its master itself
+
+    def create() -> BaseServer:
+        try:
+            if is_worker:
+                return server_class(args.name, args.master, **options)  # type: ignore[call-arg]
+            return server_class(args.name, **options)
+        except PylmError:
+            raise
+        except Exception as exc:
+            # A constructor of the user's that takes other arguments, say.
+            raise PylmError(
+                f"{class_name}({args.name!r}, ...) failed: {type(exc).__name__}: {exc}"
+                f" (pylm run creates it as {class_name}(NAME, registry=..., ttl=..., host=...))"
+            ) from None
+
     # SIGTERM (systemd, Docker, Kubernetes) and Ctrl-C stop it cleanly: it
     # deregisters, then serves what is still on its way, then closes.
     stop = _stop_on_signals()
-    try:
-        # Longer than a worker waits for its master (10 s by default), so
-        # that it is that wait which says what is missing.
-        server.start(background=True, timeout=30.0 + (args.wait or 0.0))
-    except ServerCrashed as exc:  # it failed while start() was giving up
-        raise _start_failed(args, exc.__cause__ or exc) from None
-    except RegistryError as exc:  # no master, etcd unreachable...
-        raise _start_failed(args, exc) from None
-    except PylmError:
-        raise
-    except (OSError, zmq.ZMQError, TimeoutError) as exc:
-        raise PylmError(f"server {args.name!r} could not start: {exc}") from None
-    except Exception as exc:  # in the user's code (its class's _open, say) or pylm's
-        where = _where(exc)
-        raise PylmError(
-            f"server {args.name!r} could not start: {type(exc).__name__}: {exc}"
-            + (f" ({where})" if where else "")
-        ) from None
+    # With --wait, a server that misses what it needs at start (etcd not up
+    # yet, a stage's wiring not written yet) tries again until then.
+    give_up = time.monotonic() + (args.wait or 0.0)
+    said = False
+    while True:
+        server = create()
+        try:
+            _start(server, args)
+            break
+        except _Missing as missing:
+            if stop.is_set():
+                return 0  # stopped before it could start
+            if time.monotonic() >= give_up:
+                raise _start_failed(args, missing.cause) from None
+            if not said:
+                print(
+                    f"pylm: server {args.name!r} waits, up to {args.wait:g} s, for what it"
+                    f" misses: {missing.cause}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            if stop.wait(_RETRY_START):
+                return 0
     while not stop.wait(_SIGNAL_SLICE):
         if not server.running:
             break  # it ended by itself (its messages limit, or a crash: stop() raises)

@@ -14,6 +14,7 @@ __all__ = [
     "InterfaceMismatch",
     "InvalidName",
     "NoInstance",
+    "NoWiring",
     "PayloadTooLarge",
     "ProtocolError",
     "PylmError",
@@ -166,6 +167,16 @@ class NoInstance(RegistryError, LookupError):
         self.cluster = cluster
         self.registry = registry
         self.waited = waited
+
+
+class NoWiring(RegistryError, LookupError):
+    """A stage started with only its name finds no next stage in the
+    registry: none was given, and ``pylm topology set`` or ``apply`` has not
+    written one yet. ``stage``: its name."""
+
+    def __init__(self, message: str, *, stage: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class InterfaceMismatch(RegistryError):

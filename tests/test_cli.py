@@ -229,7 +229,7 @@ FILES = {
         (["greeter.py:Greeter"], "pylm run: the following arguments are required: --name"),
         (["greeter.py:Greeter", "--name", "x", "--ttl", "0"], "--ttl: must be a positive"),
         (["greeter.py:Greeter", "--name", "x", "--master", "m"], "--master is for workers"),
-        (["greeter.py:Greeter", "--name", "x", "--wait", "5"], "--wait is for workers"),
+        (["greeter.py:Greeter", "--name", "x", "--wait", "-1"], "--wait: must be zero or a"),
     ],
 )
 def test_run_failures_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -633,3 +633,81 @@ def test_the_monitoring_example_runs_as_its_docs_say(
             load.wait(10)
         server.send_signal(signal.SIGINT)
         assert ended(server) == 0, server.stderr.read() if server.stderr else ""
+
+
+STAGE_MODULE = """
+from pylm.chained import Server
+
+class Step(Server):
+    def foo(self, message):
+        return message
+"""
+
+
+def _stderr_line(process: subprocess.Popen[str]) -> str:
+    """The next line ``process`` writes on stderr (it runs with stderr piped)."""
+    assert process.stderr is not None
+    return process.stderr.readline()
+
+
+@pytest.mark.timeout(60)
+def test_a_stage_run_with_wait_starts_once_its_wiring_is_written(
+    pylm_etcd: LocalEtcd, pylm_cluster: str, pylm_registry: Registry, tmp_path: Path
+) -> None:
+    """As in a cluster where the stages and `pylm topology apply` start
+    together: with --wait, a stage without its wiring says it waits, and
+    starts serving once the wiring is there; SIGTERM then stops it cleanly."""
+    module = tmp_path / "step.py"
+    module.write_text(STAGE_MODULE)
+    command = pylm_command(pylm_etcd, pylm_cluster, "run", f"{module}:Step", "--name", "s1")
+    stage = subprocess.Popen(
+        [*command, "--wait", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = _stderr_line(stage)
+        assert line.startswith("pylm: server 's1' waits, up to 30 s, for what it misses: stage")
+        assert "has no next stage" in line and stage.poll() is None
+        pylm_registry.set_config("s1", "s2.bar")
+        wait_for(lambda: len(pylm_registry.instances("s1")) == 1, 20, "the stage's record")
+        stage.send_signal(signal.SIGTERM)
+        assert ended(stage) == 0
+        assert pylm_registry.instances("s1") == []
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait(10)
+    # Without --wait, the same stage fails at once, in one line.
+    done = pylm(pylm_etcd, pylm_cluster, "run", f"{module}:Step", "--name", "s2")
+    assert "stage 's2' has no next stage" in one_line(done)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_run_with_wait_starts_once_etcd_answers(tmp_path: Path) -> None:
+    """etcd comes up after the server: the server waits, registers once it
+    answers, and a SIGTERM while it waits ends it at once, with 0."""
+    from pylm.processes import free_port
+
+    module = tmp_path / "greeter.py"
+    module.write_text(SERVER_MODULE)
+    etcd = LocalEtcd()
+    etcd.client_port = free_port()
+    run = [sys.executable, "-m", "pylm", "--registry", etcd.url, "--registry-timeout", "1"]
+    run += ["--cluster", "later", "run", f"{module}:Greeter", "--name", "g", "--wait", "30"]
+    early = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "cannot be reached" in _stderr_line(early)
+        early.send_signal(signal.SIGTERM)  # stopped while it waits
+        assert ended(early, timeout=5) == 0
+        assert "waits, up to 30 s" in _stderr_line(server)
+        etcd.start()
+        with Registry(etcd.url, cluster="later") as registry:
+            wait_for(lambda: len(registry.instances("g")) == 1, 30, "the server's record")
+        server.send_signal(signal.SIGTERM)
+        assert ended(server) == 0
+    finally:
+        for process in (early, server):
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        etcd.cleanup()

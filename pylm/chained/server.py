@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pylm.base import Options2016, ServerOptions
 from pylm.chained.outlet import Outlet, ToNextStage
 from pylm.chained.stage import DEFAULT_HWM, REWIRE_MS, Stage, addresses
-from pylm.errors import RegistryError
+from pylm.errors import NoWiring, RegistryError
 from pylm.liveness import Connections
 
 if TYPE_CHECKING:
@@ -211,9 +211,10 @@ class Server(Stage):
         except RegistryError as exc:  # the same kind: unavailable, access denied...
             raise type(exc)(f"stage {self.name!r} cannot read its next stage: {exc}") from exc
         if config is None:
-            raise RegistryError(
+            raise NoWiring(
                 f"stage {self.name!r} has no next stage: pass next_call='<server>.<function>'"
                 f" (the stage its results go to), or set it with"
-                f" `pylm topology set {self.name} --next <server>.<function>`"
+                f" `pylm topology set {self.name} --next <server>.<function>`",
+                stage=self.name,
             )
         return config
