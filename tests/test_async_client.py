@@ -104,6 +104,41 @@ def test_timeout_then_usable(serve: Serve) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.timeout(30)
+def test_each_call_times_out_at_its_own_deadline(serve: Serve) -> None:
+    """Calls in flight with other timeouts: a later call with a shorter
+    timeout ends at its own deadline, not at an earlier call's; the calls
+    that time out together all end; a call answered in time is not failed."""
+    release = threading.Event()
+
+    class Slow(Server):
+        def wait(self, message: bytes) -> bytes:
+            if message != b"quick":
+                release.wait(10)
+            return message
+
+    server = serve(Slow("slow", "tcp://127.0.0.1:0", log_stdout=False, concurrency=8))
+
+    async def main() -> None:
+        async with AsyncClient(server.address, "slow") as client:
+            loop = asyncio.get_running_loop()
+            long = asyncio.ensure_future(client.job("wait", b"long", timeout=8))
+            await asyncio.sleep(0)  # sent first, with the later deadline
+            began = loop.time()
+            with pytest.raises(RequestTimeout, match=r"within 0\.3 s"):
+                await client.job("wait", b"short", timeout=0.3)
+            assert loop.time() - began < 2  # not at the 8 s of the call before it
+            together = [client.job("wait", b"%d" % i, timeout=0.2) for i in range(5)]
+            outcomes = await asyncio.gather(*together, return_exceptions=True)
+            assert all(isinstance(outcome, RequestTimeout) for outcome in outcomes)
+            assert await client.job("wait", b"quick", timeout=0.5) == b"quick"
+            assert not long.done()
+            release.set()
+            assert await long == b"long"
+
+    asyncio.run(main())
+
+
 def test_close_fails_calls_in_flight(free_tcp_address: str) -> None:
     async def main() -> None:
         client = AsyncClient(free_tcp_address, "nobody")

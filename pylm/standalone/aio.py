@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -85,6 +86,12 @@ class AsyncClient(Caller):
         # descriptor: no trip through the loop for each message sent or read.
         self._socket: zmq.Socket | None = None
         self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        # Each call's deadline: (loop time due, function, timeout, drops when
+        # sent). One timer for them all, at the earliest (a timer a call
+        # cost a heap entry and its cancelling each).
+        self._deadlines: dict[int, tuple[float, str, float, int]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
         self._room: asyncio.Future[None] | None = None  # resolved when sends fit again
         self._look_scheduled = False
         self._turn = 0  # which instance goes first among the least loaded
@@ -155,8 +162,13 @@ class AsyncClient(Caller):
         future: asyncio.Future[protocol.Message] = loop.create_future()
         self._pending[msg_id] = future
         # A call that gets no answer says whether a connection dropped since it was sent.
-        drops = self._connections.drops
-        timer = loop.call_later(timeout, self._expire, msg_id, what, timeout, drops)
+        due = loop.time() + timeout
+        self._deadlines[msg_id] = (due, what, timeout, self._connections.drops)
+        if due < self._sweep_at:
+            self._sweep_at = due
+            if self._sweep is not None:
+                self._sweep.cancel()
+            self._sweep = loop.call_at(due, self._expire_due)
         load = self._load
         sent_on: list[zmq.Socket] = []  # where it went: a call in flight on each
         try:
@@ -173,7 +185,7 @@ class AsyncClient(Caller):
                 return await future
             return await self._until_answered(future, main, what, frames, msg_id, sent_on)
         finally:
-            timer.cancel()
+            del self._deadlines[msg_id]
             self._pending.pop(msg_id, None)
             for socket in sent_on:
                 if socket in load:  # not closed meanwhile (_forget_side)
@@ -259,10 +271,22 @@ class AsyncClient(Caller):
                 sent_on.append(socket)
                 load[socket] = load.get(socket, 0) + 1
 
-    def _expire(self, msg_id: int, what: str, timeout: float, drops: int) -> None:
-        future = self._pending.pop(msg_id, None)
-        if future is not None and not future.done():
-            future.set_exception(self._lost_or_timeout(what, timeout, drops))
+    def _expire_due(self) -> None:
+        """Fail the calls whose time is up, and set the timer for the
+        earliest of the others."""
+        self._sweep, self._sweep_at = None, math.inf
+        loop = asyncio.get_running_loop()
+        now, earliest = loop.time(), math.inf
+        for msg_id, (due, what, timeout, drops) in list(self._deadlines.items()):
+            if due > now:
+                earliest = min(earliest, due)
+                continue
+            future = self._pending.pop(msg_id, None)
+            if future is not None and not future.done():
+                future.set_exception(self._lost_or_timeout(what, timeout, drops))
+        if earliest < math.inf:
+            self._sweep_at = earliest
+            self._sweep = loop.call_at(earliest, self._expire_due)
 
     def _open(self) -> zmq.Socket:
         if self._closed:
@@ -400,6 +424,9 @@ class AsyncClient(Caller):
     async def close(self) -> None:
         """Fail the calls still in flight and close the socket."""
         self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep, self._sweep_at = None, math.inf
         socket, self._socket = self._socket, None
         if socket is not None and self._loop is not None:
             self._loop.remove_reader(socket.fileno())
