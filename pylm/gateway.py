@@ -60,7 +60,7 @@ from pylm.errors import (
 from pylm.jobs_async import AsyncJobs
 from pylm.names import check_name
 from pylm.protocol import DEFAULT_MAX_PAYLOAD
-from pylm.transport import public_host
+from pylm.transport import is_wildcard, public_host
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -591,7 +591,7 @@ class HTTPServer:
         if self.name is not None:
             from pylm.registry import InstanceRecord
 
-            if self.host in ("0.0.0.0", "::", "*"):  # the address that reaches the registry
+            if is_wildcard(self.host):  # the address that reaches the registry
                 where = public_host(self.gateway.registry.config.endpoints)
             else:
                 where = f"[{self.host}]" if ":" in self.host else self.host

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pylm.errors import InterfaceMismatch, RegistryError
 from pylm.security import Curve
 from pylm.telemetry.counting import ServerStats
-from pylm.transport import public_host
+from pylm.transport import is_wildcard, public_host
 
 if TYPE_CHECKING:
     from pylm.registry import InstanceRecord, Registration, Registry
@@ -212,7 +212,7 @@ class Registrar:
         replaced by this host's name."""
         scheme, _, rest = address.partition("://")
         host, colon, _ = rest.partition("/")[0].rpartition(":")
-        if colon and host in ("0.0.0.0", "*", "[::]"):
+        if colon and is_wildcard(host):
             if self._public_host is None:
                 self._public_host = public_host(self.endpoints())
             return f"{scheme}://{self._public_host}:{rest[len(host) + 1 :]}"

@@ -26,6 +26,7 @@ __all__ = [
     "close_socket",
     "copied",
     "default_context",
+    "is_wildcard",
     "public_host",
     "read_envelope",
     "recv_message",
@@ -83,6 +84,12 @@ def bind(socket: zmq.Socket, address: str) -> str:
         raise AddressError(f"cannot bind {address!r}: {exc}") from exc
     endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)
     return endpoint or address
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` (as bound, IPv6 in brackets or not) means every
+    interface: then others reach it at :func:`public_host`."""
+    return host in ("0.0.0.0", "*", "::", "[::]")
 
 
 def public_host(peers: Iterable[tuple[str, int]]) -> str:
