@@ -165,10 +165,7 @@ class AsyncClient(Caller):
         due = loop.time() + timeout
         self._deadlines[msg_id] = (due, what, timeout, self._connections.drops)
         if due < self._sweep_at:
-            self._sweep_at = due
-            if self._sweep is not None:
-                self._sweep.cancel()
-            self._sweep = loop.call_at(due, self._expire_due)
+            self._sweep_from(loop, due)
         load = self._load
         sent_on: list[zmq.Socket] = []  # where it went: a call in flight on each
         try:
@@ -271,10 +268,18 @@ class AsyncClient(Caller):
                 sent_on.append(socket)
                 load[socket] = load.get(socket, 0) + 1
 
+    def _sweep_from(self, loop: asyncio.AbstractEventLoop | None, due: float) -> None:
+        """The deadline timer, set for ``due`` (none for ``inf``, or without a loop)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep, self._sweep_at = None, due
+        if loop is not None and due < math.inf:
+            self._sweep = loop.call_at(due, self._expire_due)
+
     def _expire_due(self) -> None:
         """Fail the calls whose time is up, and set the timer for the
         earliest of the others."""
-        self._sweep, self._sweep_at = None, math.inf
+        self._sweep = None
         loop = asyncio.get_running_loop()
         now, earliest = loop.time(), math.inf
         for msg_id, (due, what, timeout, drops) in list(self._deadlines.items()):
@@ -284,9 +289,7 @@ class AsyncClient(Caller):
             future = self._pending.pop(msg_id, None)
             if future is not None and not future.done():
                 future.set_exception(self._lost_or_timeout(what, timeout, drops))
-        if earliest < math.inf:
-            self._sweep_at = earliest
-            self._sweep = loop.call_at(earliest, self._expire_due)
+        self._sweep_from(loop, earliest)
 
     def _open(self) -> zmq.Socket:
         if self._closed:
@@ -424,9 +427,7 @@ class AsyncClient(Caller):
     async def close(self) -> None:
         """Fail the calls still in flight and close the socket."""
         self._closed = True
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep, self._sweep_at = None, math.inf
+        self._sweep_from(None, math.inf)
         socket, self._socket = self._socket, None
         if socket is not None and self._loop is not None:
             self._loop.remove_reader(socket.fileno())
