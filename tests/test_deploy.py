@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +397,21 @@ def test_prometheus_scrapes_every_instance_the_registry_lists(stack: kube.Stack)
         assert json.load(answer)["data"]["result"][0]["value"][1] == "1"
 
 
+def _while_jobs_flow(
+    stack: kube.Stack, client: str, metrics: str | None, disrupt: Callable[[], object]
+) -> None:
+    """A client container sends 60,000 jobs through the pipeline; once the
+    instance serving ``metrics`` has taken 1,000 of them, ``disrupt()`` runs
+    while the jobs still flow (asserted), and the client gets every result."""
+    served = _calls(metrics, "reverse")
+    stack.run(client, "client.py", "60000", detach=True)
+    wait_for(lambda: _calls(metrics, "reverse") > served + 1000, 60, "jobs on the instance")
+    disrupt()
+    assert _running(stack, client), "the jobs ended before the disruption"
+    assert stack.wait(client, timeout=120) == 0, stack.logs(client)
+    assert "60000 jobs, 60000 right results" in stack.logs(client)
+
+
 @pytest.mark.timeout(900)
 def test_a_stage_scales_up_and_down_while_jobs_flow(stack: kube.Stack) -> None:
     """A third instance of reverse registers, takes jobs and is scraped.
@@ -414,37 +429,26 @@ def test_a_stage_scales_up_and_down_while_jobs_flow(stack: kube.Stack) -> None:
         assert "2000 jobs, 2000 right results" in stack.run("pylm-test-up", "client.py", "2000")
         assert _calls(new.metrics, "reverse") > 0
         wait_for(lambda: new.metrics in _scraped(stack), 60, "Prometheus scraping the new one")
-        served = _calls(new.metrics, "reverse")
-        stack.run("pylm-test-down", "client.py", "60000", detach=True)
-        wait_for(
-            lambda: _calls(new.metrics, "reverse") > served + 1000,
-            timeout=60,
-            what="jobs on the instance to stop",
-        )
-        stack.podman("pod", "stop", "-t", "30", "reverse-pod-9")
-        assert _running(stack, "pylm-test-down"), "the jobs ended before the scale-down"
-        assert "reverse-pod-9" not in [r.host for r in registry.instances("reverse")]
+
+        def scale_down() -> None:
+            stack.podman("pod", "stop", "-t", "30", "reverse-pod-9")
+            assert "reverse-pod-9" not in [r.host for r in registry.instances("reverse")]
+
+        _while_jobs_flow(stack, "pylm-test-down", new.metrics, scale_down)
     status = stack.podman("inspect", "reverse-pod-9-server", "--format", "{{.State.ExitCode}}")
     assert status.strip() == "0", stack.logs("reverse-pod-9-server")
-    assert stack.wait("pylm-test-down", timeout=120) == 0, stack.logs("pylm-test-down")
-    assert "60000 jobs, 60000 right results" in stack.logs("pylm-test-down")
 
 
 @pytest.mark.timeout(900)
 def test_no_job_is_lost_when_a_pod_is_killed(stack: kube.Stack) -> None:
     with Registry(stack.etcd) as registry:
         (victim,) = [r for r in registry.instances("reverse") if r.host == "reverse-pod-0"]
-    before = _calls(victim.metrics, "reverse")
-    stack.run("pylm-test-kill", "client.py", "60000", detach=True)
-    wait_for(
-        lambda: _calls(victim.metrics, "reverse") > before + 1000,
-        timeout=60,
-        what="jobs on the pod to kill",
+    _while_jobs_flow(
+        stack,
+        "pylm-test-kill",
+        victim.metrics,
+        lambda: stack.podman("pod", "kill", "--signal", "KILL", "reverse-pod-0"),
     )
-    stack.podman("pod", "kill", "--signal", "KILL", "reverse-pod-0")
-    assert _running(stack, "pylm-test-kill"), "the jobs ended before the kill"
-    assert stack.wait("pylm-test-kill", timeout=120) == 0, stack.logs("pylm-test-kill")
-    assert "60000 jobs, 60000 right results" in stack.logs("pylm-test-kill")
     started = time.monotonic()
     assert "2000 jobs, 2000 right results" in stack.run("pylm-test-after", "client.py", "2000")
     assert time.monotonic() - started < 30
