@@ -197,6 +197,29 @@ def test_only_the_pull_address_wrong_fails_at_once(pipeline: Pipeline) -> None:
             list(client.job("foo", [b"x"], timeout=10))
 
 
+def test_the_wrong_pull_address_is_named_when_the_monitor_reports_late(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monitors' events come from libzmq's I/O thread, after the
+    greeting of the last stage may have ended: the client waits for its
+    jobs connection's first attempt to be reported, then names the wrong
+    address (the jobs would otherwise wait out the timeout)."""
+    from pylm.chained import wiring
+
+    note = wiring._Watch._note
+
+    def late(watch: Any, event: Any) -> None:
+        time.sleep(0.2)  # a loaded machine: the monitor thread runs late
+        note(watch, event)
+
+    monkeypatch.setattr(wiring._Watch, "_note", late)
+    with LoopClient(
+        pipeline.last.push, pipeline.last.push, pipeline.step1.db, "step1", announce=False
+    ) as client:
+        with pytest.raises(PylmError, match="not a first stage's pull socket"):
+            list(client.job("foo", [b"x"], timeout=10))
+
+
 def test_a_cache_address_as_push_address_is_named(pipeline: Pipeline) -> None:
     with LoopClient(
         pipeline.step1.db, pipeline.step1.address, pipeline.step1.db, "step1", announce=False

@@ -292,7 +292,7 @@ class LoopClient(Caller, WindowedClient, Closing):
         jobs.setsockopt(zmq.LINGER, 0)
         jobs.setsockopt(zmq.SNDHWM, self._hwm)
         if self._wiring.watches:  # a socket has one monitor: the wiring's, until greeted
-            self._wiring.watch_jobs(jobs)
+            self._wiring.watch_jobs(jobs, endpoint)
         else:
             self._connections.watch(jobs, drops=True)  # its live peers, for the metrics
         jobs.connect(endpoint)

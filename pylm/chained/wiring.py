@@ -37,6 +37,7 @@ LAST_KINDS = ("chained-last", "sink")  # the kinds of stage that answer clients
 
 _WATCHED_EVENTS = (
     zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -135,8 +136,17 @@ class _Watch:
         self._shook: dict[str, bool] = {}  # endpoint -> handshake done, since connected
         self._secured: set[str] = set()  # endpoints whose peer uses another mechanism
         self._refused: str | None = None
+        self._tried: set[str] = set()  # endpoints whose first connection attempt ended
+        self._expected = 0  # connections made that report their attempts (tcp, ipc)
         self._heard = threading.Event()  # set at each event, for wait_for_handshakes
         monitors.watch(socket, _WATCHED_EVENTS, self._note)
+
+    def expect(self, endpoint: str) -> None:
+        """Count a connection the socket makes to ``endpoint``: the handshakes
+        are waited for until its first attempt is known to have ended
+        (libzmq reports the attempts of tcp and ipc connections only)."""
+        if endpoint.startswith(("tcp://", "ipc://")):
+            self._expected += 1
 
     def refused(self) -> str | None:
         """Why a peer refused the connection in the handshake, if one did:
@@ -146,8 +156,14 @@ class _Watch:
     def wait_for_handshakes(self, deadline: float) -> None:
         """Wait, until ``deadline`` (monotonic time) at most, for the
         handshakes of the connections made to end (in success, or in a
-        refusal): a peer of the wrong kind is then known before jobs go."""
-        while self._refused is None and False in list(self._shook.values()):
+        refusal), and for every connection expected to have made its first
+        attempt (the monitor's events come from libzmq's I/O thread, later
+        than the connect): a peer of the wrong kind is then known before
+        jobs go. A peer not listening (the attempt is retried) is not
+        waited for."""
+        while self._refused is None and (
+            len(self._tried) < self._expected or False in list(self._shook.values())
+        ):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -162,6 +178,8 @@ class _Watch:
 
     def _noted(self, event: monitors.Event) -> None:
         endpoint, kind = event.endpoint, event.kind
+        if kind in (zmq.EVENT_CONNECTED, zmq.EVENT_CONNECT_RETRIED):
+            self._tried.add(endpoint)
         if kind == zmq.EVENT_CONNECTED:
             self._shook[endpoint] = False
         elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -250,10 +268,12 @@ class Wiring:
         """Whether the handshakes of the client's sockets are watched until the greeting."""
         return self._watch
 
-    def watch_jobs(self, jobs: zmq.Socket) -> None:
-        """Watch the client's jobs socket (given addresses, before it connects)."""
+    def watch_jobs(self, jobs: zmq.Socket, endpoint: str) -> None:
+        """Watch the client's jobs socket (given addresses, before it
+        connects to ``endpoint``)."""
         if self._watch:
             self._jobs_watch = _Watch(jobs, "a first stage's pull socket, which jobs go to")
+            self._jobs_watch.expect(endpoint)
 
     def _socket(self, address: str) -> zmq.Socket:
         """A socket receiving results from the last stage instance at ``address``."""
