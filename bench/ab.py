@@ -34,7 +34,7 @@ import tarfile
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIDES = ("old", "new")
@@ -46,6 +46,7 @@ class Numbers:
 
     rates: list[float] = field(default_factory=list)
     to_raw: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU µs per job, every process
 
 
 Table = dict[str, dict[str, Numbers]]  # configuration -> side -> numbers
@@ -75,25 +76,38 @@ def export(rev: str, into: pathlib.Path) -> pathlib.Path:
     return into
 
 
-def configurations(result: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
-    """Configuration -> (rate, ratio to raw) from a benchmark's JSON:
-    the harness's (``bench.rpc``, ``bench.pipeline``) or ``bench.stage``'s."""
-    found: dict[str, tuple[float, float | None]] = {}
+class Measured(NamedTuple):
+    """One configuration's numbers in one run of a benchmark."""
+
+    rate: float
+    to_raw: float | None  # the rate's ratio to raw pyzmq's in the same run
+    cpu: float | None  # CPU µs per job (the stage's serving thread for bench.stage)
+
+
+def configurations(result: dict[str, Any]) -> dict[str, Measured]:
+    """Configuration -> its numbers, from a benchmark's JSON: the
+    harness's (``bench.rpc``, ``bench.pipeline``) or ``bench.stage``'s."""
+    found: dict[str, Measured] = {}
     if "results" in result:
         for row in result["results"]:
             if row["median_per_s"] is None:
                 continue
             name = f"{row['label']}, {row['payload_bytes']} B, {row['clients']} client(s)"
-            found[name] = (row["median_per_s"], row["ratio_to_raw"])
+            found[name] = Measured(
+                row["median_per_s"], row["ratio_to_raw"], row.get("cpu_us_per_call")
+            )
     else:
         for mode, rates in result["rounds_per_s"].items():
-            found[f"stage, metrics {mode}"] = (statistics.median(rates), None)
+            cpu = result.get("cpu_us", {}).get(mode)
+            found[f"stage, metrics {mode}"] = Measured(
+                statistics.median(rates), None, statistics.median(cpu) if cpu else None
+            )
     return found
 
 
 def run_side(
     module: str, args: Sequence[str], first: pathlib.Path, expected: str, out: pathlib.Path
-) -> dict[str, tuple[float, float | None]]:
+) -> dict[str, Measured]:
     """Run the benchmark once with ``first`` ahead of the checkout on the path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(first), str(ROOT)]))
     # -P: no working folder on sys.path, which would put the checkout's pylm first.
@@ -135,6 +149,23 @@ def report(table: Table, rev: str, rounds: int) -> str:
             f"| {name} | {number(old, ',.0f')} | {number(new, ',.0f')} | {ratio(new, old)}"
             f" | {number(old_raw, '.3f')} | {number(new_raw, '.3f')} | {ratio(new_raw, old_raw)} |"
         )
+    spent = {name: sides for name, sides in table.items() if sides["old"].cpu or sides["new"].cpu}
+    if spent:
+        lines += [
+            "",
+            "CPU per job, every process of the configuration (time other processes of the"
+            " machine take is not counted, so this moves less than the rates);"
+            " old/new above 1: the new code spends less.",
+            "",
+            "| configuration | old µs CPU/job | new µs CPU/job | old/new |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, sides in spent.items():
+            old_cpu, new_cpu = median(sides["old"].cpu), median(sides["new"].cpu)
+            lines.append(
+                f"| {name} | {number(old_cpu, ',.2f')} | {number(new_cpu, ',.2f')}"
+                f" | {ratio(old_cpu, new_cpu)} |"
+            )
     return "\n".join(lines)
 
 
@@ -166,13 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index in range(args.rounds):
             for side in SIDES if index % 2 == 0 else SIDES[::-1]:
                 print(f"round {index + 1}/{args.rounds}: {side} ({digests[side]})", file=sys.stderr)
-                for name, (rate, to_raw) in run_side(
+                for name, measured in run_side(
                     module, options, trees[side], digests[side], out
                 ).items():
                     numbers = table.setdefault(name, {s: Numbers() for s in SIDES})[side]
-                    numbers.rates.append(rate)
-                    if to_raw is not None:
-                        numbers.to_raw.append(to_raw)
+                    numbers.rates.append(measured.rate)
+                    if measured.to_raw is not None:
+                        numbers.to_raw.append(measured.to_raw)
+                    if measured.cpu is not None:
+                        numbers.cpu.append(measured.cpu)
     print(report(table, args.rev, args.rounds))
     return 0
 

@@ -84,6 +84,7 @@ class Series:
     rates: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     latencies: list[dict[str, float]] = field(default_factory=list)  # per round, µs
+    cpu: list[float] = field(default_factory=list)  # per round: CPU µs per call, all processes
 
     @property
     def latency(self) -> dict[str, float] | None:
@@ -98,6 +99,11 @@ class Series:
     @property
     def median(self) -> float | None:
         return statistics.median(self.rates) if self.rates else None
+
+    @property
+    def cpu_median(self) -> float | None:
+        """CPU µs per call of every process of the system (median of the rounds)."""
+        return statistics.median(self.cpu) if self.cpu else None
 
 
 Results = dict[tuple[str, Cell], Series]
@@ -175,6 +181,44 @@ class Children:
     def stop_all(self) -> None:
         self.stop(list(self._all))
 
+    def cpu_seconds(self) -> float | None:
+        """The CPU time (user and system) the running children and their own
+        children have used so far; None where /proc does not tell."""
+        pids = {child.process.pid for child in self._all if child.process.pid is not None}
+        return cpu_seconds(pids)
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: set[int]) -> float | None:
+    """CPU seconds used by the processes ``pids`` and their descendants
+    (their threads included), read from /proc; None without /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    parents: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                text = stat.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(b")") + 2 :].split()  # after the command's name
+        parents[int(entry)] = int(fields[1])
+        used[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+    counted = {pid for pid in pids if pid in used}
+    growing = True
+    while growing:  # descendants: a child's own processes (an etcd, a server it ran)
+        more = {pid for pid, parent in parents.items() if parent in counted} - counted
+        counted |= more
+        growing = bool(more)
+    return sum(used[pid] for pid in counted) / _TICK
+
 
 def send(child: Child, message: tuple[Any, ...]) -> None:
     try:
@@ -205,10 +249,14 @@ def measure(
     settings: Settings,
     log: Log,
     latencies: list[float] | None = None,
-) -> float:
+    children: Children | None = None,
+) -> tuple[float, float | None]:
     """Warm up ``cell.clients`` clients, run them in one common window;
-    return the calls per second they completed together. Clients that time
-    each call add those times (seconds) to ``latencies``."""
+    return the calls per second they completed together and, given the
+    session's ``children``, the CPU µs per call every process of it used in
+    that window (steadier than the rate on a shared machine: time other
+    processes take is not counted). Clients that time each call add those
+    times (seconds) to ``latencies``."""
     active = clients[: cell.clients]
     for child in active:
         send(child, ("cell", cell.payload, settings.warmup))
@@ -218,6 +266,11 @@ def measure(
     end = start + settings.duration
     for child in active:
         send(child, ("go", start, end))
+    used: list[float | None] = []
+    if children is not None:
+        for instant in (start, end):
+            time.sleep(max(0.0, instant - time.monotonic()))
+            used.append(children.cpu_seconds())
     calls, late = 0, 0.0
     for child in active:
         count, lateness, *samples = expect(child, "done", GO_MARGIN + settings.duration + SLACK)
@@ -227,7 +280,10 @@ def measure(
             latencies.extend(samples[0])
     if late > 0:
         log(f"  warning: a client got its start order {late * 1000:.1f} ms late")
-    return calls / settings.duration
+    cpu = None
+    if len(used) == 2 and used[0] is not None and used[1] is not None and calls:
+        cpu = (used[1] - used[0]) / calls * 1e6
+    return calls / settings.duration, cpu
 
 
 # ------------------------------------------------------------------------- rounds
@@ -261,12 +317,15 @@ def run_rounds(
                     with session(children, system, cells) as clients:
                         for cell in cells:
                             samples: list[float] = []
-                            rate = measure(clients, cell, settings, log, samples)
+                            rate, cpu = measure(clients, cell, settings, log, samples, children)
                             results[system.id, cell].rates.append(rate)
+                            if cpu is not None:
+                                results[system.id, cell].cpu.append(cpu)
                             if samples:
                                 results[system.id, cell].latencies.append(percentiles(samples))
                             measured += 1
-                            log(f"{tag} | {cell.label}: {rate:,.0f} {unit}")
+                            spent = "" if cpu is None else f", {cpu:,.1f} µs CPU each"
+                            log(f"{tag} | {cell.label}: {rate:,.0f} {unit}{spent}")
                 except BenchError as error:
                     log(f"{tag} FAILED: {error}")
                     for cell in cells[measured:]:
@@ -438,6 +497,8 @@ def to_json(
                 "ratio_to_raw": ratio_to_raw(series, results),
                 "latency_us": series.latency,
                 "latency_us_per_round": series.latencies,
+                "cpu_us_per_call": series.cpu_median,
+                "cpu_us_per_call_per_round": series.cpu,
                 "errors": series.errors,
             }
             for series in results.values()

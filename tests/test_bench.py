@@ -43,6 +43,7 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     assert "| 100 B |" in smoke_run("pipeline", out)
     results = json.loads(out.read_text())["results"]
     assert all(result["median_per_s"] > 0 for result in results)
+    assert all(result["cpu_us_per_call"] > 0 for result in results)  # every process counted
     assert len(results) == 15  # raw, pylm, pylm batch=1, AsyncLoopClient, metrics off; 3 payloads
 
 
@@ -61,6 +62,7 @@ def test_ab_runs_a_benchmark_with_both_sides() -> None:
     assert "round 1/1: old (" in run.stderr and "round 1/1: new (" in run.stderr
     for mode in ("on", "off"):
         assert f"| stage, metrics {mode} |" in run.stdout
+    assert "| configuration | old µs CPU/job | new µs CPU/job | old/new |" in run.stdout
 
 
 @pytest.mark.timeout(170)
