@@ -106,7 +106,7 @@ JOB_TIMEOUT = 30.0  # s: pylm's per-job deadline; a job this late is a failure a
 WORKERS_LIMIT = 30.0  # s the master gets to see all its workers
 FAMILIES = ("raw", "pylm")  # raw: the baseline of each table
 FULL = Timing(duration=3.0, warmup=1.0, rounds=3)
-QUICK = Timing(duration=0.3, warmup=0.2, rounds=1)
+QUICK = Timing(duration=0.1, warmup=0.05, rounds=1)
 
 Ready = Callable[[Any], None]
 

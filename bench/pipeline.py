@@ -85,7 +85,7 @@ PAYLOADS = (100, 10 * 1024, 1024 * 1024)
 FAMILIES = ("raw", "pylm", "pylm-unbatched", "pylm-async", "pylm-quiet")  # run by default
 CHOICES = (*FAMILIES, "pylm-batch64")  # --only may also ask for these
 FULL = Timing(duration=5.0, warmup=1.0, rounds=3)
-QUICK = Timing(duration=0.5, warmup=0.2, rounds=1)
+QUICK = Timing(duration=0.1, warmup=0.05, rounds=1)
 REPORT = Report(
     what=f"Jobs per second through {STAGES} stages, {IN_FLIGHT} in flight"
     f" ({LARGE_IN_FLIGHT} of 1 MiB)",

@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.systems import SYSTEMS, Driver
 
-__all__ = ["client_main", "drive", "serve", "server_main"]
+__all__ = ["client_main", "drive", "exit_on_stop", "serve", "server_main"]
 
 
 def _ignore_sigint() -> None:
@@ -44,7 +44,8 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _exit_on_stop(conn: Connection) -> None:
+def exit_on_stop(conn: Connection) -> None:
+    """Exit the process at the parent's first word, or when it goes (run in a thread)."""
     try:
         conn.recv()
     except (EOFError, OSError):
@@ -56,7 +57,7 @@ def serve(server: Callable[[Callable[[Any], None]], None], conn: Connection) -> 
     """Run ``server``, which reports where it listens through the function it
     is given (sent as ``("ready", where)``), until told to stop."""
     _ignore_sigint()
-    threading.Thread(target=_exit_on_stop, args=(conn,), daemon=True).start()
+    threading.Thread(target=exit_on_stop, args=(conn,), daemon=True).start()
     try:
         server(lambda where: conn.send(("ready", where)))
     except BaseException:

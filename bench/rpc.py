@@ -90,7 +90,7 @@ FAMILIES = {  # --only name -> (column title, modules it needs)
 SYNC_SYSTEMS = ("raw-req", "pylm", "pylm-quiet", "zerorpc", "pyro5")
 PIPELINED_SYSTEMS = ("raw-dealer", "pylm-async")
 FULL = Timing(duration=1.5, warmup=0.5, rounds=3)
-QUICK = Timing(duration=0.2, warmup=0.1, rounds=1)
+QUICK = Timing(duration=0.1, warmup=0.05, rounds=1)
 REPORT = Report(
     what="Round trips per second",
     notes="raw pyzmq: REQ client / REP server; in the pipelined row, DEALER client / ROUTER"

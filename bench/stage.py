@@ -39,12 +39,14 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 
 import zmq
 
 from bench.harness import BenchError, Children, expect, machine, send
+from bench.processes import exit_on_stop
 
 PAYLOAD = 100
 MODES = ("on", "off")  # metrics
@@ -86,8 +88,9 @@ def stage_main(mode: str, downstream: str, conn: Connection) -> None:
 
 
 def feeder_main(address: str, conn: Connection) -> None:
-    """Sends the same one-frame request to ``address`` until killed."""
+    """Sends the same one-frame request to ``address`` until told to stop."""
     _pin(0)
+    threading.Thread(target=exit_on_stop, args=(conn,), daemon=True).start()
     from pylm import protocol
 
     frames = protocol.encode(
