@@ -189,6 +189,49 @@ def test_a_stage_sends_the_results_of_the_jobs_waiting_in_its_input_on_together(
     assert messages < 51
 
 
+class Grows(Server):
+    """Answers a job with as many bytes as it asks for."""
+
+    def grow(self, message: bytes) -> bytes:
+        return b"r" * int(message)
+
+
+def test_a_stage_passes_a_batchs_results_on_in_order_8_kib_of_payloads_a_message(
+    raw_socket: RawSocket, serve: Callable[[Grows], Grows]
+) -> None:
+    """The jobs of one BATCH whose results are larger than the jobs: the
+    stage sends the results on in the jobs' order, at most 8 KiB of
+    payloads in a BATCH (a larger result alone), never one huge message."""
+    after = raw_socket(zmq.PULL)
+    port = after.bind_to_random_port("tcp://127.0.0.1")
+    stage = serve(Grows("grows", ANY, f"tcp://127.0.0.1:{port}", "next.g", ANY, log_stdout=False))
+    sizes = [100, 20_000, 100, 100, *[3_000] * 5, 100, 200_000, *[10] * 20, 9_000]
+    bodies = [
+        protocol.encode(protocol.REQUEST, n + 1, b"%d" % size, b"grows.grow", b"route")[0]
+        for n, size in enumerate(sizes)
+    ]
+    jobs = raw_socket(zmq.PUSH)
+    jobs.connect(stage.address)
+    jobs.send(protocol.pack_batch(bodies))
+    results: list[protocol.Message] = []
+    while len(results) < len(sizes):
+        assert after.poll(10_000), f"{len(results)} of {len(sizes)} results"
+        carried_now = [protocol.decode(frames) for frames in split(after.recv_multipart())]
+        payloads = [len(message.payload) for message in carried_now]
+        assert len(carried_now) == 1 or sum(payloads) - payloads[-1] < protocol.BATCH_BYTES
+        results += carried_now
+    assert [message.msg_id for message in results] == list(range(1, len(sizes) + 1))
+    assert [len(message.payload) for message in results] == sizes
+
+
+def split(frames: list[bytes]) -> list[list[bytes]]:
+    """A message's jobs: those of a BATCH one by one (a one-frame job each),
+    else the message itself (a payload in a frame of its own included)."""
+    if len(frames) == 1 and frames[0][3] == protocol.BATCH:
+        return [[body] for body in protocol.unpack_batch(frames[0])]
+    return [frames]
+
+
 # ------------------------------------------------------------------ master and workers
 
 

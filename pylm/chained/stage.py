@@ -45,7 +45,6 @@ from pylm.protocol import (
     LEAD,
     NO_DEADLINE,
     ONE_FRAME_REQUEST,
-    SPLIT_PAYLOAD,
     expiry_stamp,
     past_deadline,
     read_id,
@@ -335,7 +334,17 @@ class Stage(BaseServer):
             for job in jobs:
                 self._handle([job])
             return len(jobs), 0
-        results: list[tuple[bytes, bytes]] = []  # (route, message) in order
+        # Results go on in the jobs' order: together, up to BATCH_BYTES of
+        # payloads a BATCH; one larger goes alone, after those before it.
+        results: list[tuple[bytes, bytes]] = []  # (route, message), to send together
+        filled = passed = 0
+
+        def flush() -> None:
+            nonlocal results, filled, passed
+            passed += len(results)
+            output.send_batch(results)
+            results, filled = [], 0
+
         call = self._call
         expiry = expiry_stamp(_time())
         for index, job in enumerate(jobs):
@@ -360,18 +369,22 @@ class Stage(BaseServer):
                         if len(failure) == 1:
                             results.append((job[start:end], failure[0]))
                         else:  # too large for a batch: on its own
+                            flush()
                             output.send_error(protocol.decode([job]), error)
                         continue
-                    if len(result) > SPLIT_PAYLOAD:  # too large for a batch: on its own
+                    if len(result) > BATCH_BYTES:  # too large for a batch: on its own
+                        flush()
                         output.send_fast(job, start, end, result)
-                    else:
-                        results.append(
-                            (job[start:end], output.fast_message(job, start, end, result))
-                        )
+                        continue
+                    results.append((job[start:end], output.fast_message(job, start, end, result)))
+                    filled += len(result)
+                    if filled >= BATCH_BYTES:
+                        flush()
                     continue
+            flush()  # what came before goes first
             self._handle([job])  # anything else: one by one, as ever
-        output.send_batch(results)
-        return len(jobs), len(results)
+        flush()
+        return len(jobs), passed
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         """Serve a socket other than the input: here the cache (and stop)."""
