@@ -153,9 +153,10 @@ def report(table: Table, rev: str, rounds: int) -> str:
     if spent:
         lines += [
             "",
-            "CPU per job, every process of the configuration (what other processes of the"
-            " machine take is not counted; where the configuration keeps every core busy it"
-            " moves with the rate); old/new above 1: the new code spends less.",
+            "CPU per job: every process of the configuration (bench.stage: the stage's"
+            " serving thread); what other processes of the machine take is not counted; where"
+            " the configuration keeps every core busy it moves with the rate. old/new above 1:"
+            " the new code spends less.",
             "",
             "| configuration | old µs CPU/job | new µs CPU/job | old/new |",
             "|---|---:|---:|---:|",

@@ -190,38 +190,55 @@ def test_a_stage_sends_the_results_of_the_jobs_waiting_in_its_input_on_together(
 
 
 class Grows(Server):
-    """Answers a job with as many bytes as it asks for."""
+    """Answers a job with as many bytes as it asks for; a job ``hold``
+    waits until the test opens the gate."""
+
+    gate = threading.Event()
 
     def grow(self, message: bytes) -> bytes:
+        if message == b"hold":
+            assert self.gate.wait(30)
+            return b"held"
         return b"r" * int(message)
 
 
-def test_a_stage_passes_a_batchs_results_on_in_order_8_kib_of_payloads_a_message(
-    raw_socket: RawSocket, serve: Callable[[Grows], Grows]
+@pytest.mark.parametrize("form", ["one BATCH", "one-job messages read in a row"])
+def test_a_stage_passes_results_on_in_the_jobs_order_8_kib_of_payloads_a_message(
+    raw_socket: RawSocket, serve: Callable[[Grows], Grows], form: str
 ) -> None:
-    """The jobs of one BATCH whose results are larger than the jobs: the
-    stage sends the results on in the jobs' order, at most 8 KiB of
-    payloads in a BATCH (a larger result alone), never one huge message."""
+    """Jobs whose results are larger than they are: the stage sends the
+    results on in the jobs' order, at most 8 KiB of payloads in a BATCH (a
+    larger result alone), never one huge message; whether the jobs came in
+    one BATCH or waited in its input one message each."""
+    Grows.gate = threading.Event()
     after = raw_socket(zmq.PULL)
     port = after.bind_to_random_port("tcp://127.0.0.1")
     stage = serve(Grows("grows", ANY, f"tcp://127.0.0.1:{port}", "next.g", ANY, log_stdout=False))
     sizes = [100, 20_000, 100, 100, *[3_000] * 5, 100, 200_000, *[10] * 20, 9_000]
+    asked = [b"hold", *(b"%d" % size for size in sizes)]
     bodies = [
-        protocol.encode(protocol.REQUEST, n + 1, b"%d" % size, b"grows.grow", b"route")[0]
-        for n, size in enumerate(sizes)
+        protocol.encode(protocol.REQUEST, n, payload, b"grows.grow", b"route")[0]
+        for n, payload in enumerate(asked)
     ]
     jobs = raw_socket(zmq.PUSH)
     jobs.connect(stage.address)
-    jobs.send(protocol.pack_batch(bodies))
+    jobs.send(bodies[0])  # held: the others wait in the stage's input meanwhile
+    if form == "one BATCH":
+        jobs.send(protocol.pack_batch(bodies[1:]))
+    else:
+        for body in bodies[1:]:
+            jobs.send(body)
+    wait_for(lambda: stage.served >= 1, 20, "the held job running")
+    Grows.gate.set()
     results: list[protocol.Message] = []
-    while len(results) < len(sizes):
-        assert after.poll(10_000), f"{len(results)} of {len(sizes)} results"
+    while len(results) < len(asked):
+        assert after.poll(10_000), f"{len(results)} of {len(asked)} results"
         carried_now = [protocol.decode(frames) for frames in split(after.recv_multipart())]
         payloads = [len(message.payload) for message in carried_now]
-        assert len(carried_now) == 1 or sum(payloads) - payloads[-1] < protocol.BATCH_BYTES
+        assert len(carried_now) == 1 or sum(payloads) <= protocol.BATCH_BYTES
         results += carried_now
-    assert [message.msg_id for message in results] == list(range(1, len(sizes) + 1))
-    assert [len(message.payload) for message in results] == sizes
+    assert [message.msg_id for message in results] == list(range(len(asked)))
+    assert [len(message.payload) for message in results] == [4, *sizes]
 
 
 def split(frames: list[bytes]) -> list[list[bytes]]:

@@ -43,7 +43,7 @@ def test_pipeline_benchmark_smoke_run(tmp_path: Path) -> None:
     assert "| 100 B |" in smoke_run("pipeline", out)
     results = json.loads(out.read_text())["results"]
     assert all(result["median_per_s"] > 0 for result in results)
-    assert all(result["cpu_us_per_call"] > 0 for result in results)  # every process counted
+    assert all((result["cpu_us_per_call"] or 0) > 0 for result in results)  # all counted
     assert len(results) == 15  # raw, pylm, pylm batch=1, AsyncLoopClient, metrics off; 3 payloads
 
 

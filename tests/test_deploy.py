@@ -437,9 +437,9 @@ def test_a_stage_scales_up_and_down_while_jobs_flow(stack: kube.Stack) -> None:
             stack.podman("stop", "-t", "30", "reverse-pod-9-server")
             hosts = [r.host for r in registry.instances("reverse")]
             assert "reverse-pod-9" not in hosts, stack.logs("reverse-pod-9-server")
-            stack.podman("pod", "stop", "reverse-pod-9")
 
         _while_jobs_flow(stack, "pylm-test-down", new.metrics, scale_down)
+        stack.podman("pod", "stop", "reverse-pod-9")  # then its sandbox
     status = stack.podman("inspect", "reverse-pod-9-server", "--format", "{{.State.ExitCode}}")
     assert status.strip() == "0", stack.logs("reverse-pod-9-server")
 

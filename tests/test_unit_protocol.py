@@ -70,7 +70,7 @@ def test_a_payload_of_split_payload_bytes_stays_in_the_body() -> None:
 
 
 def test_a_memoryview_is_measured_in_bytes_not_items() -> None:
-    items = array("I", range(protocol.SPLIT_PAYLOAD // 4 + 1))  # 65540 bytes, 16385 items
+    items = array("I", range(protocol.SPLIT_PAYLOAD // 4 + 1))  # SPLIT_PAYLOAD + 1 bytes
     view = memoryview(items)
     frames = protocol.encode(protocol.REPLY, 1, view)
     assert len(frames) == 2 and frames[1] is view

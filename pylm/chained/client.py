@@ -428,12 +428,14 @@ class LoopClient(Caller, WindowedClient, Closing):
 
         def again_message() -> tuple[list[int], Body, bool]:
             """The next message of jobs to send again (``window.again``), with
-            their ids and deadlines: up to ``batch`` small jobs in one, a
-            large one alone."""
+            their ids and deadlines: up to ``batch`` small jobs and
+            BATCH_BYTES of payloads in one (as the first time), a large one
+            alone."""
             again = window.again
             to_wall = wall() - clock()  # a deadline on the window's clock, on the wire's
             group: list[int] = []
             bodies: list[bytes] = []
+            filled = 0
             for msg_id, job in again:
                 payload = job.body
                 assert isinstance(payload, bytes)  # sent again only while it has its payload
@@ -443,9 +445,12 @@ class LoopClient(Caller, WindowedClient, Closing):
                         break
                     del again[0]
                     return [msg_id], large(msg_id, payload, deadline), True
+                if group and filled + len(payload) > protocol.BATCH_BYTES:
+                    break  # the message is full: this one goes in the next
                 stamp = pack_id_deadline(msg_id, deadline)
                 bodies.append(b"".join((prefix, stamp, tail, payload)))
                 group.append(msg_id)
+                filled += len(payload)
                 if len(group) == batch:
                     break
             del again[: len(group)]

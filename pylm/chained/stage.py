@@ -292,23 +292,29 @@ class Stage(BaseServer):
                     try:
                         result = call(body[HEAD_SIZE:start], body[end:], timed)
                     except PylmError as error:
+                        if together:  # the results before it go first
+                            send_batch(together)
+                            together, filled = [], 0
                         output.send_error(protocol.decode([body]), error)
                     else:
-                        if coalesce and len(result) <= BATCH_BYTES:
+                        size = len(result)
+                        if coalesce and size <= BATCH_BYTES:
+                            if together and filled + size > BATCH_BYTES:
+                                send_batch(together)  # full: this one starts the next
+                                together, filled = [], 0
                             if not together:
                                 held_since = clock()
                             together.append(
                                 (body[start:end], fast_message(body, start, end, result))
                             )
-                            filled += len(result)
-                            if (
-                                len(together) == BATCH_JOBS
-                                or filled >= BATCH_BYTES
-                                or clock() - held_since > COALESCE_WAIT
-                            ):
+                            filled += size
+                            if len(together) == BATCH_JOBS or clock() - held_since > COALESCE_WAIT:
                                 send_batch(together)
                                 together, filled = [], 0
                         else:
+                            if together:  # the results before it go first
+                                send_batch(together)
+                                together, filled = [], 0
                             send_fast(body, start, end, result)
                     passed += 1
                     continue
@@ -323,7 +329,7 @@ class Stage(BaseServer):
 
     def _serve_batch(self, body: bytes) -> tuple[int, int]:
         """Serve the jobs of a BATCH and send their results on together, as
-        a BATCH again; (jobs carried, results sent in the batch)."""
+        BATCHes again; (jobs carried, results the fast path passed on)."""
         try:
             jobs = protocol.unpack_batch(body)
         except ProtocolError as error:
@@ -337,13 +343,20 @@ class Stage(BaseServer):
         # Results go on in the jobs' order: together, up to BATCH_BYTES of
         # payloads a BATCH; one larger goes alone, after those before it.
         results: list[tuple[bytes, bytes]] = []  # (route, message), to send together
-        filled = passed = 0
+        filled = passed = alone = 0
 
         def flush() -> None:
             nonlocal results, filled, passed
             passed += len(results)
             output.send_batch(results)
             results, filled = [], 0
+
+        def add(route: bytes, message: bytes, size: int) -> None:
+            nonlocal filled
+            if results and filled + size > BATCH_BYTES:
+                flush()  # full: this one starts the next
+            results.append((route, message))
+            filled += size
 
         call = self._call
         expiry = expiry_stamp(_time())
@@ -366,25 +379,24 @@ class Stage(BaseServer):
                         failure = protocol.encode_error(
                             read_id(job)[0], error, output.error_route(job[start:end])
                         )
-                        if len(failure) == 1:
-                            results.append((job[start:end], failure[0]))
+                        if len(failure) == 1 and len(failure[0]) <= BATCH_BYTES:
+                            add(job[start:end], failure[0], len(failure[0]))
                         else:  # too large for a batch: on its own
                             flush()
                             output.send_error(protocol.decode([job]), error)
+                            alone += 1
                         continue
                     if len(result) > BATCH_BYTES:  # too large for a batch: on its own
                         flush()
                         output.send_fast(job, start, end, result)
+                        alone += 1
                         continue
-                    results.append((job[start:end], output.fast_message(job, start, end, result)))
-                    filled += len(result)
-                    if filled >= BATCH_BYTES:
-                        flush()
+                    add(job[start:end], output.fast_message(job, start, end, result), len(result))
                     continue
             flush()  # what came before goes first
             self._handle([job])  # anything else: one by one, as ever
         flush()
-        return len(jobs), passed
+        return len(jobs), passed + alone
 
     def _serve_other(self, socket: zmq.Socket) -> None:
         """Serve a socket other than the input: here the cache (and stop)."""
