@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -430,15 +431,19 @@ def test_a_stage_scales_up_and_down_while_jobs_flow(stack: kube.Stack) -> None:
         assert _calls(new.metrics, "reverse") > 0
         wait_for(lambda: new.metrics in _scraped(stack), 60, "Prometheus scraping the new one")
 
-        def scale_down() -> None:
-            # As the kubelet does: the pod's containers get SIGTERM and end
-            # first, then its sandbox (podman's infra container, which holds
-            # the network) goes; `podman pod stop` alone may stop both at once.
-            stack.podman("stop", "-t", "30", "reverse-pod-9-server")
-            hosts = [r.host for r in registry.instances("reverse")]
-            assert "reverse-pod-9" not in hosts, stack.logs("reverse-pod-9-server")
-
-        _while_jobs_flow(stack, "pylm-test-down", new.metrics, scale_down)
+        # As the kubelet does: the pod's containers get SIGTERM and end
+        # first, then its sandbox (podman's infra container, which holds the
+        # network) goes; `podman pod stop` alone may stop both at once.
+        # `podman stop` sends SIGTERM and waits for the end: in a thread, so
+        # that the jobs are seen still flowing once the signal went.
+        stopping = threading.Thread(
+            target=stack.podman, args=("stop", "-t", "30", "reverse-pod-9-server")
+        )
+        _while_jobs_flow(stack, "pylm-test-down", new.metrics, stopping.start)
+        stopping.join(60)
+        assert not stopping.is_alive(), "the server did not stop"
+        hosts = [r.host for r in registry.instances("reverse")]
+        assert "reverse-pod-9" not in hosts, stack.logs("reverse-pod-9-server")
         stack.podman("pod", "stop", "reverse-pod-9")  # then its sandbox
     status = stack.podman("inspect", "reverse-pod-9-server", "--format", "{{.State.ExitCode}}")
     assert status.strip() == "0", stack.logs("reverse-pod-9-server")
