@@ -233,20 +233,12 @@ def test_a_stage_passes_results_on_in_the_jobs_order_8_kib_of_payloads_a_message
     results: list[protocol.Message] = []
     while len(results) < len(asked):
         assert after.poll(10_000), f"{len(results)} of {len(asked)} results"
-        carried_now = [protocol.decode(frames) for frames in split(after.recv_multipart())]
+        carried_now = [protocol.decode([body]) for body in carried(after.recv_multipart())]
         payloads = [len(message.payload) for message in carried_now]
         assert len(carried_now) == 1 or sum(payloads) <= protocol.BATCH_BYTES
         results += carried_now
     assert [message.msg_id for message in results] == list(range(len(asked)))
     assert [len(message.payload) for message in results] == [4, *sizes]
-
-
-def split(frames: list[bytes]) -> list[list[bytes]]:
-    """A message's jobs: those of a BATCH one by one (a one-frame job each),
-    else the message itself (a payload in a frame of its own included)."""
-    if len(frames) == 1 and frames[0][3] == protocol.BATCH:
-        return [[body] for body in protocol.unpack_batch(frames[0])]
-    return [frames]
 
 
 # ------------------------------------------------------------------ master and workers
