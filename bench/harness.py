@@ -258,9 +258,9 @@ def measure(
     """Warm up ``cell.clients`` clients, run them in one common window;
     return the calls per second they completed together and, given the
     session's ``children``, the CPU µs per call every process of it used in
-    that window (steadier than the rate on a shared machine: time other
-    processes take is not counted). Clients that time each call add those
-    times (seconds) to ``latencies``."""
+    that window (time other processes take is not in it; where the session
+    keeps every core busy it moves with the rate). Clients that time each
+    call add those times (seconds) to ``latencies``."""
     active = clients[: cell.clients]
     for child in active:
         send(child, ("cell", cell.payload, settings.warmup))
