@@ -86,9 +86,13 @@ class Measured(NamedTuple):
 
 def configurations(result: dict[str, Any]) -> dict[str, Measured]:
     """Configuration -> its numbers, from a benchmark's JSON: the
-    harness's (``bench.rpc``, ``bench.pipeline``) or ``bench.stage``'s."""
+    harness's (``bench.rpc``, ``bench.pipeline``), ``bench.stage``'s or
+    ``bench.concurrency``'s."""
     found: dict[str, Measured] = {}
-    if "results" in result:
+    if "median" in result:  # bench.concurrency: server -> its median rate
+        for name, numbers in result["median"].items():
+            found[name] = Measured(numbers["rate"], None, None)
+    elif "results" in result:
         for row in result["results"]:
             if row["median_per_s"] is None:
                 continue

@@ -191,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     results: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
     env = {**os.environ, "PYLM_REGISTRY": ""}
+    safe_path = ["-P"] if sys.flags.safe_path else []  # bench.ab: pylm from PYTHONPATH
     for round_ in range(args.rounds):
         for side in sides:
             server = subprocess.Popen(
-                [sys.executable, "-c", side.source, *side.args],
+                [sys.executable, *safe_path, "-c", side.source, *side.args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
             )  # fmt: skip
             try:

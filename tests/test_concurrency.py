@@ -6,6 +6,7 @@ and the calls in progress answered on stop."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -282,3 +283,44 @@ def test_each_call_is_answered_as_soon_as_it_ends(function: str) -> None:
         assert server.address is not None
         took = asyncio.run(rounds(server.address))
     assert took < 10, took  # about 0.3 s here; a lost wake-up costs 1 s
+
+
+class Reads(Server):
+    """Its async def call reads a line from a TCP peer of the test's, then
+    waits a millisecond."""
+
+    async def fetch(self, message: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(message))
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            await asyncio.sleep(0.001)
+            return line
+        finally:
+            writer.close()
+
+
+def test_an_async_def_call_waits_on_its_own_sockets_and_timers() -> None:
+    """The server's event loop (epoll, whose waits select() times to the
+    microsecond) wakes an ``async def`` call for its socket's data and for
+    its timer, as asyncio's own loop would."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def answer() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.sendall(b"hello\n")
+            peer.recv(1)  # until the call closes its end
+
+    async def call(address: str) -> bytes:
+        async with AsyncClient(address, "reads", timeout=10) as client:
+            return await client.job("fetch", b"%d" % listener.getsockname()[1])
+
+    peer = threading.Thread(target=answer)
+    with listener, Reads("reads", "tcp://127.0.0.1:0", log_stdout=False) as server:
+        assert server.address is not None
+        peer.start()
+        try:
+            assert asyncio.run(call(server.address)) == b"hello\n"
+        finally:
+            peer.join(10)
