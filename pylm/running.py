@@ -69,9 +69,11 @@ if sys.platform == "linux":
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop whose timers fire on time where the platform has
-    epoll (Linux); the default loop elsewhere."""
-    if sys.platform == "linux":
+    """A new event loop: asyncio's own with waits not rounded up to the
+    millisecond, on Linux under the default event loop policy; otherwise
+    the policy's (uvloop's, for one, once installed)."""
+    policy = asyncio.get_event_loop_policy()
+    if sys.platform == "linux" and type(policy) is asyncio.DefaultEventLoopPolicy:
         return asyncio.SelectorEventLoop(_TimelySelector())
     return asyncio.new_event_loop()
 
@@ -122,8 +124,9 @@ class Runner(Generic[T]):
     ) -> None:
         """Run ``function(payload)``: on the pool (not if it waited for a
         thread past ``deadline``, Unix time, 0 for none), or on the event
-        loop, handed to it with the calls given after it at the next
-        :meth:`flush`, or once :data:`_HOP_CALLS` are waiting if calls wait."""
+        loop, handed to it with the calls given after it by the next
+        :meth:`flush` (also once :data:`_HOP_CALLS` are waiting, if calls
+        wait), or taken by a hop on its way there already."""
         if not is_async:
             self._jobs.put((token, function, payload, deadline))
             return
@@ -289,8 +292,8 @@ class Calls(Generic[T]):
     def start(self, token: T, message: Message) -> None:
         """Run the call the REQUEST ``message`` asks for; raises (and counts)
         the :class:`~pylm.errors.PylmError` of an unknown function or a
-        payload over the limit. An ``async def`` call may start only at
-        :meth:`flush`."""
+        payload over the limit. An ``async def`` call may wait for
+        :meth:`flush` to start."""
         target, payload = message.target, message.payload
         function, stats = self.exposed.lookup(target, payload)
         ended = Ended(target, len(payload), stats, (None, None, 0.0))
@@ -299,8 +302,8 @@ class Calls(Generic[T]):
         self.in_progress += 1
 
     def flush(self) -> None:
-        """Start the ``async def`` calls given and not started yet (call it
-        once a burst of calls is read)."""
+        """Have the ``async def`` calls given and not started yet started
+        (call it once a burst of calls is read)."""
         self.runner.flush()
 
     def ended(self) -> list[tuple[T, Ended]]:

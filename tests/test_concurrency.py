@@ -6,7 +6,9 @@ and the calls in progress answered on stop."""
 from __future__ import annotations
 
 import asyncio
+import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -315,6 +317,7 @@ def test_an_async_def_call_waits_on_its_own_sockets_and_timers() -> None:
     def answer() -> None:
         peer, _ = listener.accept()
         with peer:
+            peer.settimeout(10)
             peer.sendall(b"hello\n")
             peer.recv(1)  # until the call closes its end
 
@@ -322,11 +325,31 @@ def test_an_async_def_call_waits_on_its_own_sockets_and_timers() -> None:
         async with AsyncClient(address, "reads", timeout=10) as client:
             return await client.job("fetch", b"%d" % listener.getsockname()[1])
 
-    peer = threading.Thread(target=answer)
+    peer = threading.Thread(target=answer, daemon=True)
     with listener, Reads("reads", "tcp://127.0.0.1:0", log_stdout=False) as server:
         assert server.address is not None
         peer.start()
         try:
             assert asyncio.run(call(server.address)) == b"hello\n"
         finally:
-            peer.join(10)
+            peer.join(15)
+    assert not peer.is_alive()
+
+
+def test_the_event_loops_selector_waits_its_timeout_and_wakes_for_a_descriptor() -> None:
+    """The selector of a server's event loop (on Linux): a wait with a
+    timeout lasts it and sees nothing when nothing comes, and ends with the
+    event when a registered descriptor becomes readable meanwhile."""
+    if sys.platform != "linux":
+        pytest.skip("epoll: Linux only")
+    from pylm.running import _TimelySelector
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs, _TimelySelector() as selector:
+        key = selector.register(ours, selectors.EVENT_READ)
+        began = time.monotonic()
+        assert selector.select(0.005) == []
+        assert time.monotonic() - began >= 0.005
+        threading.Timer(0.01, theirs.send, (b"x",)).start()
+        assert selector.select(10) == [(key, selectors.EVENT_READ)]
+        assert selector.select(None) == [(key, selectors.EVENT_READ)]  # level-triggered

@@ -93,7 +93,7 @@ class ConcurrentStage:
             self._start_waiting()
             if listen and pull in events and not stage._stop_heard:
                 self._read(pull)
-            calls.flush()  # one hop to the event loop for the jobs just started
+            calls.flush()  # the async def jobs just started, to the event loop
             for socket in events:
                 if socket is not pull and socket != calls.fd:
                     stage._serve_other(socket)  # the cache, clients' hellos, stop

@@ -567,7 +567,7 @@ class Worker(BaseServer):
                     self._start_job(socket, calls, [body])
                 continue
             self._start_job(socket, calls, frames)
-        calls.flush()  # one hop to the event loop for the jobs just read
+        calls.flush()  # the async def jobs just read, to the event loop
 
     def _start_job(self, socket: zmq.Socket, calls: Calls[_Job], frames: list[bytes]) -> None:
         message = self._admitted(socket, frames)

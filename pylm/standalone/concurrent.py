@@ -94,7 +94,7 @@ class ConcurrentLoop:
                             break
                         continue
                     self._start(frames)
-                calls.flush()  # one hop to the event loop for the calls just read
+                calls.flush()  # the async def calls just read, to the event loop
             if server._stopping and not self.stopped:  # stop(), while no room to read its call
                 self._stop(now)
             if (
