@@ -56,6 +56,7 @@ __all__ = [
     "SEND_SLICE",
     "Body",
     "Books",
+    "Follow",
     "Job",
     "JobResult",
     "Outcome",
@@ -66,6 +67,7 @@ __all__ = [
     "Window",
     "WindowedClient",
     "check_messages",
+    "in_thread",
     "job_results",
     "values",
     "wait_async",
@@ -395,6 +397,7 @@ class Window:
         send: Callable[[int, float], Stop],
         wait: Callable[[int], Iterable[Outcome]],
         finished: Callable[[], None],
+        follow: Follow | None = None,
     ) -> Generator[Outcome, None, None]:
         """The outcomes of the jobs a client sends, as they come, until
         ``send`` has no more and every job out has its outcome.
@@ -404,9 +407,12 @@ class Window:
         it says what stopped it (a :class:`Stop`). ``wait(ms)`` waits up to ``ms``
         milliseconds for answers (and, after BLOCKED, for room on the
         socket) and gives the outcomes of those that came. ``finished()``
-        is called when the run ends, however it ends."""
+        is called when the run ends, however it ends. ``follow`` is applied
+        before a turn when it is needed."""
         try:
             while True:
+                if follow is not None and follow.needed():
+                    follow.apply()
                 turn = self._turn(send)
                 if turn is None:
                     return
@@ -422,10 +428,14 @@ class Window:
         send: Callable[[int, float], Stop],
         wait: Callable[[int], Awaitable[Iterable[Outcome]]],
         finished: Callable[[], None],
+        follow: Follow | None = None,
     ) -> AsyncGenerator[Outcome, None]:
-        """:meth:`run` for an asyncio client: ``wait(ms)`` is awaited."""
+        """:meth:`run` for an asyncio client: ``wait(ms)`` is awaited, and
+        ``follow`` applied in a thread."""
         try:
             while True:
+                if follow is not None and follow.needed():
+                    await in_thread(follow.apply)
                 turn = self._turn(send)
                 if turn is None:
                     return
@@ -528,15 +538,43 @@ Wait = Callable[[int], Iterable[Outcome]]
 Polled = Callable[[], list[tuple[zmq.Socket, int]]]
 
 
+class Follow(NamedTuple):
+    """What a client does between the turns of a run when the registry
+    changed the servers it sends to or reads from: ``needed()`` says so at
+    once; ``apply()`` follows, and may wait on a peer (a new last stage
+    greeted), so an asyncio run does it in a thread."""
+
+    needed: Callable[[], bool]
+    apply: Callable[[], None]
+
+
 class Turn(NamedTuple):
     """What a client readies for a run of jobs (see :meth:`Window.run`):
-    its ``send``, its ``wait``, and the sockets ``wait`` polls now, each
-    with the events it polls for (an asyncio client awaits their
-    ``zmq.FD``, then calls ``wait(0)``)."""
+    its ``send``, its ``wait``, the sockets ``wait`` polls now, each with
+    the events it polls for (an asyncio client awaits their ``zmq.FD``,
+    then calls ``wait(0)``), and what it follows between turns, if
+    anything."""
 
     send: Send
     wait: Wait
     polled: Polled
+    follow: Follow | None = None
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """``work()`` in a thread, awaited. Cancelled, it still waits for the
+    thread to end (so that the client ``work`` uses is given to no other
+    run meanwhile), then raises :class:`asyncio.CancelledError`."""
+    doing = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(doing)
+    except asyncio.CancelledError:
+        while not doing.done():
+            try:
+                await asyncio.wait([doing])
+            except asyncio.CancelledError:
+                continue
+        raise
 
 
 async def wait_async(turn: Turn, ms: int) -> Iterable[Outcome]:
@@ -644,7 +682,7 @@ class WindowedClient:
         self, function: str, payloads: Iterator[bytes], timeout: float
     ) -> Generator[Outcome, None, None]:
         window, turn = self._begin(function, payloads, timeout, self._open)
-        return window.run(turn.send, turn.wait, self._finished)
+        return window.run(turn.send, turn.wait, self._finished, turn.follow)
 
     async def _run_async(
         self, function: str, payloads: Iterator[bytes], timeout: float
@@ -655,24 +693,21 @@ class WindowedClient:
         if self._opens_at_once():
             window, turn = self._begin(function, payloads, timeout, self._open)
         else:
-            opening = asyncio.ensure_future(
-                asyncio.to_thread(self._begin, function, payloads, timeout, self._open)
-            )
+            opened: list[tuple[Window, Turn]] = []
+
+            def begin() -> tuple[Window, Turn]:
+                opened.append(self._begin(function, payloads, timeout, self._open))
+                return opened[0]
+
             try:
-                window, turn = await asyncio.shield(opening)
+                window, turn = await in_thread(begin)
             except asyncio.CancelledError:
-                # The thread still readies the client: the run ends once it
-                # has (whatever more cancels come), so that the client is
-                # never given to another run while it is in use.
-                while not opening.done():
-                    try:
-                        await asyncio.wait([opening])
-                    except asyncio.CancelledError:
-                        continue
-                if not opening.cancelled() and opening.exception() is None:
+                if opened:  # readied, never run: the run is finished at once
                     self._finished()
                 raise
-        run = window.run_async(turn.send, lambda ms: wait_async(turn, ms), self._finished)
+        run = window.run_async(
+            turn.send, lambda ms: wait_async(turn, ms), self._finished, turn.follow
+        )
         async with aclosing(run):  # closed with this one: the run is finished at once
             async for outcome in run:
                 yield outcome

@@ -7,6 +7,8 @@ etcd."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -289,3 +291,55 @@ def test_a_turn_waiting_for_room_to_send_is_not_kept_waiting(
         return list(await asyncio.wait_for(wait_async(turn, 60_000), 20))
 
     assert asyncio.run(waited()) == []
+
+
+def test_a_last_stage_joining_mid_run_is_greeted_off_the_event_loop(
+    pylm_registry: Registry, raw_socket: Callable[[int], zmq.Socket]
+) -> None:
+    """A last-stage instance that joins while a run goes is greeted in a
+    thread: one that never answers fails the run once the greeting's time
+    is up, and meanwhile the event loop goes on (a ticker keeps ticking)."""
+    silent = raw_socket(zmq.ROUTER)  # takes the greeting, never answers it
+    silent_address = f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}"
+    last = Last("last", registry=pylm_registry, log_stdout=False)
+    step = Step("step", next_call="last.done", registry=pylm_registry, log_stdout=False)
+
+    async def scenario() -> tuple[float, float]:
+        assert last.registration is not None
+        real = last.registration.record
+        joining = dataclasses.replace(
+            real, instance="joining0000a", endpoints={**real.endpoints, "push": silent_address}
+        )
+        loop = asyncio.get_running_loop()
+        longest, ticking = 0.0, True
+
+        async def ticker() -> None:
+            nonlocal longest
+            last_tick = loop.time()
+            while ticking:
+                await asyncio.sleep(0.01)
+                longest = max(longest, loop.time() - last_tick)
+                last_tick = loop.time()
+
+        async with AsyncLoopClient("step", registry=pylm_registry, timeout=2) as client:
+            assert [r async for r in client.job("tag", [b"0"])] == [b"0>step>done"]
+            ticks = asyncio.ensure_future(ticker())
+            registering: asyncio.Future[Any] | None = None
+            began = loop.time()
+            with pytest.raises(PylmError, match="did not answer"):
+                async for _ in client.job("tag", (b"%d" % n for n in itertools.count())):
+                    if registering is None:  # results flow: the newcomer joins
+                        registering = asyncio.ensure_future(
+                            asyncio.to_thread(pylm_registry.register, joining)
+                        )
+            took = loop.time() - began
+            ticking = False
+            await ticks
+            assert registering is not None
+            (await registering).close()
+        return took, longest
+
+    with last, step:
+        took, longest = asyncio.run(scenario())
+    assert took >= 2, took  # the greeting waited its 2 s
+    assert longest < 1, longest  # the loop did not

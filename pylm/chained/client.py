@@ -36,7 +36,17 @@ from pylm.security import Curve
 from pylm.source import Payloads, check_batch
 from pylm.telemetry.counting import BUCKETS, SAMPLE_EVERY, FunctionStats
 from pylm.transport import check_address, close_socket, default_context, rest_of, send_frame
-from pylm.window import Body, Job, JobResult, Outcome, Stop, Turn, Window, WindowedClient
+from pylm.window import (
+    Body,
+    Follow,
+    Job,
+    JobResult,
+    Outcome,
+    Stop,
+    Turn,
+    Window,
+    WindowedClient,
+)
 
 if TYPE_CHECKING:
     from pylm.registry import Registry
@@ -351,8 +361,6 @@ class LoopClient(Caller, WindowedClient, Closing):
             """Jobs sent again first, then new ones while there is room: up
             to ``batch`` small jobs per message."""
             nonlocal waiting, now, recount_at
-            if wiring.changed or (self._peers is not None and self._peers.changed):
-                self._follow(poller, timeout)
             if outs.several and clock() >= recount_at:  # jobs that timed out: forgotten
                 outs.recount(window.jobs)
                 recount_at = clock() + _RECOUNT
@@ -476,7 +484,10 @@ class LoopClient(Caller, WindowedClient, Closing):
                     outcomes += self._collect(socket, window, numbers)
             return outcomes
 
-        return Turn(send, wait, polled)
+        def changed() -> bool:
+            return wiring.changed or (self._peers is not None and self._peers.changed)
+
+        return Turn(send, wait, polled, Follow(changed, lambda: self._follow(poller, timeout)))
 
     def _opens_at_once(self) -> bool:
         """Every last stage known is greeted already (a new one is greeted
