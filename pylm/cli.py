@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -227,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--host", default="127.0.0.1", help="interface to listen on (127.0.0.1)")
     sd.add_argument("--port", type=int, default=9464, help="port (9464; 0: any free port)")
     sd.add_argument("--file", type=Path, help="also write the targets to this file_sd JSON file")
+    sd.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long it waits, at start, for etcd to answer (0: fail at once)",
+    )
 
     gateway = commands.add_parser(
         "gateway",
@@ -258,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-cert", type=Path, metavar="FILE", help="serve HTTPS: certificate (PEM)"
     )
     gateway.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's key (PEM)")
+    gateway.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long it waits, at start, for etcd to answer (0: fail at once)",
+    )
     gateway.add_argument(
         "--max-body",
         type=int,
@@ -344,16 +359,25 @@ def _stop_on_signals(*also: threading.Event) -> threading.Event:
     until stopped and then clean up."""
     stop = threading.Event()
 
-    def handler(signum: int, frame: object) -> None:
+    def stopped() -> None:
         for event in (stop, *also):
             event.set()
+
+    _on_signals(stopped)
+    return stop
+
+
+def _on_signals(action: Callable[[], None]) -> None:
+    """Have SIGINT (Ctrl-C) and SIGTERM call ``action()``."""
+
+    def handler(signum: int, frame: object) -> None:
+        action()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         # Ignored when inherited so (a job started with & by a script), as
         # Python itself leaves it: the script's Ctrl-C is not for this one.
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
-    return stop
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -1000,12 +1024,39 @@ def run_etcd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reach_etcd(registry: Registry, args: argparse.Namespace, stop: threading.Event) -> bool:
+    """Read the registry once: fail now, clearly, if etcd cannot be reached,
+    or, with ``--wait``, try again once a second until it answers (True) or
+    a signal stops the command (False)."""
+    from pylm.errors import RegistryUnavailable
+
+    give_up = time.monotonic() + args.wait
+    said = False
+    while True:
+        try:
+            registry.instances()
+            return True
+        except RegistryUnavailable as exc:
+            if time.monotonic() >= give_up:
+                raise
+            if not said:
+                print(
+                    f"pylm {args.command}: waits, up to {args.wait:g} s, for etcd: {exc}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            if stop.wait(_RETRY_START):
+                return False
+
+
 def serve_sd(args: argparse.Namespace) -> int:
     from pylm.telemetry.sd import ServiceDiscovery
 
     stop = _stop_on_signals()
     with _registry(args) as registry:
-        registry.instances()  # fail now, clearly, if etcd cannot be reached
+        if not _reach_etcd(registry, args, stop):
+            return 0  # stopped while it waited
         with ServiceDiscovery(registry, host=args.host, port=args.port, file=args.file) as sd:
             print(f"service discovery of cluster {registry.config.cluster!r}: {sd.url}")
             print(f"its own metrics: http://{sd.host}:{sd.port}/metrics")
@@ -1039,7 +1090,9 @@ def serve_gateway(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise PylmError(f"--tokens: {exc}") from exc
     with _registry(args) as registry:
-        registry.instances()  # fail now, clearly, if etcd cannot be reached
+        stop = _stop_on_signals()
+        if not _reach_etcd(registry, args, stop):
+            return 0  # stopped while it waited
         gateway = Gateway(registry, timeout=args.timeout, max_body=max_body, tokens=tokens)
         try:
             server = HTTPServer(
@@ -1052,6 +1105,11 @@ def serve_gateway(args: argparse.Namespace) -> int:
             )
         except (OSError, ValueError) as exc:
             raise PylmError(f"TLS: {exc}") from exc
+        # From now on a signal stops the server, before it serves too (while
+        # it serves, uvicorn's own handlers do the same).
+        _on_signals(server.stop)
+        if stop.is_set():
+            return 0
         print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
         server.run()
     return 0

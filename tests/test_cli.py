@@ -711,3 +711,48 @@ def test_a_server_run_with_wait_starts_once_etcd_answers(tmp_path: Path) -> None
                 process.kill()
                 process.wait(10)
         etcd.cleanup()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("command", "ready"),
+    [
+        (["sd", "--port", "0"], "Ctrl-C or SIGTERM stops it"),
+        (["gateway", "--port", "0"], "pylm gateway of cluster 'later'"),
+    ],
+    ids=["sd", "gateway"],
+)
+def test_sd_and_the_gateway_with_wait_start_once_etcd_answers(
+    command: list[str], ready: str
+) -> None:
+    """etcd comes up after `pylm sd` or `pylm gateway` (pods in any order):
+    with --wait it says it waits, serves once etcd answers, and a SIGTERM
+    while it waits, or once it serves, ends it with 0."""
+    if command[0] == "gateway" and importlib.util.find_spec("uvicorn") is None:
+        pytest.skip("the gateway extra (Starlette, uvicorn) is not installed")
+    from pylm.processes import free_port
+
+    etcd = LocalEtcd()
+    etcd.client_port = free_port()
+    run = [sys.executable, "-m", "pylm", "--registry", etcd.url, "--registry-timeout", "1"]
+    run += ["--cluster", "later", *command, "--wait", "30"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    early = subprocess.Popen(run, **pipes)  # type: ignore[call-overload]
+    later = subprocess.Popen(run, **pipes)  # type: ignore[call-overload]
+    try:
+        assert "waits, up to 30 s, for etcd" in _stderr_line(early)
+        early.send_signal(signal.SIGTERM)  # stopped while it waits
+        assert ended(early, timeout=5) == 0
+        assert "waits, up to 30 s, for etcd" in _stderr_line(later)
+        etcd.start()
+        assert later.stdout is not None
+        lines = iter(later.stdout.readline, "")
+        assert any(ready in line for line in lines), "it never said it serves"
+        later.send_signal(signal.SIGTERM)
+        assert ended(later) == 0
+    finally:
+        for process in (early, later):
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        etcd.cleanup()
