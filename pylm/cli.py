@@ -1037,6 +1037,8 @@ def _reach_etcd(registry: Registry, args: argparse.Namespace, stop: threading.Ev
             registry.instances()
             return True
         except RegistryUnavailable as exc:
+            if stop.is_set():
+                return False  # stopped during the try
             if time.monotonic() >= give_up:
                 raise
             if not said:
@@ -1069,6 +1071,7 @@ def serve_sd(args: argparse.Namespace) -> int:
 
 
 def serve_gateway(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()  # until it serves: then a signal stops the server
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -1090,7 +1093,6 @@ def serve_gateway(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise PylmError(f"--tokens: {exc}") from exc
     with _registry(args) as registry:
-        stop = _stop_on_signals()
         if not _reach_etcd(registry, args, stop):
             return 0  # stopped while it waited
         gateway = Gateway(registry, timeout=args.timeout, max_body=max_body, tokens=tokens)
@@ -1109,8 +1111,9 @@ def serve_gateway(args: argparse.Namespace) -> int:
         # it serves, uvicorn's own handlers do the same).
         _on_signals(server.stop)
         if stop.is_set():
-            return 0
-        print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
+            server.stop()  # run() only closes it
+        else:
+            print(f"pylm gateway of cluster {registry.config.cluster!r}: {server.url}", flush=True)
         server.run()
     return 0
 

@@ -586,7 +586,11 @@ class HTTPServer:
         self.name, self.ttl = name, ttl  # registered as this server name (None: not at all)
 
     def run(self) -> None:
-        """Register (as :attr:`name`), serve, then deregister and close."""
+        """Register (as :attr:`name`), serve, then deregister and close;
+        only close if :meth:`stop` came first."""
+        if self._server.should_exit:
+            self._socket.close()
+            return
         registration = None
         if self.name is not None:
             from pylm.registry import InstanceRecord

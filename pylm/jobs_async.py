@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import aclosing
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
@@ -30,7 +31,7 @@ class Pooled(Protocol):
     (:class:`~pylm.window.WindowedClient`) that closes."""
 
     def _run_async(
-        self, function: str, payloads: Iterator[bytes], timeout: float
+        self, function: str, payloads: Iterator[bytes], timeout: float, threads: Executor
     ) -> AsyncGenerator[Outcome, None]: ...
 
     def _timeout_of(self, timeout: float | None) -> float: ...
@@ -60,6 +61,10 @@ class AsyncJobs(Generic[C]):
             tuple[str, float | None], list[tuple[bytes, asyncio.Future[list[bytes]]]]
         ] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # runs of calls going
+        # What may wait on a peer (making a client, readying a run, greeting
+        # a last stage that joins) runs here, a thread for each run at most,
+        # not on the event loop's default executor, which other work shares.
+        self._threads = ThreadPoolExecutor(runs, thread_name_prefix="pylm-runs")
         self._closed = False
 
     async def open(self) -> Self:
@@ -87,6 +92,8 @@ class AsyncJobs(Generic[C]):
         idle, self._idle = self._idle, []
         for client in idle:
             client.close()
+        if not self._busy:
+            self._threads.shutdown(wait=False)
 
     async def job(
         self,
@@ -211,7 +218,9 @@ class AsyncJobs(Generic[C]):
         async with self._room:
             client = await self._take()
             try:
-                run = client._run_async(function, iter(payloads), client._timeout_of(timeout))
+                run = client._run_async(
+                    function, iter(payloads), client._timeout_of(timeout), self._threads
+                )
                 async with aclosing(run) as outcomes:
                     async for outcome in outcomes:
                         yield outcome
@@ -224,7 +233,7 @@ class AsyncJobs(Generic[C]):
         if self._idle:
             client = self._idle.pop()
         else:
-            making = asyncio.ensure_future(asyncio.to_thread(self._make))
+            making = asyncio.get_running_loop().run_in_executor(self._threads, self._make)
             try:
                 client = await asyncio.shield(making)
             except asyncio.CancelledError:  # the client made still joins the pool
@@ -240,7 +249,9 @@ class AsyncJobs(Generic[C]):
 
     def _give(self, client: C) -> None:
         self._busy.discard(client)
-        if self._closed:
-            client.close()
-        else:
+        if not self._closed:
             self._idle.append(client)
+            return
+        client.close()
+        if not self._busy:  # the last run after close() ended
+            self._threads.shutdown(wait=False)

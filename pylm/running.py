@@ -69,13 +69,15 @@ if sys.platform == "linux":
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop: asyncio's own with waits not rounded up to the
-    millisecond, on Linux under the default event loop policy; otherwise
-    the policy's (uvloop's, for one, once installed)."""
-    policy = asyncio.get_event_loop_policy()
-    if sys.platform == "linux" and type(policy) is asyncio.DefaultEventLoopPolicy:
+    """A new event loop: the one :func:`asyncio.new_event_loop` makes
+    (uvloop's, for one, once its policy is set), but where that is
+    asyncio's default loop on Linux, one whose waits are not rounded up to
+    the millisecond."""
+    loop = asyncio.new_event_loop()
+    if sys.platform == "linux" and type(loop) is asyncio.SelectorEventLoop:
+        loop.close()
         return asyncio.SelectorEventLoop(_TimelySelector())
-    return asyncio.new_event_loop()
+    return loop
 
 
 class Expired(Exception):

@@ -41,6 +41,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
+from concurrent.futures import Executor
 from contextlib import aclosing
 from dataclasses import dataclass
 from enum import IntEnum
@@ -413,7 +414,7 @@ class Window:
             while True:
                 if follow is not None and follow.needed():
                     follow.apply()
-                turn = self._turn(send)
+                turn = self._turn(send, follow)
                 if turn is None:
                     return
                 if isinstance(turn, list):
@@ -429,14 +430,15 @@ class Window:
         wait: Callable[[int], Awaitable[Iterable[Outcome]]],
         finished: Callable[[], None],
         follow: Follow | None = None,
+        threads: Executor | None = None,
     ) -> AsyncGenerator[Outcome, None]:
         """:meth:`run` for an asyncio client: ``wait(ms)`` is awaited, and
-        ``follow`` applied in a thread."""
+        ``follow`` applied in a thread of ``threads`` (see :func:`in_thread`)."""
         try:
             while True:
                 if follow is not None and follow.needed():
-                    await in_thread(follow.apply)
-                turn = self._turn(send)
+                    await in_thread(follow.apply, threads)
+                turn = self._turn(send, follow)
                 if turn is None:
                     return
                 if isinstance(turn, list):
@@ -448,10 +450,13 @@ class Window:
         finally:
             finished()
 
-    def _turn(self, send: Callable[[int, float], Stop]) -> list[Outcome] | int | None:
+    def _turn(
+        self, send: Callable[[int, float], Stop], follow: Follow | None
+    ) -> list[Outcome] | int | None:
         """One turn of a run: send what there is room for, then say what
         comes next: None, the run is over; the outcomes of jobs that timed
-        out (then another turn); or how many ms to wait for answers."""
+        out (then another turn); or how many ms to wait for answers (0:
+        another turn at once, ``follow`` first when it is needed)."""
         jobs, clock = self.jobs, time.monotonic
         while True:
             stop = send(self.size - len(jobs), clock() + SEND_SLICE)
@@ -470,6 +475,8 @@ class Window:
                 if retry <= now:
                     self.overdue(now)
                     if self.again:
+                        if follow is not None and follow.needed():
+                            return 0  # the registry changed: followed before they go
                         continue  # sent again before anything new
                     retry = self.retry_at()  # those refused wait another grace
                 if retry == math.inf and self.books.budget is not None:
@@ -561,11 +568,12 @@ class Turn(NamedTuple):
     follow: Follow | None = None
 
 
-async def in_thread(work: Callable[[], T]) -> T:
-    """``work()`` in a thread, awaited. Cancelled, it still waits for the
-    thread to end (so that the client ``work`` uses is given to no other
-    run meanwhile), then raises :class:`asyncio.CancelledError`."""
-    doing = asyncio.ensure_future(asyncio.to_thread(work))
+async def in_thread(work: Callable[[], T], threads: Executor | None = None) -> T:
+    """``work()`` in a thread of ``threads`` (None: the event loop's
+    default executor), awaited. Cancelled, it still waits for the thread to
+    end (so that the client ``work`` uses is given to no other run
+    meanwhile), then raises :class:`asyncio.CancelledError`."""
+    doing = asyncio.get_running_loop().run_in_executor(threads, work)
     try:
         return await asyncio.shield(doing)
     except asyncio.CancelledError:
@@ -685,11 +693,16 @@ class WindowedClient:
         return window.run(turn.send, turn.wait, self._finished, turn.follow)
 
     async def _run_async(
-        self, function: str, payloads: Iterator[bytes], timeout: float
+        self,
+        function: str,
+        payloads: Iterator[bytes],
+        timeout: float,
+        threads: Executor | None = None,
     ) -> AsyncGenerator[Outcome, None]:
-        """:meth:`_run` on an event loop: readied in a thread when readying
-        may wait on a peer (:meth:`_opens_at_once`), then run without
-        blocking the loop (the payloads are taken from ``payloads`` on it)."""
+        """:meth:`_run` on an event loop: readied in a thread of ``threads``
+        when readying may wait on a peer (:meth:`_opens_at_once`), then run
+        without blocking the loop (the payloads are taken from ``payloads``
+        on it; what may wait on a peer meanwhile runs in ``threads`` too)."""
         if self._opens_at_once():
             window, turn = self._begin(function, payloads, timeout, self._open)
         else:
@@ -700,13 +713,13 @@ class WindowedClient:
                 return opened[0]
 
             try:
-                window, turn = await in_thread(begin)
+                window, turn = await in_thread(begin, threads)
             except asyncio.CancelledError:
                 if opened:  # readied, never run: the run is finished at once
                     self._finished()
                 raise
         run = window.run_async(
-            turn.send, lambda ms: wait_async(turn, ms), self._finished, turn.follow
+            turn.send, lambda ms: wait_async(turn, ms), self._finished, turn.follow, threads
         )
         async with aclosing(run):  # closed with this one: the run is finished at once
             async for outcome in run:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -321,12 +322,12 @@ def test_a_last_stage_joining_mid_run_is_greeted_off_the_event_loop(
                 longest = max(longest, loop.time() - last_tick)
                 last_tick = loop.time()
 
-        async with AsyncLoopClient("step", registry=pylm_registry, timeout=2) as client:
+        async with AsyncLoopClient("step", registry=pylm_registry, timeout=3) as client:
             assert [r async for r in client.job("tag", [b"0"])] == [b"0>step>done"]
             ticks = asyncio.ensure_future(ticker())
             registering: asyncio.Future[Any] | None = None
             began = loop.time()
-            with pytest.raises(PylmError, match="did not answer"):
+            with pytest.raises(PylmError, match=re.escape(f"{silent_address} did not answer")):
                 async for _ in client.job("tag", (b"%d" % n for n in itertools.count())):
                     if registering is None:  # results flow: the newcomer joins
                         registering = asyncio.ensure_future(
@@ -341,5 +342,5 @@ def test_a_last_stage_joining_mid_run_is_greeted_off_the_event_loop(
 
     with last, step:
         took, longest = asyncio.run(scenario())
-    assert took >= 2, took  # the greeting waited its 2 s
+    assert 3 <= took < 30, took  # the greeting waited its 3 s
     assert longest < 1, longest  # the loop did not
