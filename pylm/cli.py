@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pylm import __version__
 from pylm.errors import PylmError
@@ -852,16 +852,43 @@ def load_server_class(target: str) -> type[BaseServer]:
     return value
 
 
-_RETRY_START = 1.0  # s between a server's tries to start, with --wait
+_RETRY_START = 1.0  # s between a command's tries to start, with --wait
+T = TypeVar("T")
 
 
 class _Missing(Exception):
-    """A server could not start for want of what may come later: etcd, its
-    wiring (``cause`` says which)."""
+    """A command could not start for want of what may come later: etcd, a
+    server's wiring (``cause`` says which; ``what``, in a few words)."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, what: str = "what it misses") -> None:
         super().__init__(str(cause))
-        self.cause = cause
+        self.cause, self.what = cause, what
+
+
+def _patiently(attempt: Callable[[], T], wait: float, stop: threading.Event, who: str) -> T | None:
+    """``attempt()``, tried again once a second while it raises
+    :class:`_Missing`, ``wait`` seconds at most (then that :class:`_Missing`
+    is raised), saying once, in one line, that ``who`` waits; None if a
+    signal stops the command meanwhile."""
+    give_up = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            return attempt()
+        except _Missing as missing:
+            if stop.is_set():
+                return None  # stopped during the try
+            if time.monotonic() >= give_up:
+                raise
+            if not said:
+                print(
+                    f"pylm: {who} waits, up to {wait:g} s, for {missing.what}: {missing.cause}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                said = True
+            if stop.wait(_RETRY_START):
+                return None
 
 
 def _start(server: BaseServer, args: argparse.Namespace) -> None:
@@ -939,30 +966,21 @@ def run_server(args: argparse.Namespace) -> int:
     # SIGTERM (systemd, Docker, Kubernetes) and Ctrl-C stop it cleanly: it
     # deregisters, then serves what is still on its way, then closes.
     stop = _stop_on_signals()
+
+    def started() -> BaseServer:
+        server = create()
+        _start(server, args)
+        return server
+
     # With --wait, a server that misses what it needs at start (etcd not up
     # yet, a stage's wiring not written yet) tries again until then.
-    give_up = time.monotonic() + (args.wait or 0.0)
-    said = False
-    while True:
-        server = create()
-        try:
-            _start(server, args)
-            break
-        except _Missing as missing:
-            if stop.is_set():
-                return 0  # stopped before it could start
-            if time.monotonic() >= give_up:
-                raise _start_failed(args, missing.cause) from None
-            if not said:
-                print(
-                    f"pylm: server {args.name!r} waits, up to {args.wait:g} s, for what it"
-                    f" misses: {missing.cause}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = True
-            if stop.wait(_RETRY_START):
-                return 0
+    try:
+        waited = _patiently(started, args.wait or 0.0, stop, f"server {args.name!r}")
+    except _Missing as missing:
+        raise _start_failed(args, missing.cause) from None
+    if waited is None:
+        return 0  # stopped before it could start
+    server = waited
     while not stop.wait(_SIGNAL_SLICE):
         if not server.running:
             break  # it ended by itself (its messages limit, or a crash: stop() raises)
@@ -1030,26 +1048,17 @@ def _reach_etcd(registry: Registry, args: argparse.Namespace, stop: threading.Ev
     a signal stops the command (False)."""
     from pylm.errors import RegistryUnavailable
 
-    give_up = time.monotonic() + args.wait
-    said = False
-    while True:
+    def read() -> bool:
         try:
             registry.instances()
-            return True
         except RegistryUnavailable as exc:
-            if stop.is_set():
-                return False  # stopped during the try
-            if time.monotonic() >= give_up:
-                raise
-            if not said:
-                print(
-                    f"pylm {args.command}: waits, up to {args.wait:g} s, for etcd: {exc}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                said = True
-            if stop.wait(_RETRY_START):
-                return False
+            raise _Missing(exc, "etcd") from None
+        return True
+
+    try:
+        return _patiently(read, args.wait, stop, args.command) is not None
+    except _Missing as missing:
+        raise missing.cause from None
 
 
 def serve_sd(args: argparse.Namespace) -> int:

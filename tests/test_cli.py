@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -646,6 +646,26 @@ class Step(Server):
 """
 
 
+def _etcd_not_yet_up() -> tuple[LocalEtcd, list[str]]:
+    """An etcd on a free port, not started, and the pylm command (of
+    cluster ``later``) that finds it there."""
+    from pylm.processes import free_port
+
+    etcd = LocalEtcd()
+    etcd.client_port = free_port()
+    pylm = [sys.executable, "-m", "pylm", "--registry", etcd.url, "--registry-timeout", "1"]
+    return etcd, [*pylm, "--cluster", "later"]
+
+
+def _end_all(processes: Iterable[subprocess.Popen[str]], etcd: LocalEtcd) -> None:
+    """Kill what a test left running, and remove its etcd."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    etcd.cleanup()
+
+
 def _answers(url: str) -> bool:
     """Whether an HTTP GET of ``url`` gets an answer (any status)."""
     try:
@@ -698,14 +718,10 @@ def test_a_stage_run_with_wait_starts_once_its_wiring_is_written(
 def test_a_server_run_with_wait_starts_once_etcd_answers(tmp_path: Path) -> None:
     """etcd comes up after the server: the server waits, registers once it
     answers, and a SIGTERM while it waits ends it at once, with 0."""
-    from pylm.processes import free_port
-
     module = tmp_path / "greeter.py"
     module.write_text(SERVER_MODULE)
-    etcd = LocalEtcd()
-    etcd.client_port = free_port()
-    run = [sys.executable, "-m", "pylm", "--registry", etcd.url, "--registry-timeout", "1"]
-    run += ["--cluster", "later", "run", f"{module}:Greeter", "--name", "g", "--wait", "30"]
+    etcd, pylm = _etcd_not_yet_up()
+    run = [*pylm, "run", f"{module}:Greeter", "--name", "g", "--wait", "30"]
     early = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -719,11 +735,7 @@ def test_a_server_run_with_wait_starts_once_etcd_answers(tmp_path: Path) -> None
         server.send_signal(signal.SIGTERM)
         assert ended(server) == 0
     finally:
-        for process in (early, server):
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-        etcd.cleanup()
+        _end_all((early, server), etcd)
 
 
 @pytest.mark.timeout(60)
@@ -740,12 +752,8 @@ def test_sd_and_the_gateway_with_wait_start_once_etcd_answers(
     while it waits, or once it serves, ends it with 0."""
     if command[0] == "gateway" and importlib.util.find_spec("uvicorn") is None:
         pytest.skip("the gateway extra (Starlette, uvicorn) is not installed")
-    from pylm.processes import free_port
-
-    etcd = LocalEtcd()
-    etcd.client_port = free_port()
-    run = [sys.executable, "-m", "pylm", "--registry", etcd.url, "--registry-timeout", "1"]
-    run += ["--cluster", "later", *command, "--wait", "30"]
+    etcd, pylm = _etcd_not_yet_up()
+    run = [*pylm, *command, "--wait", "30"]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     early = subprocess.Popen(run, **pipes)  # type: ignore[call-overload]
     later = subprocess.Popen(run, **pipes)  # type: ignore[call-overload]
@@ -762,8 +770,4 @@ def test_sd_and_the_gateway_with_wait_start_once_etcd_answers(
         later.send_signal(signal.SIGTERM)
         assert ended(later) == 0
     finally:
-        for process in (early, later):
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-        etcd.cleanup()
+        _end_all((early, later), etcd)
